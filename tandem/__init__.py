@@ -1,0 +1,3 @@
+"""Tandem: atomic wallet balances and a cluster cron over one PostgreSQL."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""The one command-line entry point: ``tandem serve | migrate | loadtest``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import sys
+from collections.abc import Sequence
+
+from tandem.core.settings import Settings, get_settings
+
+log = logging.getLogger("tandem")
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard limit: 10000 concurrent clients need 10000
+    sockets on each side. Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The configured URL, or an embedded server's (started now) when none is configured."""
+    if settings.database_url:
+        return settings.database_url
+    from tandem.core.embedded import start_embedded_postgres
+
+    url = start_embedded_postgres(settings.data_dir, cleanup="stop")
+    log.info("embedded PostgreSQL under %s", settings.data_dir.resolve())
+    return url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tandem.core.migrations import upgrade_to_head
+    from tandem.observability.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    url = resolve_database_url(settings)
+    # Child processes (workers) read settings from the environment.
+    os.environ["TANDEM_DATABASE_URL"] = url
+    get_settings.cache_clear()
+    settings = get_settings()
+    if settings.migrate_on_start and not args.no_migrate:
+        upgrade_to_head(url)
+    limit = raise_fd_limit()
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    log.info("serving on http://%s:%d (docs: /docs, fd limit %d)", host, port, limit)
+    uvicorn.run(
+        "tandem.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        backlog=settings.backlog,
+        access_log=args.access_log,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from tandem.core.migrations import head_revision, upgrade_to_head
+    from tandem.observability.logging import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    upgrade_to_head(resolve_database_url(settings))
+    print(f"database at revision {head_revision()}")
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from tandem.loadtest import LoadtestOptions, run_loadtest
+
+    raise_fd_limit()
+    return run_loadtest(
+        LoadtestOptions(
+            base_url=args.url,
+            requests=args.requests,
+            amount=args.amount,
+            initial_balance=args.initial_balance,
+            concurrency=args.concurrency,
+            user_id=args.user,
+            progress=not args.no_progress,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one instance (embedded PostgreSQL if no URL)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--no-migrate", action="store_true", help="do not migrate on start")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations once")
+    migrate.set_defaults(func=cmd_migrate)
+
+    load = sub.add_parser("loadtest", help="fire concurrent withdrawals and check the outcome")
+    load.add_argument("--url", default="http://127.0.0.1:8000")
+    load.add_argument("--requests", type=int, default=10_000)
+    load.add_argument("--amount", type=int, default=2, help="units withdrawn per request")
+    load.add_argument("--initial-balance", type=int, default=10_000)
+    load.add_argument(
+        "--concurrency", type=int, default=None, help="requests in flight (default: all)"
+    )
+    load.add_argument("--user", type=int, default=None, help="use this user, not a new one")
+    load.add_argument("--no-progress", action="store_true")
+    load.set_defaults(func=cmd_loadtest)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Settings, database access and the error type. Imports no domain package."""

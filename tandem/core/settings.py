@@ -1,0 +1,51 @@
+"""Settings from the environment (prefix ``TANDEM_``) and an optional ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", env_file=".env", extra="ignore")
+
+    # No URL means "start an embedded PostgreSQL under data_dir" (CLI only; the app needs a URL).
+    database_url: str | None = None
+    data_dir: Path = Path(".tandem")
+
+    # The wallet's hot path has its own asyncpg pool. 5 instances x (pool + engine pool) must fit
+    # PostgreSQL's default max_connections=100; see docs/ARCHITECTURE.md for the measurement.
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_engine_pool_size: int = Field(default=3, ge=1, le=50)
+    # Seconds a request may wait for a pooled connection. A 10000-request burst queues on the
+    # pool (the row lock serialises it anyway), so this is generous on purpose.
+    db_pool_timeout: float = Field(default=60.0, gt=0)
+    db_statement_timeout_ms: int = Field(default=30_000, ge=0)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # The kernel caps the listen backlog at net.core.somaxconn; asking for more costs nothing.
+    backlog: int = Field(default=16384, ge=64)
+    log_level: str = "info"
+    # Apply migrations when `tandem serve` starts (fine for one local instance; a deployment
+    # runs `tandem migrate` once instead).
+    migrate_on_start: bool = True
+    # Serve the two wallet endpoints from a lean ASGI path beneath FastAPI (same validation,
+    # errors and metrics); False routes them through FastAPI, for comparison.
+    wallet_fast_path: bool = True
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError(
+                "TANDEM_DATABASE_URL is not set: start through `tandem serve`, which starts an "
+                "embedded PostgreSQL when no URL is given, or set the URL."
+            )
+        return self.database_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Metrics, health checks and logging. Imports no domain package."""

@@ -1,0 +1,94 @@
+"""Prometheus metrics: every name the dashboards and alerts use is defined here.
+
+Names follow ``tandem_<area>_<name>_<unit>``; counters end in ``_total``. Route labels are
+route templates (``/balance/{userId}``), never raw paths, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Set by an ASGI path that bypasses the router (the wallet's lean path) to name its route.
+ROUTE_SCOPE_KEY = "tandem.route"
+UNMATCHED_ROUTE = "<unmatched>"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+HTTP_REQUESTS = Counter(
+    "tandem_http_requests_total",
+    "HTTP requests answered, by method, route template and status code.",
+    ["method", "route", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "tandem_http_request_duration_seconds",
+    "Time from the request's arrival at the app to its last response byte, by route.",
+    ["method", "route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+WALLET_BALANCE_UPDATES = Counter(
+    "tandem_wallet_balance_updates_total",
+    "Balance update requests by outcome: ok, replayed, or the refusal's error code.",
+    ["outcome"],
+)
+
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def render_metrics() -> bytes:
+    return generate_latest()
+
+
+def _route_of(scope: Scope) -> str:
+    route = scope.get(ROUTE_SCOPE_KEY)
+    if route is not None:
+        return str(route)
+    matched = scope.get("route")
+    path = getattr(matched, "path", None)
+    return str(path) if path is not None else UNMATCHED_ROUTE
+
+
+class HttpMetricsMiddleware:
+    """Counts and times every HTTP request, whichever path (router or lean) answers it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        # (method, route, status) -> (counter child, histogram child): label lookups take a
+        # lock and hash the labels; caching the children keeps the hot path at two calls.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            method = scope["method"] if scope["method"] in _KNOWN_METHODS else "OTHER"
+            key = (method, _route_of(scope), status)
+            children = self._children.get(key)
+            if children is None:
+                children = (
+                    HTTP_REQUESTS.labels(key[0], key[1], str(status)),
+                    HTTP_REQUEST_DURATION.labels(key[0], key[1]),
+                )
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)

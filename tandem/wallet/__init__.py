@@ -1,0 +1,1 @@
+"""The wallet: atomic balance updates that never go negative."""
