@@ -21,10 +21,10 @@ class Readiness:
     expected_revision: str
 
 
-async def check_readiness(pool: asyncpg.Pool, timeout: float = 2.0) -> Readiness:
+async def check_readiness(pool: asyncpg.Pool, wait_seconds: float = 2.0) -> Readiness:
     expected = head_revision()
     try:
-        revision = await pool.fetchval("SELECT version_num FROM alembic_version", timeout=timeout)
+        revision = await pool.fetchval("SELECT version_num FROM alembic_version", timeout=wait_seconds)
     except asyncpg.UndefinedTableError:
         return Readiness(False, "ok", None, expected)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:

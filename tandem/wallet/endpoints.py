@@ -98,7 +98,10 @@ async def get_session(request: Request) -> Any:
 
 
 Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
-Session = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": commit before the response is sent. With the default ("request") the
+# commit would run after the client already has its 2xx, and a read right after could miss
+# the write (a test caught exactly that).
+Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 _VALIDATION = (422, "validation_error", "malformed JSON, wrong types, floats, zero or out of range")
 
@@ -146,7 +149,7 @@ async def update_balance(
     result = await serve_balance_update(pool, await request.body(), idempotency_key)
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return Balance(userId=result.user_id, balance=result.balance)
+    return Balance(user_id=result.user_id, balance=result.balance)
 
 
 @router.get(
@@ -169,7 +172,7 @@ async def read_balance(
     ],
 ) -> Balance:
     result = await serve_balance_read(pool, user_id)
-    return Balance(userId=result.user_id, balance=result.balance)
+    return Balance(user_id=result.user_id, balance=result.balance)
 
 
 @router.post(
@@ -184,5 +187,4 @@ async def create_user(
     session: Session, payload: Annotated[UserCreate | None, Body()] = None
 ) -> Balance:
     result = await service.create_user(session, (payload or UserCreate()).balance)
-    return Balance(userId=result.user_id, balance=result.balance)
-
+    return Balance(user_id=result.user_id, balance=result.balance)

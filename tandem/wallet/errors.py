@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tandem.core.errors import AppError, ConflictError, NotFoundError, ValidationError
 
 
@@ -36,7 +38,7 @@ class IdempotencyKeyReusedError(ValidationError):
 
 
 # Refusals whose outcome an idempotency key records, by code, to answer a retry alike.
-REPLAYABLE: dict[str, type[AppError]] = {
+REPLAYABLE: dict[str, Callable[[int], AppError]] = {
     UserNotFoundError.code: UserNotFoundError,
     InsufficientFundsError.code: InsufficientFundsError,
     BalanceLimitError.code: BalanceLimitError,

@@ -81,7 +81,8 @@ async def _read_body(receive: Receive) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
             return body
-        body += message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
+        body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
         if not message.get("more_body", False):

@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.wallet.models import User
 
-Executor = asyncpg.Pool | asyncpg.Connection
+Connection = asyncpg.Connection | PoolConnectionProxy
+Executor = asyncpg.Pool | Connection
 
 # Applies the delta only when the result fits 0..2^63-1, in one statement. UPDATE takes the
 # row lock, and under READ COMMITTED PostgreSQL re-checks the WHERE on the newest row version
@@ -83,19 +85,17 @@ async def create_user(session: AsyncSession, balance: int) -> User:
     return user
 
 
-async def claim_idempotency_key(
-    conn: asyncpg.Connection, key: str, user_id: int, amount: int
-) -> bool:
+async def claim_idempotency_key(conn: Connection, key: str, user_id: int, amount: int) -> bool:
     return await conn.fetchval(CLAIM_IDEMPOTENCY_KEY, key, user_id, amount) is not None
 
 
-async def get_idempotency_outcome(conn: asyncpg.Connection, key: str) -> StoredOutcome:
+async def get_idempotency_outcome(conn: Connection, key: str) -> StoredOutcome:
     row = await conn.fetchrow(GET_IDEMPOTENCY_OUTCOME, key)
     assert row is not None, "claimed keys are never deleted inside their retention window"
     return StoredOutcome(row[0], row[1], row[2], row[3])
 
 
 async def record_idempotency_outcome(
-    conn: asyncpg.Connection, key: str, outcome: str, balance: int | None
+    conn: Connection, key: str, outcome: str, balance: int | None
 ) -> None:
     await conn.execute(RECORD_IDEMPOTENCY_OUTCOME, key, outcome, balance)

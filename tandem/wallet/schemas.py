@@ -108,8 +108,11 @@ def parse_idempotency_key(raw: str | None) -> str | None:
         raise ValidationError(
             f"{IDEMPOTENCY_KEY_HEADER} must be 1-255 visible ASCII characters",
             details=[
-                {"field": IDEMPOTENCY_KEY_HEADER, "type": "string_pattern_mismatch",
-                 "message": "invalid idempotency key"}
+                {
+                    "field": IDEMPOTENCY_KEY_HEADER,
+                    "type": "string_pattern_mismatch",
+                    "message": "invalid idempotency key",
+                }
             ],
         )
     return raw

@@ -1,0 +1,46 @@
+# The README's two commands are `make run` and `make test`; everything else is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test lint format bench loadtest clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install Tandem with its dev tools
+
+run: $(STAMP) ## serve the API on :8000 (embedded PostgreSQL unless TANDEM_DATABASE_URL is set)
+	$(BIN)/tandem serve
+
+test: $(STAMP) ## lint, type-check and run the whole test suite against a real PostgreSQL
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: $(STAMP) ## ruff and mypy only
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff's formatting and fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+loadtest: $(STAMP) ## 10000 concurrent withdrawals against a running `make run`
+	$(BIN)/tandem loadtest --url http://127.0.0.1:8000
+
+bench: $(STAMP) ## wallet benchmark: database floor vs end to end, medians of 3
+	$(BIN)/python bench/wallet.py --runs 3
+
+clean: ## remove the venv, caches and the embedded database
+	rm -rf $(VENV) .tandem .pytest_cache .mypy_cache .ruff_cache .hypothesis

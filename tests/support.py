@@ -1,0 +1,126 @@
+"""Real PostgreSQL databases and real server processes for the tests.
+
+The suite uses TANDEM_TEST_DATABASE_URL when set; otherwise it starts an embedded PostgreSQL in
+a temporary folder and deletes it at the end. Each test module that needs isolation gets a
+fresh database, migrated to head, and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from tandem.core.database import asyncpg_dsn
+from tandem.core.migrations import upgrade_to_head
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def _admin(url: str, statement: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(with_database(url, "postgres")))
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new, migrated database on the server; dropped (with its connections) afterwards."""
+    name = f"tandem_test_{uuid.uuid4().hex[:12]}"
+    _admin(server_url, f'CREATE DATABASE "{name}"')
+    url = with_database(server_url, name)
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A real `tandem serve` process."""
+
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    database_url: str,
+    log_dir: Path,
+    *,
+    fast_path: bool = True,
+    extra_env: dict[str, str] | None = None,
+) -> Server:
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    env = {
+        **os.environ,
+        "TANDEM_DATABASE_URL": database_url,
+        "TANDEM_WALLET_FAST_PATH": "true" if fast_path else "false",
+        "TANDEM_LOG_LEVEL": "warning",
+        **(extra_env or {}),
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tandem", "serve", "--port", str(port), "--no-migrate"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    server = Server(f"http://127.0.0.1:{port}", port, process, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server not ready in 30 s:\n{server.log()}")

@@ -1,0 +1,328 @@
+"""The wallet API through a real server process, on both paths (lean and FastAPI routes)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+INT64_MAX = 2**63 - 1
+
+
+def new_user(client: httpx.Client, balance: int = 10_000) -> int:
+    response = client.post("/users", json={"balance": balance})
+    assert response.status_code == 201, response.text
+    assert response.json()["balance"] == balance
+    return int(response.json()["userId"])
+
+
+def balance_of(client: httpx.Client, user_id: int) -> int:
+    response = client.get(f"/balance/{user_id}")
+    assert response.status_code == 200, response.text
+    return int(response.json()["balance"])
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+
+
+def test_withdrawal_answers_new_balance(client: httpx.Client) -> None:
+    """A withdrawal answers the new balance, and the balance reads back the same."""
+    user = new_user(client)
+    response = client.post("/balance/update", json={"userId": user, "amount": -2})
+    assert response.status_code == 200
+    assert response.json() == {"userId": user, "balance": 9998}
+    assert balance_of(client, user) == 9998
+
+
+def test_deposit_adds(client: httpx.Client) -> None:
+    """A positive amount is a deposit."""
+    user = new_user(client, 5)
+    response = client.post("/balance/update", json={"userId": user, "amount": 7})
+    assert response.json() == {"userId": user, "balance": 12}
+
+
+def test_withdrawal_to_exactly_zero_is_allowed(client: httpx.Client) -> None:
+    """The balance may reach 0 but never go below: the next unit is refused."""
+    user = new_user(client, 5)
+    assert (
+        client.post("/balance/update", json={"userId": user, "amount": -5}).json()["balance"] == 0
+    )
+    refused = client.post("/balance/update", json={"userId": user, "amount": -1})
+    assert_error(refused, 409, "insufficient_funds")
+    assert balance_of(client, user) == 0
+
+
+def test_insufficient_funds_changes_nothing(client: httpx.Client) -> None:
+    """A withdrawal larger than the balance is refused with 409 and changes nothing."""
+    user = new_user(client, 5)
+    assert_error(
+        client.post("/balance/update", json={"userId": user, "amount": -6}),
+        409,
+        "insufficient_funds",
+    )
+    assert balance_of(client, user) == 5
+
+
+def test_balance_ceiling_is_refused(client: httpx.Client) -> None:
+    """A deposit past 2^63-1 is refused (not a 500) and changes nothing."""
+    user = new_user(client, INT64_MAX - 1)
+    assert_error(
+        client.post("/balance/update", json={"userId": user, "amount": 2}),
+        409,
+        "balance_limit_exceeded",
+    )
+    assert balance_of(client, user) == INT64_MAX - 1
+    assert client.post("/balance/update", json={"userId": user, "amount": 1}).status_code == 200
+
+
+def test_unknown_user_is_404(client: httpx.Client) -> None:
+    """Updating or reading a user that does not exist answers user_not_found."""
+    missing = 2**62
+    assert_error(
+        client.post("/balance/update", json={"userId": missing, "amount": 5}),
+        404,
+        "user_not_found",
+    )
+    assert_error(client.get(f"/balance/{missing}"), 404, "user_not_found")
+
+
+def test_plan_user_one_exists(client: httpx.Client) -> None:
+    """The migration creates user 1 for clients written against the original plan."""
+    assert client.get("/balance/1").status_code == 200
+
+
+BAD_UPDATE_BODIES: list[tuple[str, bytes]] = [
+    ("malformed JSON", b'{"userId": 1, "amount": '),
+    ("empty body", b""),
+    ("not UTF-8", b"\xff\xfe\x00"),
+    ("array", b"[1, -2]"),
+    ("string", b'"hello"'),
+    ("null", b"null"),
+    ("number", b"-2"),
+    ("missing amount", b'{"userId": %d}'),
+    ("missing userId", b'{"amount": -2}'),
+    ("amount as string", b'{"userId": %d, "amount": "-2"}'),
+    ("userId as string", b'{"userId": "%d", "amount": -2}'),
+    ("fractional amount", b'{"userId": %d, "amount": 1.5}'),
+    ("integral float amount", b'{"userId": %d, "amount": -2.0}'),
+    ("exponent amount", b'{"userId": %d, "amount": -2e0}'),
+    ("float userId", b'{"userId": 1.0, "amount": -2}'),
+    ("boolean amount", b'{"userId": %d, "amount": true}'),
+    ("boolean userId", b'{"userId": true, "amount": -2}'),
+    ("null amount", b'{"userId": %d, "amount": null}'),
+    ("zero amount", b'{"userId": %d, "amount": 0}'),
+    ("amount above int64", b'{"userId": %d, "amount": 9223372036854775808}'),
+    ("amount below int64", b'{"userId": %d, "amount": -9223372036854775809}'),
+    ("huge amount", b'{"userId": %d, "amount": -' + b"9" * 5000 + b"}"),
+    ("zero userId", b'{"userId": 0, "amount": -2}'),
+    ("negative userId", b'{"userId": -1, "amount": -2}'),
+    ("userId above int64", b'{"userId": 9223372036854775808, "amount": -2}'),
+    ("unknown field", b'{"userId": %d, "amount": -2, "note": "x"}'),
+    ("NaN amount", b'{"userId": %d, "amount": NaN}'),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body"), BAD_UPDATE_BODIES, ids=[case for case, _ in BAD_UPDATE_BODIES]
+)
+def test_malformed_update_is_422_and_changes_nothing(
+    client: httpx.Client, case: str, body: bytes
+) -> None:
+    """Every malformed update answers a 4xx JSON error with a stable code; nothing changes."""
+    user = new_user(client, 100)
+    payload = body.replace(b"%d", str(user).encode()) if b"%d" in body else body
+    response = client.post(
+        "/balance/update", content=payload, headers={"content-type": "application/json"}
+    )
+    if len(payload) > 4096:
+        assert_error(response, 413, "payload_too_large")
+    else:
+        assert_error(response, 422, "validation_error")
+    assert balance_of(client, user) == 100
+
+
+@pytest.mark.parametrize(
+    "key", ["", "a b", "x" * 256, "ключ"], ids=["empty", "space", "too-long", "non-ascii"]
+)
+def test_bad_idempotency_key_is_422(client: httpx.Client, key: str) -> None:
+    """An Idempotency-Key that is not 1-255 visible ASCII characters is refused."""
+    user = new_user(client, 100)
+    response = client.post(
+        "/balance/update",
+        json={"userId": user, "amount": -2},
+        headers={"Idempotency-Key": key.encode()},
+    )
+    assert_error(response, 422, "validation_error")
+    assert balance_of(client, user) == 100
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["abc", "0", "-1", "01", "1.5", "1e3", "9223372036854775808", "99999999999999999999999", "%20"],
+)
+def test_bad_user_id_in_path_is_422(client: httpx.Client, raw: str) -> None:
+    """A path userId that is not a positive 64-bit integer answers validation_error."""
+    assert_error(client.get(f"/balance/{raw}"), 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        (None, 201, 10_000),
+        (b"{}", 201, 10_000),
+        (b'{"balance": 0}', 201, 0),
+        (b'{"balance": 5}', 201, 5),
+        (b'{"balance": -1}', 422, None),
+        (b'{"balance": 1.5}', 422, None),
+        (b'{"balance": 5.0}', 422, None),
+        (b'{"balance": "5"}', 422, None),
+        (b'{"balance": true}', 422, None),
+        (b'{"balance": 9223372036854775808}', 422, None),
+        (b'{"balance": 5, "extra": 1}', 422, None),
+        (b'{"balance": ', 422, None),
+        (b"[]", 422, None),
+    ],
+)
+def test_create_user(
+    client: httpx.Client, body: bytes | None, status: int, expected: int | None
+) -> None:
+    """POST /users makes a user with the given balance (default 10000) or refuses with 422."""
+    headers = {"content-type": "application/json"} if body is not None else {}
+    response = client.post("/users", content=body, headers=headers)
+    if status == 201:
+        assert response.status_code == 201, response.text
+        assert response.json()["balance"] == expected
+        assert balance_of(client, response.json()["userId"]) == expected
+    else:
+        assert_error(response, 422, "validation_error")
+
+
+def test_idempotent_retry_applies_once(client: httpx.Client) -> None:
+    """A retry with the same Idempotency-Key returns the first outcome and does not apply."""
+    user = new_user(client, 100)
+    first = client.post(
+        "/balance/update",
+        json={"userId": user, "amount": -10},
+        headers={"Idempotency-Key": f"k1-{user}"},
+    )
+    second = client.post(
+        "/balance/update",
+        json={"userId": user, "amount": -10},
+        headers={"Idempotency-Key": f"k1-{user}"},
+    )
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json() == {"userId": user, "balance": 90}
+    assert "idempotent-replayed" not in first.headers
+    assert second.headers["idempotent-replayed"] == "true"
+    assert balance_of(client, user) == 90
+
+
+def test_idempotency_key_reused_with_other_body(client: httpx.Client) -> None:
+    """The same key with a different request is refused and changes nothing."""
+    user = new_user(client, 100)
+    key = {"Idempotency-Key": f"k2-{user}"}
+    assert (
+        client.post(
+            "/balance/update", json={"userId": user, "amount": -10}, headers=key
+        ).status_code
+        == 200
+    )
+    reused = client.post("/balance/update", json={"userId": user, "amount": -20}, headers=key)
+    assert_error(reused, 422, "idempotency_key_reused")
+    assert balance_of(client, user) == 90
+
+
+def test_idempotent_refusal_is_replayed(client: httpx.Client) -> None:
+    """A refused keyed request stays refused on retry, even once funds would suffice."""
+    user = new_user(client, 5)
+    key = {"Idempotency-Key": f"k3-{user}"}
+    assert_error(
+        client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key),
+        409,
+        "insufficient_funds",
+    )
+    client.post("/balance/update", json={"userId": user, "amount": 100})
+    retry = client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key)
+    assert_error(retry, 409, "insufficient_funds")
+    assert balance_of(client, user) == 105
+
+
+def test_unknown_route_and_method_are_json(client: httpx.Client) -> None:
+    """Unknown paths and wrong methods answer JSON errors, not HTML."""
+    assert_error(client.get("/nowhere"), 404, "not_found")
+    assert_error(client.put("/balance/update", json={}), 405, "method_not_allowed")
+
+
+def test_docs_work_offline(client: httpx.Client) -> None:
+    """/docs loads Swagger UI from the app itself, not from a CDN."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sources
+    for source in sources:
+        assert not source.startswith(("http://", "https://", "//")), source
+        if source.endswith((".js", ".css")):
+            assert client.get(source).status_code == 200, source
+
+
+def test_openapi_documents_wallet(client: httpx.Client) -> None:
+    """The OpenAPI schema documents both endpoints, their request body and their errors."""
+    schema = client.get("/openapi.json").json()
+    update = schema["paths"]["/balance/update"]["post"]
+    body_ref = update["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert body_ref == "#/components/schemas/BalanceUpdate"
+    model = schema["components"]["schemas"]["BalanceUpdate"]
+    assert set(model["required"]) == {"userId", "amount"}
+    assert {"200", "404", "409", "422"} <= set(update["responses"])
+    assert "/balance/{userId}" in schema["paths"]
+    assert any(p["name"] == "Idempotency-Key" for p in update["parameters"])
+
+
+def test_health(client: httpx.Client) -> None:
+    """Live answers; ready reports the database reachable and the schema at head."""
+    assert client.get("/health/live").json() == {"status": "ok"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["status"] == "ready"
+    assert body["schema_revision"] == body["expected_revision"]
+
+
+def _sample(metrics: str, name: str, **labels: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_requests_and_outcomes(client: httpx.Client) -> None:
+    """Each answered update is counted by route template, status and wallet outcome."""
+    user = new_user(client, 1)
+    before = client.get("/metrics").text
+    client.post("/balance/update", json={"userId": user, "amount": -5})
+    client.get(f"/balance/{user}")
+    after = client.get("/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert delta("tandem_wallet_balance_updates_total", outcome="insufficient_funds") == 1
+    assert (
+        delta("tandem_http_requests_total", method="POST", route="/balance/update", status="409")
+        == 1
+    )
+    assert (
+        delta("tandem_http_requests_total", method="GET", route="/balance/{userId}", status="200")
+        == 1
+    )
+    assert (
+        delta("tandem_http_request_duration_seconds_count", method="POST", route="/balance/update")
+        == 1
+    )
