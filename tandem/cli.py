@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import resource
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     log.info("serving on http://%s:%d (docs: /docs, fd limit %d)", host, port, limit)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; by default that kills the process
+    # before atexit handlers run, and the embedded PostgreSQL would be left running. Exit
+    # normally instead, so they do.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         "tandem.main:create_app",
         factory=True,

@@ -74,6 +74,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (e.g. bytes that are not UTF-8): for the
+            # client it is malformed input like any other, so the same 422 and code.
+            return _error(422, "validation_error", str(exc.detail))
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         response = _error(exc.status_code, code, str(exc.detail))
         if exc.headers:

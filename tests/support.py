@@ -46,16 +46,22 @@ def _admin(url: str, statement: str) -> None:
 
 
 @contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new, migrated database on the server; dropped (with its connections) afterwards."""
+def empty_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the server; dropped (with its connections) afterwards."""
     name = f"tandem_test_{uuid.uuid4().hex[:12]}"
     _admin(server_url, f'CREATE DATABASE "{name}"')
-    url = with_database(server_url, name)
     try:
-        upgrade_to_head(url)
-        yield url
+        yield with_database(server_url, name)
     finally:
         _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A new database migrated to head; dropped afterwards."""
+    with empty_database(server_url) as url:
+        upgrade_to_head(url)
+        yield url
 
 
 def free_port() -> int:
@@ -117,10 +123,11 @@ def start_server(
         if process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/health/ready", timeout=1).status_code == 200:
+            # Live, not ready: a test may start an instance on an unmigrated database.
+            if httpx.get(f"{server.url}/health/live", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
-    raise RuntimeError(f"server not ready in 30 s:\n{server.log()}")
+    raise RuntimeError(f"server not live in 30 s:\n{server.log()}")

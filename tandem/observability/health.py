@@ -24,7 +24,9 @@ class Readiness:
 async def check_readiness(pool: asyncpg.Pool, wait_seconds: float = 2.0) -> Readiness:
     expected = head_revision()
     try:
-        revision = await pool.fetchval("SELECT version_num FROM alembic_version", timeout=wait_seconds)
+        revision = await pool.fetchval(
+            "SELECT version_num FROM alembic_version", timeout=wait_seconds
+        )
     except asyncpg.UndefinedTableError:
         return Readiness(False, "ok", None, expected)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:

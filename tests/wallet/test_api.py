@@ -188,6 +188,7 @@ def test_bad_user_id_in_path_is_422(client: httpx.Client, raw: str) -> None:
         (b'{"balance": 5, "extra": 1}', 422, None),
         (b'{"balance": ', 422, None),
         (b"[]", 422, None),
+        (b"\xff\xfe", 422, None),
     ],
 )
 def test_create_user(

@@ -1,0 +1,77 @@
+"""The wallet service against a real PostgreSQL: atomicity under concurrency, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from tandem.wallet import service
+from tandem.wallet.errors import (
+    IdempotencyKeyReusedError,
+    InsufficientFundsError,
+    UserNotFoundError,
+)
+
+
+async def make_user(pool: asyncpg.Pool, balance: int) -> int:
+    user_id = await pool.fetchval("INSERT INTO users (balance) VALUES ($1) RETURNING id", balance)
+    return int(user_id)
+
+
+async def test_concurrent_withdrawals_never_overdraw(pool: asyncpg.Pool) -> None:
+    """400 concurrent withdrawals of 7 from 1000: exactly 142 succeed, 6 is left."""
+    user = await make_user(pool, 1000)
+
+    async def withdraw() -> bool:
+        try:
+            await service.update_balance(pool, user, -7)
+        except InsufficientFundsError:
+            return False
+        return True
+
+    outcomes = await asyncio.gather(*(withdraw() for _ in range(400)))
+    assert outcomes.count(True) == 142
+    assert (await service.get_balance(pool, user)).balance == 1000 - 142 * 7
+
+
+async def test_concurrent_retries_with_one_key_apply_once(pool: asyncpg.Pool) -> None:
+    """50 concurrent requests with one Idempotency-Key: one applies, 49 replay its outcome."""
+    user = await make_user(pool, 1000)
+    results = await asyncio.gather(
+        *(service.update_balance(pool, user, -10, "same-key-%d" % user) for _ in range(50))
+    )
+    assert {r.balance for r in results} == {990}
+    assert sum(not r.replayed for r in results) == 1
+    assert (await service.get_balance(pool, user)).balance == 990
+
+
+async def test_key_reuse_with_other_amount_is_refused(pool: asyncpg.Pool) -> None:
+    """A key bound to one request refuses another and leaves the balance alone."""
+    user = await make_user(pool, 100)
+    await service.update_balance(pool, user, -1, f"reuse-{user}")
+    with pytest.raises(IdempotencyKeyReusedError):
+        await service.update_balance(pool, user, -2, f"reuse-{user}")
+    assert (await service.get_balance(pool, user)).balance == 99
+
+
+async def test_unknown_user_with_key_is_replayed(pool: asyncpg.Pool) -> None:
+    """A keyed request for a missing user records that outcome; the retry gets it again."""
+    missing = 2**62 + 7
+    for _ in range(2):
+        with pytest.raises(UserNotFoundError):
+            await service.update_balance(pool, missing, 5, f"missing-{missing}")
+    stored = await pool.fetchval(
+        "SELECT outcome FROM idempotency_keys WHERE key = $1", f"missing-{missing}"
+    )
+    assert stored == "user_not_found"
+
+
+async def test_database_refuses_negative_balance(pool: asyncpg.Pool) -> None:
+    """The CHECK constraint refuses a negative balance even from a statement that skips the
+    service's condition."""
+    user = await make_user(pool, 1)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await pool.execute("UPDATE users SET balance = balance - 2 WHERE id = $1", user)
+    assert (await service.get_balance(pool, user)).balance == 1
