@@ -40,7 +40,7 @@ async def test_concurrent_retries_with_one_key_apply_once(pool: asyncpg.Pool) ->
     """50 concurrent requests with one Idempotency-Key: one applies, 49 replay its outcome."""
     user = await make_user(pool, 1000)
     results = await asyncio.gather(
-        *(service.update_balance(pool, user, -10, "same-key-%d" % user) for _ in range(50))
+        *(service.update_balance(pool, user, -10, f"same-key-{user}") for _ in range(50))
     )
     assert {r.balance for r in results} == {990}
     assert sum(not r.replayed for r in results) == 1
