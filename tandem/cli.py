@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # normally instead, so they do.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
-        "tandem.main:create_app",
+        "tandem.main:create_asgi_app",
         factory=True,
         host=host,
         port=port,

@@ -49,6 +49,16 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """Release hook that skips asyncpg's default reset.
+
+    The default runs ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release: a second round trip per request, ~8% of the server's CPU in a burst. asyncpg still
+    rolls back a transaction left open. Invariant that makes this safe: nothing on the hot pool
+    changes session state (no SET, LISTEN, session-level advisory lock or held cursor).
+    """
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     """The raw pool for hot paths; every connection is opened up front so a burst never waits
     for connection setup."""
@@ -56,6 +66,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         asyncpg_dsn(settings.require_database_url()),
         min_size=settings.db_pool_size,
         max_size=settings.db_pool_size,
+        reset=_keep_session,
         server_settings={
             "application_name": "tandem-hot",
             "statement_timeout": str(settings.db_statement_timeout_ms),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+import asyncpg
+
 
 class AppError(Exception):
     status_code: ClassVar[int] = 400
@@ -51,3 +53,24 @@ class PayloadTooLargeError(AppError):
 class ServiceUnavailableError(AppError):
     status_code = 503
     code = "service_unavailable"
+
+
+class InternalError(AppError):
+    status_code = 500
+    code = "internal_error"
+
+
+class DatabaseUnavailableError(ServiceUnavailableError):
+    code = "database_unavailable"
+
+
+# Failures of the database connection itself: the request may be retried elsewhere.
+_UNAVAILABLE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+
+
+def error_for_unexpected(exc: BaseException) -> AppError:
+    """What a client is told about an exception no layer handled: 503 when the database is
+    unreachable (retry later or elsewhere), else an opaque 500. The caller logs ``exc``."""
+    if isinstance(exc, _UNAVAILABLE):
+        return DatabaseUnavailableError("the database is unavailable; retry")
+    return InternalError("internal error")

@@ -86,7 +86,8 @@ class ErrorEnvelope(pydantic.BaseModel):
     error: ErrorBody
 
 
-def get_pool(request: Request) -> asyncpg.Pool:
+async def get_pool(request: Request) -> asyncpg.Pool:
+    # async: a plain def would run in FastAPI's thread pool, a thread hop per request.
     pool: asyncpg.Pool = request.app.state.resources.pool
     return pool
 

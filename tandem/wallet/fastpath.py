@@ -9,11 +9,12 @@ passes everything else to FastAPI. Measured effect: docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import asyncpg
 
-from tandem.core.errors import AppError, PayloadTooLargeError
+from tandem.core.errors import AppError, PayloadTooLargeError, error_for_unexpected
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
 from tandem.wallet.endpoints import balance_body, serve_balance_read, serve_balance_update
 from tandem.wallet.schemas import MAX_BODY_BYTES
@@ -22,6 +23,7 @@ UPDATE_PATH = "/balance/update"
 READ_PREFIX = "/balance/"
 _READ_PREFIX_LEN = len(READ_PREFIX)
 READ_ROUTE = "/balance/{userId}"
+log = logging.getLogger(__name__)
 _IDEMPOTENCY_HEADER = b"idempotency-key"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -61,6 +63,9 @@ class WalletFastPath:
         except AppError as error:
             await _respond(send, error.status_code, error.to_json_bytes())
             return
+        except Exception as exc:
+            await _respond_unexpected(send, exc)
+            return
         headers = _JSON_HEADERS
         if result.replayed:
             headers = [*_JSON_HEADERS, (b"idempotent-replayed", b"true")]
@@ -71,6 +76,9 @@ class WalletFastPath:
             result = await serve_balance_read(self.pool(), raw_user_id)
         except AppError as error:
             await _respond(send, error.status_code, error.to_json_bytes())
+            return
+        except Exception as exc:
+            await _respond_unexpected(send, exc)
             return
         await _respond(send, 200, balance_body(result))
 
@@ -87,6 +95,14 @@ async def _read_body(receive: Receive) -> bytes:
             raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
         if not message.get("more_body", False):
             return body
+
+
+async def _respond_unexpected(send: Send, exc: Exception) -> None:
+    # This path runs outside FastAPI's error middleware, so it answers for itself, exactly as
+    # the app's catch-all handler does.
+    error = error_for_unexpected(exc)
+    log.error("%s on the wallet's lean path", error.code, exc_info=exc)
+    await _respond(send, error.status_code, error.to_json_bytes())
 
 
 async def _respond(
