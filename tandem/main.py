@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -21,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import tandem
 from tandem.core.database import create_engine, create_pool, create_sessionmaker
 from tandem.core.errors import AppError, error_for_unexpected
+from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings, get_settings
 from tandem.observability.endpoints import router as observability_router
 from tandem.observability.metrics import ASGIApp, HttpMetricsMiddleware
@@ -40,9 +40,9 @@ class Resources:
     settings: Settings
     engine: AsyncEngine | None = None
     sessionmaker: async_sessionmaker[AsyncSession] | None = None
-    pool: asyncpg.Pool | None = field(default=None)
+    pool: HotPool | None = field(default=None)
 
-    def require_pool(self) -> asyncpg.Pool:
+    def require_pool(self) -> HotPool:
         assert self.pool is not None, "used outside the lifespan"
         return self.pool
 

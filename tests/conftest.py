@@ -14,6 +14,7 @@ import pytest
 
 from tandem.core.database import asyncpg_dsn
 from tandem.core.embedded import EmbeddedPostgres
+from tandem.core.hotpool import HotPool
 from tests.support import Server, fresh_database, start_server
 
 
@@ -68,8 +69,9 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(asyncpg_dsn(database_url), min_size=1, max_size=20)
-    assert p is not None
+async def pool(database_url: str) -> AsyncIterator[HotPool]:
+    """The hot-path pool the service uses, on the module's database."""
+    dsn = asyncpg_dsn(database_url)
+    p = await HotPool.open(lambda: asyncpg.connect(dsn), size=10, acquire_timeout=30)
     yield p
     await p.close()

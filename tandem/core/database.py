@@ -1,7 +1,8 @@
-"""Database access: one SQLAlchemy async engine for the plain cases, one asyncpg pool for hot paths.
+"""Database access: one SQLAlchemy async engine for the plain cases, one lean pool of raw
+asyncpg connections for the hot path.
 
-Both use asyncpg. The wallet's two hot statements go through the raw pool: a SQLAlchemy
-checkout costs more than the statement itself (measured in docs/ARCHITECTURE.md).
+Both use asyncpg. The wallet's two hot statements go through the lean pool: a SQLAlchemy
+checkout costs more than the statement itself (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings
 
 
@@ -49,31 +51,18 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
-async def _keep_session(_: asyncpg.Connection) -> None:
-    """Release hook that skips asyncpg's default reset.
+async def create_pool(settings: Settings) -> HotPool:
+    """The hot path's pool (see hotpool.py for why it is not asyncpg's)."""
+    dsn = asyncpg_dsn(settings.require_database_url())
+    server_settings = {
+        "application_name": "tandem-hot",
+        "statement_timeout": str(settings.db_statement_timeout_ms),
+    }
 
-    The default runs ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
-    release: a second round trip per request, ~8% of the server's CPU in a burst. asyncpg still
-    rolls back a transaction left open. Invariant that makes this safe: nothing on the hot pool
-    changes session state (no SET, LISTEN, session-level advisory lock or held cursor).
-    """
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(dsn, server_settings=server_settings)
 
-
-async def create_pool(settings: Settings) -> asyncpg.Pool:
-    """The raw pool for hot paths; every connection is opened up front so a burst never waits
-    for connection setup."""
-    pool = await asyncpg.create_pool(
-        asyncpg_dsn(settings.require_database_url()),
-        min_size=settings.db_pool_size,
-        max_size=settings.db_pool_size,
-        reset=_keep_session,
-        server_settings={
-            "application_name": "tandem-hot",
-            "statement_timeout": str(settings.db_statement_timeout_ms),
-        },
-    )
-    assert pool is not None
-    return pool
+    return await HotPool.open(connect, settings.db_pool_size, settings.db_pool_timeout)
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

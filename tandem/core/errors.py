@@ -65,7 +65,14 @@ class DatabaseUnavailableError(ServiceUnavailableError):
 
 
 # Failures of the database connection itself: the request may be retried elsewhere.
-_UNAVAILABLE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. a connection the server dropped mid-use
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionFailureError,
+)
 
 
 def error_for_unexpected(exc: BaseException) -> AppError:

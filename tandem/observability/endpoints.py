@@ -37,7 +37,7 @@ async def live() -> Liveness:
     responses={503: {"model": ReadinessOut, "description": "Not ready: see the fields."}},
 )
 async def ready(request: Request) -> JSONResponse:
-    result = await check_readiness(request.app.state.resources.pool)
+    result = await check_readiness(request.app.state.resources.engine)
     body = ReadinessOut(
         status="ready" if result.ready else "not_ready",
         database=result.database,

@@ -6,11 +6,16 @@ migration this code knows (an instance must not take traffic against an older sc
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
-import asyncpg
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tandem.core.migrations import head_revision
+
+UNDEFINED_TABLE = "42P01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,14 +26,17 @@ class Readiness:
     expected_revision: str
 
 
-async def check_readiness(pool: asyncpg.Pool, wait_seconds: float = 2.0) -> Readiness:
+async def check_readiness(engine: AsyncEngine, wait_seconds: float = 2.0) -> Readiness:
+    """Uses the engine's pool, not the hot path's: under a burst the hot pool has a queue,
+    and readiness must not time out (and pull the instance) because the instance is busy."""
     expected = head_revision()
     try:
-        revision = await pool.fetchval(
-            "SELECT version_num FROM alembic_version", timeout=wait_seconds
-        )
-    except asyncpg.UndefinedTableError:
-        return Readiness(False, "ok", None, expected)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        async with asyncio.timeout(wait_seconds), engine.connect() as conn:
+            revision = await conn.scalar(text("SELECT version_num FROM alembic_version"))
+    except DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) == UNDEFINED_TABLE:  # never migrated
+            return Readiness(False, "ok", None, expected)
+        return Readiness(False, f"unavailable: {type(error.orig).__name__}", None, expected)
+    except (OSError, TimeoutError) as error:
         return Readiness(False, f"unavailable: {type(error).__name__}", None, expected)
     return Readiness(revision == expected, "ok", revision, expected)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import asyncpg
 import pydantic
 from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response, status
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.errors import AppError
+from tandem.core.hotpool import HotPool
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
 from tandem.wallet.schemas import (
@@ -34,7 +34,7 @@ _OUTCOME_REPLAYED = WALLET_BALANCE_UPDATES.labels("replayed")
 
 
 async def serve_balance_update(
-    pool: asyncpg.Pool, body: bytes, raw_idempotency_key: str | None
+    pool: HotPool, body: bytes, raw_idempotency_key: str | None
 ) -> BalanceResult:
     """Validate, apply, count. Raises AppError subclasses (4xx) for every refusal."""
     try:
@@ -48,7 +48,7 @@ async def serve_balance_update(
     return result
 
 
-async def serve_balance_read(pool: asyncpg.Pool, raw_user_id: str) -> BalanceResult:
+async def serve_balance_read(pool: HotPool, raw_user_id: str) -> BalanceResult:
     return await service.get_balance(pool, parse_user_id(raw_user_id))
 
 
@@ -86,9 +86,9 @@ class ErrorEnvelope(pydantic.BaseModel):
     error: ErrorBody
 
 
-async def get_pool(request: Request) -> asyncpg.Pool:
+async def get_pool(request: Request) -> HotPool:
     # async: a plain def would run in FastAPI's thread pool, a thread hop per request.
-    pool: asyncpg.Pool = request.app.state.resources.pool
+    pool: HotPool = request.app.state.resources.pool
     return pool
 
 
@@ -98,7 +98,7 @@ async def get_session(request: Request) -> Any:
         yield session
 
 
-Pool = Annotated[asyncpg.Pool, Depends(get_pool)]
+Pool = Annotated[HotPool, Depends(get_pool)]
 # scope="function": commit before the response is sent. With the default ("request") the
 # commit would run after the client already has its 2xx, and a read right after could miss
 # the write (a test caught exactly that).

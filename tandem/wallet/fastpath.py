@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import asyncpg
-
 from tandem.core.errors import AppError, PayloadTooLargeError, error_for_unexpected
+from tandem.core.hotpool import HotPool
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
 from tandem.wallet.endpoints import balance_body, serve_balance_read, serve_balance_update
 from tandem.wallet.schemas import MAX_BODY_BYTES
@@ -29,7 +28,7 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class WalletFastPath:
-    def __init__(self, app: ASGIApp, pool: Callable[[], asyncpg.Pool]) -> None:
+    def __init__(self, app: ASGIApp, pool: Callable[[], HotPool]) -> None:
         self.app = app
         self.pool = pool
 

@@ -1,6 +1,6 @@
 """Wallet SQL. Each statement is named, with the race it closes.
 
-Functions take an asyncpg pool or connection (both run statements), so the same statement
+Functions take the hot pool or a connection (both run statements), so the same statement
 serves a standalone call and one inside a transaction. asyncpg prepares and caches each
 statement per connection, so the hot path pays parsing and planning once.
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tandem.core.hotpool import HotPool
 from tandem.wallet.models import User
 
-Connection = asyncpg.Connection | PoolConnectionProxy
-Executor = asyncpg.Pool | Connection
+Connection = asyncpg.Connection
+Executor = HotPool | Connection
 
 # Applies the delta only when the result fits 0..2^63-1, in one statement. UPDATE takes the
 # row lock, and under READ COMMITTED PostgreSQL re-checks the WHERE on the newest row version

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.errors import AppError
+from tandem.core.hotpool import HotPool
 from tandem.wallet import repository
 from tandem.wallet.errors import (
     REPLAYABLE,
@@ -35,7 +35,7 @@ def _refusal(user_id: int, amount: int, result: repository.DeltaResult | None) -
 
 
 async def update_balance(
-    pool: asyncpg.Pool, user_id: int, amount: int, idempotency_key: str | None = None
+    pool: HotPool, user_id: int, amount: int, idempotency_key: str | None = None
 ) -> BalanceResult:
     """Add ``amount`` to the balance in one atomic statement; the balance never goes below 0.
 
@@ -55,9 +55,7 @@ async def update_balance(
     return await _update_balance_once(pool, user_id, amount, idempotency_key)
 
 
-async def _update_balance_once(
-    pool: asyncpg.Pool, user_id: int, amount: int, key: str
-) -> BalanceResult:
+async def _update_balance_once(pool: HotPool, user_id: int, amount: int, key: str) -> BalanceResult:
     async with pool.acquire() as conn:
         async with conn.transaction():
             if not await repository.claim_idempotency_key(conn, key, user_id, amount):
@@ -84,7 +82,7 @@ def _replay(stored: repository.StoredOutcome, user_id: int, amount: int) -> Bala
     raise REPLAYABLE[stored.outcome](user_id)
 
 
-async def get_balance(pool: asyncpg.Pool, user_id: int) -> BalanceResult:
+async def get_balance(pool: HotPool, user_id: int) -> BalanceResult:
     """Raises UserNotFoundError."""
     balance = await repository.get_balance(pool, user_id)
     if balance is None:

@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
+from tandem.core.hotpool import HotPool
 from tandem.wallet import service
 from tandem.wallet.errors import (
     IdempotencyKeyReusedError,
@@ -15,12 +16,12 @@ from tandem.wallet.errors import (
 )
 
 
-async def make_user(pool: asyncpg.Pool, balance: int) -> int:
+async def make_user(pool: HotPool, balance: int) -> int:
     user_id = await pool.fetchval("INSERT INTO users (balance) VALUES ($1) RETURNING id", balance)
     return int(user_id)
 
 
-async def test_concurrent_withdrawals_never_overdraw(pool: asyncpg.Pool) -> None:
+async def test_concurrent_withdrawals_never_overdraw(pool: HotPool) -> None:
     """400 concurrent withdrawals of 7 from 1000: exactly 142 succeed, 6 is left."""
     user = await make_user(pool, 1000)
 
@@ -36,7 +37,7 @@ async def test_concurrent_withdrawals_never_overdraw(pool: asyncpg.Pool) -> None
     assert (await service.get_balance(pool, user)).balance == 1000 - 142 * 7
 
 
-async def test_concurrent_retries_with_one_key_apply_once(pool: asyncpg.Pool) -> None:
+async def test_concurrent_retries_with_one_key_apply_once(pool: HotPool) -> None:
     """50 concurrent requests with one Idempotency-Key: one applies, 49 replay its outcome."""
     user = await make_user(pool, 1000)
     results = await asyncio.gather(
@@ -47,7 +48,7 @@ async def test_concurrent_retries_with_one_key_apply_once(pool: asyncpg.Pool) ->
     assert (await service.get_balance(pool, user)).balance == 990
 
 
-async def test_key_reuse_with_other_amount_is_refused(pool: asyncpg.Pool) -> None:
+async def test_key_reuse_with_other_amount_is_refused(pool: HotPool) -> None:
     """A key bound to one request refuses another and leaves the balance alone."""
     user = await make_user(pool, 100)
     await service.update_balance(pool, user, -1, f"reuse-{user}")
@@ -56,7 +57,7 @@ async def test_key_reuse_with_other_amount_is_refused(pool: asyncpg.Pool) -> Non
     assert (await service.get_balance(pool, user)).balance == 99
 
 
-async def test_unknown_user_with_key_is_replayed(pool: asyncpg.Pool) -> None:
+async def test_unknown_user_with_key_is_replayed(pool: HotPool) -> None:
     """A keyed request for a missing user records that outcome; the retry gets it again."""
     missing = 2**62 + 7
     for _ in range(2):
@@ -68,10 +69,10 @@ async def test_unknown_user_with_key_is_replayed(pool: asyncpg.Pool) -> None:
     assert stored == "user_not_found"
 
 
-async def test_database_refuses_negative_balance(pool: asyncpg.Pool) -> None:
+async def test_database_refuses_negative_balance(pool: HotPool) -> None:
     """The CHECK constraint refuses a negative balance even from a statement that skips the
     service's condition."""
     user = await make_user(pool, 1)
     with pytest.raises(asyncpg.CheckViolationError):
-        await pool.execute("UPDATE users SET balance = balance - 2 WHERE id = $1", user)
+        await pool.fetchrow("UPDATE users SET balance = balance - 2 WHERE id = $1", user)
     assert (await service.get_balance(pool, user)).balance == 1
