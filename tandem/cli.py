@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from tandem.core.settings import Settings, get_settings
+from tandem.observability.logging import configure_logging
 
 log = logging.getLogger("tandem")
 
@@ -41,10 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tandem.core.migrations import upgrade_to_head
-    from tandem.observability.logging import configure_logging
 
     settings = get_settings()
-    configure_logging(settings.log_level)
     url = resolve_database_url(settings)
     # Child processes (workers) read settings from the environment.
     os.environ["TANDEM_DATABASE_URL"] = url
@@ -78,10 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_migrate(_: argparse.Namespace) -> int:
     from tandem.core.migrations import head_revision, upgrade_to_head
-    from tandem.observability.logging import configure_logging
 
     settings = get_settings()
-    configure_logging(settings.log_level)
     upgrade_to_head(resolve_database_url(settings))
     print(f"database at revision {head_revision()}")
     return 0
@@ -135,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(get_settings().log_level)
     result: int = args.func(args)
     return result
 
