@@ -18,12 +18,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tandem
-from tandem.core.database import create_engine, create_pool, create_sessionmaker
+from tandem.core.database import (
+    connect_function,
+    create_engine,
+    create_pool,
+    create_sessionmaker,
+)
 from tandem.core.errors import AppError, error_for_unexpected
 from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings, get_settings
 from tandem.observability.endpoints import router as observability_router
 from tandem.observability.metrics import ASGIApp, HttpMetricsMiddleware
+from tandem.scheduler.endpoints import router as scheduler_router
+from tandem.scheduler.registry import load_registry
+from tandem.scheduler.runner import Runner
 from tandem.wallet.endpoints import router as wallet_router
 from tandem.wallet.fastpath import WalletFastPath
 from tandem.wallet.schemas import BalanceUpdate
@@ -41,6 +49,7 @@ class Resources:
     engine: AsyncEngine | None = None
     sessionmaker: async_sessionmaker[AsyncSession] | None = None
     pool: HotPool | None = field(default=None)
+    runner: Runner | None = None
 
     def require_pool(self) -> HotPool:
         assert self.pool is not None, "used outside the lifespan"
@@ -143,10 +152,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resources.pool = await create_pool(settings)
         resources.engine = create_engine(settings)
         resources.sessionmaker = create_sessionmaker(resources.engine)
+        if settings.scheduler_enabled:
+            registry = load_registry(settings.scheduler_tasks)
+            resources.runner = Runner(settings, registry, connect_function(settings))
+            await resources.runner.start()
         _tune_gc()
         try:
             yield
         finally:
+            # Drain first: released runs are picked up elsewhere while we close.
+            if resources.runner is not None:
+                await resources.runner.stop()
             await resources.pool.close()
             await resources.engine.dispose()
 
@@ -166,5 +182,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     _install_openapi(app)
     app.include_router(wallet_router)
+    app.include_router(scheduler_router)
     app.include_router(observability_router)
     return app

@@ -107,6 +107,8 @@ def start_server(
         "TANDEM_DATABASE_URL": database_url,
         "TANDEM_WALLET_FAST_PATH": "true" if fast_path else "false",
         "TANDEM_LOG_LEVEL": "warning",
+        # Off unless a test asks for it: the wallet's tests should not share the CPU with it.
+        "TANDEM_SCHEDULER_ENABLED": "false",
         **(extra_env or {}),
     }
     with log_path.open("wb") as log:

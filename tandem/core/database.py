@@ -7,7 +7,7 @@ checkout costs more than the statement itself (docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -51,17 +51,25 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
-async def create_pool(settings: Settings) -> HotPool:
-    """The hot path's pool (see hotpool.py for why it is not asyncpg's)."""
+def connect_function(
+    settings: Settings, application_name: str = "tandem"
+) -> Callable[[], Awaitable[asyncpg.Connection]]:
+    """How to open one raw asyncpg connection with the service's session settings."""
     dsn = asyncpg_dsn(settings.require_database_url())
     server_settings = {
-        "application_name": "tandem-hot",
+        "application_name": application_name,
         "statement_timeout": str(settings.db_statement_timeout_ms),
     }
 
     async def connect() -> asyncpg.Connection:
         return await asyncpg.connect(dsn, server_settings=server_settings)
 
+    return connect
+
+
+async def create_pool(settings: Settings) -> HotPool:
+    """The hot path's pool (see hotpool.py for why it is not asyncpg's)."""
+    connect = connect_function(settings, "tandem-hot")
     return await HotPool.open(connect, settings.db_pool_size, settings.db_pool_timeout)
 
 

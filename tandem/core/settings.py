@@ -37,6 +37,26 @@ class Settings(BaseSettings):
     # errors and metrics); False routes them through FastAPI, for comparison.
     wallet_fast_path: bool = True
 
+    # --- cluster cron (all durations in seconds of real time) ---------------------------
+    scheduler_enabled: bool = True
+    # "module:attribute" of the Registry whose tasks this instance runs.
+    scheduler_tasks: str = "tandem.scheduler.demo_tasks:registry"
+    # Multiplies task intervals and the demo tasks' run time: 0.01 turns 5 minutes into 3 s.
+    # Scheduler timings (poll, lease, ...) are not scaled: they are set directly.
+    scheduler_time_scale: float = Field(default=1.0, gt=0, le=1.0)
+    scheduler_poll_interval: float = Field(default=1.0, gt=0)
+    scheduler_heartbeat_interval: float = Field(default=2.0, gt=0)
+    scheduler_lease: float = Field(default=10.0, gt=0)
+    # A run whose lease could not be renewed for this long cancels itself (before the lease
+    # expires and another instance may take the task over).
+    scheduler_self_fence_after: float = Field(default=7.0, gt=0)
+    # A due task nobody claimed for this long may be taken by any instance, fair share or not.
+    scheduler_steal_after: float = Field(default=2.0, ge=0)
+    scheduler_drain_timeout: float = Field(default=5.0, ge=0)
+    scheduler_pool_size: int = Field(default=2, ge=1, le=20)
+    # Name of a demo task that fails on purpose (to show failures in history), or "".
+    scheduler_failing_task: str = ""
+
     def require_database_url(self) -> str:
         if not self.database_url:
             raise RuntimeError(

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -92,3 +92,41 @@ class HttpMetricsMiddleware:
                 self._children[key] = children
             children[0].inc()
             children[1].observe(time.perf_counter() - started)
+
+
+# --- cluster cron -------------------------------------------------------------------------
+SCHEDULER_RUNS = Counter(
+    "tandem_scheduler_runs_total",
+    "Task runs finished on this instance, by task and status (succeeded, failed, cancelled).",
+    ["task", "status"],
+)
+SCHEDULER_RUN_DURATION = Histogram(
+    "tandem_scheduler_run_duration_seconds",
+    "Wall time of task runs on this instance, by task.",
+    ["task"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 180, 300, 600, 1800),
+)
+SCHEDULER_START_LAG = Histogram(
+    "tandem_scheduler_start_lag_seconds",
+    "Database time from a run's scheduled slot to its start, by task.",
+    ["task"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+SCHEDULER_CLAIMS = Counter(
+    "tandem_scheduler_claims_total", "Runs claimed by this instance, by task.", ["task"]
+)
+SCHEDULER_LOST_LEASES = Counter(
+    "tandem_scheduler_lost_leases_total",
+    "Expired leases this instance's sweeper recorded as lost runs (a dead or paused owner).",
+)
+SCHEDULER_FENCED_OUT = Counter(
+    "tandem_scheduler_fenced_out_total",
+    "Local runs stopped because another instance took the task over, or self-fenced.",
+    ["reason"],
+)
+SCHEDULER_RUNNING = Gauge(
+    "tandem_scheduler_running_tasks", "Task runs in progress on this instance."
+)
+SCHEDULER_LIVE_INSTANCES = Gauge(
+    "tandem_scheduler_live_instances", "Instances with a fresh heartbeat, as this one sees it."
+)

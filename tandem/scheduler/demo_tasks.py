@@ -1,0 +1,48 @@
+"""The ten demo tasks of the brief. Each runs at least 2 minutes (times the time scale) and logs
+its start, progress and end with its name, instance and run id."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from tandem.core.settings import get_settings
+from tandem.scheduler.registry import Registry, TaskContext
+
+RUN_SECONDS = 120.0
+PROGRESS_STEPS = 4
+
+registry = Registry()
+
+# (name, interval) exactly as in the brief.
+SCHEDULE: list[tuple[str, timedelta]] = [
+    ("TestTask1", timedelta(minutes=5)),
+    ("TestTask2", timedelta(hours=1)),
+    ("TestTask3", timedelta(minutes=10)),
+    ("TestTask4", timedelta(hours=6)),
+    ("TestTask5", timedelta(minutes=15)),
+    ("TestTask6", timedelta(minutes=30)),
+    ("TestTask7", timedelta(days=1)),
+    ("TestTask8", timedelta(minutes=20)),
+    ("TestTask9", timedelta(minutes=45)),
+    ("TestTask10", timedelta(minutes=25)),
+]
+
+
+class DemoTaskFailedError(RuntimeError):
+    pass
+
+
+async def demo_task(ctx: TaskContext) -> None:
+    """Work for RUN_SECONDS in PROGRESS_STEPS steps, logging each; fail at the end when this
+    task is the one named by TANDEM_SCHEDULER_FAILING_TASK."""
+    ctx.log.info("started")
+    for step in range(1, PROGRESS_STEPS + 1):
+        await ctx.sleep(RUN_SECONDS / PROGRESS_STEPS)
+        ctx.log.info("progress %d/%d", step, PROGRESS_STEPS)
+    if get_settings().scheduler_failing_task == ctx.name:
+        raise DemoTaskFailedError(f"{ctx.name} failed on purpose (TANDEM_SCHEDULER_FAILING_TASK)")
+    ctx.log.info("finished")
+
+
+for _name, _interval in SCHEDULE:
+    registry.task(_name, _interval)(demo_task)

@@ -1,0 +1,265 @@
+"""The scheduler's SQL. Every timestamp comes from the database clock (``clock_timestamp()``,
+not ``now()``: ``now()`` is the transaction's start and could precede the previous run's end).
+
+Each statement is named, with the race it closes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+import asyncpg
+
+Db = asyncpg.Connection
+
+# Serialises claims cluster-wide for the length of one claim transaction, so the fair-share
+# count below is exact. Safety never depends on it: the row lock and the constraints do.
+CLAIM_LOCK_ID = 0x7A6D_0002
+
+REGISTER_INSTANCE = """
+INSERT INTO instances (id, hostname, pid) VALUES ($1, $2, $3)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp(), status = 'active'
+"""
+
+# Definitions come from code; runtime state (running, next run, fence, history) is never
+# reset by a deploy. A new task is due at once.
+UPSERT_TASK = """
+INSERT INTO tasks (name, "interval", function_name) VALUES ($1, $2, $3)
+ON CONFLICT (name) DO UPDATE
+SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name
+"""
+
+# Fair share: take a due task only while this instance runs fewer than
+# ceil((running + 1) / live) tasks, or when the task has waited past the steal delay (its
+# fair claimer is slow or gone). FOR UPDATE SKIP LOCKED: two claimers never pick the same row;
+# NOT is_running re-checked under the row lock: a claimed task is never claimed again.
+# next_run_at moves to the first slot of the task's grid strictly after now (coalescing any
+# missed slots into this one run).
+CLAIM_DUE_TASK = """
+WITH live AS (
+    SELECT greatest(count(*), 1) AS n FROM instances
+    WHERE status = 'active' AND heartbeat_at > clock_timestamp() - $3::interval
+), load AS (
+    SELECT count(*) FILTER (WHERE running_instance = $1) AS mine, count(*) AS total
+    FROM tasks WHERE is_running
+), candidate AS (
+    SELECT t.id, t.next_run_at FROM tasks t
+    WHERE t.enabled AND NOT t.is_running AND t.next_run_at <= clock_timestamp()
+      AND (
+        (SELECT mine FROM load)
+            < ceil(((SELECT total FROM load) + 1)::numeric / (SELECT n FROM live))
+        OR t.next_run_at <= clock_timestamp() - $4::interval
+      )
+    ORDER BY t.next_run_at, t.id
+    LIMIT 1
+    FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE tasks t
+SET is_running = true,
+    running_instance = $1,
+    started_at = clock_timestamp(),
+    lease_until = clock_timestamp() + $2::interval,
+    fence = t.fence + 1,
+    next_run_at = c.next_run_at + t."interval" * (
+        floor(extract(epoch FROM clock_timestamp() - c.next_run_at)
+              / extract(epoch FROM t."interval")) + 1)
+FROM candidate c
+WHERE t.id = c.id AND NOT t.is_running
+RETURNING t.id, t.name, t.function_name, t.fence, c.next_run_at AS scheduled_for, t.started_at
+"""
+
+INSERT_RUN = """
+INSERT INTO task_history (task_id, instance_id, fence, scheduled_for, started_at, status)
+VALUES ($1, $2, $3, $4, $5, 'running')
+"""
+
+# Renews only the (task, fence) pairs this instance still holds; a pair missing from the
+# answer was taken over (swept and re-claimed), so its local run must stop.
+RENEW_LEASES = """
+UPDATE tasks SET lease_until = clock_timestamp() + $2::interval
+FROM unnest($3::bigint[], $4::bigint[]) AS held(id, fence)
+WHERE tasks.id = held.id AND tasks.fence = held.fence AND tasks.is_running
+  AND tasks.running_instance = $1
+RETURNING tasks.id
+"""
+
+HEARTBEAT_INSTANCE = """
+UPDATE instances SET heartbeat_at = clock_timestamp(), status = $2 WHERE id = $1
+RETURNING id
+"""
+
+# Fenced completion: only the holder of the current fence can finish the run. Zero rows means
+# this instance was fenced out (its run was declared lost and maybe re-run): change nothing.
+# $4 = true makes the task due again at once (a run released at shutdown).
+COMPLETE_RUN = """
+WITH task AS (
+    UPDATE tasks SET is_running = false, running_instance = NULL, lease_until = NULL,
+        last_status = $3, last_finished_at = clock_timestamp(),
+        next_run_at = CASE WHEN $4 THEN least(next_run_at, clock_timestamp()) ELSE next_run_at END
+    WHERE id = $1 AND fence = $2 AND is_running
+    RETURNING id, last_finished_at
+)
+UPDATE task_history h SET status = $3, finished_at = task.last_finished_at, error = $5
+FROM task WHERE h.task_id = task.id AND h.fence = $2 AND h.status = 'running'
+RETURNING h.id
+"""
+
+# Runs whose lease expired (the owner died or stopped renewing): recorded as lost, released,
+# and made due now so another instance runs the task within a poll. SKIP LOCKED: concurrent
+# sweepers split the work instead of queueing on it.
+SWEEP_EXPIRED = """
+WITH expired AS (
+    SELECT id, fence, running_instance FROM tasks
+    WHERE is_running AND lease_until < clock_timestamp()
+    FOR UPDATE SKIP LOCKED
+), released AS (
+    UPDATE tasks t SET is_running = false, running_instance = NULL, lease_until = NULL,
+        last_status = 'lost', last_finished_at = clock_timestamp(),
+        next_run_at = least(t.next_run_at, clock_timestamp())
+    FROM expired e WHERE t.id = e.id
+    RETURNING t.id, e.fence, e.running_instance, t.last_finished_at
+)
+UPDATE task_history h SET status = 'lost', finished_at = r.last_finished_at,
+    error = 'lease expired: instance ' || r.running_instance || ' stopped renewing it'
+FROM released r WHERE h.task_id = r.id AND h.fence = r.fence AND h.status = 'running'
+RETURNING h.task_id
+"""
+
+# Instances silent for a long time are forgotten (their runs were swept long before).
+FORGET_INSTANCES = """
+DELETE FROM instances WHERE heartbeat_at < clock_timestamp() - $1::interval
+"""
+
+STOP_INSTANCE = """
+UPDATE instances SET status = 'stopped', heartbeat_at = clock_timestamp() WHERE id = $1
+"""
+
+
+class ClaimedRun(NamedTuple):
+    task_id: int
+    name: str
+    function_name: str
+    fence: int
+    scheduled_for: datetime
+    started_at: datetime
+
+
+def seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
+
+
+async def register_instance(db: Db, instance_id: str, hostname: str, pid: int) -> None:
+    await db.execute(REGISTER_INSTANCE, instance_id, hostname, pid)
+
+
+async def upsert_task(db: Db, name: str, interval: timedelta, function_name: str) -> None:
+    await db.execute(UPSERT_TASK, name, interval, function_name)
+
+
+async def claim_due_task(
+    db: Db, instance_id: str, lease: float, live_window: float, steal_after: float
+) -> ClaimedRun | None:
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK_ID)
+        row = await db.fetchrow(
+            CLAIM_DUE_TASK, instance_id, seconds(lease), seconds(live_window), seconds(steal_after)
+        )
+        if row is None:
+            return None
+        run = ClaimedRun(*row)
+        await db.execute(
+            INSERT_RUN, run.task_id, instance_id, run.fence, run.scheduled_for, run.started_at
+        )
+        return run
+
+
+async def renew_leases(
+    db: Db, instance_id: str, lease: float, held: list[tuple[int, int]]
+) -> set[int]:
+    """The ids of the held tasks whose lease was renewed."""
+    rows = await db.fetch(
+        RENEW_LEASES,
+        instance_id,
+        seconds(lease),
+        [task_id for task_id, _ in held],
+        [fence for _, fence in held],
+    )
+    return {row[0] for row in rows}
+
+
+async def heartbeat_instance(db: Db, instance_id: str, status: str) -> bool:
+    return await db.fetchval(HEARTBEAT_INSTANCE, instance_id, status) is not None
+
+
+async def complete_run(
+    db: Db, task_id: int, fence: int, status: str, error: str | None, *, due_again: bool = False
+) -> bool:
+    """False when this instance no longer holds the run (fenced out): nothing changed."""
+    return await db.fetchval(COMPLETE_RUN, task_id, fence, status, due_again, error) is not None
+
+
+async def sweep_expired(db: Db) -> int:
+    return len(await db.fetch(SWEEP_EXPIRED))
+
+
+async def forget_instances(db: Db, after: float) -> None:
+    await db.execute(FORGET_INSTANCES, seconds(after))
+
+
+async def stop_instance(db: Db, instance_id: str) -> None:
+    await db.execute(STOP_INSTANCE, instance_id)
+
+
+# --- reads and commands for the API (SQLAlchemy text, :named parameters) -----------------
+
+LIST_TASKS = """
+SELECT name, extract(epoch FROM "interval") AS interval_seconds, function_name, enabled,
+       is_running, running_instance, started_at,
+       CASE WHEN is_running THEN extract(epoch FROM clock_timestamp() - started_at) END
+           AS elapsed_seconds,
+       next_run_at, extract(epoch FROM next_run_at - clock_timestamp()) AS due_in_seconds,
+       last_status, last_finished_at
+FROM tasks ORDER BY id
+"""
+
+TASK_HISTORY = """
+SELECT h.id, h.instance_id, h.fence, h.scheduled_for, h.started_at, h.finished_at, h.status,
+       h.error
+FROM task_history h JOIN tasks t ON t.id = h.task_id
+WHERE t.name = :name
+ORDER BY h.started_at DESC
+LIMIT :limit
+"""
+
+TASK_EXISTS = "SELECT id FROM tasks WHERE name = :name"
+
+LIVE_INSTANCES = """
+SELECT i.id, i.hostname, i.pid, i.started_at, i.status,
+       extract(epoch FROM clock_timestamp() - i.heartbeat_at) AS heartbeat_age_seconds,
+       (SELECT count(*) FROM tasks t WHERE t.is_running AND t.running_instance = i.id)
+           AS running
+FROM instances i
+WHERE i.status <> 'stopped' AND i.heartbeat_at > clock_timestamp() - CAST(:window AS interval)
+ORDER BY i.started_at
+"""
+
+# Due now; a running task runs again right after its current run ends.
+RUN_NOW = """
+UPDATE tasks SET next_run_at = least(next_run_at, clock_timestamp()) WHERE name = :name
+RETURNING id
+"""
+
+PAUSE = "UPDATE tasks SET enabled = false WHERE name = :name RETURNING id"
+
+# Resuming never replays missed slots: an overdue task moves to the first slot of its grid
+# at or after now, so at most one run follows.
+RESUME = """
+UPDATE tasks SET enabled = true,
+    next_run_at = CASE WHEN next_run_at >= clock_timestamp() THEN next_run_at
+        ELSE next_run_at + "interval" * ceil(
+            extract(epoch FROM clock_timestamp() - next_run_at) / extract(epoch FROM "interval"))
+    END
+WHERE name = :name
+RETURNING id
+"""

@@ -1,0 +1,87 @@
+"""Cluster cron reads and commands for the API. All times are computed by the database, so
+every instance answers alike."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tandem.core.errors import NotFoundError
+from tandem.scheduler import repository
+from tandem.scheduler.schemas import (
+    Instance,
+    Instances,
+    PendingTask,
+    Run,
+    TaskCommandResult,
+    TaskHistory,
+    TasksOverview,
+    TaskState,
+)
+
+
+class TaskNotFoundError(NotFoundError):
+    code = "task_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no task named {name!r}")
+
+
+async def overview(session: AsyncSession) -> TasksOverview:
+    rows = (await session.execute(text(repository.LIST_TASKS))).mappings().all()
+    tasks = [TaskState.model_validate(dict(row)) for row in rows]
+    pending = sorted(
+        (
+            PendingTask(
+                name=row["name"],
+                next_run_at=row["next_run_at"],
+                due_in_seconds=float(row["due_in_seconds"]),
+            )
+            for row in rows
+            if row["enabled"] and not row["is_running"]
+        ),
+        key=lambda p: p.next_run_at,
+    )
+    return TasksOverview(tasks=tasks, pending=pending)
+
+
+async def history(session: AsyncSession, name: str, limit: int) -> TaskHistory:
+    """Raises TaskNotFoundError."""
+    if (await session.execute(text(repository.TASK_EXISTS), {"name": name})).first() is None:
+        raise TaskNotFoundError(name)
+    rows = await session.execute(text(repository.TASK_HISTORY), {"name": name, "limit": limit})
+    return TaskHistory(name=name, runs=[Run.model_validate(dict(r)) for r in rows.mappings()])
+
+
+async def live_instances(session: AsyncSession, window: timedelta) -> Instances:
+    rows = await session.execute(text(repository.LIVE_INSTANCES), {"window": window})
+    return Instances(instances=[Instance.model_validate(dict(r)) for r in rows.mappings()])
+
+
+async def _command(session: AsyncSession, statement: str, name: str) -> TaskCommandResult:
+    if (await session.execute(text(statement), {"name": name})).first() is None:
+        raise TaskNotFoundError(name)
+    row = (
+        await session.execute(
+            text("SELECT name, enabled, next_run_at FROM tasks WHERE name = :name"),
+            {"name": name},
+        )
+    ).one()
+    return TaskCommandResult(name=row.name, enabled=row.enabled, next_run_at=row.next_run_at)
+
+
+async def run_now(session: AsyncSession, name: str) -> TaskCommandResult:
+    """Make the task due now. Raises TaskNotFoundError."""
+    return await _command(session, repository.RUN_NOW, name)
+
+
+async def pause(session: AsyncSession, name: str) -> TaskCommandResult:
+    """No new runs until resumed; a run in progress finishes. Raises TaskNotFoundError."""
+    return await _command(session, repository.PAUSE, name)
+
+
+async def resume(session: AsyncSession, name: str) -> TaskCommandResult:
+    """Runs again from the next slot of its grid, without replaying missed ones."""
+    return await _command(session, repository.RESUME, name)

@@ -1,0 +1,63 @@
+"""Task registries for the cluster tests (loaded by real server processes through
+TANDEM_SCHEDULER_TASKS). Each run writes a probe row with its real start and end, taken
+from the database clock by the task body itself, independent of the scheduler's history."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import asyncpg
+
+from tandem.core.database import asyncpg_dsn
+from tandem.scheduler.registry import Registry, TaskContext
+
+PROBE_TABLE = """
+CREATE TABLE IF NOT EXISTS probe (
+    task text NOT NULL, instance text NOT NULL, fence bigint NOT NULL,
+    started timestamptz NOT NULL, finished timestamptz
+)
+"""
+
+
+async def _probe_start(ctx: TaskContext) -> asyncpg.Connection:
+    conn = await asyncpg.connect(asyncpg_dsn(os.environ["TANDEM_DATABASE_URL"]))
+    await conn.execute(
+        "INSERT INTO probe (task, instance, fence, started) VALUES ($1, $2, $3, clock_timestamp())",
+        ctx.name,
+        ctx.instance_id,
+        ctx.fence,
+    )
+    return conn
+
+
+async def _probe_end(conn: asyncpg.Connection, ctx: TaskContext) -> None:
+    try:
+        await conn.execute(
+            "UPDATE probe SET finished = clock_timestamp() WHERE task = $1 AND fence = $2",
+            ctx.name,
+            ctx.fence,
+        )
+    finally:
+        await conn.close()
+
+
+def _probed(seconds: float):  # type: ignore[no-untyped-def]
+    async def body(ctx: TaskContext) -> None:
+        conn = await _probe_start(ctx)
+        try:
+            await ctx.sleep(seconds)
+        finally:
+            await _probe_end(conn, ctx)
+
+    return body
+
+
+# 20 equal tasks, each due every second and busy 0.4 s.
+equal = Registry()
+for i in range(1, 21):
+    equal.task(f"Equal{i:02d}", timedelta(seconds=1))(_probed(0.4))
+
+# One task whose run outlasts its interval by far: for crash, zombie and shutdown tests.
+long = Registry()
+long.task("Long", timedelta(seconds=0.5))(_probed(60.0))
