@@ -20,8 +20,18 @@ CREATE TABLE IF NOT EXISTS probe (
 """
 
 
-async def _probe_start(ctx: TaskContext) -> asyncpg.Connection:
-    conn = await asyncpg.connect(asyncpg_dsn(os.environ["TANDEM_DATABASE_URL"]))
+_pool: asyncpg.Pool | None = None
+
+
+async def _probe_start(ctx: TaskContext) -> asyncpg.Pool:
+    """One small pool per server process, opened on first use (a connection per run would
+    cost more than the runs)."""
+    global _pool
+    if _pool is None:
+        _pool = await asyncpg.create_pool(
+            asyncpg_dsn(os.environ["TANDEM_DATABASE_URL"]), min_size=1, max_size=4
+        )
+    conn = _pool
     await conn.execute(
         "INSERT INTO probe (task, instance, fence, started) VALUES ($1, $2, $3, clock_timestamp())",
         ctx.name,
@@ -31,15 +41,12 @@ async def _probe_start(ctx: TaskContext) -> asyncpg.Connection:
     return conn
 
 
-async def _probe_end(conn: asyncpg.Connection, ctx: TaskContext) -> None:
-    try:
-        await conn.execute(
-            "UPDATE probe SET finished = clock_timestamp() WHERE task = $1 AND fence = $2",
-            ctx.name,
-            ctx.fence,
-        )
-    finally:
-        await conn.close()
+async def _probe_end(pool: asyncpg.Pool, ctx: TaskContext) -> None:
+    await pool.execute(
+        "UPDATE probe SET finished = clock_timestamp() WHERE task = $1 AND fence = $2",
+        ctx.name,
+        ctx.fence,
+    )
 
 
 def _probed(seconds: float):  # type: ignore[no-untyped-def]
@@ -53,10 +60,11 @@ def _probed(seconds: float):  # type: ignore[no-untyped-def]
     return body
 
 
-# 20 equal tasks, each due every second and busy 0.4 s.
+# 40 equal tasks, each due every 2 s and busy 1 s: ~20 runs a second over the cluster,
+# enough samples for a distribution test in seconds.
 equal = Registry()
-for i in range(1, 21):
-    equal.task(f"Equal{i:02d}", timedelta(seconds=1))(_probed(0.4))
+for i in range(1, 41):
+    equal.task(f"Equal{i:02d}", timedelta(seconds=2))(_probed(1.0))
 
 # One task whose run outlasts its interval by far: for crash, zombie and shutdown tests.
 long = Registry()

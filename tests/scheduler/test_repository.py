@@ -150,23 +150,20 @@ async def test_missed_slots_coalesce_into_one_run(db: asyncpg.Connection) -> Non
     assert offset % 10 == pytest.approx(0, abs=1e-3)
 
 
-async def test_fair_share_keeps_instances_within_one(db: asyncpg.Connection) -> None:
-    """Two live instances claiming four due tasks: neither ever runs two more than the other,
-    and they end with two each."""
+async def test_fair_share_keeps_claims_close(db: asyncpg.Connection) -> None:
+    """Two live instances taking turns at twelve due tasks: neither gets more than the slack
+    (+1) claims ahead of the other, and all twelve are claimed."""
     # Only this test's instances are live and nothing else runs.
     await db.execute("UPDATE instances SET status = 'stopped'")
-    await db.execute(
-        "UPDATE tasks SET is_running = false, running_instance = NULL, lease_until = NULL"
-    )
-    ids = [(await new_task(db))[0] for _ in range(4)]
+    ids = [(await new_task(db))[0] for _ in range(12)]
     await db.execute("UPDATE tasks SET enabled = (id = ANY($1))", ids)
     a, b = await new_instance(db), await new_instance(db)
     held = {a: 0, b: 0}
-    for _ in range(3):
+    for _ in range(6):
         for instance in (a, b):
             while await repository.claim_due_task(
                 db, instance, lease=30, live_window=30, steal_after=60
             ):
                 held[instance] += 1
-                assert abs(held[a] - held[b]) <= 1
-    assert held == {a: 2, b: 2}
+                assert abs(held[a] - held[b]) <= repository.FAIR_SLACK + 1
+    assert held[a] + held[b] == 12

@@ -30,6 +30,7 @@ def upgrade() -> None:
             started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
             heartbeat_at timestamptz NOT NULL DEFAULT clock_timestamp(),
             status text NOT NULL DEFAULT 'active',
+            claims bigint NOT NULL DEFAULT 0,
             CONSTRAINT pk_instances PRIMARY KEY (id),
             CONSTRAINT ck_instances_status CHECK (status IN ('active', 'draining', 'stopped'))
         )

@@ -1,0 +1,300 @@
+"""The cluster cron with real server processes on one database, in compressed time: spread,
+exclusivity, history, crash recovery and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from tandem.core.database import asyncpg_dsn
+from tests.scheduler.registries import PROBE_TABLE
+from tests.support import Server, empty_database, start_server
+
+pytestmark = pytest.mark.slow
+
+# Compressed, but with room for five Python processes and PostgreSQL on two shared cores:
+# a heartbeat can be late by a second without a run being self-fenced.
+POLL, LEASE = 0.2, 3.0
+TIMINGS = {
+    "TANDEM_SCHEDULER_ENABLED": "true",
+    "TANDEM_SCHEDULER_POLL_INTERVAL": str(POLL),
+    "TANDEM_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
+    "TANDEM_SCHEDULER_LEASE": str(LEASE),
+    "TANDEM_SCHEDULER_SELF_FENCE_AFTER": "2.0",
+    "TANDEM_SCHEDULER_STEAL_AFTER": "1.0",
+    "TANDEM_LOG_LEVEL": "warning",
+}
+# Chi-square critical value, 4 degrees of freedom, p = 0.001.
+CHI2_CRITICAL_DF4 = 18.467
+
+
+def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def cron_db(postgres_url: str) -> Iterator[str]:
+    """A migrated database of the test's own, with the probe table."""
+    from tandem.core.migrations import upgrade_to_head
+
+    with empty_database(postgres_url) as url:
+        upgrade_to_head(url)
+        query(url, PROBE_TABLE)
+        yield url
+
+
+def start_cluster(url: str, log_dir: Path, registry: str, n: int) -> list[Server]:
+    env = {**TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.scheduler.registries:{registry}"}
+    return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
+
+
+def stop_all(servers: list[Server]) -> None:
+    for s in servers:
+        s.stop()
+
+
+def instance_of(server: Server) -> str:
+    """The scheduler instance id of a server process (from the membership list)."""
+    for row in httpx.get(f"{server.url}/instances").json()["instances"]:
+        if row["pid"] == server.process.pid:
+            return str(row["id"])
+    raise AssertionError("server not in /instances")
+
+
+def wait_for(predicate, timeout: float, step: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def assert_history_consistent(url: str) -> None:
+    """One row per claim (fences 1..n without gaps), legal statuses, at most one running,
+    and tasks agreeing with their history."""
+    tasks = query(url, "SELECT id, fence, is_running, running_instance FROM tasks")
+    for task in tasks:
+        rows = query(
+            url,
+            "SELECT fence, status, instance_id, started_at, finished_at FROM task_history "
+            "WHERE task_id = $1 ORDER BY fence",
+            task["id"],
+        )
+        assert [r["fence"] for r in rows] == list(range(1, task["fence"] + 1))
+        assert {r["status"] for r in rows} <= {
+            "running",
+            "succeeded",
+            "failed",
+            "lost",
+            "cancelled",
+        }
+        running = [r for r in rows if r["status"] == "running"]
+        if task["is_running"]:
+            assert [(r["fence"], r["instance_id"]) for r in running] == [
+                (task["fence"], task["running_instance"])
+            ]
+        else:
+            assert running == []
+        for earlier, later in itertools.pairwise(rows):
+            assert earlier["finished_at"] is not None
+            assert earlier["finished_at"] <= later["started_at"]
+
+
+def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> None:
+    """Five instances, forty equal tasks: runs per instance pass a chi-square test and
+    max/min < 1.25; no two runs of a task overlap (probe rows written by the task bodies);
+    the history is consistent."""
+    servers = start_cluster(cron_db, tmp_path, "equal", 5)
+    try:
+        # Instances start one after another; count from when all five are in.
+        time.sleep(2)
+        since = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+        time.sleep(15)
+        # Stopping takes a while and the last ones standing take over; count up to here.
+        until = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+    finally:
+        stop_all(servers)
+    rows = query(
+        cron_db,
+        "SELECT instance_id, count(*) AS n FROM task_history WHERE status = 'succeeded' "
+        "AND started_at > $1 AND started_at < $2 GROUP BY instance_id",
+        since,
+        until,
+    )
+    counts = [r["n"] for r in rows]
+    assert len(counts) == 5, counts
+    mean = sum(counts) / 5
+    chi2 = sum((c - mean) ** 2 / mean for c in counts)
+    assert chi2 < CHI2_CRITICAL_DF4, counts
+    assert max(counts) / min(counts) < 1.25, counts
+    print(f"runs per instance: {sorted(counts)}, chi2 {chi2:.2f}")
+    overlaps = query(
+        cron_db,
+        "SELECT count(*) AS n FROM probe a JOIN probe b ON a.task = b.task AND a.fence < b.fence "
+        "AND tstzrange(a.started, coalesce(a.finished, 'infinity')) "
+        "&& tstzrange(b.started, coalesce(b.finished, 'infinity'))",
+    )
+    assert overlaps[0]["n"] == 0
+    assert_history_consistent(cron_db)
+
+
+def test_crashed_owner_run_is_lost_and_recovered(cron_db: str, tmp_path: Path) -> None:
+    """SIGKILL the owner of a long run: the run is recorded lost and the task runs on the
+    other instance soon after (within a few leases), never overlapping the dead run."""
+    servers = start_cluster(cron_db, tmp_path, "long", 2)
+    try:
+        wait_for(lambda: query(cron_db, "SELECT 1 FROM tasks WHERE is_running"), 15)
+        owner_id = query(cron_db, "SELECT running_instance FROM tasks")[0]["running_instance"]
+        owner = next(s for s in servers if instance_of(s) == owner_id)
+        survivor = next(s for s in servers if s is not owner)
+        owner.stop(signal.SIGKILL)
+        killed_at = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+        survivor_id = instance_of(survivor)
+        wait_for(
+            lambda: query(
+                cron_db,
+                "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1",
+                survivor_id,
+            ),
+            5 * LEASE + 5,
+        )
+        history = query(
+            cron_db,
+            "SELECT fence, instance_id, status, error, started_at FROM task_history ORDER BY fence",
+        )
+        assert [(h["instance_id"], h["status"]) for h in history[-2:]] == [
+            (owner_id, "lost"),
+            (survivor_id, "running"),
+        ]
+        assert owner_id in history[-2]["error"]
+        assert history[-1]["started_at"] > killed_at
+        recovery = (history[-1]["started_at"] - killed_at).total_seconds()
+        print(f"recovered {recovery:.2f} s after SIGKILL (lease {LEASE} s, poll {POLL} s)")
+    finally:
+        stop_all(servers)
+    assert_history_consistent(cron_db)
+
+
+def test_graceful_stop_releases_run(cron_db: str, tmp_path: Path) -> None:
+    """SIGTERM the owner: its run is recorded cancelled (not lost) and the task is picked up
+    by the other instance without waiting for a lease to expire."""
+    servers = start_cluster(cron_db, tmp_path, "long", 2)
+    try:
+        wait_for(lambda: query(cron_db, "SELECT 1 FROM tasks WHERE is_running"), 15)
+        owner_id = query(cron_db, "SELECT running_instance FROM tasks")[0]["running_instance"]
+        owner = next(s for s in servers if instance_of(s) == owner_id)
+        survivor = next(s for s in servers if s is not owner)
+        survivor_id = instance_of(survivor)
+        assert owner.stop(signal.SIGTERM) == 0
+        wait_for(
+            lambda: query(
+                cron_db,
+                "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1",
+                survivor_id,
+            ),
+            LEASE,  # sooner than any lease could expire: it was released, not swept
+        )
+        history = query(
+            cron_db, "SELECT instance_id, status, error FROM task_history ORDER BY fence"
+        )
+        assert (history[-2]["instance_id"], history[-2]["status"]) == (owner_id, "cancelled")
+        assert history[-2]["error"] == "cancelled: drained"
+        assert all(h["status"] != "lost" for h in history)
+    finally:
+        stop_all(servers)
+    assert_history_consistent(cron_db)
+
+
+def test_tasks_api(cron_db: str, tmp_path: Path) -> None:
+    """GET /tasks shows running and pending tasks from database time; history, instances,
+    run/pause/resume work; unknown names are 404 task_not_found."""
+    (server,) = start_cluster(cron_db, tmp_path, "equal", 1)
+    try:
+        wait_for(lambda: httpx.get(f"{server.url}/tasks").json()["tasks"], 10)
+        wait_for(
+            lambda: any(t["is_running"] for t in httpx.get(f"{server.url}/tasks").json()["tasks"]),
+            10,
+        )
+        body = httpx.get(f"{server.url}/tasks").json()
+        assert {t["name"] for t in body["tasks"]} == {f"Equal{i:02d}" for i in range(1, 41)}
+        for task in body["tasks"]:
+            if task["is_running"]:
+                assert task["running_instance"]
+                assert task["elapsed_seconds"] >= 0
+        pending = [p["next_run_at"] for p in body["pending"]]
+        assert pending == sorted(pending)
+        assert {p["name"] for p in body["pending"]} == {
+            t["name"] for t in body["tasks"] if not t["is_running"]
+        }
+        (instance,) = httpx.get(f"{server.url}/instances").json()["instances"]
+        assert instance["pid"] == server.process.pid
+
+        paused = httpx.post(f"{server.url}/tasks/Equal01/pause").json()
+        assert paused["enabled"] is False
+        time.sleep(1.5)  # any run in progress ends; none starts
+        before = len(httpx.get(f"{server.url}/tasks/Equal01/history").json()["runs"])
+        time.sleep(2)
+        runs = httpx.get(f"{server.url}/tasks/Equal01/history").json()["runs"]
+        assert len(runs) == before
+        assert httpx.post(f"{server.url}/tasks/Equal01/resume").json()["enabled"] is True
+        assert httpx.post(f"{server.url}/tasks/Equal01/run").status_code == 200
+        wait_for(
+            lambda: len(httpx.get(f"{server.url}/tasks/Equal01/history").json()["runs"]) > before,
+            5,
+        )
+        for path in ("/tasks/Nope/history", "/tasks/Nope/run", "/tasks/Nope/pause"):
+            method = httpx.get if path.endswith("history") else httpx.post
+            response = method(f"{server.url}{path}")
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "task_not_found"
+        assert httpx.get(f"{server.url}/tasks/Equal01/history?limit=0").status_code == 422
+    finally:
+        server.stop()
+
+
+def test_demo_tasks_match_the_brief() -> None:
+    """The ten demo tasks have the brief's intervals and run at least 120 s unscaled."""
+    from datetime import timedelta
+
+    from tandem.scheduler import demo_tasks
+
+    intervals = {d.name: d.interval for d in demo_tasks.registry.all()}
+    assert intervals == {
+        "TestTask1": timedelta(minutes=5),
+        "TestTask2": timedelta(hours=1),
+        "TestTask3": timedelta(minutes=10),
+        "TestTask4": timedelta(hours=6),
+        "TestTask5": timedelta(minutes=15),
+        "TestTask6": timedelta(minutes=30),
+        "TestTask7": timedelta(days=1),
+        "TestTask8": timedelta(minutes=20),
+        "TestTask9": timedelta(minutes=45),
+        "TestTask10": timedelta(minutes=25),
+    }
+    slept: list[float] = []
+
+    class Ctx:
+        name = "TestTask1"
+        log = __import__("logging").getLogger("test")
+
+        async def sleep(self, seconds: float) -> None:
+            slept.append(seconds)
+
+    asyncio.run(demo_tasks.demo_task(Ctx()))  # type: ignore[arg-type]
+    assert sum(slept) >= 120
