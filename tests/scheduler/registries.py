@@ -69,3 +69,7 @@ for i in range(1, 41):
 # One task whose run outlasts its interval by far: for crash, zombie and shutdown tests.
 long = Registry()
 long.task("Long", timedelta(seconds=0.5))(_probed(60.0))
+
+# One short task every second: for the downtime test.
+quick = Registry()
+quick.task("Quick", timedelta(seconds=1))(_probed(0.1))

@@ -298,3 +298,74 @@ def test_demo_tasks_match_the_brief() -> None:
 
     asyncio.run(demo_tasks.demo_task(Ctx()))  # type: ignore[arg-type]
     assert sum(slept) >= 120
+
+
+def _metric(server: Server, name: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_paused_zombie_cancels_itself_and_changes_nothing(cron_db: str, tmp_path: Path) -> None:
+    """SIGSTOP the owner past its lease, let the other instance take over, SIGCONT: the old
+    run stops itself, and the record of the takeover stays as it is."""
+    servers = start_cluster(cron_db, tmp_path, "long", 2)
+    try:
+        wait_for(lambda: query(cron_db, "SELECT 1 FROM tasks WHERE is_running"), 15)
+        owner_id = query(cron_db, "SELECT running_instance FROM tasks")[0]["running_instance"]
+        owner = next(s for s in servers if instance_of(s) == owner_id)
+        survivor = next(s for s in servers if s is not owner)
+        survivor_id = instance_of(survivor)
+        owner.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: query(
+                    cron_db,
+                    "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1",
+                    survivor_id,
+                ),
+                5 * LEASE + 5,
+            )
+            taken_over = query(
+                cron_db, "SELECT fence, status, finished_at FROM task_history ORDER BY fence"
+            )
+        finally:
+            owner.process.send_signal(signal.SIGCONT)
+        # The zombie notices at its next heartbeat (or has self-fenced already).
+        wait_for(lambda: _metric(owner, "tandem_scheduler_fenced_out_total") >= 1, 10)
+        time.sleep(1)
+        after = query(cron_db, "SELECT fence, status, finished_at FROM task_history ORDER BY fence")
+        assert after == taken_over
+        assert [r["status"] for r in after[-2:]] == ["lost", "running"]
+        task = query(cron_db, "SELECT running_instance, fence FROM tasks")[0]
+        assert (task["running_instance"], task["fence"]) == (survivor_id, after[-1]["fence"])
+    finally:
+        stop_all(servers)
+    assert_history_consistent(cron_db)
+
+
+def test_downtime_runs_once_not_once_per_missed_slot(cron_db: str, tmp_path: Path) -> None:
+    """Everything stopped for an hour of a 1 s task: on restart it runs once for the missed
+    hour, then is back on its grid (no burst of 3600 catch-up runs)."""
+    (server,) = start_cluster(cron_db, tmp_path, "quick", 1)
+    wait_for(lambda: query(cron_db, "SELECT 1 FROM task_history WHERE status = 'succeeded'"), 10)
+    server.stop()
+    # An hour of downtime, as the database sees it: the next slot is an hour in the past.
+    query(cron_db, "UPDATE tasks SET next_run_at = next_run_at - interval '1 hour'")
+    restarted_at = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+    (server,) = start_cluster(cron_db, tmp_path, "quick", 1)
+    try:
+        time.sleep(4)
+    finally:
+        server.stop()
+    runs = query(
+        cron_db,
+        "SELECT scheduled_for, started_at FROM task_history WHERE started_at > $1 "
+        "ORDER BY started_at",
+        restarted_at,
+    )
+    catch_up = [r for r in runs if r["scheduled_for"] < restarted_at]
+    assert len(catch_up) == 1
+    assert 2 <= len(runs) <= 6  # the catch-up run, then about one a second
