@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -59,12 +60,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # before atexit handlers run, and the embedded PostgreSQL would be left running. Exit
     # normally instead, so they do.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(
+    config = uvicorn.Config(
         "tandem.main:create_asgi_app",
         factory=True,
         host=host,
         port=port,
-        workers=args.workers,
         loop="uvloop",
         http="httptools",
         backlog=settings.backlog,
@@ -72,6 +72,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
     )
+    if args.reuse_port:
+        # Several instances on one port: the kernel spreads connections over them (this is
+        # how `tandem cluster` gives N instances one entry port without a proxy).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        uvicorn.Server(config).run(sockets=[sock])
+    else:
+        uvicorn.Server(config).run()
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """N real instances (own processes, own instance ids) on one database and one port."""
+    import subprocess
+    import time
+
+    from tandem.core.migrations import upgrade_to_head
+
+    settings = get_settings()
+    url = resolve_database_url(settings)
+    upgrade_to_head(url)
+    env = {**os.environ, "TANDEM_DATABASE_URL": url, "TANDEM_MIGRATE_ON_START": "false"}
+    command = [sys.executable, "-m", "tandem", "serve", "--reuse-port", "--no-migrate"]
+    command += ["--host", args.host, "--port", str(args.port)]
+    children = [subprocess.Popen(command, env=env) for _ in range(args.instances)]
+    base = f"http://{args.host}:{args.port}"
+    log.info(
+        "%d instances (pids %s) on %s: API %s/docs, tasks %s/tasks, instances %s/instances",
+        len(children),
+        ", ".join(str(c.pid) for c in children),
+        base,
+        base,
+        base,
+        base,
+    )
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and any(c.poll() is None for c in children):
+        time.sleep(0.2)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)  # each drains its runs to the others
+    deadline = time.monotonic() + 20
+    for child in children:
+        try:
+            child.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    log.info("cluster stopped")
     return 0
 
 
@@ -108,10 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one instance (embedded PostgreSQL if no URL)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--no-migrate", action="store_true", help="do not migrate on start")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--reuse-port", action="store_true", help="share the port with other instances"
+    )
     serve.set_defaults(func=cmd_serve)
+
+    cluster = sub.add_parser("cluster", help="run N instances on one database and one port")
+    cluster.add_argument("--instances", type=int, default=5)
+    cluster.add_argument("--host", default="127.0.0.1")
+    cluster.add_argument("--port", type=int, default=8000)
+    cluster.set_defaults(func=cmd_cluster)
 
     migrate = sub.add_parser("migrate", help="apply database migrations once")
     migrate.set_defaults(func=cmd_migrate)

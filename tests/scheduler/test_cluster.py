@@ -369,3 +369,44 @@ def test_downtime_runs_once_not_once_per_missed_slot(cron_db: str, tmp_path: Pat
     catch_up = [r for r in runs if r["scheduled_for"] < restarted_at]
     assert len(catch_up) == 1
     assert 2 <= len(runs) <= 6  # the catch-up run, then about one a second
+
+
+def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
+    """`tandem cluster --instances 3` serves three instances on one port; Ctrl-C stops all."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import REPO, free_port
+
+    port = free_port()
+    env = {**os.environ, **TIMINGS, "TANDEM_DATABASE_URL": cron_db}
+    env["TANDEM_SCHEDULER_TASKS"] = "tests.scheduler.registries:quick"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tandem", "cluster", "--instances", "3", "--port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def three_live() -> bool:
+            try:
+                body = httpx.get(f"http://127.0.0.1:{port}/instances", timeout=1).json()
+            except httpx.HTTPError:
+                return False
+            return len(body["instances"]) == 3
+
+        wait_for(three_live, 30)
+        pids = {
+            i["pid"] for i in httpx.get(f"http://127.0.0.1:{port}/instances").json()["instances"]
+        }
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if process.poll() is None:
+            process.kill()
