@@ -91,6 +91,9 @@ class Runner:
                 log.warning("scheduler cannot join yet (%r); retry in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+        # Instances started together (a deploy, `tandem cluster`) all join before the first
+        # claim, so the first to come up does not take every task due at start.
+        await asyncio.sleep(self.settings.scheduler_heartbeat_interval)
         await asyncio.gather(self._poll_loop(), self._heartbeat_loop())
 
     async def _join(self) -> None:
