@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     scheduler_self_fence_after: float = Field(default=7.0, gt=0)
     # A due task nobody claimed for this long may be taken by any instance, fair share or not.
     scheduler_steal_after: float = Field(default=2.0, ge=0)
+    # Runs one poll may claim. 1 (as in the design note) lets instances that started together
+    # share the tasks due at start instead of the first poller taking them all.
+    scheduler_claims_per_poll: int = Field(default=1, ge=1, le=1000)
     scheduler_drain_timeout: float = Field(default=5.0, ge=0)
     scheduler_pool_size: int = Field(default=2, ge=1, le=20)
     # Name of a demo task that fails on purpose (to show failures in history), or "".

@@ -157,7 +157,9 @@ class Runner:
             if lost:
                 SCHEDULER_LOST_LEASES.inc(lost)
                 log.warning("recorded %d lost run(s) whose lease expired", lost)
-            while not self._stopping.is_set():
+            for _ in range(settings.scheduler_claims_per_poll):
+                if self._stopping.is_set():
+                    break
                 claim = await repository.claim_due_task(
                     db,
                     self.instance_id,

@@ -30,6 +30,8 @@ TIMINGS = {
     "TANDEM_SCHEDULER_LEASE": str(LEASE),
     "TANDEM_SCHEDULER_SELF_FENCE_AFTER": "2.0",
     "TANDEM_SCHEDULER_STEAL_AFTER": "1.0",
+    # Forty tasks due every two seconds need more than one claim per poll.
+    "TANDEM_SCHEDULER_CLAIMS_PER_POLL": "50",
     "TANDEM_LOG_LEVEL": "warning",
 }
 # Chi-square critical value, 4 degrees of freedom, p = 0.001.
