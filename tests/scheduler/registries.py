@@ -10,7 +10,7 @@ from datetime import timedelta
 import asyncpg
 
 from tandem.core.database import asyncpg_dsn
-from tandem.scheduler.registry import Registry, TaskContext
+from tandem.scheduler.registry import Registry, TaskContext, TaskFunction
 
 PROBE_TABLE = """
 CREATE TABLE IF NOT EXISTS probe (
@@ -49,7 +49,7 @@ async def _probe_end(pool: asyncpg.Pool, ctx: TaskContext) -> None:
     )
 
 
-def _probed(seconds: float):  # type: ignore[no-untyped-def]
+def _probed(seconds: float) -> TaskFunction:
     async def body(ctx: TaskContext) -> None:
         conn = await _probe_start(ctx)
         try:

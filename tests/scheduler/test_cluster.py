@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -78,7 +79,7 @@ def instance_of(server: Server) -> str:
     raise AssertionError("server not in /instances")
 
 
-def wait_for(predicate, timeout: float, step: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -275,6 +276,7 @@ def test_demo_tasks_match_the_brief() -> None:
     from datetime import timedelta
 
     from tandem.scheduler import demo_tasks
+    from tandem.scheduler.registry import TaskContext
 
     intervals = {d.name: d.interval for d in demo_tasks.registry.all()}
     assert intervals == {
@@ -291,14 +293,13 @@ def test_demo_tasks_match_the_brief() -> None:
     }
     slept: list[float] = []
 
-    class Ctx:
-        name = "TestTask1"
-        log = __import__("logging").getLogger("test")
-
+    class Recording(TaskContext):
         async def sleep(self, seconds: float) -> None:
             slept.append(seconds)
 
-    asyncio.run(demo_tasks.demo_task(Ctx()))  # type: ignore[arg-type]
+    log = logging.LoggerAdapter(logging.getLogger("test"), {})
+    ctx = Recording(name="TestTask1", instance_id="test", fence=1, time_scale=1.0, log=log)
+    asyncio.run(demo_tasks.demo_task(ctx))
     assert sum(slept) >= 120
 
 
