@@ -46,7 +46,8 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name
 # a stalled instance delays work by at most that. FOR UPDATE SKIP LOCKED: two claimers never
 # pick the same row; NOT is_running re-checked under the row lock: a claimed task is never
 # claimed again. next_run_at moves to the first slot of the task's grid strictly after now
-# (missed slots coalesce into this run).
+# (missed slots coalesce into this run). An instance claims only tasks it has code for ($6),
+# so during a rolling deploy an old instance never claims a task only new code knows.
 CLAIM_DUE_TASK = """
 WITH live AS (
     SELECT id, claims FROM instances
@@ -54,6 +55,7 @@ WITH live AS (
 ), candidate AS (
     SELECT t.id, t.next_run_at FROM tasks t
     WHERE t.enabled AND NOT t.is_running AND t.next_run_at <= clock_timestamp()
+      AND ($6::text[] IS NULL OR t.name = ANY($6::text[]))
       AND (
         coalesce((SELECT claims FROM live WHERE id = $1), 0)
             <= coalesce((SELECT min(claims) FROM live), 0) + $5
@@ -171,8 +173,15 @@ async def upsert_task(db: Db, name: str, interval: timedelta, function_name: str
 
 
 async def claim_due_task(
-    db: Db, instance_id: str, lease: float, live_window: float, steal_after: float
+    db: Db,
+    instance_id: str,
+    lease: float,
+    live_window: float,
+    steal_after: float,
+    known: list[str] | None = None,
 ) -> ClaimedRun | None:
+    """Claim the earliest due task this instance may take (fair share), or None. ``known``:
+    the task names this instance has code for (None: any)."""
     async with db.transaction():
         await db.execute("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK_ID)
         row = await db.fetchrow(
@@ -182,6 +191,7 @@ async def claim_due_task(
             seconds(live_window),
             seconds(steal_after),
             FAIR_SLACK,
+            known,
         )
         if row is None:
             return None

@@ -70,6 +70,7 @@ class Runner:
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._last_renewal = time.monotonic()
+        self._known = [definition.name for definition in registry.all()]
 
     @property
     def running(self) -> dict[int, str]:
@@ -166,6 +167,7 @@ class Runner:
                     settings.scheduler_lease,
                     settings.scheduler_lease,
                     settings.scheduler_steal_after,
+                    known=self._known,
                 )
                 if claim is None:
                     break

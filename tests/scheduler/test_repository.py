@@ -167,3 +167,20 @@ async def test_fair_share_keeps_claims_close(db: asyncpg.Connection) -> None:
                 held[instance] += 1
                 assert abs(held[a] - held[b]) <= repository.FAIR_SLACK + 1
     assert held[a] + held[b] == 12
+
+
+async def test_instance_claims_only_tasks_it_has_code_for(db: asyncpg.Connection) -> None:
+    """During a rolling deploy an instance without a task's code never claims it."""
+    _, name = await new_task(db)
+    instance = await new_instance(db)
+    assert (
+        await repository.claim_due_task(
+            db, instance, lease=30, live_window=30, steal_after=0, known=["SomethingElse"]
+        )
+        is None
+    )
+    claim = await repository.claim_due_task(
+        db, instance, lease=30, live_window=30, steal_after=0, known=[name]
+    )
+    assert claim is not None
+    assert claim.name == name
