@@ -57,7 +57,7 @@ WITH live AS (
     WHERE t.enabled AND NOT t.is_running AND t.next_run_at <= clock_timestamp()
       AND ($6::text[] IS NULL OR t.name = ANY($6::text[]))
       AND (
-        coalesce((SELECT claims FROM live WHERE id = $1), 0)
+        coalesce((SELECT claims FROM instances WHERE id = $1), 0)
             <= coalesce((SELECT min(claims) FROM live), 0) + $5
         OR t.next_run_at <= clock_timestamp() - $4::interval
       )

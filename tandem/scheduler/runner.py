@@ -165,6 +165,9 @@ class Runner:
                     db,
                     self.instance_id,
                     settings.scheduler_lease,
+                    # Fair share counts instances seen within a lease. (A shorter window
+                    # frees the others sooner when one dies, but a heartbeat late under load
+                    # then drops a live instance from the count: spread got worse, 1.26-1.36.)
                     settings.scheduler_lease,
                     settings.scheduler_steal_after,
                     known=self._known,

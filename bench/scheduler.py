@@ -1,0 +1,897 @@
+"""How the cluster cron behaves with real instances on one PostgreSQL, in compressed time.
+
+    python bench/scheduler.py [--instances 5] [--tasks 100] [--database-url URL]
+
+One run, three phases, each on a fresh database (migrated to head, dropped at the end):
+
+- spread: N ``tandem serve`` processes run ``--tasks`` equal tasks (due every 2 s, busy 0.5 s;
+  bench/scheduler_tasks.py) with the compressed timings of tests/scheduler/test_cluster.py.
+  Once every instance has joined, a steady window gives the start lag of each run
+  (``started_at - scheduled_for`` in task_history, both from the database clock) and the runs
+  per instance.
+- failover: SIGKILL the instance holding the most running tasks; from the database's clock
+  right after the kill, the time until each of its runs is recorded ``lost`` (sweep) and until
+  the task runs again elsewhere (the history row with the next fence); beside it, the start
+  lag of the other tasks meanwhile.
+- idle: N fresh instances with one task due once a day. Database work per idle instance over
+  a window: statements from ``pg_stat_statements`` when the server has it loaded, else
+  transactions (``xact_commit + xact_rollback`` of ``pg_stat_database``); the table says which.
+  Also each instance's RSS at the start and end of the window, and its connections by
+  ``application_name`` (matched to processes through ``ss -p`` where it can see them). By
+  default the idle phase runs twice: with the compressed timings and with the settings'
+  defaults, since the poll and heartbeat intervals set the idle cost.
+
+Everything shares one machine; the figures are for comparing changes on the same box, not
+absolutes. Prints figures; exits 1 only when something failed to run (an instance died, a
+failed-over task never ran again, a phase timed out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+from scheduler_tasks import (  # bench/, first on sys.path, as on the instances' PYTHONPATH
+    EQUAL_BUSY_SECONDS,
+    EQUAL_INTERVAL,
+)
+from sqlalchemy.engine import make_url
+
+from tandem.core.database import asyncpg_dsn
+from tandem.core.embedded import start_embedded_postgres
+from tandem.core.migrations import upgrade_to_head
+from tandem.core.settings import Settings
+from tandem.loadtest.client import build_request, fetch, run
+
+BENCH_DIR = Path(__file__).resolve().parent
+EQUAL_INTERVAL_SECONDS = EQUAL_INTERVAL.total_seconds()
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+# Lines of an instance's log that say the scheduler had trouble (its log level is warning).
+TROUBLE = {
+    "self-fenced": "self-fencing",
+    "lease lost": "lease lost to another instance",
+    "fenced out": "fenced out",
+    "poll failed": "scheduler poll failed",
+    "heartbeat failed": "heartbeat failed",
+    "tracebacks": "Traceback",
+}
+
+console = Console()
+
+
+# --- timings ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    label: str
+    poll: float
+    heartbeat: float
+    lease: float
+    self_fence: float
+    steal: float
+    claims_per_poll: int
+
+    def env(self) -> dict[str, str]:
+        """Set every timing explicitly, so none leaks in from this process's environment."""
+        return {
+            "TANDEM_SCHEDULER_POLL_INTERVAL": str(self.poll),
+            "TANDEM_SCHEDULER_HEARTBEAT_INTERVAL": str(self.heartbeat),
+            "TANDEM_SCHEDULER_LEASE": str(self.lease),
+            "TANDEM_SCHEDULER_SELF_FENCE_AFTER": str(self.self_fence),
+            "TANDEM_SCHEDULER_STEAL_AFTER": str(self.steal),
+            "TANDEM_SCHEDULER_CLAIMS_PER_POLL": str(self.claims_per_poll),
+            "TANDEM_SCHEDULER_TIME_SCALE": "1.0",
+        }
+
+    def describe(self) -> str:
+        return (
+            f"poll {self.poll:g} s, heartbeat {self.heartbeat:g} s, lease {self.lease:g} s, "
+            f"self-fence {self.self_fence:g} s, steal {self.steal:g} s, "
+            f"{self.claims_per_poll} claims/poll"
+        )
+
+
+# As tests/scheduler/test_cluster.py: compressed, with room for five Python processes and
+# PostgreSQL on two shared cores.
+COMPRESSED = Timings("compressed", 0.2, 0.5, 3.0, 2.0, 1.0, 50)
+
+
+def default_timings() -> Timings:
+    """The settings' declared defaults (not this process's environment or .env)."""
+
+    def default(name: str) -> Any:
+        return Settings.model_fields[name].default
+
+    return Timings(
+        "defaults",
+        default("scheduler_poll_interval"),
+        default("scheduler_heartbeat_interval"),
+        default("scheduler_lease"),
+        default("scheduler_self_fence_after"),
+        default("scheduler_steal_after"),
+        default("scheduler_claims_per_poll"),
+    )
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+
+def with_database(url: str, name: str) -> str:
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def query(url: str, statement: str, *args: object) -> list[asyncpg.Record]:
+    """One statement on a connection of its own (so no statistics snapshot is reused)."""
+
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            return await conn.fetch(statement, *args)
+        finally:
+            await conn.close()
+
+    return run(go())
+
+
+def value(url: str, statement: str, *args: object) -> Any:
+    return query(url, statement, *args)[0][0]
+
+
+@contextmanager
+def bench_database(server_url: str, purpose: str) -> Iterator[str]:
+    """A new database on the server, migrated to head; dropped (with its connections) after."""
+    name = f"tandem_bench_{purpose}_{uuid.uuid4().hex[:8]}"
+    admin_url = with_database(server_url, "postgres")
+    query(admin_url, f'CREATE DATABASE "{name}"')
+    try:
+        url = with_database(server_url, name)
+        upgrade_to_head(url)
+        yield url
+    finally:
+        query(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def database_now(url: str) -> datetime:
+    now: datetime = value(url, "SELECT clock_timestamp()")
+    return now
+
+
+# --- instances -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Instance:
+    """One ``tandem serve`` process in a session of its own (Ctrl-C reaches only this script,
+    which then stops the instances itself)."""
+
+    def __init__(self, database_url: str, env: dict[str, str], log_dir: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_dir / f"serve-{self.port}.log"
+        python_path = os.pathsep.join(
+            p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p
+        )
+        full_env = {
+            **os.environ,
+            "TANDEM_DATABASE_URL": database_url,
+            "TANDEM_LOG_LEVEL": "warning",
+            "PYTHONPATH": python_path,
+            **env,
+        }
+        command = [sys.executable, "-m", "tandem", "serve", "--no-migrate"]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                # Not the caller's folder: a stray .env there must not change the settings.
+                cwd=log_dir,
+            )
+        self.killed = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_live(self, deadline: float) -> None:
+        request = build_request("GET", "/health/live", f"127.0.0.1:{self.port}")
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise RuntimeError(f"instance {self.pid} exited:\n{self.log_tail()}")
+            if run(fetch("127.0.0.1", self.port, request, 2.0)).status == 200:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"instance {self.pid} not live in time:\n{self.log_tail()}")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def kill(self) -> None:
+        self.killed = True
+        self.process.kill()
+        self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+def stop_instances(instances: Sequence[Instance]) -> None:
+    """SIGTERM all at once (each drains its runs), then wait; SIGKILL what outlives the wait."""
+    for instance in instances:
+        if instance.alive:
+            instance.process.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for instance in instances:
+        try:
+            instance.process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            instance.process.kill()
+            instance.process.wait()
+
+
+def start_instances(
+    url: str, count: int, env: dict[str, str], log_dir: Path, stack: ExitStack
+) -> list[Instance]:
+    """``count`` instances started together, live; stopped when ``stack`` closes."""
+    instances: list[Instance] = []
+    stack.callback(stop_instances, instances)
+    for _ in range(count):
+        instances.append(Instance(url, env, log_dir))
+    deadline = time.monotonic() + READY_TIMEOUT
+    for instance in instances:
+        instance.wait_live(deadline)
+    return instances
+
+
+def wait_joined(url: str, instances: Sequence[Instance], timings: Timings) -> dict[int, str]:
+    """Wait until every instance is an active member; process id -> scheduler instance id."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    pids = {instance.pid for instance in instances}
+    while time.monotonic() < deadline:
+        rows = query(
+            url,
+            "SELECT pid, id FROM instances WHERE status = 'active' "
+            "AND heartbeat_at > clock_timestamp() - make_interval(secs => $1)",
+            timings.lease,
+        )
+        members = {row["pid"]: row["id"] for row in rows if row["pid"] in pids}
+        if len(members) == len(pids):
+            return members
+        for instance in instances:
+            if not instance.alive:
+                raise RuntimeError(f"instance {instance.pid} exited:\n{instance.log_tail()}")
+        time.sleep(0.2)
+    raise RuntimeError("not every instance joined the scheduler in time")
+
+
+def check_alive(instances: Sequence[Instance], phase: str, failures: list[str]) -> None:
+    for instance in instances:
+        if not instance.killed and not instance.alive:
+            failures.append(f"{phase}: instance {instance.pid} died:\n{instance.log_tail()}")
+
+
+def count_trouble(instances: Sequence[Instance]) -> Counter[str]:
+    found: Counter[str] = Counter()
+    for instance in instances:
+        text = instance.log()
+        for label, needle in TROUBLE.items():
+            found[label] += text.count(needle)
+    return found
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) ticks of all CPUs since boot."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+@dataclass(slots=True)
+class CpuUse:
+    machine: float  # share of all CPUs busy (anything on the box)
+    instances: list[float]  # cores used by each instance
+    backends: float  # cores used by the bench database's backends together
+
+
+class CpuMeter:
+    """CPU used over a window by some processes and by the whole machine."""
+
+    def __init__(self, instance_pids: Sequence[int], backend_pids: Sequence[int]) -> None:
+        self._instances = list(instance_pids)
+        self._backends = list(backend_pids)
+        self._started = time.monotonic()
+        self._machine = machine_cpu_ticks()
+        self._before = {pid: process_cpu_seconds(pid) for pid in [*instance_pids, *backend_pids]}
+
+    def _used(self, pid: int, elapsed: float) -> float:
+        before, after = self._before[pid], process_cpu_seconds(pid)
+        return 0.0 if before is None or after is None else (after - before) / elapsed
+
+    def stop(self) -> CpuUse:
+        elapsed = time.monotonic() - self._started
+        busy, total = machine_cpu_ticks()
+        return CpuUse(
+            machine=(busy - self._machine[0]) / max(total - self._machine[1], 1),
+            instances=[self._used(pid, elapsed) for pid in self._instances],
+            backends=sum(self._used(pid, elapsed) for pid in self._backends),
+        )
+
+
+def backend_pids(url: str) -> list[int]:
+    rows = query(
+        url,
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    return [row["pid"] for row in rows]
+
+
+@dataclass(slots=True)
+class Spread:
+    seconds: float
+    lags: list[float]
+    runs_by_instance: list[int]  # ascending
+    # Of each instance's runs (same order), those started at least the steal delay late.
+    late_by_instance: list[int]
+    statuses: Counter[str]
+    cpu: CpuUse
+    # How far apart the tasks' slots lie on their grid: near 0 means all are due at once.
+    phase_spread: float
+
+
+def measure_spread(
+    url: str,
+    instances: Sequence[Instance],
+    members: dict[int, str],
+    seconds: float,
+    steal_after: float,
+) -> Spread:
+    """Start lag and runs per instance for the runs started within a window of ``seconds``,
+    and the CPU it took."""
+    meter = CpuMeter([instance.pid for instance in instances], backend_pids(url))
+    since = database_now(url)
+    time.sleep(seconds)
+    until = database_now(url)
+    cpu = meter.stop()
+    rows = query(
+        url,
+        "SELECT instance_id, status, "
+        "extract(epoch FROM started_at - scheduled_for)::float8 AS lag, "
+        "extract(epoch FROM scheduled_for)::float8 AS slot "
+        "FROM task_history WHERE started_at >= $1 AND started_at < $2",
+        since,
+        until,
+    )
+    per_instance = Counter(row["instance_id"] for row in rows)
+    late = Counter(row["instance_id"] for row in rows if row["lag"] >= steal_after)
+    order = sorted(members.values(), key=lambda member: per_instance[member])
+    return Spread(
+        seconds=(until - since).total_seconds(),
+        lags=[row["lag"] for row in rows],
+        runs_by_instance=[per_instance[member] for member in order],
+        late_by_instance=[late[member] for member in order],
+        statuses=Counter(row["status"] for row in rows),
+        cpu=cpu,
+        phase_spread=circular_spread([row["slot"] for row in rows], EQUAL_INTERVAL_SECONDS),
+    )
+
+
+def circular_spread(values: Sequence[float], period: float) -> float:
+    """The shortest arc of a circle of length ``period`` that holds every value (mod period)."""
+    phases = sorted(v % period for v in values)
+    if len(phases) < 2:
+        return 0.0
+    gaps = [b - a for a, b in itertools.pairwise(phases)] + [phases[0] + period - phases[-1]]
+    return period - max(gaps)
+
+
+@dataclass(slots=True)
+class Failover:
+    held: int  # runs the victim held when it was killed
+    lost: int  # of those, recorded lost by a sweep
+    swept: list[float]  # seconds from the kill until each was recorded lost
+    recovered: list[float]  # seconds from the kill until each task ran again elsewhere
+    other_lags: list[float]  # start lag of the other tasks' runs meanwhile
+
+
+VICTIM_RUNS = """
+SELECT l.task_id, l.status,
+       extract(epoch FROM l.finished_at - $2)::float8 AS swept,
+       extract(epoch FROM n.started_at - $2)::float8 AS recovered
+FROM task_history l
+LEFT JOIN task_history n ON n.task_id = l.task_id AND n.fence = l.fence + 1
+WHERE l.instance_id = $1 AND (l.status = 'running' OR (l.status = 'lost' AND l.finished_at >= $2))
+"""
+
+
+def measure_failover(
+    url: str, instances: Sequence[Instance], members: dict[int, str], timings: Timings
+) -> Failover:
+    """SIGKILL the instance holding the most running tasks and follow its runs' recovery."""
+    victim_id: str | None = None
+    deadline = time.monotonic() + 10
+    while victim_id is None and time.monotonic() < deadline:
+        held = query(
+            url,
+            "SELECT running_instance FROM tasks WHERE is_running "
+            "GROUP BY running_instance ORDER BY count(*) DESC LIMIT 1",
+        )
+        if held:
+            victim_id = held[0]["running_instance"]
+        else:
+            time.sleep(0.05)
+    if victim_id is None:
+        raise RuntimeError("no instance held a running task to kill")
+    victim = next(i for i in instances if members[i.pid] == victim_id)
+    victim.kill()
+    killed_at = database_now(url)
+
+    # Its runs: running until a sweep records them lost (its lease ran out), then each task
+    # runs again under the next fence on another instance.
+    rows: list[asyncpg.Record] = []
+    deadline = time.monotonic() + 5 * timings.lease + 5
+    while time.monotonic() < deadline:
+        rows = query(url, VICTIM_RUNS, victim_id, killed_at)
+        if rows and all(r["status"] == "lost" and r["recovered"] is not None for r in rows):
+            break
+        time.sleep(0.1)
+    recovered_until = database_now(url)
+    victim_tasks = [r["task_id"] for r in rows]
+    others = query(
+        url,
+        "SELECT extract(epoch FROM started_at - scheduled_for)::float8 AS lag FROM task_history "
+        "WHERE started_at >= $1 AND started_at < $2 AND NOT task_id = ANY($3::bigint[])",
+        killed_at,
+        recovered_until,
+        victim_tasks,
+    )
+    return Failover(
+        held=len(rows),
+        lost=sum(1 for r in rows if r["status"] == "lost"),
+        swept=[r["swept"] for r in rows if r["swept"] is not None],
+        recovered=[r["recovered"] for r in rows if r["recovered"] is not None],
+        other_lags=[r["lag"] for r in others],
+    )
+
+
+@dataclass(slots=True)
+class Idle:
+    timings: Timings
+    unit: str  # what was counted: statements or transactions
+    source: str
+    per_instance_per_second: float
+    rss_start: list[float]
+    rss_end: list[float]
+    connections: Counter[str]  # all instances, by application_name
+    per_instance: list[Counter[str]] | None  # each instance's, when the sockets could be matched
+
+
+def has_pg_stat_statements(url: str) -> bool:
+    row = query(
+        url,
+        "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_stat_statements') "
+        "AND 'pg_stat_statements' = ANY (string_to_array("
+        "replace(current_setting('shared_preload_libraries'), ' ', ''), ','))",
+    )[0]
+    if not row[0]:
+        return False
+    try:
+        query(url, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    except asyncpg.PostgresError:
+        return False  # loaded, but not ours to install (no privilege)
+    return True
+
+
+def database_work(url: str, admin_url: str, name: str, statements: bool) -> int:
+    if statements:
+        # The view also lists this query (and its kind): leave them out.
+        return int(
+            value(
+                url,
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1) "
+                "AND query NOT ILIKE '%pg_stat_statements%'",
+                name,
+            )
+        )
+    # Read from another database, so these reads are not counted.
+    return int(
+        value(
+            admin_url,
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",
+            name,
+        )
+    )
+
+
+_SS_LINE = re.compile(r"^(?P<netid>\S+)\s+\S+\s+\d+\s+\d+\s+(?P<rest>.*)$")
+
+
+def connections_by_instance(
+    instances: Sequence[Instance], backends: dict[int, str]
+) -> list[Counter[str]] | None:
+    """Each instance's connections to the bench database by application_name, matched through
+    the kernel's socket table (``ss -p``): an instance's socket whose other end belongs to one
+    of the database's backends. None when ``ss`` is missing or cannot see the backends."""
+    ss = shutil.which("ss")
+    if ss is None:
+        return None
+    listing = subprocess.run([ss, "-xtpnH"], capture_output=True, text=True, check=False).stdout
+    # (local end, peer end, owning pids) per socket; ends are "inode" (Unix) or "addr:port".
+    sockets: list[tuple[str, str, set[int]]] = []
+    for line in listing.splitlines():
+        match = _SS_LINE.match(line)
+        if match is None:
+            continue
+        fields = match["rest"].split()
+        pids = {int(pid) for pid in re.findall(r"pid=(\d+)", match["rest"])}
+        if match["netid"] == "u_str" and len(fields) >= 4:
+            sockets.append((fields[1], fields[3], pids))
+        elif match["netid"] == "tcp" and len(fields) >= 2:
+            sockets.append((fields[0], fields[1], pids))
+    owners: dict[str, set[int]] = {}
+    for local, _, pids in sockets:
+        owners.setdefault(local, set()).update(pids)
+    result: list[Counter[str]] = []
+    for instance in instances:
+        found: Counter[str] = Counter()
+        for _, peer, pids in sockets:
+            if instance.pid in pids:
+                for backend in owners.get(peer, set()) & backends.keys():
+                    found[backends[backend]] += 1
+        result.append(found)
+    if sum(sum(found.values()) for found in result) == 0:
+        return None
+    return result
+
+
+def measure_idle(
+    server_url: str,
+    timings: Timings,
+    count: int,
+    seconds: float,
+    log_dir: Path,
+    failures: list[str],
+) -> Idle:
+    """``count`` fresh instances with nothing due: their database work, memory, connections."""
+    admin_url = with_database(server_url, "postgres")
+    with ExitStack() as stack:
+        url = stack.enter_context(bench_database(server_url, "idle"))
+        name = make_url(url).database or ""
+        statements = has_pg_stat_statements(url)
+        env = {
+            "TANDEM_SCHEDULER_ENABLED": "true",
+            "TANDEM_SCHEDULER_TASKS": "scheduler_tasks:idle",
+            **timings.env(),
+        }
+        instances = start_instances(url, count, env, log_dir, stack)
+        wait_joined(url, instances, timings)
+        # Past each instance's first claim (the daily task runs once, at once) and the
+        # connections it opens on the way.
+        time.sleep(timings.heartbeat + 2 * timings.poll + 1)
+        rss_start = [instance.rss_mib() for instance in instances]
+        work_start = database_work(url, admin_url, name, statements)
+        started = time.monotonic()
+        time.sleep(seconds)
+        work_end = database_work(url, admin_url, name, statements)
+        elapsed = time.monotonic() - started
+        rss_end = [instance.rss_mib() for instance in instances]
+        activity = query(
+            admin_url,
+            "SELECT pid, application_name FROM pg_stat_activity WHERE datname = $1",
+            name,
+        )
+        backends = {row["pid"]: row["application_name"] for row in activity}
+        per_instance = connections_by_instance(instances, backends)
+        check_alive(instances, f"idle ({timings.label})", failures)
+        trouble = count_trouble(instances)
+        if trouble["tracebacks"]:
+            failures.append(f"idle ({timings.label}): tracebacks in the instance logs")
+    return Idle(
+        timings=timings,
+        unit="statements" if statements else "transactions",
+        source="pg_stat_statements" if statements else "pg_stat_database xact_commit+rollback",
+        per_instance_per_second=(work_end - work_start) / elapsed / count,
+        rss_start=rss_start,
+        rss_end=rss_end,
+        connections=Counter(backends.values()),
+        per_instance=per_instance,
+    )
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def lag_summary(values: Sequence[float]) -> str:
+    if not values:
+        return "no runs"
+    return (
+        f"p50 {quantile(values, 0.5):.2f} p90 {quantile(values, 0.9):.2f} "
+        f"p99 {quantile(values, 0.99):.2f} max {max(values):.2f} s (n={len(values)})"
+    )
+
+
+def mib_range(values: Sequence[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.0f} MiB" if round(low) == round(high) else f"{low:.0f}..{high:.0f} MiB"
+
+
+def seconds_summary(values: Sequence[float]) -> str:
+    if not values:
+        return "none"
+    return f"p50 {quantile(values, 0.5):.2f} max {max(values):.2f} s"
+
+
+def figures(
+    args: argparse.Namespace,
+    spread: Spread,
+    failover: Failover,
+    cron_trouble: Counter[str],
+    idles: Sequence[Idle],
+) -> Table:
+    timings = COMPRESSED
+    table = Table(title=f"Cluster cron: {args.instances} instances, {args.tasks} equal tasks")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("for comparison")
+
+    runs = sum(spread.runs_by_instance)
+    other = {s: n for s, n in spread.statuses.items() if s not in ("succeeded", "running")}
+    table.add_row(
+        f"steady: runs in {spread.seconds:.1f} s",
+        f"{runs} ({runs / spread.seconds:.1f}/s)",
+        f"{args.tasks / EQUAL_INTERVAL_SECONDS:g}/s due; not succeeded: {other or 'none'}",
+    )
+    table.add_row("  start lag", lag_summary(spread.lags), "started_at - scheduled_for")
+    late = sum(1 for lag in spread.lags if lag >= timings.steal)
+    table.add_row(
+        f"  started >= {timings.steal:g} s late",
+        f"{late} ({late / max(len(spread.lags), 1):.0%})",
+        "steal delay: past it any instance claims, fair share or not",
+    )
+    table.add_row(
+        "  slot phases of all tasks",
+        f"within {spread.phase_spread * 1000:.0f} ms",
+        f"of each {EQUAL_INTERVAL_SECONDS:g} s: near 0 = all due at once",
+    )
+    low, high = min(spread.runs_by_instance), max(spread.runs_by_instance)
+    table.add_row(
+        "  runs per instance",
+        " ".join(str(n) for n in spread.runs_by_instance),
+        f"max/min {high / low:.2f}" if low else "an instance ran nothing",
+    )
+    table.add_row(
+        f"  of which >= {timings.steal:g} s late",
+        " ".join(str(n) for n in spread.late_by_instance),
+        "",
+    )
+    cpu = spread.cpu
+    table.add_row(
+        "  CPU, cores",
+        f"instance {statistics.fmean(cpu.instances):.2f} (max {max(cpu.instances):.2f}), "
+        f"backends {cpu.backends:.2f}",
+        f"machine {cpu.machine:.0%} busy of {os.cpu_count()} CPUs",
+    )
+
+    table.add_section()
+    table.add_row("failover: runs held / lost", f"{failover.held} / {failover.lost}", "")
+    table.add_row(
+        "  kill -> recorded lost",
+        seconds_summary(failover.swept),
+        f"lease {timings.lease:g} s, renewed every {timings.heartbeat:g} s",
+    )
+    table.add_row(
+        "  kill -> running elsewhere",
+        seconds_summary(failover.recovered),
+        f"lease + poll = {timings.lease + timings.poll:g} s",
+    )
+    table.add_row("  other tasks' start lag", lag_summary(failover.other_lags), "meanwhile")
+    trouble = ", ".join(f"{label} {n}" for label, n in cron_trouble.items() if n) or "none"
+    table.add_row("  warnings in instance logs", trouble, "steady + failover")
+
+    for idle in idles:
+        growth = [end - start for start, end in zip(idle.rss_start, idle.rss_end, strict=True)]
+        table.add_section()
+        table.add_row(
+            f"idle ({idle.timings.label}): {idle.unit}/s",
+            f"{idle.per_instance_per_second:.1f} per instance",
+            f"{idle.source}; poll {idle.timings.poll:g} s, heartbeat {idle.timings.heartbeat:g} s",
+        )
+        table.add_row(
+            "  RSS start -> end",
+            f"{mib_range(idle.rss_start)} -> {mib_range(idle.rss_end)}",
+            f"largest change {max(growth, key=abs):+.1f} MiB",
+        )
+        if idle.per_instance is not None:
+            shapes = Counter(
+                ", ".join(f"{app} {n}" for app, n in sorted(found.items()))
+                for found in idle.per_instance
+            )
+            each = "; ".join(f"{shape} (x{n})" for shape, n in shapes.items())
+        else:
+            each = "not matched to processes (no ss, or no permission)"
+        totals = ", ".join(f"{app or '(none)'} {n}" for app, n in sorted(idle.connections.items()))
+        table.add_row("  connections per instance", each, f"all: {totals}")
+    return table
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def run_bench(args: argparse.Namespace, workdir: Path) -> int:
+    began = time.monotonic()
+    server_url = args.database_url or os.environ.get("TANDEM_DATABASE_URL")
+    if server_url:
+        where = "given server"
+    else:
+        console.print("starting an embedded PostgreSQL ...")
+        server_url = start_embedded_postgres(workdir, cleanup="delete")
+        where = "embedded"
+    failures: list[str] = []
+    timings = COMPRESSED
+    admin_url = with_database(server_url, "postgres")
+    version = value(admin_url, "SELECT current_setting('server_version')")
+    console.print(
+        f"PostgreSQL {version} ({where}); {os.cpu_count()} CPUs; {args.instances} instances; "
+        f"{args.tasks} tasks every {EQUAL_INTERVAL_SECONDS:g} s, busy {EQUAL_BUSY_SECONDS:g} s; "
+        f"{timings.describe()}",
+        soft_wrap=True,
+    )
+
+    # --- spread and failover, on one cluster -------------------------------------------------
+    with ExitStack() as phase:
+        url = phase.enter_context(bench_database(server_url, "cron"))
+        env = {
+            "TANDEM_SCHEDULER_ENABLED": "true",
+            "TANDEM_SCHEDULER_TASKS": "scheduler_tasks:equal",
+            "TANDEM_BENCH_TASKS": str(args.tasks),
+            **timings.env(),
+        }
+        instances = start_instances(url, args.instances, env, workdir, phase)
+        members = wait_joined(url, instances, timings)
+        # Each instance waits a heartbeat before its first claim; then the tasks due at start
+        # (all of them) are worked off. Count from after that.
+        time.sleep(timings.heartbeat + args.settle)
+        console.print(f"{args.instances} instances joined; steady window {args.steady:g} s ...")
+        spread = measure_spread(url, instances, members, args.steady, timings.steal)
+        check_alive(instances, "spread", failures)
+        console.print("failover: SIGKILL the instance holding the most running tasks ...")
+        failover = measure_failover(url, instances, members, timings)
+        if failover.held == 0 or len(failover.recovered) < failover.held:
+            failures.append(
+                f"failover: {failover.held - len(failover.recovered)} of {failover.held} "
+                "killed runs did not run again in time"
+            )
+        check_alive(instances, "failover", failures)
+        cron_trouble = count_trouble(instances)
+        if cron_trouble["tracebacks"]:
+            failures.append("spread/failover: tracebacks in the instance logs")
+
+    # --- idle ----------------------------------------------------------------------------------
+    idle_timings = {
+        "both": [COMPRESSED, default_timings()],
+        "compressed": [COMPRESSED],
+        "defaults": [default_timings()],
+    }[args.idle_timings]
+    idles: list[Idle] = []
+    for idle_timing in idle_timings:
+        console.print(f"idle ({idle_timing.label} timings): {args.idle:g} s window ...")
+        idles.append(
+            measure_idle(server_url, idle_timing, args.instances, args.idle, workdir, failures)
+        )
+
+    console.print(figures(args, spread, failover, cron_trouble, idles))
+    console.print(f"total run time {time.monotonic() - began:.0f} s")
+    for failure in failures:
+        console.print(f"FAILED: {failure}", style="bold red")
+    return 1 if failures else 0
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=5)
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="a PostgreSQL server to use (default: TANDEM_DATABASE_URL, else embedded)",
+    )
+    parser.add_argument("--steady", type=float, default=20.0, help="steady window, seconds")
+    parser.add_argument(
+        "--settle", type=float, default=3.0, help="seconds after joining before the window"
+    )
+    parser.add_argument("--idle", type=float, default=20.0, help="idle window, seconds")
+    parser.add_argument(
+        "--idle-timings", choices=("both", "compressed", "defaults"), default="both"
+    )
+    args = parser.parse_args(argv)
+    if args.instances < 2 or args.tasks < 1:
+        parser.error("--instances must be at least 2 (one is killed) and --tasks positive")
+
+    # SIGTERM unwinds like Ctrl-C, so the instances and the databases are cleaned up either way.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-scheduler-"))
+    # Registered before the embedded server's own exit handler, so it runs after it.
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    try:
+        return run_bench(args, workdir)
+    except KeyboardInterrupt:
+        console.print("interrupted; everything started was stopped")
+        return 130
+    except RuntimeError as error:
+        console.print(f"FAILED: {error}", style="bold red")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
