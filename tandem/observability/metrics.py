@@ -119,6 +119,11 @@ SCHEDULER_LOST_LEASES = Counter(
     "tandem_scheduler_lost_leases_total",
     "Expired leases this instance's sweeper recorded as lost runs (a dead or paused owner).",
 )
+SCHEDULER_RECOVERIES = Counter(
+    "tandem_scheduler_recoveries_total",
+    "Runs this instance started for a task whose previous run was lost (failover).",
+    ["task"],
+)
 SCHEDULER_FENCED_OUT = Counter(
     "tandem_scheduler_fenced_out_total",
     "Local runs stopped because another instance took the task over, or self-fenced.",

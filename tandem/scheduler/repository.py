@@ -77,7 +77,7 @@ WITH live AS (
     FROM candidate c
     WHERE t.id = c.id AND NOT t.is_running
     RETURNING t.id, t.name, t.function_name, t.fence, c.next_run_at AS scheduled_for,
-              t.started_at
+              t.started_at, t.last_status = 'lost' AS recovers
 ), counted AS (
     UPDATE instances SET claims = claims + 1 WHERE id = $1 AND EXISTS (SELECT FROM claimed)
 )
@@ -158,6 +158,8 @@ class ClaimedRun(NamedTuple):
     fence: int
     scheduled_for: datetime
     started_at: datetime
+    # The task's previous run was lost: this run is a failover.
+    recovers: bool
 
 
 def seconds(value: float) -> timedelta:

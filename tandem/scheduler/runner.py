@@ -32,6 +32,7 @@ from tandem.observability.metrics import (
     SCHEDULER_FENCED_OUT,
     SCHEDULER_LIVE_INSTANCES,
     SCHEDULER_LOST_LEASES,
+    SCHEDULER_RECOVERIES,
     SCHEDULER_RUN_DURATION,
     SCHEDULER_RUNNING,
     SCHEDULER_RUNS,
@@ -193,6 +194,8 @@ class Runner:
         self._runs[claim.task_id] = run
         SCHEDULER_RUNNING.set(len(self._runs))
         SCHEDULER_CLAIMS.labels(claim.name).inc()
+        if claim.recovers:
+            SCHEDULER_RECOVERIES.labels(claim.name).inc()
         lag = (claim.started_at - claim.scheduled_for).total_seconds()
         SCHEDULER_START_LAG.labels(claim.name).observe(max(lag, 0.0))
         run.task = asyncio.create_task(self._execute(run, definition), name=ctx.run_id)

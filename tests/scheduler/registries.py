@@ -73,3 +73,9 @@ long.task("Long", timedelta(seconds=0.5))(_probed(60.0))
 # One short task every second: for the downtime test.
 quick = Registry()
 quick.task("Quick", timedelta(seconds=1))(_probed(0.1))
+
+# Runs three times longer than their interval: the next slot is always due while a run is
+# still going, so any lapse in exclusivity would show as overlapping probe rows.
+overrun = Registry()
+for i in range(1, 6):
+    overrun.task(f"Overrun{i}", timedelta(seconds=0.3))(_probed(1.0))

@@ -157,6 +157,27 @@ def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> Non
     assert_history_consistent(cron_db)
 
 
+def test_runs_longer_than_interval_never_overlap(cron_db: str, tmp_path: Path) -> None:
+    """Three instances, tasks whose runs last three intervals: the probe rows the task bodies
+    write never overlap for one task, and every task ran several times."""
+    servers = start_cluster(cron_db, tmp_path, "overrun", 3)
+    try:
+        time.sleep(8)
+    finally:
+        stop_all(servers)
+    per_task = query(cron_db, "SELECT task, count(*) AS n FROM probe GROUP BY task")
+    assert len(per_task) == 5
+    assert all(r["n"] >= 3 for r in per_task), per_task
+    overlaps = query(
+        cron_db,
+        "SELECT count(*) AS n FROM probe a JOIN probe b ON a.task = b.task AND a.fence < b.fence "
+        "AND tstzrange(a.started, coalesce(a.finished, 'infinity')) "
+        "&& tstzrange(b.started, coalesce(b.finished, 'infinity'))",
+    )
+    assert overlaps[0]["n"] == 0
+    assert_history_consistent(cron_db)
+
+
 def test_crashed_owner_run_is_lost_and_recovered(cron_db: str, tmp_path: Path) -> None:
     """SIGKILL the owner of a long run: the run is recorded lost and the task runs on the
     other instance soon after (within a few leases), never overlapping the dead run."""
@@ -187,6 +208,7 @@ def test_crashed_owner_run_is_lost_and_recovered(cron_db: str, tmp_path: Path) -
         ]
         assert owner_id in history[-2]["error"]
         assert history[-1]["started_at"] > killed_at
+        assert _metric(survivor, "tandem_scheduler_recoveries_total") >= 1
         recovery = (history[-1]["started_at"] - killed_at).total_seconds()
         print(f"recovered {recovery:.2f} s after SIGKILL (lease {LEASE} s, poll {POLL} s)")
     finally:
