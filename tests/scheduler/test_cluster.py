@@ -88,6 +88,25 @@ def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1)
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+def probe_overlaps(url: str) -> int:
+    """Pairs of runs of one task whose probe rows (written by the task bodies) overlap."""
+    rows = query(
+        url,
+        "SELECT count(*) AS n FROM probe a JOIN probe b ON a.task = b.task AND a.fence < b.fence "
+        "AND tstzrange(a.started, coalesce(a.finished, 'infinity')) "
+        "&& tstzrange(b.started, coalesce(b.finished, 'infinity'))",
+    )
+    return int(rows[0]["n"])
+
+
+def owner_and_other(url: str, servers: list[Server]) -> tuple[Server, str, Server]:
+    """Once the single task runs: the server running it, its instance id, and another one."""
+    wait_for(lambda: query(url, "SELECT 1 FROM tasks WHERE is_running"), 15)
+    owner_id = str(query(url, "SELECT running_instance FROM tasks")[0]["running_instance"])
+    owner = next(s for s in servers if instance_of(s) == owner_id)
+    return owner, owner_id, next(s for s in servers if s is not owner)
+
+
 def assert_history_consistent(url: str) -> None:
     """One row per claim (fences 1..n without gaps), legal statuses, at most one running,
     and tasks agreeing with their history."""
@@ -128,7 +147,7 @@ def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> Non
         # Instances start one after another; count from when all five are in.
         time.sleep(2)
         since = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
-        time.sleep(15)
+        time.sleep(20)
         # Stopping takes a while and the last ones standing take over; count up to here.
         until = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
     finally:
@@ -147,13 +166,7 @@ def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> Non
     assert chi2 < CHI2_CRITICAL_DF4, counts
     assert max(counts) / min(counts) < 1.25, counts
     print(f"runs per instance: {sorted(counts)}, chi2 {chi2:.2f}")
-    overlaps = query(
-        cron_db,
-        "SELECT count(*) AS n FROM probe a JOIN probe b ON a.task = b.task AND a.fence < b.fence "
-        "AND tstzrange(a.started, coalesce(a.finished, 'infinity')) "
-        "&& tstzrange(b.started, coalesce(b.finished, 'infinity'))",
-    )
-    assert overlaps[0]["n"] == 0
+    assert probe_overlaps(cron_db) == 0
     assert_history_consistent(cron_db)
 
 
@@ -168,13 +181,7 @@ def test_runs_longer_than_interval_never_overlap(cron_db: str, tmp_path: Path) -
     per_task = query(cron_db, "SELECT task, count(*) AS n FROM probe GROUP BY task")
     assert len(per_task) == 5
     assert all(r["n"] >= 3 for r in per_task), per_task
-    overlaps = query(
-        cron_db,
-        "SELECT count(*) AS n FROM probe a JOIN probe b ON a.task = b.task AND a.fence < b.fence "
-        "AND tstzrange(a.started, coalesce(a.finished, 'infinity')) "
-        "&& tstzrange(b.started, coalesce(b.finished, 'infinity'))",
-    )
-    assert overlaps[0]["n"] == 0
+    assert probe_overlaps(cron_db) == 0
     assert_history_consistent(cron_db)
 
 
@@ -183,10 +190,7 @@ def test_crashed_owner_run_is_lost_and_recovered(cron_db: str, tmp_path: Path) -
     other instance soon after (within a few leases), never overlapping the dead run."""
     servers = start_cluster(cron_db, tmp_path, "long", 2)
     try:
-        wait_for(lambda: query(cron_db, "SELECT 1 FROM tasks WHERE is_running"), 15)
-        owner_id = query(cron_db, "SELECT running_instance FROM tasks")[0]["running_instance"]
-        owner = next(s for s in servers if instance_of(s) == owner_id)
-        survivor = next(s for s in servers if s is not owner)
+        owner, owner_id, survivor = owner_and_other(cron_db, servers)
         owner.stop(signal.SIGKILL)
         killed_at = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
         survivor_id = instance_of(survivor)
@@ -221,10 +225,7 @@ def test_graceful_stop_releases_run(cron_db: str, tmp_path: Path) -> None:
     by the other instance without waiting for a lease to expire."""
     servers = start_cluster(cron_db, tmp_path, "long", 2)
     try:
-        wait_for(lambda: query(cron_db, "SELECT 1 FROM tasks WHERE is_running"), 15)
-        owner_id = query(cron_db, "SELECT running_instance FROM tasks")[0]["running_instance"]
-        owner = next(s for s in servers if instance_of(s) == owner_id)
-        survivor = next(s for s in servers if s is not owner)
+        owner, owner_id, survivor = owner_and_other(cron_db, servers)
         survivor_id = instance_of(survivor)
         assert owner.stop(signal.SIGTERM) == 0
         wait_for(
@@ -338,10 +339,7 @@ def test_paused_zombie_cancels_itself_and_changes_nothing(cron_db: str, tmp_path
     run stops itself, and the record of the takeover stays as it is."""
     servers = start_cluster(cron_db, tmp_path, "long", 2)
     try:
-        wait_for(lambda: query(cron_db, "SELECT 1 FROM tasks WHERE is_running"), 15)
-        owner_id = query(cron_db, "SELECT running_instance FROM tasks")[0]["running_instance"]
-        owner = next(s for s in servers if instance_of(s) == owner_id)
-        survivor = next(s for s in servers if s is not owner)
+        owner, _owner_id, survivor = owner_and_other(cron_db, servers)
         survivor_id = instance_of(survivor)
         owner.process.send_signal(signal.SIGSTOP)
         try:
