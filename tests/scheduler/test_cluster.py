@@ -66,9 +66,9 @@ def start_cluster(url: str, log_dir: Path, registry: str, n: int) -> list[Server
     return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
 
 
-def stop_all(servers: list[Server]) -> None:
-    for s in servers:
-        s.stop()
+def stop_all(servers: list[Server]) -> list[int]:
+    """SIGTERM each (they drain); their exit codes (negative: killed after the grace time)."""
+    return [s.stop() for s in servers]
 
 
 def instance_of(server: Server) -> str:
@@ -143,6 +143,7 @@ def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> Non
     max/min < 1.25; no two runs of a task overlap (probe rows written by the task bodies);
     the history is consistent."""
     servers = start_cluster(cron_db, tmp_path, "equal", 5)
+    exit_codes: list[int] = []
     try:
         # Instances start one after another; count from when all five are in.
         time.sleep(2)
@@ -151,7 +152,11 @@ def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> Non
         # Stopping takes a while and the last ones standing take over; count up to here.
         until = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
     finally:
-        stop_all(servers)
+        exit_codes = stop_all(servers)
+    # A server killed mid-drain would leave a run with no end (an "overlap" by artefact).
+    assert exit_codes == [0] * 5, [s.log()[-2000:] for s in servers]
+    unfinished = query(cron_db, "SELECT count(*) AS n FROM probe WHERE finished IS NULL")
+    assert unfinished[0]["n"] == 0
     rows = query(
         cron_db,
         "SELECT instance_id, count(*) AS n FROM task_history WHERE status = 'succeeded' "
