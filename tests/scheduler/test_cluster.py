@@ -107,6 +107,16 @@ def owner_and_other(url: str, servers: list[Server]) -> tuple[Server, str, Serve
     return owner, owner_id, next(s for s in servers if s is not owner)
 
 
+def wait_running_on(url: str, instance_id: str, timeout: float) -> None:
+    """Wait until a task runs on ``instance_id``."""
+    wait_for(
+        lambda: query(
+            url, "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1", instance_id
+        ),
+        timeout,
+    )
+
+
 def assert_history_consistent(url: str) -> None:
     """One row per claim (fences 1..n without gaps), legal statuses, at most one running,
     and tasks agreeing with their history."""
@@ -199,14 +209,7 @@ def test_crashed_owner_run_is_lost_and_recovered(cron_db: str, tmp_path: Path) -
         owner.stop(signal.SIGKILL)
         killed_at = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
         survivor_id = instance_of(survivor)
-        wait_for(
-            lambda: query(
-                cron_db,
-                "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1",
-                survivor_id,
-            ),
-            5 * LEASE + 5,
-        )
+        wait_running_on(cron_db, survivor_id, 5 * LEASE + 5)
         history = query(
             cron_db,
             "SELECT fence, instance_id, status, error, started_at FROM task_history ORDER BY fence",
@@ -233,14 +236,8 @@ def test_graceful_stop_releases_run(cron_db: str, tmp_path: Path) -> None:
         owner, owner_id, survivor = owner_and_other(cron_db, servers)
         survivor_id = instance_of(survivor)
         assert owner.stop(signal.SIGTERM) == 0
-        wait_for(
-            lambda: query(
-                cron_db,
-                "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1",
-                survivor_id,
-            ),
-            LEASE,  # sooner than any lease could expire: it was released, not swept
-        )
+        # Sooner than any lease could expire: it was released, not swept.
+        wait_running_on(cron_db, survivor_id, LEASE)
         history = query(
             cron_db, "SELECT instance_id, status, error FROM task_history ORDER BY fence"
         )
@@ -348,14 +345,7 @@ def test_paused_zombie_cancels_itself_and_changes_nothing(cron_db: str, tmp_path
         survivor_id = instance_of(survivor)
         owner.process.send_signal(signal.SIGSTOP)
         try:
-            wait_for(
-                lambda: query(
-                    cron_db,
-                    "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1",
-                    survivor_id,
-                ),
-                5 * LEASE + 5,
-            )
+            wait_running_on(cron_db, survivor_id, 5 * LEASE + 5)
             taken_over = query(
                 cron_db, "SELECT fence, status, finished_at FROM task_history ORDER BY fence"
             )
