@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from tandem.core.errors import AppError, error_for_unexpected
 from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings, get_settings
 from tandem.observability.endpoints import router as observability_router
-from tandem.observability.metrics import ASGIApp, HttpMetricsMiddleware
+from tandem.observability.metrics import INSTANCE_INFO, ASGIApp, HttpMetricsMiddleware
 from tandem.scheduler.endpoints import router as scheduler_router
 from tandem.scheduler.registry import load_registry
 from tandem.scheduler.runner import Runner
@@ -46,6 +48,9 @@ class Resources:
     """What the lifespan opens and every request uses."""
 
     settings: Settings
+    # This process's name in the cluster: the scheduler's membership row, /instances, the
+    # X-Instance-Id response header and the tandem_instance_info metric all use it.
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     engine: AsyncEngine | None = None
     sessionmaker: async_sessionmaker[AsyncSession] | None = None
     pool: HotPool | None = field(default=None)
@@ -139,7 +144,7 @@ def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
     inner: ASGIApp = app
     if settings.wallet_fast_path:
         inner = WalletFastPath(app, pool=app.state.resources.require_pool)
-    return HttpMetricsMiddleware(inner)
+    return HttpMetricsMiddleware(inner, app.state.resources.instance_id)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -154,7 +159,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resources.sessionmaker = create_sessionmaker(resources.engine)
         if settings.scheduler_enabled:
             registry = load_registry(settings.scheduler_tasks)
-            resources.runner = Runner(settings, registry, connect_function(settings))
+            resources.runner = Runner(
+                settings, registry, connect_function(settings), resources.instance_id
+            )
             await resources.runner.start()
         _tune_gc()
         try:
@@ -179,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.resources = resources
+    INSTANCE_INFO.labels(resources.instance_id, socket.gethostname(), tandem.__version__).set(1)
     _install_error_handlers(app)
     _install_openapi(app)
     app.include_router(wallet_router)

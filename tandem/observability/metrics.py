@@ -40,7 +40,15 @@ WALLET_BALANCE_UPDATES = Counter(
     ["outcome"],
 )
 
+INSTANCE_INFO = Gauge(
+    "tandem_instance_info",
+    "Always 1; its labels name this process: the instance id shown by /instances and sent in "
+    "every response's X-Instance-Id header.",
+    ["instance_id", "hostname", "version"],
+)
+
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+INSTANCE_HEADER = b"x-instance-id"
 
 
 def render_metrics() -> bytes:
@@ -57,10 +65,13 @@ def _route_of(scope: Scope) -> str:
 
 
 class HttpMetricsMiddleware:
-    """Counts and times every HTTP request, whichever path (router or lean) answers it."""
+    """Counts and times every HTTP request, whichever path (router or lean) answers it, and
+    names the instance that answered in an ``X-Instance-Id`` header (behind a load balancer,
+    the access log and the client can tell which replica served a request)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, instance_id: str) -> None:
         self.app = app
+        self._instance_header = (INSTANCE_HEADER, instance_id.encode("ascii"))
         # (method, route, status) -> (counter child, histogram child): label lookups take a
         # lock and hash the labels; caching the children keeps the hot path at two calls.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -76,6 +87,7 @@ class HttpMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), self._instance_header]
             await send(message)
 
         try:
@@ -134,4 +146,15 @@ SCHEDULER_RUNNING = Gauge(
 )
 SCHEDULER_LIVE_INSTANCES = Gauge(
     "tandem_scheduler_live_instances", "Instances with a fresh heartbeat, as this one sees it."
+)
+SCHEDULER_TASK_INTERVAL = Gauge(
+    "tandem_scheduler_task_interval_seconds",
+    "Each enabled task's interval (cluster-wide, from the database).",
+    ["task"],
+)
+SCHEDULER_TASK_LAST_SUCCESS = Gauge(
+    "tandem_scheduler_task_last_success_timestamp_seconds",
+    "Unix time of each enabled task's last successful run anywhere in the cluster (of its "
+    "registration if it never succeeded). Every instance reports the same values.",
+    ["task"],
 )

@@ -111,6 +111,8 @@ COMPLETE_RUN = """
 WITH task AS (
     UPDATE tasks SET is_running = false, running_instance = NULL, lease_until = NULL,
         last_status = $3, last_finished_at = clock_timestamp(),
+        last_succeeded_at = CASE WHEN $3 = 'succeeded' THEN clock_timestamp()
+            ELSE last_succeeded_at END,
         next_run_at = CASE WHEN $4 THEN least(next_run_at, clock_timestamp()) ELSE next_run_at END
     WHERE id = $1 AND fence = $2 AND is_running
     RETURNING id, last_finished_at
@@ -229,6 +231,10 @@ async def complete_run(
     return await db.fetchval(COMPLETE_RUN, task_id, fence, status, due_again, error) is not None
 
 
+async def task_health(db: Db) -> list[asyncpg.Record]:
+    return await db.fetch(TASK_HEALTH)
+
+
 async def sweep_expired(db: Db) -> int:
     return len(await db.fetch(SWEEP_EXPIRED))
 
@@ -263,6 +269,14 @@ LIMIT :limit
 """
 
 TASK_EXISTS = "SELECT id FROM tasks WHERE name = :name"
+
+# Every enabled task's interval and the time it last succeeded (its registration time if it
+# never did), in Unix seconds: what the "task not succeeding" alert compares.
+TASK_HEALTH = """
+SELECT name, extract(epoch FROM "interval")::float8 AS interval_seconds,
+       extract(epoch FROM coalesce(last_succeeded_at, created_at))::float8 AS last_success
+FROM tasks WHERE enabled
+"""
 
 LIVE_INSTANCES = """
 SELECT i.id, i.hostname, i.pid, i.started_at, i.status,

@@ -37,6 +37,8 @@ from tandem.observability.metrics import (
     SCHEDULER_RUNNING,
     SCHEDULER_RUNS,
     SCHEDULER_START_LAG,
+    SCHEDULER_TASK_INTERVAL,
+    SCHEDULER_TASK_LAST_SUCCESS,
 )
 from tandem.scheduler import repository
 from tandem.scheduler.registry import Registry, TaskCancelledError, TaskContext, TaskDefinition
@@ -48,6 +50,9 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.In
 # Instances silent this long are deleted from the membership table.
 _FORGET_AFTER = 3600.0
 _FORGET_EVERY = 60.0
+# The cluster-wide task gauges (interval, last success) are read every this many heartbeats
+# (10 s at the default timings: alerts look at hours, not seconds).
+_TASK_GAUGES_EVERY = 5
 
 
 @dataclass
@@ -60,11 +65,17 @@ class _Run:
 
 
 class Runner:
-    def __init__(self, settings: Settings, registry: Registry, connect: Connect) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        connect: Connect,
+        instance_id: str | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self._connect = connect
-        self.instance_id = uuid.uuid4().hex[:12]
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.hostname = socket.gethostname()
         self._pool: HotPool | None = None
         self._heartbeat_conn: asyncpg.Connection | None = None
@@ -73,6 +84,8 @@ class Runner:
         self._stopping = asyncio.Event()
         self._last_renewal = time.monotonic()
         self._last_forget = 0.0
+        self._heartbeats = 0
+        self._gauge_tasks: set[str] = set()
         self._known = [definition.name for definition in registry.all()]
 
     @property
@@ -306,6 +319,23 @@ class Runner:
             with contextlib.suppress(*_DB_ERRORS):
                 await repository.forget_instances(db, _FORGET_AFTER)
             self._last_forget = time.monotonic()
+        if self._heartbeats % _TASK_GAUGES_EVERY == 0:
+            with contextlib.suppress(*_DB_ERRORS):
+                self._set_task_gauges(await repository.task_health(db))
+        self._heartbeats += 1
+
+    def _set_task_gauges(self, rows: list[asyncpg.Record]) -> None:
+        """Export every enabled task's interval and last success; drop paused or removed
+        tasks' series, so an alert never fires on a task nobody expects to run."""
+        names = set()
+        for row in rows:
+            names.add(row["name"])
+            SCHEDULER_TASK_INTERVAL.labels(row["name"]).set(row["interval_seconds"])
+            SCHEDULER_TASK_LAST_SUCCESS.labels(row["name"]).set(row["last_success"])
+        for gone in self._gauge_tasks - names:
+            SCHEDULER_TASK_INTERVAL.remove(gone)
+            SCHEDULER_TASK_LAST_SUCCESS.remove(gone)
+        self._gauge_tasks = names
 
 
 class _TaskLog(logging.LoggerAdapter[logging.Logger]):

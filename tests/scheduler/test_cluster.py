@@ -432,3 +432,31 @@ def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _gauge(server: Server, name: str, task: str) -> float | None:
+    prefix = f'{name}{{task="{task}"}} '
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return None
+
+
+def test_task_gauges_follow_the_database(cron_db: str, tmp_path: Path) -> None:
+    """An instance exports each enabled task's interval and the time of its last success as
+    the database has them (what the 'task not succeeding' alert reads); pausing a task
+    removes its series, so the alert cannot fire on it."""
+    (server,) = start_cluster(cron_db, tmp_path, "quick", 1)
+    last = "tandem_scheduler_task_last_success_timestamp_seconds"
+    try:
+        wait_for(
+            lambda: query(cron_db, "SELECT 1 FROM tasks WHERE last_succeeded_at IS NOT NULL"), 15
+        )
+        first = query(cron_db, "SELECT extract(epoch FROM last_succeeded_at) AS t FROM tasks")
+        wait_for(lambda: (_gauge(server, last, "Quick") or 0) >= float(first[0]["t"]), 15)
+        assert _gauge(server, "tandem_scheduler_task_interval_seconds", "Quick") == 1.0
+        assert httpx.post(f"{server.url}/tasks/Quick/pause").status_code == 200
+        wait_for(lambda: _gauge(server, last, "Quick") is None, 15)
+        assert _gauge(server, "tandem_scheduler_task_interval_seconds", "Quick") is None
+    finally:
+        server.stop()

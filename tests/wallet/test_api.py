@@ -327,3 +327,27 @@ def test_metrics_count_requests_and_outcomes(client: httpx.Client) -> None:
         delta("tandem_http_request_duration_seconds_count", method="POST", route="/balance/update")
         == 1
     )
+
+
+def test_every_response_names_its_instance(client: httpx.Client) -> None:
+    """Lean-path, routed, error and 404 answers all carry X-Instance-Id, and it is the id the
+    instance reports in tandem_instance_info (what a load balancer's access log records)."""
+    user = new_user(client, 3)
+    responses = [
+        client.post("/balance/update", json={"userId": user, "amount": -1}),
+        client.post("/balance/update", json={"userId": user, "amount": -10}),
+        client.get(f"/balance/{user}"),
+        client.get("/no/such/route"),
+        client.get("/health/live"),
+    ]
+    ids = {r.headers.get("x-instance-id") for r in responses}
+    assert len(ids) == 1, ids
+    (instance_id,) = ids
+    assert instance_id
+    info = [
+        line
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("tandem_instance_info{")
+    ]
+    assert len(info) == 1, info
+    assert f'instance_id="{instance_id}"' in info[0], info
