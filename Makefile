@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint format bench loadtest clean
+.PHONY: help setup run serve test lint format bench loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install Tandem with its dev tools
 
-run: $(STAMP) ## serve the API on :8000 (embedded PostgreSQL unless TANDEM_DATABASE_URL is set)
-	$(BIN)/tandem serve
+INSTANCES ?= 5
+PORT ?= 8000
+
+run: $(STAMP) ## 5 instances on :8000, each alone on :8001.. (embedded PostgreSQL unless TANDEM_DATABASE_URL is set)
+	$(BIN)/tandem cluster --instances $(INSTANCES) --port $(PORT)
+
+serve: $(STAMP) ## one instance on :8000
+	$(BIN)/tandem serve --port $(PORT)
 
 test: $(STAMP) ## lint, type-check and run the whole test suite against a real PostgreSQL
 	$(BIN)/ruff check .

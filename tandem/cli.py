@@ -16,6 +16,10 @@ from tandem.observability.logging import configure_logging
 
 log = logging.getLogger("tandem")
 
+# Seconds uvicorn lets open requests finish after SIGTERM (after the scheduler has drained).
+# A container's stop grace period must exceed this plus TANDEM_SCHEDULER_DRAIN_TIMEOUT.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
 
 def raise_fd_limit() -> int:
     """Raise the soft open-files limit to the hard limit: 10000 concurrent clients need 10000
@@ -70,19 +74,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backlog=settings.backlog,
         access_log=args.access_log,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    if args.reuse_port:
+    if args.reuse_port or args.direct_port is not None:
         # Several instances on one port: the kernel spreads connections over them (this is
-        # how `tandem cluster` gives N instances one entry port without a proxy).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        uvicorn.Server(config).run(sockets=[sock])
+        # how `tandem cluster` gives N instances one entry port without a proxy). A direct
+        # port reaches this instance alone (for Prometheus, or to look at one instance).
+        sockets = [_listen(host, port, reuse_port=args.reuse_port)]
+        if args.direct_port is not None:
+            sockets.append(_listen(host, args.direct_port, reuse_port=False))
+        uvicorn.Server(config).run(sockets=sockets)
     else:
         uvicorn.Server(config).run()
     return 0
+
+
+def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -98,17 +111,23 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     env = {**os.environ, "TANDEM_DATABASE_URL": url, "TANDEM_MIGRATE_ON_START": "false"}
     command = [sys.executable, "-m", "tandem", "serve", "--reuse-port", "--no-migrate"]
     command += ["--host", args.host, "--port", str(args.port)]
-    children = [subprocess.Popen(command, env=env) for _ in range(args.instances)]
+    direct = [args.port + 1 + i for i in range(args.instances)] if args.direct_ports else []
+    children = [
+        subprocess.Popen(
+            [*command, *(["--direct-port", str(direct[i])] if direct else [])], env=env
+        )
+        for i in range(args.instances)
+    ]
     base = f"http://{args.host}:{args.port}"
-    log.info(
-        "%d instances (pids %s) on %s: API %s/docs, tasks %s/tasks, instances %s/instances",
-        len(children),
-        ", ".join(str(c.pid) for c in children),
-        base,
-        base,
-        base,
-        base,
-    )
+    lines = [
+        f"{len(children)} instances on one database, one entry port:",
+        f"  status page  {base}/",
+        f"  API docs     {base}/docs",
+        f"  tasks        {base}/tasks    instances {base}/instances",
+    ]
+    for child, port in zip(children, direct, strict=False):
+        lines.append(f"  instance pid {child.pid}: http://{args.host}:{port}/metrics")
+    log.info("\n".join(lines))
     stopping = False
 
     def stop(*_: object) -> None:
@@ -170,12 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--reuse-port", action="store_true", help="share the port with other instances"
     )
+    serve.add_argument(
+        "--direct-port", type=int, default=None, help="also listen here, on this instance alone"
+    )
     serve.set_defaults(func=cmd_serve)
 
     cluster = sub.add_parser("cluster", help="run N instances on one database and one port")
     cluster.add_argument("--instances", type=int, default=5)
     cluster.add_argument("--host", default="127.0.0.1")
     cluster.add_argument("--port", type=int, default=8000)
+    cluster.add_argument(
+        "--no-direct-ports",
+        dest="direct_ports",
+        action="store_false",
+        help="do not give instance i its own port (entry port + i) as well",
+    )
     cluster.set_defaults(func=cmd_cluster)
 
     migrate = sub.add_parser("migrate", help="apply database migrations once")

@@ -19,7 +19,13 @@ def _pgserver() -> Any:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
         warnings.simplefilter("ignore")
-        import pgserver
+        try:
+            import pgserver
+        except ImportError as error:
+            raise SystemExit(
+                "no TANDEM_DATABASE_URL and no embedded PostgreSQL: set the URL, or install "
+                "Tandem with its `embedded` extra (pip install 'tandem[embedded]')"
+            ) from error
 
     return pgserver
 

@@ -394,7 +394,8 @@ def test_downtime_runs_once_not_once_per_missed_slot(cron_db: str, tmp_path: Pat
 
 
 def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
-    """`tandem cluster --instances 3` serves three instances on one port; Ctrl-C stops all."""
+    """`tandem cluster --instances 3` serves three instances on one port, each also alone on
+    port + i (distinct instances, the ones /instances lists); Ctrl-C stops all."""
     import os
     import subprocess
     import sys
@@ -421,9 +422,13 @@ def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
             return len(body["instances"]) == 3
 
         wait_for(three_live, 30)
-        pids = {
-            i["pid"] for i in httpx.get(f"http://127.0.0.1:{port}/instances").json()["instances"]
+        instances = httpx.get(f"http://127.0.0.1:{port}/instances").json()["instances"]
+        pids = {i["pid"] for i in instances}
+        direct = {
+            httpx.get(f"http://127.0.0.1:{port + n}/health/live").headers["x-instance-id"]
+            for n in (1, 2, 3)
         }
+        assert direct == {i["id"] for i in instances}
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
         for pid in pids:

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# Tandem's image: a virtualenv built in one stage, copied into a clean, non-root runtime.
+# Build from the repository root: docker build -t tandem .
+ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python -m venv /opt/tandem
+# Dependencies in their own layer: a stub package with the real pyproject.toml, so the layer is
+# rebuilt only when the dependencies change, not on every code change.
+COPY pyproject.toml README.md ./
+RUN mkdir tandem \
+    && touch tandem/__init__.py \
+    && /opt/tandem/bin/pip install . \
+    && /opt/tandem/bin/pip uninstall --yes tandem
+COPY tandem ./tandem
+RUN /opt/tandem/bin/pip install --no-deps . \
+    && /opt/tandem/bin/python -m compileall -q /opt/tandem/lib
+
+FROM ${PYTHON_IMAGE}
+RUN groupadd --system --gid 10001 tandem \
+    && useradd --system --uid 10001 --gid tandem --no-create-home --shell /usr/sbin/nologin tandem
+COPY --from=build /opt/tandem /opt/tandem
+ENV PATH=/opt/tandem/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TANDEM_HOST=0.0.0.0 \
+    TANDEM_PORT=8000 \
+    TANDEM_MIGRATE_ON_START=false
+WORKDIR /srv/tandem
+USER 10001:10001
+EXPOSE 8000
+# `tandem serve` is PID 1 (exec form, no shell in between): docker stop's SIGTERM reaches it,
+# the scheduler drains (its runs go to other instances) and uvicorn finishes open requests.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=5s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2)"]
+ENTRYPOINT ["tandem"]
+CMD ["serve"]

@@ -1,0 +1,312 @@
+"""The real nginx config (deploy/nginx/) with Debian's nginx in front of real instances.
+
+Two things differ from the container, and only these: servers.conf lists the native
+instances' addresses (the container's finds the replicas by DNS with `resolve`, which needs
+nginx 1.27.3+; Debian ships 1.22), and the listen port is a free one instead of 8080.
+Everything else — timeouts, retries, keepalive, limits, logs, error pages — is the file as
+shipped."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from tandem.cli import raise_fd_limit
+from tandem.core.database import asyncpg_dsn
+from tandem.loadtest import withdraw_burst
+from tests.deploy.observability import require_tool
+from tests.support import Server, free_port, start_server
+
+NGINX_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
+LISTEN = re.compile(r"^(\s*)listen 8080 ", re.M)
+
+
+def nginx_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr
+    match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out)
+    assert match, out
+    return tuple(int(p) for p in match.groups())
+
+
+def prepare(folder: Path, servers: list[str] | None, port: int) -> Path:
+    """deploy/nginx copied into ``folder``: with ``servers``, servers.conf lists them; the
+    listen port becomes ``port``. Returns the nginx.conf path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in NGINX_DIR.iterdir():
+        shutil.copy(item, folder / item.name)
+    conf = folder / "nginx.conf"
+    text, swapped = LISTEN.subn(rf"\1listen 127.0.0.1:{port} ", conf.read_text())
+    assert swapped == 1, "nginx.conf no longer has the one `listen 8080` line this test swaps"
+    conf.write_text(text)
+    if servers is not None:
+        lines = "".join(f"server {s} max_fails=3 fail_timeout=10s;\n" for s in servers)
+        (folder / "servers.conf").write_text(lines)
+    return conf
+
+
+def run_nginx(binary: str, conf: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    pid = conf.parent / "nginx.pid"
+    return subprocess.run(
+        [binary, "-p", str(conf.parent), "-c", str(conf), "-g", f"pid {pid};", *extra],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_config_passes_nginx_t(tmp_path: Path) -> None:
+    """`nginx -t` accepts deploy/nginx/nginx.conf with the container's servers.conf — verbatim
+    on nginx 1.27.3+; on older nginx with `resolve` dropped and `app` (a Docker DNS name)
+    replaced by an address, as those versions can do neither."""
+    binary = require_tool("nginx")
+    conf = prepare(tmp_path / "conf", None, free_port())
+    servers = conf.parent / "servers.conf"
+    if nginx_version(binary) < (1, 27, 3):
+        text, n = re.subn(
+            r"server app:8000 resolve ", "server 127.0.0.1:8000 ", servers.read_text()
+        )
+        assert n == 1
+        servers.write_text(text)
+    result = run_nginx(binary, conf, "-t")
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+@dataclass
+class Nginx:
+    url: str
+    process: subprocess.Popen[bytes]
+    access_log: Path
+
+    def log_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines()
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Callable[[list[str]], Nginx]]:
+    """Starts the shipped config in front of the given upstream addresses."""
+    binary = require_tool("nginx")
+    started: list[Nginx] = []
+
+    def start(servers: list[str]) -> Nginx:
+        port = free_port()
+        conf = prepare(tmp_path / f"nginx-{port}", servers, port)
+        access_log = conf.parent / "access.log"
+        error_log = conf.parent / "error.log"
+        with access_log.open("wb") as out, error_log.open("wb") as err:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    "-p",
+                    str(conf.parent),
+                    "-c",
+                    str(conf),
+                    "-g",
+                    f"pid {conf.parent / 'nginx.pid'}; daemon off;",
+                ],
+                stdout=out,
+                stderr=err,
+            )
+        proxy = Nginx(f"http://127.0.0.1:{port}", process, access_log)
+        started.append(proxy)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(f"{proxy.url}/nginx/health", timeout=1).status_code == 200:
+                    return proxy
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, error_log.read_text()
+            assert time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+
+    yield start
+    for proxy in started:
+        proxy.process.send_signal(signal.SIGQUIT)  # graceful: flushes the access log
+        try:
+            proxy.process.wait(10)
+        except subprocess.TimeoutExpired:
+            proxy.process.kill()
+
+
+@pytest.fixture(scope="module")
+def instances(database_url: str, log_dir: Path) -> Iterator[list[Server]]:
+    """Five real instances on one database (the deployment's default)."""
+    servers = [start_server(database_url, log_dir) for _ in range(5)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def address(server: Server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def instance_id(server: Server) -> str:
+    return httpx.get(f"{server.url}/health/live").headers["x-instance-id"]
+
+
+class DyingUpstream:
+    """Stands for an instance that crashes mid-request: it reads the whole request, then
+    closes the connection without answering. Counts the requests it swallowed, by method."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.swallowed: Counter[str] = Counter()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+                while length and len(body) < int(length.group(1)):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    body += chunk
+                if head:
+                    self.swallowed[head.split(b" ", 1)[0].decode()] += 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_requests_spread_over_every_instance(
+    nginx: Callable[[list[str]], Nginx], instances: list[Server]
+) -> None:
+    """Round robin: 100 requests through nginx reach all five instances about evenly, and the
+    access log names the request id (also returned to the client) and the instance."""
+    proxy = nginx([address(s) for s in instances])
+    ids = {instance_id(s) for s in instances}
+    answered: Counter[str] = Counter()
+    request_ids = set()
+    with httpx.Client(base_url=proxy.url) as client:
+        for _ in range(100):
+            response = client.get("/health/live")
+            assert response.status_code == 200
+            answered[response.headers["x-instance-id"]] += 1
+            request_ids.add(response.headers["x-request-id"])
+    assert set(answered) == ids
+    assert min(answered.values()) >= 10, answered
+    assert len(request_ids) == 100
+
+    def logged() -> list[str]:
+        return [line for line in proxy.log_lines() if '"GET /health/live' in line]
+
+    deadline = time.monotonic() + 10  # the access log is buffered (flushed every second)
+    while len(logged()) < 100 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = logged()
+    assert len(lines) == 100
+    for line in lines:
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        assert fields["request_id"] in request_ids
+        assert fields["instance"] in ids
+
+
+def test_reads_survive_a_dead_instance(
+    nginx: Callable[[list[str]], Nginx],
+    instances: list[Server],
+    database_url: str,
+    log_dir: Path,
+) -> None:
+    """With one instance killed (SIGKILL) and one dying mid-request, every GET still succeeds:
+    nginx tries the next instance."""
+    doomed = start_server(database_url, log_dir)
+    dying = DyingUpstream()
+    try:
+        proxy = nginx([address(s) for s in [*instances[:2], doomed]] + [dying.address])
+        user = httpx.post(f"{instances[0].url}/users", json={"balance": 5}).json()["userId"]
+        doomed.stop(signal.SIGKILL)
+        with httpx.Client(base_url=proxy.url) as client:
+            for _ in range(40):
+                response = client.get(f"/balance/{user}")
+                assert response.status_code == 200, response.text
+                assert response.json()["balance"] == 5
+        assert dying.swallowed["GET"] >= 1  # it was tried, and the GET went on elsewhere
+    finally:
+        doomed.stop()
+        dying.close()
+
+
+def test_post_is_never_replayed(
+    nginx: Callable[[list[str]], Nginx], instances: list[Server], database_url: str
+) -> None:
+    """A balance update sent to an instance that dies before answering is NOT retried on
+    another one: the client gets a JSON 503 and can decide (with an Idempotency-Key, safely).
+    Every 200 is applied exactly once; every request the dying instance took is a 503."""
+    dying = DyingUpstream()
+    try:
+        proxy = nginx([dying.address, address(instances[0]), address(instances[1])])
+        user = httpx.post(f"{instances[0].url}/users", json={"balance": 100}).json()["userId"]
+        statuses: Counter[int] = Counter()
+        with httpx.Client(base_url=proxy.url) as client:
+            for _ in range(12):
+                response = client.post("/balance/update", json={"userId": user, "amount": -1})
+                statuses[response.status_code] += 1
+                if response.status_code == 503:
+                    assert response.json()["error"]["code"] == "service_unavailable"
+        balance = httpx.get(f"{instances[0].url}/balance/{user}").json()["balance"]
+    finally:
+        dying.close()
+    assert dying.swallowed["POST"] >= 1
+    assert statuses[503] == dying.swallowed["POST"], (statuses, dying.swallowed)
+    assert statuses[200] == 12 - statuses[503]
+    assert balance == 100 - statuses[200]
+
+
+async def test_ten_thousand_withdrawals_through_nginx(
+    nginx: Callable[[list[str]], Nginx], instances: list[Server], database_url: str
+) -> None:
+    """10000 concurrent withdrawals of 2 from 10000 through nginx over five instances: exactly
+    5000 succeed and 5000 are refused, the balance ends at 0, and every instance took part."""
+    raise_fd_limit()
+    proxy = nginx([address(s) for s in instances])
+
+    def updates(server: Server) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("tandem_wallet_balance_updates_total{")
+        )
+
+    before = [updates(s) for s in instances]
+    report = await withdraw_burst(proxy.url, requests=10_000, amount=2)
+    after = [updates(s) for s in instances]
+    assert report.problems() == []
+    assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        balance = await conn.fetchval("SELECT balance FROM users WHERE id = $1", report.user_id)
+    finally:
+        await conn.close()
+    assert balance == 0
+    served = [b - a for a, b in zip(before, after, strict=True)]
+    assert sum(served) == 10_000
+    assert all(n > 0 for n in served), served
