@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -59,7 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limit = raise_fd_limit()
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
-    log.info("serving on http://%s:%d (docs: /docs, fd limit %d)", host, port, limit)
+    also = f" and alone on :{args.direct_port}" if args.direct_port is not None else ""
+    log.info("serving on http://%s:%d%s (docs: /docs, fd limit %d)", host, port, also, limit)
     # uvicorn re-raises SIGTERM after its graceful shutdown; by default that kills the process
     # before atexit handlers run, and the embedded PostgreSQL would be left running. Exit
     # normally instead, so they do.
@@ -100,7 +102,6 @@ def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     """N real instances (own processes, own instance ids) on one database and one port."""
-    import subprocess
     import time
 
     from tandem.core.migrations import upgrade_to_head
@@ -119,6 +120,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         for i in range(args.instances)
     ]
     base = f"http://{args.host}:{args.port}"
+    _wait_live([f"http://{args.host}:{port}" for port in direct] or [base], children)
     lines = [
         f"{len(children)} instances on one database, one entry port:",
         f"  status page  {base}/",
@@ -149,6 +151,24 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             child.kill()
     log.info("cluster stopped")
     return 0
+
+
+def _wait_live(urls: list[str], children: list[subprocess.Popen[bytes]]) -> None:
+    """Until every URL answers /health/live (or 60 s pass, or a child exits), so the URLs
+    are printed once they work, after the instances' start-up lines."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    pending = list(urls)
+    while pending and time.monotonic() < deadline:
+        if any(c.poll() is not None for c in children):
+            return
+        try:
+            with urllib.request.urlopen(f"{pending[0]}/health/live", timeout=1):  # noqa: S310
+                pending.pop(0)
+        except OSError:
+            time.sleep(0.2)
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""Tasks remember when they were registered and when they last succeeded (for alerting on a
-task that has not succeeded for several of its intervals).
+"""Tasks remember when they were registered and when they last succeeded.
+
+For the alert on a task that has not succeeded for several of its intervals.
 
 Revision ID: 0004_task_success_times
 Revises: 0003_create_scheduler
