@@ -34,6 +34,7 @@ from tandem.observability.metrics import INSTANCE_INFO, ASGIApp, HttpMetricsMidd
 from tandem.scheduler.endpoints import router as scheduler_router
 from tandem.scheduler.registry import load_registry
 from tandem.scheduler.runner import Runner
+from tandem.status.endpoints import router as status_router
 from tandem.wallet.endpoints import router as wallet_router
 from tandem.wallet.fastpath import WalletFastPath
 from tandem.wallet.schemas import BalanceUpdate
@@ -192,4 +193,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(wallet_router)
     app.include_router(scheduler_router)
     app.include_router(observability_router)
+    app.include_router(status_router)
     return app

@@ -74,6 +74,9 @@ class Registry:
                 raise ValueError(f"task {name!r} is registered twice")
             if every <= timedelta(0):
                 raise ValueError(f"task {name!r} needs a positive interval")
+            if not name or "/" in name:
+                # The name is a path segment of /tasks/{name}/...
+                raise ValueError(f"task name {name!r} must be non-empty and contain no '/'")
             self._tasks[name] = TaskDefinition(name, every, function)
             return function
 

@@ -270,6 +270,29 @@ LIMIT :limit
 
 TASK_EXISTS = "SELECT id FROM tasks WHERE name = :name"
 
+# The newest runs across all tasks, without sorting the whole history (no index covers
+# started_at alone): each task's newest :limit runs come from ix_task_history_task_started
+# (one short index scan per task), and only those candidates are merged. Durations and ages
+# are database time, so every instance renders the same numbers.
+RECENT_RUNS = """
+SELECT t.name AS task, h.id, h.instance_id, h.fence, h.scheduled_for, h.started_at,
+       h.finished_at, h.status, h.error,
+       extract(epoch FROM coalesce(h.finished_at, clock_timestamp()) - h.started_at)
+           AS duration_seconds,
+       extract(epoch FROM clock_timestamp() - h.started_at) AS age_seconds
+FROM tasks t
+CROSS JOIN LATERAL (
+    SELECT * FROM task_history h
+    WHERE h.task_id = t.id
+    ORDER BY h.started_at DESC
+    LIMIT :limit
+) h
+ORDER BY h.started_at DESC, h.id DESC
+LIMIT :limit
+"""
+
+DATABASE_NOW = "SELECT clock_timestamp()"
+
 # Every enabled task's interval and the time it last succeeded (its registration time if it
 # never did), in Unix seconds: what the "task not succeeding" alert compares.
 TASK_HEALTH = """

@@ -70,6 +70,21 @@ class TaskHistory(BaseModel):
     runs: list[Run]
 
 
+class TaskRun(Run):
+    """A run with its task's name, for views across all tasks."""
+
+    task: str
+    duration_seconds: float = Field(
+        description="Database time from start to end, or to now while running."
+    )
+    age_seconds: float = Field(description="Database time since the run started.")
+
+
+class RecentRuns(BaseModel):
+    as_of: datetime = Field(description="The database clock when the runs were read.")
+    runs: list[TaskRun] = Field(description="Newest first, across all tasks.")
+
+
 class Instance(BaseModel):
     id: str
     hostname: str

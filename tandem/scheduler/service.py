@@ -14,9 +14,11 @@ from tandem.scheduler.schemas import (
     Instance,
     Instances,
     PendingTask,
+    RecentRuns,
     Run,
     TaskCommandResult,
     TaskHistory,
+    TaskRun,
     TasksOverview,
     TaskState,
 )
@@ -53,6 +55,14 @@ async def history(session: AsyncSession, name: str, limit: int) -> TaskHistory:
         raise TaskNotFoundError(name)
     rows = await session.execute(text(repository.TASK_HISTORY), {"name": name, "limit": limit})
     return TaskHistory(name=name, runs=[Run.model_validate(dict(r)) for r in rows.mappings()])
+
+
+async def recent_runs(session: AsyncSession, limit: int) -> RecentRuns:
+    """The newest ``limit`` runs of any task, newest first, running ones included; the cost
+    grows with the number of tasks, not with the length of the history."""
+    as_of = (await session.execute(text(repository.DATABASE_NOW))).scalar_one()
+    rows = await session.execute(text(repository.RECENT_RUNS), {"limit": limit})
+    return RecentRuns(as_of=as_of, runs=[TaskRun.model_validate(dict(r)) for r in rows.mappings()])
 
 
 async def live_instances(session: AsyncSession, window: timedelta) -> Instances:

@@ -1,0 +1,69 @@
+"""The status page: ``GET /`` (the whole page) and ``GET /status/fragment`` (its live part)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tandem.status import page, service
+
+router = APIRouter(tags=["status page"])
+
+# About a screenful of runs, whatever the number of tasks.
+HISTORY_LIMIT = 20
+# Heartbeats may be this many intervals old before an instance is shown late.
+LATE_HEARTBEATS = 2
+
+_HEADERS = {
+    "Content-Security-Policy": page.CONTENT_SECURITY_POLICY,
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.resources.sessionmaker() as session, session.begin():
+        yield session
+
+
+# Read-only, but the same shape as the other packages' sessions (see wallet/endpoints.py).
+Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+async def _render(request: Request, session: Session, *, whole: bool) -> HTMLResponse:
+    resources = request.app.state.resources
+    settings = resources.settings
+    snapshot = await service.read_snapshot(
+        session, timedelta(seconds=settings.scheduler_lease), HISTORY_LIMIT
+    )
+    served_by: str = resources.instance_id
+    late_after = LATE_HEARTBEATS * settings.scheduler_heartbeat_interval
+    render = page.render_page if whole else page.render_fragment
+    body = render(snapshot, served_by=served_by, late_after=late_after)
+    return HTMLResponse(body, headers=_HEADERS)
+
+
+@router.get(
+    "/",
+    response_class=HTMLResponse,
+    summary="Status page: running and pending tasks, live instances, recent runs",
+    description=(
+        "An HTML page for people (no external assets, works offline), complete without "
+        f"JavaScript and refreshed every {page.REFRESH_SECONDS} s with it. For programs: "
+        "`/tasks`, `/instances`, `/metrics`."
+    ),
+    responses={200: {"content": {"text/html": {}}, "description": "The page."}},
+)
+async def status_page(request: Request, session: Session) -> HTMLResponse:
+    return await _render(request, session, whole=True)
+
+
+# The page's script swaps this in; not an API of its own.
+@router.get("/status/fragment", response_class=HTMLResponse, include_in_schema=False)
+async def status_fragment(request: Request, session: Session) -> HTMLResponse:
+    return await _render(request, session, whole=False)

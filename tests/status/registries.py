@@ -1,0 +1,46 @@
+"""Task registries for the status page tests (loaded by real server processes through
+TANDEM_SCHEDULER_TASKS)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from tandem.scheduler.registry import Registry, TaskContext, TaskFunction
+
+
+def _busy(seconds: float) -> TaskFunction:
+    async def body(ctx: TaskContext) -> None:
+        await ctx.sleep(seconds)
+
+    return body
+
+
+def _failing(seconds: float, message: str) -> TaskFunction:
+    async def body(ctx: TaskContext) -> None:
+        await ctx.sleep(seconds)
+        raise ConnectionError(message)
+
+    return body
+
+
+# A small cluster's day in compressed time: one task that always runs (its run outlasts its
+# interval), a few that come and go, one that fails. Also what docs/status-page.png shows.
+showcase = Registry()
+showcase.task("ReindexSearch", timedelta(seconds=1))(_busy(300.0))
+showcase.task("SendDigests", timedelta(seconds=4))(_busy(1.5))
+showcase.task("SyncInventory", timedelta(seconds=5))(_busy(2.5))
+showcase.task("RefreshRates", timedelta(seconds=3))(_busy(0.3))
+showcase.task("ExpireSessions", timedelta(seconds=6))(_busy(0.5))
+showcase.task("ImportPartnerFeed", timedelta(seconds=5))(
+    _failing(0.4, "partner feed answered 503 Service Unavailable")
+)
+showcase.task("RebuildReports", timedelta(seconds=12))(_busy(7.0))
+showcase.task("PurgeAuditLog", timedelta(seconds=30))(_busy(2.0))
+showcase.task("ExportLedger", timedelta(seconds=8))(_busy(5.0))
+
+# Markup in a task name (code) and in an error message (an exception): the page must show
+# both as text. No "/" in the name: /tasks/{name}/history cannot route one, even encoded.
+HOSTILE_NAME = 'Feed <b>&"quotes" &amp;'
+HOSTILE_ERROR = '<script>alert("tandem")</script> & <img src=x onerror=alert(1)>'
+hostile = Registry()
+hostile.task(HOSTILE_NAME, timedelta(seconds=0.5))(_failing(0.05, HOSTILE_ERROR))
