@@ -77,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     if args.reuse_port or args.direct_port is not None:
         # Several instances on one port: the kernel spreads connections over them (this is

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     # The kernel caps the listen backlog at net.core.somaxconn; asking for more costs nothing.
     backlog: int = Field(default=16384, ge=64)
+    # Seconds an idle client connection stays open. Longer than nginx's upstream keepalive
+    # (60 s): the proxy, not the app, must close idle connections (deploy/nginx/nginx.conf).
+    keep_alive_timeout: int = Field(default=75, ge=1)
     log_level: str = "info"
     # Apply migrations when `tandem serve` starts (fine for one local instance; a deployment
     # runs `tandem migrate` once instead).
