@@ -29,30 +29,38 @@ failed-over task never ran again, a phase timed out).
 from __future__ import annotations
 
 import argparse
-import atexit
 import itertools
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import asyncpg
-from rich.console import Console
+from common import (  # bench/common.py: bench/ is first on sys.path when this runs as a script
+    READY_TIMEOUT,
+    CpuMeter,
+    ServeProcess,
+    add_database_argument,
+    bench_database,
+    console,
+    postgres_server,
+    quantile,
+    query,
+    run_main,
+    start_servers,
+    value,
+    with_database,
+)
 from rich.table import Table
 from scheduler_tasks import (  # bench/, first on sys.path, as on the instances' PYTHONPATH
     EQUAL_BUSY_SECONDS,
@@ -60,16 +68,10 @@ from scheduler_tasks import (  # bench/, first on sys.path, as on the instances'
 )
 from sqlalchemy.engine import make_url
 
-from tandem.core.database import asyncpg_dsn
-from tandem.core.embedded import start_embedded_postgres
-from tandem.core.migrations import upgrade_to_head
 from tandem.core.settings import Settings
-from tandem.loadtest.client import build_request, fetch, run
 
 BENCH_DIR = Path(__file__).resolve().parent
 EQUAL_INTERVAL_SECONDS = EQUAL_INTERVAL.total_seconds()
-READY_TIMEOUT = 60.0
-STOP_TIMEOUT = 20.0
 # Lines of an instance's log that say the scheduler had trouble (its log level is warning).
 TROUBLE = {
     "self-fenced": "self-fencing",
@@ -79,8 +81,6 @@ TROUBLE = {
     "heartbeat failed": "heartbeat failed",
     "tracebacks": "Traceback",
 }
-
-console = Console()
 
 
 # --- timings ---------------------------------------------------------------------------------
@@ -141,41 +141,6 @@ def default_timings() -> Timings:
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
-def with_database(url: str, name: str) -> str:
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-def query(url: str, statement: str, *args: object) -> list[asyncpg.Record]:
-    """One statement on a connection of its own (so no statistics snapshot is reused)."""
-
-    async def go() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(asyncpg_dsn(url))
-        try:
-            return await conn.fetch(statement, *args)
-        finally:
-            await conn.close()
-
-    return run(go())
-
-
-def value(url: str, statement: str, *args: object) -> Any:
-    return query(url, statement, *args)[0][0]
-
-
-@contextmanager
-def bench_database(server_url: str, purpose: str) -> Iterator[str]:
-    """A new database on the server, migrated to head; dropped (with its connections) after."""
-    name = f"tandem_bench_{purpose}_{uuid.uuid4().hex[:8]}"
-    admin_url = with_database(server_url, "postgres")
-    query(admin_url, f'CREATE DATABASE "{name}"')
-    try:
-        url = with_database(server_url, name)
-        upgrade_to_head(url)
-        yield url
-    finally:
-        query(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def database_now(url: str) -> datetime:
     now: datetime = value(url, "SELECT clock_timestamp()")
     return now
@@ -184,60 +149,22 @@ def database_now(url: str) -> datetime:
 # --- instances -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class Instance:
-    """One ``tandem serve`` process in a session of its own (Ctrl-C reaches only this script,
-    which then stops the instances itself)."""
+class Instance(ServeProcess):
+    """One ``tandem serve`` process with bench/ on its PYTHONPATH (for the task registries)."""
 
     def __init__(self, database_url: str, env: dict[str, str], log_dir: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_dir / f"serve-{self.port}.log"
         python_path = os.pathsep.join(
             p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p
         )
-        full_env = {
-            **os.environ,
-            "TANDEM_DATABASE_URL": database_url,
-            "TANDEM_LOG_LEVEL": "warning",
-            "PYTHONPATH": python_path,
-            **env,
-        }
-        command = [sys.executable, "-m", "tandem", "serve", "--no-migrate"]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-                env=full_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # Not the caller's folder: a stray .env there must not change the settings.
-                cwd=log_dir,
-            )
-        self.killed = False
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def wait_live(self, deadline: float) -> None:
-        request = build_request("GET", "/health/live", f"127.0.0.1:{self.port}")
-        while time.monotonic() < deadline:
-            if not self.alive:
-                raise RuntimeError(f"instance {self.pid} exited:\n{self.log_tail()}")
-            if run(fetch("127.0.0.1", self.port, request, 2.0)).status == 200:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"instance {self.pid} not live in time:\n{self.log_tail()}")
+        super().__init__(
+            database_url,
+            log_dir,
+            label="instance",
+            env={"PYTHONPATH": python_path, **env},
+            migrate=False,
+            # Not the caller's folder: a stray .env there must not change the settings.
+            cwd=log_dir,
+        )
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -245,44 +172,12 @@ class Instance:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    def kill(self) -> None:
-        self.killed = True
-        self.process.kill()
-        self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-
-def stop_instances(instances: Sequence[Instance]) -> None:
-    """SIGTERM all at once (each drains its runs), then wait; SIGKILL what outlives the wait."""
-    for instance in instances:
-        if instance.alive:
-            instance.process.terminate()
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for instance in instances:
-        try:
-            instance.process.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            instance.process.kill()
-            instance.process.wait()
-
 
 def start_instances(
     url: str, count: int, env: dict[str, str], log_dir: Path, stack: ExitStack
 ) -> list[Instance]:
     """``count`` instances started together, live; stopped when ``stack`` closes."""
-    instances: list[Instance] = []
-    stack.callback(stop_instances, instances)
-    for _ in range(count):
-        instances.append(Instance(url, env, log_dir))
-    deadline = time.monotonic() + READY_TIMEOUT
-    for instance in instances:
-        instance.wait_live(deadline)
-    return instances
+    return start_servers(stack, count, lambda _: Instance(url, env, log_dir))
 
 
 def wait_joined(url: str, instances: Sequence[Instance], timings: Timings) -> dict[int, str]:
@@ -324,26 +219,6 @@ def count_trouble(instances: Sequence[Instance]) -> Counter[str]:
 # --- measurements ---------------------------------------------------------------------------
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far; None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) ticks of all CPUs since boot."""
-    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return sum(ticks) - idle, sum(ticks)
-
-
 @dataclass(slots=True)
 class CpuUse:
     machine: float  # share of all CPUs busy (anything on the box)
@@ -351,28 +226,18 @@ class CpuUse:
     backends: float  # cores used by the bench database's backends together
 
 
-class CpuMeter:
-    """CPU used over a window by some processes and by the whole machine."""
+def measure_cpu(meter: CpuMeter, instance_pids: Sequence[int], backends: Sequence[int]) -> CpuUse:
+    elapsed, machine, used = meter.stop()
 
-    def __init__(self, instance_pids: Sequence[int], backend_pids: Sequence[int]) -> None:
-        self._instances = list(instance_pids)
-        self._backends = list(backend_pids)
-        self._started = time.monotonic()
-        self._machine = machine_cpu_ticks()
-        self._before = {pid: process_cpu_seconds(pid) for pid in [*instance_pids, *backend_pids]}
+    def cores(pid: int) -> float:
+        seconds = used[pid]
+        return 0.0 if seconds is None else seconds / elapsed
 
-    def _used(self, pid: int, elapsed: float) -> float:
-        before, after = self._before[pid], process_cpu_seconds(pid)
-        return 0.0 if before is None or after is None else (after - before) / elapsed
-
-    def stop(self) -> CpuUse:
-        elapsed = time.monotonic() - self._started
-        busy, total = machine_cpu_ticks()
-        return CpuUse(
-            machine=(busy - self._machine[0]) / max(total - self._machine[1], 1),
-            instances=[self._used(pid, elapsed) for pid in self._instances],
-            backends=sum(self._used(pid, elapsed) for pid in self._backends),
-        )
+    return CpuUse(
+        machine=machine,
+        instances=[cores(pid) for pid in instance_pids],
+        backends=sum(cores(pid) for pid in backends),
+    )
 
 
 def backend_pids(url: str) -> list[int]:
@@ -406,11 +271,13 @@ def measure_spread(
 ) -> Spread:
     """Start lag and runs per instance for the runs started within a window of ``seconds``,
     and the CPU it took."""
-    meter = CpuMeter([instance.pid for instance in instances], backend_pids(url))
+    instance_pids = [instance.pid for instance in instances]
+    backends = backend_pids(url)
+    meter = CpuMeter([*instance_pids, *backends])
     since = database_now(url)
     time.sleep(seconds)
     until = database_now(url)
-    cpu = meter.stop()
+    cpu = measure_cpu(meter, instance_pids, backends)
     rows = query(
         url,
         "SELECT instance_id, status, "
@@ -660,14 +527,6 @@ def measure_idle(
 # --- figures --------------------------------------------------------------------------------
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank quantile; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
 def lag_summary(values: Sequence[float]) -> str:
     if not values:
         return "no runs"
@@ -786,13 +645,7 @@ def figures(
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> int:
     began = time.monotonic()
-    server_url = args.database_url or os.environ.get("TANDEM_DATABASE_URL")
-    if server_url:
-        where = "given server"
-    else:
-        console.print("starting an embedded PostgreSQL ...")
-        server_url = start_embedded_postgres(workdir, cleanup="delete")
-        where = "embedded"
+    server_url, where = postgres_server(args.database_url, workdir)
     failures: list[str] = []
     timings = COMPRESSED
     admin_url = with_database(server_url, "postgres")
@@ -853,19 +706,11 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
     return 1 if failures else 0
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=5)
     parser.add_argument("--tasks", type=int, default=100)
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        help="a PostgreSQL server to use (default: TANDEM_DATABASE_URL, else embedded)",
-    )
+    add_database_argument(parser)
     parser.add_argument("--steady", type=float, default=20.0, help="steady window, seconds")
     parser.add_argument(
         "--settle", type=float, default=3.0, help="seconds after joining before the window"
@@ -878,19 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.instances < 2 or args.tasks < 1:
         parser.error("--instances must be at least 2 (one is killed) and --tasks positive")
 
-    # SIGTERM unwinds like Ctrl-C, so the instances and the databases are cleaned up either way.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-scheduler-"))
-    # Registered before the embedded server's own exit handler, so it runs after it.
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    try:
-        return run_bench(args, workdir)
-    except KeyboardInterrupt:
-        console.print("interrupted; everything started was stopped")
-        return 130
-    except RuntimeError as error:
-        console.print(f"FAILED: {error}", style="bold red")
-        return 1
+    # Each phase has an ExitStack of its own (its instances stop before the next phase).
+    return run_main("tandem-bench-scheduler-", lambda workdir, _: run_bench(args, workdir))
 
 
 if __name__ == "__main__":

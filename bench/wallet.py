@@ -26,85 +26,58 @@ Prints figures; exits 1 only when a burst's outcome was wrong or something faile
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import re
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from types import FrameType
 
-import asyncpg
-from rich.console import Console
+from common import (  # bench/common.py: bench/ is first on sys.path when this runs as a script
+    AMOUNT,
+    ServeProcess,
+    add_burst_arguments,
+    bench_database,
+    burst,
+    check,
+    console,
+    divide,
+    postgres_description,
+    postgres_server,
+    quantile,
+    ratios,
+    run_main,
+    seconds,
+    start_servers,
+    value,
+)
 from rich.table import Table
-from sqlalchemy.engine import make_url
 
 from tandem.cli import raise_fd_limit
 from tandem.core.database import asyncpg_dsn
-from tandem.core.embedded import pgbench_path, start_embedded_postgres
-from tandem.core.migrations import upgrade_to_head
+from tandem.core.embedded import pgbench_path
 from tandem.core.settings import Settings
-from tandem.loadtest import BurstReport, withdraw_burst
-from tandem.loadtest.client import Result, build_request, fetch, run, send_keepalive
+from tandem.loadtest import BurstReport
+from tandem.loadtest.client import Result, build_request, run, send_keepalive
 from tandem.wallet.repository import APPLY_DELTA
 
-AMOUNT = 2
 WARMUP_REQUESTS = 1000
-READY_TIMEOUT = 60.0
-
-console = Console()
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
-def with_database(url: str, name: str) -> str:
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-async def _execute(url: str, statement: str, *args: object) -> object:
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        return await conn.fetchval(statement, *args)
-    finally:
-        await conn.close()
-
-
-def sql(url: str, statement: str, *args: object) -> object:
-    """One statement on its own connection; the first column of the first row."""
-    return run(_execute(url, statement, *args))
-
-
-@contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A new database on the server, migrated to head; dropped afterwards."""
-    name = f"tandem_bench_{uuid.uuid4().hex[:12]}"
-    admin_url = with_database(server_url, "postgres")
-    sql(admin_url, f'CREATE DATABASE "{name}"')
-    try:
-        url = with_database(server_url, name)
-        upgrade_to_head(url)
-        yield url
-    finally:
-        sql(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def create_user(url: str, balance: int) -> int:
-    return int(str(sql(url, "INSERT INTO users (balance) VALUES ($1) RETURNING id", balance)))
+    return int(value(url, "INSERT INTO users (balance) VALUES ($1) RETURNING id", balance))
 
 
 def read_balance(url: str, user_id: int) -> int:
-    return int(str(sql(url, "SELECT balance FROM users WHERE id = $1", user_id)))
+    return int(value(url, "SELECT balance FROM users WHERE id = $1", user_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,75 +128,7 @@ def run_pgbench(url: str, script: Path, transactions: int, clients: int) -> Pgbe
     )
 
 
-# --- servers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class ServerProcess:
-    """``tandem serve`` in a subprocess of its own session (Ctrl-C reaches only this script,
-    which then stops the server in order)."""
-
-    def __init__(self, database_url: str, *, fast_path: bool, log_dir: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.label = "fast path" if fast_path else "FastAPI path"
-        self.log_path = log_dir / f"serve-{self.port}.log"
-        env = {
-            **os.environ,
-            "TANDEM_DATABASE_URL": database_url,
-            "TANDEM_WALLET_FAST_PATH": "true" if fast_path else "false",
-            "TANDEM_LOG_LEVEL": "warning",
-        }
-        command = [sys.executable, "-m", "tandem", "serve", "--host", "127.0.0.1"]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [*command, "--port", str(self.port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def wait_ready(self) -> None:
-        request = build_request("GET", "/health/ready", f"127.0.0.1:{self.port}")
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.label} server exited:\n{self.log_tail()}")
-            if run(fetch("127.0.0.1", self.port, request, 2.0)).status == 200:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"{self.label} server not ready in {READY_TIMEOUT} s:\n{self.log_tail()}"
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # uvicorn shuts down gracefully on SIGTERM
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
-
-
 # --- measurements ----------------------------------------------------------------------------
-
-
-def burst(server: ServerProcess, requests: int) -> BurstReport:
-    return run(
-        withdraw_burst(server.base_url, requests=requests, amount=AMOUNT, initial_balance=requests)
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,13 +144,7 @@ class ReadResult:
         return self.requests / self.wall_time
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
-def read_throughput(
-    server: ServerProcess, user_id: int, total: int, connections: int
-) -> ReadResult:
+def read_throughput(server: ServeProcess, user_id: int, total: int, connections: int) -> ReadResult:
     request = build_request(
         "GET", f"/balance/{user_id}", f"127.0.0.1:{server.port}", keep_alive=True
     )
@@ -254,48 +153,22 @@ def read_throughput(
         send_keepalive("127.0.0.1", server.port, request, total, connections)
     )
     wall_time = time.perf_counter() - started
-    latencies = sorted(result.latency for result in results)
+    latencies = [result.latency for result in results]
     return ReadResult(
         requests=total,
         wall_time=wall_time,
         errors=sum(1 for result in results if result.status != 200),
-        p50=_quantile(latencies, 0.5),
-        p99=_quantile(latencies, 0.99),
+        p50=quantile(latencies, 0.5),
+        p99=quantile(latencies, 0.99),
     )
 
 
 # --- the run ---------------------------------------------------------------------------------
 
 
-def postgres_description(url: str) -> str:
-    version = sql(url, "SELECT current_setting('server_version')")
-    fsync = sql(url, "SELECT current_setting('fsync')")
-    sync_commit = sql(url, "SELECT current_setting('synchronous_commit')")
-    return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync_commit}"
-
-
-def check(report: BurstReport, label: str, failures: list[str]) -> None:
-    if not report.passed:
-        failures.extend(f"{label}: {problem}" for problem in report.problems())
-
-
-def seconds(values: Sequence[float]) -> list[str]:
-    return [f"{value:.2f} s" for value in values]
-
-
-def ratios(values: Sequence[float]) -> list[str]:
-    return [f"{value:.2f}" for value in values]
-
-
 def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
-    server_url = args.database_url or os.environ.get("TANDEM_DATABASE_URL")
-    if server_url:
-        where = "given server"
-    else:
-        console.print("starting an embedded PostgreSQL ...")
-        server_url = start_embedded_postgres(workdir, cleanup="delete")
-        where = "embedded"
-    url = stack.enter_context(bench_database(server_url))
+    server_url, where = postgres_server(args.database_url, workdir)
+    url = stack.enter_context(bench_database(server_url, "wallet"))
     pool_size = Settings().db_pool_size
     console.print(
         f"{postgres_description(url)} ({where}); {os.cpu_count()} CPUs; "
@@ -303,16 +176,20 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         soft_wrap=True,
     )
 
-    servers: list[ServerProcess] = []
-    for fast_path in (True, False):
-        servers.append(ServerProcess(url, fast_path=fast_path, log_dir=workdir))
-        stack.callback(servers[-1].stop)
-    for server in servers:
-        server.wait_ready()
+    def start(index: int) -> ServeProcess:
+        fast_path = index == 0
+        return ServeProcess(
+            url,
+            workdir,
+            label="fast path" if fast_path else "FastAPI path",
+            env={"TANDEM_WALLET_FAST_PATH": "true" if fast_path else "false"},
+        )
+
+    servers = start_servers(stack, 2, start, ready_path="/health/ready")
     fast, slow = servers
     console.print(f"servers ready; warm-up: {WARMUP_REQUESTS} withdrawals each (not counted)")
     for server in servers:
-        burst(server, WARMUP_REQUESTS)
+        burst(server.base_url, WARMUP_REQUESTS)
 
     script = pgbench_script(workdir / "apply_delta.sql")
     floors: list[PgbenchResult] = []
@@ -324,10 +201,10 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         if not floors[-1].final_balance_ok:
             failures.append(f"run {index + 1}: pgbench left an unexpected balance")
         time.sleep(1)  # let the previous step's sockets and backends wind down
-        fast_bursts.append(burst(fast, args.requests))
+        fast_bursts.append(burst(fast.base_url, args.requests))
         check(fast_bursts[-1], f"run {index + 1} fast path", failures)
         time.sleep(1)
-        slow_bursts.append(burst(slow, args.requests))
+        slow_bursts.append(burst(slow.base_url, args.requests))
         check(slow_bursts[-1], f"run {index + 1} FastAPI path", failures)
         console.print(
             f"run {index + 1}/{args.runs}: pgbench {floors[-1].wall_time:.2f} s, "
@@ -354,8 +231,8 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     table.add_column("median", justify="right", style="bold")
     # Ratios are taken within each run (its steps ran back to back, so a slow spell of a shared
     # box weighs on both sides), and their median is the figure quoted.
-    ratio = _divide(fast_times, floor_times)
-    gain = _divide(slow_times, fast_times)
+    ratio = divide(fast_times, floor_times)
+    gain = divide(slow_times, fast_times)
     rows: list[tuple[str, list[float], Callable[[Sequence[float]], list[str]]]] = [
         (f"(b) pgbench floor (-c {pool_size}, prepared)", floor_times, seconds),
         ("    pgbench's own tps", [result.tps for result in floors], _tps),
@@ -398,45 +275,18 @@ def _tps(values: Sequence[float]) -> list[str]:
     return [f"{value:,.0f}" for value in values]
 
 
-def _divide(top: Sequence[float], bottom: Sequence[float]) -> list[float]:
-    return [a / b for a, b in zip(top, bottom, strict=True)]
-
-
 def _p99(reports: Sequence[BurstReport]) -> list[float]:
     return [report.latency_quantile(0.99) for report in reports]
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=1, help="repeat floor and bursts N times")
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        help="a PostgreSQL server to use (default: TANDEM_DATABASE_URL, else embedded)",
-    )
-    parser.add_argument("--requests", type=int, default=10_000)
+    add_burst_arguments(parser, runs=1, runs_help="repeat floor and bursts N times")
     parser.add_argument("--read-requests", type=int, default=20_000)
     parser.add_argument("--read-connections", type=int, default=200)
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.requests < 1:
-        parser.error("--runs and --requests must be positive")
-
     raise_fd_limit()
-    # SIGTERM unwinds like Ctrl-C, so the servers and the database are stopped either way.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
-    # Registered before the embedded server's own exit handler, so it runs after it.
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    try:
-        with ExitStack() as stack:
-            return run_bench(args, workdir, stack)
-    except KeyboardInterrupt:
-        console.print("interrupted; everything started was stopped")
-        return 130
+    return run_main("tandem-bench-", partial(run_bench, args))
 
 
 if __name__ == "__main__":

@@ -184,3 +184,13 @@ def test_dockerfile_is_multi_stage_non_root_and_signal_safe() -> None:
     entrypoint = next(rest for keyword, rest in runtime if keyword == "ENTRYPOINT")
     assert json.loads(entrypoint) == ["tandem"]
     assert json.loads(next(rest for keyword, rest in runtime if keyword == "CMD")) == ["serve"]
+
+
+def test_listen_backlogs_are_not_capped(compose: dict[str, Any]) -> None:
+    """The kernel caps a listen backlog at net.core.somaxconn (4096 by default): the app and
+    nginx containers raise it to the backlog the app asks for, so a burst on one replica is
+    queued rather than dropped (bench/topology.py measured the drops)."""
+    backlog = Settings().backlog
+    for name in ("app", "nginx"):
+        sysctls = compose["services"][name]["sysctls"]
+        assert int(sysctls["net.core.somaxconn"]) >= backlog, name
