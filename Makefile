@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test lint format bench loadtest clean
+.PHONY: help setup run serve test lint format bench bench-topology loadtest clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,9 @@ loadtest: $(STAMP) ## 10000 concurrent withdrawals against a running `make run`
 
 bench: $(STAMP) ## wallet benchmark: database floor vs end to end, medians of 3
 	$(BIN)/python bench/wallet.py --runs 3
+
+bench-topology: $(STAMP) ## the burst on 1 instance vs 5 (SO_REUSEPORT) vs nginx, medians of 3
+	$(BIN)/python bench/topology.py --runs 3
 
 clean: ## remove the venv, caches and the embedded database
 	rm -rf $(VENV) .tandem .pytest_cache .mypy_cache .ruff_cache .hypothesis
