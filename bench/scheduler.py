@@ -486,6 +486,7 @@ def measure_idle(
         statements = has_pg_stat_statements(url)
         env = {
             "TANDEM_SCHEDULER_ENABLED": "true",
+            "TANDEM_MAINTENANCE_ENABLED": "false",  # only the bench's own tasks
             "TANDEM_SCHEDULER_TASKS": "scheduler_tasks:idle",
             **timings.env(),
         }
@@ -662,6 +663,7 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
         url = phase.enter_context(bench_database(server_url, "cron"))
         env = {
             "TANDEM_SCHEDULER_ENABLED": "true",
+            "TANDEM_MAINTENANCE_ENABLED": "false",  # only the bench's own tasks
             "TANDEM_SCHEDULER_TASKS": "scheduler_tasks:equal",
             "TANDEM_BENCH_TASKS": str(args.tasks),
             **timings.env(),

@@ -29,10 +29,11 @@ from tandem.core.database import (
 from tandem.core.errors import AppError, error_for_unexpected
 from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings, get_settings
+from tandem.maintenance import maintenance_registry
 from tandem.observability.endpoints import router as observability_router
 from tandem.observability.metrics import INSTANCE_INFO, ASGIApp, HttpMetricsMiddleware
 from tandem.scheduler.endpoints import router as scheduler_router
-from tandem.scheduler.registry import load_registry
+from tandem.scheduler.registry import Registry, load_registry
 from tandem.scheduler.runner import Runner
 from tandem.status.endpoints import router as status_router
 from tandem.wallet.endpoints import router as wallet_router
@@ -160,6 +161,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resources.sessionmaker = create_sessionmaker(resources.engine)
         if settings.scheduler_enabled:
             registry = load_registry(settings.scheduler_tasks)
+            if settings.maintenance_enabled:
+                registry = Registry.combine(registry, maintenance_registry(settings))
             resources.runner = Runner(
                 settings, registry, connect_function(settings), resources.instance_id
             )

@@ -109,6 +109,8 @@ def start_server(
         "TANDEM_LOG_LEVEL": "warning",
         # Off unless a test asks for it: the wallet's tests should not share the CPU with it.
         "TANDEM_SCHEDULER_ENABLED": "false",
+        # Housekeeping tasks would join every scheduler test's task set: on when asked for.
+        "TANDEM_MAINTENANCE_ENABLED": "false",
         **(extra_env or {}),
     }
     with log_path.open("wb") as log:

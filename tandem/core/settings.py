@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     # Name of a demo task that fails on purpose (to show failures in history), or "".
     scheduler_failing_task: str = ""
 
+    # --- housekeeping: tasks of the cluster cron itself (tandem/maintenance.py) ----------
+    maintenance_enabled: bool = True
+    # How often each housekeeping task runs (seconds, times scheduler_time_scale).
+    maintenance_interval: float = Field(default=3600.0, gt=0)
+    # Finished task runs older than this are deleted (seconds; 30 days).
+    history_retention: float = Field(default=30 * 86400.0, gt=0)
+    # Idempotency keys older than this are deleted (seconds; 24 hours): a retry after that
+    # is a new request.
+    idempotency_retention: float = Field(default=86400.0, gt=0)
+    # Rows deleted per statement: short transactions, however much has piled up.
+    maintenance_batch: int = Field(default=5000, ge=1, le=1_000_000)
+
     def require_database_url(self) -> str:
         if not self.database_url:
             raise RuntimeError(

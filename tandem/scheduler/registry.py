@@ -82,6 +82,15 @@ class Registry:
 
         return register
 
+    @classmethod
+    def combine(cls, *registries: Registry) -> Registry:
+        """A new registry with every task of ``registries``; a name in two is an error."""
+        combined = cls()
+        for registry in registries:
+            for definition in registry.all():
+                combined.task(definition.name, definition.interval)(definition.function)
+        return combined
+
     def get(self, name: str) -> TaskDefinition | None:
         return self._tasks.get(name)
 

@@ -231,6 +231,12 @@ async def complete_run(
     return await db.fetchval(COMPLETE_RUN, task_id, fence, status, due_again, error) is not None
 
 
+async def prune_history(db: Db, older_than: timedelta, batch: int) -> int:
+    """Deletes up to ``batch`` runs that finished before ``older_than`` ago; returns how many."""
+    status = await db.execute(PRUNE_HISTORY, older_than, batch)
+    return int(status.rsplit(" ", 1)[1])
+
+
 async def task_health(db: Db) -> list[asyncpg.Record]:
     return await db.fetch(TASK_HEALTH)
 
@@ -292,6 +298,18 @@ LIMIT :limit
 """
 
 DATABASE_NOW = "SELECT clock_timestamp()"
+
+# Finished runs past their retention, a batch at a time (a running row is never touched: it
+# has no end). SKIP LOCKED: concurrent pruners split the work.
+PRUNE_HISTORY = """
+DELETE FROM task_history WHERE id IN (
+    SELECT id FROM task_history
+    WHERE finished_at < clock_timestamp() - $1::interval
+    ORDER BY finished_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+"""
 
 # Every enabled task's interval and the time it last succeeded (its registration time if it
 # never did), in Unix seconds: what the "task not succeeding" alert compares.

@@ -7,6 +7,7 @@ statement per connection, so the hot path pays parsing and planning once.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import NamedTuple
 
 import asyncpg
@@ -51,6 +52,18 @@ SELECT user_id, amount, outcome, balance FROM idempotency_keys WHERE key = $1
 
 RECORD_IDEMPOTENCY_OUTCOME = """
 UPDATE idempotency_keys SET outcome = $2, balance = $3 WHERE key = $1
+"""
+
+# Keys past their retention, a batch at a time. SKIP LOCKED: a row another transaction holds
+# (a retry of that very key in flight) is left for the next round instead of waited on.
+PRUNE_IDEMPOTENCY_KEYS = """
+DELETE FROM idempotency_keys WHERE key IN (
+    SELECT key FROM idempotency_keys
+    WHERE created_at < clock_timestamp() - $1::interval
+    ORDER BY created_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
 """
 
 
@@ -99,3 +112,9 @@ async def record_idempotency_outcome(
     conn: Connection, key: str, outcome: str, balance: int | None
 ) -> None:
     await conn.execute(RECORD_IDEMPOTENCY_OUTCOME, key, outcome, balance)
+
+
+async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch: int) -> int:
+    """Deletes up to ``batch`` keys created before ``older_than`` ago; returns how many."""
+    status = await conn.execute(PRUNE_IDEMPOTENCY_KEYS, older_than, batch)
+    return int(status.rsplit(" ", 1)[1])

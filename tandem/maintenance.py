@@ -1,0 +1,72 @@
+"""Housekeeping, run by the cluster cron itself: one instance at a time, with history, in
+``GET /tasks`` and on the status page like any task.
+
+- ``tandem.prune_task_history``: deletes finished runs older than TANDEM_HISTORY_RETENTION.
+- ``tandem.prune_idempotency_keys``: deletes keys older than TANDEM_IDEMPOTENCY_RETENTION.
+
+Wiring, like main.py: it joins each domain's named pruning statement to the scheduler's
+registry, so neither the wallet nor the scheduler imports the other. Each run deletes in
+batches of TANDEM_MAINTENANCE_BATCH rows (one short transaction each) on a connection of its
+own, never the wallet's hot pool, and stops between batches when cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import asyncpg
+
+from tandem.core.database import connect_function
+from tandem.core.settings import Settings, get_settings
+from tandem.scheduler import repository as scheduler_repository
+from tandem.scheduler.registry import Registry, TaskContext
+from tandem.wallet import repository as wallet_repository
+
+PRUNE_HISTORY_TASK = "tandem.prune_task_history"
+PRUNE_KEYS_TASK = "tandem.prune_idempotency_keys"
+
+PruneBatch = Callable[[asyncpg.Connection, timedelta, int], Awaitable[int]]
+
+
+async def _prune(ctx: TaskContext, prune: PruneBatch, older_than: float, what: str) -> None:
+    settings = get_settings()
+    conn = await connect_function(settings, application_name="tandem-maintenance")()
+    try:
+        total = 0
+        while True:
+            ctx.check()
+            deleted = await prune(conn, timedelta(seconds=older_than), settings.maintenance_batch)
+            total += deleted
+            if deleted < settings.maintenance_batch:
+                break
+    finally:
+        await conn.close()
+    ctx.log.info("deleted %d %s older than %s", total, what, timedelta(seconds=older_than))
+
+
+async def prune_task_history(ctx: TaskContext) -> None:
+    await _prune(
+        ctx,
+        scheduler_repository.prune_history,
+        get_settings().history_retention,
+        "finished task runs",
+    )
+
+
+async def prune_idempotency_keys(ctx: TaskContext) -> None:
+    await _prune(
+        ctx,
+        wallet_repository.prune_idempotency_keys,
+        get_settings().idempotency_retention,
+        "idempotency keys",
+    )
+
+
+def maintenance_registry(settings: Settings) -> Registry:
+    """The housekeeping tasks, due every TANDEM_MAINTENANCE_INTERVAL."""
+    registry = Registry()
+    every = timedelta(seconds=settings.maintenance_interval)
+    registry.task(PRUNE_HISTORY_TASK, every)(prune_task_history)
+    registry.task(PRUNE_KEYS_TASK, every)(prune_idempotency_keys)
+    return registry
