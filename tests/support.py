@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 from sqlalchemy.engine import make_url
 
 from tandem.core.database import asyncpg_dsn
@@ -135,3 +137,29 @@ def start_server(
         time.sleep(0.1)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not live in 30 s:\n{server.log()}")
+
+
+# How to get a tool on Debian or Ubuntu, for the skip message (`.ci/run` installs them all).
+INSTALL_HINTS = {
+    "promtool": "apt-get install prometheus",
+    "prometheus": "apt-get install prometheus",
+    "nginx": "apt-get install nginx-light",
+    "docker-compose": "apt-get install docker-compose",
+    "chromium": "apt-get install chromium",
+    "faketime": "apt-get install faketime",
+}
+
+
+def require_tool(name: str) -> str:
+    """The path of a command-line tool. Missing, the test is skipped, except on CI (the CI
+    variable set to anything but "", "0" or "false"), which installs the tools: there a
+    missing tool must fail the run instead of passing it quietly."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is not None:
+        return path
+    message = f"`{name}` is not on PATH"
+    if name in INSTALL_HINTS:
+        message += f" (Debian/Ubuntu: {INSTALL_HINTS[name]})"
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+        pytest.fail(f"{message}; CI is set, so the check must run", pytrace=False)
+    pytest.skip(message)

@@ -9,9 +9,7 @@ only imports what a server can import too.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +19,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -50,28 +47,6 @@ PROMETHEUS_MADE: dict[str, frozenset[str]] = {
 
 
 # --- the real tools ---------------------------------------------------------------------
-
-
-# How to get a tool on Debian or Ubuntu, for the skip message.
-INSTALL_HINTS = {
-    "promtool": "apt-get install prometheus",
-    "prometheus": "apt-get install prometheus",
-}
-
-
-def require_tool(name: str) -> str:
-    """The path of a command-line tool. Missing, the test is skipped, except on CI (the CI
-    variable set to anything but "", "0" or "false"), which installs the tools: there a
-    missing tool must fail the run instead of passing it quietly."""
-    path = shutil.which(name)
-    if path is not None:
-        return path
-    message = f"`{name}` is not on PATH"
-    if name in INSTALL_HINTS:
-        message += f" (Debian/Ubuntu: {INSTALL_HINTS[name]})"
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
-        pytest.fail(f"{message}; CI is set, so the check must run", pytrace=False)
-    pytest.skip(message)
 
 
 def run_tool(*args: str | Path, cwd: Path | None = None) -> str:

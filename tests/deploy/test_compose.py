@@ -16,8 +16,7 @@ import yaml
 
 from tandem.cli import GRACEFUL_SHUTDOWN_SECONDS
 from tandem.core.settings import Settings
-from tests.deploy.observability import require_tool
-from tests.support import REPO
+from tests.support import REPO, require_tool
 
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"

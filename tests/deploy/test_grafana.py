@@ -25,9 +25,9 @@ from tests.deploy.observability import (
     iter_panels,
     load_yaml,
     mounted_source,
-    require_tool,
     run_tool,
 )
+from tests.support import require_tool
 
 GRID_COLUMNS = 24
 # Grafana 11 (the compose file's image) reads schema versions up to 40 and migrates older ones.

@@ -28,8 +28,7 @@ from tandem.cli import raise_fd_limit
 from tandem.core.database import asyncpg_dsn
 from tandem.core.settings import Settings
 from tandem.loadtest import withdraw_burst
-from tests.deploy.observability import require_tool
-from tests.support import Server, free_port, start_server
+from tests.support import Server, free_port, require_tool, start_server
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
 LISTEN = re.compile(r"^(\s*)listen 8080 ", re.M)

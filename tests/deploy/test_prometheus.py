@@ -15,9 +15,9 @@ from tests.deploy.observability import (
     alert_rules,
     load_yaml,
     mounted_source,
-    require_tool,
     run_tool,
 )
+from tests.support import require_tool
 
 SEVERITIES = {"critical", "warning", "info"}
 

@@ -31,9 +31,8 @@ from tests.deploy.observability import (
     grafana_to_promql,
     load_yaml,
     make_wallet_traffic,
-    require_tool,
 )
-from tests.support import Server, free_port, start_server
+from tests.support import Server, free_port, require_tool, start_server
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ import itertools
 import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from tandem.core.database import asyncpg_dsn
 from tests.scheduler.registries import PROBE_TABLE
-from tests.support import Server, empty_database, start_server
+from tests.support import Server, empty_database, require_tool, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -466,3 +467,56 @@ def test_task_gauges_follow_the_database(cron_db: str, tmp_path: Path) -> None:
         assert _gauge(server, "tandem_scheduler_task_interval_seconds", "Quick") is None
     finally:
         server.stop()
+
+
+def faketime_library() -> str:
+    """libfaketime, which shifts a process's wall clock (Debian's faketime package)."""
+    require_tool("faketime")
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    found += sorted(Path("/usr/lib/faketime").glob("libfaketime.so.1"))
+    assert found, "the faketime command is installed but not libfaketime.so.1"
+    return str(found[0])
+
+
+def test_a_wrong_local_clock_changes_nothing(cron_db: str, tmp_path: Path) -> None:
+    """Three instances, one with its wall clock two hours ahead and one an hour behind
+    (libfaketime): each still gets its share of runs, no run starts before its slot, starts
+    are on time by the database clock, no two runs overlap, and the history is consistent.
+    The scheduler reads no local wall clock."""
+    from email.utils import parsedate_to_datetime
+
+    library = faketime_library()
+    skews = {"+2h": 7200.0, "-1h": -3600.0, "": 0.0}
+    servers: list[Server] = []
+    exit_codes: list[int] = []
+    try:
+        for skew in skews:
+            faked = {"LD_PRELOAD": library, "FAKETIME": skew, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+            servers += start_cluster(cron_db, tmp_path, "equal", 1, **(faked if skew else {}))
+        # The skew is real: each server's Date header (its wall clock) is off by it.
+        for server, offset in zip(servers, skews.values(), strict=True):
+            date = parsedate_to_datetime(httpx.get(f"{server.url}/health/live").headers["date"])
+            assert abs(date.timestamp() - time.time() - offset) < 60
+        time.sleep(2)
+        since = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+        time.sleep(12)
+        until = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+    finally:
+        exit_codes = stop_all(servers)
+    assert exit_codes == [0, 0, 0], [s.log()[-2000:] for s in servers]
+    runs = query(
+        cron_db,
+        "SELECT instance_id, started_at, scheduled_for, "
+        "extract(epoch FROM started_at - scheduled_for) AS lag FROM task_history "
+        "WHERE status = 'succeeded' AND started_at > $1 AND started_at < $2",
+        since,
+        until,
+    )
+    counts = sorted(Counter(r["instance_id"] for r in runs).values())
+    assert len(counts) == 3, counts
+    assert counts[-1] / counts[0] < 1.5, counts
+    assert all(r["lag"] >= 0 for r in runs)
+    lags = sorted(float(r["lag"]) for r in runs)
+    assert lags[len(lags) // 2] < 1.0, lags[len(lags) // 2]
+    assert probe_overlaps(cron_db) == 0
+    assert_history_consistent(cron_db)
