@@ -520,3 +520,51 @@ def test_a_wrong_local_clock_changes_nothing(cron_db: str, tmp_path: Path) -> No
     assert lags[len(lags) // 2] < 1.0, lags[len(lags) // 2]
     assert probe_overlaps(cron_db) == 0
     assert_history_consistent(cron_db)
+
+
+def test_share_follows_scaling(cron_db: str, tmp_path: Path) -> None:
+    """Forty equal tasks while the cluster grows 2 -> 5 -> 8 instances and shrinks to 3
+    (SIGTERM): in a window after each change, every live instance runs between half and
+    twice its fair share 1/N, no stopped one runs anything, and no two runs overlap."""
+    steal = {
+        "TANDEM_SCHEDULER_STEAL_AFTER": "3.0",  # as in the spread test
+        # Eight instances must fit the test server's 100 connections: no wallet traffic here.
+        "TANDEM_DB_POOL_SIZE": "1",
+        "TANDEM_DB_ENGINE_POOL_SIZE": "1",
+    }
+    servers = start_cluster(cron_db, tmp_path, "equal", 2, **steal)
+    phases: list[tuple[set[str], object, object]] = []
+    exit_codes: list[int] = []
+    try:
+        for size in (2, 5, 8, 3):
+            if size > len(servers):
+                servers += start_cluster(cron_db, tmp_path, "equal", size - len(servers), **steal)
+            else:
+                leaving, servers = servers[size:], servers[:size]
+                exit_codes += stop_all(leaving)
+            time.sleep(3)  # joins and leaves settle; fair share adapts
+            since = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+            time.sleep(6)
+            until = query(cron_db, "SELECT clock_timestamp() AS t")[0]["t"]
+            phases.append(({instance_of(s) for s in servers}, since, until))
+    finally:
+        exit_codes += stop_all(servers)
+    assert exit_codes == [0] * 8, [s.log()[-2000:] for s in servers]
+    shares = []
+    for live, since, until in phases:
+        rows = query(
+            cron_db,
+            "SELECT instance_id, count(*) AS n FROM task_history WHERE status = 'succeeded' "
+            "AND started_at > $1 AND started_at < $2 GROUP BY instance_id",
+            since,
+            until,
+        )
+        counts = {r["instance_id"]: r["n"] for r in rows}
+        assert set(counts) == live, (len(live), counts)
+        total = sum(counts.values())
+        fair = total / len(live)
+        assert all(0.5 * fair <= n <= 2 * fair for n in counts.values()), (len(live), counts)
+        shares.append(sorted(counts.values()))
+    print(f"runs per instance by phase: {shares}")
+    assert probe_overlaps(cron_db) == 0
+    assert_history_consistent(cron_db)
