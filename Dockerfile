@@ -7,15 +7,19 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
-WORKDIR /src
 RUN python -m venv /opt/tandem
 # Dependencies in their own layer: a stub package with the real pyproject.toml, so the layer is
-# rebuilt only when the dependencies change, not on every code change.
+# rebuilt only when the dependencies change, not on every code change. Built in a folder of
+# its own: setuptools' build/ cache there would otherwise outlive it (an empty __init__.py
+# newer than the real one ended up in the image).
+WORKDIR /stub
 COPY pyproject.toml README.md ./
 RUN mkdir tandem \
     && touch tandem/__init__.py \
     && /opt/tandem/bin/pip install . \
     && /opt/tandem/bin/pip uninstall --yes tandem
+WORKDIR /src
+COPY pyproject.toml README.md ./
 COPY tandem ./tandem
 RUN /opt/tandem/bin/pip install --no-deps . \
     && /opt/tandem/bin/python -m compileall -q /opt/tandem/lib

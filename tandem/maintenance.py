@@ -18,7 +18,7 @@ from datetime import timedelta
 import asyncpg
 
 from tandem.core.database import connect_function
-from tandem.core.settings import Settings, get_settings
+from tandem.core.settings import Settings
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.registry import Registry, TaskContext
 from tandem.wallet import repository as wallet_repository
@@ -29,8 +29,11 @@ PRUNE_KEYS_TASK = "tandem.prune_idempotency_keys"
 PruneBatch = Callable[[asyncpg.Connection, timedelta, int], Awaitable[int]]
 
 
-async def _prune(ctx: TaskContext, prune: PruneBatch, older_than: float, what: str) -> None:
-    settings = get_settings()
+async def _prune(
+    ctx: TaskContext, settings: Settings, prune: PruneBatch, older_than: float, what: str
+) -> None:
+    # Repositories straight from here, no service in between: this module is wiring (the
+    # task body is the service), and each statement is one domain's own named SQL.
     conn = await connect_function(settings, application_name="tandem-maintenance")()
     try:
         total = 0
@@ -45,26 +48,18 @@ async def _prune(ctx: TaskContext, prune: PruneBatch, older_than: float, what: s
     ctx.log.info("deleted %d %s older than %s", total, what, timedelta(seconds=older_than))
 
 
-async def prune_task_history(ctx: TaskContext) -> None:
-    await _prune(
-        ctx,
-        scheduler_repository.prune_history,
-        get_settings().history_retention,
-        "finished task runs",
-    )
-
-
-async def prune_idempotency_keys(ctx: TaskContext) -> None:
-    await _prune(
-        ctx,
-        wallet_repository.prune_idempotency_keys,
-        get_settings().idempotency_retention,
-        "idempotency keys",
-    )
-
-
 def maintenance_registry(settings: Settings) -> Registry:
-    """The housekeeping tasks, due every TANDEM_MAINTENANCE_INTERVAL."""
+    """The housekeeping tasks, due every TANDEM_MAINTENANCE_INTERVAL, bound to ``settings``
+    (the app's, not whatever the environment says)."""
+
+    async def prune_task_history(ctx: TaskContext) -> None:
+        history = scheduler_repository.prune_history
+        await _prune(ctx, settings, history, settings.history_retention, "finished task runs")
+
+    async def prune_idempotency_keys(ctx: TaskContext) -> None:
+        keys = wallet_repository.prune_idempotency_keys
+        await _prune(ctx, settings, keys, settings.idempotency_retention, "idempotency keys")
+
     registry = Registry()
     every = timedelta(seconds=settings.maintenance_interval)
     registry.task(PRUNE_HISTORY_TASK, every)(prune_task_history)

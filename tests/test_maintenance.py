@@ -82,13 +82,15 @@ def start(url: str, log_dir: Path) -> Server:
         "TANDEM_MAINTENANCE_BATCH": "2",
         "TANDEM_HISTORY_RETENTION": str(RETENTION),
         "TANDEM_IDEMPOTENCY_RETENTION": str(RETENTION),
+        "TANDEM_LOG_LEVEL": "info",  # each run logs how many rows it deleted
     }
     return start_server(url, log_dir, extra_env=env)
 
 
 def test_old_rows_are_pruned_and_recent_ones_kept(seeded: str, tmp_path: Path) -> None:
-    """Runs that ended and keys created before the retention are deleted (more of them than
-    one batch); the run that ended a second ago, the running one and the fresh key stay."""
+    """Runs that ended and keys created before the retention are deleted, all five by one run
+    in batches of two; the run that ended a second ago, the running one and the fresh key
+    stay."""
     server = start(seeded, tmp_path)
     try:
 
@@ -112,6 +114,9 @@ def test_old_rows_are_pruned_and_recent_ones_kept(seeded: str, tmp_path: Path) -
         assert [r["status"] for r in kept] == ["failed", "running"]
         keys = query(seeded, "SELECT key FROM idempotency_keys")
         assert [r["key"] for r in keys] == ["fresh"]
+        # Logged by the run after its last batch (a moment after the rows are gone).
+        for what in ("finished task runs", "idempotency keys"):
+            wait_for(lambda what=what: f"deleted {OLD} {what}" in server.log(), 10)
     finally:
         assert server.stop() == 0, server.log()[-2000:]
 

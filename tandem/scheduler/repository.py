@@ -237,8 +237,8 @@ async def prune_history(db: Db, older_than: timedelta, batch: int) -> int:
     return int(status.rsplit(" ", 1)[1])
 
 
-async def task_health(db: Db) -> list[asyncpg.Record]:
-    return await db.fetch(TASK_HEALTH)
+async def task_health(db: Db, known: list[str]) -> list[asyncpg.Record]:
+    return await db.fetch(TASK_HEALTH, known)
 
 
 async def sweep_expired(db: Db) -> int:
@@ -312,11 +312,13 @@ DELETE FROM task_history WHERE id IN (
 """
 
 # Every enabled task's interval and the time it last succeeded (its registration time if it
-# never did), in Unix seconds: what the "task not succeeding" alert compares.
+# never did), in Unix seconds: what the "task not succeeding" alert compares. Only tasks this
+# instance has code for ($1): a task removed from the code (or housekeeping turned off) keeps
+# its row, but nobody runs it, and it must not alert forever.
 TASK_HEALTH = """
 SELECT name, extract(epoch FROM "interval")::float8 AS interval_seconds,
        extract(epoch FROM coalesce(last_succeeded_at, created_at))::float8 AS last_success
-FROM tasks WHERE enabled
+FROM tasks WHERE enabled AND name = ANY($1::text[])
 """
 
 LIVE_INSTANCES = """

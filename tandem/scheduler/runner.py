@@ -321,12 +321,13 @@ class Runner:
             self._last_forget = time.monotonic()
         if self._heartbeats % _TASK_GAUGES_EVERY == 0:
             with contextlib.suppress(*_DB_ERRORS):
-                self._set_task_gauges(await repository.task_health(db))
+                self._set_task_gauges(await repository.task_health(db, self._known))
         self._heartbeats += 1
 
     def _set_task_gauges(self, rows: list[asyncpg.Record]) -> None:
-        """Export every enabled task's interval and last success; drop paused or removed
-        tasks' series, so an alert never fires on a task nobody expects to run."""
+        """Export the interval and last success of every enabled task this instance has code
+        for; drop the series of tasks paused since, so an alert never fires on a task nobody
+        expects to run."""
         names = set()
         for row in rows:
             names.add(row["name"])

@@ -1,10 +1,13 @@
-"""What the image installs, checked without Docker: the wheel the Dockerfile's `pip install .`
-builds carries everything the service needs at run time (migrations, templates), and runs
-without the embedded-PostgreSQL extra (the image leaves it out)."""
+"""What the image installs, checked without Docker: the Dockerfile's build stage replayed in
+scratch folders (a stub package for the dependency layer in one, then the copied sources in
+another, each built with `pip`), then the wheel it makes: every source file in it as it is in
+the repository, and it serves on its own without the embedded-PostgreSQL extra (the image
+leaves it out)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,10 +21,11 @@ from tests.support import REPO, free_port
 
 pytestmark = pytest.mark.slow
 
+# What the Dockerfile copies into its build stage (and .dockerignore lets through).
+COPIED = ("pyproject.toml", "README.md")
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+
+def build_wheel(source: Path, out: Path) -> Path:
     subprocess.run(
         [
             sys.executable,
@@ -33,7 +37,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-q",
             "-w",
             str(out),
-            str(REPO),
+            str(source),
         ],
         check=True,
         capture_output=True,
@@ -42,15 +46,33 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def test_wheel_carries_run_time_files(wheel: Path) -> None:
-    """Every migration and every non-Python file under tandem/ is in the wheel."""
-    names = set(zipfile.ZipFile(wheel).namelist())
-    wanted = {
-        str(path.relative_to(REPO))
-        for path in (REPO / "tandem").rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts
-    }
-    assert wanted - names == set()
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The build stage, as the Dockerfile runs it: the stub in /stub, the sources in /src."""
+    root = tmp_path_factory.mktemp("image")
+    stub = root / "stub"
+    stub.mkdir()
+    for name in COPIED:
+        shutil.copy2(REPO / name, stub / name)
+    (stub / "tandem").mkdir()
+    (stub / "tandem" / "__init__.py").touch()
+    build_wheel(stub, root / "stub-wheel")
+    src = root / "src"
+    src.mkdir()
+    for name in COPIED:
+        shutil.copy2(REPO / name, src / name)
+    shutil.copytree(REPO / "tandem", src / "tandem", ignore=shutil.ignore_patterns("__pycache__"))
+    return build_wheel(src, root / "wheel")
+
+
+def test_wheel_holds_the_sources_as_they_are(wheel: Path) -> None:
+    """Every file under tandem/ is in the wheel byte for byte: no stale copy from the stub
+    build (an empty __init__.py once made the image's app crash on start)."""
+    with zipfile.ZipFile(wheel) as archive:
+        for path in (REPO / "tandem").rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                name = str(path.relative_to(REPO))
+                assert archive.read(name) == path.read_bytes(), name
 
 
 def test_installed_wheel_serves(wheel: Path, database_url: str, tmp_path: Path) -> None:

@@ -451,17 +451,25 @@ def _gauge(server: Server, name: str, task: str) -> float | None:
 
 def test_task_gauges_follow_the_database(cron_db: str, tmp_path: Path) -> None:
     """An instance exports each enabled task's interval and the time of its last success as
-    the database has them (what the 'task not succeeding' alert reads); pausing a task
-    removes its series, so the alert cannot fire on it."""
+    the database has them (what the 'task not succeeding' alert reads); a task no instance
+    has code for, and a paused task, have no series, so the alert cannot fire on them."""
+    query(
+        cron_db,
+        "INSERT INTO tasks (name, interval, function_name) VALUES ('Retired', '1 s', 'gone.f')",
+    )
     (server,) = start_cluster(cron_db, tmp_path, "quick", 1)
     last = "tandem_scheduler_task_last_success_timestamp_seconds"
     try:
         wait_for(
             lambda: query(cron_db, "SELECT 1 FROM tasks WHERE last_succeeded_at IS NOT NULL"), 15
         )
-        first = query(cron_db, "SELECT extract(epoch FROM last_succeeded_at) AS t FROM tasks")
+        first = query(
+            cron_db,
+            "SELECT extract(epoch FROM last_succeeded_at) AS t FROM tasks WHERE name = 'Quick'",
+        )
         wait_for(lambda: (_gauge(server, last, "Quick") or 0) >= float(first[0]["t"]), 15)
         assert _gauge(server, "tandem_scheduler_task_interval_seconds", "Quick") == 1.0
+        assert _gauge(server, last, "Retired") is None
         assert httpx.post(f"{server.url}/tasks/Quick/pause").status_code == 200
         wait_for(lambda: _gauge(server, last, "Quick") is None, 15)
         assert _gauge(server, "tandem_scheduler_task_interval_seconds", "Quick") is None
