@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tandem.core.settings import Settings, get_settings
 from tandem.observability.logging import configure_logging
@@ -114,23 +114,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "tandem", "serve", "--reuse-port", "--no-migrate"]
     command += ["--host", args.host, "--port", str(args.port)]
     direct = [args.port + 1 + i for i in range(args.instances)] if args.direct_ports else []
-    children = [
-        subprocess.Popen(
-            [*command, *(["--direct-port", str(direct[i])] if direct else [])], env=env
-        )
-        for i in range(args.instances)
-    ]
-    base = f"http://{args.host}:{args.port}"
-    _wait_live([f"http://{args.host}:{port}" for port in direct] or [base], children)
-    lines = [
-        f"{len(children)} instances on one database, one entry port:",
-        f"  status page  {base}/",
-        f"  API docs     {base}/docs",
-        f"  tasks        {base}/tasks    instances {base}/instances",
-    ]
-    for child, port in zip(children, direct, strict=False):
-        lines.append(f"  instance pid {child.pid}: http://{args.host}:{port}/metrics")
-    log.info("\n".join(lines))
+    # Handlers first: a SIGTERM or Ctrl-C while the instances start must still stop them all.
     stopping = False
 
     def stop(*_: object) -> None:
@@ -139,37 +123,58 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    while not stopping and any(c.poll() is None for c in children):
-        time.sleep(0.2)
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)  # each drains its runs to the others
-    deadline = time.monotonic() + 20
-    for child in children:
-        try:
-            child.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            child.kill()
-    log.info("cluster stopped")
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(args.instances):
+            extra = ["--direct-port", str(direct[i])] if direct else []
+            children.append(subprocess.Popen([*command, *extra], env=env))
+        base = f"http://{args.host}:{args.port}"
+        urls = [f"http://{args.host}:{port}" for port in direct] or [base]
+        if _wait_live(urls, children, lambda: stopping):
+            lines = [
+                f"{len(children)} instances on one database, one entry port:",
+                f"  status page  {base}/",
+                f"  API docs     {base}/docs",
+                f"  tasks        {base}/tasks    instances {base}/instances",
+            ]
+            for child, port in zip(children, direct, strict=False):
+                lines.append(f"  instance pid {child.pid}: http://{args.host}:{port}/metrics")
+            log.info("\n".join(lines))
+        while not stopping and any(c.poll() is None for c in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # each drains its runs to the others
+        deadline = time.monotonic() + 20
+        for child in children:
+            try:
+                child.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        log.info("cluster stopped")
     return 0
 
 
-def _wait_live(urls: list[str], children: list[subprocess.Popen[bytes]]) -> None:
-    """Until every URL answers /health/live (or 60 s pass, or a child exits), so the URLs
-    are printed once they work, after the instances' start-up lines."""
+def _wait_live(
+    urls: list[str], children: list[subprocess.Popen[bytes]], stopping: Callable[[], bool]
+) -> bool:
+    """Until every URL answers /health/live, so the URLs are printed once they work, after
+    the instances' start-up lines. False if 60 s pass, a child exits or we are stopping."""
     import time
     import urllib.request
 
     deadline = time.monotonic() + 60
     pending = list(urls)
     while pending and time.monotonic() < deadline:
-        if any(c.poll() is not None for c in children):
-            return
+        if stopping() or any(c.poll() is not None for c in children):
+            return False
         try:
             with urllib.request.urlopen(f"{pending[0]}/health/live", timeout=1):  # noqa: S310
                 pending.pop(0)
         except OSError:
             time.sleep(0.2)
+    return not pending
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:

@@ -4,9 +4,13 @@ exclusivity, history, crash recovery and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -18,7 +22,14 @@ import pytest
 
 from tandem.core.database import asyncpg_dsn
 from tests.scheduler.registries import PROBE_TABLE
-from tests.support import Server, empty_database, require_tool, start_server
+from tests.support import (
+    REPO,
+    Server,
+    empty_database,
+    free_port_block,
+    require_tool,
+    start_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -395,25 +406,50 @@ def test_downtime_runs_once_not_once_per_missed_slot(cron_db: str, tmp_path: Pat
     assert 2 <= len(runs) <= 6  # the catch-up run, then about one a second
 
 
-def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
-    """`tandem cluster --instances 3` serves three instances on one port, each also alone on
-    port + i (distinct instances, the ones /instances lists); Ctrl-C stops all."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.support import REPO, free_port
-
-    port = free_port()
-    env = {**os.environ, **TIMINGS, "TANDEM_DATABASE_URL": cron_db}
+def start_cluster_command(url: str, instances: int) -> tuple[subprocess.Popen[bytes], int]:
+    """`tandem cluster` in a session of its own (so the test can reach every process it
+    started), on a block of free ports; returns the process and its entry port."""
+    port = free_port_block(instances + 1)
+    env = {**os.environ, **TIMINGS, "TANDEM_DATABASE_URL": url}
     env["TANDEM_SCHEDULER_TASKS"] = "tests.scheduler.registries:quick"
+    command = [sys.executable, "-m", "tandem", "cluster", "--instances", str(instances)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tandem", "cluster", "--instances", "3", "--port", str(port)],
+        [*command, "--port", str(port)],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    return process, port
+
+
+def session_pids(process: subprocess.Popen[bytes]) -> list[int]:
+    """The processes of the session ``process`` leads (it, and what it started)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # Fields after the command name (which may hold spaces): state ppid pgrp session.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[3]) == process.pid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def session_alive(process: subprocess.Popen[bytes]) -> bool:
+    return bool(session_pids(process))
+
+
+def kill_session(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
+    """`tandem cluster --instances 3` serves three instances on one port, each also alone on
+    port + i (distinct instances, the ones /instances lists); Ctrl-C stops all."""
+    process, port = start_cluster_command(cron_db, 3)
     try:
 
         def three_live() -> bool:
@@ -425,7 +461,6 @@ def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
 
         wait_for(three_live, 30)
         instances = httpx.get(f"http://127.0.0.1:{port}/instances").json()["instances"]
-        pids = {i["pid"] for i in instances}
         direct = {
             httpx.get(f"http://127.0.0.1:{port + n}/health/live").headers["x-instance-id"]
             for n in (1, 2, 3)
@@ -433,12 +468,22 @@ def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
         assert direct == {i["id"] for i in instances}
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
-        for pid in pids:
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
+        wait_for(lambda: not session_alive(process), 10)
     finally:
-        if process.poll() is None:
-            process.kill()
+        kill_session(process)
+
+
+def test_cluster_command_stopped_while_starting_leaves_nothing(cron_db: str) -> None:
+    """SIGTERM to `tandem cluster` as soon as its three instances are spawned (still
+    starting) stops every one of them."""
+    process, _ = start_cluster_command(cron_db, 3)
+    try:
+        wait_for(lambda: len(session_pids(process)) >= 4, 30, step=0.02)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        wait_for(lambda: not session_alive(process), 30)
+    finally:
+        kill_session(process)
 
 
 def _gauge(server: Server, name: str, task: str) -> float | None:
