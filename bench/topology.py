@@ -166,7 +166,7 @@ class Nginx:
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # the workers too
                 self.process.wait()
 
 

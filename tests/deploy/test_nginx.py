@@ -8,6 +8,7 @@ shipped."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -128,6 +129,7 @@ def nginx(tmp_path: Path) -> Iterator[Callable[[list[str]], Nginx]]:
                 ],
                 stdout=out,
                 stderr=err,
+                start_new_session=True,  # master and workers: one group to stop
             )
         proxy = Nginx(f"http://127.0.0.1:{port}", process, access_log)
         started.append(proxy)
@@ -148,7 +150,8 @@ def nginx(tmp_path: Path) -> Iterator[Callable[[list[str]], Nginx]]:
         try:
             proxy.process.wait(10)
         except subprocess.TimeoutExpired:
-            proxy.process.kill()
+            os.killpg(proxy.process.pid, signal.SIGKILL)  # the workers too
+            proxy.process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -89,16 +89,21 @@ class Observed:
         return [result] if data["resultType"] == "scalar" else list(result)
 
 
-def _ready(observed: Observed) -> bool:
-    """Two scrapes of each instance, every rule evaluated, data for every query that
-    should have some."""
+def _scraping(observed: Observed) -> bool:
+    """Two scrapes of each instance, and every rule evaluated."""
     try:
         scrapes = observed.query('count_over_time(up{job="tandem"}[1m]) >= 2')
         if len(scrapes) < len(observed.servers):
             return False
         rules = [r for g in observed.api("rules")["groups"] for r in g["rules"]]
-        if not rules or any(r["lastEvaluation"] == NEVER_EVALUATED for r in rules):
-            return False
+        return bool(rules) and all(r["lastEvaluation"] != NEVER_EVALUATED for r in rules)
+    except (httpx.HTTPError, AssertionError):
+        return False
+
+
+def _filled(observed: Observed) -> bool:
+    """Data for every query that should have some (what the test then asserts)."""
+    try:
         return all(
             observed.query(grafana_to_promql(q.expr))
             for q in dashboard_queries()
@@ -113,7 +118,8 @@ def observed(
     database_url: str, log_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Observed]:
     """Two instances with traffic and scheduled runs, scraped by a real Prometheus until
-    every query that should have data has it (at the deployed 5 s interval: ~10 s)."""
+    every query that should have data has it (at the deployed 5 s interval: ~10 s), or 30 s
+    after the first scrapes at most."""
     binary = require_tool("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     servers = [start_server(database_url, log_dir, extra_env=SCHEDULER_ENV) for _ in range(2)]
@@ -142,9 +148,14 @@ def observed(
             )
         result = Observed(f"http://{address}", servers)
         deadline = time.monotonic() + 60
-        while not _ready(result):
+        while not _scraping(result):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"Prometheus not ready:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        # Rates need two samples in their window: give the queries a few scrapes to fill,
+        # then let the tests say which stayed empty.
+        deadline = time.monotonic() + 30
+        while not _filled(result) and time.monotonic() < deadline:
             time.sleep(0.5)
         yield result
     finally:

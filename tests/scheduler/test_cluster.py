@@ -586,12 +586,15 @@ def test_share_follows_scaling(cron_db: str, tmp_path: Path) -> None:
         "TANDEM_DB_ENGINE_POOL_SIZE": "1",
     }
     servers = start_cluster(cron_db, tmp_path, "equal", 2, **steal)
+    started = list(servers)
     phases: list[tuple[set[str], object, object]] = []
     exit_codes: list[int] = []
     try:
         for size in (2, 5, 8, 3):
             if size > len(servers):
-                servers += start_cluster(cron_db, tmp_path, "equal", size - len(servers), **steal)
+                joining = start_cluster(cron_db, tmp_path, "equal", size - len(servers), **steal)
+                servers += joining
+                started += joining
             else:
                 leaving, servers = servers[size:], servers[:size]
                 exit_codes += stop_all(leaving)
@@ -602,7 +605,7 @@ def test_share_follows_scaling(cron_db: str, tmp_path: Path) -> None:
             phases.append(({instance_of(s) for s in servers}, since, until))
     finally:
         exit_codes += stop_all(servers)
-    assert exit_codes == [0] * 8, [s.log()[-2000:] for s in servers]
+    assert exit_codes == [0] * 8, [s.log()[-2000:] for s in started]
     shares = []
     for live, since, until in phases:
         rows = query(
