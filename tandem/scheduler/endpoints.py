@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy.ext.asyncio import AsyncSession
+from fastapi import APIRouter, Query, Request
 
+from tandem.core.dependencies import Session
 from tandem.scheduler import service
 from tandem.scheduler.schemas import Instances, TaskCommandResult, TaskHistory, TasksOverview
 
@@ -17,15 +16,6 @@ router = APIRouter(tags=["cluster cron"])
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "`task_not_found`: no task has this name."}
 }
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.resources.sessionmaker() as session, session.begin():
-        yield session
-
-
-# Commit before the response is sent (see wallet/endpoints.py).
-Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 @router.get(

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from tandem.core.dependencies import Session
 from tandem.status import page, service
 
 router = APIRouter(tags=["status page"])
@@ -24,15 +22,6 @@ _HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.resources.sessionmaker() as session, session.begin():
-        yield session
-
-
-# Read-only, but the same shape as the other packages' sessions (see wallet/endpoints.py).
-Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 async def _render(request: Request, session: Session, *, whole: bool) -> HTMLResponse:

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import pydantic
 from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response, status
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from tandem.core.dependencies import Session
 from tandem.core.errors import AppError
 from tandem.core.hotpool import HotPool
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
@@ -92,17 +92,7 @@ async def get_pool(request: Request) -> HotPool:
     return pool
 
 
-async def get_session(request: Request) -> Any:
-    """One request, one transaction: committed here on success, rolled back on any error."""
-    async with request.app.state.resources.sessionmaker() as session, session.begin():
-        yield session
-
-
 Pool = Annotated[HotPool, Depends(get_pool)]
-# scope="function": commit before the response is sent. With the default ("request") the
-# commit would run after the client already has its 2xx, and a read right after could miss
-# the write (a test caught exactly that).
-Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 _VALIDATION = (422, "validation_error", "malformed JSON, wrong types, floats, zero or out of range")
 
