@@ -4,6 +4,7 @@ from the database clock by the task body itself, independent of the scheduler's 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import timedelta
 
@@ -23,7 +24,7 @@ CREATE TABLE IF NOT EXISTS probe (
 _pool: asyncpg.Pool | None = None
 
 
-async def _probe_start(ctx: TaskContext) -> asyncpg.Pool:
+async def _probe_pool() -> asyncpg.Pool:
     """One small pool per server process, opened on first use (a connection per run would
     cost more than the runs)."""
     global _pool
@@ -31,31 +32,38 @@ async def _probe_start(ctx: TaskContext) -> asyncpg.Pool:
         _pool = await asyncpg.create_pool(
             asyncpg_dsn(os.environ["TANDEM_DATABASE_URL"]), min_size=1, max_size=4
         )
-    conn = _pool
-    await conn.execute(
-        "INSERT INTO probe (task, instance, fence, started) VALUES ($1, $2, $3, clock_timestamp())",
-        ctx.name,
-        ctx.instance_id,
-        ctx.fence,
-    )
-    return conn
-
-
-async def _probe_end(pool: asyncpg.Pool, ctx: TaskContext) -> None:
-    await pool.execute(
-        "UPDATE probe SET finished = clock_timestamp() WHERE task = $1 AND fence = $2",
-        ctx.name,
-        ctx.fence,
-    )
+    return _pool
 
 
 def _probed(seconds: float) -> TaskFunction:
     async def body(ctx: TaskContext) -> None:
-        conn = await _probe_start(ctx)
+        pool = await _probe_pool()
+        # The start row is written by a task of its own, shielded from the run's cancellation:
+        # a drain that cancelled the run while the INSERT was in flight left a row committed
+        # but never ended, which reads as a run lasting forever (an overlap that was none).
+        started = asyncio.ensure_future(
+            pool.execute(
+                "INSERT INTO probe (task, instance, fence, started) "
+                "VALUES ($1, $2, $3, clock_timestamp())",
+                ctx.name,
+                ctx.instance_id,
+                ctx.fence,
+            )
+        )
         try:
+            await asyncio.shield(started)
             await ctx.sleep(seconds)
         finally:
-            await _probe_end(conn, ctx)
+            await asyncio.wait([started])
+            if not started.cancelled() and started.exception() is None:
+                await asyncio.shield(
+                    pool.execute(
+                        "UPDATE probe SET finished = clock_timestamp() "
+                        "WHERE task = $1 AND fence = $2",
+                        ctx.name,
+                        ctx.fence,
+                    )
+                )
 
     return body
 
