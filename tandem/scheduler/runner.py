@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from tandem.core.hotpool import HotPool
+from tandem.core.hotpool import HotPool, PoolClosedError
 from tandem.core.settings import Settings
 from tandem.observability.metrics import (
     SCHEDULER_CLAIMS,
@@ -139,12 +139,17 @@ class Runner:
         for run in runs:
             self._stop_run(run, "drained")
         tasks = [run.task for run in runs if run.task is not None]
+        deadline = time.monotonic() + self.settings.scheduler_drain_timeout
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.scheduler_drain_timeout)
         if self._pool is not None:
+            # Leaving the membership list is a courtesy (the heartbeat window expires anyway):
+            # with the database unreachable it must not hold the shutdown for the pool's
+            # acquire timeout (60 s, past a container's stop grace). TimeoutError is an OSError.
             with contextlib.suppress(*_DB_ERRORS):
-                async with self._pool.acquire() as db:
-                    await repository.stop_instance(db, self.instance_id)
+                async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
+                    async with self._pool.acquire() as db:
+                        await repository.stop_instance(db, self.instance_id)
             await self._pool.close()
         if self._heartbeat_conn is not None:
             with contextlib.suppress(*_DB_ERRORS):
@@ -248,6 +253,10 @@ class Runner:
                     held = await repository.complete_run(
                         db, run.claim.task_id, run.claim.fence, status, error, due_again=due_again
                     )
+            except PoolClosedError:
+                # Shut down before the database answered (the drain time ran out): the lease
+                # will expire and the run will be recorded as lost.
+                return
             except _DB_ERRORS as exc:
                 log.warning("completing %s failed (%r), attempt %d", run.ctx.run_id, exc, attempt)
                 await asyncio.sleep(0.5)

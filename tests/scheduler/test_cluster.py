@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from tandem.core.database import asyncpg_dsn
 from tests.scheduler.registries import PROBE_TABLE
@@ -627,3 +628,24 @@ def test_share_follows_scaling(cron_db: str, tmp_path: Path) -> None:
     print(f"runs per instance by phase: {shares}")
     assert probe_overlaps(cron_db) == 0
     assert_history_consistent(cron_db)
+
+
+def test_stops_promptly_when_the_database_is_gone(postgres_url: str, tmp_path: Path) -> None:
+    """With its database gone mid-run (dropped, connections cut), an instance still stops by
+    itself on SIGTERM within a container's stop grace (30 s in deploy/compose.yaml) instead of
+    waiting out its pool's 60 s acquire timeout to say goodbye; the run it held is left to
+    its lease."""
+    with empty_database(postgres_url) as url:
+        from tandem.core.migrations import upgrade_to_head
+
+        upgrade_to_head(url)
+        query(url, PROBE_TABLE)
+        (server,) = start_cluster(url, tmp_path, "long", 1)
+        try:
+            wait_running_on(url, instance_of(server), 15)
+            database = make_url(url).database
+            query(postgres_url, f'DROP DATABASE "{database}" WITH (FORCE)')
+            time.sleep(1)  # the instance notices: heartbeats fail, the pools reconnect
+            assert server.stop(timeout=30) == 0, server.log()[-3000:]
+        finally:
+            server.stop(signal.SIGKILL)
