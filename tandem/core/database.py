@@ -85,3 +85,8 @@ async def transaction(
     commits for requests and background loops alike."""
     async with sessionmaker() as session, session.begin():
         yield session
+
+
+def rows_affected(status: str) -> int:
+    """The row count of an asyncpg command status such as ``"DELETE 42"``."""
+    return int(status.rsplit(" ", 1)[1])

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import asyncpg
 
+from tandem.core.database import rows_affected
+
 Db = asyncpg.Connection
 
 # Serialises claims cluster-wide for the length of one claim transaction, so the fair-share
@@ -234,7 +236,7 @@ async def complete_run(
 async def prune_history(db: Db, older_than: timedelta, batch: int) -> int:
     """Deletes up to ``batch`` runs that finished before ``older_than`` ago; returns how many."""
     status = await db.execute(PRUNE_HISTORY, older_than, batch)
-    return int(status.rsplit(" ", 1)[1])
+    return rows_affected(status)
 
 
 async def task_health(db: Db, known: list[str]) -> list[asyncpg.Record]:

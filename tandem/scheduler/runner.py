@@ -18,7 +18,6 @@ import os
 import random
 import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,12 +69,12 @@ class Runner:
         settings: Settings,
         registry: Registry,
         connect: Connect,
-        instance_id: str | None = None,
+        instance_id: str,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self._connect = connect
-        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.instance_id = instance_id
         self.hostname = socket.gethostname()
         self._pool: HotPool | None = None
         self._heartbeat_conn: asyncpg.Connection | None = None

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tandem.core.database import rows_affected
 from tandem.core.hotpool import HotPool
 from tandem.wallet.models import User
 
@@ -117,4 +118,4 @@ async def record_idempotency_outcome(
 async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch: int) -> int:
     """Deletes up to ``batch`` keys created before ``older_than`` ago; returns how many."""
     status = await conn.execute(PRUNE_IDEMPOTENCY_KEYS, older_than, batch)
-    return int(status.rsplit(" ", 1)[1])
+    return rows_affected(status)

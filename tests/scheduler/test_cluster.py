@@ -81,6 +81,15 @@ def database_now(url: str) -> datetime:
     return moment
 
 
+def window(url: str, settle: float, length: float) -> tuple[datetime, datetime]:
+    """Wait ``settle`` seconds (joins, leaves), then a ``length``-second window: its start
+    and end by the database clock."""
+    time.sleep(settle)
+    since = database_now(url)
+    time.sleep(length)
+    return since, database_now(url)
+
+
 def succeeded_per_instance(url: str, since: datetime, until: datetime) -> dict[str, int]:
     """Runs that succeeded and started within (since, until), by instance id."""
     rows = query(
@@ -191,12 +200,9 @@ def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> Non
     servers = start_cluster(cron_db, tmp_path, "equal", 5, TANDEM_SCHEDULER_STEAL_AFTER="3.0")
     exit_codes: list[int] = []
     try:
-        # Instances start one after another; count from when all five are in.
-        time.sleep(2)
-        since = database_now(cron_db)
-        time.sleep(20)
-        # Stopping takes a while and the last ones standing take over; count up to here.
-        until = database_now(cron_db)
+        # Instances start one after another; count from when all five are in, and up to
+        # the stop (stopping takes a while and the last ones standing take over).
+        since, until = window(cron_db, 2, 20)
     finally:
         exit_codes = stop_all(servers)
     # A server killed mid-drain would leave a run with no end (an "overlap" by artefact).
@@ -562,10 +568,7 @@ def test_a_wrong_local_clock_changes_nothing(cron_db: str, tmp_path: Path) -> No
         for server, offset in zip(servers, skews.values(), strict=True):
             date = parsedate_to_datetime(httpx.get(f"{server.url}/health/live").headers["date"])
             assert abs(date.timestamp() - time.time() - offset) < 60
-        time.sleep(2)
-        since = database_now(cron_db)
-        time.sleep(12)
-        until = database_now(cron_db)
+        since, until = window(cron_db, 2, 12)
     finally:
         exit_codes = stop_all(servers)
     assert exit_codes == [0, 0, 0], [s.log()[-2000:] for s in servers]
@@ -609,10 +612,7 @@ def test_share_follows_scaling(cron_db: str, tmp_path: Path) -> None:
             else:
                 leaving, servers = servers[size:], servers[:size]
                 exit_codes += stop_all(leaving)
-            time.sleep(3)  # joins and leaves settle; fair share adapts
-            since = database_now(cron_db)
-            time.sleep(6)
-            until = database_now(cron_db)
+            since, until = window(cron_db, 3, 6)  # joins and leaves settle first
             phases.append(({instance_of(s) for s in servers}, since, until))
     finally:
         exit_codes += stop_all(servers)
