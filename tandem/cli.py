@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     if settings.migrate_on_start and not args.no_migrate:
-        upgrade_to_head(url)
+        upgrade_to_head(settings.database_direct_url or url)
     limit = raise_fd_limit()
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
@@ -109,7 +109,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     url = resolve_database_url(settings)
-    upgrade_to_head(url)
+    upgrade_to_head(settings.database_direct_url or url)
     env = {**os.environ, "TANDEM_DATABASE_URL": url, "TANDEM_MIGRATE_ON_START": "false"}
     command = [sys.executable, "-m", "tandem", "serve", "--reuse-port", "--no-migrate"]
     command += ["--host", args.host, "--port", str(args.port)]
@@ -181,7 +181,8 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     from tandem.core.migrations import head_revision, upgrade_to_head
 
     settings = get_settings()
-    upgrade_to_head(resolve_database_url(settings))
+    # Direct to PostgreSQL when the service's URL points at a pooler (docs/pooling.md).
+    upgrade_to_head(settings.database_direct_url or resolve_database_url(settings))
     print(f"database at revision {head_revision()}")
     return 0
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import gc
 import logging
 import socket
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,18 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tandem
-from tandem.core.database import (
-    connect_function,
-    create_engine,
-    create_pool,
-    create_sessionmaker,
-)
-from tandem.core.errors import AppError, error_for_unexpected
-from tandem.core.hotpool import HotPool
+from tandem.core.database import Database
+from tandem.core.dependencies import Instance, instance_of
+from tandem.core.errors import AppError
+from tandem.core.failures import error_for_unexpected
 from tandem.core.settings import Settings, get_settings
 from tandem.maintenance import maintenance_registry
 from tandem.observability.endpoints import router as observability_router
@@ -45,24 +38,6 @@ log = logging.getLogger(__name__)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-@dataclass
-class Resources:
-    """What the lifespan opens and every request uses."""
-
-    settings: Settings
-    # This process's name in the cluster: the scheduler's membership row, /instances, the
-    # X-Instance-Id response header and the tandem_instance_info metric all use it.
-    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    engine: AsyncEngine | None = None
-    sessionmaker: async_sessionmaker[AsyncSession] | None = None
-    pool: HotPool | None = field(default=None)
-    runner: Runner | None = None
-
-    def require_pool(self) -> HotPool:
-        assert self.pool is not None, "used outside the lifespan"
-        return self.pool
-
-
 def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if details:
@@ -73,7 +48,7 @@ def _error(status: int, code: str, message: str, details: Any = None) -> JSONRes
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -100,10 +75,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        error = error_for_unexpected(exc)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        writes = request.method not in ("GET", "HEAD", "OPTIONS")
+        error = error_for_unexpected(exc, writes=writes)
         log.error("%s", error.code, exc_info=exc)
-        return JSONResponse(error.to_dict(), status_code=error.status_code)
+        return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
 
 def _install_openapi(app: FastAPI) -> None:
@@ -143,39 +119,37 @@ def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
     costs more per request than the wallet's whole statement."""
     settings = settings or get_settings()
     app = create_app(settings)
+    instance = instance_of(app)
     inner: ASGIApp = app
     if settings.wallet_fast_path:
-        inner = WalletFastPath(app, pool=app.state.resources.require_pool)
-    return HttpMetricsMiddleware(inner, app.state.resources.instance_id)
+        inner = WalletFastPath(app, database=instance.database)
+    return HttpMetricsMiddleware(inner, instance.instance_id)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application: every route, documented; no lean path (see create_asgi_app)."""
     settings = settings or get_settings()
-    resources = Resources(settings)
+    database = Database(settings)
+    instance = Instance(settings, database)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        resources.pool = await create_pool(settings)
-        resources.engine = create_engine(settings)
-        resources.sessionmaker = create_sessionmaker(resources.engine)
+        await database.open()
+        runner: Runner | None = None
         if settings.scheduler_enabled:
             registry = load_registry(settings.scheduler_tasks)
             if settings.maintenance_enabled:
-                registry = Registry.combine(registry, maintenance_registry(settings))
-            resources.runner = Runner(
-                settings, registry, connect_function(settings), resources.instance_id
-            )
-            await resources.runner.start()
+                registry = Registry.combine(registry, maintenance_registry(database))
+            runner = Runner(settings, registry, database, instance.instance_id)
+            await runner.start()
         _tune_gc()
         try:
             yield
         finally:
             # Drain first: released runs are picked up elsewhere while we close.
-            if resources.runner is not None:
-                await resources.runner.stop()
-            await resources.pool.close()
-            await resources.engine.dispose()
+            if runner is not None:
+                await runner.stop()
+            await database.close()
 
     app = FastAPIOffline(
         title="Tandem",
@@ -189,8 +163,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # per-request environment lookups.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.state.resources = resources
-    INSTANCE_INFO.labels(resources.instance_id, socket.gethostname(), tandem.__version__).set(1)
+    instance.attach(app)
+    # One series per process: an app created again in the same process (the in-process
+    # tests) replaces the previous one's.
+    INSTANCE_INFO.clear()
+    INSTANCE_INFO.labels(instance.instance_id, socket.gethostname(), tandem.__version__).set(1)
     _install_error_handlers(app)
     _install_openapi(app)
     app.include_router(wallet_router)

@@ -17,8 +17,7 @@ from datetime import timedelta
 
 import asyncpg
 
-from tandem.core.database import connect_function
-from tandem.core.settings import Settings
+from tandem.core.database import Database
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.registry import Registry, TaskContext
 from tandem.wallet import repository as wallet_repository
@@ -30,11 +29,12 @@ PruneBatch = Callable[[asyncpg.Connection, timedelta, int], Awaitable[int]]
 
 
 async def _prune(
-    ctx: TaskContext, settings: Settings, prune: PruneBatch, older_than: float, what: str
+    ctx: TaskContext, database: Database, prune: PruneBatch, older_than: float, what: str
 ) -> None:
     # Repositories straight from here, no service in between: this module is wiring (the
     # task body is the service), and each statement is one domain's own named SQL.
-    conn = await connect_function(settings, application_name="tandem-maintenance")()
+    settings = database.settings
+    conn = await database.connect("tandem-maintenance")
     try:
         total = 0
         while True:
@@ -44,21 +44,22 @@ async def _prune(
             if deleted < settings.maintenance_batch:
                 break
     finally:
-        await conn.close()
+        await conn.close(timeout=settings.db_close_timeout)
     ctx.log.info("deleted %d %s older than %s", total, what, timedelta(seconds=older_than))
 
 
-def maintenance_registry(settings: Settings) -> Registry:
-    """The housekeeping tasks, due every TANDEM_MAINTENANCE_INTERVAL, bound to ``settings``
-    (the app's, not whatever the environment says)."""
+def maintenance_registry(database: Database) -> Registry:
+    """The housekeeping tasks, due every TANDEM_MAINTENANCE_INTERVAL, bound to the app's
+    database and its settings (not whatever the environment says)."""
+    settings = database.settings
 
     async def prune_task_history(ctx: TaskContext) -> None:
         history = scheduler_repository.prune_history
-        await _prune(ctx, settings, history, settings.history_retention, "finished task runs")
+        await _prune(ctx, database, history, settings.history_retention, "finished task runs")
 
     async def prune_idempotency_keys(ctx: TaskContext) -> None:
         keys = wallet_repository.prune_idempotency_keys
-        await _prune(ctx, settings, keys, settings.idempotency_retention, "idempotency keys")
+        await _prune(ctx, database, keys, settings.idempotency_retention, "idempotency keys")
 
     registry = Registry()
     every = timedelta(seconds=settings.maintenance_interval)

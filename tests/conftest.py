@@ -8,13 +8,15 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
-from tandem.core.database import asyncpg_dsn
+from tandem.core.database import Database
 from tandem.core.embedded import EmbeddedPostgres
 from tandem.core.hotpool import HotPool
+from tandem.core.settings import Settings
+from tandem.main import create_asgi_app
 from tests.support import Server, fresh_database, start_server
 
 
@@ -62,16 +64,36 @@ def server(request: pytest.FixtureRequest, database_url: str, log_dir: Path) -> 
     srv.stop()
 
 
-@pytest.fixture
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
+@pytest.fixture(scope="module", params=["lean", "framework"])
+async def client(
+    request: pytest.FixtureRequest, database_url: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in this process, as uvicorn runs it (metrics, lean path, FastAPI) but without
+    a socket or a subprocess: the fast layer for API tests, against the real database. Once
+    with the wallet's lean path and once through FastAPI's routes."""
+    settings = Settings(
+        database_url=database_url,
+        wallet_fast_path=request.param == "lean",
+        scheduler_enabled=False,
+        maintenance_enabled=False,
+    )
+    app = create_asgi_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tandem.test") as c:
+            yield c
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[HotPool]:
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """The service's Database object, opened on the module's database."""
+    db = Database(Settings(database_url=database_url))
+    await db.open()
+    yield db
+    await db.close()
+
+
+@pytest.fixture
+def pool(database: Database) -> HotPool:
     """The hot-path pool the service uses, on the module's database."""
-    dsn = asyncpg_dsn(database_url)
-    p = await HotPool.open(lambda: asyncpg.connect(dsn), size=10, acquire_timeout=30)
-    yield p
-    await p.close()
+    return database.hot

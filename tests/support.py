@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,47 @@ def fresh_database(server_url: str) -> Iterator[str]:
     with empty_database(server_url) as url:
         upgrade_to_head(url)
         yield url
+
+
+def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """One statement on a connection of its own, from synchronous test code."""
+
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+# The cluster cron's timings for the tests: compressed, but with room for five Python
+# processes and PostgreSQL on two shared cores: a heartbeat can be late by a second without a
+# run being self-fenced.
+POLL, LEASE = 0.2, 3.0
+CRON_TIMINGS = {
+    "TANDEM_SCHEDULER_ENABLED": "true",
+    "TANDEM_MAINTENANCE_ENABLED": "false",
+    "TANDEM_SCHEDULER_POLL_INTERVAL": str(POLL),
+    "TANDEM_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
+    "TANDEM_SCHEDULER_LEASE": str(LEASE),
+    "TANDEM_SCHEDULER_SELF_FENCE_AFTER": "2.0",
+    "TANDEM_SCHEDULER_STEAL_AFTER": "1.0",
+    # Forty tasks due every two seconds need more than one claim per poll.
+    "TANDEM_SCHEDULER_CLAIMS_PER_POLL": "50",
+    "TANDEM_LOG_LEVEL": "warning",
+}
 
 
 def free_port() -> int:
@@ -167,6 +208,7 @@ INSTALL_HINTS = {
     "docker-compose": "apt-get install docker-compose",
     "chromium": "apt-get install chromium",
     "faketime": "apt-get install faketime",
+    "pgbouncer": "apt-get install pgbouncer",
 }
 
 

@@ -12,8 +12,7 @@ import httpx
 import pytest
 
 from tandem.maintenance import PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK
-from tests.scheduler.test_cluster import TIMINGS, query, wait_for
-from tests.support import Server, fresh_database, start_server
+from tests.support import CRON_TIMINGS, Server, fresh_database, query, start_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +74,7 @@ def seeded(postgres_url: str) -> Iterator[str]:
 
 def start(url: str, log_dir: Path) -> Server:
     env = {
-        **TIMINGS,
+        **CRON_TIMINGS,
         "TANDEM_SCHEDULER_TASKS": "tests.scheduler.registries:quick",
         "TANDEM_MAINTENANCE_ENABLED": "true",
         "TANDEM_MAINTENANCE_INTERVAL": "1",

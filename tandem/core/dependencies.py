@@ -1,21 +1,46 @@
-"""FastAPI dependencies every domain's endpoints share."""
+"""What endpoints receive, as typed FastAPI dependencies: the process's ``Instance`` (its
+settings, its id in the cluster and its ``Database``). Endpoints never read ``app.state``;
+the one accessor below does, and checks the type."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import uuid
+from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession
+from fastapi import Depends, FastAPI, Request
+
+from tandem.core.database import Database
+from tandem.core.settings import Settings
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One request, one transaction: committed here on success, rolled back on any error."""
-    async with request.app.state.resources.sessionmaker() as session, session.begin():
-        yield session
+@dataclass(frozen=True)
+class Instance:
+    """This process. ``instance_id`` names it in the cluster: the scheduler's membership row,
+    /instances, the X-Instance-Id response header and the tandem_instance_info metric."""
+
+    settings: Settings
+    database: Database
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def attach(self, app: FastAPI) -> None:
+        app.state.instance = self
 
 
-# scope="function": commit before the response is sent. With the default ("request") the
-# commit would run after the client already has its 2xx, and a read right after could miss
-# the write (a test caught exactly that).
-Session = Annotated[AsyncSession, Depends(get_session, scope="function")]
+def instance_of(app: FastAPI) -> Instance:
+    instance = app.state.instance
+    assert isinstance(instance, Instance), "create_app() attaches the Instance"
+    return instance
+
+
+# async: a plain def would run in FastAPI's thread pool, a thread hop per request.
+async def get_instance(request: Request) -> Instance:
+    return instance_of(request.app)
+
+
+async def get_database(request: Request) -> Database:
+    return instance_of(request.app).database
+
+
+CurrentInstance = Annotated[Instance, Depends(get_instance)]
+Db = Annotated[Database, Depends(get_database)]

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
-import asyncpg
-
 
 class AppError(Exception):
     status_code: ClassVar[int] = 400
     code: ClassVar[str] = "bad_request"
+    # Response headers that belong to this error (e.g. Retry-After).
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str, *, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
@@ -60,24 +60,20 @@ class InternalError(AppError):
     code = "internal_error"
 
 
-class DatabaseUnavailableError(ServiceUnavailableError):
+class DatabaseFailureError(ServiceUnavailableError):
+    """The database could not answer; ``core/failures.py`` decides which of the two."""
+
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class DatabaseUnavailableError(DatabaseFailureError):
+    """Nothing was applied: retry (here or on another instance)."""
+
     code = "database_unavailable"
 
 
-# Failures of the database connection itself: the request may be retried elsewhere.
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,  # e.g. a connection the server dropped mid-use
-    asyncpg.CannotConnectNowError,
-    asyncpg.ConnectionFailureError,
-)
+class OutcomeUnknownError(DatabaseFailureError):
+    """A write was sent and the connection broke before its answer: it may or may not have
+    been applied. A retry with the same Idempotency-Key settles it."""
 
-
-def error_for_unexpected(exc: BaseException) -> AppError:
-    """What a client is told about an exception no layer handled: 503 when the database is
-    unreachable (retry later or elsewhere), else an opaque 500. The caller logs ``exc``."""
-    if isinstance(exc, _UNAVAILABLE):
-        return DatabaseUnavailableError("the database is unavailable; retry")
-    return InternalError("internal error")
+    code = "outcome_unknown"

@@ -3,14 +3,26 @@ direct hand-off to the longest waiter.
 
 Why not ``asyncpg.Pool``: with 10000 requests queued on 10 connections, its acquire/release
 machinery (holder objects, a queue, shielded release, timeouts per call) cost ~100 µs of CPU
-per query here, as much as the query itself (bench/pool.py measures both in one run). This
-pool does the one thing the wallet needs: run a statement on some idle connection, or wait
-in line for one, FIFO, with a deadline.
+per query here, as much as the query itself (docs/ARCHITECTURE.md, Performance). This pool
+does the one thing the wallet needs: run a statement on some idle connection, or wait in line
+for one, FIFO, with a deadline. Connections come from ``Database.connect`` (tandem/core/
+database.py), which owns them; this pool only lends them out.
 
-Invariants:
-- A connection goes back to the pool only when it is idle and outside a transaction; any
-  failure that is not a plain server-side error (connection lost, cancellation mid-query,
-  protocol state unknown) terminates it, and a replacement is opened in the background.
+Invariants (each enforced where it is named):
+- *One holder.* A connection is in exactly one of ``_idle``, ``_busy`` or nowhere (gone).
+  ``_lend`` moves it to ``_busy``; only ``_take_back`` moves it out, and it refuses a
+  connection that is not busy, so a double give-back can never hand one connection to two
+  callers (the defect of the previous version: a connection whose call had died with a FATAL
+  was returned as if clean, while asyncpg was still consuming the failed exchange).
+- *Only sane connections go back:* idle, outside a transaction, and its last call either
+  succeeded or ended in a plain server ``ERROR`` (``failures.is_reusable``); anything else is
+  terminated (no waiting on a dead peer) and replaced in the background.
+- *Failures are classified here,* for the statements this pool runs itself: a failure before a
+  statement was sent, or of a read, is "not applied" (a read is retried once on a fresh
+  connection); a broken connection after a write was sent is "outcome unknown".
+- *No hang when the database is gone:* while no connection is alive and reconnecting fails,
+  callers are answered "unavailable" at once instead of waiting out the acquire deadline
+  (one of them tries a connection itself, so the first request after a recovery succeeds).
 - Nothing on this pool changes session state (SET, LISTEN, session advisory locks), so no
   reset round trip is needed between uses.
 """
@@ -19,20 +31,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 
+from tandem.core.errors import AppError, DatabaseUnavailableError
+from tandem.core.failures import classify, is_connection_failure, is_reusable, not_applied
+
 log = logging.getLogger(__name__)
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
+_RECONNECT_MAX_DELAY = 2.0
+# How long reconnecting may fail, with no connection alive, before the pool calls the database
+# down and answers callers at once (a fast restart takes well under this).
+_DOWN_AFTER = 2.0
 
 
-class PoolClosedError(RuntimeError):
-    pass
+class PoolClosedError(DatabaseUnavailableError):
+    """The pool was closed (the instance is shutting down): nothing was sent."""
 
 
 class HotPool:
@@ -41,18 +62,31 @@ class HotPool:
         self._size = size
         self._acquire_timeout = acquire_timeout
         self._idle: list[asyncpg.Connection] = []
+        self._busy: set[asyncpg.Connection] = set()
         self._waiters: collections.deque[asyncio.Future[asyncpg.Connection]] = collections.deque()
-        self._all: set[asyncpg.Connection] = set()
         self._replacing: set[asyncio.Task[None]] = set()
         self._closed = False
+        # True while no connection is alive and the last attempt to make one failed.
+        self._down = False
+        self._failing_since: float | None = None
+        self._probing = False
 
     @classmethod
     async def open(cls, connect: Connect, size: int, acquire_timeout: float) -> HotPool:
-        """Open all ``size`` connections up front: a burst never waits for connection setup."""
+        """Open all ``size`` connections up front (a burst never waits for connection setup).
+        Those that cannot be made now are retried in the background: an instance starts, and
+        answers "unavailable", while the database is down."""
         pool = cls(connect, size, acquire_timeout)
-        connections = await asyncio.gather(*(connect() for _ in range(size)))
-        pool._all.update(connections)
-        pool._idle.extend(connections)
+        results = await asyncio.gather(*(connect() for _ in range(size)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, asyncpg.Connection):
+                pool._idle.append(result)
+            elif isinstance(result, Exception):
+                log.warning("opening a pooled connection failed (%r); retrying", result)
+                pool._down = not pool._idle
+                pool._start_replacement()
+            else:
+                raise result
         return pool
 
     @property
@@ -67,119 +101,262 @@ class HotPool:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def alive(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+    # --- lending ---------------------------------------------------------------------
+
     async def _acquire(self) -> asyncpg.Connection:
+        """A connection lent to the caller alone; raises DatabaseUnavailableError (nothing
+        sent) when none can be had in time."""
         if self._closed:
-            raise PoolClosedError("the pool is closed")
+            raise PoolClosedError("the instance is shutting down; nothing changed")
         while self._idle:
             conn = self._idle.pop()
-            if not conn.is_closed():
-                return conn
-            # The server dropped it while idle (restart, idle timeout): replace, try the next.
-            self._discard(conn)
+            if conn.is_closed():
+                # The server dropped it while idle (restart, terminate): replace, try the next.
+                self._start_replacement()
+                continue
+            self._busy.add(conn)
+            return conn
+        if self._down:
+            return await self._connect_inline()
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[asyncpg.Connection] = loop.create_future()
         self._waiters.append(waiter)
         timer = loop.call_later(self._acquire_timeout, _expire, waiter)
         try:
-            return await waiter
+            conn = await waiter
         except asyncio.CancelledError:
             # Handed a connection in the same instant we were cancelled: give it back.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release(waiter.result())
+                self._take_back(waiter.result(), None)
             raise
         finally:
             timer.cancel()
+        if conn.is_closed():
+            self._take_back(conn, None)
+            return await self._acquire()
+        return conn
 
-    def _release(self, conn: asyncpg.Connection) -> None:
+    async def _connect_inline(self) -> asyncpg.Connection:
+        """While the pool is down, one caller at a time tries a connection itself: the first
+        request after the database is back succeeds instead of being refused by a pool whose
+        background reconnect is still in its backoff. Everyone else is answered at once."""
+        if self._probing:
+            raise not_applied("no database connection can be made")
+        self._probing = True
+        try:
+            conn = await self._connect()
+        except Exception as error:
+            raise not_applied(f"no database connection can be made ({error!r})") from error
+        finally:
+            self._probing = False
+        if self._closed:
+            conn.terminate()
+            raise PoolClosedError("the instance is shutting down; nothing changed")
+        self._down = False
+        self._failing_since = None
+        # This connection takes the place of one being replaced: the pool keeps its size.
+        for task in self._replacing:
+            task.cancel()
+            break
+        self._busy.add(conn)
+        return conn
+
+    def _lend(self, conn: asyncpg.Connection) -> None:
+        """Give a sane connection to the longest waiter, or make it idle."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self._busy.add(conn)
                 waiter.set_result(conn)
                 return
         self._idle.append(conn)
 
-    def _discard(self, conn: asyncpg.Connection) -> None:
-        """Terminate a connection in an unknown state and open a replacement."""
-        self._all.discard(conn)
+    def _take_back(self, conn: asyncpg.Connection, failure: BaseException | None) -> None:
+        if conn not in self._busy:
+            # Never lend it twice: a second give-back is a bug in the caller, not a reason to
+            # put the connection in two hands.
+            log.error("a connection was given back twice; ignoring the second time")
+            return
+        self._busy.discard(conn)
+        if (
+            not self._closed
+            and is_reusable(failure)
+            and not conn.is_closed()
+            and not conn.is_in_transaction()
+        ):
+            self._lend(conn)
+            return
         conn.terminate()
-        if not self._closed:
-            task = asyncio.get_running_loop().create_task(self._replace())
-            self._replacing.add(task)
-            task.add_done_callback(self._replacing.discard)
+        self._start_replacement()
+
+    def _start_replacement(self) -> None:
+        if self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._replace())
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
 
     async def _replace(self) -> None:
         delay = 0.1
         while not self._closed:
             try:
                 conn = await self._connect()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                log.warning("reconnecting the hot pool failed (%r); retry in %.1fs", error, delay)
+            except Exception as error:  # any failure to connect: retry; the pool must heal
+                self._note_failed_connect()
+                log.warning("reconnecting failed (%r); retry in %.1fs", error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, _RECONNECT_MAX_DELAY)
                 continue
             if self._closed:
-                await conn.close()
+                conn.terminate()
                 return
-            self._all.add(conn)
-            self._release(conn)
+            self._down = False
+            self._failing_since = None
+            self._lend(conn)
             return
 
-    def _give_back(self, conn: asyncpg.Connection, failure: BaseException | None) -> None:
-        # A server-side error (constraint, bad value) leaves the connection idle and usable;
-        # anything else (lost connection, cancellation mid-statement) leaves it unknown.
-        clean = failure is None or isinstance(failure, asyncpg.PostgresError)
-        if clean and not conn.is_closed() and not conn.is_in_transaction():
-            self._release(conn)
-        else:
-            self._discard(conn)
+    def _note_failed_connect(self) -> None:
+        """With no connection alive, reconnecting has failed: after _DOWN_AFTER of that, the
+        database is down, and waiting callers are answered now rather than at their deadline.
+        A restart (connections refused for a fraction of a second) only delays them."""
+        if self.alive:
+            return
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if not self._down and now - self._failing_since >= _DOWN_AFTER:
+            self._down = True
+            self._fail_waiters(not_applied("no database connection can be made"))
 
-    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
-        conn = await self._acquire()
-        try:
-            row = await conn.fetchrow(query, *args)
-        except BaseException as failure:
-            self._give_back(conn, failure)
-            raise
-        self._give_back(conn, None)
-        return row
+    def _fail_waiters(self, error: Exception) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
 
-    async def fetchval(self, query: str, *args: Any) -> Any:
+    # --- statements ------------------------------------------------------------------
+
+    async def fetchrow(
+        self, query: str, *args: Any, read_only: bool = False
+    ) -> asyncpg.Record | None:
+        """One statement, autocommit. Raises DatabaseUnavailableError (not applied) or, for a
+        write whose connection broke after sending, OutcomeUnknownError."""
+        result: asyncpg.Record | None = await self._run(
+            asyncpg.Connection.fetchrow, query, args, read_only
+        )
+        return result
+
+    async def fetchval(self, query: str, *args: Any, read_only: bool = False) -> Any:
+        return await self._run(asyncpg.Connection.fetchval, query, args, read_only)
+
+    async def _run(
+        self, method: Callable[..., Awaitable[Any]], query: str, args: Any, read_only: bool
+    ) -> Any:
+        for attempt in (1, 2):
+            conn = await self._acquire()
+            try:
+                result = await method(conn, query, *args)
+            except BaseException as failure:
+                self._take_back(conn, failure)
+                if isinstance(failure, AppError) or not isinstance(failure, Exception):
+                    raise
+                never_sent = _never_sent(failure)
+                error = classify(failure, sent=not (read_only or never_sent))
+                if error is None:
+                    raise
+                if attempt == 1 and is_connection_failure(failure) and (read_only or never_sent):
+                    # The statement did not run (or changes nothing): once more, on a fresh
+                    # connection. A stale connection must not fail a request.
+                    continue
+                raise error from failure
+            self._take_back(conn, None)
+            return result
+        raise AssertionError("unreachable")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """BEGIN … COMMIT on one connection. A failure before COMMIT was sent is "not
+        applied" (the server never commits a transaction it did not see committed); a broken
+        connection during COMMIT is "outcome unknown". An AppError raised inside rolls back
+        and passes through unchanged."""
         conn = await self._acquire()
+        committing = False
         try:
-            value = await conn.fetchval(query, *args)
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                yield conn
+            except BaseException as failure:
+                # Roll back only a connection known to be sane; a broken or cancelled one is
+                # terminated instead (the server rolls back what it never saw committed).
+                if isinstance(failure, AppError) or (
+                    isinstance(failure, asyncpg.PostgresError) and is_reusable(failure)
+                ):
+                    with contextlib.suppress(Exception):
+                        await tx.rollback()
+                raise
+            committing = True
+            await tx.commit()
         except BaseException as failure:
-            self._give_back(conn, failure)
-            raise
-        self._give_back(conn, None)
-        return value
+            domain = isinstance(failure, AppError)
+            self._take_back(conn, None if domain else failure)
+            if domain or not isinstance(failure, Exception):
+                raise
+            error = classify(failure, sent=committing)
+            if error is None:
+                raise
+            raise error from failure
+        self._take_back(conn, None)
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection for several statements (a transaction); returned on exit."""
+        """A connection for several statements that the caller manages (the scheduler's
+        loops); returned on exit, or replaced if the caller's failure left it unknown. Driver
+        errors from the caller's statements pass through unclassified."""
         conn = await self._acquire()
         try:
             yield conn
         except BaseException as failure:
-            self._give_back(conn, failure)
+            self._take_back(conn, failure)
             raise
-        self._give_back(conn, None)
+        self._take_back(conn, None)
 
-    async def close(self) -> None:
-        """Fail every waiter, stop replacing, and close every connection."""
+    async def close(self, timeout: float = 2.0) -> None:  # noqa: ASYNC109  (a budget, split)
+        """Fail every waiter, stop replacing, and close every connection within ``timeout``:
+        idle ones are closed politely, all at once; whatever has not closed by then (a busy
+        one, or one whose peer is gone) is terminated, so a dead database cannot hold the
+        shutdown."""
         self._closed = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(PoolClosedError("the pool is closed"))
+        self._fail_waiters(PoolClosedError("the instance is shutting down; nothing changed"))
         for task in list(self._replacing):
             task.cancel()
-        for conn in list(self._all):
-            with suppress(OSError, asyncpg.InterfaceError, asyncpg.PostgresError):
-                await conn.close(timeout=5)
-        self._all.clear()
-        self._idle.clear()
+        idle, self._idle = self._idle, []
+        busy, self._busy = self._busy, set()
+        for conn in busy:
+            conn.terminate()
+        closing = [asyncio.ensure_future(conn.close(timeout=timeout)) for conn in idle]
+        if closing:
+            await asyncio.wait(closing, timeout=timeout)
+            for future in closing:
+                if future.done():
+                    future.exception()  # retrieved: a failed polite close is fine
+                else:
+                    future.cancel()
+        for conn in idle:
+            if not conn.is_closed():
+                conn.terminate()
+
+
+def _never_sent(failure: BaseException) -> bool:
+    # asyncpg checks the connection before it writes anything and raises exactly this; a loss
+    # mid-call is ConnectionDoesNotExistError ("closed in the middle of operation") instead.
+    return type(failure) is asyncpg.InterfaceError and "connection is closed" in str(failure)
 
 
 def _expire(waiter: asyncio.Future[asyncpg.Connection]) -> None:
     if not waiter.done():
-        waiter.set_exception(TimeoutError("no database connection became free in time"))
+        waiter.set_exception(not_applied("no database connection became free in time"))

@@ -13,7 +13,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TANDEM_", env_file=".env", extra="ignore")
 
     # No URL means "start an embedded PostgreSQL under data_dir" (CLI only; the app needs a URL).
+    # Multi-host URLs work (postgresql://h1:5432,h2:5432/db?target_session_attrs=read-write).
     database_url: str | None = None
+    # What needs a real session rather than a pooler's transaction (`tandem migrate`): a
+    # direct URL to PostgreSQL when database_url points at PgBouncer. Default: database_url.
+    database_direct_url: str | None = None
     data_dir: Path = Path(".tandem")
 
     # The wallet's hot path has its own asyncpg pool. 5 instances x (pool + engine pool) must fit
@@ -23,7 +27,21 @@ class Settings(BaseSettings):
     # Seconds a request may wait for a pooled connection. A 10000-request burst queues on the
     # pool (the row lock serialises it anyway), so this is generous on purpose.
     db_pool_timeout: float = Field(default=60.0, gt=0)
-    db_statement_timeout_ms: int = Field(default=30_000, ge=0)
+    # Client-side deadlines (seconds): making a connection, and every statement (asyncpg
+    # cancels it and the connection is replaced). The statement deadline is longer than the
+    # server's statement_timeout (10 s, migration 0006), so a slow statement is normally
+    # cancelled by the server first, which means "not applied" rather than "unknown".
+    db_connect_timeout: float = Field(default=5.0, gt=0)
+    db_command_timeout: float = Field(default=15.0, gt=0)
+    # How long sent data may go unacknowledged before the kernel drops the connection
+    # (TCP_USER_TIMEOUT), seconds.
+    db_tcp_user_timeout: float = Field(default=10.0, gt=0)
+    # Closing all connections at shutdown takes at most this long (seconds); the rest are
+    # terminated without waiting on the peer.
+    db_close_timeout: float = Field(default=2.0, gt=0)
+    # asyncpg's prepared-statement cache. Off (false) behind a pooler in transaction mode
+    # that cannot keep prepared statements (PgBouncer before 1.21): docs/pooling.md.
+    db_statement_cache: bool = True
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -82,6 +100,9 @@ class Settings(BaseSettings):
                 "embedded PostgreSQL when no URL is given, or set the URL."
             )
         return self.database_url
+
+    def require_direct_url(self) -> str:
+        return self.database_direct_url or self.require_database_url()
 
 
 @lru_cache

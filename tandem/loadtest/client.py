@@ -31,7 +31,7 @@ import asyncio
 import gc
 import json
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -71,10 +71,17 @@ def parse_base_url(url: str) -> Endpoint:
 
 
 def build_request(
-    method: str, path: str, host: str, json_body: Any = None, *, keep_alive: bool = False
+    method: str,
+    path: str,
+    host: str,
+    json_body: Any = None,
+    *,
+    keep_alive: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> bytes:
     """The complete bytes of one request. ``json_body`` None means no body."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     body = b""
     if json_body is not None:
         body = json.dumps(json_body, separators=(",", ":")).encode()

@@ -1,4 +1,5 @@
-"""Alembic environment: runs migrations over the async engine, URL from the caller or settings."""
+"""Alembic environment: runs migrations over the async engine, URL from the caller or settings
+(the direct URL: migrations need a real session, not a pooler's transaction)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 import tandem.wallet.models  # noqa: F401  (registers the tables on Base.metadata)
-from tandem.core.database import sqlalchemy_url
+from tandem.core.database import open_connection
 from tandem.core.models import Base
 from tandem.core.settings import get_settings
 
@@ -19,8 +20,8 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    url = context.config.attributes.get("database_url") or get_settings().require_database_url()
-    return sqlalchemy_url(str(url))
+    url = context.config.attributes.get("database_url") or get_settings().require_direct_url()
+    return str(url)
 
 
 # Instances that migrate on start may race; the lock makes the second wait and then find
@@ -31,19 +32,30 @@ MIGRATION_LOCK_ID = 0x7A6D_0001
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
+        # The database's own statement_timeout (migration 0006) is for the service, not for
+        # building an index on a large table.
+        connection.execute(text("SET LOCAL statement_timeout = 0"))
         connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
         context.run_migrations()
 
 
 async def _run_online() -> None:
-    engine = create_async_engine(_url(), poolclass=NullPool)
+    settings = get_settings()
+    url = _url()
+
+    # The same connections as the service's (tandem/core/database.py), without its deadline
+    # per statement; a multi-host URL works here too.
+    async def connect() -> object:
+        return await open_connection(url, settings, "tandem-migrate", statement_deadline=False)
+
+    engine = create_async_engine("postgresql+asyncpg://", async_creator=connect, poolclass=NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(_run)
     await engine.dispose()
 
 
 if context.is_offline_mode():
-    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    context.configure(url="postgresql://", target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:

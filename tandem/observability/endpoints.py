@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from tandem.core.dependencies import Db
 from tandem.observability.health import check_readiness
 from tandem.observability.metrics import METRICS_CONTENT_TYPE, render_metrics
 
@@ -36,8 +37,8 @@ async def live() -> Liveness:
     summary="The database answers and the schema is at the latest migration",
     responses={503: {"model": ReadinessOut, "description": "Not ready: see the fields."}},
 )
-async def ready(request: Request) -> JSONResponse:
-    result = await check_readiness(request.app.state.resources.engine)
+async def ready(db: Db) -> JSONResponse:
+    result = await check_readiness(db.engine)
     body = ReadinessOut(
         status="ready" if result.ready else "not_ready",
         database=result.database,

@@ -39,6 +39,15 @@ WALLET_BALANCE_UPDATES = Counter(
     "Balance update requests by outcome: ok, replayed, or the refusal's error code.",
     ["outcome"],
 )
+# Both kinds of 503 a database failure gives (tandem/core/failures.py): "not_applied"
+# (database_unavailable: nothing changed) and "outcome_unknown" (a write may have committed).
+DATABASE_FAILURES = Counter(
+    "tandem_database_failures_total",
+    "Database failures answered as 503, by kind: not_applied or outcome_unknown.",
+    ["kind"],
+)
+for _kind in ("not_applied", "outcome_unknown"):
+    DATABASE_FAILURES.labels(_kind)
 
 INSTANCE_INFO = Gauge(
     "tandem_instance_info",

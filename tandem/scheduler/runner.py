@@ -18,12 +18,14 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
+from tandem.core.database import Database
+from tandem.core.errors import DatabaseFailureError
 from tandem.core.hotpool import HotPool, PoolClosedError
 from tandem.core.settings import Settings
 from tandem.observability.metrics import (
@@ -44,8 +46,13 @@ from tandem.scheduler.registry import Registry, TaskCancelledError, TaskContext,
 
 log = logging.getLogger(__name__)
 
-Connect = Callable[[], Awaitable[asyncpg.Connection]]
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+_DB_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    DatabaseFailureError,
+)
 # Instances silent this long are deleted from the membership table.
 _FORGET_AFTER = 3600.0
 _FORGET_EVERY = 60.0
@@ -68,12 +75,12 @@ class Runner:
         self,
         settings: Settings,
         registry: Registry,
-        connect: Connect,
+        database: Database,
         instance_id: str,
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self._connect = connect
+        self._database = database
         self.instance_id = instance_id
         self.hostname = socket.gethostname()
         self._pool: HotPool | None = None
@@ -114,8 +121,8 @@ class Runner:
 
     async def _join(self) -> None:
         if self._pool is None:
-            self._pool = await HotPool.open(
-                self._connect, self.settings.scheduler_pool_size, self.settings.db_pool_timeout
+            self._pool = await self._database.open_pool(
+                "tandem-scheduler", self.settings.scheduler_pool_size
             )
         async with self._pool.acquire() as db:
             await repository.register_instance(db, self.instance_id, self.hostname, os.getpid())
@@ -149,10 +156,10 @@ class Runner:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 1.0)):
                     async with self._pool.acquire() as db:
                         await repository.stop_instance(db, self.instance_id)
-            await self._pool.close()
+            await self._pool.close(self.settings.db_close_timeout)
         if self._heartbeat_conn is not None:
             with contextlib.suppress(*_DB_ERRORS):
-                await self._heartbeat_conn.close(timeout=2)
+                await self._heartbeat_conn.close(timeout=self.settings.db_close_timeout)
         SCHEDULER_RUNNING.set(0)
         log.info("scheduler of instance %s stopped", self.instance_id)
 
@@ -301,7 +308,7 @@ class Runner:
         """Refresh membership and renew the leases of the runs this instance holds; stop the
         runs whose lease another instance has taken over."""
         if self._heartbeat_conn is None or self._heartbeat_conn.is_closed():
-            self._heartbeat_conn = await asyncio.wait_for(self._connect(), 5)
+            self._heartbeat_conn = await self._database.connect("tandem-heartbeat")
         db = self._heartbeat_conn
         held = {run.claim.task_id: run.claim.fence for run in self._runs.values()}
         async with asyncio.timeout(max(self.settings.scheduler_heartbeat_interval, 1.0)):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from tandem.core.dependencies import Session
+from tandem.core.dependencies import CurrentInstance
 from tandem.status import page, service
 
 router = APIRouter(tags=["status page"])
@@ -24,13 +24,13 @@ _HEADERS = {
 }
 
 
-async def _render(request: Request, session: Session, *, whole: bool) -> HTMLResponse:
-    resources = request.app.state.resources
-    settings = resources.settings
-    snapshot = await service.read_snapshot(
-        session, timedelta(seconds=settings.scheduler_lease), HISTORY_LIMIT
+async def _render(instance: CurrentInstance, *, whole: bool) -> HTMLResponse:
+    settings = instance.settings
+    window = timedelta(seconds=settings.scheduler_lease)
+    snapshot = await instance.database.transact(
+        lambda session: service.read_snapshot(session, window, HISTORY_LIMIT), writes=False
     )
-    served_by: str = resources.instance_id
+    served_by = instance.instance_id
     late_after = LATE_HEARTBEATS * settings.scheduler_heartbeat_interval
     render = page.render_page if whole else page.render_fragment
     body = render(snapshot, served_by=served_by, late_after=late_after)
@@ -48,11 +48,11 @@ async def _render(request: Request, session: Session, *, whole: bool) -> HTMLRes
     ),
     responses={200: {"content": {"text/html": {}}, "description": "The page."}},
 )
-async def status_page(request: Request, session: Session) -> HTMLResponse:
-    return await _render(request, session, whole=True)
+async def status_page(instance: CurrentInstance) -> HTMLResponse:
+    return await _render(instance, whole=True)
 
 
 # The page's script swaps this in; not an API of its own.
 @router.get("/status/fragment", response_class=HTMLResponse, include_in_schema=False)
-async def status_fragment(request: Request, session: Session) -> HTMLResponse:
-    return await _render(request, session, whole=False)
+async def status_fragment(instance: CurrentInstance) -> HTMLResponse:
+    return await _render(instance, whole=False)

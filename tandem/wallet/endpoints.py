@@ -8,14 +8,14 @@ count the same metrics; the API tests run against both.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-import pydantic
-from fastapi import APIRouter, Body, Depends, Header, Path, Request, Response, status
+from fastapi import APIRouter, Body, Header, Path, Request, Response, status
 
-from tandem.core.dependencies import Session
+from tandem.core.dependencies import Db
 from tandem.core.errors import AppError
 from tandem.core.hotpool import HotPool
+from tandem.core.openapi import DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN, error_responses
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
 from tandem.wallet.schemas import (
@@ -61,39 +61,6 @@ def balance_body(result: BalanceResult) -> bytes:
 router = APIRouter(tags=["wallet"])
 
 
-def _error_responses(*codes: tuple[int, str, str]) -> dict[int | str, dict[str, Any]]:
-    out: dict[int | str, dict[str, Any]] = {}
-    for status_code, code, description in codes:
-        entry = out.setdefault(status_code, {"description": "", "model": ErrorEnvelope})
-        entry["description"] = (entry["description"] + f" `{code}`: {description}.").strip()
-    return out
-
-
-class ErrorBody(pydantic.BaseModel):
-    code: str
-    message: str
-    details: list[dict[str, Any]] | None = None
-
-
-class ErrorEnvelope(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"error": {"code": "insufficient_funds", "message": "the balance is too low"}}
-            ]
-        }
-    )
-    error: ErrorBody
-
-
-async def get_pool(request: Request) -> HotPool:
-    # async: a plain def would run in FastAPI's thread pool, a thread hop per request.
-    pool: HotPool = request.app.state.resources.pool
-    return pool
-
-
-Pool = Annotated[HotPool, Depends(get_pool)]
-
 _VALIDATION = (422, "validation_error", "malformed JSON, wrong types, floats, zero or out of range")
 
 
@@ -106,14 +73,17 @@ _VALIDATION = (422, "validation_error", "malformed JSON, wrong types, floats, ze
         "The balance never goes below 0; any number of instances may serve this at once. "
         "With an `Idempotency-Key` header, a retry returns the first outcome and never "
         "applies twice (a replay carries `Idempotent-Replayed: true`). A refusal changes "
-        "nothing."
+        "nothing. A 503 `outcome_unknown` means the change may or may not have been "
+        "applied: retry with the same key to learn which."
     ),
-    responses=_error_responses(
+    responses=error_responses(
         (404, "user_not_found", "no such user"),
         (409, "insufficient_funds", "the withdrawal would make the balance negative"),
         (409, "balance_limit_exceeded", "the balance would exceed 2^63-1"),
         _VALIDATION,
         (422, "idempotency_key_reused", "the key was used with a different request"),
+        DATABASE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
     ),
     openapi_extra={
         "requestBody": {
@@ -127,7 +97,7 @@ _VALIDATION = (422, "validation_error", "malformed JSON, wrong types, floats, ze
 async def update_balance(
     request: Request,
     response: Response,
-    pool: Pool,
+    db: Db,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -137,7 +107,7 @@ async def update_balance(
     ] = None,
 ) -> Balance:
     # The raw body goes through the same parser as the lean path (see module docstring).
-    result = await serve_balance_update(pool, await request.body(), idempotency_key)
+    result = await serve_balance_update(db.hot, await request.body(), idempotency_key)
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return Balance(user_id=result.user_id, balance=result.balance)
@@ -147,12 +117,14 @@ async def update_balance(
     "/balance/{userId}",
     response_model=Balance,
     summary="Read a balance",
-    responses=_error_responses(
-        (404, "user_not_found", "no such user"), (422, "validation_error", "bad user id")
+    responses=error_responses(
+        (404, "user_not_found", "no such user"),
+        (422, "validation_error", "bad user id"),
+        DATABASE_UNAVAILABLE,
     ),
 )
 async def read_balance(
-    pool: Pool,
+    db: Db,
     user_id: Annotated[
         str,
         Path(
@@ -162,7 +134,7 @@ async def read_balance(
         ),
     ],
 ) -> Balance:
-    result = await serve_balance_read(pool, user_id)
+    result = await serve_balance_read(db.hot, user_id)
     return Balance(user_id=result.user_id, balance=result.balance)
 
 
@@ -172,10 +144,9 @@ async def read_balance(
     status_code=status.HTTP_201_CREATED,
     summary="Create a user",
     description="Creates a user with `balance` (default 10000) and answers its id.",
-    responses=_error_responses(_VALIDATION),
+    responses=error_responses(_VALIDATION, DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN),
 )
-async def create_user(
-    session: Session, payload: Annotated[UserCreate | None, Body()] = None
-) -> Balance:
-    result = await service.create_user(session, (payload or UserCreate()).balance)
+async def create_user(db: Db, payload: Annotated[UserCreate | None, Body()] = None) -> Balance:
+    balance = (payload or UserCreate()).balance
+    result = await db.transact(lambda session: service.create_user(session, balance))
     return Balance(user_id=result.user_id, balance=result.balance)

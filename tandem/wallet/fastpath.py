@@ -10,10 +10,10 @@ passes everything else to FastAPI. Measured effect: docs/ARCHITECTURE.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
-from tandem.core.errors import AppError, PayloadTooLargeError, error_for_unexpected
-from tandem.core.hotpool import HotPool
+from tandem.core.database import Database
+from tandem.core.errors import AppError, PayloadTooLargeError
+from tandem.core.failures import error_for_unexpected
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
 from tandem.wallet.endpoints import balance_body, serve_balance_read, serve_balance_update
 from tandem.wallet.schemas import MAX_BODY_BYTES
@@ -28,9 +28,9 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class WalletFastPath:
-    def __init__(self, app: ASGIApp, pool: Callable[[], HotPool]) -> None:
+    def __init__(self, app: ASGIApp, database: Database) -> None:
         self.app = app
-        self.pool = pool
+        self.database = database
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -58,12 +58,12 @@ class WalletFastPath:
                 key = value.decode("latin-1")
         try:
             body = await _read_body(receive)
-            result = await serve_balance_update(self.pool(), body, key)
+            result = await serve_balance_update(self.database.hot, body, key)
         except AppError as error:
-            await _respond(send, error.status_code, error.to_json_bytes())
+            await _respond_error(send, error)
             return
         except Exception as exc:
-            await _respond_unexpected(send, exc)
+            await _respond_unexpected(send, exc, writes=True)
             return
         headers = _JSON_HEADERS
         if result.replayed:
@@ -72,12 +72,12 @@ class WalletFastPath:
 
     async def _read(self, raw_user_id: str, send: Send) -> None:
         try:
-            result = await serve_balance_read(self.pool(), raw_user_id)
+            result = await serve_balance_read(self.database.hot, raw_user_id)
         except AppError as error:
-            await _respond(send, error.status_code, error.to_json_bytes())
+            await _respond_error(send, error)
             return
         except Exception as exc:
-            await _respond_unexpected(send, exc)
+            await _respond_unexpected(send, exc, writes=False)
             return
         await _respond(send, 200, balance_body(result))
 
@@ -96,12 +96,19 @@ async def _read_body(receive: Receive) -> bytes:
             return body
 
 
-async def _respond_unexpected(send: Send, exc: Exception) -> None:
+async def _respond_unexpected(send: Send, exc: Exception, *, writes: bool) -> None:
     # This path runs outside FastAPI's error middleware, so it answers for itself, exactly as
     # the app's catch-all handler does.
-    error = error_for_unexpected(exc)
+    error = error_for_unexpected(exc, writes=writes)
     log.error("%s on the wallet's lean path", error.code, exc_info=exc)
-    await _respond(send, error.status_code, error.to_json_bytes())
+    await _respond_error(send, error)
+
+
+async def _respond_error(send: Send, error: AppError) -> None:
+    headers = _JSON_HEADERS
+    if error.headers:
+        headers = [*headers, *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
+    await _respond(send, error.status_code, error.to_json_bytes(), headers)
 
 
 async def _respond(

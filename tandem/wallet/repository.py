@@ -86,8 +86,8 @@ async def apply_delta(db: Executor, user_id: int, amount: int) -> DeltaResult | 
     return None if row is None else DeltaResult(row[0], row[1])
 
 
-async def get_balance(db: Executor, user_id: int) -> int | None:
-    value = await db.fetchval(GET_BALANCE, user_id)
+async def get_balance(pool: HotPool, user_id: int) -> int | None:
+    value = await pool.fetchval(GET_BALANCE, user_id, read_only=True)
     return None if value is None else int(value)
 
 

@@ -43,7 +43,9 @@ async def update_balance(
     transaction as the change and every retry gets it back without applying again.
 
     Raises UserNotFoundError, InsufficientFundsError, BalanceLimitError and, for a key reused
-    with a different request, IdempotencyKeyReusedError. A refusal changes nothing.
+    with a different request, IdempotencyKeyReusedError. A refusal changes nothing. When the
+    database fails: DatabaseUnavailableError (nothing changed) or OutcomeUnknownError (the
+    change may have been applied).
     """
     if idempotency_key is None:
         result = await repository.apply_delta(pool, user_id, amount)
@@ -56,21 +58,23 @@ async def update_balance(
 
 
 async def _update_balance_once(pool: HotPool, user_id: int, amount: int, key: str) -> BalanceResult:
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            if not await repository.claim_idempotency_key(conn, key, user_id, amount):
-                stored = await repository.get_idempotency_outcome(conn, key)
-                return _replay(stored, user_id, amount)
-            result = await repository.apply_delta(conn, user_id, amount)
-            refusal = _refusal(user_id, amount, result)
-            balance = None if result is None or refusal is not None else result.balance
-            outcome = "ok" if refusal is None else refusal.code
-            await repository.record_idempotency_outcome(conn, key, outcome, balance)
-        # The refusal is raised after the commit: it is the outcome a retry must see again.
-        if refusal is not None:
-            raise refusal
-        assert balance is not None
-        return BalanceResult(user_id, balance)
+    # A broken connection before COMMIT applied nothing (database_unavailable); during COMMIT
+    # the outcome is unknown, and a retry with this key finds the stored outcome or, if the
+    # transaction did not commit, claims the key and applies once.
+    async with pool.transaction() as conn:
+        if not await repository.claim_idempotency_key(conn, key, user_id, amount):
+            stored = await repository.get_idempotency_outcome(conn, key)
+            return _replay(stored, user_id, amount)
+        result = await repository.apply_delta(conn, user_id, amount)
+        refusal = _refusal(user_id, amount, result)
+        balance = None if result is None or refusal is not None else result.balance
+        outcome = "ok" if refusal is None else refusal.code
+        await repository.record_idempotency_outcome(conn, key, outcome, balance)
+    # The refusal is raised after the commit: it is the outcome a retry must see again.
+    if refusal is not None:
+        raise refusal
+    assert balance is not None
+    return BalanceResult(user_id, balance)
 
 
 def _replay(stored: repository.StoredOutcome, user_id: int, amount: int) -> BalanceResult:

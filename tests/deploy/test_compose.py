@@ -1,6 +1,7 @@
 """The Docker deployment, checked without a Docker engine: the compose file by Compose's own
 validator, the Dockerfile by hadolint, and the properties the deployment promises read off
-both (one entry point, 5 replicas, start order by health, drain time on stop, ...)."""
+both (one entry point, 5 replicas, start order by health, drain time on stop, the app behind
+PgBouncer with a connection budget that fits 50 replicas, ...)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import URL, make_url
 
 from tandem.cli import GRACEFUL_SHUTDOWN_SECONDS
 from tandem.core.settings import Settings
@@ -21,7 +23,14 @@ from tests.support import REPO, require_tool
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = REPO / "Dockerfile"
-LONG_RUNNING = ("postgres", "app", "nginx", "prometheus", "grafana")
+LONG_RUNNING = ("postgres", "pgbouncer", "app", "nginx", "prometheus", "grafana")
+# The replica count the connection budget must fit (docs/pooling.md).
+BUDGETED_REPLICAS = 50
+# Single connections each replica opens besides its pools: the scheduler's heartbeat, and one
+# while a housekeeping task runs (docs/ARCHITECTURE.md, Connections).
+SINGLE_CONNECTIONS = 2
+# What connects to PostgreSQL directly besides PgBouncer: `tandem migrate` (one connection).
+DIRECT_CLIENTS = 1
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +71,7 @@ def test_one_entry_point(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert "ports" not in services["app"]
     assert "ports" not in services["postgres"]
+    assert "ports" not in services["pgbouncer"]
     published = [p["target"] if isinstance(p, dict) else p for p in services["nginx"]["ports"]]
     assert len(published) == 1
     assert "container_name" not in services["app"]
@@ -73,18 +83,108 @@ def test_five_replicas_by_default(compose: dict[str, Any]) -> None:
 
 
 def test_start_order_follows_health(compose: dict[str, Any]) -> None:
-    """Migrations run once PostgreSQL is healthy; the app starts after they succeeded; nginx
-    after the app is healthy. Each awaited service has a health check."""
+    """Migrations run once PostgreSQL is healthy, and so does PgBouncer; the app starts after
+    the migrations succeeded and PgBouncer is healthy; nginx after the app is healthy. Each
+    awaited service has a health check."""
     services = compose["services"]
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["pgbouncer"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     app_deps = services["app"]["depends_on"]
-    assert app_deps["postgres"]["condition"] == "service_healthy"
+    assert app_deps["pgbouncer"]["condition"] == "service_healthy"
     assert app_deps["migrate"]["condition"] == "service_completed_successfully"
     assert services["nginx"]["depends_on"]["app"]["condition"] == "service_healthy"
-    assert "healthcheck" in services["postgres"]
-    assert "healthcheck" in services["nginx"]
+    for name in ("postgres", "pgbouncer", "nginx"):
+        assert "healthcheck" in services[name], name
     # The app's health check is the image's.
     assert re.search(r"^HEALTHCHECK .*?/health/live", DOCKERFILE.read_text(), re.M | re.S)
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a mapping (Compose may print either form)."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def _endpoint(url: str) -> tuple[str | None, int | None, str | None]:
+    parsed: URL = make_url(url)
+    return parsed.host, parsed.port, parsed.database
+
+
+def _pgbouncer_endpoint(compose: dict[str, Any]) -> tuple[str, int, str]:
+    env = _env(compose["services"]["pgbouncer"])
+    return "pgbouncer", int(env["LISTEN_PORT"]), env["DB_NAME"]
+
+
+def test_app_reaches_postgres_only_through_pgbouncer(compose: dict[str, Any]) -> None:
+    """The replicas' database URL is PgBouncer's; with transaction pooling in between, their
+    statement cache is off (PgBouncer before 1.21 cannot keep prepared statements: what CI
+    tests). They do not migrate on start, so nothing in a replica uses the direct URL, and
+    they do not wait for PostgreSQL themselves (PgBouncer does)."""
+    services = compose["services"]
+    env = _env(services["app"])
+    assert _endpoint(env["TANDEM_DATABASE_URL"]) == _pgbouncer_endpoint(compose)
+    assert env["TANDEM_DB_STATEMENT_CACHE"].lower() == "false"
+    assert env["TANDEM_MIGRATE_ON_START"].lower() == "false"
+    assert "postgres" not in services["app"]["depends_on"]
+    assert _env(services["pgbouncer"])["POOL_MODE"] == "transaction"
+    assert _env(services["pgbouncer"])["DB_HOST"] == "postgres"
+
+
+def test_migrations_go_direct(compose: dict[str, Any]) -> None:
+    """`tandem migrate` reaches PostgreSQL itself, both URLs, never the pooler: a migration is
+    one long session (its transaction, its advisory lock, DDL) and must not wait for a pooled
+    connection behind the replicas."""
+    services = compose["services"]
+    env = _env(services["migrate"])
+    postgres = ("postgres", 5432, _env(services["postgres"])["POSTGRES_DB"])
+    assert _endpoint(env["TANDEM_DATABASE_URL"]) == postgres
+    assert _endpoint(env["TANDEM_DATABASE_DIRECT_URL"]) == postgres
+    assert _endpoint(_env(services["app"])["TANDEM_DATABASE_DIRECT_URL"]) == postgres
+    assert "pgbouncer" not in services["migrate"]["depends_on"]
+    assert services["migrate"]["command"] == ["migrate"]
+
+
+def _max_connections(postgres: dict[str, Any]) -> int:
+    command = postgres["command"]
+    if isinstance(command, str):
+        command = command.split()
+    for arg in command:
+        if arg.startswith("max_connections="):
+            return int(arg.split("=", 1)[1])
+    return 100  # PostgreSQL's default
+
+
+def test_connection_budget_fits_fifty_replicas(compose: dict[str, Any]) -> None:
+    """50 replicas' client connections fit PgBouncer's max_client_conn; PgBouncer's server
+    connections (pool + reserve, capped by max_db_connections), the direct clients and the
+    superuser reserve fit PostgreSQL's max_connections. The per-replica figure is computed from
+    the app's own pool settings, so raising a pool without the budget fails here."""
+    settings = Settings()
+    per_replica = (
+        settings.db_pool_size
+        + settings.db_engine_pool_size
+        + settings.scheduler_pool_size
+        + SINGLE_CONNECTIONS
+    )
+    bouncer = _env(compose["services"]["pgbouncer"])
+    assert BUDGETED_REPLICAS * per_replica <= int(bouncer["MAX_CLIENT_CONN"])
+    server_side = int(bouncer["DEFAULT_POOL_SIZE"]) + int(bouncer.get("RESERVE_POOL_SIZE", "0"))
+    if "MAX_DB_CONNECTIONS" in bouncer:
+        server_side = min(server_side, int(bouncer["MAX_DB_CONNECTIONS"]))
+    superuser_reserved = 3  # PostgreSQL's default superuser_reserved_connections
+    needed = server_side + DIRECT_CLIENTS + superuser_reserved
+    assert needed <= _max_connections(compose["services"]["postgres"])
+
+
+def test_compose_sets_only_known_settings(compose: dict[str, Any]) -> None:
+    """Every TANDEM_ variable the compose file sets is a setting the app reads (the settings
+    ignore unknown variables, so a misspelt one would silently change nothing)."""
+    known = {f"TANDEM_{name.upper()}" for name in Settings.model_fields}
+    for name, service in compose["services"].items():
+        unknown = {key for key in _env(service) if key.startswith("TANDEM_")} - known
+        assert not unknown, (name, unknown)
 
 
 def test_restart_limits_and_volumes(compose: dict[str, Any]) -> None:

@@ -87,3 +87,11 @@ quick.task("Quick", timedelta(seconds=1))(_probed(0.1))
 overrun = Registry()
 for i in range(1, 6):
     overrun.task(f"Overrun{i}", timedelta(seconds=0.3))(_probed(1.0))
+
+# One short task that touches no table of its own: for tests that take the database away.
+plain = Registry()
+
+
+@plain.task("Tick", timedelta(seconds=0.5))
+async def _tick(ctx: TaskContext) -> None:
+    await ctx.sleep(0.2)

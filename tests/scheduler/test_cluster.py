@@ -12,56 +12,33 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from tandem.core.database import asyncpg_dsn
 from tests.scheduler.registries import PROBE_TABLE
 from tests.support import (
+    CRON_TIMINGS,
+    LEASE,
+    POLL,
     REPO,
     Server,
     empty_database,
     free_port_block,
+    query,
     require_tool,
     start_server,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
 
-# Compressed, but with room for five Python processes and PostgreSQL on two shared cores:
-# a heartbeat can be late by a second without a run being self-fenced.
-POLL, LEASE = 0.2, 3.0
-TIMINGS = {
-    "TANDEM_SCHEDULER_ENABLED": "true",
-    "TANDEM_MAINTENANCE_ENABLED": "false",
-    "TANDEM_SCHEDULER_POLL_INTERVAL": str(POLL),
-    "TANDEM_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
-    "TANDEM_SCHEDULER_LEASE": str(LEASE),
-    "TANDEM_SCHEDULER_SELF_FENCE_AFTER": "2.0",
-    "TANDEM_SCHEDULER_STEAL_AFTER": "1.0",
-    # Forty tasks due every two seconds need more than one claim per poll.
-    "TANDEM_SCHEDULER_CLAIMS_PER_POLL": "50",
-    "TANDEM_LOG_LEVEL": "warning",
-}
 # Chi-square critical value, 4 degrees of freedom, p = 0.001.
 CHI2_CRITICAL_DF4 = 18.467
-
-
-def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(asyncpg_dsn(url))
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 @pytest.fixture
@@ -103,7 +80,7 @@ def succeeded_per_instance(url: str, since: datetime, until: datetime) -> dict[s
 
 
 def start_cluster(url: str, log_dir: Path, registry: str, n: int, **overrides: str) -> list[Server]:
-    env = {**TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.scheduler.registries:{registry}"}
+    env = {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.scheduler.registries:{registry}"}
     env.update(overrides)
     return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
 
@@ -119,15 +96,6 @@ def instance_of(server: Server) -> str:
         if row["pid"] == server.process.pid:
             return str(row["id"])
     raise AssertionError("server not in /instances")
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def probe_overlaps(url: str) -> int:
@@ -428,7 +396,7 @@ def start_cluster_command(url: str, instances: int) -> tuple[subprocess.Popen[by
     """`tandem cluster` in a session of its own (so the test can reach every process it
     started), on a block of free ports; returns the process and its entry port."""
     port = free_port_block(instances + 1)
-    env = {**os.environ, **TIMINGS, "TANDEM_DATABASE_URL": url}
+    env = {**os.environ, **CRON_TIMINGS, "TANDEM_DATABASE_URL": url}
     env["TANDEM_SCHEDULER_TASKS"] = "tests.scheduler.registries:quick"
     command = [sys.executable, "-m", "tandem", "cluster", "--instances", str(instances)]
     process = subprocess.Popen(

@@ -22,9 +22,17 @@ from markupsafe import escape
 
 from tandem.core.migrations import upgrade_to_head
 from tandem.status.page import format_due, format_duration
-from tests.scheduler.test_cluster import LEASE, TIMINGS, query, wait_for
 from tests.status.registries import HOSTILE_ERROR, HOSTILE_NAME
-from tests.support import REPO, Server, empty_database, start_server
+from tests.support import (
+    CRON_TIMINGS,
+    LEASE,
+    REPO,
+    Server,
+    empty_database,
+    query,
+    start_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +134,7 @@ def running_task(server: Server, name: str) -> str:
 
 
 def start_instances(url: str, log_dir: Path, registry: str, n: int) -> list[Server]:
-    env = {**TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.status.registries:{registry}"}
+    env = {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.status.registries:{registry}"}
     return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
 
 

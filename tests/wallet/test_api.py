@@ -1,4 +1,5 @@
-"""The wallet API through a real server process, on both paths (lean and FastAPI routes)."""
+"""The wallet API in process (the app itself over ASGI, a real PostgreSQL), on both paths
+(lean and FastAPI routes)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import pytest
 INT64_MAX = 2**63 - 1
 
 
-def new_user(client: httpx.Client, balance: int = 10_000) -> int:
-    response = client.post("/users", json={"balance": balance})
+async def new_user(client: httpx.AsyncClient, balance: int = 10_000) -> int:
+    response = await client.post("/users", json={"balance": balance})
     assert response.status_code == 201, response.text
     assert response.json()["balance"] == balance
     return int(response.json()["userId"])
 
 
-def balance_of(client: httpx.Client, user_id: int) -> int:
-    response = client.get(f"/balance/{user_id}")
+async def balance_of(client: httpx.AsyncClient, user_id: int) -> int:
+    response = await client.get(f"/balance/{user_id}")
     assert response.status_code == 200, response.text
     return int(response.json()["balance"])
 
@@ -32,70 +33,72 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert body["error"]["message"]
 
 
-def test_withdrawal_answers_new_balance(client: httpx.Client) -> None:
+async def test_withdrawal_answers_new_balance(client: httpx.AsyncClient) -> None:
     """A withdrawal answers the new balance, and the balance reads back the same."""
-    user = new_user(client)
-    response = client.post("/balance/update", json={"userId": user, "amount": -2})
+    user = await new_user(client)
+    response = await client.post("/balance/update", json={"userId": user, "amount": -2})
     assert response.status_code == 200
     assert response.json() == {"userId": user, "balance": 9998}
-    assert balance_of(client, user) == 9998
+    assert await balance_of(client, user) == 9998
 
 
-def test_deposit_adds(client: httpx.Client) -> None:
+async def test_deposit_adds(client: httpx.AsyncClient) -> None:
     """A positive amount is a deposit."""
-    user = new_user(client, 5)
-    response = client.post("/balance/update", json={"userId": user, "amount": 7})
+    user = await new_user(client, 5)
+    response = await client.post("/balance/update", json={"userId": user, "amount": 7})
     assert response.json() == {"userId": user, "balance": 12}
 
 
-def test_withdrawal_to_exactly_zero_is_allowed(client: httpx.Client) -> None:
+async def test_withdrawal_to_exactly_zero_is_allowed(client: httpx.AsyncClient) -> None:
     """The balance may reach 0 but never go below: the next unit is refused."""
-    user = new_user(client, 5)
-    assert (
-        client.post("/balance/update", json={"userId": user, "amount": -5}).json()["balance"] == 0
-    )
-    refused = client.post("/balance/update", json={"userId": user, "amount": -1})
+    user = await new_user(client, 5)
+    assert (await client.post("/balance/update", json={"userId": user, "amount": -5})).json()[
+        "balance"
+    ] == 0
+    refused = await client.post("/balance/update", json={"userId": user, "amount": -1})
     assert_error(refused, 409, "insufficient_funds")
-    assert balance_of(client, user) == 0
+    assert await balance_of(client, user) == 0
 
 
-def test_insufficient_funds_changes_nothing(client: httpx.Client) -> None:
+async def test_insufficient_funds_changes_nothing(client: httpx.AsyncClient) -> None:
     """A withdrawal larger than the balance is refused with 409 and changes nothing."""
-    user = new_user(client, 5)
+    user = await new_user(client, 5)
     assert_error(
-        client.post("/balance/update", json={"userId": user, "amount": -6}),
+        await client.post("/balance/update", json={"userId": user, "amount": -6}),
         409,
         "insufficient_funds",
     )
-    assert balance_of(client, user) == 5
+    assert await balance_of(client, user) == 5
 
 
-def test_balance_ceiling_is_refused(client: httpx.Client) -> None:
+async def test_balance_ceiling_is_refused(client: httpx.AsyncClient) -> None:
     """A deposit past 2^63-1 is refused (not a 500) and changes nothing."""
-    user = new_user(client, INT64_MAX - 1)
+    user = await new_user(client, INT64_MAX - 1)
     assert_error(
-        client.post("/balance/update", json={"userId": user, "amount": 2}),
+        await client.post("/balance/update", json={"userId": user, "amount": 2}),
         409,
         "balance_limit_exceeded",
     )
-    assert balance_of(client, user) == INT64_MAX - 1
-    assert client.post("/balance/update", json={"userId": user, "amount": 1}).status_code == 200
+    assert await balance_of(client, user) == INT64_MAX - 1
+    assert (
+        await client.post("/balance/update", json={"userId": user, "amount": 1})
+    ).status_code == 200
 
 
-def test_unknown_user_is_404(client: httpx.Client) -> None:
+async def test_unknown_user_is_404(client: httpx.AsyncClient) -> None:
     """Updating or reading a user that does not exist answers user_not_found."""
     missing = 2**62
     assert_error(
-        client.post("/balance/update", json={"userId": missing, "amount": 5}),
+        await client.post("/balance/update", json={"userId": missing, "amount": 5}),
         404,
         "user_not_found",
     )
-    assert_error(client.get(f"/balance/{missing}"), 404, "user_not_found")
+    assert_error(await client.get(f"/balance/{missing}"), 404, "user_not_found")
 
 
-def test_plan_user_one_exists(client: httpx.Client) -> None:
+async def test_plan_user_one_exists(client: httpx.AsyncClient) -> None:
     """The migration creates user 1 for clients written against the original plan."""
-    assert client.get("/balance/1").status_code == 200
+    assert (await client.get("/balance/1")).status_code == 200
 
 
 BAD_UPDATE_BODIES: list[tuple[str, bytes]] = [
@@ -132,44 +135,44 @@ BAD_UPDATE_BODIES: list[tuple[str, bytes]] = [
 @pytest.mark.parametrize(
     ("case", "body"), BAD_UPDATE_BODIES, ids=[case for case, _ in BAD_UPDATE_BODIES]
 )
-def test_malformed_update_is_422_and_changes_nothing(
-    client: httpx.Client, case: str, body: bytes
+async def test_malformed_update_is_422_and_changes_nothing(
+    client: httpx.AsyncClient, case: str, body: bytes
 ) -> None:
     """Every malformed update answers a 4xx JSON error with a stable code; nothing changes."""
-    user = new_user(client, 100)
+    user = await new_user(client, 100)
     payload = body.replace(b"%d", str(user).encode()) if b"%d" in body else body
-    response = client.post(
+    response = await client.post(
         "/balance/update", content=payload, headers={"content-type": "application/json"}
     )
     if len(payload) > 4096:
         assert_error(response, 413, "payload_too_large")
     else:
         assert_error(response, 422, "validation_error")
-    assert balance_of(client, user) == 100
+    assert await balance_of(client, user) == 100
 
 
 @pytest.mark.parametrize(
     "key", ["", "a b", "x" * 256, "ключ"], ids=["empty", "space", "too-long", "non-ascii"]
 )
-def test_bad_idempotency_key_is_422(client: httpx.Client, key: str) -> None:
+async def test_bad_idempotency_key_is_422(client: httpx.AsyncClient, key: str) -> None:
     """An Idempotency-Key that is not 1-255 visible ASCII characters is refused."""
-    user = new_user(client, 100)
-    response = client.post(
+    user = await new_user(client, 100)
+    response = await client.post(
         "/balance/update",
         json={"userId": user, "amount": -2},
         headers={"Idempotency-Key": key.encode()},
     )
     assert_error(response, 422, "validation_error")
-    assert balance_of(client, user) == 100
+    assert await balance_of(client, user) == 100
 
 
 @pytest.mark.parametrize(
     "raw",
     ["abc", "0", "-1", "01", "1.5", "1e3", "9223372036854775808", "99999999999999999999999", "%20"],
 )
-def test_bad_user_id_in_path_is_422(client: httpx.Client, raw: str) -> None:
+async def test_bad_user_id_in_path_is_422(client: httpx.AsyncClient, raw: str) -> None:
     """A path userId that is not a positive 64-bit integer answers validation_error."""
-    assert_error(client.get(f"/balance/{raw}"), 422, "validation_error")
+    assert_error(await client.get(f"/balance/{raw}"), 422, "validation_error")
 
 
 @pytest.mark.parametrize(
@@ -191,29 +194,29 @@ def test_bad_user_id_in_path_is_422(client: httpx.Client, raw: str) -> None:
         (b"\xff\xfe", 422, None),
     ],
 )
-def test_create_user(
-    client: httpx.Client, body: bytes | None, status: int, expected: int | None
+async def test_create_user(
+    client: httpx.AsyncClient, body: bytes | None, status: int, expected: int | None
 ) -> None:
     """POST /users makes a user with the given balance (default 10000) or refuses with 422."""
     headers = {"content-type": "application/json"} if body is not None else {}
-    response = client.post("/users", content=body, headers=headers)
+    response = await client.post("/users", content=body, headers=headers)
     if status == 201:
         assert response.status_code == 201, response.text
         assert response.json()["balance"] == expected
-        assert balance_of(client, response.json()["userId"]) == expected
+        assert await balance_of(client, response.json()["userId"]) == expected
     else:
         assert_error(response, 422, "validation_error")
 
 
-def test_idempotent_retry_applies_once(client: httpx.Client) -> None:
+async def test_idempotent_retry_applies_once(client: httpx.AsyncClient) -> None:
     """A retry with the same Idempotency-Key returns the first outcome and does not apply."""
-    user = new_user(client, 100)
-    first = client.post(
+    user = await new_user(client, 100)
+    first = await client.post(
         "/balance/update",
         json={"userId": user, "amount": -10},
         headers={"Idempotency-Key": f"k1-{user}"},
     )
-    second = client.post(
+    second = await client.post(
         "/balance/update",
         json={"userId": user, "amount": -10},
         headers={"Idempotency-Key": f"k1-{user}"},
@@ -222,60 +225,56 @@ def test_idempotent_retry_applies_once(client: httpx.Client) -> None:
     assert first.json() == second.json() == {"userId": user, "balance": 90}
     assert "idempotent-replayed" not in first.headers
     assert second.headers["idempotent-replayed"] == "true"
-    assert balance_of(client, user) == 90
+    assert await balance_of(client, user) == 90
 
 
-def test_idempotency_key_reused_with_other_body(client: httpx.Client) -> None:
+async def test_idempotency_key_reused_with_other_body(client: httpx.AsyncClient) -> None:
     """The same key with a different request is refused and changes nothing."""
-    user = new_user(client, 100)
+    user = await new_user(client, 100)
     key = {"Idempotency-Key": f"k2-{user}"}
-    assert (
-        client.post(
-            "/balance/update", json={"userId": user, "amount": -10}, headers=key
-        ).status_code
-        == 200
-    )
-    reused = client.post("/balance/update", json={"userId": user, "amount": -20}, headers=key)
+    first = await client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key)
+    assert first.status_code == 200
+    reused = await client.post("/balance/update", json={"userId": user, "amount": -20}, headers=key)
     assert_error(reused, 422, "idempotency_key_reused")
-    assert balance_of(client, user) == 90
+    assert await balance_of(client, user) == 90
 
 
-def test_idempotent_refusal_is_replayed(client: httpx.Client) -> None:
+async def test_idempotent_refusal_is_replayed(client: httpx.AsyncClient) -> None:
     """A refused keyed request stays refused on retry, even once funds would suffice."""
-    user = new_user(client, 5)
+    user = await new_user(client, 5)
     key = {"Idempotency-Key": f"k3-{user}"}
     assert_error(
-        client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key),
+        await client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key),
         409,
         "insufficient_funds",
     )
-    client.post("/balance/update", json={"userId": user, "amount": 100})
-    retry = client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key)
+    await client.post("/balance/update", json={"userId": user, "amount": 100})
+    retry = await client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key)
     assert_error(retry, 409, "insufficient_funds")
-    assert balance_of(client, user) == 105
+    assert await balance_of(client, user) == 105
 
 
-def test_unknown_route_and_method_are_json(client: httpx.Client) -> None:
+async def test_unknown_route_and_method_are_json(client: httpx.AsyncClient) -> None:
     """Unknown paths and wrong methods answer JSON errors, not HTML."""
-    assert_error(client.get("/nowhere"), 404, "not_found")
-    assert_error(client.put("/balance/update", json={}), 405, "method_not_allowed")
+    assert_error(await client.get("/nowhere"), 404, "not_found")
+    assert_error(await client.put("/balance/update", json={}), 405, "method_not_allowed")
 
 
-def test_docs_work_offline(client: httpx.Client) -> None:
+async def test_docs_work_offline(client: httpx.AsyncClient) -> None:
     """/docs loads Swagger UI from the app itself, not from a CDN."""
-    page = client.get("/docs")
+    page = await client.get("/docs")
     assert page.status_code == 200
     sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert sources
     for source in sources:
         assert not source.startswith(("http://", "https://", "//")), source
         if source.endswith((".js", ".css")):
-            assert client.get(source).status_code == 200, source
+            assert (await client.get(source)).status_code == 200, source
 
 
-def test_openapi_documents_wallet(client: httpx.Client) -> None:
+async def test_openapi_documents_wallet(client: httpx.AsyncClient) -> None:
     """The OpenAPI schema documents both endpoints, their request body and their errors."""
-    schema = client.get("/openapi.json").json()
+    schema = (await client.get("/openapi.json")).json()
     update = schema["paths"]["/balance/update"]["post"]
     body_ref = update["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert body_ref == "#/components/schemas/BalanceUpdate"
@@ -286,10 +285,10 @@ def test_openapi_documents_wallet(client: httpx.Client) -> None:
     assert any(p["name"] == "Idempotency-Key" for p in update["parameters"])
 
 
-def test_health(client: httpx.Client) -> None:
+async def test_health(client: httpx.AsyncClient) -> None:
     """Live answers; ready reports the database reachable and the schema at head."""
-    assert client.get("/health/live").json() == {"status": "ok"}
-    ready = client.get("/health/ready")
+    assert (await client.get("/health/live")).json() == {"status": "ok"}
+    ready = await client.get("/health/ready")
     assert ready.status_code == 200
     body = ready.json()
     assert body["status"] == "ready"
@@ -303,13 +302,13 @@ def _sample(metrics: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_metrics_count_requests_and_outcomes(client: httpx.Client) -> None:
+async def test_metrics_count_requests_and_outcomes(client: httpx.AsyncClient) -> None:
     """Each answered update is counted by route template, status and wallet outcome."""
-    user = new_user(client, 1)
-    before = client.get("/metrics").text
-    client.post("/balance/update", json={"userId": user, "amount": -5})
-    client.get(f"/balance/{user}")
-    after = client.get("/metrics").text
+    user = await new_user(client, 1)
+    before = (await client.get("/metrics")).text
+    await client.post("/balance/update", json={"userId": user, "amount": -5})
+    await client.get(f"/balance/{user}")
+    after = (await client.get("/metrics")).text
 
     def delta(name: str, **labels: str) -> float:
         return _sample(after, name, **labels) - _sample(before, name, **labels)
@@ -329,16 +328,16 @@ def test_metrics_count_requests_and_outcomes(client: httpx.Client) -> None:
     )
 
 
-def test_every_response_names_its_instance(client: httpx.Client) -> None:
+async def test_every_response_names_its_instance(client: httpx.AsyncClient) -> None:
     """Lean-path, routed, error and 404 answers all carry X-Instance-Id, and it is the id the
     instance reports in tandem_instance_info (what a load balancer's access log records)."""
-    user = new_user(client, 3)
+    user = await new_user(client, 3)
     responses = [
-        client.post("/balance/update", json={"userId": user, "amount": -1}),
-        client.post("/balance/update", json={"userId": user, "amount": -10}),
-        client.get(f"/balance/{user}"),
-        client.get("/no/such/route"),
-        client.get("/health/live"),
+        await client.post("/balance/update", json={"userId": user, "amount": -1}),
+        await client.post("/balance/update", json={"userId": user, "amount": -10}),
+        await client.get(f"/balance/{user}"),
+        await client.get("/no/such/route"),
+        await client.get("/health/live"),
     ]
     ids = {r.headers.get("x-instance-id") for r in responses}
     assert len(ids) == 1, ids
@@ -346,7 +345,7 @@ def test_every_response_names_its_instance(client: httpx.Client) -> None:
     assert instance_id
     info = [
         line
-        for line in client.get("/metrics").text.splitlines()
+        for line in (await client.get("/metrics")).text.splitlines()
         if line.startswith("tandem_instance_info{")
     ]
     assert len(info) == 1, info

@@ -1,0 +1,1 @@
+"""Fault-injection harnesses and tests: real processes killed, cut off or slowed on purpose."""

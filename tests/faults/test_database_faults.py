@@ -1,0 +1,239 @@
+"""The database failing under real instances: restarts under a burst, an outage of seconds, a
+keyed burst settled by retries, and a silent partition of one instance. Each test owns its
+PostgreSQL (tests/faults/postgres.py), never the suite's or the machine's."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tandem.loadtest.client import Result
+from tests.faults.common import (
+    ANSWER_BOUND,
+    CRON_ENV,
+    DB_CODES,
+    FAULT_ENV,
+    assert_honest,
+    balance_of,
+    burst_across,
+    create_user,
+    ran_since,
+    stale_running,
+    withdrawal,
+)
+from tests.faults.postgres import ThrowawayPostgres, throwaway_postgres
+from tests.faults.proxy import partition_proxy
+from tests.support import LEASE, Server, fresh_database, query, start_server, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pg() -> Iterator[ThrowawayPostgres]:
+    with throwaway_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg: ThrowawayPostgres) -> Iterator[str]:
+    with fresh_database(pg.url) as url:
+        yield url
+
+
+def start_instances(url: str, log_dir: Path, n: int, env: dict[str, str]) -> list[Server]:
+    return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_restart_under_burst_never_answers_500(
+    pg: ThrowawayPostgres, pg_url: str, log_dir: Path, mode: str
+) -> None:
+    """PostgreSQL restarted a quarter into 10000 withdrawals on three instances: no 500, every 503
+    says which kind it is, no acknowledged withdrawal is lost, and an 'unknown' is the only
+    way a withdrawal may have been applied without a 200."""
+    servers = start_instances(pg_url, log_dir, 3, FAULT_ENV)
+    try:
+        user = create_user(pg_url, 10_000)
+        requests = [(i % 3, withdrawal(servers[i % 3], user)) for i in range(10_000)]
+        restart = lambda: pg.restart(mode)  # noqa: E731  (the fault, named)
+        results = asyncio.run(burst_across(servers, requests, restart, after_answers=2500))
+        counts = assert_honest(results)
+        print(f"restart ({mode}) under the burst: {counts}")
+        acknowledged = counts.get("200", 0)
+        unknown = counts.get("outcome_unknown", 0)
+        final = balance_of(pg_url, user)
+        assert final <= 10_000 - 2 * acknowledged, "an acknowledged withdrawal was lost"
+        assert final >= 10_000 - 2 * (acknowledged + unknown), "applied without being told"
+        assert counts.get("database_unavailable", 0) + unknown > 0, "the restart hit nothing"
+        for server in servers:
+            assert httpx.get(f"{server.url}/balance/{user}", timeout=10).status_code == 200
+    finally:
+        for server in servers:
+            server.stop()
+    for server in servers:
+        assert "internal_error" not in server.log(), server.log()
+
+
+def test_keyed_retries_settle_every_unknown_exactly_once(
+    pg: ThrowawayPostgres, pg_url: str, log_dir: Path
+) -> None:
+    """A keyed burst cut by an immediate restart: retrying exactly the 503s with their keys
+    settles every one, and the balance is as if each withdrawal had been applied once."""
+    servers = start_instances(pg_url, log_dir, 3, FAULT_ENV)
+    try:
+        unknown_seen = 0
+        for attempt in range(3):  # an 'unknown' needs a COMMIT in flight at the crash
+            user = create_user(pg_url, 10_000)
+            keys = [f"w-{uuid.uuid4().hex}" for _ in range(10_000)]
+            requests = [(i % 3, withdrawal(servers[i % 3], user, keys[i])) for i in range(10_000)]
+            restart = lambda: pg.restart("immediate")  # noqa: E731  (the fault, named)
+            results = asyncio.run(burst_across(servers, requests, restart, after_answers=2500))
+            counts = assert_honest(results)
+            unknown_seen += counts.get("outcome_unknown", 0)
+            print(f"keyed burst {attempt + 1}: {counts}")
+            final = settle_by_retry(servers, requests, results)
+            assert final.count(200) == 5000, {s: final.count(s) for s in set(final)}
+            assert final.count(409) == 5000
+            assert balance_of(pg_url, user) == 0
+            if unknown_seen:
+                break
+        assert unknown_seen > 0, "no answer was outcome_unknown in three restarts"
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def settle_by_retry(
+    servers: list[Server], requests: list[tuple[int, bytes]], results: list[Result]
+) -> list[int]:
+    """Resend the requests answered 503, with the same keys, until none is; the final status
+    of every request."""
+    statuses = [r.status for r in results]
+    for _ in range(30):
+        pending = [i for i, status in enumerate(statuses) if status == 503]
+        if not pending:
+            return statuses
+        retry = [requests[i] for i in pending]
+        answers = asyncio.run(burst_across(servers, retry))
+        assert_honest(answers)
+        for i, answer in zip(pending, answers, strict=True):
+            statuses[i] = answer.status
+        time.sleep(0.5)
+    raise AssertionError("503s still pending after 30 rounds of retries")
+
+
+def test_outage_of_ten_seconds_heals_by_itself(
+    pg: ThrowawayPostgres, pg_url: str, log_dir: Path
+) -> None:
+    """PostgreSQL stopped for 10 s: the instances answer 503 (and not ready) meanwhile; once
+    it is back, the first request on every route of every instance succeeds, the cron runs
+    again and no task is left marked running. Nothing is restarted but PostgreSQL."""
+    servers = start_instances(pg_url, log_dir, 2, CRON_ENV)
+    try:
+        user = httpx.post(f"{servers[0].url}/users", json={"balance": 100}).json()["userId"]
+        wait_for(lambda: ran_since(pg_url, None) >= 3, 30)
+        pg.stop("fast")
+        stopped = time.monotonic()
+        for server in servers:
+            ready = httpx.get(f"{server.url}/health/ready", timeout=ANSWER_BOUND)
+            assert ready.status_code == 503
+            for method, path, body in [
+                ("GET", f"/balance/{user}", None),
+                ("POST", "/balance/update", {"userId": user, "amount": 1}),
+                ("GET", "/tasks", None),
+            ]:
+                answer = httpx.request(method, server.url + path, json=body, timeout=ANSWER_BOUND)
+                assert answer.status_code == 503, answer.text
+                # Nothing could even connect: certainly not applied.
+                assert answer.json()["error"]["code"] == "database_unavailable", answer.text
+                assert answer.headers["Retry-After"] == "1"
+        time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))
+        pg.start()
+        back = time.monotonic()
+        for server in servers:
+            for method, path, body in [
+                ("GET", "/health/ready", None),
+                ("GET", f"/balance/{user}", None),
+                ("POST", "/balance/update", {"userId": user, "amount": 1}),
+                ("POST", "/users", {"balance": 5}),
+                ("GET", "/tasks", None),
+                ("GET", "/instances", None),
+                ("GET", "/tasks/Tick/history", None),
+                ("POST", "/tasks/Tick/run", None),
+                ("GET", "/", None),
+                ("GET", "/status/fragment", None),
+            ]:
+                answer = httpx.request(method, server.url + path, json=body, timeout=ANSWER_BOUND)
+                assert answer.status_code in (200, 201), f"{method} {path}: {answer.text}"
+        print(f"every route answered 2xx {time.monotonic() - back:.2f} s after PostgreSQL was back")
+        assert balance_of(pg_url, user) == 102
+        since = query(pg_url, "SELECT clock_timestamp() AS t")[0]["t"]
+        wait_for(lambda: ran_since(pg_url, since) >= 3, 30)
+        # Runs cut by the outage are swept as lost within a lease: none stays 'running'.
+        wait_for(lambda: not stale_running(pg_url), 3 * LEASE + 10)
+    finally:
+        for server in servers:
+            assert server.stop() == 0, server.log()
+
+
+def test_silent_partition_of_one_instance(
+    pg: ThrowawayPostgres, pg_url: str, log_dir: Path
+) -> None:
+    """One instance cut off by a proxy that stops forwarding without closing anything: its API
+    answers 503 within its deadlines while the other instance serves on, it heals by itself
+    when the partition ends, and SIGTERM while cut off exits cleanly within the stop grace."""
+    with partition_proxy("127.0.0.1", pg.port) as proxy:
+        direct = start_server(pg_url, log_dir, extra_env=CRON_ENV)
+        cut = start_server(proxy.url_for(pg_url), log_dir, extra_env=CRON_ENV)
+        try:
+            user = httpx.post(f"{direct.url}/users", json={"balance": 100}).json()["userId"]
+            assert httpx.get(f"{cut.url}/balance/{user}").status_code == 200
+            assert httpx.get(f"{cut.url}/tasks").status_code == 200
+            proxy.partition()
+            for method, path, body, codes in [
+                ("GET", f"/balance/{user}", None, {"database_unavailable"}),
+                ("POST", "/balance/update", {"userId": user, "amount": 1}, DB_CODES),
+                ("GET", "/tasks", None, {"database_unavailable"}),
+            ]:
+                started = time.monotonic()
+                answer = httpx.request(method, cut.url + path, json=body, timeout=ANSWER_BOUND)
+                took = time.monotonic() - started
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error"]["code"] in codes, answer.text
+                print(f"cut off: {method} {path} answered 503 in {took:.1f} s")
+            assert httpx.get(f"{cut.url}/health/ready", timeout=ANSWER_BOUND).status_code == 503
+            # The other instance is not held up by the cut one's sessions.
+            assert httpx.get(f"{direct.url}/balance/{user}", timeout=5).status_code == 200
+            update = {"userId": user, "amount": 1}
+            assert httpx.post(f"{direct.url}/balance/update", json=update).status_code == 200
+
+            proxy.heal()
+            healed = time.monotonic()
+            wait_for(lambda: answers(cut, f"/balance/{user}") == 200, 30)
+            wait_for(lambda: answers(cut, "/tasks") == 200, 30)
+            print(f"healed by itself {time.monotonic() - healed:.1f} s after the partition ended")
+
+            proxy.partition()
+            time.sleep(1)
+            stopping = time.monotonic()
+            code = cut.stop(signal.SIGTERM, timeout=25)
+            print(f"SIGTERM while cut off: exit {code} after {time.monotonic() - stopping:.1f} s")
+            assert code == 0, cut.log()
+        finally:
+            proxy.heal()
+            cut.stop()
+            direct.stop()
+
+
+def answers(server: Server, path: str) -> int:
+    try:
+        return httpx.get(server.url + path, timeout=ANSWER_BOUND).status_code
+    except httpx.HTTPError:
+        return 0
