@@ -20,7 +20,7 @@ import tandem
 from tandem.core.database import Database
 from tandem.core.dependencies import Instance, instance_of
 from tandem.core.errors import AppError
-from tandem.core.failures import error_for_unexpected
+from tandem.core.failures import count_answered, error_for_unexpected
 from tandem.core.settings import Settings, get_settings
 from tandem.maintenance import maintenance_registry
 from tandem.observability.endpoints import router as observability_router
@@ -48,6 +48,7 @@ def _error(status: int, code: str, message: str, details: Any = None) -> JSONRes
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        count_answered(exc)
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -79,6 +80,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         writes = request.method not in ("GET", "HEAD", "OPTIONS")
         error = error_for_unexpected(exc, writes=writes)
         log.error("%s", error.code, exc_info=exc)
+        count_answered(error)
         return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers)
 
 

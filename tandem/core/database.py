@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from tandem.core.errors import AppError
-from tandem.core.failures import classify, is_connection_failure
+from tandem.core.failures import classify, is_stale_connection
 from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings
 
@@ -163,7 +163,9 @@ class Database:
             creator=creator,
             pool_size=self.settings.db_engine_pool_size,
             max_overflow=0,
-            pool_timeout=self.settings.db_pool_timeout,
+            # No burst queues here (the wallet has its own pool): a request that cannot get
+            # one of these few connections within a statement's deadline gets a 503.
+            pool_timeout=min(self.settings.db_pool_timeout, self.settings.db_command_timeout),
         )
 
         @event.listens_for(engine.sync_engine, "checkout")
@@ -181,7 +183,7 @@ class Database:
     ) -> T:
         """Run ``work`` in one transaction and commit it: the one place that commits for the
         ORM's cases. Raises DatabaseUnavailableError when nothing was applied (a failure
-        before COMMIT was sent, or any failure of a read: such a failure of the connection is
+        before COMMIT was sent, or any failure of a read: a connection found broken is
         retried once on a fresh one first) and OutcomeUnknownError when the connection broke
         during the COMMIT of ``writes``. AppErrors from ``work`` roll back and pass through."""
         assert self._sessionmaker is not None, "used before Database.open()"
@@ -200,7 +202,7 @@ class Database:
                 error = classify(failure, sent=sent)
                 if error is None:
                     raise
-                if attempt == 1 and not sent and is_connection_failure(failure):
+                if attempt == 1 and not sent and is_stale_connection(failure):
                     log.info("retrying a unit of work on a fresh connection (%r)", failure)
                     continue
                 raise error from failure
@@ -211,7 +213,9 @@ class Database:
         and terminate what is left: a database that stopped answering cannot hold up the
         shutdown (closing politely one by one waited 5 s per connection)."""
         timeout = self.settings.db_close_timeout
-        closing: list[Awaitable[Any]] = [pool.close(timeout) for pool in self._pools]
+        # The pools get half the budget for polite closes, so they terminate what is left
+        # themselves before this waits no longer.
+        closing: list[Awaitable[Any]] = [pool.close(timeout / 2) for pool in self._pools]
         if self._engine is not None:
             closing.append(self._engine.dispose())
         if closing:

@@ -15,8 +15,11 @@ classified here, so it stays a 500.
 
 from __future__ import annotations
 
+import socket
+
 import asyncpg
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyPoolTimeout
 
 from tandem.core.errors import (
     AppError,
@@ -41,18 +44,43 @@ _ROLLED_BACK = {
     "57P03": "the server is starting up or shutting down",  # cannot_connect_now
     "25P03": "the transaction idled past its timeout",  # idle_in_transaction_session_timeout
 }
+# Of those, the ones after which the connection is still fine to reuse. Not 25006: a
+# connection to a standby must be replaced, so that target_session_attrs=read-write finds the
+# new primary.
 _REUSABLE = {"57014", "40001", "40P01", "55P03"}
 
 # Failures of the connection itself (the socket, the protocol, the server process): what was
-# sent on it may or may not have run.
+# sent on it may or may not have run. asyncpg's InterfaceError and InternalClientError are not
+# here: they also mean misuse that never reached the server (a wrong argument count, a codec
+# error), which is a bug; refused_before_sending names the ones that mean a dead connection.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes TimeoutError: the client-side statement deadline
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
+    ConnectionError,  # refused, reset, aborted, broken pipe
+    TimeoutError,  # the connect deadline, or the client-side statement deadline
+    socket.gaierror,  # the host name does not resolve
     asyncpg.PostgresConnectionError,  # class 08, includes ConnectionDoesNotExistError
     asyncpg.AdminShutdownError,  # 57P01: terminated by a fast shutdown or an administrator
     asyncpg.CrashShutdownError,  # 57P02: another backend crashed
 )
+
+
+def _is_lost_connection(exc: BaseException) -> bool:
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    if type(exc) is OSError:
+        # asyncpg's "Multiple exceptions: ..." when every host of a URL refused: a plain
+        # OSError (a file error would be one of its subclasses).
+        return True
+    return refused_before_sending(exc)
+
+
+def refused_before_sending(exc: BaseException) -> bool:
+    """asyncpg refused the call before writing anything, because the connection is closed or
+    its protocol is still inside an exchange the server broke off (a FATAL that arrived while
+    the connection sat idle: "cannot switch to state ...; another operation is in progress").
+    The pool lends a connection to one caller only, so here that means a dead connection."""
+    if isinstance(exc, asyncpg.InternalClientError):
+        return "another operation" in str(exc)
+    return type(exc) is asyncpg.InterfaceError and "connection is closed" in str(exc)
 
 
 def driver_error(exc: BaseException) -> BaseException:
@@ -85,18 +113,24 @@ def is_reusable(failure: BaseException | None) -> bool:
     with "another operation is in progress"), and a client-side failure leaves it unknown."""
     if failure is None:
         return True
-    if not isinstance(failure, asyncpg.PostgresError):
+    if not isinstance(failure, asyncpg.PostgresError) or _is_lost_connection(failure):
         return False
-    if isinstance(failure, _CONNECTION_ERRORS):
+    state = _sqlstate(failure) or ""
+    if state in _ROLLED_BACK and state not in _REUSABLE:
         return False
-    return getattr(failure, "severity_en", None) in ("ERROR", None) and not (
-        _sqlstate(failure) or ""
-    ).startswith(("08", "57P"))
+    return getattr(failure, "severity_en", None) in ("ERROR", None) and not state.startswith(
+        ("08", "57P")
+    )
 
 
-def is_connection_failure(exc: BaseException) -> bool:
-    exc = driver_error(exc)
-    return isinstance(exc, _CONNECTION_ERRORS) and not isinstance(exc, AppError)
+def is_stale_connection(exc: BaseException) -> bool:
+    """The connection was found closed or broken (not merely slow): worth one retry on a fresh
+    connection when nothing can have been applied. A timeout is not: retrying a statement that
+    ran out of time doubles the load on a database that is already slow."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    root = driver_error(exc)
+    return _is_lost_connection(root) and not isinstance(root, TimeoutError)
 
 
 def classify(exc: BaseException, *, sent: bool) -> AppError | None:
@@ -107,24 +141,34 @@ def classify(exc: BaseException, *, sent: bool) -> AppError | None:
     """
     if isinstance(exc, AppError):
         return exc
+    if isinstance(exc, SQLAlchemyPoolTimeout):
+        return not_applied("no database connection became free in time")
     root = driver_error(exc)
     state = _sqlstate(root)
-    if state in _ROLLED_BACK and not isinstance(root, _CONNECTION_ERRORS):
+    if state in _ROLLED_BACK and not _is_lost_connection(root):
         return not_applied(_ROLLED_BACK[state])
-    if isinstance(root, _CONNECTION_ERRORS):
+    invalidated = isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if _is_lost_connection(root) or invalidated:
         if sent:
             return outcome_unknown()
         return not_applied(f"the database connection failed ({type(root).__name__})")
     return None
 
 
+def count_answered(error: AppError) -> None:
+    """Count a database failure as it is answered (called by both HTTP paths' error
+    renderers): once per response, whatever was retried before."""
+    if isinstance(error, OutcomeUnknownError):
+        DATABASE_FAILURES.labels("outcome_unknown").inc()
+    elif isinstance(error, DatabaseUnavailableError):
+        DATABASE_FAILURES.labels("not_applied").inc()
+
+
 def not_applied(reason: str) -> DatabaseUnavailableError:
-    DATABASE_FAILURES.labels("not_applied").inc()
     return DatabaseUnavailableError(f"the database is unavailable: {reason}; nothing changed")
 
 
 def outcome_unknown() -> OutcomeUnknownError:
-    DATABASE_FAILURES.labels("outcome_unknown").inc()
     return OutcomeUnknownError(
         "the connection to the database broke after the change was sent: it may or may not "
         "have been applied; retry with the same Idempotency-Key to learn which"

@@ -10,10 +10,13 @@ database.py), which owns them; this pool only lends them out.
 
 Invariants (each enforced where it is named):
 - *One holder.* A connection is in exactly one of ``_idle``, ``_busy`` or nowhere (gone).
-  ``_lend`` moves it to ``_busy``; only ``_take_back`` moves it out, and it refuses a
-  connection that is not busy, so a double give-back can never hand one connection to two
-  callers (the defect of the previous version: a connection whose call had died with a FATAL
-  was returned as if clean, while asyncpg was still consuming the failed exchange).
+  ``_lend`` moves it to ``_busy``; only ``_take_back`` moves it out, and it ignores a
+  connection that is not busy, so an immediate double give-back cannot lend one connection
+  twice. Every caller in this module gives back exactly once per acquire (try/except/else).
+  The defect of the previous version was elsewhere: a connection whose call had died with a
+  FATAL was returned as if clean while asyncpg was still consuming the failed exchange.
+- *A fixed size:* a connection made while another is being replaced (a caller's own, see
+  below) takes that one's place; one more than ``size`` is closed, never lent again.
 - *Only sane connections go back:* idle, outside a transaction, and its last call either
   succeeded or ended in a plain server ``ERROR`` (``failures.is_reusable``); anything else is
   terminated (no waiting on a dead peer) and replaced in the background.
@@ -41,7 +44,13 @@ from typing import Any
 import asyncpg
 
 from tandem.core.errors import AppError, DatabaseUnavailableError
-from tandem.core.failures import classify, is_connection_failure, is_reusable, not_applied
+from tandem.core.failures import (
+    classify,
+    is_reusable,
+    is_stale_connection,
+    not_applied,
+    refused_before_sending,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +87,18 @@ class HotPool:
         answers "unavailable", while the database is down."""
         pool = cls(connect, size, acquire_timeout)
         results = await asyncio.gather(*(connect() for _ in range(size)), return_exceptions=True)
+        made = [r for r in results if isinstance(r, asyncpg.Connection)]
         for result in results:
-            if isinstance(result, asyncpg.Connection):
-                pool._idle.append(result)
-            elif isinstance(result, Exception):
-                log.warning("opening a pooled connection failed (%r); retrying", result)
-                pool._down = not pool._idle
-                pool._start_replacement()
-            else:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                for conn in made:  # cancelled while opening: leave nothing behind
+                    conn.terminate()
                 raise result
+        pool._idle.extend(made)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("opening a pooled connection failed (%r); retrying", result)
+                pool._start_replacement()
+        pool._down = not made
         return pool
 
     @property
@@ -120,7 +132,7 @@ class HotPool:
                 continue
             self._busy.add(conn)
             return conn
-        if self._down:
+        if self._down and self.alive == 0:
             return await self._connect_inline()
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[asyncpg.Connection] = loop.create_future()
@@ -158,10 +170,11 @@ class HotPool:
             raise PoolClosedError("the instance is shutting down; nothing changed")
         self._down = False
         self._failing_since = None
-        # This connection takes the place of one being replaced: the pool keeps its size.
-        for task in self._replacing:
-            task.cancel()
-            break
+        # This connection takes the place of one being replaced (one fewer reconnect); if none
+        # is left to cancel, it is surplus and _take_back closes it after this use.
+        for task in list(self._replacing):
+            if task.cancel():
+                break
         self._busy.add(conn)
         return conn
 
@@ -176,14 +189,18 @@ class HotPool:
         self._idle.append(conn)
 
     def _take_back(self, conn: asyncpg.Connection, failure: BaseException | None) -> None:
+        if self._closed:
+            conn.terminate()  # close() let go of every connection; in-flight ones end here
+            return
         if conn not in self._busy:
             # Never lend it twice: a second give-back is a bug in the caller, not a reason to
             # put the connection in two hands.
             log.error("a connection was given back twice; ignoring the second time")
             return
         self._busy.discard(conn)
+        surplus = self.alive >= self._size
         if (
-            not self._closed
+            not surplus
             and is_reusable(failure)
             and not conn.is_closed()
             and not conn.is_in_transaction()
@@ -191,7 +208,8 @@ class HotPool:
             self._lend(conn)
             return
         conn.terminate()
-        self._start_replacement()
+        if not surplus:
+            self._start_replacement()
 
     def _start_replacement(self) -> None:
         if self._closed:
@@ -211,8 +229,8 @@ class HotPool:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECONNECT_MAX_DELAY)
                 continue
-            if self._closed:
-                conn.terminate()
+            if self._closed or self.alive >= self._size:
+                conn.terminate()  # shut down meanwhile, or a caller's own connection took the place
                 return
             self._down = False
             self._failing_since = None
@@ -245,37 +263,61 @@ class HotPool:
     ) -> asyncpg.Record | None:
         """One statement, autocommit. Raises DatabaseUnavailableError (not applied) or, for a
         write whose connection broke after sending, OutcomeUnknownError."""
-        result: asyncpg.Record | None = await self._run(
-            asyncpg.Connection.fetchrow, query, args, read_only
-        )
-        return result
+        conn = await self._acquire()
+        try:
+            row = await conn.fetchrow(query, *args)
+        except BaseException as failure:
+            retried: asyncpg.Record | None = await self._recover(
+                conn, failure, asyncpg.Connection.fetchrow, query, args, read_only
+            )
+            return retried
+        # The success path stays inline (no helper coroutine): it is the wallet's hot path.
+        self._take_back(conn, None)
+        return row
 
     async def fetchval(self, query: str, *args: Any, read_only: bool = False) -> Any:
-        return await self._run(asyncpg.Connection.fetchval, query, args, read_only)
+        conn = await self._acquire()
+        try:
+            value = await conn.fetchval(query, *args)
+        except BaseException as failure:
+            return await self._recover(
+                conn, failure, asyncpg.Connection.fetchval, query, args, read_only
+            )
+        self._take_back(conn, None)
+        return value
 
-    async def _run(
-        self, method: Callable[..., Awaitable[Any]], query: str, args: Any, read_only: bool
+    async def _recover(
+        self,
+        conn: asyncpg.Connection,
+        failure: BaseException,
+        method: Callable[..., Awaitable[Any]],
+        query: str,
+        args: Any,
+        read_only: bool,
     ) -> Any:
-        for attempt in (1, 2):
+        """After a statement failed: give the connection back (or replace it), then retry once
+        on a fresh connection if the old one was found broken and the statement cannot have
+        applied anything (a read, or never sent); otherwise raise the classified error."""
+        self._take_back(conn, failure)
+        if isinstance(failure, AppError) or not isinstance(failure, Exception):
+            raise failure
+        unapplied = read_only or refused_before_sending(failure)
+        if is_stale_connection(failure) and unapplied:
             conn = await self._acquire()
             try:
                 result = await method(conn, query, *args)
-            except BaseException as failure:
-                self._take_back(conn, failure)
-                if isinstance(failure, AppError) or not isinstance(failure, Exception):
+            except BaseException as second:
+                self._take_back(conn, second)
+                if isinstance(second, AppError) or not isinstance(second, Exception):
                     raise
-                never_sent = _never_sent(failure)
-                error = classify(failure, sent=not (read_only or never_sent))
-                if error is None:
-                    raise
-                if attempt == 1 and is_connection_failure(failure) and (read_only or never_sent):
-                    # The statement did not run (or changes nothing): once more, on a fresh
-                    # connection. A stale connection must not fail a request.
-                    continue
-                raise error from failure
-            self._take_back(conn, None)
-            return result
-        raise AssertionError("unreachable")
+                failure, unapplied = second, read_only or refused_before_sending(second)
+            else:
+                self._take_back(conn, None)
+                return result
+        error = classify(failure, sent=not unapplied)
+        if error is None:
+            raise failure
+        raise error from failure
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -349,12 +391,6 @@ class HotPool:
         for conn in idle:
             if not conn.is_closed():
                 conn.terminate()
-
-
-def _never_sent(failure: BaseException) -> bool:
-    # asyncpg checks the connection before it writes anything and raises exactly this; a loss
-    # mid-call is ConnectionDoesNotExistError ("closed in the middle of operation") instead.
-    return type(failure) is asyncpg.InterfaceError and "connection is closed" in str(failure)
 
 
 def _expire(waiter: asyncio.Future[asyncpg.Connection]) -> None:

@@ -187,25 +187,26 @@ async def claim_due_task(
     known: list[str] | None = None,
 ) -> ClaimedRun | None:
     """Claim the earliest due task this instance may take (fair share), or None. ``known``:
-    the task names this instance has code for (None: any)."""
-    async with db.transaction():
-        await db.execute("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK_ID)
-        row = await db.fetchrow(
-            CLAIM_DUE_TASK,
-            instance_id,
-            seconds(lease),
-            seconds(live_window),
-            seconds(steal_after),
-            FAIR_SLACK,
-            known,
-        )
-        if row is None:
-            return None
-        run = ClaimedRun(*row)
-        await db.execute(
-            INSERT_RUN, run.task_id, instance_id, run.fence, run.scheduled_for, run.started_at
-        )
-        return run
+    the task names this instance has code for (None: any). ``db`` must be inside a
+    transaction (the caller's: the lock, the claim and its history row commit together)."""
+    assert db.is_in_transaction(), "claim_due_task runs inside the caller's transaction"
+    await db.execute("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK_ID)
+    row = await db.fetchrow(
+        CLAIM_DUE_TASK,
+        instance_id,
+        seconds(lease),
+        seconds(live_window),
+        seconds(steal_after),
+        FAIR_SLACK,
+        known,
+    )
+    if row is None:
+        return None
+    run = ClaimedRun(*row)
+    await db.execute(
+        INSERT_RUN, run.task_id, instance_id, run.fence, run.scheduled_for, run.started_at
+    )
+    return run
 
 
 async def renew_leases(
@@ -220,6 +221,17 @@ async def renew_leases(
         [fence for _, fence in held],
     )
     return {row[0] for row in rows}
+
+
+COUNT_LIVE_INSTANCES = """
+SELECT count(*) FROM instances
+WHERE status = 'active' AND heartbeat_at > clock_timestamp() - $1::interval
+"""
+
+
+async def count_live_instances(db: Db, window: float) -> int:
+    count: int = await db.fetchval(COUNT_LIVE_INSTANCES, seconds(window))
+    return count
 
 
 async def heartbeat_instance(db: Db, instance_id: str, status: str) -> bool:

@@ -182,12 +182,16 @@ class Runner:
         settings = self.settings
         async with self._pool.acquire() as db:
             lost = await repository.sweep_expired(db)
-            if lost:
-                SCHEDULER_LOST_LEASES.inc(lost)
-                log.warning("recorded %d lost run(s) whose lease expired", lost)
-            for _ in range(settings.scheduler_claims_per_poll):
-                if self._stopping.is_set():
-                    break
+        if lost:
+            SCHEDULER_LOST_LEASES.inc(lost)
+            log.warning("recorded %d lost run(s) whose lease expired", lost)
+        for _ in range(settings.scheduler_claims_per_poll):
+            if self._stopping.is_set():
+                break
+            # One claim, one transaction (the pool owns it): if the connection breaks at
+            # COMMIT, the claim may stand without this instance knowing; its lease expires
+            # and the sweeper records the run as lost.
+            async with self._pool.transaction() as db:
                 claim = await repository.claim_due_task(
                     db,
                     self.instance_id,
@@ -199,9 +203,9 @@ class Runner:
                     settings.scheduler_steal_after,
                     known=self._known,
                 )
-                if claim is None:
-                    break
-                self._start_run(claim)
+            if claim is None:
+                break
+            self._start_run(claim)
 
     def _start_run(self, claim: repository.ClaimedRun) -> None:
         definition = self.registry.get(claim.name)
@@ -316,11 +320,7 @@ class Runner:
             renewed = await repository.renew_leases(
                 db, self.instance_id, self.settings.scheduler_lease, list(held.items())
             )
-            live = await db.fetchval(
-                "SELECT count(*) FROM instances WHERE status = 'active' "
-                "AND heartbeat_at > clock_timestamp() - $1::interval",
-                repository.seconds(self.settings.scheduler_lease),
-            )
+            live = await repository.count_live_instances(db, self.settings.scheduler_lease)
         self._last_renewal = time.monotonic()
         SCHEDULER_LIVE_INSTANCES.set(live)
         for task_id, fence in held.items():

@@ -13,7 +13,7 @@ import logging
 
 from tandem.core.database import Database
 from tandem.core.errors import AppError, PayloadTooLargeError
-from tandem.core.failures import error_for_unexpected
+from tandem.core.failures import count_answered, error_for_unexpected
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
 from tandem.wallet.endpoints import balance_body, serve_balance_read, serve_balance_update
 from tandem.wallet.schemas import MAX_BODY_BYTES
@@ -105,6 +105,7 @@ async def _respond_unexpected(send: Send, exc: Exception, *, writes: bool) -> No
 
 
 async def _respond_error(send: Send, error: AppError) -> None:
+    count_answered(error)
     headers = _JSON_HEADERS
     if error.headers:
         headers = [*headers, *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]

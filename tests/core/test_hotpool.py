@@ -191,3 +191,87 @@ async def test_close_fails_waiters(small_pool: HotPool) -> None:
         await small_pool.close()
     with pytest.raises(PoolClosedError):
         await waiter
+
+
+async def test_misuse_is_a_bug_not_a_database_failure(small_pool: HotPool) -> None:
+    """A call asyncpg refuses for the caller's own mistake (wrong argument count) stays the
+    driver's error, a 500, instead of being dressed up as a 503 (and is not retried)."""
+    with pytest.raises(asyncpg.InterfaceError):
+        await small_pool.fetchval("SELECT $1::int", 1, 2, read_only=True)
+    with pytest.raises(asyncpg.InterfaceError):
+        await small_pool.fetchval("SELECT $1::int", 1, 2)
+    await wait_until_full(small_pool)
+    assert await small_pool.fetchval("SELECT 1") == 1
+
+
+async def test_partly_failed_open_still_queues_callers(database_url: str) -> None:
+    """A pool whose first connection failed to open but the others opened is not 'down':
+    callers beyond the live connections wait their turn instead of being refused."""
+    dsn = asyncpg_dsn(database_url)
+    attempts = 0
+
+    async def first_fails() -> asyncpg.Connection:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionRefusedError("the first one is refused")
+        if attempts > 2:
+            await asyncio.sleep(3600)  # the replacement never arrives: two stay alive
+        return await asyncpg.connect(dsn)
+
+    pool = await HotPool.open(first_fails, size=2, acquire_timeout=10)
+    try:
+        results = await asyncio.gather(
+            *(pool.fetchval("SELECT 1 FROM pg_sleep(0.01)", read_only=True) for _ in range(20))
+        )
+    finally:
+        await pool.close()
+    assert results == [1] * 20
+
+
+async def test_pool_keeps_its_size_through_an_outage(database_url: str) -> None:
+    """Connections made by callers while the database comes back take the place of the ones
+    being replaced: afterwards the pool holds its size, never more."""
+    dsn = asyncpg_dsn(database_url)
+    refusing = True
+
+    async def flaky() -> asyncpg.Connection:
+        if refusing:
+            raise ConnectionRefusedError("down")
+        await asyncio.sleep(0.05)
+        return await asyncpg.connect(dsn)
+
+    pool = await HotPool.open(flaky, size=3, acquire_timeout=10)
+    try:
+        await asyncio.sleep(2.5)  # the pool calls the database down
+        with pytest.raises(DatabaseUnavailableError):
+            await pool.fetchval("SELECT 1", read_only=True)
+        refusing = False
+        for _ in range(5):
+            await asyncio.gather(
+                *(pool.fetchval("SELECT 1", read_only=True) for _ in range(10)),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0.5)
+        assert await pool.fetchval("SELECT 1", read_only=True) == 1
+        await asyncio.sleep(2.5)  # every background reconnect has finished by now
+        assert pool.alive == pool.size
+    finally:
+        await pool.close()
+
+
+async def test_connection_to_a_read_only_server_is_replaced(database_url: str) -> None:
+    """A write refused because the session is read-only (a standby after a failover) is 'not
+    applied', and that connection is not lent again: a new one may reach the new primary."""
+    dsn = asyncpg_dsn(database_url)
+    pool = await HotPool.open(lambda: asyncpg.connect(dsn), size=1, acquire_timeout=5)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            read_only_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        with pytest.raises(DatabaseUnavailableError):
+            await pool.fetchval("CREATE TEMPORARY TABLE t (x int)")
+        await wait_until_full(pool)
+        assert await pool.fetchval("SELECT pg_backend_pid()") != read_only_pid
+    finally:
+        await pool.close()

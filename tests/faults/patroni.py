@@ -7,10 +7,8 @@ on a machine with only Python: PostgreSQL 16 from ``pgserver``, etcd 3.5 from ``
 Patroni with its etcd3 (v3 HTTP gateway) client and ``psycopg`` as its driver.
 
 PostgreSQL refuses to run as root, and Patroni starts it: as root, every node runs as the
-unprivileged ``tandem-pg`` system user (created once; shared with the PgBouncer harness). The
-venv's interpreter may live under a folder that user cannot enter (pyenv under ``/root``, mode
-0700): such a folder gets a POSIX ACL entry letting only that user *traverse* it (``--x``, no
-listing, nobody else), which is the least the machine has to give.
+unprivileged ``tandem-pg`` system user (see ``tests/faults/system.py``), which must reach the
+venv's interpreter too, wherever it lives (pyenv under ``/root``, say).
 
 Synchronous replication (``synchronous_mode: true``, not strict) makes the replica the sync
 standby, so a commit is acknowledged only once it is on both nodes, and Patroni promotes the
@@ -23,21 +21,16 @@ takes over on its next loop.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib.resources
 import json
 import os
 import pwd
 import shutil
-import signal
-import stat
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,9 +41,20 @@ import httpx
 import psycopg
 import yaml
 
+from tests.faults.system import (
+    SERVICE_USER,
+    as_user,
+    chown_to,
+    kill_all,
+    make_reachable,
+    pids,
+    postgres_bin_dir,
+    process_tree,
+    service_user,
+    wait_until,
+)
 from tests.support import free_port
 
-SERVICE_USER = "tandem-pg"
 # Patroni and the postmaster it double-forks away (reparented to init, so not Patroni's
 # descendant) inherit this variable: it is how kill_node and the teardown find a node's
 # processes, the postmaster's children by descent. (Patroni strips PATRONI_* variables from the
@@ -58,17 +62,6 @@ SERVICE_USER = "tandem-pg"
 MARK_VARIABLE = "TANDEM_PATRONI_MARK"
 TTL, LOOP_WAIT, RETRY_TIMEOUT = 20, 1, 3
 START_TIMEOUT = 90.0
-
-
-def postgres_bin_dir() -> Path:
-    """pgserver's PostgreSQL 16 binaries: initdb, pg_ctl, pg_basebackup and pg_rewind are all
-    there, and they find their own libpq, so no system PostgreSQL is needed."""
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
-        warnings.simplefilter("ignore")
-        from pgserver import _commands
-
-    return Path(_commands.POSTGRES_BIN_PATH)
 
 
 def etcd_binary() -> Path:
@@ -80,95 +73,6 @@ def etcd_binary() -> Path:
 # --- the unprivileged user ------------------------------------------------------------------
 
 
-def _ensure_service_user() -> pwd.struct_passwd:
-    """``tandem-pg``, created if missing. Idempotent and safe when runs race: a concurrent
-    creator makes ``useradd`` fail with "already exists" (or "cannot lock", retried), after
-    which the lookup succeeds."""
-    useradd = shutil.which("useradd", path="/usr/sbin:/sbin:/usr/bin:/bin") or "useradd"
-    for _ in range(50):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(SERVICE_USER)
-        subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
-            capture_output=True,
-            check=False,
-        )
-        time.sleep(0.1)
-    return pwd.getpwnam(SERVICE_USER)
-
-
-# POSIX ACLs as Linux stores them in the ``system.posix_acl_access`` extended attribute: a
-# little-endian version (2), then (tag u16, permissions u16, id u32) entries sorted by tag and
-# id. Written directly so that no `acl` package (setfacl) is needed.
-_ACL_XATTR = "system.posix_acl_access"
-_ACL_VERSION = 2
-_ACL_USER_OBJ = 0x01
-_ACL_USER = 0x02
-_ACL_GROUP_OBJ = 0x04
-_ACL_GROUP = 0x08
-_ACL_MASK = 0x10
-_ACL_OTHER = 0x20
-_ACL_UNDEFINED_ID = 0xFFFFFFFF
-_ACL_EXECUTE = 1
-
-
-def _grant_traverse(directory: Path, uid: int) -> None:
-    """Add ``user:<uid>:--x`` to the folder's ACL (merged with any ACL already there)."""
-    try:
-        raw = os.getxattr(directory, _ACL_XATTR)
-    except OSError as error:
-        if error.errno != errno.ENODATA:
-            raise
-        mode = directory.stat().st_mode
-        entries = {
-            (_ACL_USER_OBJ, _ACL_UNDEFINED_ID): (mode >> 6) & 7,
-            (_ACL_GROUP_OBJ, _ACL_UNDEFINED_ID): (mode >> 3) & 7,
-            (_ACL_OTHER, _ACL_UNDEFINED_ID): mode & 7,
-        }
-    else:
-        (version,) = struct.unpack_from("<I", raw)
-        if version != _ACL_VERSION:
-            raise RuntimeError(f"{directory}: unknown ACL format {version}")
-        entries = {(tag, ident): perm for tag, perm, ident in struct.iter_unpack("<HHI", raw[4:])}
-    if entries.get((_ACL_USER, uid), 0) & _ACL_EXECUTE:
-        return
-    entries[(_ACL_USER, uid)] = entries.get((_ACL_USER, uid), 0) | _ACL_EXECUTE
-    mask_key = (_ACL_MASK, _ACL_UNDEFINED_ID)
-    if mask_key in entries:
-        entries[mask_key] |= _ACL_EXECUTE
-    else:
-        # A named entry needs a mask; as wide as the group class was, plus our execute bit,
-        # so nobody already allowed in loses anything.
-        entries[mask_key] = _ACL_EXECUTE | entries[(_ACL_GROUP_OBJ, _ACL_UNDEFINED_ID)]
-        for (tag, _), perm in entries.items():
-            if tag == _ACL_GROUP:
-                entries[mask_key] |= perm
-    payload = struct.pack("<I", _ACL_VERSION) + b"".join(
-        struct.pack("<HHI", tag, perm, ident) for (tag, ident), perm in sorted(entries.items())
-    )
-    try:
-        os.setxattr(directory, _ACL_XATTR, payload)
-    except OSError as error:
-        raise RuntimeError(
-            f"cannot let {SERVICE_USER} traverse {directory} ({error}): `chmod o+x` it by hand"
-        ) from error
-
-
-def _make_reachable(paths: list[Path], user: pwd.struct_passwd) -> None:
-    """Let the user traverse every ancestor folder of the paths that it could not enter (by
-    owner or "other" bits; group bits are ignored: the user's own group owns nothing here)."""
-    seen: set[Path] = set()
-    for path in paths:
-        for folder in [path, *path.parents] if path.is_dir() else list(path.parents):
-            if folder in seen:
-                continue
-            seen.add(folder)
-            info = folder.stat()
-            if info.st_uid == user.pw_uid or info.st_mode & stat.S_IXOTH:
-                continue
-            _grant_traverse(folder, user.pw_uid)
-
-
 def _check_reachable(python: str, bin_dir: Path, user: pwd.struct_passwd) -> None:
     """Fail early and clearly, rather than with a Patroni that dies on start."""
     probe = (
@@ -177,14 +81,12 @@ def _check_reachable(python: str, bin_dir: Path, user: pwd.struct_passwd) -> Non
     )
     result = subprocess.run(
         [python, "-c", probe],
-        user=user.pw_uid,
-        group=user.pw_gid,
-        extra_groups=[],
         capture_output=True,
         text=True,
         check=False,
         env={"PATH": "/usr/bin:/bin", "HOME": "/"},
         cwd="/",
+        **as_user(user),
     )
     if result.returncode != 0:
         raise RuntimeError(
@@ -203,56 +105,19 @@ def _marked_pids(prefix: str) -> set[int]:
     (Root reads any process's environ; one that exits meanwhile is skipped.)"""
     needle = f"{MARK_VARIABLE}={prefix}".encode()
     marked: set[int] = set()
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
+    for pid in pids():
         try:
-            environ = (entry / "environ").read_bytes()
-            # The parent is the second field after the command, which is in parentheses.
-            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
             continue
-        children.setdefault(ppid, []).append(pid)
         if any(item.startswith(needle) for item in environ.split(b"\0")):
             marked.add(pid)
-    found, todo = set(), list(marked)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return found
+    return process_tree(marked)
 
 
-def _alive(pid: int) -> bool:
-    """Running, or at least not yet a zombie (an orphaned postmaster is reaped by init)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in status
-
-
-def _kill_marked(prefix: str, timeout: float = 10.0) -> None:
-    """Freeze every marked process first, so none reacts to another's death (a machine dies
-    all at once), then SIGKILL them all, and wait until they are gone."""
-    frozen: set[int] = set()
-    for _ in range(20):  # until no new process appears (a forking backend, say)
-        pids = _marked_pids(prefix) - frozen
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        frozen |= pids
-    for pid in frozen:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in frozen) and time.monotonic() < deadline:
-        time.sleep(0.02)
+def _kill_marked(prefix: str) -> None:
+    """Every marked process killed at once, as when a machine dies."""
+    kill_all(lambda: _marked_pids(prefix))
 
 
 @dataclass
@@ -384,18 +249,11 @@ class PatroniCluster:
         return "\n".join(parts)
 
 
-def _wait_for_etcd(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"etcd exited with {process.returncode}\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"etcd not healthy in 30 s\n{log.read_text()}")
+def _etcd_healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _node_config(
@@ -474,9 +332,6 @@ def _start_node(
         "PYTHONDONTWRITEBYTECODE": "1",
         MARK_VARIABLE: f"{mark}/{node.name}/",
     }
-    as_user: dict[str, Any] = (
-        {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    )
     with node.log_path.open("ab") as log:
         node.process = subprocess.Popen(
             [python, "-m", "patroni", str(node.folder / "patroni.yml")],
@@ -486,7 +341,7 @@ def _start_node(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            **as_user,
+            **as_user(user),
         )
 
 
@@ -496,10 +351,10 @@ def patroni_cluster(nodes: int = 2) -> Iterator[PatroniCluster]:
     way out, whatever happened, every process killed and every file deleted."""
     bin_dir = postgres_bin_dir()
     python = sys.executable
-    user = _ensure_service_user() if os.geteuid() == 0 else None
+    user = service_user() if os.geteuid() == 0 else None
     if user is not None:
-        _make_reachable([Path(python).resolve(), Path(sys.base_prefix), bin_dir], user)
-        _make_reachable([Path(sys.prefix)], user)
+        make_reachable([Path(python).resolve(), Path(sys.base_prefix), bin_dir], user)
+        make_reachable([Path(sys.prefix)], user)
         _check_reachable(python, bin_dir, user)
 
     mark = f"patroni-{uuid.uuid4().hex[:12]}"
@@ -511,8 +366,7 @@ def patroni_cluster(nodes: int = 2) -> Iterator[PatroniCluster]:
     for name in names:
         folder = base / name
         folder.mkdir(mode=0o700)
-        if user is not None:
-            os.chown(folder, user.pw_uid, user.pw_gid)
+        chown_to(user, folder)
         cluster_nodes[name] = _Node(name, folder, free_port(), free_port(), base / f"{name}.log")
     hosts = ",".join(f"127.0.0.1:{n.pg_port}" for n in cluster_nodes.values())
     cluster = PatroniCluster(
@@ -546,7 +400,15 @@ def patroni_cluster(nodes: int = 2) -> Iterator[PatroniCluster]:
                 stderr=subprocess.STDOUT,
                 env={"PATH": "/usr/bin:/bin", MARK_VARIABLE: f"{mark}/etcd/"},
             )
-        _wait_for_etcd(etcd_port, cluster._etcd, cluster._etcd_log)
+        wait_until(
+            lambda: _etcd_healthy(etcd_port),
+            process=cluster._etcd,
+            timeout=30,
+            what="etcd",
+            until="healthy",
+            log=cluster._etcd_log.read_text,
+            interval=0.1,
+        )
 
         for node in cluster_nodes.values():
             config = _node_config(
@@ -554,8 +416,7 @@ def patroni_cluster(nodes: int = 2) -> Iterator[PatroniCluster]:
             )
             config_path = node.folder / "patroni.yml"
             config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-            if user is not None:
-                os.chown(config_path, user.pw_uid, user.pw_gid)
+            chown_to(user, config_path)
             config_path.chmod(0o600)
         # All at once (Patroni's start-up alone takes a couple of seconds): one wins the race
         # for the initialize key and runs initdb, the others wait for it and then clone it

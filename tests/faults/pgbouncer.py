@@ -18,11 +18,9 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -30,9 +28,16 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
 
+from tests.faults.system import (
+    as_user,
+    chown_to,
+    make_reachable,
+    port_open,
+    service_user,
+    wait_until,
+)
 from tests.support import free_port, require_tool
 
-SERVICE_USER = "tandem-pg"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
@@ -74,22 +79,6 @@ def _upstream(url: URL) -> tuple[str, int]:
     return str(host or "127.0.0.1"), int(port)
 
 
-def _ensure_service_user() -> pwd.struct_passwd:
-    """The unprivileged ``tandem-pg`` system user, created if missing (idempotent: a racing
-    creator makes ``useradd`` fail with "already exists", after which the lookup succeeds)."""
-    try:
-        return pwd.getpwnam(SERVICE_USER)
-    except KeyError:
-        pass
-    useradd = shutil.which("useradd", path="/usr/sbin:/sbin:/usr/bin:/bin") or "useradd"
-    subprocess.run(
-        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
-        capture_output=True,
-        check=False,
-    )
-    return pwd.getpwnam(SERVICE_USER)
-
-
 def _run_as(upstream_host: str) -> pwd.struct_passwd | None:
     """Whom PgBouncer runs as: None (the current user) unless we are root; as root, the owner
     of a Unix socket folder that only its owner may enter, else the service user."""
@@ -99,7 +88,7 @@ def _run_as(upstream_host: str) -> pwd.struct_passwd | None:
         info = os.stat(upstream_host)
         if info.st_uid != 0 and not info.st_mode & stat.S_IXOTH:
             return pwd.getpwuid(info.st_uid)
-    return _ensure_service_user()
+    return service_user()
 
 
 def _write_config(
@@ -145,22 +134,6 @@ def _write_config(
         )
     )
     return ini
-
-
-def _wait_until_listening(bouncer: PgBouncer, deadline: float) -> None:
-    """Until a TCP connection to the port succeeds. (A protocol-level check would need an event
-    loop, and this context manager may be entered from inside one.)"""
-    while time.monotonic() < deadline:
-        if bouncer.process.poll() is not None:
-            raise RuntimeError(
-                f"pgbouncer exited with {bouncer.process.returncode}:\n{bouncer.log()}"
-            )
-        with socket.socket() as probe:
-            probe.settimeout(0.5)
-            if probe.connect_ex(("127.0.0.1", bouncer.port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"pgbouncer not listening within {START_TIMEOUT} s:\n{bouncer.log()}")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -211,8 +184,8 @@ def pgbouncer(
         )
         account = _run_as(upstream_host)
         if account is not None:
-            for path in (folder, *folder.iterdir()):
-                os.chown(path, account.pw_uid, account.pw_gid)
+            chown_to(account, folder, *folder.iterdir())
+            make_reachable([folder], account)
         with (folder / "console.log").open("wb") as console:
             process = subprocess.Popen(
                 [binary, str(ini)],
@@ -220,14 +193,19 @@ def pgbouncer(
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 cwd=folder,
-                # Dropping root by Popen itself: no runuser/su parent between us and PgBouncer,
-                # so our signals reach it directly. extra_groups=[] drops root's groups.
-                user=account.pw_uid if account else None,
-                group=account.pw_gid if account else None,
-                extra_groups=[] if account else None,
+                **as_user(account),
             )
         bouncer = PgBouncer(port=port, url=url, folder=folder, process=process)
-        _wait_until_listening(bouncer, time.monotonic() + START_TIMEOUT)
+        # A TCP connect, not a protocol-level check: that would need an event loop, and this
+        # context manager may be entered from inside one.
+        wait_until(
+            lambda: port_open(port),
+            process=process,
+            timeout=START_TIMEOUT,
+            what="pgbouncer",
+            until="listening",
+            log=bouncer.log,
+        )
         yield bouncer
     finally:
         if process is not None:

@@ -15,26 +15,30 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import asyncpg
 
+from tests.faults.system import (
+    as_user,
+    chown_to,
+    kill_all,
+    make_reachable,
+    postgres_bin_dir,
+    process_tree,
+    service_user,
+)
 from tests.support import free_port
 
-# PostgreSQL refuses to run as root: as root, the server runs as this system user.
-SERVICE_USER = "tandem-pg"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 # --no-sync: nothing to keep across an OS crash (see fsync below), and it saves a second.
@@ -44,57 +48,6 @@ INITDB_FLAGS = ("--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync", "-
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 
 _T = TypeVar("_T")
-
-
-def _bin_dir() -> Path:
-    with warnings.catch_warnings():
-        # pgserver imports platformdirs, which warns when XDG_RUNTIME_DIR is unset; the suite
-        # turns warnings into errors.
-        warnings.simplefilter("ignore")
-        from pgserver._commands import POSTGRES_BIN_PATH
-    return Path(POSTGRES_BIN_PATH)
-
-
-def _service_user() -> pwd.struct_passwd:
-    """The unprivileged user, created if missing. Two pytest runs may race to create it: the
-    loser's useradd fails ("exists", or the passwd file is locked), so failures are retried
-    through getpwnam rather than trusted."""
-    useradd = shutil.which("useradd") or shutil.which("useradd", path="/usr/sbin:/sbin")
-    if useradd is None:
-        raise RuntimeError(f"running as root and no `useradd` to create {SERVICE_USER!r}")
-    for _ in range(50):
-        try:
-            return pwd.getpwnam(SERVICE_USER)
-        except KeyError:
-            pass
-        created = subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER],
-            capture_output=True,
-            check=False,
-        )
-        if created.returncode != 0:
-            time.sleep(0.1)
-    raise RuntimeError(f"could not create the system user {SERVICE_USER!r}")
-
-
-def _allow_traversal(path: Path) -> None:
-    """Add o+x (traverse, not list) to every ancestor that lacks it, so the service user can
-    reach its data folder."""
-    for folder in path.parents:
-        mode = folder.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-
-
-def _check_reachable(bin_dir: Path) -> None:
-    """The service user must reach the binaries in the venv; we do not open up a folder such
-    as /root for it (unlike the data folder's, under /tmp), so say what is wrong instead."""
-    for folder in bin_dir.parents:
-        if not folder.stat().st_mode & stat.S_IXOTH:
-            raise RuntimeError(
-                f"{SERVICE_USER} cannot reach {bin_dir}: {folder} is not traversable (o+x); "
-                "put the venv elsewhere or chmod o+x that folder"
-            )
 
 
 def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
@@ -108,48 +61,12 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
-def _parent_pids() -> dict[int, int]:
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])
-    return parents
-
-
-def _descendants(pid: int) -> list[int]:
-    parents = _parent_pids()
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == current]
-        found.extend(children)
-        frontier.extend(children)
-    return found
-
-
-def _gone(pid: int) -> bool:
-    """Exited, or a zombie: a killed postmaster's children are reparented to PID 1, which may
-    never reap them, but a zombie holds no shared memory and no port."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state == "Z"
-
-
 class ThrowawayPostgres:
     """A server in a new temporary folder, listening on 127.0.0.1 only; ``url`` connects as the
     superuser ``postgres`` (trust auth). The port is kept across restarts."""
 
     def __init__(self) -> None:
-        self._owner = _service_user() if os.geteuid() == 0 else None
+        self._owner = service_user() if os.geteuid() == 0 else None
         self._base = Path(tempfile.mkdtemp(prefix="tandem-faultpg-"))
         self.data_dir = self._base / "data"
         self._log_path = self.data_dir / "postgres.log"
@@ -166,26 +83,21 @@ class ThrowawayPostgres:
     def _url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def _as_owner(self) -> dict[str, Any]:
-        if self._owner is None:
-            return {}
-        # extra_groups=[] drops root's supplementary groups too.
-        return {"user": self._owner.pw_uid, "group": self._owner.pw_gid, "extra_groups": []}
-
     def _init_cluster(self) -> None:
+        bin_dir = postgres_bin_dir()
         self.data_dir.mkdir(mode=0o700)
         if self._owner is not None:
-            _check_reachable(_bin_dir())
+            # The service user runs the binaries in the venv and owns the data folder.
             self._base.chmod(0o755)
-            _allow_traversal(self._base)
-            os.chown(self.data_dir, self._owner.pw_uid, self._owner.pw_gid)
+            make_reachable([bin_dir, self._base], self._owner)
+            chown_to(self._owner, self.data_dir)
         initdb = subprocess.run(
-            [str(_bin_dir() / "initdb"), "-D", str(self.data_dir), "-U", "postgres", *INITDB_FLAGS],
+            [str(bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres", *INITDB_FLAGS],
             capture_output=True,
             text=True,
             cwd=self._base,
             check=False,
-            **self._as_owner(),
+            **as_user(self._owner),
         )
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}")
@@ -236,17 +148,22 @@ class ThrowawayPostgres:
 
     def _spawn(self) -> None:
         with self._log_path.open("ab") as log:
-            if self._owner is not None:
-                os.chown(self._log_path, self._owner.pw_uid, self._owner.pw_gid)
+            chown_to(self._owner, self._log_path)
             self._process = subprocess.Popen(
-                [str(_bin_dir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
+                [
+                    str(postgres_bin_dir() / "postgres"),
+                    "-D",
+                    str(self.data_dir),
+                    "-p",
+                    str(self.port),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self._base,
                 # Its own session: a Ctrl-C meant for pytest does not shut it down under us.
                 start_new_session=True,
-                **self._as_owner(),
+                **as_user(self._owner),
             )
 
     async def _wait_ready(self) -> bool:
@@ -303,20 +220,12 @@ class ThrowawayPostgres:
         if process is None or process.poll() is not None:
             self._process = None
             return
-        # Frozen, the postmaster cannot fork between our listing its children and killing them.
-        os.kill(process.pid, signal.SIGSTOP)
-        children = _descendants(process.pid)
-        process.kill()
-        for pid in children:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        postmaster = process.pid
+        survivors = kill_all(lambda: process_tree([postmaster]))
         process.wait()
         self._process = None
-        deadline = time.monotonic() + 10
-        while not all(_gone(pid) for pid in children):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"postgres children still alive after SIGKILL: {children}")
-            time.sleep(0.01)
+        if survivors:
+            raise RuntimeError(f"postgres processes still alive after SIGKILL: {sorted(survivors)}")
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None

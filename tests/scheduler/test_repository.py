@@ -7,12 +7,21 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
 
 from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
+
+
+async def claim_in_transaction(
+    db: asyncpg.Connection, *args: Any, **kwargs: Any
+) -> repository.ClaimedRun | None:
+    """One claim in its own transaction, as the runner makes it."""
+    async with db.transaction():
+        return await repository.claim_due_task(db, *args, **kwargs)
 
 
 @pytest.fixture
@@ -47,7 +56,7 @@ async def test_claim_race_has_one_winner(database_url: str, db: asyncpg.Connecti
         for _ in range(20):
             claims = await asyncio.gather(
                 *(
-                    repository.claim_due_task(c, i, lease=30, live_window=30, steal_after=2)
+                    claim_in_transaction(c, i, lease=30, live_window=30, steal_after=2)
                     for c, i in zip(conns, instances, strict=True)
                 )
             )
@@ -89,11 +98,11 @@ async def test_fenced_out_completion_changes_nothing(db: asyncpg.Connection) -> 
     write is refused and the new owner's run is untouched."""
     task_id, _ = await new_task(db)
     a, b = await new_instance(db), await new_instance(db)
-    first = await repository.claim_due_task(db, a, lease=0.2, live_window=30, steal_after=0)
+    first = await claim_in_transaction(db, a, lease=0.2, live_window=30, steal_after=0)
     assert first is not None
     await asyncio.sleep(0.4)
     assert await repository.sweep_expired(db) == 1
-    second = await repository.claim_due_task(db, b, lease=30, live_window=30, steal_after=0)
+    second = await claim_in_transaction(db, b, lease=30, live_window=30, steal_after=0)
     assert second is not None
     assert second.fence == first.fence + 1
     assert not await repository.complete_run(db, task_id, first.fence, "succeeded", None)
@@ -117,12 +126,12 @@ async def test_renewal_drops_taken_over_runs(db: asyncpg.Connection) -> None:
     """Renewing leases answers only the runs still held: a taken-over run is left out."""
     task_id, _ = await new_task(db)
     a, b = await new_instance(db), await new_instance(db)
-    first = await repository.claim_due_task(db, a, lease=0.2, live_window=30, steal_after=0)
+    first = await claim_in_transaction(db, a, lease=0.2, live_window=30, steal_after=0)
     assert first is not None
     assert await repository.renew_leases(db, a, 0.2, [(task_id, first.fence)]) == {task_id}
     await asyncio.sleep(0.4)
     await repository.sweep_expired(db)
-    second = await repository.claim_due_task(db, b, lease=30, live_window=30, steal_after=0)
+    second = await claim_in_transaction(db, b, lease=30, live_window=30, steal_after=0)
     assert second is not None
     assert await repository.renew_leases(db, a, 30, [(task_id, first.fence)]) == set()
 
@@ -137,10 +146,10 @@ async def test_missed_slots_coalesce_into_one_run(db: asyncpg.Connection) -> Non
         task_id,
     )
     instance = await new_instance(db)
-    claim = await repository.claim_due_task(db, instance, lease=30, live_window=30, steal_after=0)
+    claim = await claim_in_transaction(db, instance, lease=30, live_window=30, steal_after=0)
     assert claim is not None
     assert await repository.complete_run(db, task_id, claim.fence, "succeeded", None)
-    again = await repository.claim_due_task(db, instance, lease=30, live_window=30, steal_after=0)
+    again = await claim_in_transaction(db, instance, lease=30, live_window=30, steal_after=0)
     assert again is None
     row = await db.fetchrow(
         "SELECT next_run_at, clock_timestamp() AS now FROM tasks WHERE id = $1", task_id
@@ -161,7 +170,7 @@ async def test_fair_share_keeps_claims_close(db: asyncpg.Connection) -> None:
     held = {a: 0, b: 0}
     for _ in range(6):
         for instance in (a, b):
-            while await repository.claim_due_task(
+            while await claim_in_transaction(
                 db, instance, lease=30, live_window=30, steal_after=60
             ):
                 held[instance] += 1
@@ -174,12 +183,12 @@ async def test_instance_claims_only_tasks_it_has_code_for(db: asyncpg.Connection
     _, name = await new_task(db)
     instance = await new_instance(db)
     assert (
-        await repository.claim_due_task(
+        await claim_in_transaction(
             db, instance, lease=30, live_window=30, steal_after=0, known=["SomethingElse"]
         )
         is None
     )
-    claim = await repository.claim_due_task(
+    claim = await claim_in_transaction(
         db, instance, lease=30, live_window=30, steal_after=0, known=[name]
     )
     assert claim is not None

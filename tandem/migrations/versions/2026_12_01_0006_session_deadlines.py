@@ -9,8 +9,9 @@ become this database's defaults, for every session that connects to it:
 - TCP keepalive (5 s idle, 2 s interval, 3 probes) and tcp_user_timeout 10 s: the server
   notices a vanished client in seconds, not after the kernel's default hours.
 An operator overrides them per role (ALTER ROLE ... IN DATABASE ... SET), which wins over
-these. ALTER DATABASE needs the database's owner (or a superuser): a migrating role that is
-neither gets a warning and the defaults stay as they were (docs/database.md).
+these; a value already set for the database is kept (the downgrade resets all six).
+ALTER DATABASE needs the database's owner (or a superuser): a migrating role that is neither
+gets a warning and the defaults stay as they were (docs/database.md).
 
 Revision ID: 0006_session_deadlines
 Revises: 0005_task_history_finished_index
@@ -40,8 +41,9 @@ def _alter(assignments: str) -> None:
     op.execute(f"""
 DO $$
 BEGIN
+    -- USAGE, not MEMBER: a NOINHERIT member of the owner role may not ALTER the database.
     IF pg_has_role(current_user, (SELECT datdba FROM pg_database
-                                  WHERE datname = current_database()), 'MEMBER')
+                                  WHERE datname = current_database()), 'USAGE')
        OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         {assignments}
     ELSE
@@ -52,10 +54,18 @@ END $$
 """)
 
 
+# A value the operator already set for this database (any role) is left as it is.
+_ALREADY_SET = """EXISTS (SELECT FROM pg_db_role_setting s, unnest(s.setconfig) c
+    WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND s.setrole = 0 AND c LIKE '{name}=%')"""
+
+
 def upgrade() -> None:
     _alter(
         " ".join(
+            f"IF NOT {_ALREADY_SET.format(name=name)} THEN "
             f"EXECUTE format('ALTER DATABASE %I SET {name} = %L', current_database(), '{value}');"
+            " END IF;"
             for name, value in DEFAULTS.items()
         )
     )
