@@ -81,30 +81,43 @@ def test_restart_under_burst_never_answers_500(
         assert "internal_error" not in server.log(), server.log()
 
 
+# Fault injection: every COMMIT of a keyed withdrawal spends 10 ms in a deferred trigger, so
+# a crash finds most transactions in flight inside their COMMIT, the one moment whose outcome
+# the client cannot know (without it, two of three restarts produced no 'unknown' at all).
+SLOW_COMMIT = (
+    "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN PERFORM pg_sleep(0.01); RETURN NULL; END $$",
+    "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON idempotency_keys "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+)
+
+
 def test_keyed_retries_settle_every_unknown_exactly_once(
     pg: ThrowawayPostgres, pg_url: str, log_dir: Path
 ) -> None:
-    """A keyed burst cut by an immediate restart: retrying exactly the 503s with their keys
-    settles every one, and the balance is as if each withdrawal had been applied once."""
+    """A keyed burst cut by an immediate restart while COMMITs are in flight: some answers are
+    outcome_unknown; retrying exactly the 503s with their keys settles every one, and the
+    balance is as if each withdrawal had been applied once."""
+    for statement in SLOW_COMMIT:
+        query(pg_url, statement)
     servers = start_instances(pg_url, log_dir, 3, FAULT_ENV)
     try:
-        unknown_seen = 0
-        for attempt in range(3):  # an 'unknown' needs a COMMIT in flight at the crash
-            user = create_user(pg_url, 10_000)
-            keys = [f"w-{uuid.uuid4().hex}" for _ in range(10_000)]
-            requests = [(i % 3, withdrawal(servers[i % 3], user, keys[i])) for i in range(10_000)]
-            restart = lambda: pg.restart("immediate")  # noqa: E731  (the fault, named)
-            results = asyncio.run(burst_across(servers, requests, restart, after_answers=2500))
-            counts = assert_honest(results)
-            unknown_seen += counts.get("outcome_unknown", 0)
-            print(f"keyed burst {attempt + 1}: {counts}")
-            final = settle_by_retry(servers, requests, results)
-            assert final.count(200) == 5000, {s: final.count(s) for s in set(final)}
-            assert final.count(409) == 5000
-            assert balance_of(pg_url, user) == 0
-            if unknown_seen:
-                break
-        assert unknown_seen > 0, "no answer was outcome_unknown in three restarts"
+        # Ten users, so that many transactions are inside their COMMIT at once (on one user
+        # they would queue on its row lock, one COMMIT at a time).
+        users = [create_user(pg_url, 1000) for _ in range(10)]
+        keys = [f"w-{uuid.uuid4().hex}" for _ in range(10_000)]
+        requests = [
+            (i % 3, withdrawal(servers[i % 3], users[i % 10], keys[i])) for i in range(10_000)
+        ]
+        restart = lambda: pg.restart("immediate")  # noqa: E731  (the fault, named)
+        results = asyncio.run(burst_across(servers, requests, restart, after_answers=2500))
+        counts = assert_honest(results)
+        print(f"keyed burst: {counts}")
+        assert counts.get("outcome_unknown", 0) > 0, counts
+        final = settle_by_retry(servers, requests, results)
+        assert final.count(200) == 5000, {s: final.count(s) for s in set(final)}
+        assert final.count(409) == 5000
+        assert [balance_of(pg_url, user) for user in users] == [0] * 10
     finally:
         for server in servers:
             server.stop()
