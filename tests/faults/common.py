@@ -87,10 +87,11 @@ def balance_of(url: str, user_id: int) -> int:
     return value
 
 
-def withdrawal(server: Server, user_id: int, key: str | None = None) -> bytes:
+def withdrawal(server: Server, user_id: int, key: str | None = None, amount: int = 2) -> bytes:
+    """The bytes of one withdrawal request to ``server`` (with an Idempotency-Key if given)."""
     endpoint = parse_base_url(server.url)
     headers = {"Idempotency-Key": key} if key else None
-    body = {"userId": user_id, "amount": -2}
+    body = {"userId": user_id, "amount": -amount}
     return build_request("POST", "/balance/update", endpoint.host_header, body, headers=headers)
 
 

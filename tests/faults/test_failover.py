@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 from tandem.core.migrations import upgrade_to_head
-from tandem.loadtest.client import build_request, fetch
-from tests.faults.common import CRON_ENV, assert_honest, code_of, ran_since, stale_running
+from tandem.loadtest.client import fetch
+from tests.faults.common import (
+    CRON_ENV,
+    assert_honest,
+    code_of,
+    ran_since,
+    stale_running,
+    withdrawal,
+)
 from tests.faults.patroni import patroni_cluster
 from tests.support import LEASE, Server, query, start_server, wait_for
 
@@ -44,13 +51,7 @@ async def stream_withdrawals(
             server = servers[n % len(servers)]
             n += 1
             key = f"f-{uuid.uuid4().hex}"
-            request = build_request(
-                "POST",
-                "/balance/update",
-                f"127.0.0.1:{server.port}",
-                {"userId": user, "amount": -1},
-                headers={"Idempotency-Key": key},
-            )
+            request = withdrawal(server, user, key, amount=1)
             sent = time.monotonic()
             result = await fetch("127.0.0.1", server.port, request, 60)
             assert_honest([result])
@@ -67,13 +68,7 @@ async def retry_until_settled(servers: list[Server], user: int, keys: list[str])
     statuses = []
     for i, key in enumerate(keys):
         server = servers[i % len(servers)]
-        request = build_request(
-            "POST",
-            "/balance/update",
-            f"127.0.0.1:{server.port}",
-            {"userId": user, "amount": -1},
-            headers={"Idempotency-Key": key},
-        )
+        request = withdrawal(server, user, key, amount=1)
         for _ in range(60):
             result = await fetch("127.0.0.1", server.port, request, 60)
             assert_honest([result])
