@@ -75,7 +75,8 @@ class HotPool:
         self._waiters: collections.deque[asyncio.Future[asyncpg.Connection]] = collections.deque()
         self._replacing: set[asyncio.Task[None]] = set()
         self._closed = False
-        # True while no connection is alive and the last attempt to make one failed.
+        # Set once reconnecting has failed for _DOWN_AFTER with no connection alive; cleared by
+        # the first connection made.
         self._down = False
         self._failing_since: float | None = None
         self._probing = False
@@ -248,13 +249,15 @@ class HotPool:
             self._failing_since = now
         if not self._down and now - self._failing_since >= _DOWN_AFTER:
             self._down = True
-            self._fail_waiters(not_applied("no database connection can be made"))
+            self._fail_waiters(lambda: not_applied("no database connection can be made"))
 
-    def _fail_waiters(self, error: Exception) -> None:
+    def _fail_waiters(self, error: Callable[[], Exception]) -> None:
+        """Each waiter gets an exception of its own (one instance raised in many tasks would
+        collect all their tracebacks)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(error())
 
     # --- statements ------------------------------------------------------------------
 
@@ -373,7 +376,7 @@ class HotPool:
         one, or one whose peer is gone) is terminated, so a dead database cannot hold the
         shutdown."""
         self._closed = True
-        self._fail_waiters(PoolClosedError("the instance is shutting down; nothing changed"))
+        self._fail_waiters(lambda: PoolClosedError("the instance is shutting down"))
         for task in list(self._replacing):
             task.cancel()
         idle, self._idle = self._idle, []
