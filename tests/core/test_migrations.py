@@ -81,3 +81,33 @@ def test_readiness_follows_schema(postgres_url: str, tmp_path: Path) -> None:
             assert httpx.get(f"{server.url}/health/ready").status_code == 200
         finally:
             server.stop()
+
+
+def test_session_deadlines_are_the_databases_defaults(postgres_url: str) -> None:
+    """After the migrations, the server-side deadlines are the database's defaults (no startup
+    parameter needed: a new session has them), and a value the operator set before is kept."""
+    with empty_database(postgres_url) as url:
+        name = url.rsplit("/", 1)[1].split("?")[0]
+        asyncio.run(_fetch(url, f"ALTER DATABASE \"{name}\" SET statement_timeout = '42s'"))
+        upgrade_to_head(url)
+        shown = {
+            setting: asyncio.run(_fetch(url, f"SHOW {setting}"))[0][0]
+            for setting in ("statement_timeout", "idle_in_transaction_session_timeout")
+        }
+        # The TCP settings read 0 on a Unix socket (the embedded server's): check the defaults.
+        rows = asyncio.run(
+            _fetch(
+                url,
+                "SELECT unnest(setconfig) AS c FROM pg_db_role_setting WHERE setrole = 0 AND "
+                "setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+        )
+    assert shown == {"statement_timeout": "42s", "idle_in_transaction_session_timeout": "10s"}
+    assert {r["c"] for r in rows} == {
+        "statement_timeout=42s",
+        "idle_in_transaction_session_timeout=10s",
+        "tcp_keepalives_idle=5",
+        "tcp_keepalives_interval=2",
+        "tcp_keepalives_count=3",
+        "tcp_user_timeout=10000",
+    }
