@@ -44,6 +44,12 @@ def resolve_database_url(settings: Settings) -> str:
     return url
 
 
+def migration_url(settings: Settings, url: str) -> str:
+    """Where migrations connect: straight to PostgreSQL when the service's URL points at a
+    pooler (TANDEM_DATABASE_DIRECT_URL, docs/pooling.md), else the service's own URL."""
+    return settings.database_direct_url or url
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -56,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     if settings.migrate_on_start and not args.no_migrate:
-        upgrade_to_head(settings.database_direct_url or url)
+        upgrade_to_head(migration_url(settings, url))
     limit = raise_fd_limit()
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
@@ -109,7 +115,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     url = resolve_database_url(settings)
-    upgrade_to_head(settings.database_direct_url or url)
+    upgrade_to_head(migration_url(settings, url))
     env = {**os.environ, "TANDEM_DATABASE_URL": url, "TANDEM_MIGRATE_ON_START": "false"}
     command = [sys.executable, "-m", "tandem", "serve", "--reuse-port", "--no-migrate"]
     command += ["--host", args.host, "--port", str(args.port)]
@@ -181,8 +187,7 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     from tandem.core.migrations import head_revision, upgrade_to_head
 
     settings = get_settings()
-    # Direct to PostgreSQL when the service's URL points at a pooler (docs/pooling.md).
-    upgrade_to_head(settings.database_direct_url or resolve_database_url(settings))
+    upgrade_to_head(migration_url(settings, resolve_database_url(settings)))
     print(f"database at revision {head_revision()}")
     return 0
 
