@@ -113,10 +113,15 @@ class Database:
         self._engine: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
 
-    async def connect(self, application_name: str = "tandem") -> asyncpg.Connection:
+    async def connect(
+        self, application_name: str = "tandem", *, direct: bool = False
+    ) -> asyncpg.Connection:
         """A new connection owned by this object (closed by ``close`` if the borrower has
-        not closed it)."""
-        conn = await open_connection(self._url, self.settings, application_name)
+        not closed it). ``direct``: a real database session, never a pooler's transaction
+        (TANDEM_DATABASE_DIRECT_URL when set), for what a session holds (the scheduler's
+        session lock)."""
+        url = self.settings.require_direct_url() if direct else self._url
+        conn = await open_connection(url, self.settings, application_name)
         self._connections.add(conn)
         return conn
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,10 +68,19 @@ class Settings(BaseSettings):
     scheduler_poll_interval: float = Field(default=1.0, gt=0)
     scheduler_heartbeat_interval: float = Field(default=2.0, gt=0)
     scheduler_lease: float = Field(default=10.0, gt=0)
-    # A run whose lease could not be renewed for this long cancels itself (before the lease
-    # expires and another instance may take the task over).
+    # Each run is cancelled by a timer of its own this long after the sending of its last
+    # successful renewal (or of its claim): lease - self_fence_after is the margin in which
+    # the task body stops before its lease can expire and another instance may take over.
     scheduler_self_fence_after: float = Field(default=7.0, gt=0)
-    # A due task nobody claimed for this long may be taken by any instance, fair share or not.
+    # A renewal reaching the database later than this after it was sent is refused (measured
+    # on the database clock from an anchor of the previous answer): a renewal delayed in the
+    # network never extends a lease its instance has given up. See check_scheduler_timings.
+    scheduler_renewal_validity: float = Field(default=1.0, gt=0)
+    # The claim waits at most this long for the cluster-wide claim lock, then gives up until
+    # the next poll (that lock is held for one statement; this bounds the unforeseen).
+    scheduler_claim_lock_timeout: float = Field(default=1.0, gt=0)
+    # A due task its fair claimer left unclaimed this long goes to the least-served instance
+    # whose heartbeat is fresh (the fair one is stopped, starved or cut off).
     scheduler_steal_after: float = Field(default=2.0, ge=0)
     # Runs one poll may claim. 1 (as in the design note) lets instances that started together
     # share the tasks due at start instead of the first poller taking them all.
@@ -92,6 +101,31 @@ class Settings(BaseSettings):
     idempotency_retention: float = Field(default=86400.0, gt=0)
     # Rows deleted per statement: short transactions, however much has piled up.
     maintenance_batch: int = Field(default=5000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def check_scheduler_timings(self) -> Settings:
+        """The arithmetic that makes self-fencing safe, checked at start. With h the heartbeat
+        interval, v the renewal validity, f self_fence_after and L the lease, a run's local
+        deadline is (sending of its last renewal) + f, while the database holds the lease
+        until at least (arrival of that renewal) + L, which is later: the run stops L - f
+        before anyone can take it over. A renewal is sent only while it can land (sent + v)
+        before that deadline, and the database refuses one that arrives later than sent + v,
+        so nothing extends a lease its instance has given up. A renewal every h then keeps
+        a run alive through one lost heartbeat only if 2h + v <= f."""
+        h, v = self.scheduler_heartbeat_interval, self.scheduler_renewal_validity
+        f, lease = self.scheduler_self_fence_after, self.scheduler_lease
+        if not f < lease:
+            raise ValueError(
+                f"scheduler_self_fence_after ({f} s) must be shorter than scheduler_lease "
+                f"({lease} s): the difference is the time a cancelled run has to stop"
+            )
+        if not 2 * h + v <= f:
+            raise ValueError(
+                f"2 x scheduler_heartbeat_interval + scheduler_renewal_validity ({2 * h + v} s) "
+                f"must not exceed scheduler_self_fence_after ({f} s): a run would self-fence "
+                "after a single late heartbeat"
+            )
+        return self
 
     def require_database_url(self) -> str:
         if not self.database_url:

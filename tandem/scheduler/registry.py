@@ -21,7 +21,17 @@ class TaskCancelledError(Exception):
 
 @dataclass
 class TaskContext:
-    """What a running task gets: who it is, a logger, and a way to notice cancellation."""
+    """What a running task gets: who it is, a logger, and a way to notice cancellation.
+
+    A run is cancelled (asyncio cancellation at its next ``await``, and ``cancelled`` set)
+    when another instance took it over, when it could not renew its lease in time
+    (self-fencing, a margin before the lease can expire), or at shutdown. A body that blocks
+    the event loop blocks that too: run blocking work with ``asyncio.to_thread`` in steps,
+    and call ``check()`` between them and right before every effect outside the database
+    (a thread cannot be cancelled; after a long pause of the whole process, ``check()`` still
+    knows the deadline has passed before the timer has had a chance to run). Writes to a
+    system that accepts a fencing token should carry ``fence``.
+    """
 
     name: str
     instance_id: str
@@ -29,13 +39,17 @@ class TaskContext:
     time_scale: float
     log: logging.LoggerAdapter[logging.Logger]
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # The event loop's time (loop.time()) at which this run gives itself up unless a lease
+    # renewal moves it on; set by the runner.
+    held_until: float = float("-inf")
 
     @property
     def run_id(self) -> str:
         return f"{self.name}#{self.fence}"
 
     def check(self) -> None:
-        if self.cancelled.is_set():
+        """Raise TaskCancelledError once the run is cancelled or past its deadline."""
+        if self.cancelled.is_set() or asyncio.get_running_loop().time() >= self.held_until:
             raise TaskCancelledError(self.run_id)
 
     async def sleep(self, seconds: float) -> None:

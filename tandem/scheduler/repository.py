@@ -15,9 +15,12 @@ from tandem.core.database import rows_affected
 
 Db = asyncpg.Connection
 
-# Serialises claims cluster-wide for the length of one claim transaction, so the fair-share
-# count below is exact. Safety never depends on it: the row lock and the constraints do.
+# The advisory-lock namespaces of migration 0007 (the first key of the two-key form): claims
+# serialise on CLAIM_LOCK_ID for one statement, so the fair-share count is exact (safety
+# never depends on it: the row lock and the constraints do); each instance's database session
+# holds (SESSION_LOCKS, its session_key) for as long as that session lives.
 CLAIM_LOCK_ID = 0x7A6D_0002
+SESSION_LOCKS = 0x7A6D_0003
 FAIR_SLACK = 1
 
 # A newcomer starts level with the least-served live instance (not at 0), so fairness does
@@ -44,67 +47,26 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name
 # five instances and forty equal tasks: the design note's ceil((running + 1) / live) cap let
 # the fastest poller win most ties (max/min 1.30); least-loaded-first 1.33; least-loaded AND
 # claims made the two rules block each other until the steal delay (15..97 runs). A task
-# overdue past the steal delay may be taken by anyone (its fair claimer is slow or gone), so
-# a stalled instance delays work by at most that. FOR UPDATE SKIP LOCKED: two claimers never
-# pick the same row; NOT is_running re-checked under the row lock: a claimed task is never
-# claimed again. next_run_at moves to the first slot of the task's grid strictly after now
-# (missed slots coalesce into this run). An instance claims only tasks it has code for ($6),
-# so during a rolling deploy an old instance never claims a task only new code knows.
-CLAIM_DUE_TASK = """
-WITH live AS (
-    SELECT id, claims FROM instances
-    WHERE status = 'active' AND heartbeat_at > clock_timestamp() - $3::interval
-), candidate AS (
-    SELECT t.id, t.next_run_at FROM tasks t
-    WHERE t.enabled AND NOT t.is_running AND t.next_run_at <= clock_timestamp()
-      AND ($6::text[] IS NULL OR t.name = ANY($6::text[]))
-      AND (
-        coalesce((SELECT claims FROM instances WHERE id = $1), 0)
-            <= coalesce((SELECT min(claims) FROM live), 0) + $5
-        OR t.next_run_at <= clock_timestamp() - $4::interval
-      )
-    ORDER BY t.next_run_at, t.id
-    LIMIT 1
-    FOR UPDATE OF t SKIP LOCKED
-), claimed AS (
-    UPDATE tasks t
-    SET is_running = true,
-        running_instance = $1,
-        started_at = clock_timestamp(),
-        lease_until = clock_timestamp() + $2::interval,
-        fence = t.fence + 1,
-        next_run_at = c.next_run_at + t."interval" * (
-            floor(extract(epoch FROM clock_timestamp() - c.next_run_at)
-                  / extract(epoch FROM t."interval")) + 1)
-    FROM candidate c
-    WHERE t.id = c.id AND NOT t.is_running
-    RETURNING t.id, t.name, t.function_name, t.fence, c.next_run_at AS scheduled_for,
-              t.started_at, t.last_status = 'lost' AS recovers
-), counted AS (
-    UPDATE instances SET claims = claims + 1 WHERE id = $1 AND EXISTS (SELECT FROM claimed)
-)
-SELECT * FROM claimed
-"""
+# overdue past the steal delay (its fair claimer is slow: stopped, starved, partitioned) goes
+# to the least-served of the instances whose heartbeat is fresh, so a stalled instance delays
+# work by at most that and steals stay fair. "Live" means a database session that holds its
+# lock (instance_sessions) and a heartbeat within the window. FOR UPDATE SKIP LOCKED: two
+# claimers never pick the same row; NOT is_running re-checked under the row lock: a claimed
+# task is never claimed again. next_run_at moves to the first slot of the task's grid
+# strictly after now (missed slots coalesce into this run). An instance claims only tasks it
+# has code for, so during a rolling deploy an old instance never claims a task only new code
+# knows. One statement (the function of migration 0007): the cluster-wide claim lock is held
+# by no session that waits on its client, and lock_timeout bounds the wait for it.
+CLAIM_DUE_TASK = "SELECT * FROM tandem_claim_task($1, $2, $3, $4, $5, $6, $7, $8)"
 
-INSERT_RUN = """
-INSERT INTO task_history (task_id, instance_id, fence, scheduled_for, started_at, status)
-VALUES ($1, $2, $3, $4, $5, 'running')
-"""
+# A new database session for the instance: a new key, its session-level advisory lock, and
+# the server's patience with a silent client set to a lease (migration 0007).
+OPEN_SESSION = "SELECT * FROM tandem_open_session($1, $2)"
 
-# Renews only the (task, fence) pairs this instance still holds; a pair missing from the
-# answer was taken over (swept and re-claimed), so its local run must stop.
-RENEW_LEASES = """
-UPDATE tasks SET lease_until = clock_timestamp() + $2::interval
-FROM unnest($3::bigint[], $4::bigint[]) AS held(id, fence)
-WHERE tasks.id = held.id AND tasks.fence = held.fence AND tasks.is_running
-  AND tasks.running_instance = $1
-RETURNING tasks.id
-"""
-
-HEARTBEAT_INSTANCE = """
-UPDATE instances SET heartbeat_at = clock_timestamp(), status = $2 WHERE id = $1
-RETURNING id
-"""
+# Membership, renewal of the (task, fence) pairs still held, and the live count, in one
+# round trip; refused whole ('stale') if it reaches the server after $6 + $7, or
+# ('no_session') on a connection that does not hold the instance's session lock.
+HEARTBEAT = "SELECT * FROM tandem_heartbeat($1, $2, $3, $4, $5, $6, $7, $8)"
 
 # Fenced completion: only the holder of the current fence can finish the run. Zero rows means
 # this instance was fenced out (its run was declared lost and maybe re-run): change nothing.
@@ -124,23 +86,31 @@ FROM task WHERE h.task_id = task.id AND h.fence = $2 AND h.status = 'running'
 RETURNING h.id
 """
 
-# Runs whose lease expired (the owner died or stopped renewing): recorded as lost, released,
-# and made due now so another instance runs the task within a poll. SKIP LOCKED: concurrent
-# sweepers split the work instead of queueing on it.
+# Runs whose owner is gone: its database session ended (a crash: noticed within a poll), or
+# its lease expired (it stopped renewing: paused, partitioned, or dead without closing its
+# sockets). Recorded as lost, released, and made due now so another instance runs the task
+# within a poll. SKIP LOCKED: concurrent sweepers split the work instead of queueing on it,
+# and a task being claimed right now (row locked) is left to the next sweep.
 SWEEP_EXPIRED = """
 WITH expired AS (
-    SELECT id, fence, running_instance FROM tasks
-    WHERE is_running AND lease_until < clock_timestamp()
-    FOR UPDATE SKIP LOCKED
+    SELECT t.id, t.fence, t.running_instance, t.lease_until < clock_timestamp() AS timed_out
+    FROM tasks t
+    WHERE t.is_running AND (t.lease_until < clock_timestamp() OR NOT EXISTS (
+        SELECT FROM instances i JOIN instance_sessions s ON s.session_key = i.session_key
+        WHERE i.id = t.running_instance))
+    FOR UPDATE OF t SKIP LOCKED
 ), released AS (
     UPDATE tasks t SET is_running = false, running_instance = NULL, lease_until = NULL,
         last_status = 'lost', last_finished_at = clock_timestamp(),
         next_run_at = least(t.next_run_at, clock_timestamp())
     FROM expired e WHERE t.id = e.id
-    RETURNING t.id, e.fence, e.running_instance, t.last_finished_at
+    RETURNING t.id, e.fence, e.running_instance, e.timed_out, t.last_finished_at
 )
 UPDATE task_history h SET status = 'lost', finished_at = r.last_finished_at,
-    error = 'lease expired: instance ' || r.running_instance || ' stopped renewing it'
+    error = CASE WHEN r.timed_out
+        THEN 'lease expired: instance ' || r.running_instance || ' stopped renewing it'
+        ELSE 'session ended: instance ' || r.running_instance
+             || ' lost its database session (crashed or stopped)' END
 FROM released r WHERE h.task_id = r.id AND h.fence = r.fence AND h.status = 'running'
 RETURNING h.task_id
 """
@@ -184,58 +154,75 @@ async def claim_due_task(
     lease: float,
     live_window: float,
     steal_after: float,
+    fresh_window: float,
+    lock_timeout: float,
     known: list[str] | None = None,
 ) -> ClaimedRun | None:
     """Claim the earliest due task this instance may take (fair share), or None. ``known``:
-    the task names this instance has code for (None: any). ``db`` must be inside a
-    transaction (the caller's: the lock, the claim and its history row commit together)."""
-    assert db.is_in_transaction(), "claim_due_task runs inside the caller's transaction"
-    await db.execute("SELECT pg_advisory_xact_lock($1)", CLAIM_LOCK_ID)
+    the task names this instance has code for (None: any). One statement, outside any
+    transaction of the caller's."""
+    assert not db.is_in_transaction(), "the claim is one statement of its own"
     row = await db.fetchrow(
         CLAIM_DUE_TASK,
         instance_id,
         seconds(lease),
         seconds(live_window),
         seconds(steal_after),
+        seconds(fresh_window),
         FAIR_SLACK,
         known,
+        f"{max(int(lock_timeout * 1000), 1)}ms",
     )
-    if row is None:
-        return None
-    run = ClaimedRun(*row)
-    await db.execute(
-        INSERT_RUN, run.task_id, instance_id, run.fence, run.scheduled_for, run.started_at
-    )
-    return run
+    return None if row is None else ClaimedRun(*row)
 
 
-async def renew_leases(
-    db: Db, instance_id: str, lease: float, held: list[tuple[int, int]]
-) -> set[int]:
-    """The ids of the held tasks whose lease was renewed."""
-    rows = await db.fetch(
-        RENEW_LEASES,
+class Session(NamedTuple):
+    key: int
+    db_now: datetime
+
+
+async def open_session(db: Db, instance_id: str, lease: float) -> Session | None:
+    """Take a new session lock for the instance on this connection (which must be direct:
+    a transaction pooler would hand the lock to whichever server connection ran it). None:
+    the instance is not registered."""
+    row = await db.fetchrow(OPEN_SESSION, instance_id, seconds(lease))
+    return None if row is None else Session(*row)
+
+
+class Heartbeat(NamedTuple):
+    # "renewed", "stale" (arrived too late: nothing done), "no_session" (this connection
+    # does not hold the session lock), "unknown_instance" (not registered under this key).
+    outcome: str
+    renewed: set[int]
+    live: int | None
+    db_now: datetime
+
+
+async def heartbeat(
+    db: Db,
+    instance_id: str,
+    session_key: int,
+    lease: float,
+    held: list[tuple[int, int]],
+    anchor: datetime,
+    valid_for: float,
+    live_window: float,
+) -> Heartbeat:
+    """Refresh membership and renew the held (task id, fence) pairs, if this reaches the
+    database no later than ``anchor + valid_for`` by its clock."""
+    row = await db.fetchrow(
+        HEARTBEAT,
         instance_id,
+        session_key,
         seconds(lease),
         [task_id for task_id, _ in held],
         [fence for _, fence in held],
+        anchor,
+        seconds(valid_for),
+        seconds(live_window),
     )
-    return {row[0] for row in rows}
-
-
-COUNT_LIVE_INSTANCES = """
-SELECT count(*) FROM instances
-WHERE status = 'active' AND heartbeat_at > clock_timestamp() - $1::interval
-"""
-
-
-async def count_live_instances(db: Db, window: float) -> int:
-    count: int = await db.fetchval(COUNT_LIVE_INSTANCES, seconds(window))
-    return count
-
-
-async def heartbeat_instance(db: Db, instance_id: str, status: str) -> bool:
-    return await db.fetchval(HEARTBEAT_INSTANCE, instance_id, status) is not None
+    assert row is not None
+    return Heartbeat(row["outcome"], set(row["renewed"] or ()), row["live"], row["db_now"])
 
 
 async def complete_run(

@@ -5,8 +5,18 @@ Written here rather than taken from APScheduler, procrastinate or similar: none 
 fencing tokens on every write, fair-share claiming across instances, database-clock-only
 timing and lost-run recovery within one lease (see ../shared/design/scheduler.md).
 
-Transactions are short (one claim, one renewal, one completion); none is held while a task
-body runs.
+Every statement is short and stands alone (one claim, one heartbeat, one completion): no
+transaction is held while a task body runs, and none waits on this process between
+statements. The promises under faults, and the arithmetic behind them
+(Settings.check_scheduler_timings):
+- a crash is noticed by the database: this instance's session lock lives on its direct
+  heartbeat connection, and when the process dies the sweep of any other instance records its
+  runs lost within a poll;
+- a run never outlives its lease: each has a timer of its own, re-armed by every successful
+  renewal, that cancels it a margin before the lease can expire, whatever the heartbeat or
+  any database call is doing (self-fencing);
+- losing the heartbeat session (closed, broken, or not holding the lock) cancels every run at
+  once: other instances may already be sweeping them.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import socket
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -68,6 +79,20 @@ class _Run:
     task: asyncio.Task[None] | None = None
     # Why this instance stopped the run, if it did: "fenced", "self_fenced" or "drained".
     stopped_because: str | None = None
+    # The self-fencing timer (loop.time() deadline in ctx.held_until).
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Session:
+    """This instance's database session: the direct connection holding its lock, and the
+    last database clock reading with the local time it was received (the anchor that dates
+    renewals on the database's clock)."""
+
+    conn: asyncpg.Connection
+    key: int
+    anchor_db: datetime
+    anchor_local: float
 
 
 class Runner:
@@ -84,11 +109,10 @@ class Runner:
         self.instance_id = instance_id
         self.hostname = socket.gethostname()
         self._pool: HotPool | None = None
-        self._heartbeat_conn: asyncpg.Connection | None = None
+        self._session: _Session | None = None
         self._runs: dict[int, _Run] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
-        self._last_renewal = time.monotonic()
         self._last_forget = 0.0
         self._heartbeats = 0
         self._gauge_tasks: set[str] = set()
@@ -131,19 +155,19 @@ class Runner:
                 await repository.upsert_task(
                     db, definition.name, interval, definition.function_name
                 )
-        self._last_renewal = time.monotonic()
+        await self._open_session()
         log.info("scheduler started as instance %s on %s", self.instance_id, self.hostname)
 
     async def stop(self) -> None:
         """Drain: stop claiming, cancel local runs, release them so another instance takes
         them within a poll, and leave the membership list."""
         self._stopping.set()
-        for loop in self._loops:
-            loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
         runs = list(self._runs.values())
         for run in runs:
             self._stop_run(run, "drained")
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         tasks = [run.task for run in runs if run.task is not None]
         deadline = time.monotonic() + self.settings.scheduler_drain_timeout
         if tasks:
@@ -157,9 +181,8 @@ class Runner:
                     async with self._pool.acquire() as db:
                         await repository.stop_instance(db, self.instance_id)
             await self._pool.close(self.settings.db_close_timeout)
-        if self._heartbeat_conn is not None:
-            with contextlib.suppress(*_DB_ERRORS):
-                await self._heartbeat_conn.close(timeout=self.settings.db_close_timeout)
+        # Last: the session vouches for this instance's runs until they are released.
+        await self._close_session()
         SCHEDULER_RUNNING.set(0)
         log.info("scheduler of instance %s stopped", self.instance_id)
 
@@ -186,28 +209,33 @@ class Runner:
             SCHEDULER_LOST_LEASES.inc(lost)
             log.warning("recorded %d lost run(s) whose lease expired", lost)
         for _ in range(settings.scheduler_claims_per_poll):
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._session is None:
+                # Without a session the database would not count this instance as live.
                 break
-            # One claim, one transaction (the pool owns it): if the connection breaks at
-            # COMMIT, the claim may stand without this instance knowing; its lease expires
-            # and the sweeper records the run as lost.
-            async with self._pool.transaction() as db:
+            # One statement: if the connection breaks before the answer, the claim may stand
+            # without this instance knowing; its lease expires and a sweep records it lost.
+            sent = asyncio.get_running_loop().time()
+            async with self._pool.acquire() as db:
                 claim = await repository.claim_due_task(
                     db,
                     self.instance_id,
                     settings.scheduler_lease,
                     # Fair share counts instances seen within a lease. (A shorter window
                     # frees the others sooner when one dies, but a heartbeat late under load
-                    # then drops a live instance from the count: spread got worse, 1.26-1.36.)
+                    # then drops a live instance from the count: spread got worse, 1.26-1.36.
+                    # A dead one leaves the count at once anyway: its session is gone.)
                     settings.scheduler_lease,
                     settings.scheduler_steal_after,
+                    # Fresh enough to be given a steal: two heartbeats.
+                    2 * settings.scheduler_heartbeat_interval,
+                    settings.scheduler_claim_lock_timeout,
                     known=self._known,
                 )
             if claim is None:
                 break
-            self._start_run(claim)
+            self._start_run(claim, sent)
 
-    def _start_run(self, claim: repository.ClaimedRun) -> None:
+    def _start_run(self, claim: repository.ClaimedRun, sent: float) -> None:
         definition = self.registry.get(claim.name)
         logger = _TaskLog(
             logging.getLogger(f"tandem.task.{claim.name}"),
@@ -222,6 +250,8 @@ class Runner:
         )
         run = _Run(claim, ctx)
         self._runs[claim.task_id] = run
+        # The lease began when the database ran the claim, after it was sent.
+        self._arm(run, sent)
         SCHEDULER_RUNNING.set(len(self._runs))
         SCHEDULER_CLAIMS.labels(claim.name).inc()
         if claim.recovers:
@@ -243,15 +273,22 @@ class Runner:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             run.ctx.log.exception("failed")
         finally:
-            self._runs.pop(run.claim.task_id, None)
+            if run.timer is not None:
+                run.timer.cancel()
+            if self._runs.get(run.claim.task_id) is run:
+                del self._runs[run.claim.task_id]
             SCHEDULER_RUNNING.set(len(self._runs))
         SCHEDULER_RUNS.labels(run.claim.name, status).inc()
         SCHEDULER_RUN_DURATION.labels(run.claim.name).observe(time.monotonic() - started)
-        if run.stopped_because in ("fenced", "self_fenced"):
-            # Another instance holds (or will hold) the task: our write would be refused by
-            # the fence anyway; do not even try.
+        if run.stopped_because == "fenced":
+            # Another instance holds the task: our write would be refused by the fence.
             return
-        await self._complete(run, status, error, due_again=run.stopped_because == "drained")
+        # Drained or self-fenced: released at once if the database can be reached (the
+        # fence refuses it if another instance took the task meanwhile), else left to the
+        # lease.
+        await self._complete(
+            run, status, error, due_again=run.stopped_because in ("drained", "self_fenced")
+        )
 
     async def _complete(
         self, run: _Run, status: str, error: str | None, *, due_again: bool
@@ -286,54 +323,144 @@ class Runner:
         if run.task is not None:
             run.task.cancel()
 
-    # --- leases ------------------------------------------------------------------------
+    # --- the session and the leases ------------------------------------------------------
+
+    def _arm(self, run: _Run, sent: float) -> None:
+        """(Re)start the run's self-fencing timer from ``sent``, the local time a claim or
+        renewal that the database applied was sent (it was applied no earlier)."""
+        deadline = sent + self.settings.scheduler_self_fence_after
+        if deadline <= run.ctx.held_until:
+            return
+        run.ctx.held_until = deadline
+        if run.timer is not None:
+            run.timer.cancel()
+        run.timer = asyncio.get_running_loop().call_at(deadline, self._self_fence, run)
+
+    def _self_fence(self, run: _Run, why: str = "no lease renewal for too long") -> None:
+        if run.stopped_because is None:
+            SCHEDULER_FENCED_OUT.labels("self_fenced").inc()
+            run.ctx.log.warning("self-fencing: %s", why)
+            self._stop_run(run, "self_fenced")
+
+    async def _open_session(self) -> None:
+        conn = await self._database.connect("tandem-heartbeat", direct=True)
+        try:
+            session = await repository.open_session(
+                conn, self.instance_id, self.settings.scheduler_lease
+            )
+            if session is None:  # forgotten after a long silence: join again
+                await repository.register_instance(
+                    conn, self.instance_id, self.hostname, os.getpid()
+                )
+                session = await repository.open_session(
+                    conn, self.instance_id, self.settings.scheduler_lease
+                )
+            assert session is not None
+        except BaseException:
+            conn.terminate()
+            raise
+        self._session = _Session(conn, session.key, session.db_now, self._now())
+        conn.add_termination_listener(self._on_session_closed)
+
+    def _on_session_closed(self, conn: asyncpg.Connection) -> None:
+        if self._session is not None and self._session.conn is conn:
+            self._lose_session("the database session closed")
+
+    def _lose_session(self, why: str) -> None:
+        """The session lock is gone or going: other instances may sweep this instance's
+        runs any moment now, so every run stops first."""
+        session, self._session = self._session, None
+        for run in list(self._runs.values()):
+            self._self_fence(run, why)
+        if session is not None:
+            session.conn.remove_termination_listener(self._on_session_closed)
+            session.conn.terminate()
+            log.warning("scheduler session lost (%s): runs stopped, reconnecting", why)
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.conn.remove_termination_listener(self._on_session_closed)
+            with contextlib.suppress(*_DB_ERRORS):
+                await session.conn.close(timeout=self.settings.db_close_timeout)
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
     async def _heartbeat_loop(self) -> None:
         settings = self.settings
         while not self._stopping.is_set():
+            started = self._now()
             try:
                 await self.heartbeat_once()
             except _DB_ERRORS as error:
                 log.warning("heartbeat failed: %r", error)
-                if self._heartbeat_conn is not None:
-                    self._heartbeat_conn.terminate()
-                    self._heartbeat_conn = None
-            if time.monotonic() - self._last_renewal > settings.scheduler_self_fence_after:
-                # Cut off from the database for most of a lease: another instance may take
-                # our tasks any moment now, so stop them first (self-fencing).
-                for run in list(self._runs.values()):
-                    if run.stopped_because is None:
-                        SCHEDULER_FENCED_OUT.labels("self_fenced").inc()
-                        run.ctx.log.warning("self-fencing: no lease renewal for too long")
-                        self._stop_run(run, "self_fenced")
-            await asyncio.sleep(settings.scheduler_heartbeat_interval)
+                self._lose_session(f"heartbeat failed: {error!r}")
+            await asyncio.sleep(max(settings.scheduler_heartbeat_interval - (self._now() - started), 0))
 
     async def heartbeat_once(self) -> None:
         """Refresh membership and renew the leases of the runs this instance holds; stop the
         runs whose lease another instance has taken over."""
-        if self._heartbeat_conn is None or self._heartbeat_conn.is_closed():
-            self._heartbeat_conn = await self._database.connect("tandem-heartbeat")
-        db = self._heartbeat_conn
-        held = {run.claim.task_id: run.claim.fence for run in self._runs.values()}
-        async with asyncio.timeout(max(self.settings.scheduler_heartbeat_interval, 1.0)):
-            await repository.heartbeat_instance(db, self.instance_id, "active")
-            renewed = await repository.renew_leases(
-                db, self.instance_id, self.settings.scheduler_lease, list(held.items())
-            )
-            live = await repository.count_live_instances(db, self.settings.scheduler_lease)
-        self._last_renewal = time.monotonic()
-        SCHEDULER_LIVE_INSTANCES.set(live)
+        settings = self.settings
+        if self._session is None:
+            await self._open_session()
+        session = self._session
+        assert session is not None
+        sent = self._now()
+        validity = settings.scheduler_renewal_validity
+        # Only runs not given up, and only while the renewal can land before their deadline.
+        held = {
+            task_id: run.claim.fence
+            for task_id, run in self._runs.items()
+            if run.stopped_because is None and sent + validity <= run.ctx.held_until
+        }
+        beat = await repository.heartbeat(
+            session.conn,
+            self.instance_id,
+            session.key,
+            settings.scheduler_lease,
+            list(held.items()),
+            session.anchor_db,
+            # The database refuses the heartbeat once its clock passes this: no later than
+            # `validity` after sending, since the anchor was read before it was received.
+            sent - session.anchor_local + validity,
+            settings.scheduler_lease,
+        )
+        if beat.outcome == "stale":
+            log.warning("heartbeat reached the database too late: nothing renewed")
+            return
+        if beat.outcome != "renewed":
+            # "no_session": this connection does not hold the lock it took, as behind a pooler
+            # in transaction mode.
+            self._lose_session(f"heartbeat answered {beat.outcome}")
+            if beat.outcome == "no_session":
+                log.error(
+                    "the scheduler's heartbeat connection does not hold its session lock: it "
+                    "must reach PostgreSQL directly, not through a transaction pooler (set "
+                    "TANDEM_DATABASE_DIRECT_URL)"
+                )
+            return
+        if self._session is session:
+            session.anchor_db, session.anchor_local = beat.db_now, self._now()
+        if beat.live is not None:
+            SCHEDULER_LIVE_INSTANCES.set(beat.live)
         for task_id, fence in held.items():
             run = self._runs.get(task_id)
-            if task_id not in renewed and run is not None and run.claim.fence == fence:
+            if run is None or run.claim.fence != fence:
+                continue
+            if task_id in beat.renewed:
+                self._arm(run, sent)
+            elif run.stopped_because is None:
                 SCHEDULER_FENCED_OUT.labels("taken_over").inc()
                 run.ctx.log.warning("lease lost to another instance: stopping this run")
                 self._stop_run(run, "fenced")
-        if time.monotonic() - self._last_forget > _FORGET_EVERY:
+        db = session.conn
+        if self._now() - self._last_forget > _FORGET_EVERY:
             # Housekeeping, not safety: once a minute is plenty (it was 1 in 4 idle statements).
             with contextlib.suppress(*_DB_ERRORS):
                 await repository.forget_instances(db, _FORGET_AFTER)
-            self._last_forget = time.monotonic()
+            self._last_forget = self._now()
         if self._heartbeats % _TASK_GAUGES_EVERY == 0:
             with contextlib.suppress(*_DB_ERRORS):
                 self._set_task_gauges(await repository.task_health(db, self._known))

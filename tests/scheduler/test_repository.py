@@ -7,7 +7,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
 import pytest
@@ -16,12 +15,19 @@ from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
 
 
-async def claim_in_transaction(
-    db: asyncpg.Connection, *args: Any, **kwargs: Any
+async def claim(
+    db: asyncpg.Connection,
+    instance: str,
+    *,
+    lease: float = 30,
+    steal_after: float = 0,
+    fresh_window: float = 30,
+    known: list[str] | None = None,
 ) -> repository.ClaimedRun | None:
-    """One claim in its own transaction, as the runner makes it."""
-    async with db.transaction():
-        return await repository.claim_due_task(db, *args, **kwargs)
+    """One claim, as the runner makes it (a live window of 30 s)."""
+    return await repository.claim_due_task(
+        db, instance, lease, 30, steal_after, fresh_window, lock_timeout=1.0, known=known
+    )
 
 
 @pytest.fixture
@@ -29,6 +35,35 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     yield conn
     await conn.close()
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[Sessions]:
+    held = Sessions(asyncpg_dsn(database_url))
+    yield held
+    for conn in held.conns.values():
+        await conn.close()
+
+
+class Sessions:
+    """Instances with a database session each (the connection holding their session lock),
+    as the runner's heartbeat connection holds it."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conns: dict[str, asyncpg.Connection] = {}
+
+    async def new_instance(self, db: asyncpg.Connection) -> str:
+        instance = uuid.uuid4().hex[:12]
+        await repository.register_instance(db, instance, "test", 1)
+        conn = await asyncpg.connect(self.dsn)
+        self.conns[instance] = conn
+        assert await repository.open_session(conn, instance, 30) is not None
+        return instance
+
+    async def end(self, instance: str) -> None:
+        """The instance's session ends, as when its process is killed."""
+        await self.conns.pop(instance).close()
 
 
 async def new_task(db: asyncpg.Connection, interval: float = 60.0) -> tuple[int, str]:
@@ -40,37 +75,21 @@ async def new_task(db: asyncpg.Connection, interval: float = 60.0) -> tuple[int,
     return int(task_id), name
 
 
-async def new_instance(db: asyncpg.Connection) -> str:
-    instance = uuid.uuid4().hex[:12]
-    await repository.register_instance(db, instance, "test", 1)
-    return instance
-
-
-async def test_claim_race_has_one_winner(database_url: str, db: asyncpg.Connection) -> None:
-    """50 instances claim one due task at once, 20 times over: exactly one wins each time."""
-    dsn = asyncpg_dsn(database_url)
-    conns = [await asyncpg.connect(dsn) for _ in range(50)]
-    try:
-        instances = [await new_instance(db) for _ in conns]
-        task_id, _ = await new_task(db)
-        for _ in range(20):
-            claims = await asyncio.gather(
-                *(
-                    claim_in_transaction(c, i, lease=30, live_window=30, steal_after=2)
-                    for c, i in zip(conns, instances, strict=True)
-                )
-            )
-            winners = [c for c in claims if c is not None]
-            assert len(winners) == 1
-            assert await repository.complete_run(db, task_id, winners[0].fence, "succeeded", None)
-            await db.execute(
-                "UPDATE tasks SET next_run_at = clock_timestamp() WHERE id = $1", task_id
-            )
-        runs = await db.fetchval("SELECT count(*) FROM task_history WHERE task_id = $1", task_id)
-        assert runs == 20
-    finally:
-        for c in conns:
-            await c.close()
+async def test_claim_race_has_one_winner(db: asyncpg.Connection, sessions: Sessions) -> None:
+    """50 instances claim one due task at once, 20 times over: exactly one wins each time
+    (each claims on its own session's connection)."""
+    instances = [await sessions.new_instance(db) for _ in range(50)]
+    task_id, _ = await new_task(db)
+    for _ in range(20):
+        claims = await asyncio.gather(
+            *(claim(sessions.conns[i], i, steal_after=2) for i in instances)
+        )
+        winners = [c for c in claims if c is not None]
+        assert len(winners) == 1
+        assert await repository.complete_run(db, task_id, winners[0].fence, "succeeded", None)
+        await db.execute("UPDATE tasks SET next_run_at = clock_timestamp() WHERE id = $1", task_id)
+    runs = await db.fetchval("SELECT count(*) FROM task_history WHERE task_id = $1", task_id)
+    assert runs == 20
 
 
 async def test_database_refuses_overlap(db: asyncpg.Connection) -> None:
@@ -93,16 +112,18 @@ async def test_database_refuses_overlap(db: asyncpg.Connection) -> None:
         await db.execute(insert, task_id, 5, now + 3 * s, now + 60 * s, None, "running")
 
 
-async def test_fenced_out_completion_changes_nothing(db: asyncpg.Connection) -> None:
+async def test_fenced_out_completion_changes_nothing(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
     """A run whose lease expired is recorded lost; when its old owner finishes later, its
     write is refused and the new owner's run is untouched."""
     task_id, _ = await new_task(db)
-    a, b = await new_instance(db), await new_instance(db)
-    first = await claim_in_transaction(db, a, lease=0.2, live_window=30, steal_after=0)
+    a, b = await sessions.new_instance(db), await sessions.new_instance(db)
+    first = await claim(db, a, lease=0.2)
     assert first is not None
     await asyncio.sleep(0.4)
     assert await repository.sweep_expired(db) == 1
-    second = await claim_in_transaction(db, b, lease=30, live_window=30, steal_after=0)
+    second = await claim(db, b)
     assert second is not None
     assert second.fence == first.fence + 1
     assert not await repository.complete_run(db, task_id, first.fence, "succeeded", None)
@@ -122,21 +143,9 @@ async def test_fenced_out_completion_changes_nothing(db: asyncpg.Connection) -> 
     assert (task["is_running"], task["running_instance"], task["fence"]) == (True, b, second.fence)
 
 
-async def test_renewal_drops_taken_over_runs(db: asyncpg.Connection) -> None:
-    """Renewing leases answers only the runs still held: a taken-over run is left out."""
-    task_id, _ = await new_task(db)
-    a, b = await new_instance(db), await new_instance(db)
-    first = await claim_in_transaction(db, a, lease=0.2, live_window=30, steal_after=0)
-    assert first is not None
-    assert await repository.renew_leases(db, a, 0.2, [(task_id, first.fence)]) == {task_id}
-    await asyncio.sleep(0.4)
-    await repository.sweep_expired(db)
-    second = await claim_in_transaction(db, b, lease=30, live_window=30, steal_after=0)
-    assert second is not None
-    assert await repository.renew_leases(db, a, 30, [(task_id, first.fence)]) == set()
-
-
-async def test_missed_slots_coalesce_into_one_run(db: asyncpg.Connection) -> None:
+async def test_missed_slots_coalesce_into_one_run(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
     """A task overdue by many intervals runs once, and its next slot is on its grid, after
     now (no burst of catch-up runs)."""
     task_id, _ = await new_task(db, interval=10)
@@ -145,51 +154,184 @@ async def test_missed_slots_coalesce_into_one_run(db: asyncpg.Connection) -> Non
         "WHERE id = $1",
         task_id,
     )
-    instance = await new_instance(db)
-    claim = await claim_in_transaction(db, instance, lease=30, live_window=30, steal_after=0)
-    assert claim is not None
-    assert await repository.complete_run(db, task_id, claim.fence, "succeeded", None)
-    again = await claim_in_transaction(db, instance, lease=30, live_window=30, steal_after=0)
+    instance = await sessions.new_instance(db)
+    claimed = await claim(db, instance)
+    assert claimed is not None
+    assert await repository.complete_run(db, task_id, claimed.fence, "succeeded", None)
+    again = await claim(db, instance)
     assert again is None
     row = await db.fetchrow(
         "SELECT next_run_at, clock_timestamp() AS now FROM tasks WHERE id = $1", task_id
     )
     assert timedelta(0) < row["next_run_at"] - row["now"] <= timedelta(seconds=10)
-    offset = (row["next_run_at"] - claim.scheduled_for).total_seconds()
+    offset = (row["next_run_at"] - claimed.scheduled_for).total_seconds()
     assert offset % 10 == pytest.approx(0, abs=1e-3)
 
 
-async def test_fair_share_keeps_claims_close(db: asyncpg.Connection) -> None:
+async def test_fair_share_keeps_claims_close(db: asyncpg.Connection, sessions: Sessions) -> None:
     """Two live instances taking turns at twelve due tasks: neither gets more than the slack
     (+1) claims ahead of the other, and all twelve are claimed."""
     # Only this test's instances are live and nothing else runs.
     await db.execute("UPDATE instances SET status = 'stopped'")
     ids = [(await new_task(db))[0] for _ in range(12)]
     await db.execute("UPDATE tasks SET enabled = (id = ANY($1))", ids)
-    a, b = await new_instance(db), await new_instance(db)
+    a, b = await sessions.new_instance(db), await sessions.new_instance(db)
     held = {a: 0, b: 0}
     for _ in range(6):
         for instance in (a, b):
-            while await claim_in_transaction(
-                db, instance, lease=30, live_window=30, steal_after=60
-            ):
+            while await claim(db, instance, steal_after=60):
                 held[instance] += 1
                 assert abs(held[a] - held[b]) <= repository.FAIR_SLACK + 1
     assert held[a] + held[b] == 12
 
 
-async def test_instance_claims_only_tasks_it_has_code_for(db: asyncpg.Connection) -> None:
+async def test_instance_claims_only_tasks_it_has_code_for(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
     """During a rolling deploy an instance without a task's code never claims it."""
     _, name = await new_task(db)
-    instance = await new_instance(db)
-    assert (
-        await claim_in_transaction(
-            db, instance, lease=30, live_window=30, steal_after=0, known=["SomethingElse"]
-        )
-        is None
+    instance = await sessions.new_instance(db)
+    assert await claim(db, instance, known=["SomethingElse"]) is None
+    claimed = await claim(db, instance, known=[name])
+    assert claimed is not None
+    assert claimed.name == name
+
+
+async def test_ended_session_is_swept_at_once(db: asyncpg.Connection, sessions: Sessions) -> None:
+    """The run of an instance whose database session ended (its process was killed) is
+    recorded lost by the next sweep, long before its lease would expire; a live instance's
+    run is left alone."""
+    task_id, _ = await new_task(db)
+    gone, alive = await sessions.new_instance(db), await sessions.new_instance(db)
+    run = await claim(db, gone, lease=3600)
+    assert run is not None
+    running = "SELECT is_running FROM tasks WHERE id = $1"
+    await repository.sweep_expired(db)
+    assert await db.fetchval(running, task_id)
+    await sessions.end(gone)
+    await repository.sweep_expired(db)
+    assert not await db.fetchval(running, task_id)
+    row = await db.fetchrow(
+        "SELECT status, error FROM task_history WHERE task_id = $1 AND fence = $2",
+        task_id,
+        run.fence,
     )
-    claim = await claim_in_transaction(
-        db, instance, lease=30, live_window=30, steal_after=0, known=[name]
+    assert row["status"] == "lost"
+    assert row["error"].startswith(f"session ended: instance {gone}")
+    again = await claim(db, alive, lease=3600)
+    assert again is not None
+    assert again.recovers
+    await repository.sweep_expired(db)
+    assert await db.fetchval(running, task_id)
+
+
+async def test_no_claim_without_a_session(db: asyncpg.Connection, sessions: Sessions) -> None:
+    """An instance whose session is gone claims nothing (the sweep would take it back at
+    once); with a new session it claims again."""
+    await new_task(db)
+    instance = await sessions.new_instance(db)
+    await sessions.end(instance)
+    assert await claim(db, instance) is None
+    conn = await asyncpg.connect(sessions.dsn)
+    sessions.conns[instance] = conn
+    assert await repository.open_session(conn, instance, 30) is not None
+    assert await claim(db, instance) is not None
+
+
+async def test_claim_gives_up_on_a_held_claim_lock(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
+    """A session sitting on the cluster-wide claim lock (what a claimer cut off mid-transaction
+    used to do) holds a claim up for lock_timeout, not forever."""
+    await new_task(db)
+    instance = await sessions.new_instance(db)
+    holder = await asyncpg.connect(sessions.dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", repository.CLAIM_LOCK_ID)
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await repository.claim_due_task(db, instance, 30, 30, 0, 30, lock_timeout=0.2)
+    finally:
+        await holder.close()
+    assert await claim(db, instance) is not None
+
+
+async def heartbeat(
+    sessions: Sessions,
+    instance: str,
+    held: list[tuple[int, int]],
+    *,
+    late_by: float = 0.0,
+    lease: float = 30,
+    conn: asyncpg.Connection | None = None,
+) -> repository.Heartbeat:
+    """A heartbeat on the instance's session, anchored on the database clock now; ``late_by``
+    makes it arrive that long after its validity ended."""
+    conn = conn or sessions.conns[instance]
+    key = await conn.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
+    anchor = await conn.fetchval("SELECT clock_timestamp()")
+    if late_by:
+        anchor -= timedelta(seconds=late_by + 1.0)
+    return await repository.heartbeat(conn, instance, key, lease, held, anchor, 1.0, 30)
+
+
+async def test_heartbeat_renews_only_what_is_still_held(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
+    """A heartbeat renews a held lease; not one that has expired (even before any sweep), nor
+    one taken over; nothing at all when it arrives later than its validity or on a connection
+    that does not hold the session lock."""
+    task_id, _ = await new_task(db)
+    a, b = await sessions.new_instance(db), await sessions.new_instance(db)
+    first = await claim(db, a, lease=0.5)
+    assert first is not None
+    held = [(task_id, first.fence)]
+    lease_of = "SELECT lease_until FROM tasks WHERE id = $1"
+    before = await db.fetchval(lease_of, task_id)
+    for beat in [
+        await heartbeat(sessions, a, held, late_by=0.1),
+        await heartbeat(sessions, a, held, conn=db),
+    ]:
+        assert beat.renewed == set()
+        assert await db.fetchval(lease_of, task_id) == before
+    assert [
+        (await heartbeat(sessions, a, held, late_by=0.1)).outcome,
+        (await heartbeat(sessions, a, held, conn=db)).outcome,
+    ] == ["stale", "no_session"]
+    beat = await heartbeat(sessions, a, held, lease=0.5)
+    assert (beat.outcome, beat.renewed) == ("renewed", {task_id})
+    assert await db.fetchval(lease_of, task_id) > before
+    await asyncio.sleep(0.7)
+    assert (await heartbeat(sessions, a, held)).renewed == set()
+    await repository.sweep_expired(db)
+    second = await claim(db, b)
+    assert second is not None
+    assert (await heartbeat(sessions, a, held)).renewed == set()
+    assert (await heartbeat(sessions, b, [(task_id, second.fence)])).renewed == {task_id}
+
+
+async def test_overdue_task_goes_to_the_least_served_fresh_instance(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
+    """With the least-served instance stalled (its heartbeat stale, its session alive), a
+    task is not claimed by the others until the steal delay, and then by the least-served of
+    those whose heartbeat is fresh, not by whichever polls first."""
+    await db.execute("UPDATE instances SET status = 'stopped'")
+    task_id, _ = await new_task(db)
+    stalled, busy, idle = [await sessions.new_instance(db) for _ in range(3)]
+    await db.execute(
+        "UPDATE instances SET claims = $2, heartbeat_at = clock_timestamp() - $3::interval "
+        "WHERE id = $1",
+        stalled,
+        0,
+        timedelta(seconds=5),
     )
-    assert claim is not None
-    assert claim.name == name
+    await db.execute("UPDATE instances SET claims = 9 WHERE id = $1", busy)
+    await db.execute("UPDATE instances SET claims = 5 WHERE id = $1", idle)
+    overdue = "UPDATE tasks SET next_run_at = clock_timestamp() - $2::interval WHERE id = $1"
+    await db.execute(overdue, task_id, timedelta(seconds=0.5))
+    for instance in (busy, idle):
+        assert await claim(db, instance, steal_after=2, fresh_window=1) is None
+    await db.execute(overdue, task_id, timedelta(seconds=3))
+    assert await claim(db, busy, steal_after=2, fresh_window=1) is None
+    stolen = await claim(db, idle, steal_after=2, fresh_window=1)
+    assert stolen is not None
