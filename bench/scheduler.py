@@ -1,6 +1,7 @@
 """How the cluster cron behaves with real instances on one PostgreSQL, in compressed time.
 
-    python bench/scheduler.py [--instances 5] [--tasks 100] [--database-url URL]
+    python bench/scheduler.py [--instances 5] [--tasks 100] [--kills 5] [--cuts 3]
+                              [--database-url URL]
 
 One run, three phases, each on a fresh database (migrated to head, dropped at the end):
 
@@ -13,6 +14,13 @@ One run, three phases, each on a fresh database (migrated to head, dropped at th
   right after the kill, the time until each of its runs is recorded ``lost`` (sweep) and until
   the task runs again elsewhere (the history row with the next fence); beside it, the start
   lag of the other tasks meanwhile.
+- faults, at the settings' defaults (lease 10 s, self-fence 7 s, heartbeat 2 s, poll 1 s) and
+  with the compressed timings: ``--kills`` times SIGKILL the owner of a long run among three
+  instances (kill -> recorded lost, kill -> running elsewhere: median and max), and
+  ``--cuts`` times cut the owner of a run that makes an outside effect every 0.2 s off the
+  database with a silent partition (effects of the cut-off run after its successor's first,
+  and when each stopped and started). The trials are tests/faults/cron.py's, which the fault
+  tests assert on.
 - idle: N fresh instances with one task due once a day. Database work per idle instance over
   a window: statements from ``pg_stat_statements`` when the server has it loaded, else
   transactions (``xact_commit + xact_rollback`` of ``pg_stat_database``); the table says which.
@@ -69,6 +77,18 @@ from scheduler_tasks import (  # bench/, first on sys.path, as on the instances'
 from sqlalchemy.engine import make_url
 
 from tandem.core.settings import Settings
+
+# The fault trials are the fault tests' own (tests/faults/cron.py): one harness, two readers.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from tests.faults.cron import (
+    COMPRESSED_ENV,
+    DEFAULT_ENV,
+    Timing,
+    describe_cuts,
+    kill_trials,
+    partition_trials,
+)
+from tests.scheduler.registries import PROBE_TABLE
 
 BENCH_DIR = Path(__file__).resolve().parent
 EQUAL_INTERVAL_SECONDS = EQUAL_INTERVAL.total_seconds()
@@ -351,7 +371,7 @@ def measure_failover(
     victim.kill()
     killed_at = database_now(url)
 
-    # Its runs: running until a sweep records them lost (its lease ran out), then each task
+    # Its runs: running until a sweep records them lost (its session ended), then each task
     # runs again under the next fence on another instance.
     rows: list[asyncpg.Record] = []
     deadline = time.monotonic() + 5 * timings.lease + 5
@@ -609,7 +629,7 @@ def figures(
     table.add_row(
         "  kill -> running elsewhere",
         seconds_summary(failover.recovered),
-        f"lease + poll = {timings.lease + timings.poll:g} s",
+        f"a poll once the session ends; lease + poll = {timings.lease + timings.poll:g} s",
     )
     table.add_row("  other tasks' start lag", lag_summary(failover.other_lags), "meanwhile")
     trouble = ", ".join(f"{label} {n}" for label, n in cron_trouble.items() if n) or "none"
@@ -642,6 +662,40 @@ def figures(
 
 
 # --- the run --------------------------------------------------------------------------------
+
+
+def run_faults(
+    args: argparse.Namespace, server_url: str, workdir: Path, failures: list[str]
+) -> list[str]:
+    """SIGKILL failover at the default settings, and silent partitions at both timings."""
+    lines = []
+    port = make_url(server_url).port or 5432
+    defaults = default_timings()
+    timings = [
+        ("defaults", Timing(DEFAULT_ENV, defaults.lease, defaults.heartbeat, args.cuts)),
+        ("compressed", Timing(COMPRESSED_ENV, COMPRESSED.lease, COMPRESSED.heartbeat, args.cuts)),
+    ]
+    with bench_database(server_url, "faults") as url:
+        query(url, PROBE_TABLE)
+        if args.kills:
+            console.print(f"faults: {args.kills} SIGKILLs of the owner, default settings ...")
+            kills = kill_trials(url, workdir, DEFAULT_ENV, defaults.lease, args.kills)
+            swept, recovered = [k.swept for k in kills], [k.recovered for k in kills]
+            lines.append(
+                f"SIGKILL of the owner, default settings (lease {defaults.lease:g} s), "
+                f"{len(kills)} kills: recorded lost after median {statistics.median(swept):.2f} "
+                f"max {max(swept):.2f} s; running elsewhere after median "
+                f"{statistics.median(recovered):.2f} max {max(recovered):.2f} s "
+                f"({sum(k.error.startswith('session ended') for k in kills)} noticed by the "
+                "ended session, the rest by the lease)"
+            )
+        for label, timing in timings if args.cuts else []:
+            console.print(f"faults: {args.cuts} silent partitions of the owner, {label} ...")
+            cuts = partition_trials(url, port, workdir, timing)
+            lines.append(describe_cuts(f"silent partition, {label}", cuts))
+            if any(c.overlap for c in cuts):
+                failures.append(f"partition ({label}): the cut-off run overlapped its successor")
+    return lines
 
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> int:
@@ -688,6 +742,9 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
         if cron_trouble["tracebacks"]:
             failures.append("spread/failover: tracebacks in the instance logs")
 
+    # --- faults ------------------------------------------------------------------------------
+    fault_lines = run_faults(args, server_url, workdir, failures)
+
     # --- idle ----------------------------------------------------------------------------------
     idle_timings = {
         "both": [COMPRESSED, default_timings()],
@@ -702,6 +759,8 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
         )
 
     console.print(figures(args, spread, failover, cron_trouble, idles))
+    for line in fault_lines:
+        console.print(line, soft_wrap=True)
     console.print(f"total run time {time.monotonic() - began:.0f} s")
     for failure in failures:
         console.print(f"FAILED: {failure}", style="bold red")
@@ -718,6 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--settle", type=float, default=3.0, help="seconds after joining before the window"
     )
     parser.add_argument("--idle", type=float, default=20.0, help="idle window, seconds")
+    parser.add_argument("--kills", type=int, default=5, help="SIGKILL trials (0: none)")
+    parser.add_argument("--cuts", type=int, default=3, help="partitions per timing (0: none)")
     parser.add_argument(
         "--idle-timings", choices=("both", "compressed", "defaults"), default="both"
     )

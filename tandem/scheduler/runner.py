@@ -397,7 +397,9 @@ class Runner:
             except _DB_ERRORS as error:
                 log.warning("heartbeat failed: %r", error)
                 self._lose_session(f"heartbeat failed: {error!r}")
-            await asyncio.sleep(max(settings.scheduler_heartbeat_interval - (self._now() - started), 0))
+            # A fixed rate, however long the heartbeat took.
+            elapsed = self._now() - started
+            await asyncio.sleep(max(settings.scheduler_heartbeat_interval - elapsed, 0))
 
     async def heartbeat_once(self) -> None:
         """Refresh membership and renew the leases of the runs this instance holds; stop the

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
 
@@ -95,3 +97,19 @@ plain = Registry()
 @plain.task("Tick", timedelta(seconds=0.5))
 async def _tick(ctx: TaskContext) -> None:
     await ctx.sleep(0.2)
+
+
+# One task whose run never ends by itself and makes an effect outside the database every
+# 0.2 s: a line (wall clock, instance, fence) appended to a file of its process's own under
+# TANDEM_TEST_EFFECTS. What no fence can take back, so what a partition test counts.
+effects = Registry()
+
+
+@effects.task("Effect", timedelta(seconds=0.5))
+async def _effect(ctx: TaskContext) -> None:
+    path = Path(os.environ["TANDEM_TEST_EFFECTS"]) / f"{os.getpid()}.log"
+    with path.open("a", buffering=1) as out:
+        while True:
+            ctx.check()  # as a careful author does right before each outside effect
+            out.write(f"{time.time():.6f} {ctx.instance_id} {ctx.fence}\n")
+            await asyncio.sleep(0.2)

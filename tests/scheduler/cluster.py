@@ -1,0 +1,119 @@
+"""What the cluster cron's tests share: a database of their own, clusters of real server
+processes, and the checks on history and probe rows."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+from tests.support import CRON_TIMINGS, Server, query, start_server, wait_for
+
+
+def database_now(url: str) -> datetime:
+    """The database clock: the only clock the scheduler (and so these tests) reads."""
+    moment: datetime = query(url, "SELECT clock_timestamp() AS t")[0]["t"]
+    return moment
+
+
+def window(url: str, settle: float, length: float) -> tuple[datetime, datetime]:
+    """Wait ``settle`` seconds (joins, leaves), then a ``length``-second window: its start
+    and end by the database clock."""
+    time.sleep(settle)
+    since = database_now(url)
+    time.sleep(length)
+    return since, database_now(url)
+
+
+def succeeded_per_instance(url: str, since: datetime, until: datetime) -> dict[str, int]:
+    """Runs that succeeded and started within (since, until), by instance id."""
+    rows = query(
+        url,
+        "SELECT instance_id, count(*) AS n FROM task_history WHERE status = 'succeeded' "
+        "AND started_at > $1 AND started_at < $2 GROUP BY instance_id",
+        since,
+        until,
+    )
+    return {r["instance_id"]: r["n"] for r in rows}
+
+
+def start_cluster(url: str, log_dir: Path, registry: str, n: int, **overrides: str) -> list[Server]:
+    env = {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.scheduler.registries:{registry}"}
+    env.update(overrides)
+    return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
+
+
+def stop_all(servers: list[Server]) -> list[int]:
+    """SIGTERM each (they drain); their exit codes (negative: killed after the grace time)."""
+    return [s.stop() for s in servers]
+
+
+def instance_of(server: Server) -> str:
+    """The scheduler instance id of a server process (from the membership list)."""
+    for row in httpx.get(f"{server.url}/instances").json()["instances"]:
+        if row["pid"] == server.process.pid:
+            return str(row["id"])
+    raise AssertionError("server not in /instances")
+
+
+def probe_overlaps(url: str) -> int:
+    """Pairs of runs of one task whose probe rows (written by the task bodies) overlap."""
+    rows = query(
+        url,
+        "SELECT count(*) AS n FROM probe a JOIN probe b ON a.task = b.task AND a.fence < b.fence "
+        "AND tstzrange(a.started, coalesce(a.finished, 'infinity')) "
+        "&& tstzrange(b.started, coalesce(b.finished, 'infinity'))",
+    )
+    return int(rows[0]["n"])
+
+
+def owner_and_other(url: str, servers: list[Server]) -> tuple[Server, str, Server]:
+    """Once the single task runs: the server running it, its instance id, and another one."""
+    wait_for(lambda: query(url, "SELECT 1 FROM tasks WHERE is_running"), 15)
+    owner_id = str(query(url, "SELECT running_instance FROM tasks")[0]["running_instance"])
+    owner = next(s for s in servers if instance_of(s) == owner_id)
+    return owner, owner_id, next(s for s in servers if s is not owner)
+
+
+def wait_running_on(url: str, instance_id: str, timeout: float) -> None:
+    """Wait until a task runs on ``instance_id``."""
+    wait_for(
+        lambda: query(
+            url, "SELECT 1 FROM tasks WHERE is_running AND running_instance = $1", instance_id
+        ),
+        timeout,
+    )
+
+
+def assert_history_consistent(url: str) -> None:
+    """One row per claim (fences 1..n without gaps), legal statuses, at most one running,
+    and tasks agreeing with their history."""
+    tasks = query(url, "SELECT id, fence, is_running, running_instance FROM tasks")
+    for task in tasks:
+        rows = query(
+            url,
+            "SELECT fence, status, instance_id, started_at, finished_at FROM task_history "
+            "WHERE task_id = $1 ORDER BY fence",
+            task["id"],
+        )
+        assert [r["fence"] for r in rows] == list(range(1, task["fence"] + 1))
+        assert {r["status"] for r in rows} <= {
+            "running",
+            "succeeded",
+            "failed",
+            "lost",
+            "cancelled",
+        }
+        running = [r for r in rows if r["status"] == "running"]
+        if task["is_running"]:
+            assert [(r["fence"], r["instance_id"]) for r in running] == [
+                (task["fence"], task["running_instance"])
+            ]
+        else:
+            assert running == []
+        for earlier, later in itertools.pairwise(rows):
+            assert earlier["finished_at"] is not None
+            assert earlier["finished_at"] <= later["started_at"]
