@@ -362,7 +362,7 @@ class Runner:
         self._session = _Session(conn, session.key, session.db_now, self._now())
         conn.add_termination_listener(self._on_session_closed)
 
-    def _on_session_closed(self, conn: asyncpg.Connection) -> None:
+    def _on_session_closed(self, conn: object) -> None:
         if self._session is not None and self._session.conn is conn:
             self._lose_session("the database session closed")
 

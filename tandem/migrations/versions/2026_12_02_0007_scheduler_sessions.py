@@ -194,10 +194,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION tandem_claim_task(text, interval, interval, interval, interval, "
-               "integer, text[], text)")
-    op.execute("DROP FUNCTION tandem_heartbeat(text, integer, interval, bigint[], bigint[], "
-               "timestamptz, interval, interval)")
+    op.execute(
+        "DROP FUNCTION tandem_claim_task(text, interval, interval, interval, interval, "
+        "integer, text[], text)"
+    )
+    op.execute(
+        "DROP FUNCTION tandem_heartbeat(text, integer, interval, bigint[], bigint[], "
+        "timestamptz, interval, interval)"
+    )
     op.execute("DROP FUNCTION tandem_open_session(text, interval)")
     op.execute("DROP VIEW instance_sessions")
     op.execute("ALTER TABLE instances DROP COLUMN session_key")
