@@ -89,6 +89,13 @@ def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1)
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+async def eventually(predicate: Callable[[], object], within: float) -> None:
+    """``wait_for`` for async tests: poll without blocking the event loop."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110  (state changes announce nothing to wait on)
+            await asyncio.sleep(0.02)
+
+
 # The cluster cron's timings for the tests: compressed, but with room for five Python
 # processes and PostgreSQL on two shared cores: a heartbeat can be late by a second without a
 # run being self-fenced.

@@ -147,7 +147,8 @@ SCHEDULER_RECOVERIES = Counter(
 )
 SCHEDULER_FENCED_OUT = Counter(
     "tandem_scheduler_fenced_out_total",
-    "Local runs stopped because another instance took the task over, or self-fenced.",
+    "Local runs stopped or refused: taken_over (another instance holds it), self_fenced (no "
+    "renewal in time), session_lost (the database session ended), complete_refused.",
     ["reason"],
 )
 SCHEDULER_RUNNING = Gauge(

@@ -48,8 +48,9 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name
 # the fastest poller win most ties (max/min 1.30); least-loaded-first 1.33; least-loaded AND
 # claims made the two rules block each other until the steal delay (15..97 runs). A task
 # overdue past the steal delay (its fair claimer is slow: stopped, starved, partitioned) goes
-# to the least-served of the instances whose heartbeat is fresh, so a stalled instance delays
-# work by at most that and steals stay fair. "Live" means a database session that holds its
+# to the least-served of the instances whose heartbeat is fresh, so steals stay fair; past
+# twice the delay, to anyone (the least-served fresh one does not claim either), so no
+# instance can hold work up for longer. "Live" means a database session that holds its
 # lock (instance_sessions) and a heartbeat within the window. FOR UPDATE SKIP LOCKED: two
 # claimers never pick the same row; NOT is_running re-checked under the row lock: a claimed
 # task is never claimed again. next_run_at moves to the first slot of the task's grid
@@ -57,7 +58,7 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name
 # has code for, so during a rolling deploy an old instance never claims a task only new code
 # knows. One statement (the function of migration 0007): the cluster-wide claim lock is held
 # by no session that waits on its client, and lock_timeout bounds the wait for it.
-CLAIM_DUE_TASK = "SELECT * FROM tandem_claim_task($1, $2, $3, $4, $5, $6, $7, $8)"
+CLAIM_DUE_TASK = "SELECT * FROM tandem_claim_task($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 
 # A new database session for the instance: a new key, its session-level advisory lock, and
 # the server's patience with a silent client set to a lease (migration 0007).
@@ -151,6 +152,7 @@ async def upsert_task(db: Db, name: str, interval: timedelta, function_name: str
 async def claim_due_task(
     db: Db,
     instance_id: str,
+    session_key: int,
     lease: float,
     live_window: float,
     steal_after: float,
@@ -159,12 +161,13 @@ async def claim_due_task(
     known: list[str] | None = None,
 ) -> ClaimedRun | None:
     """Claim the earliest due task this instance may take (fair share), or None. ``known``:
-    the task names this instance has code for (None: any). One statement, outside any
-    transaction of the caller's."""
+    the task names this instance has code for (None: any). Only while ``session_key`` is the
+    instance's live session. One statement, outside any transaction of the caller's."""
     assert not db.is_in_transaction(), "the claim is one statement of its own"
     row = await db.fetchrow(
         CLAIM_DUE_TASK,
         instance_id,
+        session_key,
         seconds(lease),
         seconds(live_window),
         seconds(steal_after),
@@ -187,6 +190,18 @@ async def open_session(db: Db, instance_id: str, lease: float) -> Session | None
     the instance is not registered."""
     row = await db.fetchrow(OPEN_SESSION, instance_id, seconds(lease))
     return None if row is None else Session(*row)
+
+
+HOLDS_SESSION = """
+SELECT EXISTS (SELECT FROM instance_sessions WHERE session_key = $1 AND pid = pg_backend_pid())
+"""
+
+
+async def holds_session(db: Db, session_key: int) -> bool:
+    """The session lock is held by this very connection's backend (a second statement: behind
+    a transaction pooler it would run on another server connection)."""
+    held: bool = await db.fetchval(HOLDS_SESSION, session_key)
+    return held
 
 
 class Heartbeat(NamedTuple):

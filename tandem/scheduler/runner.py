@@ -77,7 +77,8 @@ class _Run:
     claim: repository.ClaimedRun
     ctx: TaskContext
     task: asyncio.Task[None] | None = None
-    # Why this instance stopped the run, if it did: "fenced", "self_fenced" or "drained".
+    # Why this instance stopped the run, if it did: "fenced" (taken over), "self_fenced" (its
+    # timer), "session_lost" (the heartbeat session ended) or "drained" (shutdown).
     stopped_because: str | None = None
     # The self-fencing timer (loop.time() deadline in ctx.held_until).
     timer: asyncio.TimerHandle | None = None
@@ -195,6 +196,9 @@ class Runner:
                 await self.poll_once()
             except _DB_ERRORS as error:
                 log.warning("scheduler poll failed: %r", error)
+            except Exception:
+                # A bug must not end the loop while the other one goes on.
+                log.exception("scheduler poll failed")
             jitter = random.uniform(0.8, 1.2)
             await asyncio.sleep(settings.scheduler_poll_interval * jitter)
 
@@ -209,7 +213,8 @@ class Runner:
             SCHEDULER_LOST_LEASES.inc(lost)
             log.warning("recorded %d lost run(s) whose lease expired", lost)
         for _ in range(settings.scheduler_claims_per_poll):
-            if self._stopping.is_set() or self._session is None:
+            session = self._session
+            if self._stopping.is_set() or session is None:
                 # Without a session the database would not count this instance as live.
                 break
             # One statement: if the connection breaks before the answer, the claim may stand
@@ -219,6 +224,7 @@ class Runner:
                 claim = await repository.claim_due_task(
                     db,
                     self.instance_id,
+                    session.key,
                     settings.scheduler_lease,
                     # Fair share counts instances seen within a lease. (A shorter window
                     # frees the others sooner when one dies, but a heartbeat late under load
@@ -234,6 +240,10 @@ class Runner:
             if claim is None:
                 break
             self._start_run(claim, sent)
+            if self._session is not session:
+                # The session was lost while the claim was on its way back: other instances
+                # may be sweeping this run already.
+                self._stop_run(self._runs[claim.task_id], "session_lost")
 
     def _start_run(self, claim: repository.ClaimedRun, sent: float) -> None:
         definition = self.registry.get(claim.name)
@@ -283,11 +293,14 @@ class Runner:
         if run.stopped_because == "fenced":
             # Another instance holds the task: our write would be refused by the fence.
             return
-        # Drained or self-fenced: released at once if the database can be reached (the
+        # Drained or stopped by itself: released at once if the database can be reached (the
         # fence refuses it if another instance took the task meanwhile), else left to the
         # lease.
         await self._complete(
-            run, status, error, due_again=run.stopped_because in ("drained", "self_fenced")
+            run,
+            status,
+            error,
+            due_again=run.stopped_because in ("drained", "self_fenced", "session_lost"),
         )
 
     async def _complete(
@@ -336,10 +349,10 @@ class Runner:
             run.timer.cancel()
         run.timer = asyncio.get_running_loop().call_at(deadline, self._self_fence, run)
 
-    def _self_fence(self, run: _Run, why: str = "no lease renewal for too long") -> None:
+    def _self_fence(self, run: _Run) -> None:
         if run.stopped_because is None:
             SCHEDULER_FENCED_OUT.labels("self_fenced").inc()
-            run.ctx.log.warning("self-fencing: %s", why)
+            run.ctx.log.warning("self-fencing: no lease renewal for too long")
             self._stop_run(run, "self_fenced")
 
     async def _open_session(self) -> None:
@@ -356,6 +369,12 @@ class Runner:
                     conn, self.instance_id, self.settings.scheduler_lease
                 )
             assert session is not None
+            if not await repository.holds_session(conn, session.key):
+                raise RuntimeError(
+                    "the scheduler's session connection does not hold its lock: it must reach "
+                    "PostgreSQL directly, not through a transaction pooler (set "
+                    "TANDEM_DATABASE_DIRECT_URL)"
+                )
         except BaseException:
             conn.terminate()
             raise
@@ -366,16 +385,30 @@ class Runner:
         if self._session is not None and self._session.conn is conn:
             self._lose_session("the database session closed")
 
-    def _lose_session(self, why: str) -> None:
+    def _lose_session(self, why: str) -> list[asyncio.Task[None]]:
         """The session lock is gone or going: other instances may sweep this instance's
-        runs any moment now, so every run stops first."""
+        runs any moment now, so every run stops first. Returns the runs' tasks."""
         session, self._session = self._session, None
         for run in list(self._runs.values()):
-            self._self_fence(run, why)
+            if run.stopped_because is None:
+                SCHEDULER_FENCED_OUT.labels("session_lost").inc()
+                run.ctx.log.warning("stopping: %s", why)
+                self._stop_run(run, "session_lost")
         if session is not None:
             session.conn.remove_termination_listener(self._on_session_closed)
-            session.conn.terminate()
             log.warning("scheduler session lost (%s): runs stopped, reconnecting", why)
+        return [run.task for run in self._runs.values() if run.task is not None]
+
+    async def _drop_session(self, why: str) -> None:
+        """Give the session up on purpose: its end frees this instance's runs for others, so
+        the runs stop before it is closed (for at most the margin they have anyway)."""
+        session = self._session
+        tasks = self._lose_session(why)
+        if tasks:
+            margin = self.settings.scheduler_lease - self.settings.scheduler_self_fence_after
+            await asyncio.wait(tasks, timeout=margin)
+        if session is not None:
+            session.conn.terminate()
 
     async def _close_session(self) -> None:
         session, self._session = self._session, None
@@ -396,7 +429,10 @@ class Runner:
                 await self.heartbeat_once()
             except _DB_ERRORS as error:
                 log.warning("heartbeat failed: %r", error)
-                self._lose_session(f"heartbeat failed: {error!r}")
+                await self._drop_session(f"heartbeat failed: {error!r}")
+            except Exception as error:
+                log.exception("heartbeat failed")
+                await self._drop_session(f"heartbeat failed: {error!r}")
             # A fixed rate, however long the heartbeat took.
             elapsed = self._now() - started
             await asyncio.sleep(max(settings.scheduler_heartbeat_interval - elapsed, 0))
@@ -417,25 +453,33 @@ class Runner:
             for task_id, run in self._runs.items()
             if run.stopped_because is None and sent + validity <= run.ctx.held_until
         }
-        beat = await repository.heartbeat(
-            session.conn,
-            self.instance_id,
-            session.key,
-            settings.scheduler_lease,
-            list(held.items()),
-            session.anchor_db,
-            # The database refuses the heartbeat once its clock passes this: no later than
-            # `validity` after sending, since the anchor was read before it was received.
-            sent - session.anchor_local + validity,
-            settings.scheduler_lease,
-        )
+        # Past self_fence_after every run has self-fenced: time to drop the session and
+        # start anew (TimeoutError is an OSError: the loop drops it).
+        async with asyncio.timeout(settings.scheduler_self_fence_after):
+            beat = await repository.heartbeat(
+                session.conn,
+                self.instance_id,
+                session.key,
+                settings.scheduler_lease,
+                list(held.items()),
+                session.anchor_db,
+                # The database refuses the heartbeat once its clock passes this: no later
+                # than `validity` after sending, since the anchor was read before it was
+                # received.
+                sent - session.anchor_local + validity,
+                settings.scheduler_lease,
+            )
+        if self._session is session:
+            # Every answer is a fresh reading of the database clock (a stale one too: were the
+            # anchor kept, a step of that clock could make every later heartbeat stale).
+            session.anchor_db, session.anchor_local = beat.db_now, self._now()
         if beat.outcome == "stale":
             log.warning("heartbeat reached the database too late: nothing renewed")
             return
         if beat.outcome != "renewed":
             # "no_session": this connection does not hold the lock it took, as behind a pooler
             # in transaction mode.
-            self._lose_session(f"heartbeat answered {beat.outcome}")
+            await self._drop_session(f"heartbeat answered {beat.outcome}")
             if beat.outcome == "no_session":
                 log.error(
                     "the scheduler's heartbeat connection does not hold its session lock: it "
@@ -443,8 +487,6 @@ class Runner:
                     "TANDEM_DATABASE_DIRECT_URL)"
                 )
             return
-        if self._session is session:
-            session.anchor_db, session.anchor_local = beat.db_now, self._now()
         if beat.live is not None:
             SCHEDULER_LIVE_INSTANCES.set(beat.live)
         for task_id, fence in held.items():

@@ -12,6 +12,7 @@ import pytest
 from tandem.core.database import asyncpg_dsn
 from tandem.core.errors import DatabaseUnavailableError, OutcomeUnknownError
 from tandem.core.hotpool import HotPool, PoolClosedError
+from tests.support import eventually
 
 
 @pytest.fixture
@@ -24,9 +25,7 @@ async def small_pool(database_url: str) -> AsyncIterator[HotPool]:
 
 async def wait_until_full(pool: HotPool) -> None:
     """Poll: replacements connect in the background and announce nothing."""
-    async with asyncio.timeout(10):
-        while pool.idle < pool.size:  # noqa: ASYNC110  (no event to wait on, by design)
-            await asyncio.sleep(0.02)
+    await eventually(lambda: pool.idle >= pool.size, 10)
 
 
 async def test_waiters_are_served_in_arrival_order(database_url: str) -> None:

@@ -35,8 +35,8 @@ class Timing:
 
 
 TIMINGS = {
-    "compressed": Timing(COMPRESSED_ENV, LEASE, 0.5, 8),
-    "default": Timing(DEFAULT_ENV, 10.0, 2.0, 4),
+    "compressed": Timing(COMPRESSED_ENV, LEASE, 0.5, 6),
+    "default": Timing(DEFAULT_ENV, 10.0, 2.0, 3),
 }
 
 

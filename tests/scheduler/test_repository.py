@@ -24,9 +24,11 @@ async def claim(
     fresh_window: float = 30,
     known: list[str] | None = None,
 ) -> repository.ClaimedRun | None:
-    """One claim, as the runner makes it (a live window of 30 s)."""
+    """One claim, as the runner makes it (a live window of 30 s), under the instance's
+    current session."""
+    key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
     return await repository.claim_due_task(
-        db, instance, lease, 30, steal_after, fresh_window, lock_timeout=1.0, known=known
+        db, instance, key, lease, 30, steal_after, fresh_window, lock_timeout=1.0, known=known
     )
 
 
@@ -248,8 +250,9 @@ async def test_claim_gives_up_on_a_held_claim_lock(
     holder = await asyncpg.connect(sessions.dsn)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", repository.CLAIM_LOCK_ID)
+        key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
         with pytest.raises(asyncpg.LockNotAvailableError):
-            await repository.claim_due_task(db, instance, 30, 30, 0, 30, lock_timeout=0.2)
+            await repository.claim_due_task(db, instance, key, 30, 30, 0, 30, lock_timeout=0.2)
     finally:
         await holder.close()
     assert await claim(db, instance) is not None
@@ -335,3 +338,43 @@ async def test_overdue_task_goes_to_the_least_served_fresh_instance(
     assert await claim(db, busy, steal_after=2, fresh_window=1) is None
     stolen = await claim(db, idle, steal_after=2, fresh_window=1)
     assert stolen is not None
+
+
+async def test_an_overdue_task_is_not_held_up_by_a_least_served_instance_that_never_claims(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
+    """The least-served fresh instance may be unable to claim (its pool broken, no code for
+    the task): past twice the steal delay anyone takes the task."""
+    await db.execute("UPDATE instances SET status = 'stopped'")
+    task_id, _ = await new_task(db)
+    await sessions.new_instance(db)  # the least-served, fresh, and never claiming
+    busy = await sessions.new_instance(db)
+    await db.execute("UPDATE instances SET claims = 9 WHERE id = $1", busy)
+    overdue = "UPDATE tasks SET next_run_at = clock_timestamp() - $2::interval WHERE id = $1"
+    await db.execute(overdue, task_id, timedelta(seconds=3))
+    assert await claim(db, busy, steal_after=2, fresh_window=30) is None
+    await db.execute(overdue, task_id, timedelta(seconds=5))
+    assert await claim(db, busy, steal_after=2, fresh_window=30) is not None
+
+
+async def test_a_renewal_waiting_on_a_row_lock_expires_with_its_validity(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
+    """A heartbeat that reaches the database in time but waits on a row lock past its
+    validity renews nothing and answers stale (its lock wait is bounded by the validity
+    left), instead of renewing late."""
+    task_id, _ = await new_task(db)
+    instance = await sessions.new_instance(db)
+    run = await claim(db, instance)
+    assert run is not None
+    lease_of = "SELECT lease_until FROM tasks WHERE id = $1"
+    before = await db.fetchval(lease_of, task_id)
+    blocker = await asyncpg.connect(sessions.dsn)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT FROM tasks WHERE id = $1 FOR UPDATE", task_id)
+            beat = await heartbeat(sessions, instance, [(task_id, run.fence)])
+    finally:
+        await blocker.close()
+    assert (beat.outcome, beat.renewed) == ("stale", set())
+    assert await db.fetchval(lease_of, task_id) == before

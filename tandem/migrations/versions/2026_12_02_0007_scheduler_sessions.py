@@ -89,34 +89,49 @@ def upgrade() -> None:
         LANGUAGE plpgsql AS $$
         DECLARE
             ids bigint[];
+            remaining interval := p_anchor + p_valid_for - clock_timestamp();
         BEGIN
-            IF clock_timestamp() > p_anchor + p_valid_for THEN
+            IF remaining <= interval '0' THEN
                 RETURN QUERY SELECT 'stale', NULL::bigint[], NULL::integer, clock_timestamp();
                 RETURN;
             END IF;
+            -- No lock wait may carry a renewal past its validity.
+            PERFORM set_config('lock_timeout',
+                               greatest(1, ceil(extract(epoch FROM remaining) * 1000))::text,
+                               true);
             IF NOT EXISTS (SELECT FROM instance_sessions s
                            WHERE s.session_key = p_key AND s.pid = pg_backend_pid()) THEN
                 RETURN QUERY SELECT 'no_session', NULL::bigint[], NULL::integer,
                                     clock_timestamp();
                 RETURN;
             END IF;
-            UPDATE instances i SET heartbeat_at = clock_timestamp(), status = 'active'
-            WHERE i.id = p_instance AND i.session_key = p_key;
-            IF NOT FOUND THEN
-                RETURN QUERY SELECT 'unknown_instance', NULL::bigint[], NULL::integer,
-                                    clock_timestamp();
+            -- Only (task, fence) pairs still held, only leases not yet expired (an expired
+            -- lease may be swept any moment and must not come back to life), and only while
+            -- the renewal is still valid (checked again under each row lock).
+            BEGIN
+                WITH renewed AS (
+                    UPDATE tasks t SET lease_until = clock_timestamp() + p_lease
+                    FROM unnest(p_ids, p_fences) AS held(id, fence)
+                    WHERE t.id = held.id AND t.fence = held.fence AND t.is_running
+                      AND t.running_instance = p_instance
+                      AND t.lease_until > clock_timestamp()
+                      AND clock_timestamp() <= p_anchor + p_valid_for
+                    RETURNING t.id
+                )
+                SELECT coalesce(array_agg(renewed.id), '{}') INTO ids FROM renewed;
+                -- Last: the instance's row is what its own claims update too.
+                UPDATE instances i SET heartbeat_at = clock_timestamp(), status = 'active'
+                WHERE i.id = p_instance AND i.session_key = p_key;
+                IF NOT FOUND THEN
+                    RETURN QUERY SELECT 'unknown_instance', NULL::bigint[], NULL::integer,
+                                        clock_timestamp();
+                    RETURN;
+                END IF;
+            EXCEPTION WHEN lock_not_available THEN
+                -- Held up past its validity: nothing renewed (the block is rolled back).
+                RETURN QUERY SELECT 'stale', NULL::bigint[], NULL::integer, clock_timestamp();
                 RETURN;
-            END IF;
-            -- Only (task, fence) pairs still held, and only leases not yet expired: an
-            -- expired lease may be swept any moment, and must not come back to life.
-            WITH renewed AS (
-                UPDATE tasks t SET lease_until = clock_timestamp() + p_lease
-                FROM unnest(p_ids, p_fences) AS held(id, fence)
-                WHERE t.id = held.id AND t.fence = held.fence AND t.is_running
-                  AND t.running_instance = p_instance AND t.lease_until > clock_timestamp()
-                RETURNING t.id
-            )
-            SELECT coalesce(array_agg(renewed.id), '{}') INTO ids FROM renewed;
+            END;
             RETURN QUERY SELECT 'renewed', ids, (
                 SELECT count(*)::integer FROM instances i
                 JOIN instance_sessions s ON s.session_key = i.session_key
@@ -128,7 +143,7 @@ def upgrade() -> None:
     op.execute(
         f"""
         CREATE FUNCTION tandem_claim_task(
-            p_instance text, p_lease interval, p_live_window interval,
+            p_instance text, p_key integer, p_lease interval, p_live_window interval,
             p_steal_after interval, p_fresh_window interval, p_slack integer,
             p_known text[], p_lock_timeout text)
         RETURNS TABLE (task_id bigint, name text, function_name text, fence bigint,
@@ -142,10 +157,10 @@ def upgrade() -> None:
         BEGIN
             PERFORM set_config('lock_timeout', p_lock_timeout, true);
             PERFORM pg_advisory_xact_lock({CLAIM_LOCK});
-            -- A claimer without a live session would see its run swept as lost at once.
+            -- A claimer without its live session would see its run swept as lost at once.
             SELECT i.claims INTO mine FROM instances i
             JOIN instance_sessions s ON s.session_key = i.session_key
-            WHERE i.id = p_instance AND i.status = 'active';
+            WHERE i.id = p_instance AND i.session_key = p_key AND i.status = 'active';
             IF mine IS NULL THEN
                 RETURN;
             END IF;
@@ -161,7 +176,10 @@ def upgrade() -> None:
                   AND (p_known IS NULL OR t.name = ANY(p_known))
                   AND (mine <= coalesce(floor_live, mine) + p_slack
                        OR (t.next_run_at <= clock_timestamp() - p_steal_after
-                           AND mine <= coalesce(floor_fresh, mine) + p_slack))
+                           AND mine <= coalesce(floor_fresh, mine) + p_slack)
+                       -- the least-served fresh one does not claim it either (its claims
+                       -- fail, or it has no code for the task): anyone
+                       OR t.next_run_at <= clock_timestamp() - 2 * p_steal_after)
                 ORDER BY t.next_run_at, t.id
                 LIMIT 1
                 FOR UPDATE OF t SKIP LOCKED
@@ -178,7 +196,7 @@ def upgrade() -> None:
                 FROM candidate c
                 WHERE t.id = c.id AND NOT t.is_running
                 RETURNING t.id, t.name, t.function_name, t.fence, c.next_run_at AS scheduled_for,
-                          t.started_at, t.last_status = 'lost' AS recovers
+                          t.started_at, coalesce(t.last_status = 'lost', false) AS recovers
             ), counted AS (
                 UPDATE instances SET claims = claims + 1
                 WHERE id = p_instance AND EXISTS (SELECT FROM claimed)
@@ -195,7 +213,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(
-        "DROP FUNCTION tandem_claim_task(text, interval, interval, interval, interval, "
+        "DROP FUNCTION tandem_claim_task(text, integer, interval, interval, interval, interval, "
         "integer, text[], text)"
     )
     op.execute(
