@@ -1,4 +1,5 @@
-"""The one command-line entry point: ``tandem serve | migrate | loadtest``."""
+"""The one command-line entry point: ``tandem serve | cluster | migrate | ledger verify |
+loadtest``."""
 
 from __future__ import annotations
 
@@ -192,6 +193,42 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_verify(_: argparse.Namespace) -> int:
+    """Check the ledger's invariants over every user; exit 1 on any mismatch."""
+    import asyncio
+
+    from tandem.core.database import open_connection
+    from tandem.wallet.repository import verify_ledger
+
+    settings = get_settings()
+    url = migration_url(settings, resolve_database_url(settings))
+
+    async def run() -> int:
+        conn = await open_connection(
+            url, settings, "tandem-ledger-verify", statement_deadline=False
+        )
+        try:
+            found = await verify_ledger(conn)
+        finally:
+            await conn.close()
+        print(f"users: {found.users}")
+        print(f"entries: {found.entries}")
+        for user_id, balance, journal, entries in found.balances:
+            print(
+                f"MISMATCH user {user_id}: balance {balance}, "
+                f"sum of its {entries} entries {journal}"
+            )
+        for entry_id, user_id, amount, balance, previous in found.chain:
+            print(
+                f"MISMATCH entry {entry_id} of user {user_id}: balance {balance}, "
+                f"previous {previous} + amount {amount}"
+            )
+        print(f"mismatches: {found.mismatches}")
+        return 1 if found.mismatches else 0
+
+    return asyncio.run(run())
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from tandem.loadtest import LoadtestOptions, run_loadtest
 
@@ -240,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply database migrations once")
     migrate.set_defaults(func=cmd_migrate)
+
+    ledger = sub.add_parser("ledger", help="the wallet's journal")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    verify = ledger_sub.add_parser(
+        "verify", help="every balance = the sum of its entries, each entry = previous + amount"
+    )
+    verify.set_defaults(func=cmd_ledger_verify)
 
     load = sub.add_parser("loadtest", help="fire concurrent withdrawals and check the outcome")
     load.add_argument("--url", default="http://127.0.0.1:8000")

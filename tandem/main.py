@@ -31,7 +31,7 @@ from tandem.scheduler.runner import Runner
 from tandem.status.endpoints import router as status_router
 from tandem.wallet.endpoints import router as wallet_router
 from tandem.wallet.fastpath import WalletFastPath
-from tandem.wallet.schemas import BalanceUpdate
+from tandem.wallet.schemas import BalanceUpdate, TransferCreate, UserCreate
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,10 @@ def _install_openapi(app: FastAPI) -> None:
                 routes=app.routes,
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["BalanceUpdate"] = BalanceUpdate.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
+            for model in (BalanceUpdate, TransferCreate, UserCreate):
+                components[model.__name__] = model.model_json_schema(
+                    ref_template="#/components/schemas/{model}"
+                )
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -3,6 +3,8 @@
 
 - ``tandem.prune_task_history``: deletes finished runs older than TANDEM_HISTORY_RETENTION.
 - ``tandem.prune_idempotency_keys``: deletes keys older than TANDEM_IDEMPOTENCY_RETENTION.
+- ``tandem.verify_ledger``: checks the ledger's invariants (``tandem ledger verify``) and
+  exports the mismatches it finds as ``tandem_ledger_mismatches`` (alert TandemLedgerMismatch).
 
 Wiring, like main.py: it joins each domain's named pruning statement to the scheduler's
 registry, so neither the wallet nor the scheduler imports the other. Each run deletes in
@@ -18,12 +20,14 @@ from datetime import timedelta
 import asyncpg
 
 from tandem.core.database import Database
+from tandem.observability.metrics import LEDGER_MISMATCHES, LEDGER_VERIFIED
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.registry import Registry, TaskContext
 from tandem.wallet import repository as wallet_repository
 
 PRUNE_HISTORY_TASK = "tandem.prune_task_history"
 PRUNE_KEYS_TASK = "tandem.prune_idempotency_keys"
+VERIFY_LEDGER_TASK = "tandem.verify_ledger"
 
 PruneBatch = Callable[[asyncpg.Connection, timedelta, int], Awaitable[int]]
 
@@ -61,8 +65,28 @@ def maintenance_registry(database: Database) -> Registry:
         keys = wallet_repository.prune_idempotency_keys
         await _prune(ctx, database, keys, settings.idempotency_retention, "idempotency keys")
 
+    async def verify_ledger(ctx: TaskContext) -> None:
+        conn = await database.connect("tandem-maintenance")
+        try:
+            found = await wallet_repository.verify_ledger(conn)
+        finally:
+            await conn.close(timeout=settings.db_close_timeout)
+        LEDGER_MISMATCHES.set(found.mismatches)
+        LEDGER_VERIFIED.set_to_current_time()
+        if found.mismatches:
+            ctx.log.error(
+                "ledger: %d mismatches over %d users and %d entries (tandem ledger verify "
+                "lists them)",
+                found.mismatches,
+                found.users,
+                found.entries,
+            )
+        else:
+            ctx.log.info("ledger verified: %d users, %d entries", found.users, found.entries)
+
     registry = Registry()
     every = timedelta(seconds=settings.maintenance_interval)
+    registry.task(VERIFY_LEDGER_TASK, every)(verify_ledger)
     registry.task(PRUNE_HISTORY_TASK, every)(prune_task_history)
     registry.task(PRUNE_KEYS_TASK, every)(prune_idempotency_keys)
     return registry

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tandem.maintenance import PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK
+from tandem.maintenance import PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK
 from tests.support import CRON_TIMINGS, Server, fresh_database, query, start_server, wait_for
 
 pytestmark = pytest.mark.slow
@@ -121,22 +121,45 @@ def test_old_rows_are_pruned_and_recent_ones_kept(seeded: str, tmp_path: Path) -
 
 
 def test_housekeeping_tasks_are_ordinary_tasks(seeded: str, tmp_path: Path) -> None:
-    """Both housekeeping tasks are listed by GET /tasks, next to the registry's own, and their
+    """The housekeeping tasks are listed by GET /tasks, next to the registry's own, and their
     runs succeed and are recorded in their history."""
     server = start(seeded, tmp_path)
     try:
         names = {t["name"] for t in httpx.get(f"{server.url}/tasks").json()["tasks"]}
         deadline = time.monotonic() + 15
-        while {PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, "Quick"} - names:
+        while {PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK, "Quick"} - names:
             assert time.monotonic() < deadline, names
             time.sleep(0.2)
             names = {t["name"] for t in httpx.get(f"{server.url}/tasks").json()["tasks"]}
-        for name in (PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK):
+        for name in (PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK):
 
             def succeeded(task: str = name) -> bool:
                 runs = httpx.get(f"{server.url}/tasks/{task}/history").json()["runs"]
                 return any(r["status"] == "succeeded" for r in runs)
 
             wait_for(succeeded, 15)
+    finally:
+        assert server.stop() == 0, server.log()[-2000:]
+
+
+def ledger_mismatches(server: Server) -> float | None:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("tandem_ledger_mismatches "):
+            return float(line.split()[1])
+    return None
+
+
+def test_ledger_verification_exports_what_it_finds(seeded: str, tmp_path: Path) -> None:
+    """The hourly verification runs as a task: 0 mismatches on a sound ledger; after a balance
+    is changed behind the journal's back, the next run exports 1."""
+    server = start(seeded, tmp_path)
+    try:
+        verified = "tandem_ledger_verified_timestamp_seconds"
+        wait_for(lambda: f"{verified} 0.0" not in httpx.get(f"{server.url}/metrics").text, 15)
+        assert ledger_mismatches(server) == 0
+        query(seeded, "UPDATE users SET balance = balance + 1 WHERE id = 1")
+        run = httpx.post(f"{server.url}/tasks/{VERIFY_LEDGER_TASK}/run")
+        assert run.status_code == 200, run.text
+        wait_for(lambda: ledger_mismatches(server) == 1, 15)
     finally:
         assert server.stop() == 0, server.log()[-2000:]

@@ -50,6 +50,11 @@ class PayloadTooLargeError(AppError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaTypeError(AppError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class ServiceUnavailableError(AppError):
     status_code = 503
     code = "service_unavailable"

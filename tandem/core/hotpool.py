@@ -289,6 +289,18 @@ class HotPool:
         self._take_back(conn, None)
         return value
 
+    async def fetch(self, query: str, *args: Any, read_only: bool = False) -> list[asyncpg.Record]:
+        conn = await self._acquire()
+        try:
+            rows = await conn.fetch(query, *args)
+        except BaseException as failure:
+            retried: list[asyncpg.Record] = await self._recover(
+                conn, failure, asyncpg.Connection.fetch, query, args, read_only
+            )
+            return retried
+        self._take_back(conn, None)
+        return rows
+
     async def _recover(
         self,
         conn: asyncpg.Connection,

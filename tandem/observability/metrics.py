@@ -168,3 +168,15 @@ SCHEDULER_TASK_LAST_SUCCESS = Gauge(
     "registration if it never succeeded). Every instance reports the same values.",
     ["task"],
 )
+
+# Set by the housekeeping task tandem.verify_ledger (the same on whichever instance ran it
+# last; alert on the max).
+LEDGER_MISMATCHES = Gauge(
+    "tandem_ledger_mismatches",
+    "Ledger invariants broken at the last verification: balances that are not the sum of "
+    "their entries, plus entries whose balance is not the previous one's plus their amount.",
+)
+LEDGER_VERIFIED = Gauge(
+    "tandem_ledger_verified_timestamp_seconds",
+    "When this instance last verified the ledger (Unix time).",
+)

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from tandem.core.errors import AppError, ConflictError, NotFoundError, ValidationError
+
+if TYPE_CHECKING:
+    from tandem.wallet.repository import Request
 
 
 class UserNotFoundError(NotFoundError):
     code = "user_not_found"
 
-    def __init__(self, user_id: int) -> None:
-        super().__init__(f"user {user_id} does not exist")
+    def __init__(
+        self, user_id: int, *, field: str | None = None, at: datetime | None = None
+    ) -> None:
+        self.user_id, self.field = user_id, field
+        if at is not None:
+            message = f"user {user_id} had no journal entry at or before {at.isoformat()}"
+        else:
+            message = f"user {user_id} does not exist"
+        details = [{"field": field, "type": "not_found", "message": message}] if field else None
+        super().__init__(message, details=details)
+
+
+class TransferNotFoundError(NotFoundError):
+    code = "transfer_not_found"
+
+    def __init__(self, transfer_id: int) -> None:
+        super().__init__(f"transfer {transfer_id} does not exist")
 
 
 class InsufficientFundsError(ConflictError):
@@ -37,9 +56,25 @@ class IdempotencyKeyReusedError(ValidationError):
         super().__init__("this Idempotency-Key was already used with a different request")
 
 
-# Refusals whose outcome an idempotency key records, by code, to answer a retry alike.
-REPLAYABLE: dict[str, Callable[[int], AppError]] = {
-    UserNotFoundError.code: UserNotFoundError,
-    InsufficientFundsError.code: InsufficientFundsError,
-    BalanceLimitError.code: BalanceLimitError,
-}
+def refusal_outcome(refusal: AppError) -> str:
+    """How a keyed request's refusal is stored: its code, and for a user not found which side
+    of a transfer it was."""
+    if isinstance(refusal, UserNotFoundError) and refusal.field:
+        return f"{refusal.code}:{refusal.field}"
+    return refusal.code
+
+
+def replay_refusal(outcome: str, request: Request) -> AppError:
+    """The refusal a stored outcome stands for, raised again for a retry of ``request``."""
+    code, _, field = outcome.partition(":")
+    if code == UserNotFoundError.code:
+        if field == "toUserId":
+            assert request.to_user_id is not None
+            return UserNotFoundError(request.to_user_id, field=field)
+        return UserNotFoundError(request.user_id, field=field or None)
+    if code == InsufficientFundsError.code:
+        return InsufficientFundsError(request.user_id)
+    if code == BalanceLimitError.code:
+        target = request.to_user_id if request.to_user_id is not None else request.user_id
+        return BalanceLimitError(target)
+    raise AssertionError(f"no refusal is stored as {outcome!r}")

@@ -15,7 +15,12 @@ from tandem.core.database import Database
 from tandem.core.errors import AppError, PayloadTooLargeError
 from tandem.core.failures import count_answered, error_for_unexpected
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
-from tandem.wallet.endpoints import balance_body, serve_balance_read, serve_balance_update
+from tandem.wallet.endpoints import (
+    balance_body,
+    parse_at,
+    serve_balance_read,
+    serve_balance_update,
+)
 from tandem.wallet.schemas import MAX_BODY_BYTES
 
 UPDATE_PATH = "/balance/update"
@@ -47,18 +52,21 @@ class WalletFastPath:
                 and "/" not in path[_READ_PREFIX_LEN:]
             ):
                 scope[ROUTE_SCOPE_KEY] = READ_ROUTE
-                await self._read(path[_READ_PREFIX_LEN:], send)
+                await self._read(path[_READ_PREFIX_LEN:], scope.get("query_string", b""), send)
                 return
         await self.app(scope, receive, send)
 
     async def _update(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key: str | None = None
+        keys: list[str] = []
+        content_type: str | None = None
         for name, value in scope["headers"]:
             if name == _IDEMPOTENCY_HEADER:
-                key = value.decode("latin-1")
+                keys.append(value.decode("latin-1"))
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
         try:
             body = await _read_body(receive)
-            result = await serve_balance_update(self.database.hot, body, key)
+            result = await serve_balance_update(self.database.hot, body, content_type, keys)
         except AppError as error:
             await _respond_error(send, error)
             return
@@ -70,16 +78,17 @@ class WalletFastPath:
             headers = [*_JSON_HEADERS, (b"idempotent-replayed", b"true")]
         await _respond(send, 200, balance_body(result), headers)
 
-    async def _read(self, raw_user_id: str, send: Send) -> None:
+    async def _read(self, raw_user_id: str, query: bytes, send: Send) -> None:
         try:
-            result = await serve_balance_read(self.database.hot, raw_user_id)
+            result = await serve_balance_read(self.database.hot, raw_user_id, query)
+            at = parse_at(query) if query else None
         except AppError as error:
             await _respond_error(send, error)
             return
         except Exception as exc:
             await _respond_unexpected(send, exc, writes=False)
             return
-        await _respond(send, 200, balance_body(result))
+        await _respond(send, 200, balance_body(result, at))
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -29,17 +29,43 @@ class User(Base):
 
 
 class IdempotencyKey(Base):
-    """The first outcome of a keyed balance update, written in the same transaction as the
-    change itself, so a retry can never apply twice."""
+    """The first outcome of a keyed balance update or transfer, written in the same
+    transaction as the change itself, so a retry can never apply twice."""
 
     __tablename__ = "idempotency_keys"
 
     key: Mapped[str] = mapped_column(Text, primary_key=True)
+    # "update" (user_id, amount) or "transfer" (user_id -> to_user_id, amount).
+    kind: Mapped[str] = mapped_column(Text, nullable=False, server_default="update")
     user_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    to_user_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    # "ok" or the stable error code of the refusal that was answered.
+    reference: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # "ok" or the stable error code of the refusal that was answered. What an applied request
+    # did is in the journal (its entry or transfer carries the key), which is never pruned.
     outcome: Mapped[str] = mapped_column(Text, nullable=False)
+    # The balance an "ok" answered, for keys stored before the journal kept them (0008).
     balance: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class LedgerEntry(Base):
+    """One change of one balance, with the balance after it; append-only (migration 0008's
+    triggers refuse UPDATE, DELETE and TRUNCATE). Mapped for the ORM's one insert (a new
+    user's opening entry); everything else is in the repository's SQL."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    balance: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    transfer_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reference: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
     )

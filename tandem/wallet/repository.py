@@ -7,7 +7,7 @@ statement per connection, so the hot path pays parsing and planning once.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import asyncpg
@@ -15,45 +15,117 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.database import rows_affected
 from tandem.core.hotpool import HotPool
-from tandem.wallet.models import User
+from tandem.wallet.models import LedgerEntry, User
 
 Connection = asyncpg.Connection
 Executor = HotPool | Connection
 
-# Applies the delta only when the result fits 0..2^63-1, in one statement. UPDATE takes the
-# row lock, and under READ COMMITTED PostgreSQL re-checks the WHERE on the newest row version
-# after waiting for it, so concurrent updates serialise on the row with no read-modify-write
-# race and no lost update. The numeric sum cannot overflow, so a refusal is a row, not an
-# error. The second branch tells "refused" from "no such user" in the same round trip.
+# Applies the delta only when the result fits 0..2^63-1, and journals it, in one statement
+# (one round trip, autocommit). UPDATE takes the row lock, and under READ COMMITTED
+# PostgreSQL re-checks the WHERE on the newest row version after waiting for it, so
+# concurrent updates serialise on the row with no read-modify-write race and no lost update;
+# the entry is written under that same lock, so a user's entries are in the order of its
+# changes, each with the balance after it. The numeric sum cannot overflow, so a refusal is a
+# row, not an error. The second branch tells "refused" from "no such user" in the same round
+# trip. $4 (the idempotency key) is unique in the journal: a change applied with a key can
+# never be applied again with it.
 APPLY_DELTA = """
 WITH updated AS (
     UPDATE users SET balance = balance + $2, updated_at = clock_timestamp()
     WHERE id = $1 AND (balance::numeric + $2) BETWEEN 0 AND 9223372036854775807
-    RETURNING balance
+    RETURNING id, balance
+), entry AS (
+    INSERT INTO ledger_entries (user_id, amount, balance, kind, reference, idempotency_key)
+    SELECT id, $2, balance, CASE WHEN $2 > 0 THEN 'deposit' ELSE 'withdrawal' END, $3, $4
+    FROM updated
+    RETURNING id
 )
-SELECT balance, true AS applied FROM updated
+SELECT balance, true AS applied, (SELECT id FROM entry) AS entry_id FROM updated
 UNION ALL
-SELECT balance, false FROM users WHERE id = $1 AND NOT EXISTS (SELECT FROM updated)
+SELECT balance, false, NULL FROM users WHERE id = $1 AND NOT EXISTS (SELECT FROM updated)
 """
 
 GET_BALANCE = "SELECT balance FROM users WHERE id = $1"
+
+# The balance after the user's last entry at or before $2 (entries of one user are written
+# under its row lock, so created_at and id rise together).
+BALANCE_AT = """
+SELECT balance FROM ledger_entries WHERE user_id = $1 AND created_at <= $2
+ORDER BY created_at DESC, id DESC LIMIT 1
+"""
+
+# Newest first, keyset on id: a page is an index range scan, and entries written meanwhile
+# (always with larger ids) never shift a later page. One row more than asked tells whether
+# another page follows.
+HISTORY = """
+SELECT id, amount, balance, kind, transfer_id, reference, created_at FROM ledger_entries
+WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
+"""
+
+USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
+
+# Locks both users in id order, checks, moves the amount and journals both legs, in one
+# round trip (migration 0008): no deadlock whatever the directions in flight.
+TRANSFER = "SELECT * FROM tandem_transfer($1, $2, $3, $4, $5)"
+
+GET_TRANSFER = """
+SELECT t.id, t.from_user_id, t.to_user_id, t.amount, t.reference, t.created_at,
+       f.balance AS from_balance, d.balance AS to_balance
+FROM transfers t
+JOIN ledger_entries f ON f.transfer_id = t.id AND f.user_id = t.from_user_id
+JOIN ledger_entries d ON d.transfer_id = t.id AND d.user_id = t.to_user_id
+WHERE t.id = $1
+"""
+
+GET_TRANSFER_BY_KEY = """
+SELECT t.id FROM transfers t WHERE t.idempotency_key = $1
+"""
+
+# What a key applied, from the journal: it outlives the pruning of idempotency_keys.
+GET_ENTRY_BY_KEY = """
+SELECT id, user_id, amount, balance, reference FROM ledger_entries WHERE idempotency_key = $1
+"""
 
 # Claims the key before the change. A concurrent request with the same key blocks on the
 # unique index until the first commits (then sees its row) or rolls back (then claims it):
 # two requests with one key can never both apply.
 CLAIM_IDEMPOTENCY_KEY = """
-INSERT INTO idempotency_keys (key, user_id, amount, outcome) VALUES ($1, $2, $3, 'pending')
+INSERT INTO idempotency_keys (key, kind, user_id, to_user_id, amount, reference, outcome)
+VALUES ($1, $2, $3, $4, $5, $6, 'pending')
 ON CONFLICT (key) DO NOTHING
 RETURNING key
 """
 
 GET_IDEMPOTENCY_OUTCOME = """
-SELECT user_id, amount, outcome, balance FROM idempotency_keys WHERE key = $1
+SELECT kind, user_id, to_user_id, amount, reference, outcome, balance FROM idempotency_keys
+WHERE key = $1
 """
 
-RECORD_IDEMPOTENCY_OUTCOME = """
-UPDATE idempotency_keys SET outcome = $2, balance = $3 WHERE key = $1
+RECORD_IDEMPOTENCY_OUTCOME = "UPDATE idempotency_keys SET outcome = $2 WHERE key = $1"
+
+# The ledger's two invariants, in one snapshot (the caller's REPEATABLE READ transaction): a
+# balance is the sum of its user's entries, and each entry's balance is the previous one's
+# plus its amount (an opening entry's is its amount).
+VERIFY_BALANCES = """
+SELECT u.id, u.balance, coalesce(s.total, 0) AS journal, coalesce(s.n, 0) AS entries
+FROM users u
+LEFT JOIN (SELECT user_id, sum(amount) AS total, count(*) AS n FROM ledger_entries
+           GROUP BY user_id) s ON s.user_id = u.id
+WHERE coalesce(s.total, 0) <> u.balance
+ORDER BY u.id
 """
+
+VERIFY_CHAIN = """
+SELECT id, user_id, amount, balance, previous FROM (
+    SELECT id, user_id, amount, balance,
+           lag(balance) OVER (PARTITION BY user_id ORDER BY id) AS previous
+    FROM ledger_entries
+) e
+WHERE balance <> coalesce(previous, 0) + amount
+ORDER BY id
+"""
+
+LEDGER_SIZE = "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM ledger_entries)"
 
 # Keys past their retention, a batch at a time. SKIP LOCKED: a row another transaction holds
 # (a retry of that very key in flight) is left for the next round instead of waited on.
@@ -71,19 +143,66 @@ DELETE FROM idempotency_keys WHERE key IN (
 class DeltaResult(NamedTuple):
     balance: int
     applied: bool
+    entry_id: int | None
 
 
-class StoredOutcome(NamedTuple):
+class Request(NamedTuple):
+    """What a keyed request asked for: a retry with the same key must ask the same."""
+
+    kind: str  # "update" or "transfer"
+    user_id: int
+    to_user_id: int | None
+    amount: int
+    reference: str | None
+
+
+class Entry(NamedTuple):
+    id: int
+    amount: int
+    balance: int
+    kind: str
+    transfer_id: int | None
+    reference: str | None
+    created_at: datetime
+
+
+class KeyedEntry(NamedTuple):
+    id: int
     user_id: int
     amount: int
-    outcome: str
-    balance: int | None
+    balance: int
+    reference: str | None
 
 
-async def apply_delta(db: Executor, user_id: int, amount: int) -> DeltaResult | None:
+class TransferResult(NamedTuple):
+    outcome: str  # "ok", "from_not_found", "to_not_found", "insufficient_funds", ...
+    transfer_id: int | None
+    from_balance: int | None
+    to_balance: int | None
+    created_at: datetime | None
+
+
+class Transfer(NamedTuple):
+    id: int
+    from_user_id: int
+    to_user_id: int
+    amount: int
+    reference: str | None
+    created_at: datetime
+    from_balance: int
+    to_balance: int
+
+
+async def apply_delta(
+    db: Executor,
+    user_id: int,
+    amount: int,
+    reference: str | None = None,
+    idempotency_key: str | None = None,
+) -> DeltaResult | None:
     """None when the user does not exist."""
-    row = await db.fetchrow(APPLY_DELTA, user_id, amount)
-    return None if row is None else DeltaResult(row[0], row[1])
+    row = await db.fetchrow(APPLY_DELTA, user_id, amount, reference, idempotency_key)
+    return None if row is None else DeltaResult(row[0], row[1], row[2])
 
 
 async def get_balance(pool: HotPool, user_id: int) -> int | None:
@@ -91,28 +210,109 @@ async def get_balance(pool: HotPool, user_id: int) -> int | None:
     return None if value is None else int(value)
 
 
+async def balance_at(pool: HotPool, user_id: int, at: datetime) -> int | None:
+    """None when the user has no entry at or before ``at``."""
+    value = await pool.fetchval(BALANCE_AT, user_id, at, read_only=True)
+    return None if value is None else int(value)
+
+
+async def history(pool: HotPool, user_id: int, before: int, limit: int) -> list[Entry]:
+    rows = await pool.fetch(HISTORY, user_id, before, limit, read_only=True)
+    return [Entry(*row) for row in rows]
+
+
+async def user_exists(pool: HotPool, user_id: int) -> bool:
+    exists: bool = await pool.fetchval(USER_EXISTS, user_id, read_only=True)
+    return exists
+
+
+async def transfer(
+    db: Executor,
+    from_user_id: int,
+    to_user_id: int,
+    amount: int,
+    reference: str | None,
+    idempotency_key: str | None,
+) -> TransferResult:
+    row = await db.fetchrow(TRANSFER, from_user_id, to_user_id, amount, reference, idempotency_key)
+    assert row is not None
+    return TransferResult(*row)
+
+
+async def get_transfer(db: Executor, transfer_id: int) -> Transfer | None:
+    if isinstance(db, HotPool):
+        row = await db.fetchrow(GET_TRANSFER, transfer_id, read_only=True)
+    else:
+        row = await db.fetchrow(GET_TRANSFER, transfer_id)
+    return None if row is None else Transfer(*row)
+
+
+async def transfer_by_key(conn: Connection, key: str) -> int | None:
+    value = await conn.fetchval(GET_TRANSFER_BY_KEY, key)
+    return None if value is None else int(value)
+
+
+async def entry_by_key(conn: Connection, key: str) -> KeyedEntry | None:
+    row = await conn.fetchrow(GET_ENTRY_BY_KEY, key)
+    return None if row is None else KeyedEntry(*row)
+
+
 async def create_user(session: AsyncSession, balance: int) -> User:
-    """A plain insert: the ORM's case. The caller's transaction commits it."""
+    """A plain insert and its opening entry: the ORM's case. The caller's transaction
+    commits both."""
     user = User(balance=balance)
     session.add(user)
+    await session.flush()
+    session.add(LedgerEntry(user_id=user.id, amount=balance, balance=balance, kind="opening"))
     await session.flush()
     return user
 
 
-async def claim_idempotency_key(conn: Connection, key: str, user_id: int, amount: int) -> bool:
-    return await conn.fetchval(CLAIM_IDEMPOTENCY_KEY, key, user_id, amount) is not None
+async def claim_idempotency_key(conn: Connection, key: str, request: Request) -> bool:
+    return await conn.fetchval(CLAIM_IDEMPOTENCY_KEY, key, *request) is not None
+
+
+class StoredOutcome(NamedTuple):
+    request: Request
+    outcome: str  # "ok" or the refusal answered (errors.refusal_outcome)
+    # The balance an "ok" answered, for keys stored before the journal kept them.
+    legacy_balance: int | None
 
 
 async def get_idempotency_outcome(conn: Connection, key: str) -> StoredOutcome:
     row = await conn.fetchrow(GET_IDEMPOTENCY_OUTCOME, key)
     assert row is not None, "claimed keys are never deleted inside their retention window"
-    return StoredOutcome(row[0], row[1], row[2], row[3])
+    return StoredOutcome(Request(row[0], row[1], row[2], row[3], row[4]), row[5], row[6])
 
 
-async def record_idempotency_outcome(
-    conn: Connection, key: str, outcome: str, balance: int | None
-) -> None:
-    await conn.execute(RECORD_IDEMPOTENCY_OUTCOME, key, outcome, balance)
+async def record_idempotency_outcome(conn: Connection, key: str, outcome: str) -> None:
+    await conn.execute(RECORD_IDEMPOTENCY_OUTCOME, key, outcome)
+
+
+class Verification(NamedTuple):
+    users: int
+    entries: int
+    # Users whose balance is not the sum of their entries: (id, balance, sum, entries).
+    balances: list[tuple[int, int, int, int]]
+    # Entries whose balance is not the previous one's plus their amount:
+    # (entry id, user id, amount, balance, previous balance).
+    chain: list[tuple[int, int, int, int, int | None]]
+
+    @property
+    def mismatches(self) -> int:
+        return len(self.balances) + len(self.chain)
+
+
+async def verify_ledger(conn: Connection) -> Verification:
+    """Both invariants over every user, read in one snapshot, so concurrent changes (each a
+    balance and its entry in one transaction) never look like a mismatch."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        # A full scan: past the database's default statement deadline on a big ledger.
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        users, entries = await conn.fetchrow(LEDGER_SIZE)
+        balances = [tuple(row) for row in await conn.fetch(VERIFY_BALANCES)]
+        chain = [tuple(row) for row in await conn.fetch(VERIFY_CHAIN)]
+    return Verification(users, entries, balances, chain)  # type: ignore[arg-type]
 
 
 async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch: int) -> int:

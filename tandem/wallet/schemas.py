@@ -5,13 +5,15 @@ Strict: money is integral, so 2.0, "2", true and 1e3 are refused, as are unknown
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tandem.core.errors import PayloadTooLargeError, ValidationError
+from tandem.core.errors import PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -19,6 +21,9 @@ MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 _USER_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
 _IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
+_RFC3339_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
 
 
 class BalanceUpdate(BaseModel):
@@ -39,12 +44,47 @@ class BalanceUpdate(BaseModel):
         json_schema_extra={"not": {"const": 0}},
     )
 
+    reference: Reference | None = None
+
     @field_validator("amount")
     @classmethod
     def _not_zero(cls, value: int) -> int:
         if value == 0:
             raise ValueError("amount must not be zero")
         return value
+
+
+Reference = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=255,
+        description="The client's own text for the change (an order id, say), kept in the journal.",
+    ),
+]
+
+
+class TransferCreate(BaseModel):
+    """Move ``amount`` from ``fromUserId`` to ``toUserId``, atomically."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"fromUserId": 1, "toUserId": 2, "amount": 250, "reference": "order-17"}]
+        },
+    )
+
+    from_user_id: int = Field(alias="fromUserId", ge=1, le=INT64_MAX)
+    to_user_id: int = Field(alias="toUserId", ge=1, le=INT64_MAX)
+    amount: int = Field(ge=1, le=INT64_MAX, description="Integer units, more than 0.")
+    reference: Reference | None = None
+
+    @model_validator(mode="after")
+    def _two_users(self) -> TransferCreate:
+        if self.from_user_id == self.to_user_id:
+            raise ValueError("fromUserId and toUserId must be two different users")
+        return self
 
 
 class UserCreate(BaseModel):
@@ -64,6 +104,56 @@ class Balance(BaseModel):
     balance: int = Field(ge=0)
 
 
+class BalanceUpdated(Balance):
+    model_config = ConfigDict(
+        populate_by_name=True,
+        json_schema_extra={"examples": [{"userId": 1, "balance": 9998, "entryId": 42}]},
+    )
+
+    entry_id: int = Field(alias="entryId", description="The journal entry of this change.")
+
+
+class BalanceAt(Balance):
+    model_config = ConfigDict(populate_by_name=True)
+
+    at: datetime = Field(description="The instant asked about.")
+
+
+class Transfer(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    transfer_id: int = Field(alias="transferId")
+    from_user_id: int = Field(alias="fromUserId")
+    to_user_id: int = Field(alias="toUserId")
+    amount: int
+    reference: str | None = None
+    from_balance: int = Field(alias="fromBalance", description="The payer's balance after it.")
+    to_balance: int = Field(alias="toBalance", description="The payee's balance after it.")
+    created_at: datetime = Field(alias="createdAt")
+
+
+class HistoryEntry(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: int
+    amount: int
+    balance: int = Field(description="The balance after this entry.")
+    kind: Literal["opening", "deposit", "withdrawal", "transfer"]
+    transfer_id: int | None = Field(alias="transferId")
+    reference: str | None
+    created_at: datetime = Field(alias="createdAt")
+
+
+class History(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    user_id: int = Field(alias="userId")
+    entries: list[HistoryEntry] = Field(description="Newest first.")
+    next_before: int | None = Field(
+        alias="nextBefore", description="Pass as `before` for the next page; null on the last."
+    )
+
+
 def _details(error: pydantic.ValidationError) -> list[dict[str, Any]]:
     return [
         {
@@ -79,31 +169,90 @@ def validation_error_from(error: pydantic.ValidationError, message: str) -> Vali
     return ValidationError(message, details=_details(error))
 
 
-def parse_balance_update(body: bytes) -> BalanceUpdate:
-    """Parse and validate a raw request body. Raises ValidationError (422) for anything that is
-    not exactly ``{"userId": <positive int64>, "amount": <non-zero int64>}``."""
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def parse_body(model: type[Model], body: bytes, content_type: str | None, what: str) -> Model:
+    """Parse and validate a raw JSON request body, strictly: 415 unless it is declared
+    ``application/json`` (which also keeps a cross-site form from posting it), 413 when too
+    large, 422 for anything the model refuses and for a key given twice (which most parsers
+    resolve silently, each its own way)."""
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"the request body must be application/json, not {media_type or 'undeclared'}"
+        )
     if len(body) > MAX_BODY_BYTES:
         raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
     try:
-        return BalanceUpdate.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except pydantic.ValidationError as error:
-        raise validation_error_from(error, "invalid balance update") from None
+        raise validation_error_from(error, f"invalid {what}") from None
+    # Valid JSON by now; only its keys are checked again (microseconds for these bodies).
+    json.loads(body, object_pairs_hook=_refuse_duplicate_keys)
+    return parsed
 
 
-def parse_user_id(raw: str) -> int:
-    """A user id in a path: decimal digits, no sign or leading zero, 1..2^63-1."""
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        raise ValidationError(
+            f"a key appears twice in the JSON body: {', '.join(twice)}",
+            details=[
+                {"field": key, "type": "duplicate_key", "message": "given more than once"}
+                for key in twice
+            ],
+        )
+    return dict(pairs)
+
+
+def parse_balance_update(body: bytes, content_type: str | None) -> BalanceUpdate:
+    """``{"userId": <positive int64>, "amount": <non-zero int64>, "reference"?: <text>}``."""
+    return parse_body(BalanceUpdate, body, content_type, "balance update")
+
+
+def parse_instant(raw: str) -> datetime:
+    """An RFC 3339 instant: a date, a time and an offset (``Z`` or ``±hh:mm``)."""
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None or _RFC3339_RE.fullmatch(raw) is None:
+        raise ValidationError(
+            "at must be an RFC 3339 instant, e.g. 2026-12-01T12:00:00Z",
+            details=[{"field": "at", "type": "datetime_parsing", "message": "invalid instant"}],
+        )
+    return moment
+
+
+def parse_user_id(raw: str, field: str = "userId") -> int:
+    """An id in a path: decimal digits, no sign or leading zero, 1..2^63-1."""
     if _USER_ID_RE.fullmatch(raw) is None or int(raw) > INT64_MAX:
         raise ValidationError(
-            "userId must be a positive 64-bit integer",
-            details=[{"field": "userId", "type": "int_type", "message": "invalid user id"}],
+            f"{field} must be a positive 64-bit integer",
+            details=[{"field": field, "type": "int_type", "message": f"invalid {field}"}],
         )
     return int(raw)
 
 
-def parse_idempotency_key(raw: str | None) -> str | None:
-    """1-255 visible ASCII characters, or absent."""
-    if raw is None:
+def parse_idempotency_key(values: list[str]) -> str | None:
+    """The request's ``Idempotency-Key`` headers: none, or one of 1-255 visible ASCII
+    characters (two are ambiguous: parsers disagree on which one counts)."""
+    if not values:
         return None
+    if len(values) > 1:
+        raise ValidationError(
+            f"{IDEMPOTENCY_KEY_HEADER} given {len(values)} times",
+            details=[
+                {
+                    "field": IDEMPOTENCY_KEY_HEADER,
+                    "type": "duplicate",
+                    "message": "given more than once",
+                }
+            ],
+        )
+    raw = values[0]
     if _IDEMPOTENCY_KEY_RE.fullmatch(raw) is None:
         raise ValidationError(
             f"{IDEMPOTENCY_KEY_HEADER} must be 1-255 visible ASCII characters",

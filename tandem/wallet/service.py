@@ -1,8 +1,12 @@
-"""Wallet rules: apply a delta atomically, never below zero, at most once per idempotency key."""
+"""Wallet rules: apply a delta or a transfer atomically, never below zero, journaled, at most
+once per idempotency key."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -10,19 +14,37 @@ from tandem.core.errors import AppError
 from tandem.core.hotpool import HotPool
 from tandem.wallet import repository
 from tandem.wallet.errors import (
-    REPLAYABLE,
     BalanceLimitError,
     IdempotencyKeyReusedError,
     InsufficientFundsError,
+    TransferNotFoundError,
     UserNotFoundError,
+    refusal_outcome,
+    replay_refusal,
 )
+
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
 class BalanceResult:
     user_id: int
     balance: int
+    entry_id: int | None = None
     replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    transfer: repository.Transfer
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    user_id: int
+    entries: list[repository.Entry]
+    next_before: int | None
 
 
 def _refusal(user_id: int, amount: int, result: repository.DeltaResult | None) -> AppError | None:
@@ -35,12 +57,19 @@ def _refusal(user_id: int, amount: int, result: repository.DeltaResult | None) -
 
 
 async def update_balance(
-    pool: HotPool, user_id: int, amount: int, idempotency_key: str | None = None
+    pool: HotPool,
+    user_id: int,
+    amount: int,
+    idempotency_key: str | None = None,
+    reference: str | None = None,
 ) -> BalanceResult:
-    """Add ``amount`` to the balance in one atomic statement; the balance never goes below 0.
+    """Add ``amount`` to the balance and journal it, in one atomic statement; the balance never
+    goes below 0.
 
     With an idempotency key, the first outcome (success or refusal) is stored in the same
-    transaction as the change and every retry gets it back without applying again.
+    transaction as the change and every retry gets it back without applying again; an applied
+    change keeps its key in the journal for good, so even after the stored outcomes are pruned
+    a retry replays it.
 
     Raises UserNotFoundError, InsufficientFundsError, BalanceLimitError and, for a key reused
     with a different request, IdempotencyKeyReusedError. A refusal changes nothing. When the
@@ -48,50 +77,202 @@ async def update_balance(
     change may have been applied).
     """
     if idempotency_key is None:
-        result = await repository.apply_delta(pool, user_id, amount)
+        result = await repository.apply_delta(pool, user_id, amount, reference)
         refusal = _refusal(user_id, amount, result)
         if refusal is not None:
             raise refusal
         assert result is not None
-        return BalanceResult(user_id, result.balance)
-    return await _update_balance_once(pool, user_id, amount, idempotency_key)
+        return BalanceResult(user_id, result.balance, result.entry_id)
+    request = repository.Request("update", user_id, None, amount, reference)
+    return await _once(pool, idempotency_key, request, _apply_update, _replay_update)
 
 
-async def _update_balance_once(pool: HotPool, user_id: int, amount: int, key: str) -> BalanceResult:
+async def transfer(
+    pool: HotPool,
+    from_user_id: int,
+    to_user_id: int,
+    amount: int,
+    idempotency_key: str | None = None,
+    reference: str | None = None,
+) -> TransferResult:
+    """Move ``amount`` (> 0) from one user to another, atomically and journaled (two entries
+    sharing the transfer id). Raises UserNotFoundError (saying which), InsufficientFundsError,
+    BalanceLimitError, IdempotencyKeyReusedError; a refusal changes nothing."""
+    request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
+    if idempotency_key is None:
+        result = await repository.transfer(pool, from_user_id, to_user_id, amount, reference, None)
+        return TransferResult(await _transferred(pool, request, result))
+    return await _once(pool, idempotency_key, request, _apply_transfer, _replay_transfer)
+
+
+# --- at most once per key ------------------------------------------------------------------
+
+Outcome = TypeVar("Outcome", BalanceResult, TransferResult)
+Connection = repository.Connection
+
+
+async def _once(
+    pool: HotPool,
+    key: str,
+    request: repository.Request,
+    apply: Callable[
+        [Connection, str, repository.Request], Awaitable[tuple[Outcome, AppError | None]]
+    ],
+    replay: Callable[[Connection, str, repository.Request, int | None], Awaitable[Outcome | None]],
+) -> Outcome:
     # A broken connection before COMMIT applied nothing (database_unavailable); during COMMIT
     # the outcome is unknown, and a retry with this key finds the stored outcome or, if the
     # transaction did not commit, claims the key and applies once.
     async with pool.transaction() as conn:
-        if not await repository.claim_idempotency_key(conn, key, user_id, amount):
+        if not await repository.claim_idempotency_key(conn, key, request):
             stored = await repository.get_idempotency_outcome(conn, key)
-            return _replay(stored, user_id, amount)
-        result = await repository.apply_delta(conn, user_id, amount)
-        refusal = _refusal(user_id, amount, result)
-        balance = None if result is None or refusal is not None else result.balance
-        outcome = "ok" if refusal is None else refusal.code
-        await repository.record_idempotency_outcome(conn, key, outcome, balance)
+            if stored.request != request:
+                raise IdempotencyKeyReusedError()
+            if stored.outcome != "ok":
+                raise replay_refusal(stored.outcome, request)
+            replayed = await replay(conn, key, request, stored.legacy_balance)
+            assert replayed is not None, "an applied key is in the journal"
+            return replayed
+        # Claimed anew: the key's stored outcome may have been pruned after it applied.
+        replayed = await replay(conn, key, request, None)
+        if replayed is not None:
+            await repository.record_idempotency_outcome(conn, key, "ok")
+            return replayed
+        result, refusal = await apply(conn, key, request)
+        await repository.record_idempotency_outcome(
+            conn, key, "ok" if refusal is None else refusal_outcome(refusal)
+        )
     # The refusal is raised after the commit: it is the outcome a retry must see again.
     if refusal is not None:
         raise refusal
-    assert balance is not None
-    return BalanceResult(user_id, balance)
+    return result
 
 
-def _replay(stored: repository.StoredOutcome, user_id: int, amount: int) -> BalanceResult:
-    if (stored.user_id, stored.amount) != (user_id, amount):
+async def _apply_update(
+    conn: Connection, key: str, request: repository.Request
+) -> tuple[BalanceResult, AppError | None]:
+    result = await repository.apply_delta(
+        conn, request.user_id, request.amount, request.reference, key
+    )
+    refusal = _refusal(request.user_id, request.amount, result)
+    if refusal is not None or result is None:
+        return BalanceResult(request.user_id, 0), refusal
+    return BalanceResult(request.user_id, result.balance, result.entry_id), None
+
+
+async def _replay_update(
+    conn: Connection, key: str, request: repository.Request, legacy_balance: int | None
+) -> BalanceResult | None:
+    entry = await repository.entry_by_key(conn, key)
+    if entry is None:
+        if legacy_balance is not None:
+            # Applied before the journal kept keys (migration 0008): the answer it stored.
+            return BalanceResult(request.user_id, legacy_balance, replayed=True)
+        return None
+    if (entry.user_id, entry.amount, entry.reference) != (
+        request.user_id,
+        request.amount,
+        request.reference,
+    ):
         raise IdempotencyKeyReusedError()
-    if stored.outcome == "ok":
-        assert stored.balance is not None
-        return BalanceResult(user_id, stored.balance, replayed=True)
-    raise REPLAYABLE[stored.outcome](user_id)
+    return BalanceResult(request.user_id, entry.balance, entry.id, replayed=True)
 
 
-async def get_balance(pool: HotPool, user_id: int) -> BalanceResult:
-    """Raises UserNotFoundError."""
-    balance = await repository.get_balance(pool, user_id)
+async def _apply_transfer(
+    conn: Connection, key: str, request: repository.Request
+) -> tuple[TransferResult, AppError | None]:
+    assert request.to_user_id is not None
+    result = await repository.transfer(
+        conn, request.user_id, request.to_user_id, request.amount, request.reference, key
+    )
+    try:
+        return TransferResult(await _transferred(conn, request, result)), None
+    except AppError as refusal:
+        return TransferResult(_NO_TRANSFER), refusal
+
+
+async def _replay_transfer(
+    conn: Connection, key: str, request: repository.Request, _legacy_balance: int | None
+) -> TransferResult | None:
+    transfer_id = await repository.transfer_by_key(conn, key)
+    if transfer_id is None:
+        return None
+    found = await repository.get_transfer(conn, transfer_id)
+    assert found is not None
+    if (found.from_user_id, found.to_user_id, found.amount, found.reference) != (
+        request.user_id,
+        request.to_user_id,
+        request.amount,
+        request.reference,
+    ):
+        raise IdempotencyKeyReusedError()
+    return TransferResult(found, replayed=True)
+
+
+_NO_TRANSFER = repository.Transfer(0, 0, 0, 0, None, datetime.min, 0, 0)
+
+
+async def _transferred(
+    db: HotPool | Connection, request: repository.Request, result: repository.TransferResult
+) -> repository.Transfer:
+    """The transfer made, or the refusal raised."""
+    assert request.to_user_id is not None
+    if result.outcome == "from_not_found":
+        raise UserNotFoundError(request.user_id, field="fromUserId")
+    if result.outcome == "to_not_found":
+        raise UserNotFoundError(request.to_user_id, field="toUserId")
+    if result.outcome == "insufficient_funds":
+        raise InsufficientFundsError(request.user_id)
+    if result.outcome == "balance_limit_exceeded":
+        raise BalanceLimitError(request.to_user_id)
+    assert result.outcome == "ok", result
+    assert result.transfer_id is not None
+    assert result.from_balance is not None
+    assert result.to_balance is not None
+    assert result.created_at is not None
+    return repository.Transfer(
+        result.transfer_id,
+        request.user_id,
+        request.to_user_id,
+        request.amount,
+        request.reference,
+        result.created_at,
+        result.from_balance,
+        result.to_balance,
+    )
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+
+async def get_balance(pool: HotPool, user_id: int, at: datetime | None = None) -> BalanceResult:
+    """The balance now, or after the last entry at or before ``at``. Raises UserNotFoundError
+    (also for an instant before the user's opening entry: the user did not exist then)."""
+    if at is None:
+        balance = await repository.get_balance(pool, user_id)
+    else:
+        balance = await repository.balance_at(pool, user_id, at)
     if balance is None:
-        raise UserNotFoundError(user_id)
+        raise UserNotFoundError(user_id, at=at)
     return BalanceResult(user_id, balance)
+
+
+async def history(pool: HotPool, user_id: int, limit: int, before: int | None) -> History:
+    """Newest first, ``limit`` entries older than entry ``before``. Raises UserNotFoundError."""
+    rows = await repository.history(
+        pool, user_id, INT64_MAX if before is None else before, limit + 1
+    )
+    if not rows and not await repository.user_exists(pool, user_id):
+        raise UserNotFoundError(user_id)
+    page = rows[:limit]
+    return History(user_id, page, page[-1].id if len(rows) > limit else None)
+
+
+async def get_transfer(pool: HotPool, transfer_id: int) -> repository.Transfer:
+    found = await repository.get_transfer(pool, transfer_id)
+    if found is None:
+        raise TransferNotFoundError(transfer_id)
+    return found
 
 
 async def create_user(session: AsyncSession, balance: int) -> BalanceResult:

@@ -38,7 +38,9 @@ async def test_withdrawal_answers_new_balance(client: httpx.AsyncClient) -> None
     user = await new_user(client)
     response = await client.post("/balance/update", json={"userId": user, "amount": -2})
     assert response.status_code == 200
-    assert response.json() == {"userId": user, "balance": 9998}
+    body = response.json()
+    assert (body["userId"], body["balance"]) == (user, 9998)
+    assert isinstance(body["entryId"], int)
     assert await balance_of(client, user) == 9998
 
 
@@ -46,7 +48,7 @@ async def test_deposit_adds(client: httpx.AsyncClient) -> None:
     """A positive amount is a deposit."""
     user = await new_user(client, 5)
     response = await client.post("/balance/update", json={"userId": user, "amount": 7})
-    assert response.json() == {"userId": user, "balance": 12}
+    assert (response.json()["userId"], response.json()["balance"]) == (user, 12)
 
 
 async def test_withdrawal_to_exactly_zero_is_allowed(client: httpx.AsyncClient) -> None:
@@ -129,6 +131,11 @@ BAD_UPDATE_BODIES: list[tuple[str, bytes]] = [
     ("userId above int64", b'{"userId": 9223372036854775808, "amount": -2}'),
     ("unknown field", b'{"userId": %d, "amount": -2, "note": "x"}'),
     ("NaN amount", b'{"userId": %d, "amount": NaN}'),
+    ("duplicate key", b'{"userId": %d, "amount": -2, "amount": 2}'),
+    ("duplicate userId", b'{"userId": %d, "amount": -2, "userId": 1}'),
+    ("empty reference", b'{"userId": %d, "amount": -2, "reference": ""}'),
+    ("reference too long", b'{"userId": %d, "amount": -2, "reference": "' + b"r" * 256 + b'"}'),
+    ("reference not text", b'{"userId": %d, "amount": -2, "reference": 17}'),
 ]
 
 
@@ -192,6 +199,7 @@ async def test_bad_user_id_in_path_is_422(client: httpx.AsyncClient, raw: str) -
         (b'{"balance": ', 422, None),
         (b"[]", 422, None),
         (b"\xff\xfe", 422, None),
+        (b'{"balance": 5, "balance": 6}', 422, None),
     ],
 )
 async def test_create_user(
@@ -222,7 +230,8 @@ async def test_idempotent_retry_applies_once(client: httpx.AsyncClient) -> None:
         headers={"Idempotency-Key": f"k1-{user}"},
     )
     assert first.status_code == second.status_code == 200
-    assert first.json() == second.json() == {"userId": user, "balance": 90}
+    assert first.json() == second.json()
+    assert (first.json()["userId"], first.json()["balance"]) == (user, 90)
     assert "idempotent-replayed" not in first.headers
     assert second.headers["idempotent-replayed"] == "true"
     assert await balance_of(client, user) == 90
@@ -252,6 +261,41 @@ async def test_idempotent_refusal_is_replayed(client: httpx.AsyncClient) -> None
     retry = await client.post("/balance/update", json={"userId": user, "amount": -10}, headers=key)
     assert_error(retry, 409, "insufficient_funds")
     assert await balance_of(client, user) == 105
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"]
+)
+async def test_update_body_must_be_declared_json(
+    client: httpx.AsyncClient, content_type: str | None
+) -> None:
+    """A body not declared application/json (a cross-site form's text/plain, say) is 415
+    and changes nothing; a charset parameter is fine."""
+    user = await new_user(client, 100)
+    body = b'{"userId": %d, "amount": -2}' % user
+    headers = {"content-type": content_type} if content_type else {}
+    assert_error(
+        await client.post("/balance/update", content=body, headers=headers),
+        415,
+        "unsupported_media_type",
+    )
+    assert await balance_of(client, user) == 100
+    ok = await client.post(
+        "/balance/update", content=body, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert ok.status_code == 200, ok.text
+
+
+async def test_two_idempotency_keys_are_422(client: httpx.AsyncClient) -> None:
+    """Two Idempotency-Key headers are ambiguous: refused, nothing changed."""
+    user = await new_user(client, 100)
+    response = await client.post(
+        "/balance/update",
+        json={"userId": user, "amount": -2},
+        headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")],
+    )
+    assert_error(response, 422, "validation_error")
+    assert await balance_of(client, user) == 100
 
 
 async def test_unknown_route_and_method_are_json(client: httpx.AsyncClient) -> None:

@@ -17,6 +17,7 @@ from tandem.core.embedded import EmbeddedPostgres
 from tandem.loadtest import withdraw_burst
 from tandem.loadtest.client import build_request, parse_base_url, send_burst
 from tests.support import Server, start_server
+from tests.wallet.test_verify import verify as ledger_verify
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +50,30 @@ async def test_ten_thousand_concurrent_withdrawals(lean_server: Server, database
     assert (await balances(database_url, [report.user_id]))[report.user_id] == 0
 
 
+async def journal(database_url: str, users: list[int]) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        return await conn.fetch(
+            "SELECT id, user_id, amount, kind, transfer_id FROM ledger_entries "
+            "WHERE user_id = ANY($1) ORDER BY id",
+            users,
+        )
+    finally:
+        await conn.close()
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_randomised_mix_is_exact_and_durable(
+async def test_randomised_mix_is_exact_journaled_and_durable(
     lean_server: Server,
     database_url: str,
     embedded_postgres: EmbeddedPostgres | None,
     seed: int,
 ) -> None:
-    """Random concurrent deposits and withdrawals on several users: no answer shows a negative
-    balance, each final balance is its start plus the acknowledged amounts, and every
-    acknowledged write survives killing the server and crashing PostgreSQL."""
+    """Random concurrent deposits, withdrawals and transfers in both directions between
+    several users: no answer shows a negative balance or a deadlock, each final balance is its
+    start plus the acknowledged amounts, every 2xx is exactly one journal change (an entry, or
+    a transfer's two legs) and every refusal none; all of it survives killing the server and
+    crashing PostgreSQL, after which `tandem ledger verify` finds nothing."""
     rng = random.Random(seed)
     endpoint = parse_base_url(lean_server.url)
     starts = [rng.randrange(0, 400) for _ in range(5)]
@@ -67,29 +82,66 @@ async def test_randomised_mix_is_exact_and_durable(
     users = [r.json()["userId"] for r in created]
     initial = dict(zip(users, starts, strict=True))
 
-    plan = [(rng.choice(users), rng.choice([*range(-60, 0), *range(1, 41)])) for _ in range(3000)]
+    plan: list[tuple[int, int, int]] = []  # (from or the user, to or 0, amount)
+    for _ in range(3000):
+        if rng.random() < 0.3:
+            src, dst = rng.sample(users, 2)
+            plan.append((src, dst, rng.randrange(1, 80)))
+        else:
+            plan.append((rng.choice(users), 0, rng.choice([*range(-60, 0), *range(1, 41)])))
     requests = [
         build_request("POST", "/balance/update", endpoint.host_header, {"userId": u, "amount": a})
-        for u, a in plan
+        if to == 0
+        else build_request(
+            "POST",
+            "/transfers",
+            endpoint.host_header,
+            {"fromUserId": u, "toUserId": to, "amount": a},
+        )
+        for u, to, a in plan
     ]
     results = await send_burst(endpoint.host, endpoint.port, requests, concurrency=500)
 
     acknowledged = dict.fromkeys(users, 0)
-    for (user, amount), result in zip(plan, results, strict=True):
+    entry_ids, transfer_ids = set(), set()
+    for (user, to, amount), result in zip(plan, results, strict=True):
         assert result.error is None, result.error
-        if result.status == 200:
-            assert result.json()["balance"] >= 0
-            acknowledged[user] += amount
+        if result.status in (200, 201):
+            body = result.json()
+            if to == 0:
+                assert result.status == 200
+                assert body["balance"] >= 0
+                acknowledged[user] += amount
+                entry_ids.add(body["entryId"])
+            else:
+                assert result.status == 201
+                assert body["fromBalance"] >= 0
+                acknowledged[user] -= amount
+                acknowledged[to] += amount
+                transfer_ids.add(body["transferId"])
         else:
             assert result.status == 409, result.body
             assert result.json()["error"]["code"] == "insufficient_funds"
-            assert amount < 0, "a deposit is never refused for funds"
+            assert amount < 0 or to != 0, "a deposit is never refused for funds"
     expected = {u: initial[u] + acknowledged[u] for u in users}
-    assert await balances(database_url, users) == expected
 
+    async def check() -> None:
+        assert await balances(database_url, users) == expected
+        entries = await journal(database_url, users)
+        assert [e["kind"] for e in entries[: len(users)]] == ["opening"] * len(users)
+        changes = [e for e in entries if e["kind"] in ("deposit", "withdrawal")]
+        legs = [e for e in entries if e["kind"] == "transfer"]
+        assert {e["id"] for e in changes} == entry_ids
+        assert len(changes) == len(entry_ids)
+        assert sorted(e["transfer_id"] for e in legs) == sorted([*transfer_ids, *transfer_ids])
+
+    await check()
     # Crash everything: the server without a goodbye, PostgreSQL without a checkpoint.
     lean_server.stop(signal.SIGKILL)
     if embedded_postgres is not None:
         embedded_postgres.stop("immediate")
         embedded_postgres.start()
-    assert await balances(database_url, users) == expected
+    await check()
+    verified = ledger_verify(database_url)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "mismatches: 0" in verified.stdout

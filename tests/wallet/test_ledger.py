@@ -1,0 +1,291 @@
+"""The ledger in process (the app over ASGI, a real PostgreSQL): the journal behind every
+balance, transfers, history pages, the balance at an instant, keys that outlast pruning, and
+a journal the database itself keeps append-only."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import httpx
+import pytest
+
+from tandem.core.database import asyncpg_dsn
+from tests.wallet.test_api import assert_error, balance_of, new_user
+
+
+async def update(
+    client: httpx.AsyncClient, user: int, amount: int, key: str | None = None, **extra: object
+) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    return await client.post(
+        "/balance/update", json={"userId": user, "amount": amount, **extra}, headers=headers
+    )
+
+
+async def transfer(
+    client: httpx.AsyncClient,
+    src: int,
+    dst: int,
+    amount: int,
+    key: str | None = None,
+    **extra: object,
+) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    body = {"fromUserId": src, "toUserId": dst, "amount": amount, **extra}
+    return await client.post("/transfers", json=body, headers=headers)
+
+
+async def entries(
+    client: httpx.AsyncClient, user: int, **params: object
+) -> list[dict[str, object]]:
+    """Every journal entry of the user, newest first, page by page."""
+    found: list[dict[str, object]] = []
+    before = None
+    while True:
+        query = {**params, **({"before": before} if before else {})}
+        page = await client.get(f"/balance/{user}/history", params=query)
+        assert page.status_code == 200, page.text
+        found += page.json()["entries"]
+        before = page.json()["nextBefore"]
+        if before is None:
+            return found
+
+
+async def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def test_every_change_is_an_entry_with_the_balance_after(client: httpx.AsyncClient) -> None:
+    """Opening, deposit, withdrawal, both legs of a transfer: each one entry, newest first,
+    with the balance after it; the answer's entryId names it, and the sum is the balance."""
+    a, b = await new_user(client, 100), await new_user(client, 0)
+    deposit = await update(client, a, 50, reference="top-up")
+    withdrawal = await update(client, a, -30)
+    moved = await transfer(client, a, b, 70, reference="order-17")
+    assert moved.status_code == 201, moved.text
+    journal = await entries(client, a)
+    assert [(e["kind"], e["amount"], e["balance"]) for e in journal] == [
+        ("transfer", -70, 50),
+        ("withdrawal", -30, 120),
+        ("deposit", 50, 150),
+        ("opening", 100, 100),
+    ]
+    assert [journal[2]["id"], journal[1]["id"]] == [
+        deposit.json()["entryId"],
+        withdrawal.json()["entryId"],
+    ]
+    assert (journal[2]["reference"], journal[0]["reference"]) == ("top-up", "order-17")
+    assert journal[0]["transferId"] == moved.json()["transferId"]
+    assert sum(int(e["amount"]) for e in journal) == await balance_of(client, a) == 50  # type: ignore[arg-type]
+    payee = await entries(client, b)
+    assert [(e["kind"], e["amount"], e["balance"], e["transferId"]) for e in payee] == [
+        ("transfer", 70, 70, moved.json()["transferId"]),
+        ("opening", 0, 0, None),
+    ]
+
+
+async def test_a_transfer_moves_money_and_reads_back(client: httpx.AsyncClient) -> None:
+    """201 with both balances after it; GET /transfers/{id} answers the same; both users'
+    journals have a leg with its id."""
+    a, b = await new_user(client, 100), await new_user(client, 5)
+    moved = await transfer(client, a, b, 30)
+    assert moved.status_code == 201, moved.text
+    body = moved.json()
+    assert {k: body[k] for k in ("fromUserId", "toUserId", "amount")} == {
+        "fromUserId": a,
+        "toUserId": b,
+        "amount": 30,
+    }
+    assert (body["fromBalance"], body["toBalance"]) == (70, 35)
+    assert datetime.fromisoformat(body["createdAt"]).tzinfo is not None
+    again = await client.get(f"/transfers/{body['transferId']}")
+    assert again.status_code == 200
+    assert again.json() == body
+    assert (await balance_of(client, a), await balance_of(client, b)) == (70, 35)
+    legs = [e for u in (a, b) for e in await entries(client, u) if e["kind"] == "transfer"]
+    assert sorted(int(e["amount"]) for e in legs) == [-30, 30]  # type: ignore[call-overload]
+    assert {e["transferId"] for e in legs} == {body["transferId"]}
+
+
+async def test_transfer_refusals_change_nothing(client: httpx.AsyncClient) -> None:
+    """Too little money: 409; an unknown user: 404 saying which; the same user twice, amount
+    <= 0, floats, strings, unknown fields, duplicate keys: 422; nothing changes."""
+    a, b = await new_user(client, 10), await new_user(client, 0)
+    assert_error(await transfer(client, a, b, 11), 409, "insufficient_funds")
+    missing = 9_000_000_000
+    for src, dst, field in [(missing, b, "fromUserId"), (a, missing, "toUserId")]:
+        response = await transfer(client, src, dst, 1)
+        assert_error(response, 404, "user_not_found")
+        assert response.json()["error"]["details"][0]["field"] == field
+    for body in [
+        {"fromUserId": a, "toUserId": a, "amount": 1},
+        {"fromUserId": a, "toUserId": b, "amount": 0},
+        {"fromUserId": a, "toUserId": b, "amount": -1},
+        {"fromUserId": a, "toUserId": b, "amount": 1.0},
+        {"fromUserId": a, "toUserId": b, "amount": "1"},
+        {"fromUserId": a, "toUserId": b},
+        {"fromUserId": a, "toUserId": b, "amount": 1, "note": "x"},
+        {"fromUserId": a, "toUserId": b, "amount": 1, "reference": "r" * 256},
+    ]:
+        assert_error(await client.post("/transfers", json=body), 422, "validation_error")
+    twice = b'{"fromUserId": %d, "toUserId": %d, "amount": 1, "toUserId": %d}' % (a, b, a)
+    assert_error(
+        await client.post(
+            "/transfers", content=twice, headers={"content-type": "application/json"}
+        ),
+        422,
+        "validation_error",
+    )
+    form = b'{"fromUserId": %d, "toUserId": %d, "amount": 1}' % (a, b)
+    assert_error(
+        await client.post("/transfers", content=form, headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert (await balance_of(client, a), await balance_of(client, b)) == (10, 0)
+    assert len(await entries(client, a)) == len(await entries(client, b)) == 1
+    assert_error(await client.get("/transfers/999999999"), 404, "transfer_not_found")
+    assert_error(await client.get("/transfers/0"), 422, "validation_error")
+
+
+async def test_opposite_transfers_at_once_never_deadlock(client: httpx.AsyncClient) -> None:
+    """Hundreds of transfers A->B and B->A in flight at once: every one answers 201 or 409
+    (never a deadlock, never a 5xx), and the money is all still there."""
+    a, b = await new_user(client, 1000), await new_user(client, 1000)
+    answers = await asyncio.gather(
+        *(transfer(client, *((a, b) if i % 2 else (b, a)), 7) for i in range(300))
+    )
+    assert {r.status_code for r in answers} <= {201, 409}, {r.text for r in answers}
+    assert await balance_of(client, a) + await balance_of(client, b) == 2000
+
+
+async def test_keyed_transfer_applies_once(client: httpx.AsyncClient) -> None:
+    """A retry with the same key answers the same transfer and moves nothing again; the key
+    with another request is refused."""
+    a, b = await new_user(client, 100), await new_user(client, 0)
+    first = await transfer(client, a, b, 40, key=f"t-{a}")
+    second = await transfer(client, a, b, 40, key=f"t-{a}")
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert first.json() == second.json()
+    assert second.headers["idempotent-replayed"] == "true"
+    assert_error(await transfer(client, a, b, 41, key=f"t-{a}"), 422, "idempotency_key_reused")
+    assert (await balance_of(client, a), await balance_of(client, b)) == (60, 40)
+    refused = await transfer(client, a, b, 1000, key=f"t2-{a}")
+    assert_error(refused, 409, "insufficient_funds")
+    await update(client, a, 5000)
+    assert_error(await transfer(client, a, b, 1000, key=f"t2-{a}"), 409, "insufficient_funds")
+
+
+async def test_applied_keys_outlast_the_pruning_of_outcomes(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """Every stored outcome pruned (as the 24 h housekeeping does), then a retry of an applied
+    update and of an applied transfer: replayed from the journal, applied never again."""
+    a, b = await new_user(client, 100), await new_user(client, 0)
+    first = await update(client, a, -10, key=f"p-{a}")
+    moved = await transfer(client, a, b, 5, key=f"pt-{a}")
+    await query(database_url, "DELETE FROM idempotency_keys")
+    again = await update(client, a, -10, key=f"p-{a}")
+    moved_again = await transfer(client, a, b, 5, key=f"pt-{a}")
+    assert (again.status_code, again.json()) == (200, first.json())
+    assert (moved_again.status_code, moved_again.json()) == (201, moved.json())
+    assert again.headers["idempotent-replayed"] == "true"
+    assert (await balance_of(client, a), await balance_of(client, b)) == (85, 5)
+    await query(database_url, "DELETE FROM idempotency_keys")
+    assert_error(await update(client, a, -11, key=f"p-{a}"), 422, "idempotency_key_reused")
+
+
+async def test_history_pages_neither_skip_nor_repeat_while_writes_go_on(
+    client: httpx.AsyncClient,
+) -> None:
+    """Paging 7 at a time while deposits keep landing: the pages together are exactly the
+    entries that existed when paging began (newer ones come before the first page's)."""
+    user = await new_user(client, 0)
+    for _ in range(30):
+        await update(client, user, 1)
+    first = (await client.get(f"/balance/{user}/history", params={"limit": 7})).json()
+    seen = list(first["entries"])
+    before = first["nextBefore"]
+    writes = 0
+    while before is not None:
+        await update(client, user, 1)
+        writes += 1
+        page = (
+            await client.get(f"/balance/{user}/history", params={"limit": 7, "before": before})
+        ).json()
+        seen += page["entries"]
+        before = page["nextBefore"]
+    ids = [e["id"] for e in seen]
+    assert len(ids) == len(set(ids)) == 31
+    assert ids == sorted(ids, reverse=True)
+    assert len(await entries(client, user)) == 31 + writes
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"before": 0}, {"before": "-1"}],
+)
+async def test_bad_history_query_is_422(
+    client: httpx.AsyncClient, params: dict[str, object]
+) -> None:
+    user = await new_user(client, 0)
+    assert_error(
+        await client.get(f"/balance/{user}/history", params=params), 422, "validation_error"
+    )
+
+
+async def test_history_of_unknown_user_is_404(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/balance/9000000000/history"), 404, "user_not_found")
+
+
+async def test_balance_at_an_instant(client: httpx.AsyncClient, database_url: str) -> None:
+    """The balance after the last entry at or before the instant; before the opening entry
+    there is none (404); a malformed instant is 422."""
+    user = await new_user(client, 100)
+    opened = (await query(database_url, "SELECT clock_timestamp() AS t"))[0]["t"]
+    await update(client, user, -40)
+    after = (await query(database_url, "SELECT clock_timestamp() AS t"))[0]["t"]
+    await update(client, user, -10)
+    for at, balance in [(opened, 100), (after, 60), (after + timedelta(days=1), 50)]:
+        response = await client.get(f"/balance/{user}", params={"at": at.isoformat()})
+        assert response.status_code == 200, response.text
+        assert response.json()["balance"] == balance
+        assert datetime.fromisoformat(response.json()["at"]) == at
+    zulu = after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert (await client.get(f"/balance/{user}", params={"at": zulu})).json()["balance"] == 60
+    before = opened - timedelta(hours=1)
+    assert_error(
+        await client.get(f"/balance/{user}", params={"at": before.isoformat()}),
+        404,
+        "user_not_found",
+    )
+    for bad in ["yesterday", "2026-12-01", "2026-12-01T12:00:00", "2026-13-01T00:00:00Z", ""]:
+        response = await client.get(f"/balance/{user}", params={"at": bad})
+        assert_error(response, 422, "validation_error")
+    assert_error(await client.get(f"/balance/{user}?at={zulu}&at={zulu}"), 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE ledger_entries SET amount = amount + 1",
+        "DELETE FROM ledger_entries",
+        "TRUNCATE ledger_entries",
+        "UPDATE transfers SET amount = 1 WHERE false",
+        "DELETE FROM transfers WHERE false",
+    ],
+)
+async def test_the_journal_refuses_to_change(
+    client: httpx.AsyncClient, database_url: str, statement: str
+) -> None:
+    """The database refuses UPDATE, DELETE and TRUNCATE on the journal, even from its owner and
+    even when no row matches."""
+    await new_user(client, 1)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+        await query(database_url, statement)
