@@ -158,6 +158,7 @@ class ServeProcess:
         direct_port: int | None = None,
         migrate: bool = True,
         cwd: Path | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.port = free_port() if port is None else port
         self.direct_port = direct_port
@@ -173,17 +174,18 @@ class ServeProcess:
             "TANDEM_LOG_LEVEL": "warning",
             **(env or {}),
         }
-        command = [sys.executable, "-m", "tandem", "serve", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port)]
+        # ``command``: another server in Tandem's place (it is given --port).
+        argv = [*(command or [sys.executable, "-m", "tandem", "serve", "--host", "127.0.0.1"])]
+        argv += ["--port", str(self.port)]
         if reuse_port:
-            command.append("--reuse-port")
+            argv.append("--reuse-port")
         if direct_port is not None:
-            command += ["--direct-port", str(direct_port)]
+            argv += ["--direct-port", str(direct_port)]
         if not migrate:
-            command.append("--no-migrate")
+            argv.append("--no-migrate")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command,
+                argv,
                 env=full_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

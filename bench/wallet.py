@@ -1,25 +1,34 @@
-"""How close does the HTTP service come to what PostgreSQL alone can do for the same work?
+"""How close does the HTTP service come to what PostgreSQL alone and HTTP alone can do?
 
-    python bench/wallet.py [--runs 3] [--database-url URL]
+    python bench/wallet.py [--runs 3] [--transfers 5000] [--history-entries 1000000]
+                           [--database-url URL]
 
 The work: 10000 withdrawals of 2 from one user holding 10000, so 5000 succeed and 5000 are
-refused, every one of them serialised on the same row lock.
+refused, every one of them serialised on the same row lock, and journaled.
 
-- floor: ``pgbench`` runs the service's own conditional UPDATE (``APPLY_DELTA``) 10000 times
-  over as many connections as the service's pool, prepared, with no HTTP at all. Its wall time
-  is measured here around the pgbench process (so it includes pgbench's start and its
-  connections, as the burst includes its TCP connections); pgbench's own tps is shown too.
-- burst: ``tandem serve`` in a subprocess takes 10000 withdrawals sent at once, one connection
-  each, from this process (``withdraw_burst``); wall time from the first connect to the last
-  response, and the outcome must be exactly 5000/5000/0.
-- ratio = burst / floor: what HTTP, Python and the event loop cost on top of the database.
+- (a) database floor: ``pgbench`` runs the service's own journaled statement (``APPLY_DELTA``:
+  the conditional UPDATE and its journal entry in one statement) 10000 times over as many
+  connections as the service's pool, prepared, with no HTTP at all. Its wall time is measured
+  here around the pgbench process (so it includes pgbench's start and its connections, as the
+  burst includes its TCP connections); pgbench's own tps is shown too.
+- (b) HTTP floor: the same burst, from the same client, against ``bench/http_floor.py``: a
+  server on Tandem's stack (uvicorn, uvloop, httptools) whose app only answers a constant.
+- (c) burst: ``tandem serve`` in a subprocess takes 10000 withdrawals sent at once, one
+  connection each, from this process (``withdraw_burst``); wall time from the first connect
+  to the last response, and the outcome must be exactly 5000/5000/0.
+- ratio_floors = c / (a + b): what Tandem costs beyond the two floors it stands on; ratio =
+  c / a as before.
 - the same burst against a server with TANDEM_WALLET_FAST_PATH=false (the FastAPI routes).
 - reads: 20000 GET /balance/{id} over 200 keep-alive connections.
+- transfers: ``--transfers`` between random pairs of 1000 users, 200 in flight (both
+  directions at once, so deadlocks would show): transfers/s and the outcomes.
+- history: one user with ``--history-entries`` journal entries; latency of the newest page
+  and of a page deep in the middle (limit 100, keep-alive).
 
-Everything (PostgreSQL, pgbench, both servers, this client) shares one machine, as it would on
+Everything (PostgreSQL, pgbench, the servers, this client) shares one machine, as it would on
 a developer's laptop; the figures are for comparing changes on the same box, not absolutes.
-Each server first gets a warm-up burst that is not counted. With ``--runs N`` the floor and the
-two bursts run N times back to back, interleaved, and the table shows each run and the median.
+Each server first gets a warm-up burst that is not counted. With ``--runs N`` the floors and
+the bursts run N times back to back, interleaved, and the table shows each run and the median.
 Prints figures; exits 1 only when a burst's outcome was wrong or something failed to run.
 """
 
@@ -27,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -50,6 +61,7 @@ from common import (  # bench/common.py: bench/ is first on sys.path when this r
     postgres_description,
     postgres_server,
     quantile,
+    query,
     ratios,
     run_main,
     seconds,
@@ -63,10 +75,11 @@ from tandem.core.database import asyncpg_dsn
 from tandem.core.embedded import pgbench_path
 from tandem.core.settings import Settings
 from tandem.loadtest import BurstReport
-from tandem.loadtest.client import Result, build_request, run, send_keepalive
+from tandem.loadtest.client import Result, build_request, run, send_burst, send_keepalive
 from tandem.wallet.repository import APPLY_DELTA
 
 WARMUP_REQUESTS = 1000
+BENCH_DIR = Path(__file__).resolve().parent
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -88,8 +101,10 @@ class PgbenchResult:
 
 
 def pgbench_script(path: Path) -> Path:
-    """The service's statement, with pgbench's variable for the user and the amount inlined."""
-    statement = APPLY_DELTA.replace("$1", ":uid").replace("$2", f"-{AMOUNT}").strip()
+    """The service's statement, with pgbench's variable for the user and the amount inlined
+    (no reference, no idempotency key: as the burst sends them)."""
+    statement = APPLY_DELTA.replace("$1", ":uid").replace("$2", f"-{AMOUNT}")
+    statement = statement.replace("$3", "NULL::text").replace("$4", "NULL::text").strip()
     path.write_text(statement + ";\n")
     return path
 
@@ -177,6 +192,9 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     )
 
     def start(index: int) -> ServeProcess:
+        if index == 2:
+            floor = [sys.executable, str(BENCH_DIR / "http_floor.py")]
+            return ServeProcess(url, workdir, label="HTTP floor", command=floor)
         fast_path = index == 0
         return ServeProcess(
             url,
@@ -185,14 +203,15 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
             env={"TANDEM_WALLET_FAST_PATH": "true" if fast_path else "false"},
         )
 
-    servers = start_servers(stack, 2, start, ready_path="/health/ready")
+    *servers, http_floor = start_servers(stack, 3, start, ready_path="/health/ready")
     fast, slow = servers
     console.print(f"servers ready; warm-up: {WARMUP_REQUESTS} withdrawals each (not counted)")
-    for server in servers:
+    for server in [*servers, http_floor]:
         burst(server.base_url, WARMUP_REQUESTS)
 
     script = pgbench_script(workdir / "apply_delta.sql")
     floors: list[PgbenchResult] = []
+    http_floors: list[BurstReport] = []
     fast_bursts: list[BurstReport] = []
     slow_bursts: list[BurstReport] = []
     failures: list[str] = []
@@ -201,6 +220,10 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         if not floors[-1].final_balance_ok:
             failures.append(f"run {index + 1}: pgbench left an unexpected balance")
         time.sleep(1)  # let the previous step's sockets and backends wind down
+        http_floors.append(burst(http_floor.base_url, args.requests))
+        if http_floors[-1].outcomes != {"200": args.requests}:
+            failures.append(f"run {index + 1}: the HTTP floor did not answer every request")
+        time.sleep(1)
         fast_bursts.append(burst(fast.base_url, args.requests))
         check(fast_bursts[-1], f"run {index + 1} fast path", failures)
         time.sleep(1)
@@ -208,6 +231,7 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         check(slow_bursts[-1], f"run {index + 1} FastAPI path", failures)
         console.print(
             f"run {index + 1}/{args.runs}: pgbench {floors[-1].wall_time:.2f} s, "
+            f"HTTP floor {http_floors[-1].wall_time:.2f} s, "
             f"fast path {fast_bursts[-1].wall_time:.2f} s, "
             f"FastAPI path {slow_bursts[-1].wall_time:.2f} s"
         )
@@ -220,6 +244,7 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     ]
 
     floor_times = [result.wall_time for result in floors]
+    http_times = [report.wall_time for report in http_floors]
     fast_times = [report.wall_time for report in fast_bursts]
     slow_times = [report.wall_time for report in slow_bursts]
     median: Callable[[Sequence[float]], float] = statistics.median
@@ -232,12 +257,16 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     # Ratios are taken within each run (its steps ran back to back, so a slow spell of a shared
     # box weighs on both sides), and their median is the figure quoted.
     ratio = divide(fast_times, floor_times)
+    both_floors = [a + b for a, b in zip(floor_times, http_times, strict=True)]
+    ratio_floors = divide(fast_times, both_floors)
     gain = divide(slow_times, fast_times)
     rows: list[tuple[str, list[float], Callable[[Sequence[float]], list[str]]]] = [
-        (f"(b) pgbench floor (-c {pool_size}, prepared)", floor_times, seconds),
+        (f"(a) database floor: pgbench (-c {pool_size}, prepared)", floor_times, seconds),
         ("    pgbench's own tps", [result.tps for result in floors], _tps),
+        ("(b) HTTP floor: constant answers, same stack", http_times, seconds),
         ("(c) burst, fast path", fast_times, seconds),
-        ("(d) ratio c/b", ratio, ratios),
+        ("(d) ratio_floors c/(a+b)", ratio_floors, ratios),
+        ("    ratio c/a", ratio, ratios),
         ("(f) burst, FastAPI path", slow_times, seconds),
         ("    ratio f/c (fast path gain)", gain, ratios),
         ("    burst p99 latency, fast path", _p99(fast_bursts), seconds),
@@ -263,12 +292,89 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         )
     console.print(reads_table)
 
+    if args.transfers:
+        console.print(transfer_figures(fast, url, args.transfers))
+    if args.history_entries:
+        console.print(history_figures(fast, url, args.history_entries))
+    console.print(
+        f"floors: database {median(floor_times):.2f} s, HTTP {median(http_times):.2f} s; "
+        f"Tandem {median(fast_times):.2f} s"
+    )
+    console.print(f"ratio_floors: {median(ratio_floors):.2f}")
     console.print(f"ratio: {median(ratio):.2f}")
     console.print(f"fast path gain (FastAPI path / fast path): {median(gain):.2f}")
     console.print(f"reads: {reads[0].requests_per_second:,.0f} requests/s")
     for failure in failures:
         console.print(f"WRONG OUTCOME: {failure}", style="bold red")
     return 1 if failures else 0
+
+
+def transfer_figures(server: ServeProcess, url: str, total: int) -> str:
+    """``total`` transfers of 1..50 between random pairs of 1000 users, 200 in flight."""
+    users = [
+        row["id"]
+        for row in query(
+            url,
+            "INSERT INTO users (balance) SELECT 10000 FROM generate_series(1, 1000) RETURNING id",
+        )
+    ]
+    query(
+        url,
+        "INSERT INTO ledger_entries (user_id, amount, balance, kind) "
+        "SELECT id, balance, balance, 'opening' FROM users WHERE id = ANY($1)",
+        users,
+    )
+    rng = random.Random(7)
+    host = f"127.0.0.1:{server.port}"
+    requests = []
+    for _ in range(total):
+        src, dst = rng.sample(users, 2)
+        body = {"fromUserId": src, "toUserId": dst, "amount": rng.randrange(1, 51)}
+        requests.append(build_request("POST", "/transfers", host, body))
+    started = time.perf_counter()
+    results = run(send_burst("127.0.0.1", server.port, requests, concurrency=200))
+    elapsed = time.perf_counter() - started
+    outcomes = Counter(str(result.status or result.error) for result in results)
+    return (
+        f"transfers: {total} over 1000 users, 200 in flight: {total / elapsed:,.0f}/s "
+        f"({elapsed:.2f} s); outcomes {dict(outcomes)}"
+    )
+
+
+def history_figures(server: ServeProcess, url: str, entries: int) -> str:
+    """Latency of history pages of one user with ``entries`` journal entries."""
+    user = create_user(url, 0)
+    query(
+        url,
+        "INSERT INTO ledger_entries (user_id, amount, balance, kind) "
+        "SELECT $1, 0, 0, 'opening' UNION ALL "
+        "SELECT $1, 1, g, 'deposit' FROM generate_series(1, $2::int - 1) g",
+        user,
+        entries,
+    )
+    query(url, "ANALYZE ledger_entries")
+    middle = int(
+        value(
+            url,
+            "SELECT id FROM ledger_entries WHERE user_id = $1 ORDER BY id OFFSET $2 LIMIT 1",
+            user,
+            entries // 2,
+        )
+    )
+    lines = [f"history: one user with {entries:,} entries, limit 100, 2000 requests each"]
+    for label, path in [
+        ("newest page", f"/balance/{user}/history?limit=100"),
+        ("middle page", f"/balance/{user}/history?limit=100&before={middle}"),
+    ]:
+        request = build_request("GET", path, f"127.0.0.1:{server.port}", keep_alive=True)
+        results = run(send_keepalive("127.0.0.1", server.port, request, 2000, 20))
+        latencies = [result.latency for result in results]
+        errors = sum(1 for result in results if result.status != 200)
+        lines.append(
+            f"  {label}: p50 {quantile(latencies, 0.5) * 1000:.1f} ms, "
+            f"p99 {quantile(latencies, 0.99) * 1000:.1f} ms, errors {errors}"
+        )
+    return "\n".join(lines)
 
 
 def _tps(values: Sequence[float]) -> list[str]:
@@ -284,6 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_burst_arguments(parser, runs=1, runs_help="repeat floor and bursts N times")
     parser.add_argument("--read-requests", type=int, default=20_000)
     parser.add_argument("--read-connections", type=int, default=200)
+    parser.add_argument("--transfers", type=int, default=5000, help="0: skip transfers")
+    parser.add_argument(
+        "--history-entries", type=int, default=1_000_000, help="0: skip history pages"
+    )
     args = parser.parse_args(argv)
     raise_fd_limit()
     return run_main("tandem-bench-", partial(run_bench, args))

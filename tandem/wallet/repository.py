@@ -309,10 +309,11 @@ async def verify_ledger(conn: Connection) -> Verification:
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         # A full scan: past the database's default statement deadline on a big ledger.
         await conn.execute("SET LOCAL statement_timeout = 0")
-        users, entries = await conn.fetchrow(LEDGER_SIZE)
-        balances = [tuple(row) for row in await conn.fetch(VERIFY_BALANCES)]
-        chain = [tuple(row) for row in await conn.fetch(VERIFY_CHAIN)]
-    return Verification(users, entries, balances, chain)  # type: ignore[arg-type]
+        size = await conn.fetchrow(LEDGER_SIZE)
+        assert size is not None
+        balances = [(r[0], r[1], r[2], r[3]) for r in await conn.fetch(VERIFY_BALANCES)]
+        chain = [(r[0], r[1], r[2], r[3], r[4]) for r in await conn.fetch(VERIFY_CHAIN)]
+    return Verification(size[0], size[1], balances, chain)
 
 
 async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch: int) -> int:

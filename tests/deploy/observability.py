@@ -399,5 +399,8 @@ def make_wallet_traffic(server: Server) -> None:
         assert refused.status_code == 409, refused.text
         missing = client.post("/balance/update", json={"userId": 2**62, "amount": 1})
         assert missing.status_code == 404, missing.text
-        assert client.post("/balance/update", content=b"{").status_code == 422
+        malformed = client.post(
+            "/balance/update", content=b"{", headers={"content-type": "application/json"}
+        )
+        assert malformed.status_code == 422, malformed.text
         assert client.get(f"/balance/{user}").json()["balance"] == 80
