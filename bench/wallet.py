@@ -18,7 +18,6 @@ refused, every one of them serialised on the same row lock, and journaled.
   to the last response, and the outcome must be exactly 5000/5000/0.
 - ratio_floors = c / (a + b): what Tandem costs beyond the two floors it stands on; ratio =
   c / a as before.
-- the same burst against a server with TANDEM_WALLET_FAST_PATH=false (the FastAPI routes).
 - reads: 20000 GET /balance/{id} over 200 keep-alive connections.
 - transfers: ``--transfers`` between random pairs of 1000 users, 200 in flight (both
   directions at once, so deadlocks would show): transfers/s and the outcomes.
@@ -192,28 +191,21 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     )
 
     def start(index: int) -> ServeProcess:
-        if index == 2:
+        if index == 1:
             floor = [sys.executable, str(BENCH_DIR / "http_floor.py")]
             return ServeProcess(url, workdir, label="HTTP floor", command=floor)
-        fast_path = index == 0
-        return ServeProcess(
-            url,
-            workdir,
-            label="fast path" if fast_path else "FastAPI path",
-            env={"TANDEM_WALLET_FAST_PATH": "true" if fast_path else "false"},
-        )
+        return ServeProcess(url, workdir, label="Tandem")
 
-    *servers, http_floor = start_servers(stack, 3, start, ready_path="/health/ready")
-    fast, slow = servers
+    fast, http_floor = start_servers(stack, 2, start, ready_path="/health/ready")
+    servers = [fast]
     console.print(f"servers ready; warm-up: {WARMUP_REQUESTS} withdrawals each (not counted)")
-    for server in [*servers, http_floor]:
+    for server in (fast, http_floor):
         burst(server.base_url, WARMUP_REQUESTS)
 
     script = pgbench_script(workdir / "apply_delta.sql")
     floors: list[PgbenchResult] = []
     http_floors: list[BurstReport] = []
     fast_bursts: list[BurstReport] = []
-    slow_bursts: list[BurstReport] = []
     failures: list[str] = []
     for index in range(args.runs):
         floors.append(run_pgbench(url, script, args.requests, pool_size))
@@ -225,15 +217,11 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
             failures.append(f"run {index + 1}: the HTTP floor did not answer every request")
         time.sleep(1)
         fast_bursts.append(burst(fast.base_url, args.requests))
-        check(fast_bursts[-1], f"run {index + 1} fast path", failures)
-        time.sleep(1)
-        slow_bursts.append(burst(slow.base_url, args.requests))
-        check(slow_bursts[-1], f"run {index + 1} FastAPI path", failures)
+        check(fast_bursts[-1], f"run {index + 1} Tandem", failures)
         console.print(
             f"run {index + 1}/{args.runs}: pgbench {floors[-1].wall_time:.2f} s, "
             f"HTTP floor {http_floors[-1].wall_time:.2f} s, "
-            f"fast path {fast_bursts[-1].wall_time:.2f} s, "
-            f"FastAPI path {slow_bursts[-1].wall_time:.2f} s"
+            f"Tandem {fast_bursts[-1].wall_time:.2f} s"
         )
         time.sleep(1)
 
@@ -246,7 +234,6 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     floor_times = [result.wall_time for result in floors]
     http_times = [report.wall_time for report in http_floors]
     fast_times = [report.wall_time for report in fast_bursts]
-    slow_times = [report.wall_time for report in slow_bursts]
     median: Callable[[Sequence[float]], float] = statistics.median
 
     table = Table(title=f"Wallet: {args.requests} withdrawals of {AMOUNT} from {args.requests}")
@@ -259,18 +246,14 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     ratio = divide(fast_times, floor_times)
     both_floors = [a + b for a, b in zip(floor_times, http_times, strict=True)]
     ratio_floors = divide(fast_times, both_floors)
-    gain = divide(slow_times, fast_times)
     rows: list[tuple[str, list[float], Callable[[Sequence[float]], list[str]]]] = [
         (f"(a) database floor: pgbench (-c {pool_size}, prepared)", floor_times, seconds),
         ("    pgbench's own tps", [result.tps for result in floors], _tps),
         ("(b) HTTP floor: constant answers, same stack", http_times, seconds),
-        ("(c) burst, fast path", fast_times, seconds),
+        ("(c) burst, Tandem", fast_times, seconds),
         ("(d) ratio_floors c/(a+b)", ratio_floors, ratios),
         ("    ratio c/a", ratio, ratios),
-        ("(f) burst, FastAPI path", slow_times, seconds),
-        ("    ratio f/c (fast path gain)", gain, ratios),
-        ("    burst p99 latency, fast path", _p99(fast_bursts), seconds),
-        ("    burst p99 latency, FastAPI path", _p99(slow_bursts), seconds),
+        ("    burst p99 latency", _p99(fast_bursts), seconds),
     ]
     for label, values, render in rows:
         table.add_row(label, *render(values), *render([median(values)]))
@@ -302,7 +285,6 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     )
     console.print(f"ratio_floors: {median(ratio_floors):.2f}")
     console.print(f"ratio: {median(ratio):.2f}")
-    console.print(f"fast path gain (FastAPI path / fast path): {median(gain):.2f}")
     console.print(f"reads: {reads[0].requests_per_second:,.0f} requests/s")
     for failure in failures:
         console.print(f"WRONG OUTCOME: {failure}", style="bold red")
@@ -347,8 +329,8 @@ def history_figures(server: ServeProcess, url: str, entries: int) -> str:
     query(
         url,
         "INSERT INTO ledger_entries (user_id, amount, balance, kind) "
-        "SELECT $1, 0, 0, 'opening' UNION ALL "
-        "SELECT $1, 1, g, 'deposit' FROM generate_series(1, $2::int - 1) g",
+        "SELECT $1::bigint, 0, 0, 'opening' UNION ALL "
+        "SELECT $1::bigint, 1, g, 'deposit' FROM generate_series(1, $2::int - 1) g",
         user,
         entries,
     )

@@ -29,9 +29,10 @@ from tandem.scheduler.endpoints import router as scheduler_router
 from tandem.scheduler.registry import Registry, load_registry
 from tandem.scheduler.runner import Runner
 from tandem.status.endpoints import router as status_router
+from tandem.wallet.endpoints import LEAN_MODELS, lean_operations
 from tandem.wallet.endpoints import router as wallet_router
 from tandem.wallet.fastpath import WalletFastPath
-from tandem.wallet.schemas import BalanceUpdate, TransferCreate, UserCreate
+from tandem.wallet.schemas import TransferCreate, UserCreate
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_openapi(app: FastAPI) -> None:
-    """The wallet's update route reads its raw body (one parser for both paths), so its
-    request schema is declared by reference; add that schema to the components."""
+    """FastAPI's schema of its routes, plus the wallet's two lean-path operations (no FastAPI
+    route serves them: endpoints.lean_operations) and the request models that routes reading
+    their raw body declare by reference."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -96,11 +98,16 @@ def _install_openapi(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
+            paths = schema.setdefault("paths", {})
+            for path, operations in lean_operations().items():
+                paths.setdefault(path, {}).update(operations)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (BalanceUpdate, TransferCreate, UserCreate):
-                components[model.__name__] = model.model_json_schema(
-                    ref_template="#/components/schemas/{model}"
+            for model in (*LEAN_MODELS, TransferCreate, UserCreate):
+                model_schema = model.model_json_schema(
+                    ref_template="#/components/schemas/{model}", mode="serialization"
                 )
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -123,14 +130,14 @@ def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings or get_settings()
     app = create_app(settings)
     instance = instance_of(app)
-    inner: ASGIApp = app
-    if settings.wallet_fast_path:
-        inner = WalletFastPath(app, database=instance.database)
-    return HttpMetricsMiddleware(inner, instance.instance_id)
+    return HttpMetricsMiddleware(
+        WalletFastPath(app, database=instance.database), instance.instance_id
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The FastAPI application: every route, documented; no lean path (see create_asgi_app)."""
+    """The FastAPI application: every route but the wallet's two hot ones, all documented
+    (those two too); the lean path that serves those is create_asgi_app's."""
     settings = settings or get_settings()
     database = Database(settings)
     instance = Instance(settings, database)

@@ -55,27 +55,20 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
-@pytest.fixture(scope="module", params=["lean", "framework"])
-def server(request: pytest.FixtureRequest, database_url: str, log_dir: Path) -> Iterator[Server]:
-    """A real `tandem serve` process, once with the wallet's lean path and once through
-    FastAPI's routes: every API test must hold for both."""
-    srv = start_server(database_url, log_dir, fast_path=request.param == "lean")
+@pytest.fixture(scope="module")
+def server(database_url: str, log_dir: Path) -> Iterator[Server]:
+    """A real `tandem serve` process."""
+    srv = start_server(database_url, log_dir)
     yield srv
     srv.stop()
 
 
-@pytest.fixture(scope="module", params=["lean", "framework"])
-async def client(
-    request: pytest.FixtureRequest, database_url: str
-) -> AsyncIterator[httpx.AsyncClient]:
+@pytest.fixture(scope="module")
+async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """The app in this process, as uvicorn runs it (metrics, lean path, FastAPI) but without
-    a socket or a subprocess: the fast layer for API tests, against the real database. Once
-    with the wallet's lean path and once through FastAPI's routes."""
+    a socket or a subprocess: the fast layer for API tests, against the real database."""
     settings = Settings(
-        database_url=database_url,
-        wallet_fast_path=request.param == "lean",
-        scheduler_enabled=False,
-        maintenance_enabled=False,
+        database_url=database_url, scheduler_enabled=False, maintenance_enabled=False
     )
     app = create_asgi_app(settings)
     async with LifespanManager(app) as manager:

@@ -167,7 +167,6 @@ def start_server(
     database_url: str,
     log_dir: Path,
     *,
-    fast_path: bool = True,
     extra_env: dict[str, str] | None = None,
 ) -> Server:
     port = free_port()
@@ -175,7 +174,6 @@ def start_server(
     env = {
         **os.environ,
         "TANDEM_DATABASE_URL": database_url,
-        "TANDEM_WALLET_FAST_PATH": "true" if fast_path else "false",
         "TANDEM_LOG_LEVEL": "warning",
         # Off unless a test asks for it: the wallet's tests should not share the CPU with it.
         "TANDEM_SCHEDULER_ENABLED": "false",

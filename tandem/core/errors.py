@@ -45,6 +45,13 @@ class ConflictError(AppError):
     code = "conflict"
 
 
+class MethodNotAllowedError(AppError):
+    """Subclasses name what is allowed in their ``Allow`` header."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+
 class PayloadTooLargeError(AppError):
     status_code = 413
     code = "payload_too_large"

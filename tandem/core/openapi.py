@@ -59,3 +59,16 @@ def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
         if status_code == 503:
             entry["headers"] = _RETRY_AFTER
     return out
+
+
+def error_responses_schema(*codes: ErrorCode) -> dict[str, dict[str, Any]]:
+    """The same as ``error_responses``, as OpenAPI response objects: for operations that no
+    FastAPI route declares (the wallet's lean path, tandem/wallet/fastpath.py)."""
+    out: dict[str, dict[str, Any]] = {}
+    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}
+    for status_code, entry in error_responses(*codes).items():
+        response: dict[str, Any] = {"description": entry["description"], "content": envelope}
+        if "headers" in entry:
+            response["headers"] = entry["headers"]
+        out[str(status_code)] = response
+    return out

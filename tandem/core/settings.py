@@ -54,9 +54,6 @@ class Settings(BaseSettings):
     # Apply migrations when `tandem serve` starts (fine for one local instance; a deployment
     # runs `tandem migrate` once instead).
     migrate_on_start: bool = True
-    # Serve the two wallet endpoints from a lean ASGI path beneath FastAPI (same validation,
-    # errors and metrics); False routes them through FastAPI, for comparison.
-    wallet_fast_path: bool = True
 
     # --- cluster cron (all durations in seconds of real time) ---------------------------
     scheduler_enabled: bool = True

@@ -1,9 +1,12 @@
 """Wallet HTTP endpoints.
 
-The two hot endpoints have one implementation (``serve_*`` below) reached two ways: the lean
-ASGI path in ``fastpath.py`` (the default) and the FastAPI routes here, which also document
-them in the OpenAPI schema. Both parse with the same strict model, raise the same errors and
-count the same metrics; the API tests run against both.
+Each route has one handler. The two hot ones, ``POST /balance/update`` and
+``GET /balance/{userId}``, are served by the lean ASGI path in ``fastpath.py`` through the
+``serve_*`` functions below (FastAPI's routing, dependency solving and response validation
+cost more CPU per request than the whole database round trip: docs/ARCHITECTURE.md has the
+measurement of both options); ``lean_operations`` documents them in the OpenAPI schema from
+the same models and error codes. The other routes are FastAPI's, below. Every request body
+goes through ``schemas.parse_body``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,18 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from pydantic import BaseModel
 
 from tandem.core.dependencies import Db
 from tandem.core.errors import AppError, ValidationError
 from tandem.core.hotpool import HotPool
-from tandem.core.openapi import DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN, error_responses
+from tandem.core.openapi import (
+    DATABASE_UNAVAILABLE,
+    OUTCOME_UNKNOWN,
+    ErrorEnvelope,
+    error_responses,
+    error_responses_schema,
+)
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
 from tandem.wallet.repository import Transfer as TransferRow
@@ -26,6 +36,7 @@ from tandem.wallet.schemas import (
     INT64_MAX,
     Balance,
     BalanceAt,
+    BalanceUpdate,
     BalanceUpdated,
     History,
     HistoryEntry,
@@ -132,69 +143,106 @@ def _json(body: bytes, status_code: int = 200, replayed: bool = False) -> Respon
     return Response(body, status_code, headers=headers, media_type="application/json")
 
 
-@router.post(
-    "/balance/update",
-    response_model=BalanceUpdated,
-    summary="Add to (or withdraw from) a balance, atomically",
-    description=(
-        "Adds `amount` (negative: withdrawal) to the user's balance and journals it, in one "
-        "atomic statement. The balance never goes below 0; any number of instances may serve "
-        "this at once. With an `Idempotency-Key` header, a retry returns the first outcome "
-        "and never applies twice (a replay carries `Idempotent-Replayed: true`), also long "
-        "after: an applied change keeps its key in the journal. A refusal changes nothing. "
-        "A 503 `outcome_unknown` means the change may or may not have been applied: retry "
-        "with the same key to learn which."
-    ),
-    responses=error_responses(
-        (404, "user_not_found", "no such user"),
-        (409, "insufficient_funds", "the withdrawal would make the balance negative"),
-        (409, "balance_limit_exceeded", "the balance would exceed 2^63-1"),
-        _VALIDATION,
-        (422, "idempotency_key_reused", "the key was used with a different request"),
-        _JSON_415,
-        DATABASE_UNAVAILABLE,
-        OUTCOME_UNKNOWN,
-    ),
-    openapi_extra=_json_body("BalanceUpdate"),
-)
-async def update_balance(
-    request: Request, db: Db, idempotency_key: Annotated[str | None, _KEY_HEADER] = None
-) -> Response:
-    # The raw body goes through the same parser as the lean path (see module docstring).
-    result = await serve_balance_update(
-        db.hot,
-        await request.body(),
-        request.headers.get("content-type"),
-        request.headers.getlist(IDEMPOTENCY_KEY_HEADER),
-    )
-    return _json(balance_body(result), replayed=result.replayed)
+# --- the lean path's two routes, documented ----------------------------------------------
+# fastpath.py is their one handler; no FastAPI route exists for them, so their operations are
+# written here, from the same models and error codes, and added to the OpenAPI schema.
+
+LEAN_MODELS = (BalanceUpdate, BalanceUpdated, Balance, BalanceAt, ErrorEnvelope)
 
 
-@router.get(
-    "/balance/{userId}",
-    response_model=Balance | BalanceAt,
-    summary="Read a balance, now or at an instant",
-    description=(
-        "With `at` (an RFC 3339 instant), the balance after the user's last journal entry at "
-        "or before it; before the user's opening entry there is none: 404 `user_not_found`."
-    ),
-    responses=error_responses(
-        (404, "user_not_found", "no such user (at that instant)"),
-        (422, "validation_error", "bad user id or instant"),
-        DATABASE_UNAVAILABLE,
-    ),
-)
-async def read_balance(
-    request: Request,
-    db: Db,
-    user_id: Annotated[str, _USER_ID_PATH],
-    at: Annotated[
-        str | None, Query(description="An RFC 3339 instant, e.g. 2026-12-01T12:00:00Z.")
-    ] = None,
-) -> Response:
-    query = request.scope.get("query_string", b"")
-    result = await serve_balance_read(db.hot, user_id, query)
-    return _json(balance_body(result, parse_at(query)))
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_USER_ID_PARAMETER = {
+    "name": "userId",
+    "in": "path",
+    "required": True,
+    "description": "A positive 64-bit integer.",
+    "schema": {"type": "integer", "minimum": 1, "maximum": INT64_MAX},
+}
+
+
+def lean_operations() -> dict[str, dict[str, Any]]:
+    """OpenAPI path items of POST /balance/update and GET /balance/{userId}."""
+    update = {
+        "tags": ["wallet"],
+        "summary": "Add to (or withdraw from) a balance, atomically",
+        "description": (
+            "Adds `amount` (negative: withdrawal) to the user's balance and journals it, in "
+            "one atomic statement. The balance never goes below 0; any number of instances may "
+            "serve this at once. With an `Idempotency-Key` header, a retry returns the first "
+            "outcome and never applies twice (a replay carries `Idempotent-Replayed: true`), "
+            "also long after: an applied change keeps its key in the journal. A refusal "
+            "changes nothing. A 503 `outcome_unknown` means the change may or may not have "
+            "been applied: retry with the same key to learn which."
+        ),
+        "operationId": "update_balance",
+        "parameters": [
+            {
+                "name": IDEMPOTENCY_KEY_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "1-255 visible ASCII characters naming this attempt (at most one).",
+                "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(BalanceUpdate)}},
+        },
+        "responses": {
+            "200": _ok(
+                "The balance after the change, and its journal entry.", _ref(BalanceUpdated)
+            ),
+            **error_responses_schema(
+                (404, "user_not_found", "no such user"),
+                (409, "insufficient_funds", "the withdrawal would make the balance negative"),
+                (409, "balance_limit_exceeded", "the balance would exceed 2^63-1"),
+                _VALIDATION,
+                (422, "idempotency_key_reused", "the key was used with a different request"),
+                _JSON_415,
+                DATABASE_UNAVAILABLE,
+                OUTCOME_UNKNOWN,
+            ),
+        },
+    }
+    read = {
+        "tags": ["wallet"],
+        "summary": "Read a balance, now or at an instant",
+        "description": (
+            "With `at` (an RFC 3339 instant), the balance after the user's last journal entry "
+            "at or before it; before the user's opening entry there is none: 404 "
+            "`user_not_found`."
+        ),
+        "operationId": "read_balance",
+        "parameters": [
+            _USER_ID_PARAMETER,
+            {
+                "name": "at",
+                "in": "query",
+                "required": False,
+                "description": "An RFC 3339 instant, e.g. 2026-12-01T12:00:00Z.",
+                "schema": {"type": "string", "format": "date-time"},
+            },
+        ],
+        "responses": {
+            "200": _ok(
+                "The balance (with `at` when asked at an instant).",
+                {"anyOf": [_ref(Balance), _ref(BalanceAt)]},
+            ),
+            **error_responses_schema(
+                (404, "user_not_found", "no such user (at that instant)"),
+                (422, "validation_error", "bad user id or instant"),
+                DATABASE_UNAVAILABLE,
+            ),
+        },
+    }
+    return {"/balance/update": {"post": update}, "/balance/{userId}": {"get": read}}
 
 
 @router.get(

@@ -1,5 +1,4 @@
-"""The wallet API in process (the app itself over ASGI, a real PostgreSQL), on both paths
-(lean and FastAPI routes)."""
+"""The wallet API in process (the app itself over ASGI, a real PostgreSQL)."""
 
 from __future__ import annotations
 
