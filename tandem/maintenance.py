@@ -66,7 +66,8 @@ def maintenance_registry(database: Database) -> Registry:
         await _prune(ctx, database, keys, settings.idempotency_retention, "idempotency keys")
 
     async def verify_ledger(ctx: TaskContext) -> None:
-        conn = await database.connect("tandem-maintenance")
+        # A full scan: as long as the ledger is big (the server's deadline is lifted too).
+        conn = await database.connect("tandem-maintenance", statement_deadline=False)
         try:
             found = await wallet_repository.verify_ledger(conn)
         finally:

@@ -114,14 +114,21 @@ class Database:
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
 
     async def connect(
-        self, application_name: str = "tandem", *, direct: bool = False
+        self,
+        application_name: str = "tandem",
+        *,
+        direct: bool = False,
+        statement_deadline: bool = True,
     ) -> asyncpg.Connection:
         """A new connection owned by this object (closed by ``close`` if the borrower has
         not closed it). ``direct``: a real database session, never a pooler's transaction
         (TANDEM_DATABASE_DIRECT_URL when set), for what a session holds (the scheduler's
-        session lock)."""
+        session lock). ``statement_deadline=False``: no client-side deadline per statement,
+        for scans that take as long as the data (the ledger's verification)."""
         url = self.settings.require_direct_url() if direct else self._url
-        conn = await open_connection(url, self.settings, application_name)
+        conn = await open_connection(
+            url, self.settings, application_name, statement_deadline=statement_deadline
+        )
         self._connections.add(conn)
         return conn
 

@@ -126,6 +126,7 @@ _KEY_HEADER = Header(
     description="1-255 visible ASCII characters naming this attempt (at most one).",
 )
 _JSON_415 = (415, "unsupported_media_type", "the body is not declared `application/json`")
+_TOO_LARGE = (413, "payload_too_large", "the body is larger than 4 KiB")
 
 
 def _json_body(model: str) -> dict[str, Any]:
@@ -206,6 +207,8 @@ def lean_operations() -> dict[str, dict[str, Any]]:
                 _VALIDATION,
                 (422, "idempotency_key_reused", "the key was used with a different request"),
                 _JSON_415,
+                _TOO_LARGE,
+                (405, "method_not_allowed", "only POST"),
                 DATABASE_UNAVAILABLE,
                 OUTCOME_UNKNOWN,
             ),
@@ -238,6 +241,7 @@ def lean_operations() -> dict[str, dict[str, Any]]:
             **error_responses_schema(
                 (404, "user_not_found", "no such user (at that instant)"),
                 (422, "validation_error", "bad user id or instant"),
+                (405, "method_not_allowed", "only GET"),
                 DATABASE_UNAVAILABLE,
             ),
         },
@@ -290,6 +294,7 @@ async def read_history(
         (422, "validation_error", "malformed input, the same user twice, or amount <= 0"),
         (422, "idempotency_key_reused", "the key was used with a different request"),
         _JSON_415,
+        _TOO_LARGE,
         DATABASE_UNAVAILABLE,
         OUTCOME_UNKNOWN,
     ),
@@ -359,7 +364,9 @@ def _transfer_body(found: TransferRow) -> bytes:
         "Creates a user with `balance` (default 10000), journaled as its opening entry, and "
         "answers its id. The body may be left out (all defaults)."
     ),
-    responses=error_responses(_VALIDATION, _JSON_415, DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN),
+    responses=error_responses(
+        _VALIDATION, _JSON_415, _TOO_LARGE, DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN
+    ),
     openapi_extra={
         "requestBody": {
             "required": False,

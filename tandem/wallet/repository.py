@@ -88,12 +88,14 @@ SELECT id, user_id, amount, balance, reference FROM ledger_entries WHERE idempot
 
 # Claims the key before the change. A concurrent request with the same key blocks on the
 # unique index until the first commits (then sees its row) or rolls back (then claims it):
-# two requests with one key can never both apply.
+# two requests with one key can never both apply. DO UPDATE rather than DO NOTHING: it locks
+# an existing row too, so the pruning (SKIP LOCKED) cannot delete it between this claim and
+# the reading of its outcome. True when the row is new (xmax = 0).
 CLAIM_IDEMPOTENCY_KEY = """
 INSERT INTO idempotency_keys (key, kind, user_id, to_user_id, amount, reference, outcome)
 VALUES ($1, $2, $3, $4, $5, $6, 'pending')
-ON CONFLICT (key) DO NOTHING
-RETURNING key
+ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
+RETURNING xmax = 0
 """
 
 GET_IDEMPOTENCY_OUTCOME = """
@@ -121,7 +123,7 @@ SELECT id, user_id, amount, balance, previous FROM (
            lag(balance) OVER (PARTITION BY user_id ORDER BY id) AS previous
     FROM ledger_entries
 ) e
-WHERE balance <> coalesce(previous, 0) + amount
+WHERE balance::numeric <> coalesce(previous, 0)::numeric + amount
 ORDER BY id
 """
 
@@ -133,6 +135,8 @@ PRUNE_IDEMPOTENCY_KEYS = """
 DELETE FROM idempotency_keys WHERE key IN (
     SELECT key FROM idempotency_keys
     WHERE created_at < clock_timestamp() - $1::interval
+      -- applied before the journal kept keys (migration 0008): kept, the only record
+      AND NOT (outcome = 'ok' AND balance IS NOT NULL)
     ORDER BY created_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -269,7 +273,9 @@ async def create_user(session: AsyncSession, balance: int) -> User:
 
 
 async def claim_idempotency_key(conn: Connection, key: str, request: Request) -> bool:
-    return await conn.fetchval(CLAIM_IDEMPOTENCY_KEY, key, *request) is not None
+    """True: claimed anew; False: the key was claimed before (its row is now locked)."""
+    claimed: bool = await conn.fetchval(CLAIM_IDEMPOTENCY_KEY, key, *request)
+    return claimed
 
 
 class StoredOutcome(NamedTuple):

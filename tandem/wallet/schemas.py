@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
@@ -59,6 +59,8 @@ Reference = Annotated[
     Field(
         min_length=1,
         max_length=255,
+        # PostgreSQL's text cannot hold a NUL.
+        pattern=r"^[^\x00]*$",
         description="The client's own text for the change (an order id, say), kept in the journal.",
     ),
 ]
@@ -218,9 +220,16 @@ def parse_instant(raw: str) -> datetime:
         moment = datetime.fromisoformat(raw)
     except ValueError:
         moment = None
+    try:
+        # The database stores instants in UTC: one that cannot be is out of its range.
+        if moment is not None and moment.tzinfo is not None:
+            moment.astimezone(UTC)
+    except OverflowError:
+        moment = None
     if moment is None or moment.tzinfo is None or _RFC3339_RE.fullmatch(raw) is None:
         raise ValidationError(
-            "at must be an RFC 3339 instant, e.g. 2026-12-01T12:00:00Z",
+            "at must be an RFC 3339 instant, e.g. 2026-12-01T12:00:00Z (in a URL, an offset's "
+            "+ is %2B)",
             details=[{"field": "at", "type": "datetime_parsing", "message": "invalid instant"}],
         )
     return moment

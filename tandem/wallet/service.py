@@ -168,6 +168,8 @@ async def _replay_update(
         if legacy_balance is not None:
             # Applied before the journal kept keys (migration 0008): the answer it stored.
             return BalanceResult(request.user_id, legacy_balance, replayed=True)
+        if await repository.transfer_by_key(conn, key) is not None:
+            raise IdempotencyKeyReusedError()  # a transfer's key, its outcome pruned
         return None
     if (entry.user_id, entry.amount, entry.reference) != (
         request.user_id,
@@ -196,6 +198,8 @@ async def _replay_transfer(
 ) -> TransferResult | None:
     transfer_id = await repository.transfer_by_key(conn, key)
     if transfer_id is None:
+        if await repository.entry_by_key(conn, key) is not None:
+            raise IdempotencyKeyReusedError()  # a balance update's key, its outcome pruned
         return None
     found = await repository.get_transfer(conn, transfer_id)
     assert found is not None

@@ -135,6 +135,7 @@ BAD_UPDATE_BODIES: list[tuple[str, bytes]] = [
     ("empty reference", b'{"userId": %d, "amount": -2, "reference": ""}'),
     ("reference too long", b'{"userId": %d, "amount": -2, "reference": "' + b"r" * 256 + b'"}'),
     ("reference not text", b'{"userId": %d, "amount": -2, "reference": 17}'),
+    ("reference with NUL", b'{"userId": %d, "amount": -2, "reference": "a\\u0000b"}'),
 ]
 
 

@@ -199,6 +199,12 @@ async def test_applied_keys_outlast_the_pruning_of_outcomes(
     assert (await balance_of(client, a), await balance_of(client, b)) == (85, 5)
     await query(database_url, "DELETE FROM idempotency_keys")
     assert_error(await update(client, a, -11, key=f"p-{a}"), 422, "idempotency_key_reused")
+    # A key of one kind, its outcome pruned, sent with a request of the other kind.
+    await query(database_url, "DELETE FROM idempotency_keys")
+    assert_error(await transfer(client, a, b, 5, key=f"p-{a}"), 422, "idempotency_key_reused")
+    await query(database_url, "DELETE FROM idempotency_keys")
+    assert_error(await update(client, a, -5, key=f"pt-{a}"), 422, "idempotency_key_reused")
+    assert (await balance_of(client, a), await balance_of(client, b)) == (85, 5)
 
 
 async def test_history_pages_neither_skip_nor_repeat_while_writes_go_on(
@@ -265,7 +271,15 @@ async def test_balance_at_an_instant(client: httpx.AsyncClient, database_url: st
         404,
         "user_not_found",
     )
-    for bad in ["yesterday", "2026-12-01", "2026-12-01T12:00:00", "2026-13-01T00:00:00Z", ""]:
+    for bad in [
+        "yesterday",
+        "2026-12-01",
+        "2026-12-01T12:00:00",
+        "2026-13-01T00:00:00Z",
+        "",
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+        "9999-12-31T23:59:59-01:00",  # after year 9999 in UTC
+    ]:
         response = await client.get(f"/balance/{user}", params={"at": bad})
         assert_error(response, 422, "validation_error")
     assert_error(await client.get(f"/balance/{user}?at={zulu}&at={zulu}"), 422, "validation_error")
