@@ -19,8 +19,8 @@ One run, three phases, each on a fresh database (migrated to head, dropped at th
   instances (kill -> recorded lost, kill -> running elsewhere: median and max), and
   ``--cuts`` times cut the owner of a run that makes an outside effect every 0.2 s off the
   database with a silent partition (effects of the cut-off run after its successor's first,
-  and when each stopped and started). The trials are tests/faults/cron.py's, which the fault
-  tests assert on.
+  and when each stopped and started), on a PostgreSQL of the phase's own (TCP, for the
+  proxy). The trials are tests/faults/cron.py's, which the fault tests assert on.
 - idle: N fresh instances with one task due once a day. Database work per idle instance over
   a window: statements from ``pg_stat_statements`` when the server has it loaded, else
   transactions (``xact_commit + xact_rollback`` of ``pg_stat_database``); the table says which.
@@ -88,7 +88,9 @@ from tests.faults.cron import (
     kill_trials,
     partition_trials,
 )
+from tests.faults.postgres import throwaway_postgres
 from tests.scheduler.registries import PROBE_TABLE
+from tests.support import fresh_database
 
 BENCH_DIR = Path(__file__).resolve().parent
 EQUAL_INTERVAL_SECONDS = EQUAL_INTERVAL.total_seconds()
@@ -368,8 +370,10 @@ def measure_failover(
     if victim_id is None:
         raise RuntimeError("no instance held a running task to kill")
     victim = next(i for i in instances if members[i.pid] == victim_id)
-    victim.kill()
+    # Read before the kill: the database notices a killed session within milliseconds, so
+    # its runs can be swept before a reading taken after the kill.
     killed_at = database_now(url)
+    victim.kill()
 
     # Its runs: running until a sweep records them lost (its session ended), then each task
     # runs again under the next fence on another instance.
@@ -664,18 +668,18 @@ def figures(
 # --- the run --------------------------------------------------------------------------------
 
 
-def run_faults(
-    args: argparse.Namespace, server_url: str, workdir: Path, failures: list[str]
-) -> list[str]:
+def run_faults(args: argparse.Namespace, workdir: Path, failures: list[str]) -> list[str]:
     """SIGKILL failover at the default settings, and silent partitions at both timings."""
-    lines = []
-    port = make_url(server_url).port or 5432
+    lines: list[str] = []
     defaults = default_timings()
     timings = [
         ("defaults", Timing(DEFAULT_ENV, defaults.lease, defaults.heartbeat, args.cuts)),
         ("compressed", Timing(COMPRESSED_ENV, COMPRESSED.lease, COMPRESSED.heartbeat, args.cuts)),
     ]
-    with bench_database(server_url, "faults") as url:
+    # A PostgreSQL of the phase's own, on TCP (the partition proxy forwards TCP), as the
+    # fault tests do.
+    with throwaway_postgres() as pg, fresh_database(pg.url) as url:
+        port = pg.port
         query(url, PROBE_TABLE)
         if args.kills:
             console.print(f"faults: {args.kills} SIGKILLs of the owner, default settings ...")
@@ -743,7 +747,7 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> int:
             failures.append("spread/failover: tracebacks in the instance logs")
 
     # --- faults ------------------------------------------------------------------------------
-    fault_lines = run_faults(args, server_url, workdir, failures)
+    fault_lines = run_faults(args, workdir, failures)
 
     # --- idle ----------------------------------------------------------------------------------
     idle_timings = {

@@ -221,7 +221,7 @@ def cmd_ledger_verify(_: argparse.Namespace) -> int:
         for entry_id, user_id, amount, balance, previous in found.chain:
             print(
                 f"MISMATCH entry {entry_id} of user {user_id}: balance {balance}, "
-                f"previous {previous} + amount {amount}"
+                f"previous {previous} + amount {amount} (or dated before the previous entry)"
             )
         print(f"mismatches: {found.mismatches}")
         return 1 if found.mismatches else 0

@@ -135,7 +135,8 @@ class Runner:
             try:
                 await self._join()
                 break
-            except (*_DB_ERRORS, TimeoutError) as error:
+            # RuntimeError: a session connection that cannot hold its lock (a pooler).
+            except (*_DB_ERRORS, TimeoutError, RuntimeError) as error:
                 log.warning("scheduler cannot join yet (%r); retry in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)

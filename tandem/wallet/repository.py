@@ -117,13 +117,17 @@ WHERE coalesce(s.total, 0) <> u.balance
 ORDER BY u.id
 """
 
+# Also an entry dated before the previous one of its user: the balance at an instant relies
+# on created_at rising with id per user (both are set under the user's row lock), which only
+# a clock stepping back (a failover to a host behind) could break.
 VERIFY_CHAIN = """
 SELECT id, user_id, amount, balance, previous FROM (
-    SELECT id, user_id, amount, balance,
-           lag(balance) OVER (PARTITION BY user_id ORDER BY id) AS previous
+    SELECT id, user_id, amount, balance, created_at,
+           lag(balance) OVER w AS previous, lag(created_at) OVER w AS previous_at
     FROM ledger_entries
+    WINDOW w AS (PARTITION BY user_id ORDER BY id)
 ) e
-WHERE balance::numeric <> coalesce(previous, 0)::numeric + amount
+WHERE balance::numeric <> coalesce(previous, 0)::numeric + amount OR created_at < previous_at
 ORDER BY id
 """
 
@@ -300,7 +304,7 @@ class Verification(NamedTuple):
     entries: int
     # Users whose balance is not the sum of their entries: (id, balance, sum, entries).
     balances: list[tuple[int, int, int, int]]
-    # Entries whose balance is not the previous one's plus their amount:
+    # Entries whose balance is not the previous one's plus their amount, or dated before it:
     # (entry id, user id, amount, balance, previous balance).
     chain: list[tuple[int, int, int, int, int | None]]
 

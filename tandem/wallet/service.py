@@ -101,7 +101,7 @@ async def transfer(
     request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
     if idempotency_key is None:
         result = await repository.transfer(pool, from_user_id, to_user_id, amount, reference, None)
-        return TransferResult(await _transferred(pool, request, result))
+        return TransferResult(_transferred(request, result))
     return await _once(pool, idempotency_key, request, _apply_transfer, _replay_transfer)
 
 
@@ -115,9 +115,7 @@ async def _once(
     pool: HotPool,
     key: str,
     request: repository.Request,
-    apply: Callable[
-        [Connection, str, repository.Request], Awaitable[tuple[Outcome, AppError | None]]
-    ],
+    apply: Callable[[Connection, str, repository.Request], Awaitable[Outcome | AppError]],
     replay: Callable[[Connection, str, repository.Request, int | None], Awaitable[Outcome | None]],
 ) -> Outcome:
     # A broken connection before COMMIT applied nothing (database_unavailable); during COMMIT
@@ -138,26 +136,27 @@ async def _once(
         if replayed is not None:
             await repository.record_idempotency_outcome(conn, key, "ok")
             return replayed
-        result, refusal = await apply(conn, key, request)
-        await repository.record_idempotency_outcome(
-            conn, key, "ok" if refusal is None else refusal_outcome(refusal)
-        )
+        result = await apply(conn, key, request)
+        outcome = refusal_outcome(result) if isinstance(result, AppError) else "ok"
+        await repository.record_idempotency_outcome(conn, key, outcome)
     # The refusal is raised after the commit: it is the outcome a retry must see again.
-    if refusal is not None:
-        raise refusal
+    if isinstance(result, AppError):
+        raise result
     return result
 
 
 async def _apply_update(
     conn: Connection, key: str, request: repository.Request
-) -> tuple[BalanceResult, AppError | None]:
+) -> BalanceResult | AppError:
+    """The change made, or the refusal (returned: it is recorded before it is raised)."""
     result = await repository.apply_delta(
         conn, request.user_id, request.amount, request.reference, key
     )
     refusal = _refusal(request.user_id, request.amount, result)
-    if refusal is not None or result is None:
-        return BalanceResult(request.user_id, 0), refusal
-    return BalanceResult(request.user_id, result.balance, result.entry_id), None
+    if refusal is not None:
+        return refusal
+    assert result is not None
+    return BalanceResult(request.user_id, result.balance, result.entry_id)
 
 
 async def _replay_update(
@@ -182,15 +181,15 @@ async def _replay_update(
 
 async def _apply_transfer(
     conn: Connection, key: str, request: repository.Request
-) -> tuple[TransferResult, AppError | None]:
+) -> TransferResult | AppError:
     assert request.to_user_id is not None
     result = await repository.transfer(
         conn, request.user_id, request.to_user_id, request.amount, request.reference, key
     )
     try:
-        return TransferResult(await _transferred(conn, request, result)), None
+        return TransferResult(_transferred(request, result))
     except AppError as refusal:
-        return TransferResult(_NO_TRANSFER), refusal
+        return refusal
 
 
 async def _replay_transfer(
@@ -213,11 +212,8 @@ async def _replay_transfer(
     return TransferResult(found, replayed=True)
 
 
-_NO_TRANSFER = repository.Transfer(0, 0, 0, 0, None, datetime.min, 0, 0)
-
-
-async def _transferred(
-    db: HotPool | Connection, request: repository.Request, result: repository.TransferResult
+def _transferred(
+    request: repository.Request, result: repository.TransferResult
 ) -> repository.Transfer:
     """The transfer made, or the refusal raised."""
     assert request.to_user_id is not None

@@ -197,8 +197,9 @@ def kill_trials(
             wait_for(lambda: owner_of(url, "Long") is not None, 30)
             owner, fence = owner_of(url, "Long") or ("", 0)
             victim = servers[ids.index(owner)]
-            victim.stop(signal.SIGKILL)
+            # Read before the kill: its session ends, and its runs are swept, within ms.
             killed = database_now(url)
+            victim.stop(signal.SIGKILL)
             wait_for(functools.partial(claimed_again, url, "Long", fence), 2 * lease + 10)
             lost, successor = query(
                 url,

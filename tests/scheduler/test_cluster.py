@@ -101,8 +101,8 @@ def test_crashed_owner_run_is_lost_and_recovered(cron_db: str, tmp_path: Path) -
     servers = start_cluster(cron_db, tmp_path, "long", 2)
     try:
         owner, owner_id, survivor = owner_and_other(cron_db, servers)
+        killed_at = database_now(cron_db)  # before: the session's end is seen within ms
         owner.stop(signal.SIGKILL)
-        killed_at = database_now(cron_db)
         survivor_id = instance_of(survivor)
         wait_running_on(cron_db, survivor_id, 5 * LEASE + 5)
         history = query(
