@@ -48,6 +48,7 @@ from tandem.wallet.schemas import (
     parse_idempotency_key,
     parse_instant,
     parse_user_id,
+    read_body,
 )
 from tandem.wallet.service import BalanceResult
 
@@ -304,7 +305,10 @@ async def create_transfer(
     request: Request, db: Db, idempotency_key: Annotated[str | None, _KEY_HEADER] = None
 ) -> Response:
     asked = parse_body(
-        TransferCreate, await request.body(), request.headers.get("content-type"), "transfer"
+        TransferCreate,
+        await read_body(request.stream()),
+        request.headers.get("content-type"),
+        "transfer",
     )
     key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
     result = await service.transfer(
@@ -377,7 +381,7 @@ def _transfer_body(found: TransferRow) -> bytes:
     },
 )
 async def create_user(request: Request, db: Db) -> Balance:
-    body = await request.body()
+    body = await read_body(request.stream())
     asked = (
         parse_body(UserCreate, body, request.headers.get("content-type"), "user")
         if body

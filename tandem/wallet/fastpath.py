@@ -12,10 +12,11 @@ docs/ARCHITECTURE.md.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import ClassVar
 
 from tandem.core.database import Database
-from tandem.core.errors import AppError, MethodNotAllowedError, PayloadTooLargeError
+from tandem.core.errors import AppError, MethodNotAllowedError
 from tandem.core.failures import count_answered, error_for_unexpected
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
 from tandem.wallet.endpoints import (
@@ -24,7 +25,7 @@ from tandem.wallet.endpoints import (
     serve_balance_read,
     serve_balance_update,
 )
-from tandem.wallet.schemas import MAX_BODY_BYTES
+from tandem.wallet.schemas import read_body
 
 UPDATE_PATH = "/balance/update"
 READ_PREFIX = "/balance/"
@@ -82,7 +83,7 @@ class WalletFastPath:
             elif name == b"content-type":
                 content_type = value.decode("latin-1")
         try:
-            body = await _read_body(receive)
+            body = await read_body(_chunks(receive))
             result = await serve_balance_update(self.database.hot, body, content_type, keys)
         except AppError as error:
             await _respond_error(send, error)
@@ -108,18 +109,14 @@ class WalletFastPath:
         await _respond(send, 200, balance_body(result, at))
 
 
-async def _read_body(receive: Receive) -> bytes:
-    body = b""
+async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return body
-        chunk: bytes = message.get("body", b"")
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
+            return
+        yield message.get("body", b"")
         if not message.get("more_body", False):
-            return body
+            return
 
 
 async def _respond_unexpected(send: Send, exc: Exception, *, writes: bool) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -172,6 +173,17 @@ def validation_error_from(error: pydantic.ValidationError, message: str) -> Vali
 
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+async def read_body(chunks: AsyncIterable[bytes]) -> bytes:
+    """A request body, refused (413) as soon as it passes MAX_BODY_BYTES: the rest is never
+    read into memory (a client may declare any length, or none)."""
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
+    return bytes(body)
 
 
 def parse_body(model: type[Model], body: bytes, content_type: str | None, what: str) -> Model:

@@ -5,6 +5,7 @@ a journal the database itself keeps append-only."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -303,3 +304,35 @@ async def test_the_journal_refuses_to_change(
     await new_user(client, 1)
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
         await query(database_url, statement)
+
+
+async def test_bodies_past_the_limit_are_413_and_never_read_whole(
+    client: httpx.AsyncClient,
+) -> None:
+    """Every route with a body stops reading at 4 KiB: a large body, declared or streamed
+    without a length, is 413 and changes nothing."""
+    a, b = await new_user(client, 100), await new_user(client, 0)
+    padded = b'{"fromUserId": %d, "toUserId": %d, "amount": 1, "reference": "%s"}' % (
+        a,
+        b,
+        b"x" * 5000,
+    )
+    json_type = {"content-type": "application/json"}
+    for path in ("/transfers", "/users", "/balance/update"):
+        assert_error(
+            await client.post(path, content=padded, headers=json_type), 413, "payload_too_large"
+        )
+
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"balance": 1, "pad": "'
+        while sent < 50_000_000:
+            sent += 65536
+            yield b"x" * 65536
+
+    response = await client.post("/users", content=endless(), headers=json_type)
+    assert_error(response, 413, "payload_too_large")
+    assert sent < 1_000_000, f"read {sent} bytes of a body refused at 4 KiB"
+    assert (await balance_of(client, a), await balance_of(client, b)) == (100, 0)
