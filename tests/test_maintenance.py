@@ -45,8 +45,8 @@ def seeded(postgres_url: str) -> Iterator[str]:
             )
             query(
                 url,
-                "INSERT INTO idempotency_keys (key, user_id, amount, outcome, balance, "
-                "created_at) VALUES ($1, 1, -1, 'ok', 9999, now() - interval '1 hour')",
+                "INSERT INTO idempotency_keys (key, user_id, amount, outcome, created_at) "
+                "VALUES ($1, 1, -1, 'ok', now() - interval '1 hour')",
                 f"old-{fence}",
             )
         query(
@@ -66,8 +66,15 @@ def seeded(postgres_url: str) -> Iterator[str]:
         )
         query(
             url,
-            "INSERT INTO idempotency_keys (key, user_id, amount, outcome, balance) "
-            "VALUES ('fresh', 1, -1, 'ok', 9999)",
+            "INSERT INTO idempotency_keys (key, user_id, amount, outcome) "
+            "VALUES ('fresh', 1, -1, 'ok')",
+        )
+        # Applied before the journal kept keys (its balance stored, no entry): the only record
+        # of that key, kept however old.
+        query(
+            url,
+            "INSERT INTO idempotency_keys (key, user_id, amount, outcome, balance, created_at) "
+            "VALUES ('legacy', 1, -1, 'ok', 9999, now() - interval '1 hour')",
         )
         yield url
 
@@ -88,8 +95,8 @@ def start(url: str, log_dir: Path) -> Server:
 
 def test_old_rows_are_pruned_and_recent_ones_kept(seeded: str, tmp_path: Path) -> None:
     """Runs that ended and keys created before the retention are deleted, all five by one run
-    in batches of two; the run that ended a second ago, the running one and the fresh key
-    stay."""
+    in batches of two; the run that ended a second ago, the running one, the fresh key and a
+    key applied before the journal kept keys stay."""
     server = start(seeded, tmp_path)
     try:
 
@@ -111,8 +118,8 @@ def test_old_rows_are_pruned_and_recent_ones_kept(seeded: str, tmp_path: Path) -
             "WHERE t.name = 'Retired' ORDER BY h.fence",
         )
         assert [r["status"] for r in kept] == ["failed", "running"]
-        keys = query(seeded, "SELECT key FROM idempotency_keys")
-        assert [r["key"] for r in keys] == ["fresh"]
+        keys = query(seeded, "SELECT key FROM idempotency_keys ORDER BY key")
+        assert [r["key"] for r in keys] == ["fresh", "legacy"]
         # Logged by the run after its last batch (a moment after the rows are gone).
         for what in ("finished task runs", "idempotency keys"):
             wait_for(lambda what=what: f"deleted {OLD} {what}" in server.log(), 10)

@@ -35,7 +35,7 @@ class Timing:
 
 
 TIMINGS = {
-    "compressed": Timing(COMPRESSED_ENV, LEASE, 0.5, 6),
+    "compressed": Timing(COMPRESSED_ENV, LEASE, 0.5, 5),
     "default": Timing(DEFAULT_ENV, 10.0, 2.0, 3),
 }
 

@@ -192,7 +192,7 @@ def test_steals_go_to_the_least_served(cron_url: str, tmp_path: Path) -> None:
         stalling.start()
         time.sleep(2)
         since = database_now(cron_url)
-        time.sleep(12)
+        time.sleep(10)
         until = database_now(cron_url)
         stop.set()
         stalling.join()
