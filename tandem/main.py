@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import tandem
 from tandem.core.database import Database
 from tandem.core.dependencies import Instance, instance_of
-from tandem.core.errors import AppError
+from tandem.core.errors import AppError, envelope
 from tandem.core.failures import count_answered, error_for_unexpected
 from tandem.core.settings import Settings, get_settings
 from tandem.maintenance import maintenance_registry
@@ -40,10 +40,7 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_la
 
 
 def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        error["details"] = details
-    return JSONResponse({"error": error}, status_code=status)
+    return JSONResponse(envelope(code, message, details), status_code=status)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

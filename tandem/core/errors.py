@@ -21,13 +21,20 @@ class AppError(Exception):
         self.details = details
 
     def to_dict(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.details:
-            error["details"] = self.details
-        return {"error": error}
+        return envelope(self.code, self.message, self.details)
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+def envelope(
+    code: str, message: str, details: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The one shape of every error answer: ``{"error": {"code", "message", "details"?}}``."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return {"error": error}
 
 
 class ValidationError(AppError):

@@ -93,18 +93,18 @@ def parse_at(query: bytes) -> datetime | None:
     return parse_instant(values[0])
 
 
-def balance_body(result: BalanceResult, at: datetime | None = None) -> bytes:
+def balance_body(result: BalanceResult) -> bytes:
     if result.entry_id is not None:
         return b'{"userId":%d,"balance":%d,"entryId":%d}' % (
             result.user_id,
             result.balance,
             result.entry_id,
         )
-    if at is not None:
+    if result.at is not None:
         return b'{"userId":%d,"balance":%d,"at":"%s"}' % (
             result.user_id,
             result.balance,
-            at.isoformat().encode(),
+            result.at.isoformat().encode(),
         )
     return b'{"userId":%d,"balance":%d}' % (result.user_id, result.balance)
 

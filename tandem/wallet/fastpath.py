@@ -21,7 +21,6 @@ from tandem.core.failures import count_answered, error_for_unexpected
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
 from tandem.wallet.endpoints import (
     balance_body,
-    parse_at,
     serve_balance_read,
     serve_balance_update,
 )
@@ -70,7 +69,7 @@ class WalletFastPath:
                     query = scope.get("query_string", b"")
                     await self._read(path[_READ_PREFIX_LEN:], query, send)
                 else:
-                    await _respond_error(send, _GetOnly("only GET is allowed here"))
+                    await _respond_error(send, _GetOnly("only GET and HEAD are allowed here"))
                 return
         await self.app(scope, receive, send)
 
@@ -99,14 +98,13 @@ class WalletFastPath:
     async def _read(self, raw_user_id: str, query: bytes, send: Send) -> None:
         try:
             result = await serve_balance_read(self.database.hot, raw_user_id, query)
-            at = parse_at(query) if query else None
         except AppError as error:
             await _respond_error(send, error)
             return
         except Exception as exc:
             await _respond_unexpected(send, exc, writes=False)
             return
-        await _respond(send, 200, balance_body(result, at))
+        await _respond(send, 200, balance_body(result))
 
 
 async def _chunks(receive: Receive) -> AsyncIterator[bytes]:

@@ -77,13 +77,13 @@ JOIN ledger_entries d ON d.transfer_id = t.id AND d.user_id = t.to_user_id
 WHERE t.id = $1
 """
 
-GET_TRANSFER_BY_KEY = """
-SELECT t.id FROM transfers t WHERE t.idempotency_key = $1
-"""
-
-# What a key applied, from the journal: it outlives the pruning of idempotency_keys.
-GET_ENTRY_BY_KEY = """
-SELECT id, user_id, amount, balance, reference FROM ledger_entries WHERE idempotency_key = $1
+# What a key applied, from the journal (it outlives the pruning of idempotency_keys): the
+# balance update that carries it, or the transfer; one statement, since a request asks both
+# (a key of one kind must not apply as the other).
+APPLIED_WITH_KEY = """
+SELECT e.id, e.user_id, e.amount, e.balance, e.reference,
+       (SELECT t.id FROM transfers t WHERE t.idempotency_key = $1) AS transfer_id
+FROM (SELECT) one LEFT JOIN ledger_entries e ON e.idempotency_key = $1
 """
 
 # Claims the key before the change. A concurrent request with the same key blocks on the
@@ -255,14 +255,16 @@ async def get_transfer(db: Executor, transfer_id: int) -> Transfer | None:
     return None if row is None else Transfer(*row)
 
 
-async def transfer_by_key(conn: Connection, key: str) -> int | None:
-    value = await conn.fetchval(GET_TRANSFER_BY_KEY, key)
-    return None if value is None else int(value)
+class Applied(NamedTuple):
+    entry: KeyedEntry | None
+    transfer_id: int | None
 
 
-async def entry_by_key(conn: Connection, key: str) -> KeyedEntry | None:
-    row = await conn.fetchrow(GET_ENTRY_BY_KEY, key)
-    return None if row is None else KeyedEntry(*row)
+async def applied_with_key(conn: Connection, key: str) -> Applied:
+    row = await conn.fetchrow(APPLIED_WITH_KEY, key)
+    assert row is not None  # one row, always
+    entry = None if row[0] is None else KeyedEntry(row[0], row[1], row[2], row[3], row[4])
+    return Applied(entry, row[5])
 
 
 async def create_user(session: AsyncSession, balance: int) -> User:

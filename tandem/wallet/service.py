@@ -32,6 +32,8 @@ class BalanceResult:
     balance: int
     entry_id: int | None = None
     replayed: bool = False
+    # The instant asked about, for a balance read at one.
+    at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +164,14 @@ async def _apply_update(
 async def _replay_update(
     conn: Connection, key: str, request: repository.Request, legacy_balance: int | None
 ) -> BalanceResult | None:
-    entry = await repository.entry_by_key(conn, key)
+    applied = await repository.applied_with_key(conn, key)
+    if applied.transfer_id is not None:
+        raise IdempotencyKeyReusedError()  # a transfer's key, its outcome pruned
+    entry = applied.entry
     if entry is None:
         if legacy_balance is not None:
             # Applied before the journal kept keys (migration 0008): the answer it stored.
             return BalanceResult(request.user_id, legacy_balance, replayed=True)
-        if await repository.transfer_by_key(conn, key) is not None:
-            raise IdempotencyKeyReusedError()  # a transfer's key, its outcome pruned
         return None
     if (entry.user_id, entry.amount, entry.reference) != (
         request.user_id,
@@ -195,12 +198,12 @@ async def _apply_transfer(
 async def _replay_transfer(
     conn: Connection, key: str, request: repository.Request, _legacy_balance: int | None
 ) -> TransferResult | None:
-    transfer_id = await repository.transfer_by_key(conn, key)
-    if transfer_id is None:
-        if await repository.entry_by_key(conn, key) is not None:
-            raise IdempotencyKeyReusedError()  # a balance update's key, its outcome pruned
+    applied = await repository.applied_with_key(conn, key)
+    if applied.entry is not None:
+        raise IdempotencyKeyReusedError()  # a balance update's key, its outcome pruned
+    if applied.transfer_id is None:
         return None
-    found = await repository.get_transfer(conn, transfer_id)
+    found = await repository.get_transfer(conn, applied.transfer_id)
     assert found is not None
     if (found.from_user_id, found.to_user_id, found.amount, found.reference) != (
         request.user_id,
@@ -254,7 +257,7 @@ async def get_balance(pool: HotPool, user_id: int, at: datetime | None = None) -
         balance = await repository.balance_at(pool, user_id, at)
     if balance is None:
         raise UserNotFoundError(user_id, at=at)
-    return BalanceResult(user_id, balance)
+    return BalanceResult(user_id, balance, at=at)
 
 
 async def history(pool: HotPool, user_id: int, limit: int, before: int | None) -> History:

@@ -97,7 +97,8 @@ def test_runs_longer_than_interval_never_overlap(cron_db: str, tmp_path: Path) -
 
 def test_crashed_owner_run_is_lost_and_recovered(cron_db: str, tmp_path: Path) -> None:
     """SIGKILL the owner of a long run: the run is recorded lost and the task runs on the
-    other instance soon after (within a few leases), never overlapping the dead run."""
+    other instance soon after (its ended session is noticed within a poll; the wait allows
+    for leases on a loaded machine), never overlapping the dead run."""
     servers = start_cluster(cron_db, tmp_path, "long", 2)
     try:
         owner, owner_id, survivor = owner_and_other(cron_db, servers)
