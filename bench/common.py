@@ -31,16 +31,21 @@ import asyncpg
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
+from tandem.access.keys import new_token
 from tandem.core.database import asyncpg_dsn
 from tandem.core.embedded import start_embedded_postgres
 from tandem.core.migrations import upgrade_to_head
 from tandem.loadtest import BurstReport, LoadtestError, withdraw_burst
-from tandem.loadtest.client import build_request, fetch, run
+from tandem.loadtest.client import auth_headers, build_request, fetch, run
 
 # Each withdrawal of a burst takes this much; the user starts with as many units as there are
 # requests, so exactly half of them succeed.
 AMOUNT = 2
 READY_TIMEOUT = 60.0
+# Every server a bench starts registers this key (scope all) at start, and every request of
+# the bench sends it (TANDEM_AUTH_DISABLED servers ignore it).
+BENCH_KEY = new_token()
+AUTH = auth_headers(BENCH_KEY)
 STOP_TIMEOUT = 20.0
 
 console = Console()
@@ -172,6 +177,7 @@ class ServeProcess:
             **os.environ,
             "TANDEM_DATABASE_URL": database_url,
             "TANDEM_LOG_LEVEL": "warning",
+            "TANDEM_API_KEY": BENCH_KEY,
             **(env or {}),
         }
         # ``command``: another server in Tandem's place (it is given --port).
@@ -283,7 +289,15 @@ def start_servers(
 
 def burst(base_url: str, requests: int) -> BurstReport:
     """``requests`` withdrawals of AMOUNT, all at once, from a fresh user holding ``requests``."""
-    return run(withdraw_burst(base_url, requests=requests, amount=AMOUNT, initial_balance=requests))
+    return run(
+        withdraw_burst(
+            base_url,
+            requests=requests,
+            amount=AMOUNT,
+            initial_balance=requests,
+            api_key=BENCH_KEY,
+        )
+    )
 
 
 def check(report: BurstReport, label: str, failures: list[str]) -> None:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from common import (  # bench/common.py: bench/ is first on sys.path when this runs as a script
     AMOUNT,
+    AUTH,
     ServeProcess,
     add_burst_arguments,
     bench_database,
@@ -103,7 +104,8 @@ def pgbench_script(path: Path) -> Path:
     """The service's statement, with pgbench's variable for the user and the amount inlined
     (no reference, no idempotency key: as the burst sends them)."""
     statement = APPLY_DELTA.replace("$1", ":uid").replace("$2", f"-{AMOUNT}")
-    statement = statement.replace("$3", "NULL::text").replace("$4", "NULL::text").strip()
+    statement = statement.replace("$3", "NULL::text").replace("$4", "NULL::text")
+    statement = statement.replace("$5", "NULL::bigint").strip()
     path.write_text(statement + ";\n")
     return path
 
@@ -160,7 +162,7 @@ class ReadResult:
 
 def read_throughput(server: ServeProcess, user_id: int, total: int, connections: int) -> ReadResult:
     request = build_request(
-        "GET", f"/balance/{user_id}", f"127.0.0.1:{server.port}", keep_alive=True
+        "GET", f"/balance/{user_id}", f"127.0.0.1:{server.port}", keep_alive=True, headers=AUTH
     )
     started = time.perf_counter()
     results: list[Result] = run(
@@ -194,18 +196,23 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         if index == 1:
             floor = [sys.executable, str(BENCH_DIR / "http_floor.py")]
             return ServeProcess(url, workdir, label="HTTP floor", command=floor)
+        if index == 2:
+            # The baseline of the keys' cost: the same server with authentication disabled.
+            no_keys = {"TANDEM_AUTH_DISABLED": "true"}
+            return ServeProcess(url, workdir, label="Tandem, keys off", env=no_keys)
         return ServeProcess(url, workdir, label="Tandem")
 
-    fast, http_floor = start_servers(stack, 2, start, ready_path="/health/ready")
-    servers = [fast]
+    fast, http_floor, keyless = start_servers(stack, 3, start, ready_path="/health/ready")
+    servers = [fast, keyless]
     console.print(f"servers ready; warm-up: {WARMUP_REQUESTS} withdrawals each (not counted)")
-    for server in (fast, http_floor):
+    for server in (fast, http_floor, keyless):
         burst(server.base_url, WARMUP_REQUESTS)
 
     script = pgbench_script(workdir / "apply_delta.sql")
     floors: list[PgbenchResult] = []
     http_floors: list[BurstReport] = []
     fast_bursts: list[BurstReport] = []
+    keyless_bursts: list[BurstReport] = []
     failures: list[str] = []
     for index in range(args.runs):
         floors.append(run_pgbench(url, script, args.requests, pool_size))
@@ -218,10 +225,14 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         time.sleep(1)
         fast_bursts.append(burst(fast.base_url, args.requests))
         check(fast_bursts[-1], f"run {index + 1} Tandem", failures)
+        time.sleep(1)
+        keyless_bursts.append(burst(keyless.base_url, args.requests))
+        check(keyless_bursts[-1], f"run {index + 1} Tandem, keys off", failures)
         console.print(
             f"run {index + 1}/{args.runs}: pgbench {floors[-1].wall_time:.2f} s, "
             f"HTTP floor {http_floors[-1].wall_time:.2f} s, "
-            f"Tandem {fast_bursts[-1].wall_time:.2f} s"
+            f"Tandem {fast_bursts[-1].wall_time:.2f} s, "
+            f"keys off {keyless_bursts[-1].wall_time:.2f} s"
         )
         time.sleep(1)
 
@@ -234,6 +245,7 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     floor_times = [result.wall_time for result in floors]
     http_times = [report.wall_time for report in http_floors]
     fast_times = [report.wall_time for report in fast_bursts]
+    keyless_times = [report.wall_time for report in keyless_bursts]
     median: Callable[[Sequence[float]], float] = statistics.median
 
     table = Table(title=f"Wallet: {args.requests} withdrawals of {AMOUNT} from {args.requests}")
@@ -254,6 +266,8 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         ("(d) ratio_floors c/(a+b)", ratio_floors, ratios),
         ("    ratio c/a", ratio, ratios),
         ("    burst p99 latency", _p99(fast_bursts), seconds),
+        ("(c') burst, Tandem with keys off", keyless_times, seconds),
+        ("    keys' cost c/c'", divide(fast_times, keyless_times), ratios),
     ]
     for label, values, render in rows:
         table.add_row(label, *render(values), *render([median(values)]))
@@ -285,6 +299,7 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     )
     console.print(f"ratio_floors: {median(ratio_floors):.2f}")
     console.print(f"ratio: {median(ratio):.2f}")
+    console.print(f"keys_cost: {median(divide(fast_times, keyless_times)):.2f}")
     console.print(f"reads: {reads[0].requests_per_second:,.0f} requests/s")
     for failure in failures:
         console.print(f"WRONG OUTCOME: {failure}", style="bold red")
@@ -312,7 +327,7 @@ def transfer_figures(server: ServeProcess, url: str, total: int) -> str:
     for _ in range(total):
         src, dst = rng.sample(users, 2)
         body = {"fromUserId": src, "toUserId": dst, "amount": rng.randrange(1, 51)}
-        requests.append(build_request("POST", "/transfers", host, body))
+        requests.append(build_request("POST", "/transfers", host, body, headers=AUTH))
     started = time.perf_counter()
     results = run(send_burst("127.0.0.1", server.port, requests, concurrency=200))
     elapsed = time.perf_counter() - started
@@ -355,7 +370,9 @@ def history_figures(server: ServeProcess, url: str, entries: int) -> str:
         ("newest page", f"/balance/{user}/history?limit=100"),
         ("middle page", f"/balance/{user}/history?limit=100&before={middle}"),
     ]:
-        request = build_request("GET", path, f"127.0.0.1:{server.port}", keep_alive=True)
+        request = build_request(
+            "GET", path, f"127.0.0.1:{server.port}", keep_alive=True, headers=AUTH
+        )
         results = run(send_keepalive("127.0.0.1", server.port, request, 2000, 20))
         latencies = [result.latency for result in results]
         errors = sum(1 for result in results if result.status != 200)

@@ -1,5 +1,5 @@
-"""The one command-line entry point: ``tandem serve | cluster | migrate | ledger verify |
-loadtest``."""
+"""The one command-line entry point: ``tandem serve | cluster | migrate | keys | ledger verify
+| loadtest``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from tandem.core.settings import Settings, get_settings
 from tandem.observability.logging import configure_logging
@@ -45,6 +47,41 @@ def resolve_database_url(settings: Settings) -> str:
     return url
 
 
+DEV_KEY_NAME = "dev"
+
+
+def dev_key_path(settings: Settings) -> Path:
+    return settings.data_dir / "dev-key"
+
+
+def use_local_dev_key(settings: Settings) -> str | None:
+    """On a local start with the embedded database and no key configured: the development
+    key under the data folder (made on the first start, mode 0600), configured for the
+    instances through the environment. None when a key is configured or the database is not
+    the embedded one (a deployment makes its keys itself)."""
+    if settings.database_url or settings.configured_api_key() is not None:
+        return None
+    from tandem.access.keys import new_token
+
+    path = dev_key_path(settings)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_token() + "\n")
+    token = path.read_text().strip()
+    os.environ["TANDEM_API_KEY"] = token
+    os.environ["TANDEM_API_KEY_NAME"] = DEV_KEY_NAME
+    return token
+
+
+def key_lines(token: str, base: str) -> list[str]:
+    return [
+        f"  API key      {token}   (development key, kept in .tandem/dev-key)",
+        f"  try          curl -H 'Authorization: Bearer {token}' {base}/balance/1",
+    ]
+
+
 def migration_url(settings: Settings, url: str) -> str:
     """Where migrations connect: straight to PostgreSQL when the service's URL points at a
     pooler (TANDEM_DATABASE_DIRECT_URL, docs/pooling.md), else the service's own URL."""
@@ -57,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tandem.core.migrations import upgrade_to_head
 
     settings = get_settings()
+    dev_key = use_local_dev_key(settings)
     url = resolve_database_url(settings)
     # Child processes (workers) read settings from the environment.
     os.environ["TANDEM_DATABASE_URL"] = url
@@ -69,17 +107,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.port
     also = f" and alone on :{args.direct_port}" if args.direct_port is not None else ""
     log.info("serving on http://%s:%d%s (docs: /docs, fd limit %d)", host, port, also, limit)
+    if dev_key is not None:
+        log.info("\n".join(key_lines(dev_key, f"http://{host}:{port}")))
+    if settings.auth_disabled:
+        log.warning("authentication is DISABLED (TANDEM_AUTH_DISABLED): every route is open")
     # uvicorn re-raises SIGTERM after its graceful shutdown; by default that kills the process
     # before atexit handlers run, and the embedded PostgreSQL would be left running. Exit
     # normally instead, so they do.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from tandem.core.http import GuardedHttpToolsProtocol, Limits
+
+    Limits.max_header_bytes = settings.http_max_header_bytes
+    Limits.max_body_bytes = settings.http_max_body_bytes
+    Limits.header_timeout = settings.http_header_timeout
+    Limits.body_timeout = settings.http_body_timeout
+    Limits.max_connections = settings.http_max_connections
     config = uvicorn.Config(
         "tandem.main:create_asgi_app",
         factory=True,
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpToolsProtocol,
         backlog=settings.backlog,
         access_log=args.access_log,
         log_level=settings.log_level,
@@ -115,6 +164,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from tandem.core.migrations import upgrade_to_head
 
     settings = get_settings()
+    dev_key = use_local_dev_key(settings)
     url = resolve_database_url(settings)
     upgrade_to_head(migration_url(settings, url))
     env = {**os.environ, "TANDEM_DATABASE_URL": url, "TANDEM_MIGRATE_ON_START": "false"}
@@ -144,6 +194,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 f"  API docs     {base}/docs",
                 f"  tasks        {base}/tasks    instances {base}/instances",
             ]
+            if dev_key is not None:
+                lines += key_lines(dev_key, base)
             for child, port in zip(children, direct, strict=False):
                 lines.append(f"  instance pid {child.pid}: http://{args.host}:{port}/metrics")
             log.info("\n".join(lines))
@@ -185,12 +237,95 @@ def _wait_live(
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from tandem.core.migrations import head_revision, upgrade_to_head
+    from tandem.core.migrations import grant_app_role, head_revision, upgrade_to_head
 
     settings = get_settings()
-    upgrade_to_head(migration_url(settings, resolve_database_url(settings)))
+    url = migration_url(settings, resolve_database_url(settings))
+    upgrade_to_head(url)
     print(f"database at revision {head_revision()}")
+    if settings.database_app_role:
+        grant_app_role(url, settings.database_app_role)
+        print(f"granted the application's rights to {settings.database_app_role}")
     return 0
+
+
+def _with_connection(run: Callable[[Any], Awaitable[int]]) -> int:
+    """``run`` on a direct connection to the service's database (the embedded one too: it
+    is joined if a server runs, started if not)."""
+    import asyncio
+
+    from tandem.core.database import open_connection
+
+    settings = get_settings()
+    url = migration_url(settings, resolve_database_url(settings))
+
+    async def main() -> int:
+        conn = await open_connection(url, settings, "tandem-cli", statement_deadline=False)
+        try:
+            return await run(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(main())
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from tandem.access import service
+
+    async def run(conn: Any) -> int:
+        try:
+            token = await service.create_key(conn, args.name, args.scope)
+        except service.KeyCommandError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"created API key {args.name!r} with scopes {', '.join(sorted(set(args.scope)))}")
+        print("the token is shown once; send it as Authorization: Bearer <token>")
+        print(token)
+        return 0
+
+    return _with_connection(run)
+
+
+def cmd_keys_list(_: argparse.Namespace) -> int:
+    from tandem.access import service
+
+    def when(value: Any) -> str:
+        return "-" if value is None else value.isoformat(timespec="seconds")
+
+    async def run(conn: Any) -> int:
+        rows = [("NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED")]
+        for key in await service.list_keys(conn):
+            rows.append(
+                (
+                    key.name,
+                    ",".join(key.scopes),
+                    when(key.created_at),
+                    when(key.last_used_at),
+                    when(key.revoked_at),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        return 0
+
+    return _with_connection(run)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from tandem.access import service
+
+    async def run(conn: Any) -> int:
+        try:
+            await service.revoke_key(conn, args.name)
+        except service.KeyCommandError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        seconds = get_settings().auth_cache_ttl
+        print(f"revoked {args.name!r}; every instance refuses it within {seconds:g} s")
+        return 0
+
+    return _with_connection(run)
 
 
 def cmd_ledger_verify(_: argparse.Namespace) -> int:
@@ -233,8 +368,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from tandem.loadtest import LoadtestOptions, run_loadtest
 
     raise_fd_limit()
+    settings = get_settings()
+    key = args.key or settings.configured_api_key()
+    if key is None and dev_key_path(settings).exists():
+        key = dev_key_path(settings).read_text().strip()
     return run_loadtest(
         LoadtestOptions(
+            api_key=key,
             base_url=args.url,
             requests=args.requests,
             amount=args.amount,
@@ -278,6 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations once")
     migrate.set_defaults(func=cmd_migrate)
 
+    from tandem.core.callers import SCOPES
+
+    keys = sub.add_parser("keys", help="API keys: create, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key; its token is printed once, last")
+    create.add_argument("--name", required=True)
+    create.add_argument(
+        "--scope", action="append", required=True, choices=SCOPES, help="repeat for more"
+    )
+    create.set_defaults(func=cmd_keys_create)
+    keys_sub.add_parser("list", help="every key (tokens are never shown)").set_defaults(
+        func=cmd_keys_list
+    )
+    revoke = keys_sub.add_parser("revoke", help="refuse a key from now on (it is kept)")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
     ledger = sub.add_parser("ledger", help="the wallet's journal")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     verify = ledger_sub.add_parser(
@@ -295,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--user", type=int, default=None, help="use this user, not a new one")
     load.add_argument("--no-progress", action="store_true")
+    load.add_argument(
+        "--key",
+        default=None,
+        help="API key (default: TANDEM_API_KEY, else the local development key)",
+    )
     load.set_defaults(func=cmd_loadtest)
     return parser
 

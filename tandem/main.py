@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import socket
@@ -17,10 +19,15 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tandem
+from tandem.access import policy
+from tandem.access.cache import KeyCache
+from tandem.access.layer import AccessControl
+from tandem.access.service import KeyCommandError, ensure_configured_key
 from tandem.core.database import Database
 from tandem.core.dependencies import Instance, instance_of
 from tandem.core.errors import AppError, envelope
 from tandem.core.failures import count_answered, error_for_unexpected
+from tandem.core.openapi import error_responses_schema
 from tandem.core.settings import Settings, get_settings
 from tandem.maintenance import maintenance_registry
 from tandem.observability.endpoints import router as observability_router
@@ -98,6 +105,7 @@ def _install_openapi(app: FastAPI) -> None:
             paths = schema.setdefault("paths", {})
             for path, operations in lean_operations().items():
                 paths.setdefault(path, {}).update(operations)
+            _document_access(schema)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in (*LEAN_MODELS, TransferCreate, UserCreate):
                 model_schema = model.model_json_schema(
@@ -111,6 +119,34 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
 
 
+_ACCESS_ERRORS = error_responses_schema(
+    (401, "unauthenticated", "no API key, or an unknown or revoked one"),
+    (403, "forbidden", "the API key lacks the scope this needs (or a cross-site cookie)"),
+)
+
+
+def _document_access(schema: dict[str, Any]) -> None:
+    """The bearer scheme, and on every protected operation the scope it needs (from the one
+    table the access layer checks, access/policy.py) and its 401/403."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["apiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (`tandem keys create`), as Authorization: Bearer <token>.",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        rule = policy.rule_for(path.replace("{", "").replace("}", ""))
+        if rule.requirement == policy.PUBLIC:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"apiKey": []}]
+            if rule.requirement != policy.ANY_KEY:
+                needs = f"Needs an API key with the scope `{rule.requirement}` (or `all`)."
+                operation["description"] = f"{operation.get('description', '')}\n\n{needs}"
+            for status_code, response in _ACCESS_ERRORS.items():
+                operation.setdefault("responses", {}).setdefault(status_code, response)
+
+
 def _tune_gc() -> None:
     """A burst keeps ~10000 connections' objects alive, and every full collection walks them
     all: ~30% of the server's CPU with the default thresholds. Freeze what startup allocated
@@ -121,15 +157,35 @@ def _tune_gc() -> None:
 
 
 def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
-    """What `tandem serve` runs: the FastAPI app with, outside it, the wallet's lean path and
-    the HTTP metrics. Outside, not through ``add_middleware``: FastAPI's own middleware stack
-    costs more per request than the wallet's whole statement."""
+    """What `tandem serve` runs: the FastAPI app with, outside it, the wallet's lean path, the
+    access layer (every route's key check, both paths) and the HTTP metrics. Outside, not
+    through ``add_middleware``: FastAPI's own middleware stack costs more per request than the
+    wallet's whole statement."""
     settings = settings or get_settings()
     app = create_app(settings)
     instance = instance_of(app)
-    return HttpMetricsMiddleware(
-        WalletFastPath(app, database=instance.database), instance.instance_id
-    )
+    keys = KeyCache(instance.database, settings.auth_cache_ttl)
+    access = AccessControl(WalletFastPath(app, instance), keys, disabled=settings.auth_disabled)
+    return HttpMetricsMiddleware(access, instance.instance_id)
+
+
+async def _register_configured_key(settings: Settings, database: Database) -> None:
+    """The configured key (TANDEM_API_KEY or its file), registered once the schema is there:
+    an instance may start before its migrations, so it tries again until it can."""
+    token = settings.configured_api_key()
+    if token is None:
+        return
+    while True:
+        try:
+            async with database.hot.acquire() as conn:
+                await ensure_configured_key(conn, token, settings.api_key_name)
+            return
+        except KeyCommandError as error:
+            log.error("%s", error)
+            return
+        except Exception as error:
+            log.warning("cannot register the configured API key yet (%s); retrying", error)
+            await asyncio.sleep(1.0)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -142,6 +198,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await database.open()
+        if settings.auth_disabled:
+            log.warning(
+                "AUTHENTICATION IS DISABLED (TANDEM_AUTH_DISABLED): anyone who reaches this "
+                "instance can read and move money and run tasks"
+            )
+        registering = asyncio.ensure_future(_register_configured_key(settings, database))
+        with contextlib.suppress(TimeoutError):
+            # Usually done at once; a missing schema must not hold up the start.
+            await asyncio.wait_for(asyncio.shield(registering), 2.0)
         runner: Runner | None = None
         if settings.scheduler_enabled:
             registry = load_registry(settings.scheduler_tasks)
@@ -156,6 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Drain first: released runs are picked up elsewhere while we close.
             if runner is not None:
                 await runner.stop()
+            registering.cancel()
             await database.close()
 
     app = FastAPIOffline(

@@ -87,7 +87,7 @@ def maintenance_registry(database: Database) -> Registry:
 
     registry = Registry()
     every = timedelta(seconds=settings.maintenance_interval)
-    registry.task(VERIFY_LEDGER_TASK, every)(verify_ledger)
-    registry.task(PRUNE_HISTORY_TASK, every)(prune_task_history)
-    registry.task(PRUNE_KEYS_TASK, every)(prune_idempotency_keys)
+    registry.task(VERIFY_LEDGER_TASK, every, watched=True)(verify_ledger)
+    registry.task(PRUNE_HISTORY_TASK, every, watched=True)(prune_task_history)
+    registry.task(PRUNE_KEYS_TASK, every, watched=True)(prune_idempotency_keys)
     return registry

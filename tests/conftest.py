@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,10 @@ from tandem.core.embedded import EmbeddedPostgres
 from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings
 from tandem.main import create_asgi_app
-from tests.support import Server, fresh_database, start_server
+from tests.support import API_KEY, AUTH, Server, fresh_database, start_server
+
+# Inherited by every process the suite starts: each registers the suite's key at start.
+os.environ["TANDEM_API_KEY"] = API_KEY
 
 
 @pytest.fixture(scope="session")
@@ -63,18 +67,31 @@ def server(database_url: str, log_dir: Path) -> Iterator[Server]:
     srv.stop()
 
 
+@asynccontextmanager
+async def in_process(settings: Settings) -> AsyncIterator[httpx.ASGITransport]:
+    """The app in this process, as uvicorn runs it (metrics, access, lean path, FastAPI) but
+    without a socket or a subprocess, started and stopped by its lifespan."""
+    async with LifespanManager(create_asgi_app(settings)) as manager:
+        yield httpx.ASGITransport(app=manager.app)
+
+
 @pytest.fixture(scope="module")
-async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in this process, as uvicorn runs it (metrics, lean path, FastAPI) but without
-    a socket or a subprocess: the fast layer for API tests, against the real database."""
+async def transport(database_url: str) -> AsyncIterator[httpx.ASGITransport]:
     settings = Settings(
         database_url=database_url, scheduler_enabled=False, maintenance_enabled=False
     )
-    app = create_asgi_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://tandem.test") as c:
-            yield c
+    async with in_process(settings) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+async def client(transport: httpx.ASGITransport) -> AsyncIterator[httpx.AsyncClient]:
+    """The in-process app with the suite's key: the fast layer for API tests, against the
+    real database."""
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://tandem.test", headers=AUTH
+    ) as c:
+        yield c
 
 
 @pytest.fixture

@@ -20,16 +20,94 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from tandem.access.keys import new_token
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import upgrade_to_head
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The suite's API key (scope all). conftest.py puts it in the environment, so every server
+# the suite starts, in process or not, registers it at start; every test request sends it
+# (the refusals of other keys, and of none, are tests/access/'s).
+API_KEY = new_token()
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _authed(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {**kwargs, "headers": {**AUTH, **(kwargs.get("headers") or {})}}
+
+
+def http_get(url: str, **kwargs: Any) -> httpx.Response:
+    """``httpx.get`` with the suite's key."""
+    return httpx.get(url, **_authed(kwargs))
+
+
+def http_post(url: str, **kwargs: Any) -> httpx.Response:
+    """``httpx.post`` with the suite's key."""
+    return httpx.post(url, **_authed(kwargs))
+
+
+@contextmanager
+def signed_in(url: str) -> Iterator[str]:
+    """A local proxy to ``url`` that adds the suite's key to every request: a browser that is
+    signed in, for Chromium, which cannot be given a header (the login and its cookie are
+    tests/access/test_browser.py's). Yields the proxy's URL."""
+    import threading
+
+    import uvicorn
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k != b"host"]
+        async with httpx.AsyncClient(base_url=url) as client:
+            answer = await client.request(
+                scope["method"],
+                scope["path"]
+                + ("?" + scope["query_string"].decode() if scope["query_string"] else ""),
+                headers=[*headers, *AUTH.items()],
+                content=body,
+            )
+        drop = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+        await send(
+            {
+                "type": "http.response.start",
+                "status": answer.status_code,
+                "headers": [
+                    (k.encode(), v.encode()) for k, v in answer.headers.items() if k not in drop
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer.content})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def http_request(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """``httpx.request`` with the suite's key."""
+    return httpx.request(method, url, **_authed(kwargs))
 
 
 def with_database(url: str, name: str) -> str:
@@ -66,17 +144,18 @@ def fresh_database(server_url: str) -> Iterator[str]:
         yield url
 
 
+async def fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """One statement on a connection of its own."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
 def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    """One statement on a connection of its own, from synchronous test code."""
-
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(asyncpg_dsn(url))
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+    """``fetch`` from synchronous test code."""
+    return asyncio.run(fetch(url, sql, *args))
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1) -> None:

@@ -8,11 +8,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tandem.maintenance import PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK
-from tests.support import CRON_TIMINGS, Server, fresh_database, query, start_server, wait_for
+from tests.support import (
+    CRON_TIMINGS,
+    Server,
+    fresh_database,
+    http_get,
+    http_post,
+    query,
+    start_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -132,16 +140,16 @@ def test_housekeeping_tasks_are_ordinary_tasks(seeded: str, tmp_path: Path) -> N
     runs succeed and are recorded in their history."""
     server = start(seeded, tmp_path)
     try:
-        names = {t["name"] for t in httpx.get(f"{server.url}/tasks").json()["tasks"]}
+        names = {t["name"] for t in http_get(f"{server.url}/tasks").json()["tasks"]}
         deadline = time.monotonic() + 15
         while {PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK, "Quick"} - names:
             assert time.monotonic() < deadline, names
             time.sleep(0.2)
-            names = {t["name"] for t in httpx.get(f"{server.url}/tasks").json()["tasks"]}
+            names = {t["name"] for t in http_get(f"{server.url}/tasks").json()["tasks"]}
         for name in (PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK):
 
             def succeeded(task: str = name) -> bool:
-                runs = httpx.get(f"{server.url}/tasks/{task}/history").json()["runs"]
+                runs = http_get(f"{server.url}/tasks/{task}/history").json()["runs"]
                 return any(r["status"] == "succeeded" for r in runs)
 
             wait_for(succeeded, 15)
@@ -150,7 +158,7 @@ def test_housekeeping_tasks_are_ordinary_tasks(seeded: str, tmp_path: Path) -> N
 
 
 def ledger_mismatches(server: Server) -> float | None:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+    for line in http_get(f"{server.url}/metrics").text.splitlines():
         if line.startswith("tandem_ledger_mismatches "):
             return float(line.split()[1])
     return None
@@ -162,10 +170,10 @@ def test_ledger_verification_exports_what_it_finds(seeded: str, tmp_path: Path) 
     server = start(seeded, tmp_path)
     try:
         verified = "tandem_ledger_verified_timestamp_seconds"
-        wait_for(lambda: f"{verified} 0.0" not in httpx.get(f"{server.url}/metrics").text, 15)
+        wait_for(lambda: f"{verified} 0.0" not in http_get(f"{server.url}/metrics").text, 15)
         assert ledger_mismatches(server) == 0
         query(seeded, "UPDATE users SET balance = balance + 1 WHERE id = 1")
-        run = httpx.post(f"{server.url}/tasks/{VERIFY_LEDGER_TASK}/run")
+        run = http_post(f"{server.url}/tasks/{VERIFY_LEDGER_TASK}/run")
         assert run.status_code == 200, run.text
         wait_for(lambda: ledger_mismatches(server) == 1, 15)
     finally:

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
+from tandem.core.callers import Caller, caller_of
 from tandem.core.database import Database
 from tandem.core.settings import Settings
 
@@ -42,5 +43,11 @@ async def get_database(request: Request) -> Database:
     return instance_of(request.app).database
 
 
+async def get_caller(request: Request) -> Caller:
+    return caller_of(request.scope)
+
+
 CurrentInstance = Annotated[Instance, Depends(get_instance)]
+# The API key the access layer verified for this request.
+CurrentCaller = Annotated[Caller, Depends(get_caller)]
 Db = Annotated[Database, Depends(get_database)]

@@ -42,6 +42,26 @@ class ValidationError(AppError):
     code = "validation_error"
 
 
+class UnauthenticatedError(AppError):
+    """No credential, or one that names no live key."""
+
+    status_code = 401
+    code = "unauthenticated"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="tandem"'}
+
+
+class ForbiddenError(AppError):
+    """A known key without the right (its scope), or a cross-site request."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class TooManyRequestsError(AppError):
+    status_code = 429
+    code = "too_many_requests"
+
+
 class NotFoundError(AppError):
     status_code = 404
     code = "not_found"

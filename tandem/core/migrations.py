@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
 
 from alembic import command
@@ -24,6 +26,44 @@ def upgrade_to_head(database_url: str) -> None:
     """Apply every pending migration. Safe to repeat; concurrent callers serialise on an
     advisory lock taken inside the migration transaction (see migrations/env.py)."""
     command.upgrade(alembic_config(database_url), "head")
+
+
+# What the application's own role may do (TANDEM_DATABASE_APP_ROLE; the migrations run as the
+# owner): read and write its tables, but no DDL (it owns nothing, and PostgreSQL 15+ gives
+# PUBLIC no CREATE on the public schema), and on the journal only SELECT and INSERT: besides
+# the append-only triggers, the privileges refuse an UPDATE or DELETE of history. Applied after
+# every upgrade, so tables added later are covered.
+_APP_ROLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_APPEND_ONLY = ("ledger_entries", "transfers")
+
+
+def grant_app_role(database_url: str, role: str) -> None:
+    """Give ``role`` (an existing login role) the application's rights on this database."""
+    from tandem.core.database import asyncpg_dsn
+
+    if _APP_ROLE.fullmatch(role) is None:
+        raise ValueError(f"invalid role name {role!r}")
+    statements = [
+        f"REVOKE CREATE ON SCHEMA public FROM {role}",
+        f"GRANT USAGE ON SCHEMA public TO {role}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+        f"REVOKE UPDATE, DELETE, TRUNCATE ON {', '.join(_APPEND_ONLY)} FROM {role}",
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
+    ]
+
+    async def run() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            async with conn.transaction():
+                for statement in statements:
+                    await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
 
 
 def head_revision() -> str:

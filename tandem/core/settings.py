@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     # direct URL to PostgreSQL when database_url points at PgBouncer. Default: database_url.
     database_direct_url: str | None = None
     data_dir: Path = Path(".tandem")
+    # The application's own database role, when it is not the owner (the compose file's):
+    # `tandem migrate`, connected as the owner, grants it the app's rights after upgrading
+    # (core/migrations.grant_app_role: no DDL, the journal append-only).
+    database_app_role: str | None = None
 
     # The wallet's hot path has its own asyncpg pool. 5 instances x (pool + engine pool) must fit
     # PostgreSQL's default max_connections=100; see docs/ARCHITECTURE.md for the measurement.
@@ -50,10 +54,33 @@ class Settings(BaseSettings):
     # Seconds an idle client connection stays open. Longer than nginx's upstream keepalive
     # (60 s): the proxy, not the app, must close idle connections (deploy/nginx/nginx.conf).
     keep_alive_timeout: int = Field(default=75, ge=1)
+    # The HTTP server's limits (tandem/core/http.py): bytes of a request line and headers,
+    # of a declared body on any route, seconds for the headers and for the body to arrive,
+    # and open connections per instance (past it: 503 at once).
+    http_max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    http_max_body_bytes: int = Field(default=64 * 1024, ge=4096)
+    http_header_timeout: float = Field(default=10.0, gt=0)
+    http_body_timeout: float = Field(default=30.0, gt=0)
+    http_max_connections: int = Field(default=20_000, ge=1)
     log_level: str = "info"
     # Apply migrations when `tandem serve` starts (fine for one local instance; a deployment
     # runs `tandem migrate` once instead).
     migrate_on_start: bool = True
+
+    # --- access (tandem/access/) --------------------------------------------------------
+    # A key registered at start with every scope (if not there yet) under api_key_name: how
+    # a deployment gets its first key. The token itself, or a file holding it (a secret).
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    api_key_name: str = "bootstrap"
+    # Anonymous clients get every right: for the plan's original, keyless clients only. Every
+    # start warns, and so does the status page.
+    auth_disabled: bool = False
+    # Seconds a verified (or unknown) key is remembered per process: a revocation reaches
+    # every instance within this plus one lookup.
+    auth_cache_ttl: float = Field(default=2.0, gt=0, le=5.0)
+    # New idempotency keys one API key may store per UTC day (429 past it).
+    idempotency_keys_per_day: int = Field(default=1_000_000, ge=1)
 
     # --- cluster cron (all durations in seconds of real time) ---------------------------
     scheduler_enabled: bool = True
@@ -131,6 +158,14 @@ class Settings(BaseSettings):
                 "embedded PostgreSQL when no URL is given, or set the URL."
             )
         return self.database_url
+
+    def configured_api_key(self) -> str | None:
+        """TANDEM_API_KEY, else the first line of TANDEM_API_KEY_FILE, else None."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value().strip()
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text().strip()
+        return None
 
     def require_direct_url(self) -> str:
         return self.database_direct_url or self.require_database_url()

@@ -52,12 +52,37 @@ class Endpoint:
     port: int
     host_header: str
     path_prefix: str = ""
+    # Sent as Authorization: Bearer on every request.
+    api_key: str | None = None
 
     def url_path(self, path: str) -> str:
         return self.path_prefix + path
 
+    def request(
+        self,
+        method: str,
+        path: str,
+        json_body: Any = None,
+        *,
+        keep_alive: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """``build_request`` for this endpoint: its path prefix, Host and key."""
+        return build_request(
+            method,
+            self.url_path(path),
+            self.host_header,
+            json_body,
+            keep_alive=keep_alive,
+            headers={**auth_headers(self.api_key), **(headers or {})},
+        )
 
-def parse_base_url(url: str) -> Endpoint:
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
+def parse_base_url(url: str, api_key: str | None = None) -> Endpoint:
     """``http://host[:port][/prefix]``; raises ValueError for anything else (https included)."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
@@ -67,6 +92,7 @@ def parse_base_url(url: str) -> Endpoint:
         port=parts.port or 80,
         host_header=parts.netloc,
         path_prefix=parts.path.rstrip("/"),
+        api_key=api_key,
     )
 
 

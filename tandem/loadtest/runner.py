@@ -31,7 +31,6 @@ from tandem.loadtest.client import (
     Endpoint,
     OnDone,
     Result,
-    build_request,
     fetch,
     parse_base_url,
     run,
@@ -57,6 +56,8 @@ class LoadtestOptions:
     user_id: int | None = None
     progress: bool = True
     request_timeout: float = DEFAULT_TIMEOUT
+    # Needs wallet:read, wallet:write, users:write and wallet:mint (it funds a new user).
+    api_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,7 @@ class BurstReport:
 async def _call(
     endpoint: Endpoint, method: str, path: str, body: object, request_timeout: float
 ) -> Result:
-    request = build_request(method, endpoint.url_path(path), endpoint.host_header, body)
+    request = endpoint.request(method, path, body)
     result = await fetch(endpoint.host, endpoint.port, request, request_timeout)
     if result.error is not None:
         raise LoadtestError(f"{method} {path}: {result.describe()}: {result.error}")
@@ -177,6 +178,7 @@ async def withdraw_burst(
     concurrency: int | None = None,
     request_timeout: float = DEFAULT_TIMEOUT,
     on_done: OnDone | None = None,
+    api_key: str | None = None,
 ) -> BurstReport:
     """Create a user with ``initial_balance`` (or read ``user_id``'s balance), send ``requests``
     withdrawals of ``amount`` at once, then read the final balance.
@@ -187,19 +189,14 @@ async def withdraw_burst(
     """
     if requests < 0 or amount <= 0 or initial_balance < 0:
         raise ValueError("requests >= 0, amount > 0 and initial_balance >= 0, please")
-    endpoint = parse_base_url(base_url)
+    endpoint = parse_base_url(base_url, api_key)
     fresh_user = user_id is None
     if user_id is None:
         user_id, initial_balance = await _create_user(endpoint, initial_balance, request_timeout)
     else:
         initial_balance = await read_balance(endpoint, user_id, request_timeout)
 
-    request = build_request(
-        "POST",
-        endpoint.url_path("/balance/update"),
-        endpoint.host_header,
-        {"userId": user_id, "amount": -amount},
-    )
+    request = endpoint.request("POST", "/balance/update", {"userId": user_id, "amount": -amount})
     started = time.perf_counter()
     results = await send_burst(
         endpoint.host, endpoint.port, [request] * requests, concurrency, request_timeout, on_done
@@ -317,6 +314,7 @@ def run_loadtest(options: LoadtestOptions) -> int:
                     concurrency=options.concurrency,
                     request_timeout=options.request_timeout,
                     on_done=on_done,
+                    api_key=options.api_key,
                 )
             )
     except (ValueError, LoadtestError) as error:

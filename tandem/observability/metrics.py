@@ -168,6 +168,12 @@ SCHEDULER_TASK_LAST_SUCCESS = Gauge(
     "registration if it never succeeded). Every instance reports the same values.",
     ["task"],
 )
+SCHEDULER_TASK_PAUSED_SINCE = Gauge(
+    "tandem_scheduler_task_paused_timestamp_seconds",
+    "Unix time since which each paused housekeeping task is paused (cluster-wide, from the "
+    "database); absent while it runs.",
+    ["task"],
+)
 
 # Set by the housekeeping task tandem.verify_ledger (the same on whichever instance ran it
 # last; alert on the max).

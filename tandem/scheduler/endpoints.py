@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from tandem.core.dependencies import CurrentInstance, Db
+from tandem.core.dependencies import CurrentCaller, CurrentInstance, Db
 from tandem.core.openapi import DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN, error_responses
 from tandem.scheduler import service
 from tandem.scheduler.schemas import Instances, TaskCommandResult, TaskHistory, TasksOverview
@@ -42,7 +42,7 @@ async def list_tasks(db: Db) -> TasksOverview:
     responses=_READ_TASK,
 )
 async def task_history(
-    db: Db, name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    db: Db, name: str, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> TaskHistory:
     return await db.transact(lambda session: service.history(session, name, limit), writes=False)
 
@@ -66,8 +66,8 @@ async def list_instances(instance: CurrentInstance) -> Instances:
     summary="Run a task now (after its current run, if one is in progress)",
     responses=_COMMAND,
 )
-async def run_task_now(db: Db, name: str) -> TaskCommandResult:
-    return await db.transact(lambda session: service.run_now(session, name))
+async def run_task_now(db: Db, name: str, caller: CurrentCaller) -> TaskCommandResult:
+    return await db.transact(lambda session: service.run_now(session, name, caller))
 
 
 @router.post(
@@ -76,8 +76,8 @@ async def run_task_now(db: Db, name: str) -> TaskCommandResult:
     summary="Stop scheduling a task (a run in progress finishes)",
     responses=_COMMAND,
 )
-async def pause_task(db: Db, name: str) -> TaskCommandResult:
-    return await db.transact(lambda session: service.pause(session, name))
+async def pause_task(db: Db, name: str, caller: CurrentCaller) -> TaskCommandResult:
+    return await db.transact(lambda session: service.pause(session, name, caller))
 
 
 @router.post(
@@ -86,5 +86,5 @@ async def pause_task(db: Db, name: str) -> TaskCommandResult:
     summary="Schedule a paused task again, from its next slot (no burst of missed runs)",
     responses=_COMMAND,
 )
-async def resume_task(db: Db, name: str) -> TaskCommandResult:
-    return await db.transact(lambda session: service.resume(session, name))
+async def resume_task(db: Db, name: str, caller: CurrentCaller) -> TaskCommandResult:
+    return await db.transact(lambda session: service.resume(session, name, caller))

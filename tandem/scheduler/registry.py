@@ -70,6 +70,9 @@ class TaskDefinition:
     name: str
     interval: timedelta
     function: TaskFunction
+    # Watched tasks (housekeeping) keep their health gauges while paused, and export since
+    # when they are paused: pausing one cannot silence its alerts.
+    watched: bool = False
 
     @property
     def function_name(self) -> str:
@@ -80,7 +83,9 @@ class Registry:
     def __init__(self) -> None:
         self._tasks: dict[str, TaskDefinition] = {}
 
-    def task(self, name: str, every: timedelta) -> Callable[[TaskFunction], TaskFunction]:
+    def task(
+        self, name: str, every: timedelta, *, watched: bool = False
+    ) -> Callable[[TaskFunction], TaskFunction]:
         """Decorator: register ``function`` as task ``name``, due every ``every``."""
 
         def register(function: TaskFunction) -> TaskFunction:
@@ -91,7 +96,7 @@ class Registry:
             if not name or "/" in name:
                 # The name is a path segment of /tasks/{name}/...
                 raise ValueError(f"task name {name!r} must be non-empty and contain no '/'")
-            self._tasks[name] = TaskDefinition(name, every, function)
+            self._tasks[name] = TaskDefinition(name, every, function, watched)
             return function
 
         return register
@@ -102,7 +107,9 @@ class Registry:
         combined = cls()
         for registry in registries:
             for definition in registry.all():
-                combined.task(definition.name, definition.interval)(definition.function)
+                combined.task(definition.name, definition.interval, watched=definition.watched)(
+                    definition.function
+                )
         return combined
 
     def get(self, name: str) -> TaskDefinition | None:

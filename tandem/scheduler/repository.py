@@ -253,8 +253,8 @@ async def prune_history(db: Db, older_than: timedelta, batch: int) -> int:
     return rows_affected(status)
 
 
-async def task_health(db: Db, known: list[str]) -> list[asyncpg.Record]:
-    return await db.fetch(TASK_HEALTH, known)
+async def task_health(db: Db, known: list[str], watched: list[str]) -> list[asyncpg.Record]:
+    return await db.fetch(TASK_HEALTH, known, watched)
 
 
 async def sweep_expired(db: Db) -> int:
@@ -291,6 +291,21 @@ LIMIT :limit
 """
 
 TASK_EXISTS = "SELECT id FROM tasks WHERE name = :name"
+
+# Who ran, paused or resumed a task through the API (migration 0009), newest first.
+TASK_ACTIONS = """
+SELECT a.action, k.name AS api_key, a.created_at AS at
+FROM task_actions a JOIN tasks t ON t.id = a.task_id LEFT JOIN api_keys k ON k.id = a.api_key_id
+WHERE t.name = :name
+ORDER BY a.id DESC
+LIMIT :limit
+"""
+
+RECORD_ACTION = """
+INSERT INTO task_actions (task_id, action, api_key_id) VALUES (:task_id, :action, :api_key_id)
+"""
+
+COMMAND_RESULT = "SELECT name, enabled, next_run_at FROM tasks WHERE id = :task_id"
 
 # The newest runs across all tasks, without sorting the whole history (no index covers
 # started_at alone): each task's newest :limit runs come from ix_task_history_task_started
@@ -330,11 +345,17 @@ DELETE FROM task_history WHERE id IN (
 # Every enabled task's interval and the time it last succeeded (its registration time if it
 # never did), in Unix seconds: what the "task not succeeding" alert compares. Only tasks this
 # instance has code for ($1): a task removed from the code (or housekeeping turned off) keeps
-# its row, but nobody runs it, and it must not alert forever.
+# its row, but nobody runs it, and it must not alert forever. Watched tasks ($2) are included
+# while paused, with since when (the last pause through the API, else the last run's end).
 TASK_HEALTH = """
-SELECT name, extract(epoch FROM "interval")::float8 AS interval_seconds,
-       extract(epoch FROM coalesce(last_succeeded_at, created_at))::float8 AS last_success
-FROM tasks WHERE enabled AND name = ANY($1::text[])
+SELECT t.name, extract(epoch FROM t."interval")::float8 AS interval_seconds,
+       extract(epoch FROM coalesce(t.last_succeeded_at, t.created_at))::float8 AS last_success,
+       CASE WHEN NOT t.enabled THEN extract(epoch FROM coalesce(
+           (SELECT max(a.created_at) FROM task_actions a
+            WHERE a.task_id = t.id AND a.action = 'pause'),
+           t.last_finished_at, t.created_at))::float8 END AS paused_since
+FROM tasks t
+WHERE t.name = ANY($1::text[]) AND (t.enabled OR t.name = ANY($2::text[]))
 """
 
 LIVE_INSTANCES = """

@@ -51,6 +51,7 @@ from tandem.observability.metrics import (
     SCHEDULER_START_LAG,
     SCHEDULER_TASK_INTERVAL,
     SCHEDULER_TASK_LAST_SUCCESS,
+    SCHEDULER_TASK_PAUSED_SINCE,
 )
 from tandem.scheduler import repository
 from tandem.scheduler.registry import Registry, TaskCancelledError, TaskContext, TaskDefinition
@@ -117,7 +118,9 @@ class Runner:
         self._last_forget = 0.0
         self._heartbeats = 0
         self._gauge_tasks: set[str] = set()
+        self._paused_tasks: set[str] = set()
         self._known = [definition.name for definition in registry.all()]
+        self._watched = [definition.name for definition in registry.all() if definition.watched]
 
     @property
     def running(self) -> dict[int, str]:
@@ -508,22 +511,29 @@ class Runner:
             self._last_forget = self._now()
         if self._heartbeats % _TASK_GAUGES_EVERY == 0:
             with contextlib.suppress(*_DB_ERRORS):
-                self._set_task_gauges(await repository.task_health(db, self._known))
+                health = await repository.task_health(db, self._known, self._watched)
+                self._set_task_gauges(health)
         self._heartbeats += 1
 
     def _set_task_gauges(self, rows: list[asyncpg.Record]) -> None:
         """Export the interval and last success of every enabled task this instance has code
         for; drop the series of tasks paused since, so an alert never fires on a task nobody
-        expects to run."""
-        names = set()
+        expects to run, except watched (housekeeping) tasks: they keep theirs, and say since
+        when they are paused."""
+        names, paused = set(), set()
         for row in rows:
             names.add(row["name"])
             SCHEDULER_TASK_INTERVAL.labels(row["name"]).set(row["interval_seconds"])
             SCHEDULER_TASK_LAST_SUCCESS.labels(row["name"]).set(row["last_success"])
+            if row["paused_since"] is not None:
+                paused.add(row["name"])
+                SCHEDULER_TASK_PAUSED_SINCE.labels(row["name"]).set(row["paused_since"])
         for gone in self._gauge_tasks - names:
             SCHEDULER_TASK_INTERVAL.remove(gone)
             SCHEDULER_TASK_LAST_SUCCESS.remove(gone)
-        self._gauge_tasks = names
+        for resumed in self._paused_tasks - paused:
+            SCHEDULER_TASK_PAUSED_SINCE.remove(resumed)
+        self._gauge_tasks, self._paused_tasks = names, paused
 
 
 class _TaskLog(logging.LoggerAdapter[logging.Logger]):

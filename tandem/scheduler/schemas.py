@@ -65,9 +65,20 @@ class Run(BaseModel):
     error: str | None
 
 
+class TaskAction(BaseModel):
+    action: str = Field(description="run, pause or resume")
+    api_key: str | None = Field(
+        description="The name of the API key that did it (null: authentication disabled)."
+    )
+    at: datetime
+
+
 class TaskHistory(BaseModel):
     name: str
     runs: list[Run]
+    actions: list[TaskAction] = Field(
+        description="Who ran, paused or resumed the task through the API, newest first."
+    )
 
 
 class TaskRun(Run):

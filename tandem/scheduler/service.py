@@ -8,6 +8,7 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tandem.core.callers import Caller
 from tandem.core.errors import NotFoundError
 from tandem.scheduler import repository
 from tandem.scheduler.schemas import (
@@ -16,6 +17,7 @@ from tandem.scheduler.schemas import (
     PendingTask,
     RecentRuns,
     Run,
+    TaskAction,
     TaskCommandResult,
     TaskHistory,
     TaskRun,
@@ -54,7 +56,10 @@ async def history(session: AsyncSession, name: str, limit: int) -> TaskHistory:
     if (await session.execute(text(repository.TASK_EXISTS), {"name": name})).first() is None:
         raise TaskNotFoundError(name)
     rows = await session.execute(text(repository.TASK_HISTORY), {"name": name, "limit": limit})
-    return TaskHistory(name=name, runs=[Run.model_validate(dict(r)) for r in rows.mappings()])
+    runs = [Run.model_validate(dict(r)) for r in rows.mappings()]
+    rows = await session.execute(text(repository.TASK_ACTIONS), {"name": name, "limit": limit})
+    actions = [TaskAction.model_validate(dict(r)) for r in rows.mappings()]
+    return TaskHistory(name=name, runs=runs, actions=actions)
 
 
 async def recent_runs(session: AsyncSession, limit: int) -> RecentRuns:
@@ -70,28 +75,32 @@ async def live_instances(session: AsyncSession, window: timedelta) -> Instances:
     return Instances(instances=[Instance.model_validate(dict(r)) for r in rows.mappings()])
 
 
-async def _command(session: AsyncSession, statement: str, name: str) -> TaskCommandResult:
-    if (await session.execute(text(statement), {"name": name})).first() is None:
+async def _command(
+    session: AsyncSession, statement: str, action: str, name: str, caller: Caller
+) -> TaskCommandResult:
+    """The command and its audit row (who did it), in one transaction."""
+    found = (await session.execute(text(statement), {"name": name})).first()
+    if found is None:
         raise TaskNotFoundError(name)
-    row = (
-        await session.execute(
-            text("SELECT name, enabled, next_run_at FROM tasks WHERE name = :name"),
-            {"name": name},
-        )
-    ).one()
+    task_id = found[0]
+    await session.execute(
+        text(repository.RECORD_ACTION),
+        {"task_id": task_id, "action": action, "api_key_id": caller.api_key_id},
+    )
+    row = (await session.execute(text(repository.COMMAND_RESULT), {"task_id": task_id})).one()
     return TaskCommandResult(name=row.name, enabled=row.enabled, next_run_at=row.next_run_at)
 
 
-async def run_now(session: AsyncSession, name: str) -> TaskCommandResult:
+async def run_now(session: AsyncSession, name: str, caller: Caller) -> TaskCommandResult:
     """Make the task due now. Raises TaskNotFoundError."""
-    return await _command(session, repository.RUN_NOW, name)
+    return await _command(session, repository.RUN_NOW, "run", name, caller)
 
 
-async def pause(session: AsyncSession, name: str) -> TaskCommandResult:
+async def pause(session: AsyncSession, name: str, caller: Caller) -> TaskCommandResult:
     """No new runs until resumed; a run in progress finishes. Raises TaskNotFoundError."""
-    return await _command(session, repository.PAUSE, name)
+    return await _command(session, repository.PAUSE, "pause", name, caller)
 
 
-async def resume(session: AsyncSession, name: str) -> TaskCommandResult:
+async def resume(session: AsyncSession, name: str, caller: Caller) -> TaskCommandResult:
     """Runs again from the next slot of its grid, without replaying missed ones."""
-    return await _command(session, repository.RESUME, name)
+    return await _command(session, repository.RESUME, "resume", name, caller)

@@ -32,8 +32,15 @@ async def _render(instance: CurrentInstance, *, whole: bool) -> HTMLResponse:
     )
     served_by = instance.instance_id
     late_after = LATE_HEARTBEATS * settings.scheduler_heartbeat_interval
-    render = page.render_page if whole else page.render_fragment
-    body = render(snapshot, served_by=served_by, late_after=late_after)
+    if whole:
+        body = page.render_page(
+            snapshot,
+            served_by=served_by,
+            late_after=late_after,
+            auth_disabled=settings.auth_disabled,
+        )
+    else:
+        body = page.render_fragment(snapshot, served_by=served_by, late_after=late_after)
     return HTMLResponse(body, headers=_HEADERS)
 
 

@@ -142,9 +142,12 @@ _page = _templates.get_template("page.html")
 _fragment = _templates.get_template("fragment.html")
 
 
-def _context(snapshot: Snapshot, served_by: str, late_after: float) -> dict[str, Any]:
+def _context(
+    snapshot: Snapshot, served_by: str, late_after: float, auth_disabled: bool = False
+) -> dict[str, Any]:
     tasks = snapshot.tasks.tasks
     return {
+        "auth_disabled": auth_disabled,
         "now": snapshot.recent.as_of,
         "running": sorted(
             (t for t in tasks if t.is_running and t.started_at is not None),
@@ -167,6 +170,9 @@ def render_fragment(snapshot: Snapshot, *, served_by: str, late_after: float) ->
     return _fragment.render(_context(snapshot, served_by, late_after))
 
 
-def render_page(snapshot: Snapshot, *, served_by: str, late_after: float) -> str:
-    """The whole page, complete on first render (see render_fragment for the arguments)."""
-    return _page.render(_context(snapshot, served_by, late_after))
+def render_page(
+    snapshot: Snapshot, *, served_by: str, late_after: float, auth_disabled: bool = False
+) -> str:
+    """The whole page, complete on first render (see render_fragment for the arguments);
+    ``auth_disabled`` puts a warning on top."""
+    return _page.render(_context(snapshot, served_by, late_after, auth_disabled))

@@ -18,7 +18,8 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from pydantic import BaseModel
 
-from tandem.core.dependencies import Db
+from tandem.core.callers import WALLET_MINT, Caller
+from tandem.core.dependencies import CurrentCaller, CurrentInstance, Db, Instance
 from tandem.core.errors import AppError, ValidationError
 from tandem.core.hotpool import HotPool
 from tandem.core.openapi import (
@@ -52,19 +53,34 @@ from tandem.wallet.schemas import (
 )
 from tandem.wallet.service import BalanceResult
 
+# The largest history page (about 40 KB of JSON): one request cannot ask for megabytes.
+HISTORY_PAGE_MAX = 200
 _OUTCOME_OK = WALLET_BALANCE_UPDATES.labels("ok")
 _OUTCOME_REPLAYED = WALLET_BALANCE_UPDATES.labels("replayed")
 
 
 async def serve_balance_update(
-    pool: HotPool, body: bytes, content_type: str | None, idempotency_keys: list[str]
+    instance: Instance,
+    caller: Caller,
+    body: bytes,
+    content_type: str | None,
+    idempotency_keys: list[str],
 ) -> BalanceResult:
-    """Validate, apply, count. Raises AppError subclasses (4xx) for every refusal."""
+    """Validate, apply, count. Raises AppError subclasses (4xx) for every refusal; a deposit
+    needs the caller's wallet:mint besides the route's wallet:write."""
     try:
         update = parse_balance_update(body, content_type)
         key = parse_idempotency_key(idempotency_keys)
+        if update.amount > 0:
+            caller.require(WALLET_MINT)
         result = await service.update_balance(
-            pool, update.user_id, update.amount, key, update.reference
+            instance.database.hot,
+            update.user_id,
+            update.amount,
+            key,
+            update.reference,
+            caller,
+            instance.settings.idempotency_keys_per_day,
         )
     except AppError as error:
         WALLET_BALANCE_UPDATES.labels(error.code).inc()
@@ -181,7 +197,9 @@ def lean_operations() -> dict[str, dict[str, Any]]:
             "outcome and never applies twice (a replay carries `Idempotent-Replayed: true`), "
             "also long after: an applied change keeps its key in the journal. A refusal "
             "changes nothing. A 503 `outcome_unknown` means the change may or may not have "
-            "been applied: retry with the same key to learn which."
+            "been applied: retry with the same key to learn which. Idempotency keys belong to "
+            "the API key that sent them; a deposit (amount > 0) creates money and needs the "
+            "scope `wallet:mint` as well."
         ),
         "operationId": "update_balance",
         "parameters": [
@@ -267,7 +285,7 @@ def lean_operations() -> dict[str, dict[str, Any]]:
 async def read_history(
     db: Db,
     user_id: Annotated[str, _USER_ID_PATH],
-    limit: Annotated[int, Query(ge=1, le=1000, strict=False)] = 100,
+    limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX, strict=False)] = 100,
     before: Annotated[int | None, Query(ge=1, le=INT64_MAX, strict=False)] = None,
 ) -> History:
     found = await service.history(db.hot, parse_user_id(user_id), limit, before)
@@ -302,7 +320,10 @@ async def read_history(
     openapi_extra=_json_body("TransferCreate"),
 )
 async def create_transfer(
-    request: Request, db: Db, idempotency_key: Annotated[str | None, _KEY_HEADER] = None
+    request: Request,
+    instance: CurrentInstance,
+    caller: CurrentCaller,
+    idempotency_key: Annotated[str | None, _KEY_HEADER] = None,
 ) -> Response:
     asked = parse_body(
         TransferCreate,
@@ -312,7 +333,14 @@ async def create_transfer(
     )
     key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
     result = await service.transfer(
-        db.hot, asked.from_user_id, asked.to_user_id, asked.amount, key, asked.reference
+        instance.database.hot,
+        asked.from_user_id,
+        asked.to_user_id,
+        asked.amount,
+        key,
+        asked.reference,
+        caller,
+        instance.settings.idempotency_keys_per_day,
     )
     return _json(_transfer_body(result.transfer), 201, replayed=result.replayed)
 
@@ -366,7 +394,8 @@ def _transfer_body(found: TransferRow) -> bytes:
     summary="Create a user",
     description=(
         "Creates a user with `balance` (default 10000), journaled as its opening entry, and "
-        "answers its id. The body may be left out (all defaults)."
+        "answers its id. The body may be left out (all defaults). An opening balance above 0 "
+        "creates money and needs the scope `wallet:mint` as well."
     ),
     responses=error_responses(
         _VALIDATION, _JSON_415, _TOO_LARGE, DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN
@@ -380,12 +409,14 @@ def _transfer_body(found: TransferRow) -> bytes:
         }
     },
 )
-async def create_user(request: Request, db: Db) -> Balance:
+async def create_user(request: Request, db: Db, caller: CurrentCaller) -> Balance:
     body = await read_body(request.stream())
     asked = (
         parse_body(UserCreate, body, request.headers.get("content-type"), "user")
         if body
         else UserCreate()
     )
-    result = await db.transact(lambda session: service.create_user(session, asked.balance))
+    if asked.balance > 0:
+        caller.require(WALLET_MINT)  # an opening balance is money created
+    result = await db.transact(lambda session: service.create_user(session, asked.balance, caller))
     return Balance(user_id=result.user_id, balance=result.balance)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from tandem.core.errors import AppError, ConflictError, NotFoundError, ValidationError
+from tandem.core.errors import (
+    AppError,
+    ConflictError,
+    NotFoundError,
+    TooManyRequestsError,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from tandem.wallet.repository import Request
@@ -54,6 +60,17 @@ class IdempotencyKeyReusedError(ValidationError):
 
     def __init__(self) -> None:
         super().__init__("this Idempotency-Key was already used with a different request")
+
+
+class TooManyIdempotencyKeysError(TooManyRequestsError):
+    """The caller stored its day's cap of new idempotency keys; retries of stored keys still
+    answer, and requests without a key are not counted."""
+
+    code = "idempotency_key_limit"
+    headers = {"Retry-After": "3600"}  # noqa: RUF012  (an hour: the cap is per UTC day)
+
+    def __init__(self, per_day: int) -> None:
+        super().__init__(f"this API key stored its {per_day} new idempotency keys for today")
 
 
 def refusal_outcome(refusal: AppError) -> str:

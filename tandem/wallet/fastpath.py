@@ -11,13 +11,18 @@ docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator
 from typing import ClassVar
 
-from tandem.core.database import Database
+from tandem.core.asgi import (
+    JSON_HEADERS,
+    body_chunks,
+    respond,
+    respond_error,
+    respond_unexpected,
+)
+from tandem.core.callers import caller_of
+from tandem.core.dependencies import Instance
 from tandem.core.errors import AppError, MethodNotAllowedError
-from tandem.core.failures import count_answered, error_for_unexpected
 from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
 from tandem.wallet.endpoints import (
     balance_body,
@@ -30,9 +35,8 @@ UPDATE_PATH = "/balance/update"
 READ_PREFIX = "/balance/"
 _READ_PREFIX_LEN = len(READ_PREFIX)
 READ_ROUTE = "/balance/{userId}"
-log = logging.getLogger(__name__)
 _IDEMPOTENCY_HEADER = b"idempotency-key"
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+_WHERE = "the wallet's lean path"
 
 
 class _PostOnly(MethodNotAllowedError):
@@ -44,9 +48,10 @@ class _GetOnly(MethodNotAllowedError):
 
 
 class WalletFastPath:
-    def __init__(self, app: ASGIApp, database: Database) -> None:
+    def __init__(self, app: ASGIApp, instance: Instance) -> None:
         self.app = app
-        self.database = database
+        self.instance = instance
+        self.database = instance.database
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -57,7 +62,7 @@ class WalletFastPath:
                 if method == "POST":
                     await self._update(scope, receive, send)
                 else:
-                    await _respond_error(send, _PostOnly("only POST is allowed here"))
+                    await respond_error(send, _PostOnly("only POST is allowed here"))
                 return
             if (
                 path.startswith(READ_PREFIX)
@@ -69,7 +74,7 @@ class WalletFastPath:
                     query = scope.get("query_string", b"")
                     await self._read(path[_READ_PREFIX_LEN:], query, send)
                 else:
-                    await _respond_error(send, _GetOnly("only GET and HEAD are allowed here"))
+                    await respond_error(send, _GetOnly("only GET and HEAD are allowed here"))
                 return
         await self.app(scope, receive, send)
 
@@ -82,65 +87,28 @@ class WalletFastPath:
             elif name == b"content-type":
                 content_type = value.decode("latin-1")
         try:
-            body = await read_body(_chunks(receive))
-            result = await serve_balance_update(self.database.hot, body, content_type, keys)
+            body = await read_body(body_chunks(receive))
+            result = await serve_balance_update(
+                self.instance, caller_of(scope), body, content_type, keys
+            )
         except AppError as error:
-            await _respond_error(send, error)
+            await respond_error(send, error)
             return
         except Exception as exc:
-            await _respond_unexpected(send, exc, writes=True)
+            await respond_unexpected(send, exc, writes=True, where=_WHERE)
             return
-        headers = _JSON_HEADERS
+        headers = JSON_HEADERS
         if result.replayed:
-            headers = [*_JSON_HEADERS, (b"idempotent-replayed", b"true")]
-        await _respond(send, 200, balance_body(result), headers)
+            headers = [*JSON_HEADERS, (b"idempotent-replayed", b"true")]
+        await respond(send, 200, balance_body(result), headers)
 
     async def _read(self, raw_user_id: str, query: bytes, send: Send) -> None:
         try:
             result = await serve_balance_read(self.database.hot, raw_user_id, query)
         except AppError as error:
-            await _respond_error(send, error)
+            await respond_error(send, error)
             return
         except Exception as exc:
-            await _respond_unexpected(send, exc, writes=False)
+            await respond_unexpected(send, exc, writes=False, where=_WHERE)
             return
-        await _respond(send, 200, balance_body(result))
-
-
-async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
-
-
-async def _respond_unexpected(send: Send, exc: Exception, *, writes: bool) -> None:
-    # This path runs outside FastAPI's error middleware, so it answers for itself, exactly as
-    # the app's catch-all handler does.
-    error = error_for_unexpected(exc, writes=writes)
-    log.error("%s on the wallet's lean path", error.code, exc_info=exc)
-    await _respond_error(send, error)
-
-
-async def _respond_error(send: Send, error: AppError) -> None:
-    count_answered(error)
-    headers = _JSON_HEADERS
-    if error.headers:
-        headers = [*headers, *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
-    await _respond(send, error.status_code, error.to_json_bytes(), headers)
-
-
-async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = _JSON_HEADERS
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        await respond(send, 200, balance_body(result))

@@ -33,8 +33,13 @@ class IdempotencyKey(Base):
     transaction as the change itself, so a retry can never apply twice."""
 
     __tablename__ = "idempotency_keys"
+    # Unique per caller (migration 0009: UNIQUE NULLS NOT DISTINCT (api_key_id, key)); the
+    # table has no primary key, the mapper names that pair.
+    __mapper_args__ = {"primary_key": ["api_key_id", "key"]}  # noqa: RUF012
 
-    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    # The API key that sent it (NULL: anonymous, or stored before keys).
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    key: Mapped[str] = mapped_column(Text, nullable=False)
     # "update" (user_id, amount) or "transfer" (user_id -> to_user_id, amount).
     kind: Mapped[str] = mapped_column(Text, nullable=False, server_default="update")
     user_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -66,6 +71,8 @@ class LedgerEntry(Base):
     transfer_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     reference: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The API key that made the change (migration 0009; NULL before keys or when anonymous).
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
     )

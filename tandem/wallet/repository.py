@@ -27,16 +27,17 @@ Executor = HotPool | Connection
 # the entry is written under that same lock, so a user's entries are in the order of its
 # changes, each with the balance after it. The numeric sum cannot overflow, so a refusal is a
 # row, not an error. The second branch tells "refused" from "no such user" in the same round
-# trip. $4 (the idempotency key) is unique in the journal: a change applied with a key can
-# never be applied again with it.
+# trip. $4 (the idempotency key) is unique in the journal per caller ($5, the API key that
+# also signs the entry): a change applied with a key can never be applied again with it.
 APPLY_DELTA = """
 WITH updated AS (
     UPDATE users SET balance = balance + $2, updated_at = clock_timestamp()
     WHERE id = $1 AND (balance::numeric + $2) BETWEEN 0 AND 9223372036854775807
     RETURNING id, balance
 ), entry AS (
-    INSERT INTO ledger_entries (user_id, amount, balance, kind, reference, idempotency_key)
-    SELECT id, $2, balance, CASE WHEN $2 > 0 THEN 'deposit' ELSE 'withdrawal' END, $3, $4
+    INSERT INTO ledger_entries
+        (user_id, amount, balance, kind, reference, idempotency_key, api_key_id)
+    SELECT id, $2, balance, CASE WHEN $2 > 0 THEN 'deposit' ELSE 'withdrawal' END, $3, $4, $5
     FROM updated
     RETURNING id
 )
@@ -58,15 +59,17 @@ ORDER BY created_at DESC, id DESC LIMIT 1
 # (always with larger ids) never shift a later page. One row more than asked tells whether
 # another page follows.
 HISTORY = """
-SELECT id, amount, balance, kind, transfer_id, reference, created_at FROM ledger_entries
-WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
+SELECT e.id, e.amount, e.balance, e.kind, e.transfer_id, e.reference, e.created_at,
+       k.name AS api_key
+FROM ledger_entries e LEFT JOIN api_keys k ON k.id = e.api_key_id
+WHERE e.user_id = $1 AND e.id < $2 ORDER BY e.id DESC LIMIT $3
 """
 
 USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
 
 # Locks both users in id order, checks, moves the amount and journals both legs, in one
 # round trip (migration 0008): no deadlock whatever the directions in flight.
-TRANSFER = "SELECT * FROM tandem_transfer($1, $2, $3, $4, $5)"
+TRANSFER = "SELECT * FROM tandem_transfer($1, $2, $3, $4, $5, $6)"
 
 GET_TRANSFER = """
 SELECT t.id, t.from_user_id, t.to_user_id, t.amount, t.reference, t.created_at,
@@ -79,31 +82,57 @@ WHERE t.id = $1
 
 # What a key applied, from the journal (it outlives the pruning of idempotency_keys): the
 # balance update that carries it, or the transfer; one statement, since a request asks both
-# (a key of one kind must not apply as the other).
+# (a key of one kind must not apply as the other). Keys are the caller's ($2): an index
+# probe by key, then the caller (IS NOT DISTINCT FROM: NULL is the anonymous caller).
 APPLIED_WITH_KEY = """
 SELECT e.id, e.user_id, e.amount, e.balance, e.reference,
-       (SELECT t.id FROM transfers t WHERE t.idempotency_key = $1) AS transfer_id
-FROM (SELECT) one LEFT JOIN ledger_entries e ON e.idempotency_key = $1
+       (SELECT t.id FROM transfers t
+        WHERE t.idempotency_key = $1 AND t.api_key_id IS NOT DISTINCT FROM $2) AS transfer_id
+FROM (SELECT) one LEFT JOIN ledger_entries e
+    ON e.idempotency_key = $1 AND e.api_key_id IS NOT DISTINCT FROM $2
 """
 
 # Claims the key before the change. A concurrent request with the same key blocks on the
 # unique index until the first commits (then sees its row) or rolls back (then claims it):
 # two requests with one key can never both apply. DO UPDATE rather than DO NOTHING: it locks
 # an existing row too, so the pruning (SKIP LOCKED) cannot delete it between this claim and
-# the reading of its outcome. True when the row is new (xmax = 0).
+# the reading of its outcome. True when the row is new (xmax = 0). A key is unique per caller
+# ($2, NULLS NOT DISTINCT: migration 0009), so one caller can never claim another's.
 CLAIM_IDEMPOTENCY_KEY = """
-INSERT INTO idempotency_keys (key, kind, user_id, to_user_id, amount, reference, outcome)
-VALUES ($1, $2, $3, $4, $5, $6, 'pending')
-ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key
+INSERT INTO idempotency_keys
+    (key, api_key_id, kind, user_id, to_user_id, amount, reference, outcome)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending')
+ON CONFLICT (key, api_key_id) DO UPDATE SET key = EXCLUDED.key
 RETURNING xmax = 0
 """
 
 GET_IDEMPOTENCY_OUTCOME = """
 SELECT kind, user_id, to_user_id, amount, reference, outcome, balance FROM idempotency_keys
-WHERE key = $1
+WHERE key = $1 AND api_key_id IS NOT DISTINCT FROM $2
 """
 
-RECORD_IDEMPOTENCY_OUTCOME = "UPDATE idempotency_keys SET outcome = $2 WHERE key = $1"
+RECORD_IDEMPOTENCY_OUTCOME = """
+UPDATE idempotency_keys SET outcome = $3 WHERE key = $1 AND api_key_id IS NOT DISTINCT FROM $2
+"""
+
+# Counts a new key against its caller's day (UTC) and answers the day's total. One row per
+# caller, day and server backend: a backend runs one transaction at a time, so two requests
+# never wait on one counter row (a single row per caller would serialise all of its keyed
+# requests on their commits). The sum reads the other backends' committed rows.
+COUNT_IDEMPOTENCY_KEY = """
+WITH bump AS (
+    INSERT INTO idempotency_usage (api_key_id, day, backend, used)
+    VALUES ($1, (clock_timestamp() AT TIME ZONE 'UTC')::date, pg_backend_pid(), 1)
+    ON CONFLICT (api_key_id, day, backend)
+        DO UPDATE SET used = idempotency_usage.used + 1
+    RETURNING used
+)
+SELECT (SELECT used FROM bump) + coalesce((
+    SELECT sum(used) FROM idempotency_usage
+    WHERE api_key_id IS NOT DISTINCT FROM $1
+      AND day = (clock_timestamp() AT TIME ZONE 'UTC')::date
+      AND backend <> pg_backend_pid()), 0)
+"""
 
 # The ledger's two invariants, in one snapshot (the caller's REPEATABLE READ transaction): a
 # balance is the sum of its user's entries, and each entry's balance is the previous one's
@@ -136,8 +165,8 @@ LEDGER_SIZE = "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM ledger
 # Keys past their retention, a batch at a time. SKIP LOCKED: a row another transaction holds
 # (a retry of that very key in flight) is left for the next round instead of waited on.
 PRUNE_IDEMPOTENCY_KEYS = """
-DELETE FROM idempotency_keys WHERE key IN (
-    SELECT key FROM idempotency_keys
+DELETE FROM idempotency_keys WHERE ctid IN (
+    SELECT ctid FROM idempotency_keys
     WHERE created_at < clock_timestamp() - $1::interval
       -- applied before the journal kept keys (migration 0008): kept, the only record
       AND NOT (outcome = 'ok' AND balance IS NOT NULL)
@@ -145,6 +174,11 @@ DELETE FROM idempotency_keys WHERE key IN (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
+"""
+
+# Counters of days before yesterday (UTC) are no longer read.
+PRUNE_IDEMPOTENCY_USAGE = """
+DELETE FROM idempotency_usage WHERE day < (clock_timestamp() AT TIME ZONE 'UTC')::date - 1
 """
 
 
@@ -172,6 +206,7 @@ class Entry(NamedTuple):
     transfer_id: int | None
     reference: str | None
     created_at: datetime
+    api_key: str | None  # the name of the API key that made it
 
 
 class KeyedEntry(NamedTuple):
@@ -207,9 +242,10 @@ async def apply_delta(
     amount: int,
     reference: str | None = None,
     idempotency_key: str | None = None,
+    api_key_id: int | None = None,
 ) -> DeltaResult | None:
     """None when the user does not exist."""
-    row = await db.fetchrow(APPLY_DELTA, user_id, amount, reference, idempotency_key)
+    row = await db.fetchrow(APPLY_DELTA, user_id, amount, reference, idempotency_key, api_key_id)
     return None if row is None else DeltaResult(row[0], row[1], row[2])
 
 
@@ -241,8 +277,11 @@ async def transfer(
     amount: int,
     reference: str | None,
     idempotency_key: str | None,
+    api_key_id: int | None,
 ) -> TransferResult:
-    row = await db.fetchrow(TRANSFER, from_user_id, to_user_id, amount, reference, idempotency_key)
+    row = await db.fetchrow(
+        TRANSFER, from_user_id, to_user_id, amount, reference, idempotency_key, api_key_id
+    )
     assert row is not None
     return TransferResult(*row)
 
@@ -260,28 +299,44 @@ class Applied(NamedTuple):
     transfer_id: int | None
 
 
-async def applied_with_key(conn: Connection, key: str) -> Applied:
-    row = await conn.fetchrow(APPLIED_WITH_KEY, key)
+async def applied_with_key(conn: Connection, key: str, api_key_id: int | None) -> Applied:
+    row = await conn.fetchrow(APPLIED_WITH_KEY, key, api_key_id)
     assert row is not None  # one row, always
     entry = None if row[0] is None else KeyedEntry(row[0], row[1], row[2], row[3], row[4])
     return Applied(entry, row[5])
 
 
-async def create_user(session: AsyncSession, balance: int) -> User:
+async def create_user(session: AsyncSession, balance: int, api_key_id: int | None) -> User:
     """A plain insert and its opening entry: the ORM's case. The caller's transaction
     commits both."""
     user = User(balance=balance)
     session.add(user)
     await session.flush()
-    session.add(LedgerEntry(user_id=user.id, amount=balance, balance=balance, kind="opening"))
+    session.add(
+        LedgerEntry(
+            user_id=user.id,
+            amount=balance,
+            balance=balance,
+            kind="opening",
+            api_key_id=api_key_id,
+        )
+    )
     await session.flush()
     return user
 
 
-async def claim_idempotency_key(conn: Connection, key: str, request: Request) -> bool:
-    """True: claimed anew; False: the key was claimed before (its row is now locked)."""
-    claimed: bool = await conn.fetchval(CLAIM_IDEMPOTENCY_KEY, key, *request)
+async def claim_idempotency_key(
+    conn: Connection, key: str, api_key_id: int | None, request: Request
+) -> bool:
+    """True: claimed anew; False: the caller claimed the key before (its row is now locked)."""
+    claimed: bool = await conn.fetchval(CLAIM_IDEMPOTENCY_KEY, key, api_key_id, *request)
     return claimed
+
+
+async def count_idempotency_key(conn: Connection, api_key_id: int | None) -> int:
+    """Counts one new key for the caller today; returns today's total, this one included."""
+    total: int = await conn.fetchval(COUNT_IDEMPOTENCY_KEY, api_key_id)
+    return total
 
 
 class StoredOutcome(NamedTuple):
@@ -291,14 +346,18 @@ class StoredOutcome(NamedTuple):
     legacy_balance: int | None
 
 
-async def get_idempotency_outcome(conn: Connection, key: str) -> StoredOutcome:
-    row = await conn.fetchrow(GET_IDEMPOTENCY_OUTCOME, key)
+async def get_idempotency_outcome(
+    conn: Connection, key: str, api_key_id: int | None
+) -> StoredOutcome:
+    row = await conn.fetchrow(GET_IDEMPOTENCY_OUTCOME, key, api_key_id)
     assert row is not None, "claimed keys are never deleted inside their retention window"
     return StoredOutcome(Request(row[0], row[1], row[2], row[3], row[4]), row[5], row[6])
 
 
-async def record_idempotency_outcome(conn: Connection, key: str, outcome: str) -> None:
-    await conn.execute(RECORD_IDEMPOTENCY_OUTCOME, key, outcome)
+async def record_idempotency_outcome(
+    conn: Connection, key: str, api_key_id: int | None, outcome: str
+) -> None:
+    await conn.execute(RECORD_IDEMPOTENCY_OUTCOME, key, api_key_id, outcome)
 
 
 class Verification(NamedTuple):
@@ -331,4 +390,5 @@ async def verify_ledger(conn: Connection) -> Verification:
 async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch: int) -> int:
     """Deletes up to ``batch`` keys created before ``older_than`` ago; returns how many."""
     status = await conn.execute(PRUNE_IDEMPOTENCY_KEYS, older_than, batch)
+    await conn.execute(PRUNE_IDEMPOTENCY_USAGE)
     return rows_affected(status)

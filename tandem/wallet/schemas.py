@@ -145,6 +145,11 @@ class HistoryEntry(BaseModel):
     transfer_id: int | None = Field(alias="transferId")
     reference: str | None
     created_at: datetime = Field(alias="createdAt")
+    api_key: str | None = Field(
+        alias="apiKey",
+        description="The name of the API key that made the change (null: before keys, or "
+        "made with authentication disabled).",
+    )
 
 
 class History(BaseModel):

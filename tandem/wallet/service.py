@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from tandem.core.callers import ANONYMOUS, Caller
 from tandem.core.errors import AppError
 from tandem.core.hotpool import HotPool
 from tandem.wallet import repository
@@ -17,6 +18,7 @@ from tandem.wallet.errors import (
     BalanceLimitError,
     IdempotencyKeyReusedError,
     InsufficientFundsError,
+    TooManyIdempotencyKeysError,
     TransferNotFoundError,
     UserNotFoundError,
     refusal_outcome,
@@ -24,6 +26,7 @@ from tandem.wallet.errors import (
 )
 
 INT64_MAX = 2**63 - 1
+DEFAULT_KEYS_PER_DAY = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ async def update_balance(
     amount: int,
     idempotency_key: str | None = None,
     reference: str | None = None,
+    caller: Caller = ANONYMOUS,
+    keys_per_day: int = DEFAULT_KEYS_PER_DAY,
 ) -> BalanceResult:
     """Add ``amount`` to the balance and journal it, in one atomic statement; the balance never
     goes below 0.
@@ -76,17 +81,22 @@ async def update_balance(
     Raises UserNotFoundError, InsufficientFundsError, BalanceLimitError and, for a key reused
     with a different request, IdempotencyKeyReusedError. A refusal changes nothing. When the
     database fails: DatabaseUnavailableError (nothing changed) or OutcomeUnknownError (the
-    change may have been applied).
+    change may have been applied). The caller signs the entry, and its idempotency keys are
+    its own (another caller's equal key is another key); past ``keys_per_day`` new keys in a
+    UTC day, TooManyIdempotencyKeysError.
     """
     if idempotency_key is None:
-        result = await repository.apply_delta(pool, user_id, amount, reference)
+        result = await repository.apply_delta(
+            pool, user_id, amount, reference, None, caller.api_key_id
+        )
         refusal = _refusal(user_id, amount, result)
         if refusal is not None:
             raise refusal
         assert result is not None
         return BalanceResult(user_id, result.balance, result.entry_id)
     request = repository.Request("update", user_id, None, amount, reference)
-    return await _once(pool, idempotency_key, request, _apply_update, _replay_update)
+    keyed = _Keyed(idempotency_key, caller.api_key_id, keys_per_day)
+    return await _once(pool, keyed, request, _apply_update, _replay_update)
 
 
 async def transfer(
@@ -96,15 +106,20 @@ async def transfer(
     amount: int,
     idempotency_key: str | None = None,
     reference: str | None = None,
+    caller: Caller = ANONYMOUS,
+    keys_per_day: int = DEFAULT_KEYS_PER_DAY,
 ) -> TransferResult:
     """Move ``amount`` (> 0) from one user to another, atomically and journaled (two entries
     sharing the transfer id). Raises UserNotFoundError (saying which), InsufficientFundsError,
     BalanceLimitError, IdempotencyKeyReusedError; a refusal changes nothing."""
     request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
     if idempotency_key is None:
-        result = await repository.transfer(pool, from_user_id, to_user_id, amount, reference, None)
+        result = await repository.transfer(
+            pool, from_user_id, to_user_id, amount, reference, None, caller.api_key_id
+        )
         return TransferResult(_transferred(request, result))
-    return await _once(pool, idempotency_key, request, _apply_transfer, _replay_transfer)
+    keyed = _Keyed(idempotency_key, caller.api_key_id, keys_per_day)
+    return await _once(pool, keyed, request, _apply_transfer, _replay_transfer)
 
 
 # --- at most once per key ------------------------------------------------------------------
@@ -113,34 +128,50 @@ Outcome = TypeVar("Outcome", BalanceResult, TransferResult)
 Connection = repository.Connection
 
 
+@dataclass(frozen=True, slots=True)
+class _Keyed:
+    """An idempotency key, with the caller it belongs to and that caller's daily cap."""
+
+    key: str
+    api_key_id: int | None
+    per_day: int
+
+
 async def _once(
     pool: HotPool,
-    key: str,
+    keyed: _Keyed,
     request: repository.Request,
-    apply: Callable[[Connection, str, repository.Request], Awaitable[Outcome | AppError]],
-    replay: Callable[[Connection, str, repository.Request, int | None], Awaitable[Outcome | None]],
+    apply: Callable[[Connection, _Keyed, repository.Request], Awaitable[Outcome | AppError]],
+    replay: Callable[
+        [Connection, _Keyed, repository.Request, int | None], Awaitable[Outcome | None]
+    ],
 ) -> Outcome:
     # A broken connection before COMMIT applied nothing (database_unavailable); during COMMIT
     # the outcome is unknown, and a retry with this key finds the stored outcome or, if the
     # transaction did not commit, claims the key and applies once.
+    key, owner = keyed.key, keyed.api_key_id
     async with pool.transaction() as conn:
-        if not await repository.claim_idempotency_key(conn, key, request):
-            stored = await repository.get_idempotency_outcome(conn, key)
+        if not await repository.claim_idempotency_key(conn, key, owner, request):
+            stored = await repository.get_idempotency_outcome(conn, key, owner)
             if stored.request != request:
                 raise IdempotencyKeyReusedError()
             if stored.outcome != "ok":
                 raise replay_refusal(stored.outcome, request)
-            replayed = await replay(conn, key, request, stored.legacy_balance)
+            replayed = await replay(conn, keyed, request, stored.legacy_balance)
             assert replayed is not None, "an applied key is in the journal"
             return replayed
         # Claimed anew: the key's stored outcome may have been pruned after it applied.
-        replayed = await replay(conn, key, request, None)
+        replayed = await replay(conn, keyed, request, None)
         if replayed is not None:
-            await repository.record_idempotency_outcome(conn, key, "ok")
+            await repository.record_idempotency_outcome(conn, key, owner, "ok")
             return replayed
-        result = await apply(conn, key, request)
+        # A new key: counted against the caller's day; past the cap the transaction rolls
+        # back (nothing stored, nothing applied). Retries of stored keys are never refused.
+        if await repository.count_idempotency_key(conn, owner) > keyed.per_day:
+            raise TooManyIdempotencyKeysError(keyed.per_day)
+        result = await apply(conn, keyed, request)
         outcome = refusal_outcome(result) if isinstance(result, AppError) else "ok"
-        await repository.record_idempotency_outcome(conn, key, outcome)
+        await repository.record_idempotency_outcome(conn, key, owner, outcome)
     # The refusal is raised after the commit: it is the outcome a retry must see again.
     if isinstance(result, AppError):
         raise result
@@ -148,11 +179,11 @@ async def _once(
 
 
 async def _apply_update(
-    conn: Connection, key: str, request: repository.Request
+    conn: Connection, keyed: _Keyed, request: repository.Request
 ) -> BalanceResult | AppError:
     """The change made, or the refusal (returned: it is recorded before it is raised)."""
     result = await repository.apply_delta(
-        conn, request.user_id, request.amount, request.reference, key
+        conn, request.user_id, request.amount, request.reference, keyed.key, keyed.api_key_id
     )
     refusal = _refusal(request.user_id, request.amount, result)
     if refusal is not None:
@@ -162,9 +193,9 @@ async def _apply_update(
 
 
 async def _replay_update(
-    conn: Connection, key: str, request: repository.Request, legacy_balance: int | None
+    conn: Connection, keyed: _Keyed, request: repository.Request, legacy_balance: int | None
 ) -> BalanceResult | None:
-    applied = await repository.applied_with_key(conn, key)
+    applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
     if applied.transfer_id is not None:
         raise IdempotencyKeyReusedError()  # a transfer's key, its outcome pruned
     entry = applied.entry
@@ -183,11 +214,17 @@ async def _replay_update(
 
 
 async def _apply_transfer(
-    conn: Connection, key: str, request: repository.Request
+    conn: Connection, keyed: _Keyed, request: repository.Request
 ) -> TransferResult | AppError:
     assert request.to_user_id is not None
     result = await repository.transfer(
-        conn, request.user_id, request.to_user_id, request.amount, request.reference, key
+        conn,
+        request.user_id,
+        request.to_user_id,
+        request.amount,
+        request.reference,
+        keyed.key,
+        keyed.api_key_id,
     )
     try:
         return TransferResult(_transferred(request, result))
@@ -196,9 +233,9 @@ async def _apply_transfer(
 
 
 async def _replay_transfer(
-    conn: Connection, key: str, request: repository.Request, _legacy_balance: int | None
+    conn: Connection, keyed: _Keyed, request: repository.Request, _legacy_balance: int | None
 ) -> TransferResult | None:
-    applied = await repository.applied_with_key(conn, key)
+    applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
     if applied.entry is not None:
         raise IdempotencyKeyReusedError()  # a balance update's key, its outcome pruned
     if applied.transfer_id is None:
@@ -278,6 +315,8 @@ async def get_transfer(pool: HotPool, transfer_id: int) -> repository.Transfer:
     return found
 
 
-async def create_user(session: AsyncSession, balance: int) -> BalanceResult:
-    user = await repository.create_user(session, balance)
+async def create_user(
+    session: AsyncSession, balance: int, caller: Caller = ANONYMOUS
+) -> BalanceResult:
+    user = await repository.create_user(session, balance, caller.api_key_id)
     return BalanceResult(user.id, user.balance)

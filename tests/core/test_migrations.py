@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import asyncpg
-import httpx
 from alembic import command
 
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import alembic_config, head_revision, upgrade_to_head
-from tests.support import empty_database, start_server
+from tests.support import empty_database, http_get, start_server
 
 
 async def _fetch(url: str, query: str) -> list[asyncpg.Record]:
@@ -73,12 +72,12 @@ def test_readiness_follows_schema(postgres_url: str, tmp_path: Path) -> None:
     with empty_database(postgres_url) as url:
         server = start_server(url, tmp_path)
         try:
-            assert httpx.get(f"{server.url}/health/live").status_code == 200
-            not_ready = httpx.get(f"{server.url}/health/ready")
+            assert http_get(f"{server.url}/health/live").status_code == 200
+            not_ready = http_get(f"{server.url}/health/ready")
             assert not_ready.status_code == 503
             assert not_ready.json()["status"] == "not_ready"
             upgrade_to_head(url)
-            assert httpx.get(f"{server.url}/health/ready").status_code == 200
+            assert http_get(f"{server.url}/health/ready").status_code == 200
         finally:
             server.stop()
 

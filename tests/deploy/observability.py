@@ -23,7 +23,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.scheduler.registry import Registry, TaskContext
-from tests.support import REPO, Server
+from tests.support import AUTH, REPO, Server, http_get
 
 DEPLOY = REPO / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -359,6 +359,12 @@ async def long(ctx: TaskContext) -> None:
     await _busy(ctx, 60.0)
 
 
+@registry.task("Housekeeping", timedelta(hours=1), watched=True)
+async def housekeeping(ctx: TaskContext) -> None:
+    """A watched task, paused by the tests: its paused-since gauge is exported."""
+    await _busy(ctx, 0.1)
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -369,7 +375,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
 
 
 def scrape(server: Server) -> str:
-    return httpx.get(f"{server.url}/metrics", timeout=10).text
+    return http_get(f"{server.url}/metrics", timeout=10).text
 
 
 def sample_sum(text: str, name: str, **labels: str) -> float:
@@ -385,7 +391,7 @@ def sample_sum(text: str, name: str, **labels: str) -> float:
 def make_wallet_traffic(server: Server) -> None:
     """Every wallet outcome the dashboards show: created, ok, replayed, refused, not found,
     invalid."""
-    with httpx.Client(base_url=server.url, timeout=10) as client:
+    with httpx.Client(base_url=server.url, timeout=10, headers=AUTH) as client:
         created = client.post("/users", json={"balance": 100})
         assert created.status_code == 201, created.text
         user = created.json()["userId"]

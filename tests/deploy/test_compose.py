@@ -6,6 +6,7 @@ PgBouncer with a connection budget that fits 50 replicas, ...)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -33,13 +34,32 @@ SINGLE_CONNECTIONS = 2
 DIRECT_CLIENTS = 1
 
 
+# What the compose file requires from its user: it has no default for any of them.
+SECRETS = {
+    "POSTGRES_PASSWORD": "owner-secret",
+    "TANDEM_DB_APP_PASSWORD": "app-secret",
+    "TANDEM_API_KEY": "tdm_" + "k" * 43,
+    "GRAFANA_ADMIN_PASSWORD": "grafana-secret",
+}
+
+
+def compose_config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    tool = require_tool("docker-compose")
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return subprocess.run(
+        [tool, "-f", str(COMPOSE), "config", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        check=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """The compose file as Compose itself resolves it (anchors, merges, defaults)."""
-    tool = require_tool("docker-compose")
-    out = subprocess.run(
-        [tool, "-f", str(COMPOSE), "config"], capture_output=True, text=True, check=True
-    )
+    out = compose_config(SECRETS)
+    assert out.returncode == 0, out.stderr
     resolved: dict[str, Any] = yaml.safe_load(out.stdout)
     return resolved
 
@@ -60,9 +80,45 @@ def mounts(service: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def test_compose_file_validates() -> None:
     """`docker-compose config -q` accepts the file (it rejects unknown keys and bad types)."""
-    tool = require_tool("docker-compose")
-    result = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], capture_output=True)
-    assert result.returncode == 0, result.stderr.decode()
+    result = compose_config(SECRETS, "-q")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_no_secret_has_a_default(missing: str) -> None:
+    """Without any one of its secrets (the first API key among them), Compose refuses to
+    start the stack, naming what is missing."""
+    result = compose_config({k: v for k, v in SECRETS.items() if k != missing}, "-q")
+    assert result.returncode != 0
+    assert f"set {missing}" in result.stderr
+
+
+def test_least_privilege(compose: dict[str, Any]) -> None:
+    """Every container has a read-only root filesystem, drops every capability (adding back
+    only what its entrypoint needs) and gains none; the app and PgBouncer use the app's own
+    role, only the migration the owner's; Prometheus and Grafana listen on this host only,
+    and Grafana has no anonymous access."""
+    services = compose["services"]
+    for name in (*LONG_RUNNING, "migrate"):
+        service = services[name]
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+    for name in ("app", "migrate", "prometheus", "grafana", "pgbouncer"):
+        assert "cap_add" not in services[name], name
+    app = _env(services["app"])
+    assert make_url(app["TANDEM_DATABASE_URL"]).username == "tandem_app"
+    assert make_url(app["TANDEM_DATABASE_DIRECT_URL"]).username == "tandem_app"
+    assert _env(services["pgbouncer"])["DB_USER"] == "tandem_app"
+    migrate = _env(services["migrate"])
+    assert make_url(migrate["TANDEM_DATABASE_URL"]).username == "tandem"
+    assert migrate["TANDEM_DATABASE_APP_ROLE"] == "tandem_app"
+    assert app["TANDEM_API_KEY"] == SECRETS["TANDEM_API_KEY"]
+    for name in ("prometheus", "grafana"):
+        for port in services[name]["ports"]:
+            published = port if isinstance(port, str) else f"{port.get('host_ip')}:"
+            assert published.startswith("127.0.0.1:"), (name, port)
+    assert _env(services["grafana"])["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
 
 
 def test_one_entry_point(compose: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import REPO, free_port
+from tests.support import REPO, free_port, http_get
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def test_installed_wheel_serves(wheel: Path, database_url: str, tmp_path: Path) 
         deadline = time.monotonic() + 30
         while True:
             try:
-                ready = httpx.get(f"{base}/health/ready", timeout=2)
+                ready = http_get(f"{base}/health/ready", timeout=2)
                 break
             except httpx.HTTPError:
                 assert time.monotonic() < deadline, "not serving in 30 s"
@@ -121,7 +121,7 @@ def test_installed_wheel_serves(wheel: Path, database_url: str, tmp_path: Path) 
                 time.sleep(0.2)
         assert ready.status_code == 200, ready.text
         assert ready.json()["schema_revision"] == ready.json()["expected_revision"]
-        page = httpx.get(f"{base}/", timeout=5)
+        page = http_get(f"{base}/", timeout=5)
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
     finally:

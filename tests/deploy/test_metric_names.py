@@ -10,7 +10,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,18 +27,18 @@ from tests.deploy.observability import (
     scrape,
     wait_for,
 )
-from tests.support import Server, start_server
+from tests.support import Server, http_get, http_post, start_server
 
 TANDEM_NAME = re.compile(r"\btandem_[a-z0-9_]+")
 
 
 def _owner_of(task: str, servers: list[Server]) -> Server | None:
     """The server whose scheduler runs ``task`` now, if any."""
-    tasks = httpx.get(f"{servers[0].url}/tasks", timeout=10).json()["tasks"]
+    tasks = http_get(f"{servers[0].url}/tasks", timeout=10).json()["tasks"]
     running = {t["name"]: t["running_instance"] for t in tasks if t["is_running"]}
     if task not in running:
         return None
-    instances = httpx.get(f"{servers[0].url}/instances", timeout=10).json()["instances"]
+    instances = http_get(f"{servers[0].url}/instances", timeout=10).json()["instances"]
     pid = next((i["pid"] for i in instances if i["id"] == running[task]), None)
     return next((s for s in servers if s.process.pid == pid), None)
 
@@ -77,9 +76,13 @@ def exposition(database_url: str, log_dir: Path) -> Iterator[list[str]]:
             15,
             "the paused owner fenced its stale run out",
         )
+        assert http_post(f"{servers[0].url}/tasks/Housekeeping/pause").status_code == 200
         wait_for(
             lambda: all(
                 sample_sum(scrape(s), "tandem_scheduler_task_interval_seconds", task="Quick")
+                and sample_sum(
+                    scrape(s), "tandem_scheduler_task_paused_timestamp_seconds", task="Housekeeping"
+                )
                 for s in servers
             ),
             15,

@@ -8,6 +8,7 @@ shipped."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -29,10 +31,19 @@ from tandem.cli import raise_fd_limit
 from tandem.core.database import asyncpg_dsn
 from tandem.core.settings import Settings
 from tandem.loadtest import withdraw_burst
-from tests.support import Server, free_port, require_tool, start_server
+from tests.support import (
+    API_KEY,
+    AUTH,
+    Server,
+    free_port,
+    http_get,
+    http_post,
+    require_tool,
+    start_server,
+)
 
 NGINX_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
-LISTEN = re.compile(r"^(\s*)listen 8080 ", re.M)
+LISTEN = re.compile(r"^(\s*)listen 8080\b", re.M)
 
 
 def nginx_version(binary: str) -> tuple[int, ...]:
@@ -42,15 +53,21 @@ def nginx_version(binary: str) -> tuple[int, ...]:
     return tuple(int(p) for p in match.groups())
 
 
-def prepare(folder: Path, servers: list[str] | None, port: int) -> Path:
+def prepare(
+    folder: Path, servers: list[str] | None, port: int, swaps: dict[str, str] | None = None
+) -> Path:
     """deploy/nginx copied into ``folder``: with ``servers``, servers.conf lists them; the
-    listen port becomes ``port``. Returns the nginx.conf path."""
+    listen port (of both servers: the default one and Tandem's) becomes ``port``; each of
+    ``swaps`` replaces one exact text. Returns the nginx.conf path."""
     folder.mkdir(parents=True, exist_ok=True)
     for item in NGINX_DIR.iterdir():
         shutil.copy(item, folder / item.name)
     conf = folder / "nginx.conf"
     text, swapped = LISTEN.subn(rf"\1listen 127.0.0.1:{port} ", conf.read_text())
-    assert swapped == 1, "nginx.conf no longer has the one `listen 8080` line this test swaps"
+    assert swapped == 2, "nginx.conf no longer has the two `listen 8080` lines this test swaps"
+    for old, new in (swaps or {}).items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
     conf.write_text(text)
     if servers is not None:
         lines = "".join(f"server {s} max_fails=3 fail_timeout=10s;\n" for s in servers)
@@ -106,14 +123,15 @@ class Nginx:
 
 
 @pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Callable[[list[str]], Nginx]]:
-    """Starts the shipped config in front of the given upstream addresses."""
+def nginx(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
+    """Starts the shipped config in front of the given upstream addresses (``swaps``: see
+    ``prepare``)."""
     binary = require_tool("nginx")
     started: list[Nginx] = []
 
-    def start(servers: list[str]) -> Nginx:
+    def start(servers: list[str], swaps: dict[str, str] | None = None) -> Nginx:
         port = free_port()
-        conf = prepare(tmp_path / f"nginx-{port}", servers, port)
+        conf = prepare(tmp_path / f"nginx-{port}", servers, port, swaps)
         access_log = conf.parent / "access.log"
         error_log = conf.parent / "error.log"
         with access_log.open("wb") as out, error_log.open("wb") as err:
@@ -136,7 +154,7 @@ def nginx(tmp_path: Path) -> Iterator[Callable[[list[str]], Nginx]]:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if httpx.get(f"{proxy.url}/nginx/health", timeout=1).status_code == 200:
+                if http_get(f"{proxy.url}/nginx/health", timeout=1).status_code == 200:
                     return proxy
             except httpx.HTTPError:
                 pass
@@ -168,7 +186,7 @@ def address(server: Server) -> str:
 
 
 def instance_id(server: Server) -> str:
-    return httpx.get(f"{server.url}/health/live").headers["x-instance-id"]
+    return http_get(f"{server.url}/health/live").headers["x-instance-id"]
 
 
 class DyingUpstream:
@@ -210,7 +228,7 @@ class DyingUpstream:
 
 
 def test_requests_spread_over_every_instance(
-    nginx: Callable[[list[str]], Nginx], instances: list[Server]
+    nginx: Callable[..., Nginx], instances: list[Server]
 ) -> None:
     """Round robin: 100 requests through nginx reach all five instances about evenly, and the
     access log names the request id (also returned to the client) and the instance."""
@@ -218,7 +236,7 @@ def test_requests_spread_over_every_instance(
     ids = {instance_id(s) for s in instances}
     answered: Counter[str] = Counter()
     request_ids = set()
-    with httpx.Client(base_url=proxy.url) as client:
+    with httpx.Client(base_url=proxy.url, headers=AUTH) as client:
         for _ in range(100):
             response = client.get("/health/live")
             assert response.status_code == 200
@@ -243,7 +261,7 @@ def test_requests_spread_over_every_instance(
 
 
 def test_reads_survive_a_dead_instance(
-    nginx: Callable[[list[str]], Nginx],
+    nginx: Callable[..., Nginx],
     instances: list[Server],
     database_url: str,
     log_dir: Path,
@@ -254,9 +272,9 @@ def test_reads_survive_a_dead_instance(
     dying = DyingUpstream()
     try:
         proxy = nginx([address(s) for s in [*instances[:2], doomed]] + [dying.address])
-        user = httpx.post(f"{instances[0].url}/users", json={"balance": 5}).json()["userId"]
+        user = http_post(f"{instances[0].url}/users", json={"balance": 5}).json()["userId"]
         doomed.stop(signal.SIGKILL)
-        with httpx.Client(base_url=proxy.url) as client:
+        with httpx.Client(base_url=proxy.url, headers=AUTH) as client:
             for _ in range(40):
                 response = client.get(f"/balance/{user}")
                 assert response.status_code == 200, response.text
@@ -268,7 +286,7 @@ def test_reads_survive_a_dead_instance(
 
 
 def test_post_is_never_replayed(
-    nginx: Callable[[list[str]], Nginx], instances: list[Server], database_url: str
+    nginx: Callable[..., Nginx], instances: list[Server], database_url: str
 ) -> None:
     """A balance update sent to an instance that dies before answering is NOT retried on
     another one: the client gets a JSON 503 and can decide (with an Idempotency-Key, safely).
@@ -276,15 +294,15 @@ def test_post_is_never_replayed(
     dying = DyingUpstream()
     try:
         proxy = nginx([dying.address, address(instances[0]), address(instances[1])])
-        user = httpx.post(f"{instances[0].url}/users", json={"balance": 100}).json()["userId"]
+        user = http_post(f"{instances[0].url}/users", json={"balance": 100}).json()["userId"]
         statuses: Counter[int] = Counter()
-        with httpx.Client(base_url=proxy.url) as client:
+        with httpx.Client(base_url=proxy.url, headers=AUTH) as client:
             for _ in range(12):
                 response = client.post("/balance/update", json={"userId": user, "amount": -1})
                 statuses[response.status_code] += 1
                 if response.status_code == 503:
                     assert response.json()["error"]["code"] == "service_unavailable"
-        balance = httpx.get(f"{instances[0].url}/balance/{user}").json()["balance"]
+        balance = http_get(f"{instances[0].url}/balance/{user}").json()["balance"]
     finally:
         dying.close()
     assert dying.swallowed["POST"] >= 1
@@ -294,7 +312,7 @@ def test_post_is_never_replayed(
 
 
 async def test_ten_thousand_withdrawals_through_nginx(
-    nginx: Callable[[list[str]], Nginx], instances: list[Server], database_url: str
+    nginx: Callable[..., Nginx], instances: list[Server], database_url: str
 ) -> None:
     """10000 concurrent withdrawals of 2 from 10000 through nginx over five instances: exactly
     5000 succeed and 5000 are refused, the balance ends at 0, and every instance took part."""
@@ -302,7 +320,7 @@ async def test_ten_thousand_withdrawals_through_nginx(
     proxy = nginx([address(s) for s in instances])
 
     def updates(server: Server) -> float:
-        text = httpx.get(f"{server.url}/metrics").text
+        text = http_get(f"{server.url}/metrics").text
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
@@ -310,7 +328,7 @@ async def test_ten_thousand_withdrawals_through_nginx(
         )
 
     before = [updates(s) for s in instances]
-    report = await withdraw_burst(proxy.url, requests=10_000, amount=2)
+    report = await withdraw_burst(proxy.url, requests=10_000, amount=2, api_key=API_KEY)
     after = [updates(s) for s in instances]
     assert report.problems() == [], (report.outcomes, report.error_samples)
     assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
@@ -323,3 +341,79 @@ async def test_ten_thousand_withdrawals_through_nginx(
     served = [b - a for a, b in zip(before, after, strict=True)]
     assert sum(served) == 10_000
     assert all(n > 0 for n in served), served
+
+
+def test_unknown_host_is_refused_at_the_edge(
+    nginx: Callable[..., Nginx], instances: list[Server]
+) -> None:
+    proxy = nginx([address(s) for s in instances])
+    forged = http_get(f"{proxy.url}/balance/1", headers={"Host": "evil.example"})
+    assert forged.status_code == 421
+    assert forged.json()["error"]["code"] == "unknown_host"
+    assert "x-instance-id" not in forged.headers, "it reached a replica"
+    assert http_get(f"{proxy.url}/balance/1").status_code == 200
+
+
+def test_state_changing_requests_are_rate_limited_per_client(
+    nginx: Callable[..., Nginx], instances: list[Server]
+) -> None:
+    """The shipped limit, scaled down (1 per second, burst 5) so a test can reach it: past it
+    a POST gets 429 in the JSON envelope from nginx itself; reads are not limited."""
+    slow = {"rate=1000r/s": "rate=1r/s", "burst=10000 nodelay": "burst=5 nodelay"}
+    proxy = nginx([address(s) for s in instances], swaps=slow)
+    statuses = []
+    with httpx.Client(base_url=proxy.url, headers=AUTH) as client:
+        for _ in range(12):
+            answer = client.post("/users", json={"balance": 0})
+            statuses.append(answer.status_code)
+            if answer.status_code == 429:
+                assert answer.json()["error"]["code"] == "rate_limited"
+                assert answer.headers["retry-after"] == "1"
+                assert "x-instance-id" not in answer.headers
+        assert statuses.count(201) <= 7, statuses
+        assert 429 in statuses
+        reads = [client.get("/balance/1").status_code for _ in range(20)]
+    assert reads == [200] * 20
+
+
+def test_nginx_own_errors_are_json(nginx: Callable[..., Nginx], instances: list[Server]) -> None:
+    """Every status nginx itself produces is answered in the app's envelope, not HTML."""
+    proxy = nginx([address(s) for s in instances])
+    host, port = proxy.url.removeprefix("http://").split(":")
+
+    def raw(data: bytes) -> tuple[int, dict[str, Any]]:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(data)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+                if b"\r\n\r\n" in received and received.rstrip().endswith(b"}"):
+                    break
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head.lower(), head
+        return int(head.split(b" ", 2)[1]), json.loads(body)
+
+    request = "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n"
+    cases = {
+        "malformed": (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+        "header too large": (
+            request.format(path="/", extra="X-Big: " + "a" * 9000 + "\r\n").encode(),
+            431,
+            "request_header_too_large",
+        ),
+        "URI too long": (
+            request.format(path="/" + "a" * 9000, extra="").encode(),
+            414,
+            "uri_too_long",
+        ),
+        "body too large": (
+            request.format(path="/users", extra="Content-Length: 100000\r\n")
+            .replace("GET", "POST", 1)
+            .encode(),
+            413,
+            "payload_too_large",
+        ),
+    }
+    for case, (data, status, code) in cases.items():
+        got_status, body = raw(data)
+        assert (got_status, body["error"]["code"]) == (status, code), case

@@ -32,7 +32,7 @@ from tests.deploy.observability import (
     load_yaml,
     make_wallet_traffic,
 )
-from tests.support import Server, free_port, require_tool, start_server
+from tests.support import Server, free_port, http_get, require_tool, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ class Observed:
     servers: list[Server]
 
     def api(self, path: str, **params: str) -> Any:
-        response = httpx.get(f"{self.prometheus}/api/v1/{path}", params=params, timeout=10)
+        response = http_get(f"{self.prometheus}/api/v1/{path}", params=params, timeout=10)
         # Until it has loaded its storage, Prometheus answers 503 in plain text.
         assert response.status_code == 200, response.text
         body = response.json()
@@ -213,7 +213,7 @@ def test_instance_table_names_each_target(observed: Observed) -> None:
     rows = observed.query("max by (instance, instance_id) (tandem_instance_info)")
     found = {row["metric"]["instance"]: row["metric"]["instance_id"] for row in rows}
     expected = {
-        f"127.0.0.1:{s.port}": httpx.get(f"{s.url}/health/live").headers["x-instance-id"]
+        f"127.0.0.1:{s.port}": http_get(f"{s.url}/health/live").headers["x-instance-id"]
         for s in observed.servers
     }
     assert found == expected

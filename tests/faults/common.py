@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Callable
 
 from tandem.cli import raise_fd_limit
-from tandem.loadtest.client import Result, build_request, parse_base_url, send_burst
-from tests.support import CRON_TIMINGS, Server, query
+from tandem.loadtest.client import Result, parse_base_url, send_burst
+from tests.support import API_KEY, CRON_TIMINGS, Server, query
 
 # Short client-side deadlines, so a cut-off instance answers within seconds.
 FAULT_ENV = {
@@ -89,10 +89,10 @@ def balance_of(url: str, user_id: int) -> int:
 
 def withdrawal(server: Server, user_id: int, key: str | None = None, amount: int = 2) -> bytes:
     """The bytes of one withdrawal request to ``server`` (with an Idempotency-Key if given)."""
-    endpoint = parse_base_url(server.url)
+    endpoint = parse_base_url(server.url, API_KEY)
     headers = {"Idempotency-Key": key} if key else None
     body = {"userId": user_id, "amount": -amount}
-    return build_request("POST", "/balance/update", endpoint.host_header, body, headers=headers)
+    return endpoint.request("POST", "/balance/update", body, headers=headers)
 
 
 async def burst_across(

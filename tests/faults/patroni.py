@@ -53,7 +53,7 @@ from tests.faults.system import (
     service_user,
     wait_until,
 )
-from tests.support import free_port
+from tests.support import free_port, http_get
 
 # Patroni and the postmaster it double-forks away (reparented to init, so not Patroni's
 # descendant) inherit this variable: it is how kill_node and the teardown find a node's
@@ -160,7 +160,7 @@ class PatroniCluster:
             if node.killed:
                 continue
             try:
-                response = httpx.get(f"{node.api}/cluster", timeout=1.0)
+                response = http_get(f"{node.api}/cluster", timeout=1.0)
                 if response.status_code == 200:
                     view: dict[str, Any] = response.json()
                     return view
@@ -251,7 +251,7 @@ class PatroniCluster:
 
 def _etcd_healthy(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        return http_get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
 

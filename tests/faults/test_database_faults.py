@@ -30,7 +30,17 @@ from tests.faults.common import (
 )
 from tests.faults.postgres import ThrowawayPostgres, throwaway_postgres
 from tests.faults.proxy import partition_proxy
-from tests.support import LEASE, Server, fresh_database, query, start_server, wait_for
+from tests.support import (
+    LEASE,
+    Server,
+    fresh_database,
+    http_get,
+    http_post,
+    http_request,
+    query,
+    start_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +83,7 @@ def test_fast_restart_under_burst_never_answers_500(
         assert final >= 10_000 - 2 * (acknowledged + unknown), "applied without being told"
         assert counts.get("database_unavailable", 0) + unknown > 0, "the restart hit nothing"
         for server in servers:
-            assert httpx.get(f"{server.url}/balance/{user}", timeout=10).status_code == 200
+            assert http_get(f"{server.url}/balance/{user}", timeout=10).status_code == 200
     finally:
         for server in servers:
             server.stop()
@@ -150,19 +160,19 @@ def test_outage_of_ten_seconds_heals_by_itself(
     again and no task is left marked running. Nothing is restarted but PostgreSQL."""
     servers = start_instances(pg_url, log_dir, 2, CRON_ENV)
     try:
-        user = httpx.post(f"{servers[0].url}/users", json={"balance": 100}).json()["userId"]
+        user = http_post(f"{servers[0].url}/users", json={"balance": 100}).json()["userId"]
         wait_for(lambda: ran_since(pg_url, None) >= 3, 30)
         pg.stop("fast")
         stopped = time.monotonic()
         for server in servers:
-            ready = httpx.get(f"{server.url}/health/ready", timeout=ANSWER_BOUND)
+            ready = http_get(f"{server.url}/health/ready", timeout=ANSWER_BOUND)
             assert ready.status_code == 503
             for method, path, body in [
                 ("GET", f"/balance/{user}", None),
                 ("POST", "/balance/update", {"userId": user, "amount": 1}),
                 ("GET", "/tasks", None),
             ]:
-                answer = httpx.request(method, server.url + path, json=body, timeout=ANSWER_BOUND)
+                answer = http_request(method, server.url + path, json=body, timeout=ANSWER_BOUND)
                 assert answer.status_code == 503, answer.text
                 # Nothing could even connect: certainly not applied.
                 assert answer.json()["error"]["code"] == "database_unavailable", answer.text
@@ -183,7 +193,7 @@ def test_outage_of_ten_seconds_heals_by_itself(
                 ("GET", "/", None),
                 ("GET", "/status/fragment", None),
             ]:
-                answer = httpx.request(method, server.url + path, json=body, timeout=ANSWER_BOUND)
+                answer = http_request(method, server.url + path, json=body, timeout=ANSWER_BOUND)
                 assert answer.status_code in (200, 201), f"{method} {path}: {answer.text}"
         print(f"every route answered 2xx {time.monotonic() - back:.2f} s after PostgreSQL was back")
         assert balance_of(pg_url, user) == 102
@@ -206,9 +216,9 @@ def test_silent_partition_of_one_instance(
         direct = start_server(pg_url, log_dir, extra_env=CRON_ENV)
         cut = start_server(proxy.url_for(pg_url), log_dir, extra_env=CRON_ENV)
         try:
-            user = httpx.post(f"{direct.url}/users", json={"balance": 100}).json()["userId"]
-            assert httpx.get(f"{cut.url}/balance/{user}").status_code == 200
-            assert httpx.get(f"{cut.url}/tasks").status_code == 200
+            user = http_post(f"{direct.url}/users", json={"balance": 100}).json()["userId"]
+            assert http_get(f"{cut.url}/balance/{user}").status_code == 200
+            assert http_get(f"{cut.url}/tasks").status_code == 200
             proxy.partition()
             for method, path, body, codes in [
                 ("GET", f"/balance/{user}", None, {"database_unavailable"}),
@@ -216,16 +226,16 @@ def test_silent_partition_of_one_instance(
                 ("GET", "/tasks", None, {"database_unavailable"}),
             ]:
                 started = time.monotonic()
-                answer = httpx.request(method, cut.url + path, json=body, timeout=ANSWER_BOUND)
+                answer = http_request(method, cut.url + path, json=body, timeout=ANSWER_BOUND)
                 took = time.monotonic() - started
                 assert answer.status_code == 503, answer.text
                 assert answer.json()["error"]["code"] in codes, answer.text
                 print(f"cut off: {method} {path} answered 503 in {took:.1f} s")
-            assert httpx.get(f"{cut.url}/health/ready", timeout=ANSWER_BOUND).status_code == 503
+            assert http_get(f"{cut.url}/health/ready", timeout=ANSWER_BOUND).status_code == 503
             # The other instance is not held up by the cut one's sessions.
-            assert httpx.get(f"{direct.url}/balance/{user}", timeout=5).status_code == 200
+            assert http_get(f"{direct.url}/balance/{user}", timeout=5).status_code == 200
             update = {"userId": user, "amount": 1}
-            assert httpx.post(f"{direct.url}/balance/update", json=update).status_code == 200
+            assert http_post(f"{direct.url}/balance/update", json=update).status_code == 200
 
             proxy.heal()
             healed = time.monotonic()
@@ -247,6 +257,6 @@ def test_silent_partition_of_one_instance(
 
 def answers(server: Server, path: str) -> int:
     try:
-        return httpx.get(server.url + path, timeout=ANSWER_BOUND).status_code
+        return http_get(server.url + path, timeout=ANSWER_BOUND).status_code
     except httpx.HTTPError:
         return 0

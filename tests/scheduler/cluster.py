@@ -8,9 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import httpx
-
-from tests.support import CRON_TIMINGS, Server, query, start_server, wait_for
+from tests.support import CRON_TIMINGS, Server, http_get, query, start_server, wait_for
 
 
 def database_now(url: str) -> datetime:
@@ -53,7 +51,7 @@ def stop_all(servers: list[Server]) -> list[int]:
 
 def instance_of(server: Server) -> str:
     """The scheduler instance id of a server process (from the membership list)."""
-    for row in httpx.get(f"{server.url}/instances").json()["instances"]:
+    for row in http_get(f"{server.url}/instances").json()["instances"]:
         if row["pid"] == server.process.pid:
             return str(row["id"])
     raise AssertionError("server not in /instances")

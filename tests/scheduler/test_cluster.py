@@ -39,6 +39,8 @@ from tests.support import (
     Server,
     empty_database,
     free_port_block,
+    http_get,
+    http_post,
     query,
     require_tool,
     wait_for,
@@ -150,12 +152,12 @@ def test_tasks_api(cron_db: str, tmp_path: Path) -> None:
     run/pause/resume work; unknown names are 404 task_not_found."""
     (server,) = start_cluster(cron_db, tmp_path, "equal", 1)
     try:
-        wait_for(lambda: httpx.get(f"{server.url}/tasks").json()["tasks"], 10)
+        wait_for(lambda: http_get(f"{server.url}/tasks").json()["tasks"], 10)
         wait_for(
-            lambda: any(t["is_running"] for t in httpx.get(f"{server.url}/tasks").json()["tasks"]),
+            lambda: any(t["is_running"] for t in http_get(f"{server.url}/tasks").json()["tasks"]),
             10,
         )
-        body = httpx.get(f"{server.url}/tasks").json()
+        body = http_get(f"{server.url}/tasks").json()
         assert {t["name"] for t in body["tasks"]} == {f"Equal{i:02d}" for i in range(1, 41)}
         for task in body["tasks"]:
             if task["is_running"]:
@@ -166,28 +168,28 @@ def test_tasks_api(cron_db: str, tmp_path: Path) -> None:
         assert {p["name"] for p in body["pending"]} == {
             t["name"] for t in body["tasks"] if not t["is_running"]
         }
-        (instance,) = httpx.get(f"{server.url}/instances").json()["instances"]
+        (instance,) = http_get(f"{server.url}/instances").json()["instances"]
         assert instance["pid"] == server.process.pid
 
-        paused = httpx.post(f"{server.url}/tasks/Equal01/pause").json()
+        paused = http_post(f"{server.url}/tasks/Equal01/pause").json()
         assert paused["enabled"] is False
         time.sleep(1.5)  # any run in progress ends; none starts
-        before = len(httpx.get(f"{server.url}/tasks/Equal01/history").json()["runs"])
+        before = len(http_get(f"{server.url}/tasks/Equal01/history").json()["runs"])
         time.sleep(2)
-        runs = httpx.get(f"{server.url}/tasks/Equal01/history").json()["runs"]
+        runs = http_get(f"{server.url}/tasks/Equal01/history").json()["runs"]
         assert len(runs) == before
-        assert httpx.post(f"{server.url}/tasks/Equal01/resume").json()["enabled"] is True
-        assert httpx.post(f"{server.url}/tasks/Equal01/run").status_code == 200
+        assert http_post(f"{server.url}/tasks/Equal01/resume").json()["enabled"] is True
+        assert http_post(f"{server.url}/tasks/Equal01/run").status_code == 200
         wait_for(
-            lambda: len(httpx.get(f"{server.url}/tasks/Equal01/history").json()["runs"]) > before,
+            lambda: len(http_get(f"{server.url}/tasks/Equal01/history").json()["runs"]) > before,
             5,
         )
         for path in ("/tasks/Nope/history", "/tasks/Nope/run", "/tasks/Nope/pause"):
-            method = httpx.get if path.endswith("history") else httpx.post
+            method = http_get if path.endswith("history") else http_post
             response = method(f"{server.url}{path}")
             assert response.status_code == 404
             assert response.json()["error"]["code"] == "task_not_found"
-        assert httpx.get(f"{server.url}/tasks/Equal01/history?limit=0").status_code == 422
+        assert http_get(f"{server.url}/tasks/Equal01/history?limit=0").status_code == 422
     finally:
         server.stop()
 
@@ -226,7 +228,7 @@ def test_demo_tasks_match_the_brief() -> None:
 
 def _metric(server: Server, name: str) -> float:
     total = 0.0
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+    for line in http_get(f"{server.url}/metrics").text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -333,15 +335,15 @@ def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
 
         def three_live() -> bool:
             try:
-                body = httpx.get(f"http://127.0.0.1:{port}/instances", timeout=1).json()
+                body = http_get(f"http://127.0.0.1:{port}/instances", timeout=1).json()
             except httpx.HTTPError:
                 return False
             return len(body["instances"]) == 3
 
         wait_for(three_live, 30)
-        instances = httpx.get(f"http://127.0.0.1:{port}/instances").json()["instances"]
+        instances = http_get(f"http://127.0.0.1:{port}/instances").json()["instances"]
         direct = {
-            httpx.get(f"http://127.0.0.1:{port + n}/health/live").headers["x-instance-id"]
+            http_get(f"http://127.0.0.1:{port + n}/health/live").headers["x-instance-id"]
             for n in (1, 2, 3)
         }
         assert direct == {i["id"] for i in instances}
@@ -367,7 +369,7 @@ def test_cluster_command_stopped_while_starting_leaves_nothing(cron_db: str) -> 
 
 def _gauge(server: Server, name: str, task: str) -> float | None:
     prefix = f'{name}{{task="{task}"}} '
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+    for line in http_get(f"{server.url}/metrics").text.splitlines():
         if line.startswith(prefix):
             return float(line[len(prefix) :])
     return None
@@ -376,17 +378,17 @@ def _gauge(server: Server, name: str, task: str) -> float | None:
 def test_task_gauges_follow_the_database(cron_db: str, tmp_path: Path) -> None:
     """An instance exports each enabled task's interval and the time of its last success as
     the database has them (what the 'task not succeeding' alert reads); a task no instance
-    has code for, and a paused task, have no series, so the alert cannot fire on them."""
+    has code for, and a paused task, have no series, so the alert cannot fire on them. A
+    paused housekeeping task keeps its series and says since when it is paused."""
     query(
         cron_db,
         "INSERT INTO tasks (name, interval, function_name) VALUES ('Retired', '1 s', 'gone.f')",
     )
-    (server,) = start_cluster(cron_db, tmp_path, "quick", 1)
+    (server,) = start_cluster(cron_db, tmp_path, "quick", 1, TANDEM_MAINTENANCE_ENABLED="true")
     last = "tandem_scheduler_task_last_success_timestamp_seconds"
     try:
-        wait_for(
-            lambda: query(cron_db, "SELECT 1 FROM tasks WHERE last_succeeded_at IS NOT NULL"), 15
-        )
+        succeeded = "SELECT 1 FROM tasks WHERE name = 'Quick' AND last_succeeded_at IS NOT NULL"
+        wait_for(lambda: query(cron_db, succeeded), 15)
         first = query(
             cron_db,
             "SELECT extract(epoch FROM last_succeeded_at) AS t FROM tasks WHERE name = 'Quick'",
@@ -394,9 +396,25 @@ def test_task_gauges_follow_the_database(cron_db: str, tmp_path: Path) -> None:
         wait_for(lambda: (_gauge(server, last, "Quick") or 0) >= float(first[0]["t"]), 15)
         assert _gauge(server, "tandem_scheduler_task_interval_seconds", "Quick") == 1.0
         assert _gauge(server, last, "Retired") is None
-        assert httpx.post(f"{server.url}/tasks/Quick/pause").status_code == 200
+        assert http_post(f"{server.url}/tasks/Quick/pause").status_code == 200
         wait_for(lambda: _gauge(server, last, "Quick") is None, 15)
         assert _gauge(server, "tandem_scheduler_task_interval_seconds", "Quick") is None
+
+        housekeeping, since = (
+            "tandem.prune_task_history",
+            "tandem_scheduler_task_paused_timestamp_seconds",
+        )
+        assert _gauge(server, since, housekeeping) is None
+        assert http_post(f"{server.url}/tasks/{housekeeping}/pause").status_code == 200
+        paused_at = query(
+            cron_db, "SELECT extract(epoch FROM max(created_at)) AS t FROM task_actions"
+        )
+        wait_for(lambda: _gauge(server, since, housekeeping) is not None, 15)
+        assert _gauge(server, since, housekeeping) == pytest.approx(float(paused_at[0]["t"]))
+        assert _gauge(server, last, housekeeping) is not None
+        assert _gauge(server, "tandem_scheduler_task_interval_seconds", housekeeping) is not None
+        assert http_post(f"{server.url}/tasks/{housekeeping}/resume").status_code == 200
+        wait_for(lambda: _gauge(server, since, housekeeping) is None, 15)
     finally:
         server.stop()
 
@@ -427,7 +445,7 @@ def test_a_wrong_local_clock_changes_nothing(cron_db: str, tmp_path: Path) -> No
             servers += start_cluster(cron_db, tmp_path, "equal", 1, **(faked if skew else {}))
         # The skew is real: each server's Date header (its wall clock) is off by it.
         for server, offset in zip(servers, skews.values(), strict=True):
-            date = parsedate_to_datetime(httpx.get(f"{server.url}/health/live").headers["date"])
+            date = parsedate_to_datetime(http_get(f"{server.url}/health/live").headers["date"])
             assert abs(date.timestamp() - time.time() - offset) < 60
         since, until = window(cron_db, 2, 12)
     finally:

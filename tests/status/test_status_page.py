@@ -29,7 +29,9 @@ from tests.support import (
     REPO,
     Server,
     empty_database,
+    http_get,
     query,
+    signed_in,
     start_server,
     wait_for,
 )
@@ -109,7 +111,7 @@ class Page(HTMLParser):
 
 
 def get_page(server: Server, path: str = "/") -> tuple[httpx.Response, Page]:
-    response = httpx.get(f"{server.url}{path}", timeout=10)
+    response = http_get(f"{server.url}{path}", timeout=10)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     return response, Page(response.text)
@@ -120,7 +122,7 @@ def running_task(server: Server, name: str) -> str:
     found: list[str] = []
 
     def running() -> bool:
-        for task in httpx.get(f"{server.url}/tasks").json()["tasks"]:
+        for task in http_get(f"{server.url}/tasks").json()["tasks"]:
             if task["name"] == name and task["is_running"]:
                 found.append(task["running_instance"])
                 return True
@@ -217,7 +219,7 @@ def test_failed_and_lost_runs_are_marked(
     once swept, as a lost row with its instance; both carry their status class."""
     (victim,) = start_instances(database_url, log_dir, "showcase", 1)
     try:
-        victim_id = httpx.get(f"{victim.url}/health/live").headers["x-instance-id"]
+        victim_id = http_get(f"{victim.url}/health/live").headers["x-instance-id"]
         # Kill it within a second of a claim of a run that lasts longer: the run is in progress.
         wait_for(
             lambda: query(
@@ -283,7 +285,7 @@ def test_page_escapes_task_names_and_errors(postgres_url: str, tmp_path: Path) -
                     )
                     assert row.links == [f"tasks/{quote(HOSTILE_NAME, safe='')}/history"]
             # The link leads to the task's history.
-            history = httpx.get(f"{server.url}/tasks/{quote(HOSTILE_NAME, safe='')}/history")
+            history = http_get(f"{server.url}/tasks/{quote(HOSTILE_NAME, safe='')}/history")
             assert history.json()["name"] == HOSTILE_NAME
         finally:
             server.stop()
@@ -375,7 +377,8 @@ def test_browser_refreshes_running_tasks_live(browser: str, cluster: list[Server
     one swap the DOM's running table still shows the running task and its instance."""
     server = cluster[0]
     instance = running_task(server, ALWAYS_RUNNING)
-    dom = run_chromium(browser, f"{server.url}/", "--dump-dom", budget_ms=5000)
+    with signed_in(server.url) as url:
+        dom = run_chromium(browser, f"{url}/", "--dump-dom", budget_ms=5000)
     page = Page(dom)
     assert int(page.ids["live"]["data-refreshed"] or 0) >= 1
     assert '<body class="stale"' not in dom  # no refresh failed
@@ -395,19 +398,20 @@ def test_browser_screenshot(browser: str, cluster: list[Server], tmp_path: Path)
         # For the docs, a moment with several runs in progress.
         wait_for(
             lambda: (
-                sum(t["is_running"] for t in httpx.get(f"{server.url}/tasks").json()["tasks"]) >= 3
+                sum(t["is_running"] for t in http_get(f"{server.url}/tasks").json()["tasks"]) >= 3
             ),
             30,
         )
-    run_chromium(
-        browser,
-        f"{server.url}/",
-        "--hide-scrollbars",
-        "--window-size=1280,900",
-        f"--screenshot={target}",
-        # The first render: what the page showed a moment after the wait above.
-        budget_ms=500,
-    )
+    with signed_in(server.url) as url:
+        run_chromium(
+            browser,
+            f"{url}/",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+            f"--screenshot={target}",
+            # The first render: what the page showed a moment after the wait above.
+            budget_ms=500,
+        )
     data = target.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first

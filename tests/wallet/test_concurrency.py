@@ -15,8 +15,8 @@ from tandem.cli import raise_fd_limit
 from tandem.core.database import asyncpg_dsn
 from tandem.core.embedded import EmbeddedPostgres
 from tandem.loadtest import withdraw_burst
-from tandem.loadtest.client import build_request, parse_base_url, send_burst
-from tests.support import Server, start_server
+from tandem.loadtest.client import parse_base_url, send_burst
+from tests.support import API_KEY, Server, start_server
 from tests.wallet.test_verify import verify as ledger_verify
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ async def test_ten_thousand_concurrent_withdrawals(lean_server: Server, database
     """10000 withdrawals of 2 from 10000, all in flight at once: exactly 5000 succeed, 5000
     are refused for insufficient funds, and the balance ends at 0."""
     raise_fd_limit()
-    report = await withdraw_burst(lean_server.url, requests=10_000, amount=2)
+    report = await withdraw_burst(lean_server.url, requests=10_000, amount=2, api_key=API_KEY)
     assert report.problems() == []
     assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
     assert report.outcomes == {"200": 5000, "409": 5000}
@@ -75,9 +75,9 @@ async def test_randomised_mix_is_exact_journaled_and_durable(
     a transfer's two legs) and every refusal none; all of it survives killing the server and
     crashing PostgreSQL, after which `tandem ledger verify` finds nothing."""
     rng = random.Random(seed)
-    endpoint = parse_base_url(lean_server.url)
+    endpoint = parse_base_url(lean_server.url, API_KEY)
     starts = [rng.randrange(0, 400) for _ in range(5)]
-    create = [build_request("POST", "/users", endpoint.host_header, {"balance": b}) for b in starts]
+    create = [endpoint.request("POST", "/users", {"balance": b}) for b in starts]
     created = await send_burst(endpoint.host, endpoint.port, create)
     users = [r.json()["userId"] for r in created]
     initial = dict(zip(users, starts, strict=True))
@@ -90,14 +90,9 @@ async def test_randomised_mix_is_exact_journaled_and_durable(
         else:
             plan.append((rng.choice(users), 0, rng.choice([*range(-60, 0), *range(1, 41)])))
     requests = [
-        build_request("POST", "/balance/update", endpoint.host_header, {"userId": u, "amount": a})
+        endpoint.request("POST", "/balance/update", {"userId": u, "amount": a})
         if to == 0
-        else build_request(
-            "POST",
-            "/transfers",
-            endpoint.host_header,
-            {"fromUserId": u, "toUserId": to, "amount": a},
-        )
+        else endpoint.request("POST", "/transfers", {"fromUserId": u, "toUserId": to, "amount": a})
         for u, to, a in plan
     ]
     results = await send_burst(endpoint.host, endpoint.port, requests, concurrency=500)

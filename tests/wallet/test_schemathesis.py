@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import Server
+from tests.support import API_KEY, Server
 
 CHECKS = ",".join(
     [
@@ -37,6 +37,8 @@ def test_fuzzed_requests_find_no_5xx_and_no_schema_break(server: Server, tmp_pat
             "--no-color",
             "--request-timeout",
             "10",
+            "--header",
+            f"Authorization: Bearer {API_KEY}",
             "--report-dir",
             str(tmp_path),
         ],

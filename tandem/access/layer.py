@@ -1,0 +1,271 @@
+"""The access layer: one ASGI layer in front of both HTTP paths (the wallet's lean path and
+FastAPI), so every route is checked by the same code against the same table (policy.py).
+
+A request's credential is ``Authorization: Bearer <token>`` or, for a person in a browser, the
+``tandem_key`` cookie that the login page sets (HttpOnly, SameSite=Strict). A cookie is not
+accepted on a state-changing request unless its ``Origin`` is this server's own: a cross-site
+form can then never act with a visitor's key, even in a browser that ignores SameSite. The
+key is resolved through the process's cache (cache.py), and the caller left in the ASGI
+scope for the routes (``core.callers.caller_of``). Refusals: 401 ``unauthenticated`` (with
+``WWW-Authenticate``), 403 ``forbidden``; both before any route runs, so nothing changes.
+
+The login page (``GET``/``POST /login``) and ``POST /logout`` are this layer's own routes: they
+handle the credential itself. Every HTML page gets a Content-Security-Policy (by the hashes of
+its inline scripts and styles, when the page has none of its own), no framing, no sniffing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import logging
+import re
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlsplit
+
+from tandem.access import policy
+from tandem.access.cache import KeyCache
+from tandem.core.asgi import body_chunks, header, respond, respond_error, respond_unexpected
+from tandem.core.callers import ANONYMOUS, CALLER_SCOPE_KEY, Caller
+from tandem.core.errors import (
+    AppError,
+    ForbiddenError,
+    MethodNotAllowedError,
+    UnauthenticatedError,
+)
+from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+COOKIE = "tandem_key"
+# A browser session lasts at most this long (seconds); the key itself may live on.
+COOKIE_MAX_AGE = 12 * 3600
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_PAGE_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+_INLINE = re.compile(rb"<(script|style)(?![^>]*\bsrc=)[^>]*>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
+_LOGIN_MAX_BODY = 4096
+
+
+class _InvalidKey(UnauthenticatedError):
+    headers: ClassVar[dict[str, str]] = {
+        "WWW-Authenticate": 'Bearer realm="tandem", error="invalid_token"'
+    }
+
+
+class _LoginOnly(MethodNotAllowedError):
+    headers: ClassVar[dict[str, str]] = {"Allow": "GET, HEAD, POST"}
+
+
+class _LogoutOnly(MethodNotAllowedError):
+    headers: ClassVar[dict[str, str]] = {"Allow": "POST"}
+
+
+class AccessControl:
+    def __init__(self, app: ASGIApp, cache: KeyCache, *, disabled: bool) -> None:
+        self.app = app
+        self.cache = cache
+        self.disabled = disabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in ("/login", "/logout"):
+            scope[ROUTE_SCOPE_KEY] = path
+            await self._login_routes(scope, receive, send)
+            return
+        rule = policy.rule_for(path)
+        if rule.requirement == policy.PUBLIC:
+            await self._forward(rule, scope, receive, send)
+            return
+        if self.disabled:
+            scope[CALLER_SCOPE_KEY] = ANONYMOUS
+            await self._forward(rule, scope, receive, send)
+            return
+        try:
+            caller = await self._authenticate(scope)
+            if rule.requirement != policy.ANY_KEY:
+                caller.require(rule.requirement)
+        except UnauthenticatedError as error:
+            scope[ROUTE_SCOPE_KEY] = rule.template
+            if rule.page and scope["method"] in ("GET", "HEAD"):
+                await _redirect(send, "/login")
+            else:
+                await respond_error(send, error)
+            return
+        except AppError as error:
+            scope[ROUTE_SCOPE_KEY] = rule.template
+            await respond_error(send, error)
+            return
+        except Exception as exc:
+            scope[ROUTE_SCOPE_KEY] = rule.template
+            await respond_unexpected(send, exc, writes=False, where="the access layer")
+            return
+        scope[CALLER_SCOPE_KEY] = caller
+        await self._forward(rule, scope, receive, send)
+
+    async def _forward(self, rule: policy.Rule, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, _with_page_headers(send) if rule.page else send)
+
+    async def _authenticate(self, scope: Scope) -> Caller:
+        authorizations = header(scope, b"authorization")
+        if len(authorizations) > 1:
+            raise UnauthenticatedError("more than one Authorization header")
+        if authorizations:
+            scheme, _, token = authorizations[0].strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise UnauthenticatedError("expected Authorization: Bearer <API key>")
+            token = token.strip()
+        else:
+            cookie = _cookie(scope)
+            if cookie is None:
+                raise UnauthenticatedError(
+                    "an API key is required: Authorization: Bearer <API key>"
+                )
+            token = cookie
+            if scope["method"] not in _SAFE_METHODS and not _same_origin(scope):
+                raise ForbiddenError(
+                    "a state-changing request with a session cookie must come from this "
+                    "site (Origin)"
+                )
+        caller = await self.cache.resolve(token)
+        if caller is None:
+            raise _InvalidKey("unknown or revoked API key")
+        return caller
+
+    # --- the login page ------------------------------------------------------------------
+
+    async def _login_routes(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method, path = scope["method"], scope["path"]
+        page_send = _with_page_headers(send)
+        if path == "/login" and method in ("GET", "HEAD"):
+            await _html(page_send, 200, _login_page(None))
+            return
+        if method != "POST":
+            refusal = _LoginOnly if path == "/login" else _LogoutOnly
+            await respond_error(send, refusal(f"{method} is not allowed here"))
+            return
+        if not _same_origin(scope):
+            await respond_error(send, ForbiddenError("a login form must come from this site"))
+            return
+        if path == "/logout":
+            await _redirect(send, "/login", cookie=f"{COOKIE}=; Max-Age=0; Path=/; HttpOnly")
+            return
+        body = b""
+        async for chunk in body_chunks(receive):
+            body += chunk
+            if len(body) > _LOGIN_MAX_BODY:
+                await _html(page_send, 413, _login_page("That is not an API key."))
+                return
+        fields = parse_qsl(body.decode("latin-1"), keep_blank_values=True)
+        token = next((value.strip() for name, value in fields if name == "key"), "")
+        try:
+            caller = await self.cache.resolve(token)
+        except AppError as error:
+            await respond_error(send, error)
+            return
+        if caller is None:
+            await _html(page_send, 401, _login_page("Unknown or revoked API key."))
+            return
+        secure = "; Secure" if _https(scope) else ""
+        cookie = (
+            f"{COOKIE}={token}; Max-Age={COOKIE_MAX_AGE}; Path=/; HttpOnly; SameSite=Strict{secure}"
+        )
+        log.info("browser login with the API key %r", caller.name)
+        await _redirect(send, "/", cookie=cookie)
+
+
+def _cookie(scope: Scope) -> str | None:
+    for value in header(scope, b"cookie"):
+        for part in value.split(";"):
+            name, _, token = part.strip().partition("=")
+            if name == COOKIE and token:
+                return token
+    return None
+
+
+def _same_origin(scope: Scope) -> bool:
+    """The request's Origin names the host it was sent to (scheme aside: a TLS proxy in front
+    talks plain HTTP to us)."""
+    origins, hosts = header(scope, b"origin"), header(scope, b"host")
+    if len(origins) != 1 or len(hosts) != 1:
+        return False
+    return urlsplit(origins[0]).netloc.lower() == hosts[0].lower()
+
+
+def _https(scope: Scope) -> bool:
+    return scope.get("scheme") == "https" or header(scope, b"x-forwarded-proto") == ["https"]
+
+
+def _with_page_headers(send: Send) -> Send:
+    """Adds the pages' security headers; a page without a CSP of its own gets one allowing
+    exactly its inline scripts and styles (their hashes: the body is small and buffered)."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def page_send(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(chunks)
+        headers: list[Any] = list(start.get("headers", []))
+        names = {bytes(name).lower() for name, _ in headers}
+        headers += [(n, v) for n, v in _PAGE_HEADERS if n not in names]
+        if b"content-security-policy" not in names:
+            headers.append((b"content-security-policy", _policy_for(body)))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return page_send
+
+
+def _policy_for(body: bytes) -> bytes:
+    hashes: dict[bytes, list[str]] = {b"script": [], b"style": []}
+    for kind, content in _INLINE.findall(body):
+        digest = base64.b64encode(hashlib.sha256(content).digest()).decode()
+        hashes[kind.lower()].append(f"'sha256-{digest}'")
+    scripts = " ".join(["'self'", *hashes[b"script"]])
+    styles = " ".join(["'self'", *hashes[b"style"]])
+    return (
+        f"default-src 'self'; script-src {scripts}; style-src {styles}; img-src 'self' data:; "
+        "worker-src 'self' blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ).encode()
+
+
+async def _redirect(send: Send, location: str, *, cookie: str | None = None) -> None:
+    headers = [(b"location", location.encode()), (b"content-type", b"text/plain")]
+    if cookie is not None:
+        headers.append((b"set-cookie", cookie.encode("latin-1")))
+    await respond(send, 303, b"", headers)
+
+
+async def _html(send: Send, status: int, page: str) -> None:
+    await respond(send, status, page.encode(), [(b"content-type", b"text/html; charset=utf-8")])
+
+
+def _login_page(problem: str | None) -> str:
+    said = f"<p><strong>{html.escape(problem)}</strong></p>" if problem else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Tandem: sign in</title></head>
+<body><h1>Tandem</h1>{said}
+<form method="post" action="/login">
+<p><label>API key <input name="key" type="password" autocomplete="off" required
+size="60"></label></p>
+<p><button type="submit">Sign in</button></p></form>
+<p>A key with the scope <code>tasks:read</code> shows the status page; any key opens the API
+docs. Make one with <code>tandem keys create</code>.</p></body></html>
+"""

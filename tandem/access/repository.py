@@ -1,0 +1,88 @@
+"""The API keys' SQL. Each statement works on an asyncpg connection or the hot pool."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple
+
+import asyncpg
+
+from tandem.core.hotpool import HotPool
+
+Executor = HotPool | asyncpg.Connection
+
+# A key is unique by name and by token; a second instance inserting the same configured key
+# at the same start finds the first's row (DO NOTHING, then the SELECT) instead of failing.
+INSERT_KEY = """
+INSERT INTO api_keys (name, token_sha256, scopes) VALUES ($1, $2, $3)
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+
+KEY_BY_NAME = "SELECT id, token_sha256 = $2 AS same_token FROM api_keys WHERE name = $1"
+
+LIST_KEYS = """
+SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_keys ORDER BY id
+"""
+
+REVOKE_KEY = """
+UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) WHERE name = $1
+RETURNING revoked_at
+"""
+
+# The one lookup of a request's key (cached per process: access/cache.py). It also dates the
+# key's use, at most every 30 s per key (a write only when the date is stale), in the same
+# round trip.
+LOOKUP_KEY = """
+WITH found AS (
+    SELECT id, name, scopes, last_used_at FROM api_keys
+    WHERE token_sha256 = $1 AND revoked_at IS NULL
+), touched AS (
+    UPDATE api_keys SET last_used_at = clock_timestamp()
+    WHERE id = (SELECT id FROM found)
+      AND (last_used_at IS NULL OR last_used_at < clock_timestamp() - interval '30 seconds')
+)
+SELECT id, name, scopes FROM found
+"""
+
+
+class Key(NamedTuple):
+    id: int
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class Found(NamedTuple):
+    id: int
+    name: str
+    scopes: list[str]
+
+
+async def insert_key(db: asyncpg.Connection, name: str, sha256: bytes, scopes: list[str]) -> bool:
+    """False when the name or the token is taken."""
+    return await db.fetchval(INSERT_KEY, name, sha256, scopes) is not None
+
+
+async def key_by_name(db: asyncpg.Connection, name: str, sha256: bytes) -> tuple[int, bool] | None:
+    """(id, whether its token is ``sha256``'s), or None."""
+    row = await db.fetchrow(KEY_BY_NAME, name, sha256)
+    return None if row is None else (row[0], row[1])
+
+
+async def list_keys(db: asyncpg.Connection) -> list[Key]:
+    return [Key(*row) for row in await db.fetch(LIST_KEYS)]
+
+
+async def revoke_key(db: asyncpg.Connection, name: str) -> datetime | None:
+    """When the key was revoked (now, or earlier); None when no key has this name."""
+    revoked: datetime | None = await db.fetchval(REVOKE_KEY, name)
+    return revoked
+
+
+async def lookup(pool: HotPool, sha256: bytes) -> Found | None:
+    # read_only: the only write is the date of use, which may as well be retried or lost.
+    row = await pool.fetchrow(LOOKUP_KEY, sha256, read_only=True)
+    return None if row is None else Found(row[0], row[1], list(row[2]))

@@ -1,0 +1,63 @@
+"""API keys: create, list, revoke (the CLI's), and the key configured at start."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+from tandem.access import keys, repository
+from tandem.access.repository import Key
+from tandem.core.callers import ALL
+
+log = logging.getLogger(__name__)
+
+
+class KeyCommandError(ValueError):
+    """A refusal of the key commands, said to the operator as is."""
+
+
+async def create_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> str:
+    """The new key's token (shown once: only its hash is stored). Raises KeyCommandError."""
+    try:
+        name, scopes = keys.check_name(name), keys.check_scopes(scopes)
+    except ValueError as error:
+        raise KeyCommandError(str(error)) from error
+    token = keys.new_token()
+    if not await repository.insert_key(conn, name, keys.digest(token), scopes):
+        raise KeyCommandError(f"a key named {name!r} exists (revoked keys keep their names)")
+    return token
+
+
+async def list_keys(conn: asyncpg.Connection) -> list[Key]:
+    return await repository.list_keys(conn)
+
+
+async def revoke_key(conn: asyncpg.Connection, name: str) -> None:
+    """Raises KeyCommandError when no key has this name; revoking twice is a no-op."""
+    if await repository.revoke_key(conn, name) is None:
+        raise KeyCommandError(f"no key named {name!r}")
+
+
+async def ensure_configured_key(conn: asyncpg.Connection, token: str, name: str) -> None:
+    """Register the key given to the server (TANDEM_API_KEY, a compose secret, the local
+    development key) with every scope, unless it is there already. Never revives a revoked
+    key, never replaces another key of that name: both are logged as errors."""
+    if not keys.well_formed(token):
+        raise KeyCommandError(
+            "the configured API key is not a Tandem token (tdm_ and 43 URL-safe characters): "
+            'make one with `tandem keys create`, or `python -c "import secrets; '
+            "print('tdm_' + secrets.token_urlsafe(32))\"`"
+        )
+    keys.check_name(name)
+    sha256 = keys.digest(token)
+    if await repository.insert_key(conn, name, sha256, [ALL]):
+        log.info("registered the configured API key %r (scope all)", name)
+        return
+    found = await repository.key_by_name(conn, name, sha256)
+    if found is None or not found[1]:
+        log.error(
+            "the configured API key was not registered: the name %r belongs to another key "
+            "(set TANDEM_API_KEY_NAME, or revoke the other)",
+            name,
+        )

@@ -1,0 +1,55 @@
+"""Who is calling: the API key a request was verified with, as every layer sees it.
+
+The access layer (``tandem/access/``) resolves the key once per request and leaves the caller
+in the ASGI scope; routes read it from there (``caller_of``). Scopes are plain strings so that
+the wallet and the scheduler can name what they need without importing the access layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.core.errors import ForbiddenError
+
+WALLET_READ = "wallet:read"
+WALLET_WRITE = "wallet:write"
+# Creating money (a deposit, a new user's opening balance) is a right of its own: a key that
+# moves money (wallet:write) or opens accounts (users:write) cannot also mint it.
+WALLET_MINT = "wallet:mint"
+USERS_WRITE = "users:write"
+TASKS_READ = "tasks:read"
+TASKS_WRITE = "tasks:write"
+ALL = "all"
+SCOPES = (WALLET_READ, WALLET_WRITE, WALLET_MINT, USERS_WRITE, TASKS_READ, TASKS_WRITE, ALL)
+
+# Where the access layer leaves the caller in the ASGI scope.
+CALLER_SCOPE_KEY = "tandem.caller"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """``api_key_id`` None: no key (authentication disabled by the operator)."""
+
+    api_key_id: int | None
+    name: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or ALL in self.scopes
+
+    def require(self, scope: str) -> None:
+        """Raises ForbiddenError unless this caller has ``scope``."""
+        if not self.allows(scope):
+            raise ForbiddenError(f"this API key lacks the scope {scope!r}")
+
+
+# The caller of every request when the operator disabled authentication.
+ANONYMOUS = Caller(None, "anonymous", frozenset({ALL}))
+
+
+def caller_of(scope: MutableMapping[str, Any]) -> Caller:
+    caller = scope.get(CALLER_SCOPE_KEY)
+    assert isinstance(caller, Caller), "the access layer runs before every protected route"
+    return caller

@@ -1,0 +1,139 @@
+"""`tandem keys` against the servers' database, and a revocation reaching every instance:
+real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import httpx
+
+from tandem.core.settings import Settings
+from tests.support import REPO, free_port, start_server, wait_for
+
+# A revocation must take effect on every instance within this (issue 11).
+REVOCATION_BOUND = 5.0
+
+
+def tandem(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tandem", *args],
+        env={**os.environ, "TANDEM_DATABASE_URL": database_url, "TANDEM_LOG_LEVEL": "warning"},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_keys_create_list_revoke(database_url: str, log_dir: Path) -> None:
+    made = tandem(database_url, "keys", "create", "--name", "reader", "--scope", "wallet:read")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip().splitlines()[-1]
+    assert token.startswith("tdm_")
+    assert token not in tandem(database_url, "keys", "list").stdout
+
+    taken = tandem(database_url, "keys", "create", "--name", "reader", "--scope", "all")
+    assert taken.returncode == 2
+    assert "exists" in taken.stderr
+    unknown = tandem(database_url, "keys", "create", "--name", "x", "--scope", "root")
+    assert unknown.returncode != 0
+
+    server = start_server(database_url, log_dir)
+    try:
+        answer = httpx.get(f"{server.url}/balance/1", headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        listed = tandem(database_url, "keys", "list").stdout.splitlines()
+        header, rows = listed[0].split(), {line.split()[0]: line.split() for line in listed[1:]}
+        assert header[:2] == ["NAME", "SCOPES"]
+        assert rows["reader"][1] == "wallet:read"
+        assert rows["reader"][3] != "-", "last used is dated"
+        assert rows["reader"][4] == "-", "not revoked"
+
+        revoked = tandem(database_url, "keys", "revoke", "reader")
+        assert revoked.returncode == 0, revoked.stderr
+        assert tandem(database_url, "keys", "list").stdout.count("reader") == 1
+        assert tandem(database_url, "keys", "revoke", "nobody").returncode == 2
+    finally:
+        server.stop()
+
+
+def test_a_revocation_reaches_every_instance_within_the_bound(
+    database_url: str, log_dir: Path
+) -> None:
+    """Two instances have the key cached; after `tandem keys revoke` both refuse it within
+    REVOCATION_BOUND seconds (the cache's TTL plus one lookup)."""
+    assert Settings().auth_cache_ttl < REVOCATION_BOUND
+    made = tandem(database_url, "keys", "create", "--name", "leaving", "--scope", "wallet:read")
+    token = made.stdout.strip().splitlines()[-1]
+    servers = [start_server(database_url, log_dir) for _ in range(2)]
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        for server in servers:
+            assert httpx.get(f"{server.url}/balance/1", headers=headers).status_code == 200
+        assert tandem(database_url, "keys", "revoke", "leaving").returncode == 0
+        revoked_at = time.monotonic()
+        refused: dict[str, float] = {}
+
+        def all_refuse() -> bool:
+            for server in servers:
+                if server.url not in refused:
+                    status = httpx.get(f"{server.url}/balance/1", headers=headers).status_code
+                    if status == 401:
+                        refused[server.url] = time.monotonic() - revoked_at
+            return len(refused) == len(servers)
+
+        wait_for(all_refuse, timeout=REVOCATION_BOUND, step=0.05)
+        print(f"revocation latency per instance: {sorted(refused.values())}")
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_fresh_local_start_makes_and_prints_a_development_key(tmp_path: Path) -> None:
+    """`tandem serve` with the embedded database and no key configured (what `make run`
+    does on a fresh clone): it makes a key under the data folder (mode 0600), prints it with
+    a curl line, and that key works while no key is anonymous; a second start reuses it."""
+    port = free_port()
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TANDEM_API_KEY", "TANDEM_DATABASE_URL")
+    }
+    env |= {"TANDEM_DATA_DIR": str(tmp_path / "data"), "TANDEM_SCHEDULER_ENABLED": "false"}
+    log = tmp_path / "serve.log"
+    for start in range(2):
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tandem", "serve", "--port", str(port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        try:
+            wait_for(lambda: "Authorization: Bearer" in log.read_text(errors="replace"), 60)
+            key_file = tmp_path / "data" / "dev-key"
+            token = key_file.read_text().strip()
+            assert key_file.stat().st_mode & 0o777 == 0o600
+            printed = log.read_text()
+            assert f"curl -H 'Authorization: Bearer {token}' http://127.0.0.1:{port}/" in printed
+            if start == 0:
+                first = token
+            assert token == first
+            url = f"http://127.0.0.1:{port}/balance/1"
+            wait_for(partial(_answers, url, token), 30)
+            assert httpx.get(url).status_code == 401
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+def _answers(url: str, token: str) -> bool:
+    try:
+        return httpx.get(url, headers={"Authorization": f"Bearer {token}"}).is_success
+    except httpx.TransportError:
+        return False

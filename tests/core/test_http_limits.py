@@ -1,0 +1,123 @@
+"""The server's own limits (tandem/core/http.py) on a real `tandem serve`, over raw sockets:
+the review's probes of oversize headers and bodies, slow and idle clients, the connection
+cap and control characters in a path."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import API_KEY, Server, http_get, start_server
+
+LIMITS = {
+    "TANDEM_HTTP_HEADER_TIMEOUT": "1.0",
+    "TANDEM_HTTP_BODY_TIMEOUT": "1.0",
+    "TANDEM_HTTP_MAX_CONNECTIONS": "40",
+}
+
+
+@pytest.fixture(scope="module")
+def limited(database_url: str, log_dir: Path) -> Iterator[Server]:
+    server = start_server(database_url, log_dir, extra_env=LIMITS)
+    yield server
+    server.stop()
+
+
+def connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def answer(sock: socket.socket) -> tuple[int, dict[str, object] | None]:
+    """Status and JSON body of the response (the server closes after these refusals)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body) if body else None
+
+
+def request(path: str, *extra: str, body: bytes = b"") -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: t", f"Authorization: Bearer {API_KEY}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def test_oversize_headers_are_431_without_reading_them_all(limited: Server) -> None:
+    with connect(limited) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 200_000)
+        status, body = answer(sock)
+    assert status == 431
+    assert body is not None
+    assert body["error"]["code"] == "request_header_too_large"
+    # The instance still answers (nothing was held).
+    assert http_get(f"{limited.url}/health/live").status_code == 200
+
+
+def test_a_declared_oversize_body_is_413_on_any_route(limited: Server) -> None:
+    for path in ("/tasks/x/pause", "/users", "/no/such/route"):
+        with connect(limited) as sock:
+            sock.sendall(request(path, "Content-Length: 10000000").replace(b"GET", b"POST", 1))
+            status, body = answer(sock)
+        assert status == 413, path
+        assert body is not None
+        assert body["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("path", ["/balance/1%00", "/tasks/a%00b/history", "/tasks/a%0Ab/run"])
+def test_control_characters_in_a_path_are_422(limited: Server, path: str) -> None:
+    with connect(limited) as sock:
+        sock.sendall(request(path))
+        status, body = answer(sock)
+    assert status == 422
+    assert body is not None
+    assert body["error"]["code"] == "validation_error"
+
+
+def test_idle_and_slow_clients_are_closed(limited: Server) -> None:
+    """A socket that sends nothing, one that sends its headers a byte at a time, and one
+    whose body never comes are all closed by the server (header and body deadlines of 1 s
+    here), the first two with a 408."""
+    idle, slow, bodiless = connect(limited), connect(limited), connect(limited)
+    try:
+        bodiless.sendall(request("/users", "Content-Length: 100").replace(b"GET", b"POST", 1))
+        started = time.monotonic()
+        for byte in b"GET /health/live HTTP/1.1\r\nHost: t\r\n":
+            slow.send(bytes([byte]))
+            if time.monotonic() - started > 1.5:
+                break
+            time.sleep(0.05)
+        for sock in (idle, slow):
+            status, body = answer(sock)
+            assert status == 408
+            assert body is not None
+            assert body["error"]["code"] == "request_timeout"
+        bodiless.settimeout(10)
+        leftover = b""
+        while chunk := bodiless.recv(65536):  # returns b"" once the server has closed it
+            leftover += chunk
+        assert b" 201 " not in leftover
+    finally:
+        for sock in (idle, slow, bodiless):
+            sock.close()
+
+
+def test_past_the_connection_cap_the_answer_is_503_at_once(limited: Server) -> None:
+    held = [connect(limited) for _ in range(45)]
+    try:
+        time.sleep(0.2)
+        with connect(limited) as sock:
+            sock.sendall(request("/health/live"))
+            status, body = answer(sock)
+        assert status == 503
+        assert body is not None
+        assert body["error"]["code"] == "service_unavailable"
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    assert http_get(f"{limited.url}/health/live").status_code == 200
