@@ -164,8 +164,9 @@ def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings or get_settings()
     app = create_app(settings)
     instance = instance_of(app)
-    keys = KeyCache(instance.database, settings.auth_cache_ttl)
-    access = AccessControl(WalletFastPath(app, instance), keys, disabled=settings.auth_disabled)
+    access = AccessControl(
+        WalletFastPath(app, instance), keys_of(app), disabled=settings.auth_disabled
+    )
     return HttpMetricsMiddleware(access, instance.instance_id)
 
 
@@ -188,12 +189,20 @@ async def _register_configured_key(settings: Settings, database: Database) -> No
             await asyncio.sleep(1.0)
 
 
+def keys_of(app: FastAPI) -> KeyCache:
+    """The process's API keys (create_asgi_app's access layer reads them; no route does)."""
+    keys = app.state.keys
+    assert isinstance(keys, KeyCache), "create_app() attaches the keys"
+    return keys
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application: every route but the wallet's two hot ones, all documented
     (those two too); the lean path that serves those is create_asgi_app's."""
     settings = settings or get_settings()
     database = Database(settings)
     instance = Instance(settings, database)
+    keys = KeyCache(database, settings.auth_cache_ttl)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -207,6 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with contextlib.suppress(TimeoutError):
             # Usually done at once; a missing schema must not hold up the start.
             await asyncio.wait_for(asyncio.shield(registering), 2.0)
+        await keys.start()
         runner: Runner | None = None
         if settings.scheduler_enabled:
             registry = load_registry(settings.scheduler_tasks)
@@ -222,6 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if runner is not None:
                 await runner.stop()
             registering.cancel()
+            await keys.stop()
             await database.close()
 
     app = FastAPIOffline(
@@ -237,6 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     instance.attach(app)
+    app.state.keys = keys
     # One series per process: an app created again in the same process (the in-process
     # tests) replaces the previous one's.
     INSTANCE_INFO.clear()

@@ -77,8 +77,12 @@ async def in_process(settings: Settings) -> AsyncIterator[httpx.ASGITransport]:
 
 @pytest.fixture(scope="module")
 async def transport(database_url: str) -> AsyncIterator[httpx.ASGITransport]:
+    # Keys made by a test are loaded within 0.1 s (tests/access/keys.make_key waits).
     settings = Settings(
-        database_url=database_url, scheduler_enabled=False, maintenance_enabled=False
+        database_url=database_url,
+        scheduler_enabled=False,
+        maintenance_enabled=False,
+        auth_cache_ttl=0.1,
     )
     async with in_process(settings) as started:
         yield started

@@ -1,58 +1,106 @@
-"""Verified keys, cached in the process: no extra round trip on the hot path.
+"""Every live API key, held in each process: no round trip on the hot path, and no way for an
+anonymous client to make the database work by sending tokens.
 
-A token's lookup (one index probe) is remembered for ``ttl`` seconds, found or not, so a
-revocation reaches every instance within ``ttl`` plus one lookup. Concurrent requests with a
-token not in the cache share one lookup (a 10000-request burst makes one query, not 10000).
-The cache is bounded: past ``max_entries`` the expired entries go, then the oldest.
+The key table is small (people make keys; requests do not), so each process loads all live
+keys (their SHA-256, name and scopes) at start and again every ``ttl`` seconds, in the
+background. A request's token is hashed and looked up in memory. A revocation or a new key
+reaches every instance within ``ttl`` plus one load. If the keys could not be reloaded for
+``max(2 * ttl, 5 s)`` (the database is unreachable), the cache fails closed: requests are
+no longer trusted: the next request reloads them first (one load shared by the requests that
+wait for it), and is answered ``503 database_unavailable`` if that fails, rather than
+trusting a list a revocation may have changed. The
+keys used since the last load are dated in the same refresh (``last_used_at``, one statement).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 
 from tandem.access import keys, repository
 from tandem.core.callers import Caller
 from tandem.core.database import Database
+from tandem.core.errors import AppError, DatabaseUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class KeysNotLoadedError(DatabaseUnavailableError):
+    def __init__(self) -> None:
+        super().__init__("the API keys could not be loaded from the database; retry")
 
 
 class KeyCache:
-    def __init__(self, database: Database, ttl: float, max_entries: int = 10_000) -> None:
+    def __init__(self, database: Database, ttl: float) -> None:
         self._database = database
         self._ttl = ttl
-        self._max = max_entries
-        self._entries: dict[bytes, tuple[float, Caller | None]] = {}
-        self._loading: dict[bytes, asyncio.Future[Caller | None]] = {}
+        self._trusted_for = max(2 * ttl, 5.0)
+        self._keys: dict[bytes, Caller] = {}
+        self._loaded_at = float("-inf")
+        self._used: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Load once (failures are retried by the refresh loop) and start refreshing."""
+        await self._refresh_quietly()
+        self._task = asyncio.create_task(self._refresh_forever(), name="tandem-api-keys")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def resolve(self, token: str) -> Caller | None:
-        """The live key this token belongs to, or None. Raises the pool's
-        DatabaseUnavailableError when it cannot be looked up."""
+        """The live key this token belongs to, or None. When the keys in memory are too old to
+        be trusted, reloads them first; raises DatabaseUnavailableError if it cannot."""
+        if time.monotonic() - self._loaded_at > self._trusted_for:
+            await self._reload_now()
         if not keys.well_formed(token):
             return None
-        sha256 = keys.digest(token)
-        hit = self._entries.get(sha256)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        loading = self._loading.get(sha256)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load(sha256))
-            self._loading[sha256] = loading
-            loading.add_done_callback(lambda _: self._loading.pop(sha256, None))
-        # shield: one waiter cancelled (its client went away) must not cancel the others'.
-        return await asyncio.shield(loading)
-
-    async def _load(self, sha256: bytes) -> Caller | None:
-        found = await repository.lookup(self._database.hot, sha256)
-        caller = None if found is None else Caller(found.id, found.name, frozenset(found.scopes))
-        now = time.monotonic()
-        if len(self._entries) >= self._max:
-            self._evict(now)
-        self._entries[sha256] = (now + self._ttl, caller)
+        caller = self._keys.get(keys.digest(token))
+        if caller is not None and caller.api_key_id is not None:
+            self._used.add(caller.api_key_id)
         return caller
 
-    def _evict(self, now: float) -> None:
-        for sha256 in [k for k, (until, _) in self._entries.items() if until <= now]:
-            del self._entries[sha256]
-        excess = len(self._entries) - self._max // 2
-        for sha256 in list(self._entries)[: max(excess, 0)]:
-            del self._entries[sha256]
+    async def refresh(self) -> None:
+        """Reload every live key, and date the ones used since the last refresh."""
+        used, self._used = self._used, set()
+        try:
+            rows = await repository.live_keys(self._database.hot, sorted(used))
+        except BaseException:
+            self._used |= used
+            raise
+        self._keys = {row.sha256: Caller(row.id, row.name, frozenset(row.scopes)) for row in rows}
+        self._loaded_at = time.monotonic()
+
+    async def _reload_now(self) -> None:
+        if self._reloading is None:
+            self._reloading = asyncio.ensure_future(self.refresh())
+            self._reloading.add_done_callback(self._reloaded)
+        try:
+            # shield: one waiter cancelled (its client went away) must not cancel the others'.
+            await asyncio.shield(self._reloading)
+        except AppError:
+            raise  # the pool's own classification (database_unavailable)
+        except Exception as error:
+            raise KeysNotLoadedError() from error
+
+    def _reloaded(self, done: asyncio.Future[None]) -> None:
+        self._reloading = None
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every waiter may have gone
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl)
+            await self._refresh_quietly()
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as error:
+            log.warning("cannot load the API keys (%s); retrying in %g s", error, self._ttl)

@@ -73,7 +73,12 @@ class AccessControl:
         self.disabled = disabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":
+            # No route takes one; none is let through unchecked either.
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -197,7 +202,11 @@ def _same_origin(scope: Scope) -> bool:
     origins, hosts = header(scope, b"origin"), header(scope, b"host")
     if len(origins) != 1 or len(hosts) != 1:
         return False
-    return urlsplit(origins[0]).netloc.lower() == hosts[0].lower()
+    try:
+        origin = urlsplit(origins[0]).netloc
+    except ValueError:  # e.g. "http://[": not an origin at all
+        return False
+    return origin.lower() == hosts[0].lower()
 
 
 def _https(scope: Scope) -> bool:

@@ -30,19 +30,14 @@ UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) WHERE n
 RETURNING revoked_at
 """
 
-# The one lookup of a request's key (cached per process: access/cache.py). It also dates the
-# key's use, at most every 30 s per key (a write only when the date is stale), in the same
-# round trip.
-LOOKUP_KEY = """
-WITH found AS (
-    SELECT id, name, scopes, last_used_at FROM api_keys
-    WHERE token_sha256 = $1 AND revoked_at IS NULL
-), touched AS (
+# Every live key, for the process's cache (access/cache.py), and in the same round trip the
+# use of the keys this process saw since its last load ($1).
+LIVE_KEYS = """
+WITH touched AS (
     UPDATE api_keys SET last_used_at = clock_timestamp()
-    WHERE id = (SELECT id FROM found)
-      AND (last_used_at IS NULL OR last_used_at < clock_timestamp() - interval '30 seconds')
+    WHERE id = ANY($1::bigint[]) AND revoked_at IS NULL
 )
-SELECT id, name, scopes FROM found
+SELECT id, name, scopes, token_sha256 FROM api_keys WHERE revoked_at IS NULL
 """
 
 
@@ -55,10 +50,11 @@ class Key(NamedTuple):
     revoked_at: datetime | None
 
 
-class Found(NamedTuple):
+class LiveKey(NamedTuple):
     id: int
     name: str
     scopes: list[str]
+    sha256: bytes
 
 
 async def insert_key(db: asyncpg.Connection, name: str, sha256: bytes, scopes: list[str]) -> bool:
@@ -82,7 +78,7 @@ async def revoke_key(db: asyncpg.Connection, name: str) -> datetime | None:
     return revoked
 
 
-async def lookup(pool: HotPool, sha256: bytes) -> Found | None:
-    # read_only: the only write is the date of use, which may as well be retried or lost.
-    row = await pool.fetchrow(LOOKUP_KEY, sha256, read_only=True)
-    return None if row is None else Found(row[0], row[1], list(row[2]))
+async def live_keys(pool: HotPool, used: list[int]) -> list[LiveKey]:
+    # read_only: the only write dates the keys' use, which may as well be retried or lost.
+    rows = await pool.fetch(LIVE_KEYS, used, read_only=True)
+    return [LiveKey(row[0], row[1], list(row[2]), bytes(row[3])) for row in rows]

@@ -49,7 +49,10 @@ async def ensure_configured_key(conn: asyncpg.Connection, token: str, name: str)
             'make one with `tandem keys create`, or `python -c "import secrets; '
             "print('tdm_' + secrets.token_urlsafe(32))\"`"
         )
-    keys.check_name(name)
+    try:
+        keys.check_name(name)
+    except ValueError as error:
+        raise KeyCommandError(f"TANDEM_API_KEY_NAME: {error}") from error
     sha256 = keys.digest(token)
     if await repository.insert_key(conn, name, sha256, [ALL]):
         log.info("registered the configured API key %r (scope all)", name)

@@ -71,20 +71,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._awaiting_headers:
-            if self._timer is None:
-                self._arm(Limits.header_timeout, 408, "request_timeout", "headers too slow")
-            self._header_bytes += len(data)
-            if self._header_bytes > Limits.max_header_bytes:
-                self._refuse(
-                    431,
-                    "request_header_too_large",
-                    f"request line and headers exceed {Limits.max_header_bytes} bytes",
-                )
-                return
+        # While a request's headers are still incomplete after a chunk is parsed, the chunk
+        # counts whole towards them (one that also finished a previous request's body
+        # over-counts by that tail). What the parser buffers is bounded by the limit plus one
+        # read; headers that complete within a chunk never count its body bytes.
         super().data_received(data)
+        if self._refused or not self._awaiting_headers:
+            return
+        self._header_bytes += len(data)
+        if self._header_bytes > Limits.max_header_bytes:
+            self._refuse(
+                431,
+                "request_header_too_large",
+                f"request line and headers exceed {Limits.max_header_bytes} bytes",
+            )
+
+    def on_message_begin(self) -> None:
+        # The first byte of a request: its headers are counted and timed from here.
+        self._awaiting_headers = True
+        self._header_bytes = 0
+        self._arm(Limits.header_timeout, 408, "request_timeout", "headers too slow")
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._refused:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._refused:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._awaiting_headers = False
         self._header_bytes = 0
         self._disarm()
@@ -109,10 +128,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        # The next request on this connection: its headers are counted and timed afresh
-        # from its first byte (until then uvicorn's keep-alive timeout closes an idle one).
-        self._awaiting_headers = True
-        self._header_bytes = 0
+        # Answered (perhaps before its body came: a refusal): no body deadline is left for
+        # it; until the next request begins, uvicorn's keep-alive timeout closes an idle one.
+        self._disarm()
         super().on_response_complete()
 
     # --- helpers ----------------------------------------------------------------------------
@@ -138,9 +156,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(status, code, message)
 
     def _refuse(self, status: int, code: str, message: str) -> None:
-        """Answer in the JSON envelope and close: the request never reaches the app."""
+        """Answer in the JSON envelope and close: the request never reaches the app. Behind
+        a pipelined request still being answered, that answer finishes and the connection
+        closes after it instead (nothing is written into it)."""
         self._refused = True
         self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+            self.transport.pause_reading()
+            return
         body = json.dumps(envelope(code, message), separators=(",", ":")).encode()
         head = b"HTTP/1.1 %d %s\r\n" % (status, _STATUS[status])
         headers = b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)

@@ -48,6 +48,10 @@ def grant_app_role(database_url: str, role: str) -> None:
         f"GRANT USAGE ON SCHEMA public TO {role}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
         f"REVOKE UPDATE, DELETE, TRUNCATE ON {', '.join(_APPEND_ONLY)} FROM {role}",
+        # Keys are made and revoked by the owner (`tandem keys`); the app only registers its
+        # configured key and dates their use: it can neither revive nor widen one.
+        f"REVOKE UPDATE, DELETE, TRUNCATE ON api_keys FROM {role}",
+        f"GRANT UPDATE (last_used_at) ON api_keys TO {role}",
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
         f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
     ]

@@ -123,7 +123,7 @@ COUNT_IDEMPOTENCY_KEY = """
 WITH bump AS (
     INSERT INTO idempotency_usage (api_key_id, day, backend, used)
     VALUES ($1, (clock_timestamp() AT TIME ZONE 'UTC')::date, pg_backend_pid(), 1)
-    ON CONFLICT (api_key_id, day, backend)
+    ON CONFLICT (day, api_key_id, backend)
         DO UPDATE SET used = idempotency_usage.used + 1
     RETURNING used
 )

@@ -83,7 +83,7 @@ SELECT (SELECT count(*) FROM users), (SELECT sum(balance) FROM users),
 
 
 @pytest.fixture(scope="module")
-async def world(database_url: str) -> dict[str, Any]:
+async def world(database_url: str, anonymous: httpx.AsyncClient) -> dict[str, Any]:
     """Two users, a transfer between them, a task, and keys: one per scope lacking just that
     scope, one revoked, one with every scope."""
     await fetch(
@@ -104,7 +104,9 @@ async def world(database_url: str) -> dict[str, Any]:
     )
     transfer = moved[0]["transfer_id"]
     keys = {
-        scope: await make_key(database_url, f"without-{scope.replace(':', '-')}", *others)
+        scope: await make_key(
+            database_url, f"without-{scope.replace(':', '-')}", *others, known_to=anonymous
+        )
         for scope in SCOPES
         if scope != "all"
         for others in [[s for s in SCOPES if s not in (scope, "all")]]
@@ -113,7 +115,7 @@ async def world(database_url: str) -> dict[str, Any]:
         "ids": {"user": user, "other": other, "transfer": transfer},
         "without": keys,
         "revoked": await make_key(database_url, "revoked", "all", revoked=True),
-        "every": await make_key(database_url, "every", "all"),
+        "every": await make_key(database_url, "every", "all", known_to=anonymous),
     }
 
 
@@ -189,8 +191,14 @@ async def test_creating_money_is_its_own_right(
 ) -> None:
     """wallet:write withdraws and transfers but cannot deposit; users:write opens accounts
     with 0 but not with money; wallet:mint adds both."""
-    mover = bearer(await make_key(database_url, "mover", WALLET_WRITE, USERS_WRITE))
-    minter = bearer(await make_key(database_url, "minter", WALLET_WRITE, USERS_WRITE, WALLET_MINT))
+    mover = bearer(
+        await make_key(database_url, "mover", WALLET_WRITE, USERS_WRITE, known_to=anonymous)
+    )
+    minter = bearer(
+        await make_key(
+            database_url, "minter", WALLET_WRITE, USERS_WRITE, WALLET_MINT, known_to=anonymous
+        )
+    )
     user = world["ids"]["user"]
     before = await fetch(database_url, STATE)
     deposit = {"userId": user, "amount": 5}
@@ -210,8 +218,12 @@ async def test_creating_money_is_its_own_right(
 async def test_the_journal_and_the_task_audit_name_the_key(
     anonymous: httpx.AsyncClient, world: dict[str, Any], database_url: str
 ) -> None:
-    teller = bearer(await make_key(database_url, "teller", WALLET_WRITE, WALLET_READ))
-    operator = bearer(await make_key(database_url, "operator", TASKS_WRITE, TASKS_READ))
+    teller = bearer(
+        await make_key(database_url, "teller", WALLET_WRITE, WALLET_READ, known_to=anonymous)
+    )
+    operator = bearer(
+        await make_key(database_url, "operator", TASKS_WRITE, TASKS_READ, known_to=anonymous)
+    )
     user = world["ids"]["user"]
     update = {"userId": user, "amount": -3, "reference": "by the teller"}
     assert (await anonymous.post("/balance/update", json=update, headers=teller)).is_success
@@ -233,8 +245,8 @@ async def test_idempotency_keys_belong_to_their_caller(
 ) -> None:
     """The same Idempotency-Key from two API keys is two keys: neither replays, blocks or
     reveals the other's."""
-    first = bearer(await make_key(database_url, "first", WALLET_WRITE))
-    second = bearer(await make_key(database_url, "second", WALLET_WRITE))
+    first = bearer(await make_key(database_url, "first", WALLET_WRITE, known_to=anonymous))
+    second = bearer(await make_key(database_url, "second", WALLET_WRITE, known_to=anonymous))
     user = world["ids"]["user"]
     one = await anonymous.post(
         "/balance/update",

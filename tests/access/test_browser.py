@@ -28,15 +28,14 @@ async def browser(transport: httpx.ASGITransport) -> AsyncIterator[httpx.AsyncCl
 
 
 @pytest.fixture(scope="module")
-async def person(database_url: str) -> str:
+async def person(database_url: str, browser: httpx.AsyncClient) -> str:
     await fetch(
         database_url,
         "INSERT INTO tasks (name, \"interval\", function_name) VALUES ($1, '1 hour', 'x')",
         TASK,
     )
-    return await make_key(
-        database_url, "person", TASKS_READ, TASKS_WRITE, WALLET_READ, WALLET_WRITE
-    )
+    scopes = (TASKS_READ, TASKS_WRITE, WALLET_READ, WALLET_WRITE)
+    return await make_key(database_url, "person", *scopes, known_to=browser)
 
 
 def cookie(token: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from tandem.core.settings import Settings
-from tests.support import REPO, free_port, start_server, wait_for
+from tests.support import REPO, free_port, query, start_server, wait_for
 
 # A revocation must take effect on every instance within this (issue 11).
 REVOCATION_BOUND = 5.0
@@ -48,6 +48,9 @@ def test_keys_create_list_revoke(database_url: str, log_dir: Path) -> None:
     try:
         answer = httpx.get(f"{server.url}/balance/1", headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 200, answer.text
+        # Dated by the server's next reload of the keys (every TANDEM_AUTH_CACHE_TTL).
+        used = "SELECT 1 FROM api_keys WHERE name = 'reader' AND last_used_at IS NOT NULL"
+        wait_for(lambda: query(database_url, used), 10)
         listed = tandem(database_url, "keys", "list").stdout.splitlines()
         header, rows = listed[0].split(), {line.split()[0]: line.split() for line in listed[1:]}
         assert header[:2] == ["NAME", "SCOPES"]

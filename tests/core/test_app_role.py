@@ -72,6 +72,8 @@ async def test_the_app_works_on_its_role_and_cannot_rewrite_history(app_role_url
             "CREATE TABLE intruder (id int)",
             "DROP TABLE users",
             "ALTER TABLE ledger_entries DISABLE TRIGGER ALL",
+            "UPDATE api_keys SET revoked_at = NULL",
+            "UPDATE api_keys SET scopes = '{all}'",
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(statement)

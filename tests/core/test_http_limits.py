@@ -121,3 +121,24 @@ def test_past_the_connection_cap_the_answer_is_503_at_once(limited: Server) -> N
             sock.close()
     time.sleep(0.2)
     assert http_get(f"{limited.url}/health/live").status_code == 200
+
+
+def test_normal_keep_alive_traffic_is_never_refused(limited: Server) -> None:
+    """On one kept-alive connection: a 40 KB body in the same packet as its headers is the
+    app's to judge (413 from the wallet's 4 KiB reader, not 431), a request answered before
+    its body arrived (401) leaves the connection usable, and a connection idle past the body
+    and header deadlines after a response gets no unasked 408."""
+    with connect(limited) as sock:
+        body = b'{"balance": 0, "pad": "' + b"x" * 40_000 + b'"}'
+        sock.sendall(
+            request(
+                "/users", "Content-Type: application/json", f"Content-Length: {len(body)}"
+            ).replace(b"GET", b"POST", 1)
+            + body
+        )
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 413 "), first[:100]
+        time.sleep(1.5)  # past both deadlines (1 s each here)
+        sock.sendall(request("/health/live"))
+        second = sock.recv(65536)
+        assert second.startswith(b"HTTP/1.1 200 "), second[:100]

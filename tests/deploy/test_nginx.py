@@ -417,3 +417,20 @@ def test_nginx_own_errors_are_json(nginx: Callable[..., Nginx], instances: list[
     for case, (data, status, code) in cases.items():
         got_status, body = raw(data)
         assert (got_status, body["error"]["code"]) == (status, code), case
+
+
+def test_a_browser_login_works_through_nginx(
+    nginx: Callable[..., Nginx], instances: list[Server]
+) -> None:
+    """nginx passes the Host with its port, so the app sees the browser's Origin as its own:
+    the login and a cookie's POST work through the edge, a foreign Origin still does not."""
+    proxy = nginx([address(s) for s in instances])
+    with httpx.Client(base_url=proxy.url) as browser:
+        login = browser.post("/login", data={"key": API_KEY}, headers={"Origin": proxy.url})
+        assert login.status_code == 303, login.text
+        assert "tandem_key=" in login.headers["set-cookie"]
+        cookie = {"Cookie": f"tandem_key={API_KEY}"}
+        created = browser.post("/users", json={}, headers={**cookie, "Origin": proxy.url})
+        assert created.status_code == 201, created.text
+        foreign = browser.post("/users", json={}, headers={**cookie, "Origin": "http://evil"})
+        assert foreign.status_code == 403

@@ -134,7 +134,8 @@ def upgrade() -> None:
             day date NOT NULL,
             backend integer NOT NULL,
             used bigint NOT NULL,
-            CONSTRAINT uq_idempotency_usage UNIQUE NULLS NOT DISTINCT (api_key_id, day, backend)
+            -- The day first: the count reads one day of one caller (an index range).
+            CONSTRAINT uq_idempotency_usage UNIQUE NULLS NOT DISTINCT (day, api_key_id, backend)
         )
         """
     )
