@@ -31,8 +31,9 @@ from tests.deploy.observability import (
     grafana_to_promql,
     load_yaml,
     make_wallet_traffic,
+    wait_for,
 )
-from tests.support import Server, free_port, http_get, require_tool, start_server
+from tests.support import Server, free_port, http_get, http_post, require_tool, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +128,9 @@ def observed(
     try:
         for server in servers:
             make_wallet_traffic(server)
+        # A paused housekeeping task: the dashboard's panel of them has a row.
+        pause = f"{servers[0].url}/tasks/Housekeeping/pause"
+        wait_for(lambda: http_post(pause).status_code == 200, 15, "Housekeeping registered")
         port = free_port()
         address = f"127.0.0.1:{port}"
         config = folder / "prometheus.yml"
