@@ -76,8 +76,9 @@ def use_local_dev_key(settings: Settings) -> str | None:
 
 
 def key_lines(token: str, base: str) -> list[str]:
+    path = dev_key_path(get_settings())
     return [
-        f"  API key      {token}   (development key, kept in .tandem/dev-key)",
+        f"  API key      {token}   (development key, kept in {path})",
         f"  try          curl -H 'Authorization: Bearer {token}' {base}/balance/1",
     ]
 
