@@ -84,7 +84,10 @@ class AccessControl:
         path: str = scope["path"]
         if path in ("/login", "/logout"):
             scope[ROUTE_SCOPE_KEY] = path
-            await self._login_routes(scope, receive, send)
+            try:
+                await self._login_routes(scope, receive, send)
+            except Exception as exc:
+                await respond_unexpected(send, exc, writes=False, where="the login page")
             return
         rule = policy.rule_for(path)
         if rule.requirement == policy.PUBLIC:
