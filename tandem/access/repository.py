@@ -1,4 +1,4 @@
-"""The API keys' SQL. Each statement works on an asyncpg connection or the hot pool."""
+"""The API keys' SQL: the key commands on a direct connection, the reload on the hot pool."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from typing import NamedTuple
 import asyncpg
 
 from tandem.core.hotpool import HotPool
-
-Executor = HotPool | asyncpg.Connection
 
 # A key is unique by name and by token; a second instance inserting the same configured key
 # at the same start finds the first's row (DO NOTHING, then the SELECT) instead of failing.

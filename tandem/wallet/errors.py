@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from tandem.core.errors import (
     AppError,
@@ -67,7 +67,8 @@ class TooManyIdempotencyKeysError(TooManyRequestsError):
     answer, and requests without a key are not counted."""
 
     code = "idempotency_key_limit"
-    headers = {"Retry-After": "3600"}  # noqa: RUF012  (an hour: the cap is per UTC day)
+    # An hour: the cap is per UTC day.
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "3600"}
 
     def __init__(self, per_day: int) -> None:
         super().__init__(f"this API key stored its {per_day} new idempotency keys for today")
