@@ -1,7 +1,8 @@
-"""Tasks are Python coroutines registered by name with their interval.
+"""Tasks are Python coroutines registered by name with their schedule (an interval, or a cron
+expression in a time zone) and their policies (missed slots, timeout, retries).
 
-On start every instance upserts the definitions (name, interval, function name) without
-touching runtime state, so ``tasks.function_name`` always names code that exists.
+On start every instance upserts the definitions (name, schedule, policies, function name)
+without touching runtime state, so ``tasks.function_name`` always names code that exists.
 """
 
 from __future__ import annotations
@@ -10,8 +11,17 @@ import asyncio
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+
+from tandem.scheduler.schedules import (
+    Cron,
+    Every,
+    MissedSlots,
+    Schedule,
+    ScheduleError,
+    default_grace,
+)
 
 
 class TaskCancelledError(Exception):
@@ -65,18 +75,48 @@ class TaskContext:
 TaskFunction = Callable[[TaskContext], Awaitable[None]]
 
 
+async def _no_body(ctx: TaskContext) -> None:
+    raise LookupError(f"task {ctx.name!r} has no function")
+
+
 @dataclass(frozen=True)
 class TaskDefinition:
     name: str
-    interval: timedelta
+    schedule: Schedule
     function: TaskFunction
     # Watched tasks (housekeeping) keep their health gauges while paused, and export since
     # when they are paused: pausing one cannot silence its alerts.
     watched: bool = False
+    missed: MissedSlots = MissedSlots.COALESCE
+    # How late a slot may start and still count as on time (policy skip).
+    grace: timedelta = timedelta(seconds=60)
+    # The most missed slots a claim catches up on (policy catch_up): the newest ones.
+    catch_up_limit: int = 10
+    # A run still going after this long is cancelled and recorded as timed_out.
+    timeout: timedelta | None = None
+    # Attempts per slot (1: no retries); a failed or timed-out attempt is retried after
+    # retry_delay(attempt, retry_backoff, retry_backoff_max).
+    max_attempts: int = 1
+    retry_backoff: timedelta = timedelta(seconds=10)
+    retry_backoff_max: timedelta = timedelta(hours=1)
 
     @property
     def function_name(self) -> str:
         return f"{self.function.__module__}.{self.function.__qualname__}"
+
+    def scaled(self, factor: float) -> TaskDefinition:
+        """The definition with its durations times ``factor`` (the compressed time of tests
+        and demos; a cron schedule keeps the calendar's)."""
+        if factor == 1:
+            return self
+        return replace(
+            self,
+            schedule=self.schedule.scaled(factor),
+            grace=self.grace * factor,
+            timeout=None if self.timeout is None else self.timeout * factor,
+            retry_backoff=self.retry_backoff * factor,
+            retry_backoff_max=self.retry_backoff_max * factor,
+        )
 
 
 class Registry:
@@ -84,22 +124,72 @@ class Registry:
         self._tasks: dict[str, TaskDefinition] = {}
 
     def task(
-        self, name: str, every: timedelta, *, watched: bool = False
+        self,
+        name: str,
+        every: timedelta | None = None,
+        *,
+        cron: str | None = None,
+        tz: str = "UTC",
+        watched: bool = False,
+        missed: MissedSlots | str = MissedSlots.COALESCE,
+        grace: timedelta | None = None,
+        catch_up_limit: int = 10,
+        timeout: timedelta | None = None,
+        max_attempts: int = 1,
+        retry_backoff: timedelta = timedelta(seconds=10),
+        retry_backoff_max: timedelta = timedelta(hours=1),
     ) -> Callable[[TaskFunction], TaskFunction]:
-        """Decorator: register ``function`` as task ``name``, due every ``every``."""
+        """Decorator: register ``function`` as task ``name``, due ``every`` interval or at
+        the times of the ``cron`` expression in time zone ``tz`` (an IANA name). A bad
+        expression, zone or option raises ValueError here, so a server with one does not
+        start."""
+        problem = f"task {name!r}"
+        if (every is None) == (cron is None):
+            raise ValueError(f"{problem} needs exactly one of every= and cron=")
+        try:
+            schedule: Schedule = Every(every) if every is not None else Cron(cron or "", tz)
+        except ScheduleError as error:
+            raise ValueError(f"{problem}: {error}") from None
+        try:
+            policy = MissedSlots(missed)
+        except ValueError:
+            choices = ", ".join(m.value for m in MissedSlots)
+            raise ValueError(f"{problem}: missed={missed!r} is not one of {choices}") from None
+        if catch_up_limit < 1:
+            raise ValueError(f"{problem}: catch_up_limit must be at least 1")
+        if max_attempts < 1:
+            raise ValueError(f"{problem}: max_attempts must be at least 1")
+        for label, value in (("timeout", timeout), ("retry_backoff", retry_backoff)):
+            if value is not None and value <= timedelta(0):
+                raise ValueError(f"{problem}: {label} must be positive")
+        definition = TaskDefinition(
+            name=name,
+            schedule=schedule,
+            function=_no_body,  # the decorated function, below
+            watched=watched,
+            missed=policy,
+            grace=default_grace(schedule) if grace is None else grace,
+            catch_up_limit=catch_up_limit,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            retry_backoff=retry_backoff,
+            retry_backoff_max=max(retry_backoff_max, retry_backoff),
+        )
 
         def register(function: TaskFunction) -> TaskFunction:
-            if name in self._tasks:
-                raise ValueError(f"task {name!r} is registered twice")
-            if every <= timedelta(0):
-                raise ValueError(f"task {name!r} needs a positive interval")
-            if not name or "/" in name:
-                # The name is a path segment of /tasks/{name}/...
-                raise ValueError(f"task name {name!r} must be non-empty and contain no '/'")
-            self._tasks[name] = TaskDefinition(name, every, function, watched)
+            self._add(replace(definition, function=function))
             return function
 
         return register
+
+    def _add(self, definition: TaskDefinition) -> None:
+        name = definition.name
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} is registered twice")
+        if not name or "/" in name:
+            # The name is a path segment of /tasks/{name}/...
+            raise ValueError(f"task name {name!r} must be non-empty and contain no '/'")
+        self._tasks[name] = definition
 
     @classmethod
     def combine(cls, *registries: Registry) -> Registry:
@@ -107,9 +197,7 @@ class Registry:
         combined = cls()
         for registry in registries:
             for definition in registry.all():
-                combined.task(definition.name, definition.interval, watched=definition.watched)(
-                    definition.function
-                )
+                combined._add(definition)
         return combined
 
     def get(self, name: str) -> TaskDefinition | None:

@@ -34,11 +34,23 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp(), status = 'activ
 """
 
 # Definitions come from code; runtime state (running, next run, fence, history) is never
-# reset by a deploy. A new task is due at once.
+# reset by a deploy. A new interval task is due at once, a new cron task at its first slot
+# ($9, computed by the caller from the database clock). A changed cron expression or zone, or
+# a change between interval and cron, starts from the new schedule's first slot; a changed
+# interval carries its grid on.
 UPSERT_TASK = """
-INSERT INTO tasks (name, "interval", function_name) VALUES ($1, $2, $3)
+INSERT INTO tasks (name, "interval", function_name, schedule, timezone, missed, timeout,
+                   max_attempts, next_run_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, clock_timestamp()))
 ON CONFLICT (name) DO UPDATE
-SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name
+SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name,
+    schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone, missed = EXCLUDED.missed,
+    timeout = EXCLUDED.timeout, max_attempts = EXCLUDED.max_attempts,
+    next_run_at = CASE
+        WHEN (tasks.schedule, tasks.timezone)
+             IS DISTINCT FROM (EXCLUDED.schedule, EXCLUDED.timezone)
+             AND tasks.next_run_at IS NOT NULL
+        THEN EXCLUDED.next_run_at ELSE tasks.next_run_at END
 """
 
 # Fair share, by claims: an instance takes a due task only while it has claimed at most
@@ -53,12 +65,28 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name
 # instance can hold work up for longer. "Live" means a database session that holds its
 # lock (instance_sessions) and a heartbeat within the window. FOR UPDATE SKIP LOCKED: two
 # claimers never pick the same row; NOT is_running re-checked under the row lock: a claimed
-# task is never claimed again. next_run_at moves to the first slot of the task's grid
-# strictly after now (missed slots coalesce into this run). An instance claims only tasks it
-# has code for, so during a rolling deploy an old instance never claims a task only new code
-# knows. One statement (the function of migration 0007): the cluster-wide claim lock is held
-# by no session that waits on its client, and lock_timeout bounds the wait for it.
-CLAIM_DUE_TASK = "SELECT * FROM tandem_claim_task($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+# task is never claimed again. A due retry goes before a regular slot and keeps it; the claim
+# of a regular slot clears next_run_at, which the claimer then plans (PLAN_RUN: a cron
+# expression is evaluated in Python, from the claim's database time). An instance claims only
+# tasks it has code for, so during a rolling deploy an old instance never claims a task only
+# new code knows. One statement (the function of migration 0010): the cluster-wide claim lock
+# is held by no session that waits on its client, and lock_timeout bounds the wait for it.
+CLAIM_DUE_TASK = "SELECT * FROM tandem_claim_run($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+
+# The claimer's plan of the slot it claimed: the next slot (a run-now that came in between
+# wins), and the slot this run stands for (catch-up and skip may run a later one than the
+# oldest due). Fenced: only the run's holder plans it, and a claim taken over meanwhile
+# changes nothing.
+PLAN_RUN = """
+WITH task AS (
+    UPDATE tasks SET next_run_at = coalesce(next_run_at, $3)
+    WHERE id = $1 AND fence = $2 AND is_running
+    RETURNING id
+)
+UPDATE task_history h SET scheduled_for = $4
+FROM task WHERE h.task_id = task.id AND h.fence = $2 AND h.status = 'running'
+    AND h.scheduled_for <> $4
+"""
 
 # A new database session for the instance: a new key, its session-level advisory lock, and
 # the server's patience with a silent client set to a lease (migration 0007).
@@ -71,27 +99,35 @@ HEARTBEAT = "SELECT * FROM tandem_heartbeat($1, $2, $3, $4, $5, $6, $7, $8)"
 
 # Fenced completion: only the holder of the current fence can finish the run. Zero rows means
 # this instance was fenced out (its run was declared lost and maybe re-run): change nothing.
-# $4 = true makes the task due again at once (a run released at shutdown).
+# $5: the next slot, if the claimer's plan never landed. $6 (an interval, NULL: none): the
+# slot ($7) is retried as attempt $8 + 1 that long after now, by the database clock (0: a run
+# released at shutdown or self-fenced, retried at once). A pending retry of an older slot
+# gives way to it.
 COMPLETE_RUN = """
 WITH task AS (
     UPDATE tasks SET is_running = false, running_instance = NULL, lease_until = NULL,
         last_status = $3, last_finished_at = clock_timestamp(),
         last_succeeded_at = CASE WHEN $3 = 'succeeded' THEN clock_timestamp()
             ELSE last_succeeded_at END,
-        next_run_at = CASE WHEN $4 THEN least(next_run_at, clock_timestamp()) ELSE next_run_at END
+        next_run_at = coalesce(next_run_at, $5),
+        retry_at = CASE WHEN $6::interval IS NULL THEN retry_at
+            ELSE clock_timestamp() + $6::interval END,
+        retry_slot = CASE WHEN $6::interval IS NULL THEN retry_slot ELSE $7 END,
+        retry_attempt = CASE WHEN $6::interval IS NULL THEN retry_attempt ELSE $8 + 1 END
     WHERE id = $1 AND fence = $2 AND is_running
     RETURNING id, last_finished_at
 )
-UPDATE task_history h SET status = $3, finished_at = task.last_finished_at, error = $5
+UPDATE task_history h SET status = $3, finished_at = task.last_finished_at, error = $4
 FROM task WHERE h.task_id = task.id AND h.fence = $2 AND h.status = 'running'
 RETURNING h.id
 """
 
 # Runs whose owner is gone: its database session ended (a crash: noticed within a poll), or
 # its lease expired (it stopped renewing: paused, partitioned, or dead without closing its
-# sockets). Recorded as lost, released, and made due now so another instance runs the task
-# within a poll. SKIP LOCKED: concurrent sweepers split the work instead of queueing on it,
-# and a task being claimed right now (row locked) is left to the next sweep.
+# sockets). Recorded as lost, released, and its slot retried at once (the next attempt) so
+# another instance runs it within a poll. SKIP LOCKED: concurrent sweepers split the work
+# instead of queueing on it, and a task being claimed right now (row locked) is left to the
+# next sweep.
 SWEEP_EXPIRED = """
 WITH expired AS (
     SELECT t.id, t.fence, t.running_instance, t.lease_until < clock_timestamp() AS timed_out
@@ -103,8 +139,11 @@ WITH expired AS (
 ), released AS (
     UPDATE tasks t SET is_running = false, running_instance = NULL, lease_until = NULL,
         last_status = 'lost', last_finished_at = clock_timestamp(),
-        next_run_at = least(t.next_run_at, clock_timestamp())
-    FROM expired e WHERE t.id = e.id
+        retry_at = clock_timestamp(), retry_slot = coalesce(h.scheduled_for, t.started_at),
+        retry_attempt = coalesce(h.attempt, 1) + 1
+    FROM expired e
+    LEFT JOIN task_history h ON h.task_id = e.id AND h.fence = e.fence AND h.status = 'running'
+    WHERE t.id = e.id
     RETURNING t.id, e.fence, e.running_instance, e.timed_out, t.last_finished_at
 )
 UPDATE task_history h SET status = 'lost', finished_at = r.last_finished_at,
@@ -135,6 +174,10 @@ class ClaimedRun(NamedTuple):
     started_at: datetime
     # The task's previous run was lost: this run is a failover.
     recovers: bool
+    # 1 for a slot's first run, then its retries (after a failure, a timeout, or a loss).
+    attempt: int
+    # The claim cleared the task's next slot: the claimer plans it (PLAN_RUN).
+    plan_next: bool
 
 
 def seconds(value: float) -> timedelta:
@@ -145,8 +188,32 @@ async def register_instance(db: Db, instance_id: str, hostname: str, pid: int) -
     await db.execute(REGISTER_INSTANCE, instance_id, hostname, pid)
 
 
-async def upsert_task(db: Db, name: str, interval: timedelta, function_name: str) -> None:
-    await db.execute(UPSERT_TASK, name, interval, function_name)
+class TaskRow(NamedTuple):
+    """A definition as the tasks table stores it."""
+
+    name: str
+    interval: timedelta
+    function_name: str
+    schedule: str | None
+    timezone: str | None
+    missed: str
+    timeout: timedelta | None
+    max_attempts: int
+    # A new or rescheduled cron task's first slot (None: an interval task, due at once).
+    first_run: datetime | None
+
+
+async def upsert_task(db: Db, task: TaskRow) -> None:
+    await db.execute(UPSERT_TASK, *task)
+
+
+async def database_now(db: Db) -> datetime:
+    now: datetime = await db.fetchval(DATABASE_NOW)
+    return now
+
+
+async def plan_run(db: Db, task_id: int, fence: int, next_slot: datetime, slot: datetime) -> None:
+    await db.execute(PLAN_RUN, task_id, fence, next_slot, slot)
 
 
 async def claim_due_task(
@@ -240,11 +307,30 @@ async def heartbeat(
     return Heartbeat(row["outcome"], set(row["renewed"] or ()), row["live"], row["db_now"])
 
 
+class Retry(NamedTuple):
+    """The next attempt at a slot, ``delay`` after the completion (database clock)."""
+
+    delay: timedelta
+    slot: datetime
+    attempt: int  # the attempt that ended
+
+
 async def complete_run(
-    db: Db, task_id: int, fence: int, status: str, error: str | None, *, due_again: bool = False
+    db: Db,
+    task_id: int,
+    fence: int,
+    status: str,
+    error: str | None,
+    *,
+    next_slot: datetime | None = None,
+    retry: Retry | None = None,
 ) -> bool:
     """False when this instance no longer holds the run (fenced out): nothing changed."""
-    return await db.fetchval(COMPLETE_RUN, task_id, fence, status, due_again, error) is not None
+    delay, slot, attempt = retry if retry is not None else (None, None, None)
+    row = await db.fetchval(
+        COMPLETE_RUN, task_id, fence, status, error, next_slot, delay, slot, attempt
+    )
+    return row is not None
 
 
 async def prune_history(db: Db, older_than: timedelta, batch: int) -> int:
@@ -272,18 +358,21 @@ async def stop_instance(db: Db, instance_id: str) -> None:
 # --- reads and commands for the API (SQLAlchemy text, :named parameters) -----------------
 
 LIST_TASKS = """
-SELECT name, extract(epoch FROM "interval") AS interval_seconds, function_name, enabled,
-       is_running, running_instance, started_at,
+SELECT name, extract(epoch FROM "interval") AS interval_seconds, schedule, timezone,
+       missed AS missed_slots, extract(epoch FROM timeout) AS timeout_seconds, max_attempts,
+       function_name, enabled, is_running, running_instance, started_at,
        CASE WHEN is_running THEN extract(epoch FROM clock_timestamp() - started_at) END
            AS elapsed_seconds,
-       next_run_at, extract(epoch FROM next_run_at - clock_timestamp()) AS due_in_seconds,
+       next_run_at, retry_at, retry_attempt,
+       least(retry_at, next_run_at) AS due_at,
+       extract(epoch FROM least(retry_at, next_run_at) - clock_timestamp()) AS due_in_seconds,
        last_status, last_finished_at
 FROM tasks ORDER BY id
 """
 
 TASK_HISTORY = """
-SELECT h.id, h.instance_id, h.fence, h.scheduled_for, h.started_at, h.finished_at, h.status,
-       h.error
+SELECT h.id, h.instance_id, h.fence, h.scheduled_for, h.attempt, h.started_at, h.finished_at,
+       h.status, h.error
 FROM task_history h JOIN tasks t ON t.id = h.task_id
 WHERE t.name = :name
 ORDER BY h.started_at DESC
@@ -312,7 +401,7 @@ COMMAND_RESULT = "SELECT name, enabled, next_run_at FROM tasks WHERE id = :task_
 # (one short index scan per task), and only those candidates are merged. Durations and ages
 # are database time, so every instance renders the same numbers.
 RECENT_RUNS = """
-SELECT t.name AS task, h.id, h.instance_id, h.fence, h.scheduled_for, h.started_at,
+SELECT t.name AS task, h.id, h.instance_id, h.fence, h.scheduled_for, h.attempt, h.started_at,
        h.finished_at, h.status, h.error,
        extract(epoch FROM coalesce(h.finished_at, clock_timestamp()) - h.started_at)
            AS duration_seconds,
@@ -376,14 +465,18 @@ RETURNING id
 
 PAUSE = "UPDATE tasks SET enabled = false WHERE name = :name RETURNING id"
 
-# Resuming never replays missed slots: an overdue task moves to the first slot of its grid
-# at or after now, so at most one run follows.
+# Resuming never replays missed slots, nor a retry pending from before the pause: the service
+# reads the task under its row lock (a claim or another resume waits) and moves an overdue
+# task to the first slot of its schedule after now (schedules.py), so at most one run follows.
+RESUME_READ = """
+SELECT id, "interval", schedule, timezone, next_run_at, clock_timestamp() AS now
+FROM tasks WHERE name = :name
+FOR UPDATE
+"""
+
 RESUME = """
-UPDATE tasks SET enabled = true,
-    next_run_at = CASE WHEN next_run_at >= clock_timestamp() THEN next_run_at
-        ELSE next_run_at + "interval" * ceil(
-            extract(epoch FROM clock_timestamp() - next_run_at) / extract(epoch FROM "interval"))
-    END
-WHERE name = :name
+UPDATE tasks SET enabled = true, next_run_at = :next_run_at,
+    retry_at = NULL, retry_slot = NULL, retry_attempt = NULL
+WHERE id = :task_id
 RETURNING id
 """

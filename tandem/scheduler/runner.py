@@ -17,6 +17,12 @@ statements. The promises under faults, and the arithmetic behind them
   any database call is doing (self-fencing);
 - losing the heartbeat session (closed, broken, or not holding the lock) cancels every run at
   once: other instances may already be sweeping them.
+
+The claim of a regular slot leaves the next slot to the claimer (a cron expression is
+evaluated here, not in SQL): it plans it from the claim's database time with the task's
+missed-slot policy (schedules.plan) and writes it, fenced, before the run starts. A timeout
+is one more timer per run; a failed or timed-out attempt is retried through the same claim,
+so a retry is as exclusive, fenced and fairly spread as any run.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import socket
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -55,6 +61,7 @@ from tandem.observability.metrics import (
 )
 from tandem.scheduler import repository
 from tandem.scheduler.registry import Registry, TaskCancelledError, TaskContext, TaskDefinition
+from tandem.scheduler.schedules import Cron, Plan, plan, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +84,18 @@ _TASK_GAUGES_EVERY = 5
 class _Run:
     claim: repository.ClaimedRun
     ctx: TaskContext
+    definition: TaskDefinition | None
+    # The slot this run stands for, and the next one as planned (None: the task's row has it).
+    slot: datetime
+    next_slot: datetime | None
     task: asyncio.Task[None] | None = None
     # Why this instance stopped the run, if it did: "fenced" (taken over), "self_fenced" (its
-    # timer), "session_lost" (the heartbeat session ended) or "drained" (shutdown).
+    # timer), "session_lost" (the heartbeat session ended), "drained" (shutdown) or
+    # "timed_out" (the task's timeout).
     stopped_because: str | None = None
     # The self-fencing timer (loop.time() deadline in ctx.held_until).
     timer: asyncio.TimerHandle | None = None
+    timeout_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -119,8 +132,12 @@ class Runner:
         self._heartbeats = 0
         self._gauge_tasks: set[str] = set()
         self._paused_tasks: set[str] = set()
-        self._known = [definition.name for definition in registry.all()]
-        self._watched = [definition.name for definition in registry.all() if definition.watched]
+        # Intervals, timeouts and backoffs in this process's (possibly compressed) time.
+        self._definitions = {
+            d.name: d.scaled(settings.scheduler_time_scale) for d in registry.all()
+        }
+        self._known = list(self._definitions)
+        self._watched = [d.name for d in self._definitions.values() if d.watched]
 
     @property
     def running(self) -> dict[int, str]:
@@ -155,11 +172,9 @@ class Runner:
             )
         async with self._pool.acquire() as db:
             await repository.register_instance(db, self.instance_id, self.hostname, os.getpid())
-            for definition in self.registry.all():
-                interval = definition.interval * self.settings.scheduler_time_scale
-                await repository.upsert_task(
-                    db, definition.name, interval, definition.function_name
-                )
+            now = await repository.database_now(db)
+            for definition in self._definitions.values():
+                await repository.upsert_task(db, task_row(definition, now))
         await self._open_session()
         log.info("scheduler started as instance %s on %s", self.instance_id, self.hostname)
 
@@ -243,14 +258,50 @@ class Runner:
                 )
             if claim is None:
                 break
-            self._start_run(claim, sent)
+            definition = self._definitions.get(claim.name)
+            planned = plan_claim(claim, definition)
+            if planned is not None and planned.run_slot is None:
+                await self._skip(claim, planned)
+                continue
+            slot = claim.scheduled_for
+            if planned is not None:
+                slot = planned.run_slot or slot
+                with contextlib.suppress(*_DB_ERRORS):
+                    # Lost, the completion writes the next slot instead.
+                    async with self._pool.acquire() as db:
+                        await repository.plan_run(
+                            db, claim.task_id, claim.fence, planned.next_slot, slot
+                        )
+            self._start_run(claim, sent, definition, slot, planned)
             if self._session is not session:
                 # The session was lost while the claim was on its way back: other instances
                 # may be sweeping this run already.
                 self._stop_run(self._runs[claim.task_id], "session_lost")
 
-    def _start_run(self, claim: repository.ClaimedRun, sent: float) -> None:
-        definition = self.registry.get(claim.name)
+    async def _skip(self, claim: repository.ClaimedRun, planned: Plan) -> None:
+        """Policy skip, every due slot missed: the claim is recorded as one skipped run."""
+        assert self._pool is not None
+        SCHEDULER_RUNS.labels(claim.name, "skipped").inc()
+        with contextlib.suppress(*_DB_ERRORS):
+            # Lost, the lease expires and the sweep retries the slot: one late run.
+            async with self._pool.acquire() as db:
+                await repository.complete_run(
+                    db,
+                    claim.task_id,
+                    claim.fence,
+                    "skipped",
+                    planned.note,
+                    next_slot=planned.next_slot,
+                )
+
+    def _start_run(
+        self,
+        claim: repository.ClaimedRun,
+        sent: float,
+        definition: TaskDefinition | None,
+        slot: datetime,
+        planned: Plan | None,
+    ) -> None:
         logger = _TaskLog(
             logging.getLogger(f"tandem.task.{claim.name}"),
             {"instance": self.instance_id, "run": f"{claim.name}#{claim.fence}"},
@@ -262,33 +313,51 @@ class Runner:
             time_scale=self.settings.scheduler_time_scale,
             log=logger,
         )
-        run = _Run(claim, ctx)
+        next_slot = planned.next_slot if planned is not None else None
+        run = _Run(claim, ctx, definition, slot, next_slot)
         self._runs[claim.task_id] = run
         # The lease began when the database ran the claim, after it was sent.
         self._arm(run, sent)
+        if definition is not None and definition.timeout is not None:
+            # From the sending of the claim: the run started no earlier.
+            run.timeout_timer = asyncio.get_running_loop().call_at(
+                sent + definition.timeout.total_seconds(), self._time_out, run
+            )
         SCHEDULER_RUNNING.set(len(self._runs))
         SCHEDULER_CLAIMS.labels(claim.name).inc()
         if claim.recovers:
             SCHEDULER_RECOVERIES.labels(claim.name).inc()
-        lag = (claim.started_at - claim.scheduled_for).total_seconds()
-        SCHEDULER_START_LAG.labels(claim.name).observe(max(lag, 0.0))
-        run.task = asyncio.create_task(self._execute(run, definition), name=ctx.run_id)
+        if claim.attempt == 1:  # a retry's lag is its backoff
+            lag = (claim.started_at - slot).total_seconds()
+            SCHEDULER_START_LAG.labels(claim.name).observe(max(lag, 0.0))
+        run.task = asyncio.create_task(self._execute(run), name=ctx.run_id)
 
-    async def _execute(self, run: _Run, definition: TaskDefinition | None) -> None:
+    def _time_out(self, run: _Run) -> None:
+        if run.stopped_because is None:
+            run.ctx.log.warning("timed out: cancelling the run")
+            self._stop_run(run, "timed_out")
+
+    async def _execute(self, run: _Run) -> None:
         started = time.monotonic()
         status, error = "succeeded", None
+        definition = run.definition
         try:
             if definition is None:
                 raise LookupError(f"no code registered for task {run.claim.name!r}")
             await definition.function(run.ctx)
         except (TaskCancelledError, asyncio.CancelledError):
-            status, error = "cancelled", f"cancelled: {run.stopped_because or 'shutdown'}"
+            if run.stopped_because == "timed_out" and definition and definition.timeout:
+                timeout = definition.timeout.total_seconds()
+                status, error = "timed_out", f"timed out after {timeout:g} s"
+            else:
+                status, error = "cancelled", f"cancelled: {run.stopped_because or 'shutdown'}"
         except Exception as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             run.ctx.log.exception("failed")
         finally:
-            if run.timer is not None:
-                run.timer.cancel()
+            for timer in (run.timer, run.timeout_timer):
+                if timer is not None:
+                    timer.cancel()
             if self._runs.get(run.claim.task_id) is run:
                 del self._runs[run.claim.task_id]
             SCHEDULER_RUNNING.set(len(self._runs))
@@ -297,25 +366,45 @@ class Runner:
         if run.stopped_because == "fenced":
             # Another instance holds the task: our write would be refused by the fence.
             return
-        # Drained or stopped by itself: released at once if the database can be reached (the
-        # fence refuses it if another instance took the task meanwhile), else left to the
-        # lease.
-        await self._complete(
-            run,
-            status,
-            error,
-            due_again=run.stopped_because in ("drained", "self_fenced", "session_lost"),
+        await self._complete(run, status, error, self._retry(run, status))
+
+    @staticmethod
+    def _retry(run: _Run, status: str) -> repository.Retry | None:
+        """The next attempt at the run's slot, if it gets one: at once when this instance
+        gave the run up (drained, or stopped by itself: released at once if the database can
+        be reached, the fence refusing it if another instance took the task meanwhile, else
+        left to the lease); after a backoff when it failed or timed out with attempts left."""
+        attempt, definition = run.claim.attempt, run.definition
+        if run.stopped_because in ("drained", "self_fenced", "session_lost"):
+            return repository.Retry(timedelta(0), run.slot, attempt)
+        if status not in ("failed", "timed_out") or definition is None:
+            return None
+        if attempt >= definition.max_attempts:
+            return None
+        delay = retry_delay(attempt, definition.retry_backoff, definition.retry_backoff_max)
+        run.ctx.log.info(
+            "attempt %d of %d in %.3g s",
+            attempt + 1,
+            definition.max_attempts,
+            delay.total_seconds(),
         )
+        return repository.Retry(delay, run.slot, attempt)
 
     async def _complete(
-        self, run: _Run, status: str, error: str | None, *, due_again: bool
+        self, run: _Run, status: str, error: str | None, retry: repository.Retry | None
     ) -> None:
         assert self._pool is not None
         for attempt in range(3):
             try:
                 async with self._pool.acquire() as db:
                     held = await repository.complete_run(
-                        db, run.claim.task_id, run.claim.fence, status, error, due_again=due_again
+                        db,
+                        run.claim.task_id,
+                        run.claim.fence,
+                        status,
+                        error,
+                        next_slot=run.next_slot,
+                        retry=retry,
                     )
             except PoolClosedError:
                 # Shut down before the database answered (the drain time ran out): the lease
@@ -544,3 +633,41 @@ class _TaskLog(logging.LoggerAdapter[logging.Logger]):
     ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
         return f"[{extra.get('run')} on {extra.get('instance')}] {msg}", kwargs
+
+
+def plan_claim(claim: repository.ClaimedRun, definition: TaskDefinition | None) -> Plan | None:
+    """The next slot (and, for a regular slot, the one this run stands for) when the
+    claim left it to this instance; None when the task's row has it already."""
+    if not claim.plan_next or definition is None:
+        return None
+    decided = plan(
+        definition.schedule,
+        definition.missed,
+        claim.scheduled_for,
+        claim.started_at,
+        grace=definition.grace,
+        catch_up_limit=definition.catch_up_limit,
+    )
+    if claim.attempt > 1:  # a retry runs its own slot; only the next one was missing
+        return Plan(claim.scheduled_for, decided.next_slot)
+    if decided.note is not None:
+        log.warning("task %s: %s", claim.name, decided.note)
+    return decided
+
+
+def task_row(definition: TaskDefinition, now: datetime) -> repository.TaskRow:
+    """The row a definition is stored as; ``now``: the database clock, for a cron task's
+    first slot."""
+    schedule = definition.schedule
+    cron = schedule if isinstance(schedule, Cron) else None
+    return repository.TaskRow(
+        name=definition.name,
+        interval=schedule.nominal_interval,
+        function_name=definition.function_name,
+        schedule=cron.expression if cron else None,
+        timezone=cron.timezone if cron else None,
+        missed=definition.missed.value,
+        timeout=definition.timeout,
+        max_attempts=definition.max_attempts,
+        first_run=cron.first_after(now) if cron else None,
+    )

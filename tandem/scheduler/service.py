@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tandem.core.callers import Caller
 from tandem.core.errors import NotFoundError
 from tandem.scheduler import repository
+from tandem.scheduler.schedules import schedule_of
 from tandem.scheduler.schemas import (
     Instance,
     Instances,
@@ -40,11 +41,12 @@ async def overview(session: AsyncSession) -> TasksOverview:
         (
             PendingTask(
                 name=row["name"],
-                next_run_at=row["next_run_at"],
+                next_run_at=row["due_at"],
                 due_in_seconds=float(row["due_in_seconds"]),
+                attempt=row["retry_attempt"] if row["due_at"] == row["retry_at"] else 1,
             )
             for row in rows
-            if row["enabled"] and not row["is_running"]
+            if row["enabled"] and not row["is_running"] and row["due_at"] is not None
         ),
         key=lambda p: p.next_run_at,
     )
@@ -76,10 +78,15 @@ async def live_instances(session: AsyncSession, window: timedelta) -> Instances:
 
 
 async def _command(
-    session: AsyncSession, statement: str, action: str, name: str, caller: Caller
+    session: AsyncSession,
+    statement: str,
+    action: str,
+    name: str,
+    caller: Caller,
+    values: dict[str, object] | None = None,
 ) -> TaskCommandResult:
     """The command and its audit row (who did it), in one transaction."""
-    found = (await session.execute(text(statement), {"name": name})).first()
+    found = (await session.execute(text(statement), {"name": name, **(values or {})})).first()
     if found is None:
         raise TaskNotFoundError(name)
     task_id = found[0]
@@ -102,5 +109,14 @@ async def pause(session: AsyncSession, name: str, caller: Caller) -> TaskCommand
 
 
 async def resume(session: AsyncSession, name: str, caller: Caller) -> TaskCommandResult:
-    """Runs again from the next slot of its grid, without replaying missed ones."""
-    return await _command(session, repository.RESUME, "resume", name, caller)
+    """Runs again from the next slot of its schedule, without replaying missed ones (nor a
+    retry pending since before the pause). Raises TaskNotFoundError."""
+    task = (await session.execute(text(repository.RESUME_READ), {"name": name})).first()
+    if task is None:
+        raise TaskNotFoundError(name)
+    next_run_at = task.next_run_at
+    if next_run_at is not None and next_run_at < task.now:
+        schedule = schedule_of(task.interval, task.schedule, task.timezone)
+        next_run_at = schedule.first_after(task.now, next_run_at)
+    values = {"task_id": task.id, "next_run_at": next_run_at}
+    return await _command(session, repository.RESUME, "resume", name, caller, values)

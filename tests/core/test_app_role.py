@@ -16,7 +16,9 @@ from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import grant_app_role, upgrade_to_head
 from tandem.core.settings import Settings
 from tandem.scheduler import repository as scheduler_repository
+from tandem.scheduler.runner import task_row
 from tests.conftest import in_process
+from tests.scheduler.registries import definition
 from tests.support import AUTH, empty_database, fetch, query
 
 
@@ -63,7 +65,9 @@ async def test_the_app_works_on_its_role_and_cannot_rewrite_history(app_role_url
     try:
         # The scheduler's server-side functions and sequences.
         await scheduler_repository.register_instance(conn, "probe", "host", 1)
-        await scheduler_repository.upsert_task(conn, "probe.task", timedelta(hours=1), "m.f")
+        probe = definition("probe.task", timedelta(hours=1))
+        now = await scheduler_repository.database_now(conn)
+        await scheduler_repository.upsert_task(conn, task_row(probe, now))
         assert await scheduler_repository.open_session(conn, "probe", 10.0) is not None
         for statement in (
             "UPDATE ledger_entries SET amount = 0",

@@ -9,11 +9,12 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
 from tandem.core.database import asyncpg_dsn
-from tandem.scheduler.registry import Registry, TaskContext, TaskFunction
+from tandem.scheduler.registry import Registry, TaskContext, TaskDefinition, TaskFunction
 
 PROBE_TABLE = """
 CREATE TABLE IF NOT EXISTS probe (
@@ -24,6 +25,19 @@ CREATE TABLE IF NOT EXISTS probe (
 
 
 _pool: asyncpg.Pool | None = None
+
+
+async def noop(ctx: TaskContext) -> None:
+    """A body for definitions whose runs the test makes itself."""
+
+
+def definition(name: str, every: timedelta | None = None, **options: Any) -> TaskDefinition:
+    """One task's definition, validated as Registry.task validates it."""
+    registry = Registry()
+    registry.task(name, every, **options)(noop)
+    found = registry.get(name)
+    assert found is not None
+    return found
 
 
 async def _probe_pool() -> asyncpg.Pool:

@@ -200,19 +200,23 @@ def test_demo_tasks_match_the_brief() -> None:
 
     from tandem.scheduler import demo_tasks
     from tandem.scheduler.registry import TaskContext
+    from tandem.scheduler.schedules import Every
 
-    intervals = {d.name: d.interval for d in demo_tasks.registry.all()}
+    intervals = {d.name: d.schedule for d in demo_tasks.registry.all()}
     assert intervals == {
-        "TestTask1": timedelta(minutes=5),
-        "TestTask2": timedelta(hours=1),
-        "TestTask3": timedelta(minutes=10),
-        "TestTask4": timedelta(hours=6),
-        "TestTask5": timedelta(minutes=15),
-        "TestTask6": timedelta(minutes=30),
-        "TestTask7": timedelta(days=1),
-        "TestTask8": timedelta(minutes=20),
-        "TestTask9": timedelta(minutes=45),
-        "TestTask10": timedelta(minutes=25),
+        name: Every(every)
+        for name, every in {
+            "TestTask1": timedelta(minutes=5),
+            "TestTask2": timedelta(hours=1),
+            "TestTask3": timedelta(minutes=10),
+            "TestTask4": timedelta(hours=6),
+            "TestTask5": timedelta(minutes=15),
+            "TestTask6": timedelta(minutes=30),
+            "TestTask7": timedelta(days=1),
+            "TestTask8": timedelta(minutes=20),
+            "TestTask9": timedelta(minutes=45),
+            "TestTask10": timedelta(minutes=25),
+        }.items()
     }
     slept: list[float] = []
 

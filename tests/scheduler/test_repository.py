@@ -13,6 +13,9 @@ import pytest
 
 from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
+from tandem.scheduler.registry import TaskDefinition
+from tandem.scheduler.runner import plan_claim, task_row
+from tests.scheduler.registries import definition
 
 
 async def claim(
@@ -27,9 +30,16 @@ async def claim(
     """One claim, as the runner makes it (a live window of 30 s), under the instance's
     current session."""
     key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
-    return await repository.claim_due_task(
+    claimed = await repository.claim_due_task(
         db, instance, key, lease, 30, steal_after, fresh_window, lock_timeout=1.0, known=known
     )
+    planned = None if claimed is None else plan_claim(claimed, DEFINITIONS.get(claimed.name))
+    if claimed is not None and planned is not None:
+        assert planned.run_slot is not None
+        await repository.plan_run(
+            db, claimed.task_id, claimed.fence, planned.next_slot, planned.run_slot
+        )
+    return claimed
 
 
 @pytest.fixture
@@ -68,9 +78,15 @@ class Sessions:
         await self.conns.pop(instance).close()
 
 
+# The definitions of the tasks made here, as the runner holds them (it plans their next slots).
+DEFINITIONS: dict[str, TaskDefinition] = {}
+
+
 async def new_task(db: asyncpg.Connection, interval: float = 60.0) -> tuple[int, str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
-    await repository.upsert_task(db, name, timedelta(seconds=interval), "tests.noop")
+    DEFINITIONS[name] = definition(name, timedelta(seconds=interval))
+    now = await repository.database_now(db)
+    await repository.upsert_task(db, task_row(DEFINITIONS[name], now))
     task_id = await db.fetchval("SELECT id FROM tasks WHERE name = $1", name)
     # Only this task is due: park every other task of the module.
     await db.execute("UPDATE tasks SET enabled = (id = $1)", task_id)
