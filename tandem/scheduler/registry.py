@@ -48,6 +48,9 @@ class TaskContext:
     fence: int
     time_scale: float
     log: logging.LoggerAdapter[logging.Logger]
+    # 1 for a slot's first run, then each retry's number (max_attempts at most, except that a
+    # run lost with its instance is always run again).
+    attempt: int = 1
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     # The event loop's time (loop.time()) at which this run gives itself up unless a lease
     # renewal moves it on; set by the runner.

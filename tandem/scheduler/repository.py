@@ -75,8 +75,8 @@ CLAIM_DUE_TASK = "SELECT * FROM tandem_claim_run($1, $2, $3, $4, $5, $6, $7, $8,
 
 # The claimer's plan of the slot it claimed: the next slot (a run-now that came in between
 # wins), and the slot this run stands for (catch-up and skip may run a later one than the
-# oldest due). Fenced: only the run's holder plans it, and a claim taken over meanwhile
-# changes nothing.
+# oldest due; not one that already has this attempt). Fenced: only the run's holder plans
+# it, and a claim taken over meanwhile changes nothing.
 PLAN_RUN = """
 WITH task AS (
     UPDATE tasks SET next_run_at = coalesce(next_run_at, $3)
@@ -86,6 +86,8 @@ WITH task AS (
 UPDATE task_history h SET scheduled_for = $4
 FROM task WHERE h.task_id = task.id AND h.fence = $2 AND h.status = 'running'
     AND h.scheduled_for <> $4
+    AND NOT EXISTS (SELECT FROM task_history o
+                    WHERE o.task_id = h.task_id AND o.scheduled_for = $4 AND o.attempt = h.attempt)
 """
 
 # A new database session for the instance: a new key, its session-level advisory lock, and

@@ -312,6 +312,7 @@ class Runner:
             fence=claim.fence,
             time_scale=self.settings.scheduler_time_scale,
             log=logger,
+            attempt=claim.attempt,
         )
         next_slot = planned.next_slot if planned is not None else None
         run = _Run(claim, ctx, definition, slot, next_slot)

@@ -125,21 +125,28 @@ class Cron:
         raise ScheduleError(f"cron expression {self.expression!r} has no slot after {moment}")
 
     def last_at_or_before(self, moment: datetime, grid: datetime | None = None) -> datetime:
-        # cronsim counts backwards from strictly before its start: start just after.
-        for slot in CronSim(self.expression, (moment + _TICK).astimezone(self.zone), reverse=True):
-            if slot <= moment:
-                return slot.astimezone(UTC)
-        raise ScheduleError(f"cron expression {self.expression!r} has no slot before {moment}")
+        # cronsim counts backwards from strictly before its start: start just after. Inside a
+        # fall-back hour it counts from the wall time too, and can step over the day's first
+        # occurrence (earlier in real time): walk forward again to the last one passed.
+        start = (moment + _TICK).astimezone(self.zone)
+        slot = next(CronSim(self.expression, start, reverse=True), None)
+        if slot is None:
+            raise ScheduleError(f"cron expression {self.expression!r} has no slot before {moment}")
+        last = slot.astimezone(UTC)
+        while (following := self.first_after(last)) <= moment:
+            last = following
+        return last
 
     def newest(self, moment: datetime, since: datetime, limit: int) -> list[datetime]:
-        found: list[datetime] = []
-        start = (moment + _TICK).astimezone(self.zone)
-        for slot in CronSim(self.expression, start, reverse=True):
+        last = self.last_at_or_before(moment)
+        if last < since:
+            return [since]
+        found = [last]
+        for slot in CronSim(self.expression, last.astimezone(self.zone), reverse=True):
             if slot < since or len(found) == limit:
                 break
-            if slot <= moment:
-                found.append(slot.astimezone(UTC))
-        return found[::-1] or [since]
+            found.append(slot.astimezone(UTC))
+        return found[::-1]
 
     @property
     def nominal_interval(self) -> timedelta:
@@ -208,9 +215,10 @@ def plan(
 
 
 def default_grace(schedule: Schedule) -> timedelta:
-    """How late a slot may start and still count as on time: 60 s, or half the interval when
-    that is shorter (else a short task's "skip" would never skip)."""
-    return min(timedelta(seconds=60), schedule.nominal_interval / 2)
+    """How late a slot may start and still count as on time: 60 s, or the interval when that
+    is shorter (a claim is normally up to a poll late: a shorter grace would skip on time
+    runs of a short task)."""
+    return min(timedelta(seconds=60), schedule.nominal_interval)
 
 
 def retry_delay(

@@ -38,6 +38,24 @@ def succeeded_per_instance(url: str, since: datetime, until: datetime) -> dict[s
     return {r["instance_id"]: r["n"] for r in rows}
 
 
+def as_if_down_for(url: str, interval: str) -> None:
+    """Move every time the scheduler and the probes recorded ``interval`` into the past: as
+    the database sees it, the cluster has been down that long (and the slots of that time
+    were never run)."""
+    shift = f"interval '{interval}'"
+    query(
+        url,
+        f"UPDATE tasks SET next_run_at = next_run_at - {shift}, retry_at = retry_at - {shift}, "
+        f"retry_slot = retry_slot - {shift}, last_finished_at = last_finished_at - {shift}",
+    )
+    query(
+        url,
+        f"UPDATE task_history SET scheduled_for = scheduled_for - {shift}, "
+        f"started_at = started_at - {shift}, finished_at = finished_at - {shift}",
+    )
+    query(url, f"UPDATE probe SET started = started - {shift}, finished = finished - {shift}")
+
+
 def start_cluster(url: str, log_dir: Path, registry: str, n: int, **overrides: str) -> list[Server]:
     env = {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.scheduler.registries:{registry}"}
     env.update(overrides)
@@ -102,8 +120,10 @@ def assert_history_consistent(url: str) -> None:
             "running",
             "succeeded",
             "failed",
+            "timed_out",
             "lost",
             "cancelled",
+            "skipped",
         }
         running = [r for r in rows if r["status"] == "running"]
         if task["is_running"]:

@@ -127,3 +127,39 @@ async def _effect(ctx: TaskContext) -> None:
             ctx.check()  # as a careful author does right before each outside effect
             out.write(f"{time.time():.6f} {ctx.instance_id} {ctx.fence}\n")
             await asyncio.sleep(0.2)
+
+
+# One task per missed-slot policy, each due every second, and a cron task in a zone that does
+# not come due during a test: for the downtime test and GET /tasks.
+missed = Registry()
+missed.task("Coalesce", timedelta(seconds=1), missed="coalesce")(_probed(0.05))
+missed.task("Skip", timedelta(seconds=1), missed="skip", grace=timedelta(seconds=0.5))(
+    _probed(0.05)
+)
+missed.task("CatchUp", timedelta(seconds=1), missed="catch_up", catch_up_limit=5)(_probed(0.05))
+missed.task("Nightly", cron="30 2 * * *", tz="Europe/Berlin")(_probed(0.05))
+
+# Tasks whose first run (due at start; the next slot is an hour away) needs retries: three
+# that outlast their timeout every time, one that fails on its first two attempts.
+RETRY_BACKOFF = timedelta(seconds=0.4)
+TIMEOUT = timedelta(seconds=0.5)
+retrying = Registry()
+for i in range(1, 4):
+    retrying.task(
+        f"Stuck{i}",
+        timedelta(hours=1),
+        timeout=TIMEOUT,
+        max_attempts=3,
+        retry_backoff=RETRY_BACKOFF,
+    )(_probed(30.0))
+
+
+@retrying.task("Flaky", timedelta(hours=1), max_attempts=3, retry_backoff=RETRY_BACKOFF)
+async def _flaky(ctx: TaskContext) -> None:
+    if ctx.attempt < 3:
+        raise RuntimeError(f"attempt {ctx.attempt} fails")
+
+
+# A nightly job in a zone with daylight saving: for the DST tests (a database with a fake clock).
+nightly = Registry()
+nightly.task("Nightly", cron="30 2 * * *", tz="Europe/Berlin")(_probed(0.05))

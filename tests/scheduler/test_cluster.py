@@ -266,31 +266,6 @@ def test_paused_zombie_cancels_itself_and_changes_nothing(cron_db: str, tmp_path
     assert_history_consistent(cron_db)
 
 
-def test_downtime_runs_once_not_once_per_missed_slot(cron_db: str, tmp_path: Path) -> None:
-    """Everything stopped for an hour of a 1 s task: on restart it runs once for the missed
-    hour, then is back on its grid (no burst of 3600 catch-up runs)."""
-    (server,) = start_cluster(cron_db, tmp_path, "quick", 1)
-    wait_for(lambda: query(cron_db, "SELECT 1 FROM task_history WHERE status = 'succeeded'"), 10)
-    server.stop()
-    # An hour of downtime, as the database sees it: the next slot is an hour in the past.
-    query(cron_db, "UPDATE tasks SET next_run_at = next_run_at - interval '1 hour'")
-    restarted_at = database_now(cron_db)
-    (server,) = start_cluster(cron_db, tmp_path, "quick", 1)
-    try:
-        time.sleep(4)
-    finally:
-        server.stop()
-    runs = query(
-        cron_db,
-        "SELECT scheduled_for, started_at FROM task_history WHERE started_at > $1 "
-        "ORDER BY started_at",
-        restarted_at,
-    )
-    catch_up = [r for r in runs if r["scheduled_for"] < restarted_at]
-    assert len(catch_up) == 1
-    assert 2 <= len(runs) <= 6  # the catch-up run, then about one a second
-
-
 def start_cluster_command(url: str, instances: int) -> tuple[subprocess.Popen[bytes], int]:
     """`tandem cluster` in a session of its own (so the test can reach every process it
     started), on a block of free ports; returns the process and its entry port."""

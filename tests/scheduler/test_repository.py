@@ -133,8 +133,8 @@ async def test_database_refuses_overlap(db: asyncpg.Connection) -> None:
 async def test_fenced_out_completion_changes_nothing(
     db: asyncpg.Connection, sessions: Sessions
 ) -> None:
-    """A run whose lease expired is recorded lost; when its old owner finishes later, its
-    write is refused and the new owner's run is untouched."""
+    """A run whose lease expired is recorded lost and its slot retried at once; when its old
+    owner finishes later, its write is refused and the new owner's run is untouched."""
     task_id, _ = await new_task(db)
     a, b = await sessions.new_instance(db), await sessions.new_instance(db)
     first = await claim(db, a, lease=0.2)
@@ -144,6 +144,8 @@ async def test_fenced_out_completion_changes_nothing(
     second = await claim(db, b)
     assert second is not None
     assert second.fence == first.fence + 1
+    # The lost run's slot is retried at once, as its next attempt.
+    assert (second.scheduled_for, second.attempt) == (first.scheduled_for, 2)
     assert not await repository.complete_run(db, task_id, first.fence, "succeeded", None)
     rows = await db.fetch(
         "SELECT fence, instance_id, status, error FROM task_history WHERE task_id = $1 "

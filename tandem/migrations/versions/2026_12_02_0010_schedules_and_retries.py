@@ -68,8 +68,7 @@ BEGIN
     RETURN QUERY
     WITH candidate AS (
         SELECT t.id, t.next_run_at, t.retry_slot, t.retry_attempt,
-               coalesce(t.retry_at <= clock_timestamp(), false) AS is_retry,
-               least(t.retry_at, t.next_run_at) AS due
+               coalesce(t.retry_at <= clock_timestamp(), false) AS is_retry
         FROM tasks t
         WHERE t.enabled AND NOT t.is_running
           AND least(t.retry_at, t.next_run_at) <= clock_timestamp()
@@ -83,6 +82,17 @@ BEGIN
         ORDER BY least(t.retry_at, t.next_run_at), t.id
         LIMIT 1
         FOR UPDATE OF t SKIP LOCKED
+    ), chosen AS (
+        -- A slot that already has a run (a schedule changed back, a clock stepped back) is
+        -- run as its next attempt: a claim never fails on the history's unique key, which
+        -- would stop every claim of the cluster at this task.
+        SELECT c.*, s.slot, greatest(
+                   CASE WHEN c.is_retry THEN c.retry_attempt ELSE 1 END,
+                   (SELECT max(h.attempt) + 1 FROM task_history h
+                    WHERE h.task_id = c.id AND h.scheduled_for = s.slot)) AS attempt
+        FROM candidate c
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN c.is_retry THEN c.retry_slot ELSE c.next_run_at END AS slot) s
     ), claimed AS (
         -- A retry keeps the regular slot; a regular slot's claim clears it for the claimer
         -- to plan (and leaves a pending retry that is not due yet).
@@ -96,14 +106,11 @@ BEGIN
             retry_at = CASE WHEN c.is_retry THEN NULL ELSE t.retry_at END,
             retry_slot = CASE WHEN c.is_retry THEN NULL ELSE t.retry_slot END,
             retry_attempt = CASE WHEN c.is_retry THEN NULL ELSE t.retry_attempt END
-        FROM candidate c
+        FROM chosen c
         WHERE t.id = c.id AND NOT t.is_running
-        RETURNING t.id, t.name, t.function_name, t.fence,
-                  CASE WHEN c.is_retry THEN c.retry_slot ELSE c.next_run_at END
-                      AS scheduled_for,
+        RETURNING t.id, t.name, t.function_name, t.fence, c.slot AS scheduled_for,
                   t.started_at, coalesce(t.last_status = 'lost', false) AS recovers,
-                  CASE WHEN c.is_retry THEN c.retry_attempt ELSE 1 END AS attempt,
-                  t.next_run_at IS NULL AS plan_next
+                  c.attempt, t.next_run_at IS NULL AS plan_next
     ), counted AS (
         UPDATE instances SET claims = claims + 1
         WHERE id = p_instance AND EXISTS (SELECT FROM claimed)

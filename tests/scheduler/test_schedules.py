@@ -1,0 +1,194 @@
+"""Schedules, missed-slot policies and backoff: pure functions of database instants."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tandem.cli import main
+from tandem.scheduler.registry import Registry
+from tandem.scheduler.schedules import (
+    Cron,
+    Every,
+    MissedSlots,
+    default_grace,
+    plan,
+    preview,
+    retry_delay,
+)
+
+BERLIN = ZoneInfo("Europe/Berlin")
+NIGHTLY = Cron("30 2 * * *", "Europe/Berlin")
+S = timedelta(seconds=1)
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def local_days(slots: list[datetime]) -> Counter[str]:
+    return Counter(slot.astimezone(BERLIN).date().isoformat() for slot in slots)
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [
+        # Spring forward (02:00 CET -> 03:00 CEST at 01:00Z): 02:30 does not exist that
+        # night; the job runs once, when the gap ends.
+        (
+            "2027-03-26T12:00:00Z",
+            ["2027-03-27T01:30:00Z", "2027-03-28T01:00:00Z", "2027-03-29T00:30:00Z"],
+        ),
+        # Fall back (03:00 CEST -> 02:00 CET at 01:00Z): 02:30 happens twice; the job runs
+        # at the first only.
+        (
+            "2027-10-29T12:00:00Z",
+            ["2027-10-30T00:30:00Z", "2027-10-31T00:30:00Z", "2027-11-01T01:30:00Z"],
+        ),
+    ],
+)
+def test_a_nightly_job_runs_once_per_local_day_across_dst(start: str, expected: list[str]) -> None:
+    slots = preview(NIGHTLY, at(start), 3)
+    assert slots == [at(e) for e in expected]
+    assert set(local_days(slots).values()) == {1}
+    # A whole year: one run per local day, every day.
+    year = preview(NIGHTLY, at("2027-01-01T00:00:00Z"), 365)
+    assert set(local_days(year).values()) == {1}
+    assert len(local_days(year)) == 365
+
+
+def test_the_next_slot_is_always_later_also_inside_a_fall_back_hour() -> None:
+    """From any instant of the repeated hour, the next slot is after it (cronsim counts from
+    the local wall time, which puts the day's first 02:30 before an instant in the second
+    02:xx), and the last slot at or before it is the first 02:30."""
+    moment = at("2027-10-31T00:30:00Z")
+    while moment < at("2027-10-31T02:00:00Z"):
+        following = NIGHTLY.first_after(moment)
+        assert following > moment
+        assert following in (at("2027-10-31T00:30:00Z"), at("2027-11-01T01:30:00Z"))
+        assert NIGHTLY.last_at_or_before(moment) == at("2027-10-31T00:30:00Z")
+        moment += timedelta(minutes=7)
+
+
+def test_a_frequent_cron_job_keeps_real_time_across_dst() -> None:
+    """Every 30 minutes stays every 30 minutes of real time through both transitions."""
+    every_half_hour = Cron("*/30 * * * *", "Europe/Berlin")
+    for start in ("2027-03-27T23:00:00Z", "2027-10-30T23:00:00Z"):
+        slots = preview(every_half_hour, at(start), 10)
+        assert {b - a for a, b in pairwise(slots)} == {timedelta(minutes=30)}
+
+
+def test_interval_grid() -> None:
+    grid = at("2027-01-01T00:00:00Z")
+    every = Every(10 * S)
+    assert every.first_after(grid, grid) == grid + 10 * S
+    assert every.first_after(grid + 25 * S, grid) == grid + 30 * S
+    assert every.last_at_or_before(grid + 25 * S, grid) == grid + 20 * S
+    assert every.newest(grid + 25 * S, grid, 2) == [grid + 10 * S, grid + 20 * S]
+    assert every.newest(grid + 25 * S, grid, 10) == [grid, grid + 10 * S, grid + 20 * S]
+
+
+def test_missed_slot_policies() -> None:
+    """A 10 s task due at `due`, claimed 35 s later (slots due+0..due+30 passed)."""
+    due = at("2027-01-01T00:00:00Z")
+    now, every, grace = due + 35 * S, Every(10 * S), 3 * S
+
+    def decide(policy: str, moment: datetime = now) -> tuple[object, object]:
+        decided = plan(every, MissedSlots(policy), due, moment, grace=grace, catch_up_limit=2)
+        return decided.run_slot, decided.next_slot
+
+    # coalesce: one run (for the oldest slot), then the first slot after now
+    assert decide("coalesce") == (due, due + 40 * S)
+    # skip: the newest slot is 5 s late, past its grace: nothing runs
+    assert decide("skip") == (None, due + 40 * S)
+    # skip, 2 s after a slot: that slot still runs, the older ones are skipped
+    assert decide("skip", due + 32 * S) == (due + 30 * S, due + 40 * S)
+    # catch_up, capped at 2: the newest two missed slots, oldest first, back to back
+    assert decide("catch_up") == (due + 20 * S, due + 30 * S)
+    assert plan(
+        every, MissedSlots.CATCH_UP, due + 30 * S, now, grace=grace, catch_up_limit=2
+    ) == plan(every, MissedSlots.COALESCE, due + 30 * S, now, grace=grace, catch_up_limit=2)
+    # on time, every policy runs the slot
+    for policy in MissedSlots:
+        assert plan(every, policy, due, due + S, grace=grace, catch_up_limit=2).run_slot == due
+
+
+def test_missed_slot_policies_of_a_cron_task() -> None:
+    """A nightly job after three nights down."""
+    due = at("2027-03-27T01:30:00Z")
+    now = at("2027-03-30T12:00:00Z")
+
+    def decide(policy: MissedSlots, limit: int = 10) -> tuple[object, object]:
+        decided = plan(
+            NIGHTLY, policy, due, now, grace=default_grace(NIGHTLY), catch_up_limit=limit
+        )
+        return decided.run_slot, decided.next_slot
+
+    tonight = at("2027-03-31T00:30:00Z")
+    assert decide(MissedSlots.COALESCE) == (due, tonight)
+    assert decide(MissedSlots.SKIP) == (None, tonight)
+    assert decide(MissedSlots.CATCH_UP) == (due, at("2027-03-28T01:00:00Z"))
+    assert decide(MissedSlots.CATCH_UP, 2) == (
+        at("2027-03-29T00:30:00Z"),
+        at("2027-03-30T00:30:00Z"),
+    )
+    assert default_grace(NIGHTLY) == timedelta(seconds=60)
+    assert default_grace(Every(10 * S)) == 10 * S
+
+
+def test_retry_backoff_doubles_with_equal_jitter_and_a_cap() -> None:
+    rng = random.Random(7)
+    base, cap = timedelta(seconds=10), timedelta(seconds=60)
+    for attempt, full in ((1, 10), (2, 20), (3, 40), (4, 60), (40, 60)):
+        delays = [retry_delay(attempt, base, cap, rng).total_seconds() for _ in range(200)]
+        assert full / 2 <= min(delays) < max(delays) <= full
+        assert max(delays) - min(delays) > full / 4  # jittered, not constant
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cron": "61 * * * *"}, "bad cron expression '61 * * * *': Bad minute"),
+        ({"cron": "* * *"}, "Wrong number of fields"),
+        ({"cron": "0 0 30 2 *"}, "Bad day-of-month"),
+        ({"cron": "0 3 * * *", "tz": "Europe/Berln"}, "unknown time zone 'Europe/Berln'"),
+        ({"cron": "0 3 * * *", "tz": "../../etc/passwd"}, "unknown time zone"),
+        ({}, "needs exactly one of every= and cron="),
+        ({"every": S, "cron": "* * * * *"}, "needs exactly one of every= and cron="),
+        ({"every": -S}, "an interval must be positive"),
+        ({"every": S, "missed": "later"}, "missed='later' is not one of coalesce, skip"),
+        ({"every": S, "max_attempts": 0}, "max_attempts must be at least 1"),
+        ({"every": S, "timeout": timedelta(0)}, "timeout must be positive"),
+        ({"every": S, "catch_up_limit": 0}, "catch_up_limit must be at least 1"),
+    ],
+)
+def test_a_bad_definition_fails_at_registration(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match="task 'Bad'") as raised:
+        Registry().task("Bad", **options)  # type: ignore[arg-type]
+    assert message in str(raised.value)
+
+
+def test_schedule_preview_prints_utc_then_local(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["schedule", "preview", "30 2 * * *", "--tz", "Europe/Berlin"]
+    assert main([*argv, "--from", "2027-03-27T12:00:00Z", "--count", "3"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "2027-03-28T01:00:00Z  2027-03-28 03:00:00 CEST (+0200)",
+        "2027-03-29T00:30:00Z  2027-03-29 02:30:00 CEST (+0200)",
+        "2027-03-30T00:30:00Z  2027-03-30 02:30:00 CEST (+0200)",
+    ]
+    # Without an offset, --from is local time in the zone.
+    assert main([*argv, "--from", "2027-10-31T02:45:00", "--count", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "2027-11-01T01:30:00Z  2027-11-01 02:30:00 CET (+0100)"
+    ]
+    assert main([*argv[:2], "61 * * * *"]) == 2
+    assert "bad cron expression" in capsys.readouterr().err
+    assert main([*argv, "--from", "yesterday"]) == 2
+    assert "not an ISO 8601 instant" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--count", "0"])
