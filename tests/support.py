@@ -14,11 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +290,8 @@ def start_server(
 INSTALL_HINTS = {
     "promtool": "apt-get install prometheus",
     "prometheus": "apt-get install prometheus",
+    "amtool": "apt-get install prometheus-alertmanager",
+    "prometheus-alertmanager": "apt-get install prometheus-alertmanager",
     "nginx": "apt-get install nginx-light",
     "docker-compose": "apt-get install docker-compose",
     "chromium": "apt-get install chromium",
@@ -309,3 +313,41 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
         pytest.fail(f"{message}; CI is set, so the check must run", pytrace=False)
     pytest.skip(message)
+
+
+def faketime_library() -> str:
+    """libfaketime, which shifts a process's wall clock (Debian's faketime package)."""
+    require_tool("faketime")
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    found += sorted(Path("/usr/lib/faketime").glob("libfaketime.so.1"))
+    assert found, "the faketime command is installed but not libfaketime.so.1"
+    return str(found[0])
+
+
+class FakeClock:
+    """A wall clock for the processes given ``env``: libfaketime reads an offset from the
+    real clock from a file at every clock call (no cache), so the test moves the clock of
+    running processes (all of them at once: an offset, not a start time). The monotonic
+    clock stays real."""
+
+    def __init__(self) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="tandem-clock-"))
+        self._dir.chmod(0o755)  # a server running as another user reads the file
+        self.path = self._dir / "offset"
+        self.env = {
+            "LD_PRELOAD": faketime_library(),
+            "FAKETIME_TIMESTAMP_FILE": str(self.path),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+        self.set(datetime.now(UTC))
+
+    def set(self, instant: datetime) -> None:
+        """From now on the faked clock reads ``instant`` (to the second), and runs on."""
+        staged = self.path.with_suffix(".new")
+        staged.write_text(f"{round(instant.timestamp() - time.time()):+d}\n")
+        staged.chmod(0o644)
+        staged.replace(self.path)  # atomically: a reader never sees an empty file
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Helpers for the checks of deploy/prometheus and deploy/grafana: the real Prometheus tools,
+"""Helpers for the checks of deploy/prometheus, deploy/alertmanager and deploy/grafana: the
+real Prometheus tools (and a live Prometheus with the deployed settings),
 the PromQL the alerts and dashboards hold, a best-effort reader of the metric and label names
 in it, and a task registry for the servers these tests start.
 
@@ -23,7 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.scheduler.registry import Registry, TaskContext
-from tests.support import AUTH, REPO, Server, http_get
+from tests.support import AUTH, REPO, Server, free_port, http_get
 
 DEPLOY = REPO / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -35,6 +36,11 @@ DASHBOARDS_DIR = GRAFANA_DIR / "dashboards"
 DATASOURCES = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA_DIR / "provisioning" / "dashboards" / "tandem.yml"
 COMPOSE = DEPLOY / "compose.yaml"
+ALERTMANAGER_DIR = DEPLOY / "alertmanager"
+ALERTMANAGER_CONFIG = ALERTMANAGER_DIR / "alertmanager.yml"
+# The alertmanager container's entry point: the webhook URL from the environment into a copy.
+ALERTMANAGER_ENTRYPOINT = ALERTMANAGER_DIR / "entrypoint.sh"
+WEBHOOK_URL_VARIABLE = "ALERTMANAGER_WEBHOOK_URL"
 
 # Labels Prometheus adds to every scraped series (the job's name and the target's address).
 TARGET_LABELS = frozenset({"job", "instance"})
@@ -64,6 +70,90 @@ def run_tool(*args: str | Path, cwd: Path | None = None) -> str:
         f"{' '.join(map(str, args))} exited {result.returncode}:\n{output}"
     )
     return output
+
+
+@dataclass
+class Daemon:
+    """A real long-running tool (Prometheus, Alertmanager) started by a test, logging to a
+    file."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``predicate``; fail with the tool's log if it exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout} s:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_daemon(args: list[str | Path], url: str, log_path: Path) -> Daemon:
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([str(arg) for arg in args], stdout=log, stderr=subprocess.STDOUT)
+    return Daemon(url, process, log_path)
+
+
+def start_prometheus(
+    binary: str, folder: Path, targets: list[str], alertmanager: str | None = None
+) -> Daemon:
+    """The real Prometheus on a free port with live_prometheus_config(...) (its data in
+    ``folder``); not waited for."""
+    address = f"127.0.0.1:{free_port()}"
+    config = folder / "prometheus.yml"
+    config.write_text(yaml.safe_dump(live_prometheus_config(targets, address, alertmanager)))
+    return start_daemon(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address={address}",
+            "--log.level=warn",
+        ],
+        f"http://{address}",
+        folder / "prometheus.log",
+    )
+
+
+def live_prometheus_config(
+    targets: list[str], own_address: str, alertmanager: str | None = None
+) -> dict[str, Any]:
+    """deploy/prometheus/prometheus.yml with static targets instead of Docker's DNS, the
+    repository's alerts.yml by absolute path, and the Alertmanager at ``alertmanager``
+    instead of the compose service (none at all when None); every other setting as
+    deployed."""
+    config: dict[str, Any] = load_yaml(PROMETHEUS_CONFIG)
+    for job in config["scrape_configs"]:
+        if job["job_name"] == "tandem":
+            discovery = {key for key in job if key.endswith("_sd_configs")}
+            assert discovery == {"dns_sd_configs"}, "the test replaces exactly the DNS discovery"
+            del job["dns_sd_configs"]
+            job["static_configs"] = [{"targets": targets}]
+        elif job["job_name"] == "prometheus":
+            job["static_configs"] = [{"targets": [own_address]}]
+    assert config["rule_files"] == [ALERTS.name]
+    config["rule_files"] = [str(ALERTS)]
+    (sender,) = config["alerting"]["alertmanagers"]
+    assert set(sender) == {"static_configs"}, "the test replaces exactly the one target"
+    if alertmanager is None:
+        del config["alerting"]
+    else:
+        sender["static_configs"] = [{"targets": [alertmanager]}]
+    return config
 
 
 # --- the files --------------------------------------------------------------------------
@@ -363,6 +453,11 @@ async def long(ctx: TaskContext) -> None:
 async def housekeeping(ctx: TaskContext) -> None:
     """A watched task, paused by the tests: its paused-since gauge is exported."""
     await _busy(ctx, 0.1)
+
+
+# No task of its own: with TANDEM_MAINTENANCE_ENABLED the server runs only the housekeeping
+# tasks (tandem/maintenance.py), and has no run in progress to drain when stopped.
+housekeeping_only = Registry()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:

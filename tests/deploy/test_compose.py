@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -19,12 +19,20 @@ from sqlalchemy.engine import URL, make_url
 
 from tandem.cli import GRACEFUL_SHUTDOWN_SECONDS
 from tandem.core.settings import Settings
+from tests.deploy.observability import (
+    ALERTMANAGER_CONFIG,
+    ALERTMANAGER_ENTRYPOINT,
+    PROMETHEUS_CONFIG,
+    WEBHOOK_URL_VARIABLE,
+    load_yaml,
+    mounted_source,
+)
 from tests.support import REPO, require_tool
 
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = REPO / "Dockerfile"
-LONG_RUNNING = ("postgres", "pgbouncer", "app", "nginx", "prometheus", "grafana")
+LONG_RUNNING = ("postgres", "pgbouncer", "app", "nginx", "prometheus", "alertmanager", "grafana")
 # The replica count the connection budget must fit (docs/pooling.md).
 BUDGETED_REPLICAS = 50
 # Single connections each replica opens besides its pools: the scheduler's heartbeat, and one
@@ -40,6 +48,8 @@ SECRETS = {
     "TANDEM_DB_APP_PASSWORD": "app-secret",
     "TANDEM_API_KEY": "tdm_" + "k" * 43,
     "GRAFANA_ADMIN_PASSWORD": "grafana-secret",
+    # Where the alerts go: often a secret too (a chat webhook's URL holds its token).
+    WEBHOOK_URL_VARIABLE: "https://hooks.example.com/tandem?token=t0k3n",
 }
 
 
@@ -96,15 +106,15 @@ def test_no_secret_has_a_default(missing: str) -> None:
 def test_least_privilege(compose: dict[str, Any]) -> None:
     """Every container has a read-only root filesystem, drops every capability (adding back
     only what its entrypoint needs) and gains none; the app and PgBouncer use the app's own
-    role, only the migration the owner's; Prometheus and Grafana listen on this host only,
-    and Grafana has no anonymous access."""
+    role, only the migration the owner's; Prometheus, Alertmanager and Grafana listen on this
+    host only, and Grafana has no anonymous access."""
     services = compose["services"]
     for name in (*LONG_RUNNING, "migrate"):
         service = services[name]
         assert service["read_only"] is True, name
         assert service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name
-    for name in ("app", "migrate", "prometheus", "grafana", "pgbouncer"):
+    for name in ("app", "migrate", "prometheus", "alertmanager", "grafana", "pgbouncer"):
         assert "cap_add" not in services[name], name
     app = _env(services["app"])
     assert make_url(app["TANDEM_DATABASE_URL"]).username == "tandem_app"
@@ -114,7 +124,7 @@ def test_least_privilege(compose: dict[str, Any]) -> None:
     assert make_url(migrate["TANDEM_DATABASE_URL"]).username == "tandem"
     assert migrate["TANDEM_DATABASE_APP_ROLE"] == "tandem_app"
     assert app["TANDEM_API_KEY"] == SECRETS["TANDEM_API_KEY"]
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "alertmanager", "grafana"):
         for port in services[name]["ports"]:
             published = port if isinstance(port, str) else f"{port.get('host_ip')}:"
             assert published.startswith("127.0.0.1:"), (name, port)
@@ -122,8 +132,9 @@ def test_least_privilege(compose: dict[str, Any]) -> None:
 
 
 def test_one_entry_point(compose: dict[str, Any]) -> None:
-    """Only nginx, Prometheus and Grafana publish ports; the app replicas are reached through
-    nginx (and scraped directly on the internal network), so `--scale` cannot clash."""
+    """Only nginx, Prometheus, Alertmanager and Grafana publish ports; the app replicas are
+    reached through nginx (and scraped directly on the internal network), so `--scale` cannot
+    clash."""
     services = compose["services"]
     assert "ports" not in services["app"]
     assert "ports" not in services["postgres"]
@@ -349,3 +360,52 @@ def test_listen_backlogs_are_not_capped(compose: dict[str, Any]) -> None:
     for name in ("app", "nginx"):
         sysctls = compose["services"][name]["sysctls"]
         assert int(sysctls["net.core.somaxconn"]) >= backlog, name
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    return dict(arg[2:].split("=", 1) for arg in command if arg.startswith("--") and "=" in arg)
+
+
+def test_prometheus_sends_alerts_to_alertmanager(compose: dict[str, Any]) -> None:
+    """prometheus.yml sends its alerts to one Alertmanager, by the compose service's name and
+    the port it listens on (Alertmanager's default, 9093, also the one published on this
+    host); Prometheus starts after it."""
+    services = compose["services"]
+    alerting = load_yaml(PROMETHEUS_CONFIG)["alerting"]
+    (sender,) = alerting["alertmanagers"]
+    assert sender.get("scheme", "http") == "http"
+    assert sender.get("path_prefix", "/") == "/"
+    ((target,),) = [static["targets"] for static in sender["static_configs"]]
+    host, port = target.rsplit(":", 1)
+    assert host in services
+    listen = _flags(services[host]["command"]).get("web.listen-address", ":9093")
+    assert int(listen.rsplit(":", 1)[1]) == int(port)
+    # Compose 1.x prints "127.0.0.1:9093:9093/tcp", later versions a mapping.
+    published = [
+        p.split("/")[0].rsplit(":", 1)[1] if isinstance(p, str) else str(p["target"])
+        for p in services[host]["ports"]
+    ]
+    assert port in published, published
+    assert host in services["prometheus"]["depends_on"]
+
+
+def test_alertmanager_runs_the_shipped_config_with_the_webhook_url(
+    compose: dict[str, Any],
+) -> None:
+    """The alertmanager container runs deploy/alertmanager/entrypoint.sh on the mounted
+    alertmanager.yml, writing the copy with the webhook URL (ALERTMANAGER_WEBHOOK_URL, from the
+    environment: no default) to a tmpfs, and Alertmanager reads that copy; its silences and
+    notification log are in a named volume; it runs alone (no cluster port)."""
+    service = compose["services"]["alertmanager"]
+    shell, script = service["entrypoint"]
+    assert shell == "/bin/sh"
+    assert mounted_source(service, PurePosixPath(script)) == ALERTMANAGER_ENTRYPOINT
+    config, rendered, binary, *arguments = service["command"]
+    assert mounted_source(service, PurePosixPath(config)) == ALERTMANAGER_CONFIG
+    assert any(PurePosixPath(rendered).is_relative_to(tmpfs) for tmpfs in service["tmpfs"])
+    assert binary == "/bin/alertmanager"
+    flags = _flags(arguments)
+    assert flags["config.file"] == rendered
+    assert ("volume", "amdata", flags["storage.path"]) in mounts(service)
+    assert flags["cluster.listen-address"] == ""
+    assert _env(service)[WEBHOOK_URL_VARIABLE] == SECRETS[WEBHOOK_URL_VARIABLE]

@@ -4,12 +4,12 @@ evaluate without error, and every dashboard and alert query runs, with data wher
 traffic and runs made some.
 
 Only service discovery differs from deploy/prometheus/prometheus.yml: Docker's DNS name
-`app` becomes a static list of the two local ports.
+`app` becomes a static list of the two local ports; and there is no Alertmanager to send to
+(test_alertmanager_live.py has one).
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,22 +18,20 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from tests.deploy.observability import (
-    ALERTS,
-    PROMETHEUS_CONFIG,
     SCHEDULER_ENV,
+    Daemon,
     Query,
     alert_queries,
     alert_rules,
     dashboard_queries,
     grafana_to_promql,
-    load_yaml,
     make_wallet_traffic,
+    start_prometheus,
     wait_for,
 )
-from tests.support import Server, free_port, http_get, http_post, require_tool, start_server
+from tests.support import Server, http_get, http_post, require_tool, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -49,23 +47,6 @@ NEVER_EVALUATED = "0001-01-01T00:00:00Z"
 
 def may_be_empty(expr: str) -> bool:
     return any(name in expr for name in INCIDENT_ONLY) and "or vector(0)" not in expr
-
-
-def live_config(targets: list[str], own_address: str) -> dict[str, Any]:
-    """deploy/prometheus/prometheus.yml with static targets instead of Docker's DNS, and the
-    repository's alerts.yml by absolute path; every other setting as deployed."""
-    config: dict[str, Any] = load_yaml(PROMETHEUS_CONFIG)
-    for job in config["scrape_configs"]:
-        if job["job_name"] == "tandem":
-            discovery = {key for key in job if key.endswith("_sd_configs")}
-            assert discovery == {"dns_sd_configs"}, "the test replaces exactly the DNS discovery"
-            del job["dns_sd_configs"]
-            job["static_configs"] = [{"targets": targets}]
-        elif job["job_name"] == "prometheus":
-            job["static_configs"] = [{"targets": [own_address]}]
-    assert config["rule_files"] == [ALERTS.name]
-    config["rule_files"] = [str(ALERTS)]
-    return config
 
 
 @dataclass
@@ -124,38 +105,16 @@ def observed(
     binary = require_tool("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     servers = [start_server(database_url, log_dir, extra_env=SCHEDULER_ENV) for _ in range(2)]
-    process: subprocess.Popen[bytes] | None = None
+    prometheus: Daemon | None = None
     try:
         for server in servers:
             make_wallet_traffic(server)
         # A paused housekeeping task: the dashboard's panel of them has a row.
         pause = f"{servers[0].url}/tasks/Housekeeping/pause"
         wait_for(lambda: http_post(pause).status_code == 200, 15, "Housekeeping registered")
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        config = folder / "prometheus.yml"
-        config.write_text(
-            yaml.safe_dump(live_config([f"127.0.0.1:{s.port}" for s in servers], address))
-        )
-        log_path = folder / "prometheus.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={folder / 'data'}",
-                    f"--web.listen-address={address}",
-                    "--log.level=warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        result = Observed(f"http://{address}", servers)
-        deadline = time.monotonic() + 60
-        while not _scraping(result):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"Prometheus not ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        prometheus = start_prometheus(binary, folder, [f"127.0.0.1:{s.port}" for s in servers])
+        result = Observed(prometheus.url, servers)
+        prometheus.wait_until(lambda: _scraping(result), 60, "Prometheus scraping")
         # Rates need two samples in their window: give the queries a few scrapes to fill,
         # then let the tests say which stayed empty.
         deadline = time.monotonic() + 30
@@ -163,13 +122,8 @@ def observed(
             time.sleep(0.5)
         yield result
     finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if prometheus is not None:
+            prometheus.stop()
         for server in servers:
             server.stop()
 

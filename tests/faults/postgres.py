@@ -20,7 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,7 +65,9 @@ class ThrowawayPostgres:
     """A server in a new temporary folder, listening on 127.0.0.1 only; ``url`` connects as the
     superuser ``postgres`` (trust auth). The port is kept across restarts."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        # Extra environment of the server (a fake clock's, say).
+        self._env = dict(env or {})
         self._owner = service_user() if os.geteuid() == 0 else None
         self._base = Path(tempfile.mkdtemp(prefix="tandem-faultpg-"))
         self.data_dir = self._base / "data"
@@ -163,6 +165,7 @@ class ThrowawayPostgres:
                 cwd=self._base,
                 # Its own session: a Ctrl-C meant for pytest does not shut it down under us.
                 start_new_session=True,
+                env={**os.environ, **self._env},
                 **as_user(self._owner),
             )
 
@@ -247,10 +250,10 @@ class ThrowawayPostgres:
 
 
 @contextmanager
-def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+def throwaway_postgres(env: Mapping[str, str] | None = None) -> Iterator[ThrowawayPostgres]:
     """A started server; stopped (immediate: nothing to keep) and deleted afterwards, also when
     the test fails."""
-    server = ThrowawayPostgres()
+    server = ThrowawayPostgres(env)
     try:
         server.start()
         yield server

@@ -38,11 +38,11 @@ from tests.support import (
     REPO,
     Server,
     empty_database,
+    faketime_library,
     free_port_block,
     http_get,
     http_post,
     query,
-    require_tool,
     wait_for,
 )
 
@@ -396,15 +396,6 @@ def test_task_gauges_follow_the_database(cron_db: str, tmp_path: Path) -> None:
         wait_for(lambda: _gauge(server, since, housekeeping) is None, 15)
     finally:
         server.stop()
-
-
-def faketime_library() -> str:
-    """libfaketime, which shifts a process's wall clock (Debian's faketime package)."""
-    require_tool("faketime")
-    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
-    found += sorted(Path("/usr/lib/faketime").glob("libfaketime.so.1"))
-    assert found, "the faketime command is installed but not libfaketime.so.1"
-    return str(found[0])
 
 
 def test_a_wrong_local_clock_changes_nothing(cron_db: str, tmp_path: Path) -> None:

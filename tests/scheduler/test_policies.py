@@ -4,8 +4,8 @@ backoffs of a fraction of one), and what GET /tasks says of each task's schedule
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
