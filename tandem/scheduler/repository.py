@@ -37,7 +37,8 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp(), status = 'activ
 # reset by a deploy. A new interval task is due at once, a new cron task at its first slot
 # ($9, computed by the caller from the database clock). A changed cron expression or zone, or
 # a change between interval and cron, starts from the new schedule's first slot; a changed
-# interval carries its grid on.
+# interval carries its grid on. A task left with no next slot and nothing that will plan one
+# (no run, no retry: only a bug or a hand edit does that) gets one.
 UPSERT_TASK = """
 INSERT INTO tasks (name, "interval", function_name, schedule, timezone, missed, timeout,
                    max_attempts, next_run_at)
@@ -50,7 +51,10 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name,
         WHEN (tasks.schedule, tasks.timezone)
              IS DISTINCT FROM (EXCLUDED.schedule, EXCLUDED.timezone)
              AND tasks.next_run_at IS NOT NULL
-        THEN EXCLUDED.next_run_at ELSE tasks.next_run_at END
+        THEN EXCLUDED.next_run_at
+        WHEN tasks.next_run_at IS NULL AND NOT tasks.is_running AND tasks.retry_at IS NULL
+        THEN EXCLUDED.next_run_at
+        ELSE tasks.next_run_at END
 """
 
 # Fair share, by claims: an instance takes a due task only while it has claimed at most

@@ -376,6 +376,8 @@ class Runner:
         be reached, the fence refusing it if another instance took the task meanwhile, else
         left to the lease); after a backoff when it failed or timed out with attempts left."""
         attempt, definition = run.claim.attempt, run.definition
+        if status == "succeeded":  # a body that finished although it was asked to stop
+            return None
         if run.stopped_because in ("drained", "self_fenced", "session_lost"):
             return repository.Retry(timedelta(0), run.slot, attempt)
         if status not in ("failed", "timed_out") or definition is None:
@@ -649,8 +651,13 @@ def plan_claim(claim: repository.ClaimedRun, definition: TaskDefinition | None) 
         grace=definition.grace,
         catch_up_limit=definition.catch_up_limit,
     )
-    if claim.attempt > 1:  # a retry runs its own slot; only the next one was missing
-        return Plan(claim.scheduled_for, decided.next_slot)
+    if claim.attempt > 1:
+        # A retry runs its own slot; only the next one was missing: the first slot this
+        # claim would have run after it (a catch-up's), else the plan's next.
+        following = decided.run_slot
+        if following is None or following <= claim.scheduled_for:
+            following = decided.next_slot
+        return Plan(claim.scheduled_for, following)
     if decided.note is not None:
         log.warning("task %s: %s", claim.name, decided.note)
     return decided

@@ -29,6 +29,7 @@ _TICK = timedelta(microseconds=1)
 # status page use): the longest gap between this many slots from a fixed instant, so every
 # instance computes the same number.
 _NOMINAL_SLOTS = 64
+_NOMINAL_DAYS = 400
 _NOMINAL_FROM = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -43,8 +44,9 @@ class MissedSlots(StrEnum):
     # One run for all of them, then back on schedule (the default, and what a run that
     # overran its interval always got).
     COALESCE = "coalesce"
-    # Only a slot still within its grace runs; the others are skipped (recorded as one
-    # 'skipped' run), and the task waits for its next slot.
+    # Only a slot still within its grace runs (the newest, if it is); the others are skipped
+    # (logged; when none runs, recorded as one 'skipped' run), and the task waits for its
+    # next slot.
     SKIP = "skip"
     # Each missed slot runs, oldest first, back to back (each its own claim, so spread like
     # any run), up to a cap: the newest ``catch_up_limit`` of them.
@@ -109,6 +111,17 @@ class Cron:
             raise ScheduleError(f"bad cron expression {self.expression!r}: {error}") from None
         if first is None:
             raise ScheduleError(f"cron expression {self.expression!r} never matches")
+        fields = self.expression.split()
+        fixed_time = not fields[-5].startswith("*") and not fields[-4].startswith("*")
+        if len(fields) == 6 and fixed_time and _has_dst(zone):
+            # cronsim applies Debian cron's DST rule to 5-field expressions only: with
+            # seconds, a fixed time of day would be skipped in a spring-forward gap and run
+            # twice in a fall-back hour.
+            raise ScheduleError(
+                f"cron expression {self.expression!r} has a seconds field and a fixed time of "
+                f"day in {self.timezone}, which has daylight saving: use the 5-field form "
+                "(minute first), which runs once per day across the changes"
+            )
 
     @property
     def zone(self) -> ZoneInfo:
@@ -150,8 +163,14 @@ class Cron:
 
     @property
     def nominal_interval(self) -> timedelta:
+        # The gaps between the first slots, and the gap around each day of a year (a
+        # weekday or seasonal schedule's longest gap is far from its first slots).
         slots = preview(self, _NOMINAL_FROM, _NOMINAL_SLOTS)
-        return max(b - a for a, b in pairwise(slots))
+        gaps = [b - a for a, b in pairwise(slots)]
+        for day in range(0, _NOMINAL_DAYS):
+            probe = _NOMINAL_FROM + timedelta(days=day, hours=12)
+            gaps.append(self.first_after(probe) - self.last_at_or_before(probe))
+        return max(gaps)
 
     def scaled(self, factor: float) -> Cron:
         # The calendar does not compress.
@@ -162,6 +181,14 @@ class Cron:
 
 
 Schedule = Every | Cron
+
+
+def _has_dst(zone: ZoneInfo) -> bool:
+    """The zone's offset changes within a year (checked around 2026)."""
+    offsets = {
+        datetime(2026, month, 1, tzinfo=UTC).astimezone(zone).utcoffset() for month in range(1, 13)
+    }
+    return len(offsets) > 1
 
 
 def schedule_of(interval: timedelta, expression: str | None, timezone: str | None) -> Schedule:

@@ -114,9 +114,13 @@ async def resume(session: AsyncSession, name: str, caller: Caller) -> TaskComman
     task = (await session.execute(text(repository.RESUME_READ), {"name": name})).first()
     if task is None:
         raise TaskNotFoundError(name)
+    schedule = schedule_of(task.interval, task.schedule, task.timezone)
     next_run_at = task.next_run_at
-    if next_run_at is not None and next_run_at < task.now:
-        schedule = schedule_of(task.interval, task.schedule, task.timezone)
+    if next_run_at is None:
+        # A claimer died before it planned the next slot, and the retry that would have
+        # planned it is dropped here: the schedule's next slot after now.
+        next_run_at = schedule.first_after(task.now, task.now)
+    elif next_run_at < task.now:
         next_run_at = schedule.first_after(task.now, next_run_at)
     values = {"task_id": task.id, "next_run_at": next_run_at}
     return await _command(session, repository.RESUME, "resume", name, caller, values)

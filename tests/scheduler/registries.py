@@ -5,6 +5,7 @@ from the database clock by the task body itself, independent of the scheduler's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from datetime import timedelta
@@ -51,6 +52,16 @@ async def _probe_pool() -> asyncpg.Pool:
     return _pool
 
 
+async def _end_probe(pool: asyncpg.Pool, started: asyncio.Future[str], ctx: TaskContext) -> None:
+    await asyncio.wait([started])
+    if not started.cancelled() and started.exception() is None:
+        await pool.execute(
+            "UPDATE probe SET finished = clock_timestamp() WHERE task = $1 AND fence = $2",
+            ctx.name,
+            ctx.fence,
+        )
+
+
 def _probed(seconds: float) -> TaskFunction:
     async def body(ctx: TaskContext) -> None:
         pool = await _probe_pool()
@@ -70,16 +81,13 @@ def _probed(seconds: float) -> TaskFunction:
             await asyncio.shield(started)
             await ctx.sleep(seconds)
         finally:
-            await asyncio.wait([started])
-            if not started.cancelled() and started.exception() is None:
-                await asyncio.shield(
-                    pool.execute(
-                        "UPDATE probe SET finished = clock_timestamp() "
-                        "WHERE task = $1 AND fence = $2",
-                        ctx.name,
-                        ctx.fence,
-                    )
-                )
+            ended = asyncio.ensure_future(_end_probe(pool, started, ctx))
+            # The body ends once its end row is written, even when cancelled again meanwhile
+            # (a drain, then its self-fencing timer): else the row would land after the
+            # successor's start, an overlap of writes, not of runs.
+            while not ended.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(ended)
 
     return body
 

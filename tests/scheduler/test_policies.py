@@ -47,7 +47,7 @@ def test_each_missed_slot_policy_after_downtime(cron_db: str, tmp_path: Path) ->
         server.stop()
     nightly = tasks["Nightly"]
     assert (nightly["schedule"], nightly["timezone"]) == ("30 2 * * *", "Europe/Berlin")
-    assert nightly["interval_seconds"] == 86400
+    assert nightly["interval_seconds"] == 25 * 3600  # its longest gap: a fall-back night
     expected_next = Cron("30 2 * * *", "Europe/Berlin").first_after(database_now(cron_db))
     assert nightly["next_run_at"].replace("Z", "+00:00") == expected_next.isoformat()
     assert {name: t["missed_slots"] for name, t in tasks.items()} == {
@@ -76,14 +76,18 @@ def test_each_missed_slot_policy_after_downtime(cron_db: str, tmp_path: Path) ->
     assert [r["status"] for r in missed] == ["succeeded"]
     assert 3 <= len(coalesce) <= 7  # then about one a second
 
-    # skip: one claim records the missed hour as skipped; a slot runs only within its grace
-    # (0.5 s) of its time.
+    # skip: no slot of the missed hour runs: a slot runs only within its grace (0.5 s) of its
+    # time; the first claim either records the hour as one skipped run, or (landing within
+    # the grace of the newest slot) runs that one alone.
     skip = after_restart("Skip")
-    assert [r["status"] for r in skip].count("skipped") == 1
-    assert "missed slots from" in str(skip[0]["error"])
-    for run in skip[1:]:
-        assert run["status"] == "succeeded"
+    skipped = [r for r in skip if r["status"] == "skipped"]
+    assert len(skipped) <= 1
+    assert all("missed slots from" in str(r["error"]) for r in skipped)
+    ran = [r for r in skip if r["status"] == "succeeded"]
+    assert len(ran) + len(skipped) == len(skip)
+    for run in ran:
         assert run["started_at"] - run["scheduled_for"] <= timedelta(seconds=0.5)  # type: ignore[operator]
+    assert all(r["scheduled_for"] > restarted_at - timedelta(seconds=1) for r in ran)  # type: ignore[operator]
     assert 3 <= len(skip) <= 7
 
     # catch_up, capped at 5: the first claim after the restart runs the oldest of the newest
@@ -149,7 +153,9 @@ def test_timeouts_and_retries_keep_every_guarantee(cron_db: str, tmp_path: Path)
         for attempt, (earlier, later) in enumerate(itertools.pairwise(rows), start=1):
             backoff = RETRY_BACKOFF * 2 ** (attempt - 1)
             waited = later["started_at"] - earlier["finished_at"]  # type: ignore[operator]
-            assert backoff / 2 <= waited, (task, attempt, waited)
+            # At least half the backoff; at most all of it plus a claim's delays (a poll, and
+            # the steal delay when fair share holds the claim back).
+            assert backoff / 2 <= waited < backoff + timedelta(seconds=2.5), (task, attempt)
             assert later["fence"] > earlier["fence"]  # type: ignore[operator]
         instances += [r["instance_id"] for r in rows]
     # Twelve claims over three instances, fair share within its slack.

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
+import httpx
 import pytest
 
 from tandem.core.database import asyncpg_dsn
@@ -396,3 +397,24 @@ async def test_a_renewal_waiting_on_a_row_lock_expires_with_its_validity(
         await blocker.close()
     assert (beat.outcome, beat.renewed) == ("stale", set())
     assert await db.fetchval(lease_of, task_id) == before
+
+
+async def test_a_task_without_a_next_slot_gets_one(
+    db: asyncpg.Connection, client: httpx.AsyncClient
+) -> None:
+    """A task left with no next slot, no retry and no run (its claimer died before planning
+    and a pause dropped the retry) is given its schedule's next slot by a resume, and by the
+    next start's upsert of its definition."""
+    task_id, name = await new_task(db, interval=60)
+    stranded = "UPDATE tasks SET next_run_at = NULL WHERE id = $1"
+    due = "SELECT next_run_at - clock_timestamp() AS due_in FROM tasks WHERE id = $1"
+    await db.execute(stranded, task_id)
+    assert (await client.post(f"/tasks/{name}/pause")).status_code == 200
+    resumed = await client.post(f"/tasks/{name}/resume")
+    assert resumed.status_code == 200
+    assert resumed.json()["next_run_at"] is not None
+    assert timedelta(0) < await db.fetchval(due, task_id) <= timedelta(seconds=60)
+    await db.execute(stranded, task_id)
+    now = await repository.database_now(db)
+    await repository.upsert_task(db, task_row(DEFINITIONS[name], now))
+    assert await db.fetchval(due, task_id) <= timedelta(0)  # an interval task: due at once

@@ -11,7 +11,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tandem.cli import main
-from tandem.scheduler.registry import Registry
+from tandem.scheduler.registry import Registry, TaskDefinition
+from tandem.scheduler.repository import ClaimedRun
+from tandem.scheduler.runner import plan_claim
 from tandem.scheduler.schedules import (
     Cron,
     Every,
@@ -83,6 +85,32 @@ def test_a_frequent_cron_job_keeps_real_time_across_dst() -> None:
         assert {b - a for a, b in pairwise(slots)} == {timedelta(minutes=30)}
 
 
+def test_new_york_and_a_range_of_hours_across_dst() -> None:
+    """Negative offsets, and a range in the hour field: once per listed hour per local day."""
+    new_york = ZoneInfo("America/New_York")
+    every_hour = Cron("0 1-3 * * *", "America/New_York")
+    # 2027-03-14 02:00 EST -> 03:00 EDT; 2027-11-07 02:00 EDT -> 01:00 EST.
+    for start in ("2027-03-13T12:00:00Z", "2027-11-06T12:00:00Z"):
+        slots = preview(every_hour, at(start), 9)
+        days = Counter(s.astimezone(new_york).date() for s in slots)
+        assert len(slots) == len(set(slots))
+        assert max(days.values()) <= 3
+    nightly = Cron("30 2 * * *", "America/New_York")
+    year = preview(nightly, at("2027-01-01T00:00:00Z"), 365)
+    assert set(Counter(s.astimezone(new_york).date() for s in year).values()) == {1}
+
+
+def test_nominal_interval_is_the_longest_gap() -> None:
+    """What the "not succeeding" alert allows: a weekday schedule's weekend, a seasonal one's
+    months off."""
+    assert Cron("*/5 9-17 * * 1-5").nominal_interval == timedelta(
+        days=2, hours=15, minutes=5
+    )  # Fri 17:55 to Mon 09:00
+    assert Cron("*/10 * * 6 *").nominal_interval > timedelta(days=330)
+    assert NIGHTLY.nominal_interval == timedelta(hours=25)  # the fall-back night
+    assert Every(10 * S).nominal_interval == 10 * S
+
+
 def test_interval_grid() -> None:
     grid = at("2027-01-01T00:00:00Z")
     every = Every(10 * S)
@@ -141,6 +169,30 @@ def test_missed_slot_policies_of_a_cron_task() -> None:
     assert default_grace(Every(10 * S)) == 10 * S
 
 
+def test_a_retry_that_plans_the_next_slot_keeps_the_catch_up() -> None:
+    """A claimer died before planning (its run lost, its slot retried): the retry's claimer
+    plans the next slot, and with catch_up that is the slot right after the retried one."""
+    due = at("2027-01-01T00:00:00Z")
+    for limit, expected in ((1, due + 30 * S), (10, due + 10 * S)):
+        definition = registry_definition(limit)
+        retry = ClaimedRun(1, "CatchUp", "f", 2, due, due + 35 * S, True, 2, True)
+        planned = plan_claim(retry, definition)
+        assert planned is not None
+        assert (planned.run_slot, planned.next_slot) == (due, expected)
+
+
+def registry_definition(limit: int) -> TaskDefinition:
+    registry = Registry()
+    registry.task("CatchUp", 10 * S, missed="catch_up", catch_up_limit=limit)(_noop)
+    found = registry.get("CatchUp")
+    assert found is not None
+    return found
+
+
+async def _noop(ctx: object) -> None:
+    pass
+
+
 def test_retry_backoff_doubles_with_equal_jitter_and_a_cap() -> None:
     rng = random.Random(7)
     base, cap = timedelta(seconds=10), timedelta(seconds=60)
@@ -165,6 +217,8 @@ def test_retry_backoff_doubles_with_equal_jitter_and_a_cap() -> None:
         ({"every": S, "max_attempts": 0}, "max_attempts must be at least 1"),
         ({"every": S, "timeout": timedelta(0)}, "timeout must be positive"),
         ({"every": S, "catch_up_limit": 0}, "catch_up_limit must be at least 1"),
+        # With seconds, cronsim has no DST rule: a fixed time would be skipped or doubled.
+        ({"cron": "0 30 2 * * *", "tz": "Europe/Berlin"}, "use the 5-field form"),
     ],
 )
 def test_a_bad_definition_fails_at_registration(options: dict[str, object], message: str) -> None:

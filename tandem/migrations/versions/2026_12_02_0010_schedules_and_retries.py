@@ -210,9 +210,10 @@ def downgrade() -> None:
         """
     )
     op.execute("DROP INDEX ix_tasks_due")
+    # A pending retry becomes the next run (the old version has one due time).
     op.execute(
-        "UPDATE tasks SET next_run_at = least(retry_at, clock_timestamp()) "
-        "WHERE next_run_at IS NULL"
+        "UPDATE tasks SET next_run_at = coalesce(least(next_run_at, retry_at), clock_timestamp()) "
+        "WHERE next_run_at IS NULL OR retry_at IS NOT NULL"
     )
     op.execute(
         """
