@@ -40,7 +40,8 @@ EXPOSE 8000
 # `tandem serve` is PID 1 (exec form, no shell in between): docker stop's SIGTERM reaches it,
 # the scheduler drains (its runs go to other instances) and uvicorn finishes open requests.
 STOPSIGNAL SIGTERM
+# The port the server was given (TANDEM_PORT), not a fixed 8000.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health/live' % os.environ.get('TANDEM_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["tandem"]
 CMD ["serve"]

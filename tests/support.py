@@ -271,19 +271,29 @@ def start_server(
             cwd=REPO,
         )
     server = Server(f"http://127.0.0.1:{port}", port, process, log_path)
-    deadline = time.monotonic() + 30
+    try:
+        wait_live(server.url, 30, lambda: server.log() if process.poll() is not None else None)
+    except RuntimeError:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
+
+
+def wait_live(url: str, timeout: float, gone: Callable[[], str | None]) -> None:
+    """Until ``url``/health/live answers 200 (live, not ready: a test may start an instance
+    on an unmigrated database). ``gone()`` tells, with its log, that the server has exited."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{server.log()}")
+        log = gone()
+        if log is not None:
+            raise RuntimeError(f"server exited early:\n{log}")
         try:
-            # Live, not ready: a test may start an instance on an unmigrated database.
-            if httpx.get(f"{server.url}/health/live", timeout=1).status_code == 200:
-                return server
+            if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"server not live in 30 s:\n{server.log()}")
+    raise RuntimeError(f"server at {url} not live in {timeout:g} s:\n{gone() or ''}")
 
 
 # How to get a tool on Debian or Ubuntu, for the skip message (`.ci/run` installs them all).
@@ -297,6 +307,8 @@ INSTALL_HINTS = {
     "chromium": "apt-get install chromium",
     "faketime": "apt-get install faketime",
     "pgbouncer": "apt-get install pgbouncer",
+    "podman": "apt-get install podman runc",
+    "debootstrap": "apt-get install debootstrap",
 }
 
 
