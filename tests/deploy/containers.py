@@ -114,6 +114,32 @@ def app_image() -> str:
     return APP_IMAGE
 
 
+@contextlib.contextmanager
+def network() -> Iterator[tuple[str, str, str]]:
+    """A container network of its own: its name, subnet and gateway (the host's address on
+    it), removed at the end with whatever is still attached."""
+    name = f"tandem-test-{uuid.uuid4().hex[:8]}"
+    podman("network", "create", name)
+    try:
+        found = podman(
+            "network",
+            "inspect",
+            "--format",
+            "{{range .Subnets}}{{.Subnet}} {{.Gateway}}{{end}}",
+            name,
+        ).split()
+        subnet, gateway = found[0], found[1]
+        yield name, subnet, gateway
+    finally:
+        podman("network", "rm", "--force", name, check=False)
+
+
+def address_on(network_name: str, container: str) -> str:
+    """The container's IP address on the network."""
+    networks = inspect(container)["NetworkSettings"]["Networks"]
+    return str(networks[network_name]["IPAddress"])
+
+
 def inspect(container: str) -> dict[str, Any]:
     (found,) = json.loads(podman("inspect", container))
     return dict(found)
@@ -134,16 +160,28 @@ class ContainerSet:
     def __init__(self) -> None:
         self.names: list[str] = []
 
-    def run(self, image: str, args: Sequence[str] = (), *, options: Sequence[str] = ()) -> str:
-        """``podman run --detach`` on the host's network; the container's name."""
+    def run(
+        self,
+        image: str,
+        args: Sequence[str] = (),
+        *,
+        options: Sequence[str] = (),
+        network: str = "host",
+    ) -> str:
+        """``podman run --detach`` (on the host's network unless told); the container's name."""
         name = f"tandem-test-{uuid.uuid4().hex[:8]}"
         self.names.append(name)
-        podman("run", "--detach", "--name", name, "--network", "host", *options, image, *args)
+        podman("run", "--detach", "--name", name, "--network", network, *options, image, *args)
         return name
 
-    def serve(self, image: str, port: int, *, options: Sequence[str] = ()) -> str:
-        """A container of ``tandem serve`` on ``port``, once it answers (live)."""
-        name = self.run(image, options=options)
+    def serve(
+        self, image: str, port: int, *, options: Sequence[str] = (), network: str = "host"
+    ) -> str:
+        """A container of ``tandem serve`` answering (live) on 127.0.0.1:``port``: its own
+        port on the host's network, else published there from its 8000."""
+        if network != "host":
+            options = [*options, "--publish", f"127.0.0.1:{port}:8000"]
+        name = self.run(image, options=options, network=network)
         wait_live(f"http://127.0.0.1:{port}", 60, lambda: exited(name))
         return name
 

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,9 +65,12 @@ class ThrowawayPostgres:
     """A server in a new temporary folder, listening on 127.0.0.1 only; ``url`` connects as the
     superuser ``postgres`` (trust auth). The port is kept across restarts."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, trusted: Sequence[str] = ()) -> None:
         # Extra environment of the server (a fake clock's, say).
         self._env = dict(env or {})
+        # Networks (CIDR) let in without a password besides this host (a container network):
+        # then the server listens on every address, for those networks only.
+        self._trusted = list(trusted)
         self._owner = service_user() if os.geteuid() == 0 else None
         self._base = Path(tempfile.mkdtemp(prefix="tandem-faultpg-"))
         self.data_dir = self._base / "data"
@@ -104,7 +107,7 @@ class ThrowawayPostgres:
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}")
         settings = {
-            "listen_addresses": "'127.0.0.1'",
+            "listen_addresses": "'*'" if self._trusted else "'127.0.0.1'",
             "unix_socket_directories": f"'{self.data_dir}'",
             "max_connections": "300",
             "shared_buffers": "'32MB'",
@@ -120,6 +123,8 @@ class ThrowawayPostgres:
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\n# tests/faults/postgres.py\n")
             conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        with (self.data_dir / "pg_hba.conf").open("a") as hba:
+            hba.writelines(f"host all all {network} trust\n" for network in self._trusted)
 
     def start(self) -> None:
         """Start and return once a real connection runs ``SELECT 1`` (after a crash that
@@ -250,10 +255,12 @@ class ThrowawayPostgres:
 
 
 @contextmanager
-def throwaway_postgres(env: Mapping[str, str] | None = None) -> Iterator[ThrowawayPostgres]:
+def throwaway_postgres(
+    env: Mapping[str, str] | None = None, trusted: Sequence[str] = ()
+) -> Iterator[ThrowawayPostgres]:
     """A started server; stopped (immediate: nothing to keep) and deleted afterwards, also when
     the test fails."""
-    server = ThrowawayPostgres(env)
+    server = ThrowawayPostgres(env, trusted)
     try:
         server.start()
         yield server
