@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import httpx
@@ -272,28 +272,34 @@ def start_server(
         )
     server = Server(f"http://127.0.0.1:{port}", port, process, log_path)
     try:
-        wait_live(server.url, 30, lambda: server.log() if process.poll() is not None else None)
+        wait_live(server.url, 30, lambda: process.poll() is not None, server.log)
     except RuntimeError:
         server.stop(signal.SIGKILL)
         raise
     return server
 
 
-def wait_live(url: str, timeout: float, gone: Callable[[], str | None]) -> None:
+def wait_live(
+    url: str,
+    timeout: float,
+    exited: Callable[[], bool],
+    log: Callable[[], str],
+    step: float = 0.1,
+) -> None:
     """Until ``url``/health/live answers 200 (live, not ready: a test may start an instance
-    on an unmigrated database). ``gone()`` tells, with its log, that the server has exited."""
+    on an unmigrated database); RuntimeError with the server's ``log()`` once it has
+    ``exited()``, or after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        log = gone()
-        if log is not None:
-            raise RuntimeError(f"server exited early:\n{log}")
+        if exited():
+            raise RuntimeError(f"server exited early:\n{log()}")
         try:
             if httpx.get(f"{url}/health/live", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server at {url} not live in {timeout:g} s:\n{gone() or ''}")
+        time.sleep(step)
+    raise RuntimeError(f"server at {url} not live in {timeout:g} s:\n{log()}")
 
 
 # How to get a tool on Debian or Ubuntu, for the skip message (`.ci/run` installs them all).
@@ -322,6 +328,12 @@ def require_tool(name: str) -> str:
     message = f"`{name}` is not on PATH"
     if name in INSTALL_HINTS:
         message += f" (Debian/Ubuntu: {INSTALL_HINTS[name]})"
+    return cannot_run(message)
+
+
+def cannot_run(message: str) -> NoReturn:
+    """Skip the test for ``message``, or fail it when CI is set (CI prepares what the checks
+    need: there a check that cannot run must not pass quietly)."""
     if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
         pytest.fail(f"{message}; CI is set, so the check must run", pytrace=False)
     pytest.skip(message)

@@ -8,14 +8,23 @@ registry: the base image is made from Debian's packages).
   ``PYTHON_IMAGE`` argument.
 - ``app_image()``: the repository's Dockerfile, built on it (``--format docker``: podman's
   default OCI format drops ``HEALTHCHECK``).
-- Containers run on the host's network, so they reach a test's PostgreSQL on 127.0.0.1.
+- Containers run on the host's network (they reach a test's PostgreSQL on 127.0.0.1), or on
+  networks of a test's own.
+- podman reads ``tests/deploy/containers.conf`` (``CONTAINERS_CONF``), not the machine's:
+  runc named (crun fails on these machines' hybrid cgroups) and no default ulimits (runc
+  cannot set them here: "error setting rlimit type 7").
+
+Rootful podman only (debootstrap needs root, and the host reaches containers' addresses):
+elsewhere the tests are skipped, and fail under CI.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -23,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO, require_tool, wait_live
+from tests.support import REPO, cannot_run, require_tool, wait_live
 
 BASE_IMAGE = "localhost/tandem-base:bookworm-1"
 APP_IMAGE = "localhost/tandem:test"
@@ -32,16 +41,18 @@ APP_IMAGE = "localhost/tandem:test"
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates", "passwd")
 MIRROR = "http://deb.debian.org/debian"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120, **kwargs: Any) -> str:
     """Run podman; its standard output. A failure raises with podman's own words."""
     done = subprocess.run(
-        [require_tool("podman"), *args],
+        _podman_command(*args),
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
         **kwargs,
     )
     if check and done.returncode != 0:
@@ -49,53 +60,94 @@ def podman(*args: str, check: bool = True, timeout: float = 120, **kwargs: Any) 
     return done.stdout
 
 
-def image_exists(name: str) -> bool:
-    return subprocess.run([require_tool("podman"), "image", "exists", name]).returncode == 0
+def _podman_command(*args: str) -> list[str]:
+    if os.geteuid() != 0:
+        cannot_run("the container tests need rootful podman (run as root)")
+    return [require_tool("podman"), *args]
+
+
+def image_id(name: str) -> str | None:
+    """The image's id, or None when podman's store has no such image."""
+    done = subprocess.run(
+        _podman_command("image", "inspect", "--format", "{{.Id}}", name),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+    )
+    if done.returncode != 0:
+        if "image not known" in done.stderr or "no such image" in done.stderr.lower():
+            return None
+        raise AssertionError(f"podman image inspect {name}: {done.stderr}")
+    return done.stdout.strip()
 
 
 def base_image() -> str:
     """The base image, made on first use on this machine (about a minute) and kept."""
-    if image_exists(BASE_IMAGE):
+    if image_id(BASE_IMAGE) is not None:
         return BASE_IMAGE
-    debootstrap = require_tool("debootstrap")
-    with tempfile.TemporaryDirectory(prefix="tandem-base-") as root:
-        subprocess.run(
-            [
-                debootstrap,
-                "--variant=minbase",
-                f"--include={','.join(BASE_PACKAGES)}",
-                "bookworm",
-                root,
-                MIRROR,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=900,
-        )
+    # Under /var/tmp: /tmp may be mounted noexec or nodev, which debootstrap cannot use.
+    with tempfile.TemporaryDirectory(prefix="tandem-base-", dir="/var/tmp") as root:
+        _debootstrap(Path(root))
         shutil.copyfile(CA_BUNDLE, Path(root) / CA_BUNDLE.relative_to("/"))
-        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for item in (Path(root) / cache).glob("*.deb"):
-                item.unlink()
+        for package in (Path(root) / "var/cache/apt/archives").glob("*.deb"):
+            package.unlink()
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
-        podman(
-            "import",
-            "--change",
-            "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "--change",
-            f"ENV PIP_CERT={CA_BUNDLE}",
-            "--change",
-            "ENV LANG=C.UTF-8",
-            "-",
-            BASE_IMAGE,
-            stdin=tar.stdout,
-            timeout=300,
-        )
-        assert tar.wait() == 0
+        try:
+            podman(
+                "import",
+                "--change",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--change",
+                f"ENV PIP_CERT={CA_BUNDLE}",
+                "--change",
+                "ENV LANG=C.UTF-8",
+                "-",
+                BASE_IMAGE,
+                stdin=tar.stdout,
+                timeout=300,
+            )
+        finally:
+            assert tar.stdout is not None
+            tar.stdout.close()  # a failed import must not leave tar blocked on a full pipe
+            if tar.wait(60) != 0:
+                raise AssertionError("tar of the base image failed")
     return BASE_IMAGE
 
 
+def _debootstrap(root: Path) -> None:
+    """debootstrap into ``root``; stopped with SIGTERM on timeout (its traps unmount the
+    proc and sys it mounted inside), and anything still mounted there unmounted, so that
+    deleting the folder never walks into them."""
+    command = [
+        require_tool("debootstrap"),
+        "--variant=minbase",
+        f"--include={','.join(BASE_PACKAGES)}",
+        "bookworm",
+        str(root),
+        MIRROR,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        for mount in ("proc", "sys", "dev/pts", "dev/shm", "dev"):
+            if os.path.ismount(root / mount):
+                subprocess.run(["umount", "--recursive", "--lazy", str(root / mount)])
+    if process.returncode != 0:
+        log = root / "debootstrap/debootstrap.log"
+        detail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        raise AssertionError(
+            f"debootstrap exited {process.returncode}:\n{output.decode(errors='replace')}\n{detail}"
+        )
+
+
 def app_image() -> str:
-    """The shipped Dockerfile built on the base (podman's layer cache keeps rebuilds short)."""
+    """The shipped Dockerfile built on the base (podman's layer cache keeps rebuilds short);
+    the image it replaces is removed, so rebuilds do not fill the disk."""
+    previous = image_id(APP_IMAGE)
     podman(
         "build",
         "--format",
@@ -111,6 +163,8 @@ def app_image() -> str:
         str(REPO),
         timeout=900,
     )
+    if previous is not None and previous != image_id(APP_IMAGE):
+        podman("rmi", previous, check=False)
     return APP_IMAGE
 
 
@@ -182,12 +236,11 @@ class ContainerSet:
         if network != "host":
             options = [*options, "--publish", f"127.0.0.1:{port}:8000"]
         name = self.run(image, options=options, network=network)
-        wait_live(f"http://127.0.0.1:{port}", 60, lambda: exited(name))
+        wait_live(
+            f"http://127.0.0.1:{port}",
+            60,
+            lambda: not inspect(name)["State"]["Running"],
+            lambda: podman("logs", name, check=False),
+            step=0.5,
+        )
         return name
-
-
-def exited(container: str) -> str | None:
-    """The container's log once it is no longer running, else None."""
-    if inspect(container)["State"]["Running"]:
-        return None
-    return podman("logs", container, check=False)

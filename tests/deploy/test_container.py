@@ -15,7 +15,7 @@ import pytest
 
 from tests.deploy.containers import app_image, containers, inspect, podman
 from tests.faults.postgres import throwaway_postgres
-from tests.scheduler.cluster import assert_history_consistent, probe_overlaps
+from tests.scheduler.cluster import assert_history_consistent, database_now, probe_overlaps
 from tests.scheduler.registries import PROBE_TABLE
 from tests.support import (
     API_KEY,
@@ -95,8 +95,10 @@ def test_it_serves_as_non_root_on_a_read_only_root_and_turns_healthy(
         assert http_get(f"{base}/balance/1").status_code == 200
         assert podman("exec", name, "id", "-u").strip() == "10001"
         assert "Read-only file system" in _refused(name, "touch", "/opt/tandem/written")
-        config = inspect(name)["Config"]
-        assert config["Healthcheck"]["Test"][0] in ("CMD", "CMD-SHELL")
+        check = inspect(name)["Config"]["Healthcheck"]["Test"]
+        # The port the server was given (this one is not 8000): the check asks TANDEM_PORT.
+        assert check[0] == "CMD", check
+        assert "TANDEM_PORT" in check[-1], check
         podman("healthcheck", "run", name)  # exits non-zero unless healthy
         state = inspect(name)["State"]
         assert (state.get("Health") or state.get("Healthcheck"))["Status"] == "healthy"
@@ -161,13 +163,15 @@ def test_stop_drains_to_another_replica_and_kill_is_recovered(image: str, databa
         second = _running_on(database)
         assert second is not None
         killed = container_of[_hostname_of(database, second)]
+        # The killed body writes no end row: it ends at the kill. Dated just before it (an
+        # overlap is then one with a successor started before the kill, never a late update).
+        killed_at = database_now(database)
         podman("kill", killed)
-        # The killed body wrote no end row: it ended by the time the kill returned.
         query(
             database,
-            "UPDATE probe SET finished = clock_timestamp() "
-            "WHERE instance = $1 AND finished IS NULL",
+            "UPDATE probe SET finished = $2 WHERE instance = $1 AND finished IS NULL",
             second,
+            killed_at,
         )
         wait_for(lambda: _running_on(database) not in (None, first, second), 5)
         statuses = query(
