@@ -300,6 +300,32 @@ def test_nginx_image_supports_resolve(compose: dict[str, Any]) -> None:
     assert tuple(int(p) for p in version.groups()) >= (1, 27, 3)
 
 
+IMAGE_VARIABLES = {
+    "postgres": "TANDEM_POSTGRES_IMAGE",
+    "pgbouncer": "TANDEM_PGBOUNCER_IMAGE",
+    "nginx": "TANDEM_NGINX_IMAGE",
+    "prometheus": "TANDEM_PROMETHEUS_IMAGE",
+    "alertmanager": "TANDEM_ALERTMANAGER_IMAGE",
+    "grafana": "TANDEM_GRAFANA_IMAGE",
+}
+
+
+def test_third_party_images_can_be_swapped_one_by_one(compose: dict[str, Any]) -> None:
+    """Each third-party image is named by a variable of its own whose default is the pinned
+    public image (the file as shipped runs exactly those); set, it changes that service's
+    image and no other."""
+    assert set(IMAGE_VARIABLES) == {
+        name for name, service in compose["services"].items() if "build" not in service
+    }
+    for name, variable in IMAGE_VARIABLES.items():
+        out = compose_config({**SECRETS, variable: f"localhost/{name}:substitute"})
+        assert out.returncode == 0, out.stderr
+        swapped = yaml.safe_load(out.stdout)["services"]
+        for other, service in compose["services"].items():
+            expected = f"localhost/{name}:substitute" if other == name else service["image"]
+            assert swapped[other]["image"] == expected, (variable, other)
+
+
 def test_images_are_pinned(compose: dict[str, Any]) -> None:
     """Every third-party image names an exact version, never `latest`."""
     for name, service in compose["services"].items():
