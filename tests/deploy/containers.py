@@ -144,6 +144,27 @@ def _debootstrap(root: Path) -> None:
         )
 
 
+IMAGES = Path(__file__).with_name("images")
+
+
+def debian_image(service: str) -> str:
+    """tests/deploy/images/<service>: a stand-in for a public image compose pins, built from
+    Debian's packages on the base (``localhost/tandem-<service>:debian``)."""
+    tag = f"localhost/tandem-{service}:debian"
+    podman(
+        "build",
+        "--network",
+        "host",
+        "--build-arg",
+        f"BASE={base_image()}",
+        "--tag",
+        tag,
+        str(IMAGES / service),
+        timeout=900,
+    )
+    return tag
+
+
 def app_image() -> str:
     """The shipped Dockerfile built on the base (podman's layer cache keeps rebuilds short);
     the image it replaces is removed, so rebuilds do not fill the disk."""
