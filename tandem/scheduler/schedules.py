@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import cached_property
 from itertools import pairwise
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -161,7 +162,7 @@ class Cron:
             found.append(slot.astimezone(UTC))
         return found[::-1]
 
-    @property
+    @cached_property  # some 1,200 evaluations: once per schedule, not per use
     def nominal_interval(self) -> timedelta:
         # The gaps between the first slots, and the gap around each day of a year (a
         # weekday or seasonal schedule's longest gap is far from its first slots).

@@ -112,8 +112,8 @@ async def test_claim_race_has_one_winner(db: asyncpg.Connection, sessions: Sessi
 
 
 async def test_database_refuses_overlap(db: asyncpg.Connection) -> None:
-    """Two runs of one task overlapping in time, a second running row, or a slot run twice:
-    the database itself refuses each."""
+    """Two runs of one task overlapping in time, a second running row, or a slot's attempt
+    run twice: the database itself refuses each."""
     task_id, _ = await new_task(db)
     insert = (
         "INSERT INTO task_history (task_id, instance_id, fence, scheduled_for, started_at, "
