@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -23,6 +27,7 @@ from tandem.scheduler.schedules import (
     preview,
     retry_delay,
 )
+from tests.support import free_port
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NIGHTLY = Cron("30 2 * * *", "Europe/Berlin")
@@ -246,3 +251,24 @@ def test_schedule_preview_prints_utc_then_local(capsys: pytest.CaptureFixture[st
     assert "not an ISO 8601 instant" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--count", "0"])
+
+
+def test_a_server_with_a_bad_schedule_does_not_start(postgres_url: str, tmp_path: Path) -> None:
+    """A registry with an unknown zone: `tandem serve` exits non-zero, and says which task
+    and what is wrong."""
+    (tmp_path / "badtasks.py").write_text(
+        "from tandem.scheduler.registry import Registry\n"
+        "registry = Registry()\n"
+        "@registry.task('nightly', cron='30 2 * * *', tz='Europe/Berln')\n"
+        "async def nightly(ctx): ...\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "TANDEM_DATABASE_URL": postgres_url,
+        "TANDEM_SCHEDULER_TASKS": "badtasks:registry",
+    }
+    serve = [sys.executable, "-m", "tandem", "serve", "--port", str(free_port()), "--no-migrate"]
+    done = subprocess.run(serve, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "task 'nightly': unknown time zone 'Europe/Berln'" in done.stderr
