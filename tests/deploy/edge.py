@@ -124,3 +124,14 @@ def _stop(started: list[Nginx]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proxy.process.pid, signal.SIGKILL)  # the workers too
             proxy.process.wait()
+
+
+def balance_updates(base_url: str) -> float:
+    """The balance updates an instance has made (its ``/metrics``): which replica served how
+    many of a burst."""
+    text = http_get(f"{base_url}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tandem_wallet_balance_updates_total{")
+    )

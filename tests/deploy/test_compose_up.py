@@ -8,8 +8,8 @@ What differs from a user's ``docker compose up``, each for a reason of this mach
   test runs ``podman healthcheck run`` on the project's containers every second instead, which
   is what the timers would do (compose waits on the results, as with Docker).
 - An override file (written here) swaps two things: servers.conf for one without ``resolve``
-  (Debian's nginx is 1.22; ``resolve`` needs 1.27.3), and the open-file limits, lowered to this
-  machine's hard limit (runc cannot raise a container's above it).
+  (Debian's nginx is 1.22; ``resolve`` needs 1.27.3), and the open-file and process limits,
+  lowered to this machine's (runc cannot raise a container's above them).
 - Only the services the checks need are started (named on ``up``, so the file needs no profile):
   Grafana has no Debian package, and the Prometheus and Alertmanager stand-ins are not built
   yet.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import resource
 import subprocess
@@ -36,15 +35,19 @@ import pytest
 import yaml
 
 from tandem.loadtest import withdraw_burst
-from tests.deploy.containers import CONTAINERS_CONF, app_image, debian_image, podman
+from tests.deploy.containers import CONTAINERS_CONF, address_on, app_image, debian_image, podman
+from tests.deploy.edge import balance_updates
 from tests.support import API_KEY, AUTH, REPO, free_port, require_tool, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 COMPOSE = REPO / "deploy" / "compose.yaml"
 # The stand-ins, by the variable that names each service's image.
-STAND_INS = {"TANDEM_POSTGRES_IMAGE": "postgres", "TANDEM_PGBOUNCER_IMAGE": "pgbouncer"}
-STAND_INS["TANDEM_NGINX_IMAGE"] = "nginx"
+STAND_INS = {
+    "TANDEM_POSTGRES_IMAGE": "postgres",
+    "TANDEM_PGBOUNCER_IMAGE": "pgbouncer",
+    "TANDEM_NGINX_IMAGE": "nginx",
+}
 SERVICES = ("postgres", "migrate", "pgbouncer", "app", "nginx")
 
 
@@ -80,10 +83,10 @@ class Stack:
         ).split()
         return sorted(names)
 
-    def address(self, container: str) -> str:
-        (found,) = json.loads(podman("inspect", container))
-        networks = found["NetworkSettings"]["Networks"]
-        return str(next(iter(networks.values()))["IPAddress"])
+    @property
+    def network(self) -> str:
+        """The project's network, as compose names it."""
+        return f"{self.project}_default"
 
 
 def _override(path: Path, servers_conf: Path) -> Path:
@@ -199,13 +202,8 @@ def test_burst_through_the_published_port(stack: Stack) -> None:
     replicas = stack.containers("app")
     assert len(replicas) == 5, replicas
 
-    def updates(container: str) -> int:
-        text = httpx.get(f"http://{stack.address(container)}:8000/metrics", timeout=10).text
-        return sum(
-            int(float(line.rsplit(" ", 1)[1]))
-            for line in text.splitlines()
-            if line.startswith("tandem_wallet_balance_updates_total{")
-        )
+    def updates(container: str) -> float:
+        return balance_updates(f"http://{address_on(stack.network, container)}:8000")
 
     before = [updates(c) for c in replicas]
     report = asyncio.run(withdraw_burst(stack.url, requests=10_000, amount=2, api_key=API_KEY))

@@ -27,7 +27,14 @@ from tandem.cli import raise_fd_limit
 from tandem.core.database import asyncpg_dsn
 from tandem.core.settings import Settings
 from tandem.loadtest import withdraw_burst
-from tests.deploy.edge import NGINX_DIR, Nginx, nginx_version, prepare, run_nginx
+from tests.deploy.edge import (
+    NGINX_DIR,
+    Nginx,
+    balance_updates,
+    nginx_version,
+    prepare,
+    run_nginx,
+)
 from tests.support import (
     API_KEY,
     AUTH,
@@ -215,17 +222,9 @@ async def test_ten_thousand_withdrawals_through_nginx(
     raise_fd_limit()
     proxy = nginx([address(s) for s in instances])
 
-    def updates(server: Server) -> float:
-        text = http_get(f"{server.url}/metrics").text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("tandem_wallet_balance_updates_total{")
-        )
-
-    before = [updates(s) for s in instances]
+    before = [balance_updates(s.url) for s in instances]
     report = await withdraw_burst(proxy.url, requests=10_000, amount=2, api_key=API_KEY)
-    after = [updates(s) for s in instances]
+    after = [balance_updates(s.url) for s in instances]
     assert report.problems() == [], (report.outcomes, report.error_samples)
     assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
