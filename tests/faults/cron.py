@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tests.faults.common import FAULT_ENV
 from tests.faults.proxy import partition_proxy
-from tests.scheduler.cluster import database_now, instance_of, stop_all
-from tests.support import CRON_TIMINGS, LEASE, Server, query, start_server, wait_for
+from tests.scheduler.cluster import database_now, instances_of, live, stop_all
+from tests.support import CRON_TIMINGS, LEASE, query, start_server, wait_for
 
 # The settings' own defaults (lease 10 s, self-fence 7 s, heartbeat 2 s, poll 1 s): what a
 # new user runs.
@@ -51,36 +51,6 @@ def claimed_again(url: str, task: str, fence: int) -> bool:
     """The task runs under a newer fence than ``fence``."""
     now = owner_of(url, task)
     return now is not None and now[1] > fence
-
-
-def live(url: str, instance: str, fresh: float) -> bool:
-    """The instance holds a database session and heartbeats."""
-    return bool(
-        query(
-            url,
-            "SELECT 1 FROM instances i JOIN instance_sessions s ON s.session_key = i.session_key "
-            "WHERE i.id = $1 AND i.heartbeat_at > clock_timestamp() - $2::interval",
-            instance,
-            timedelta(seconds=fresh),
-        )
-    )
-
-
-def instances_of(url: str, servers: list[Server], fresh: float) -> list[str]:
-    """Each server's scheduler instance id, once every one of them is live."""
-    ids: list[str] = []
-    for server in servers:
-        wait_for(lambda s=server: _instance_or_none(s) is not None, 30)
-        ids.append(instance_of(server))
-    wait_for(lambda: all(live(url, i, fresh) for i in ids), 30)
-    return ids
-
-
-def _instance_or_none(server: Server) -> str | None:
-    try:
-        return instance_of(server)
-    except (AssertionError, OSError, ValueError):
-        return None
 
 
 # --- a silent partition of the owner ------------------------------------------------------

@@ -23,7 +23,6 @@ from tests.faults.cron import (
     DEFAULT_ENV,
     TIMINGS,
     describe_cuts,
-    instances_of,
     kill_trials,
     partition_trials,
 )
@@ -32,6 +31,7 @@ from tests.faults.proxy import partition_proxy
 from tests.scheduler.cluster import (
     assert_history_consistent,
     database_now,
+    instances_of,
     probe_overlaps,
     stop_all,
 )

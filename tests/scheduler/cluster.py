@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from tests.support import CRON_TIMINGS, Server, http_get, query, start_server, wait_for
@@ -73,6 +73,36 @@ def instance_of(server: Server) -> str:
         if row["pid"] == server.process.pid:
             return str(row["id"])
     raise AssertionError("server not in /instances")
+
+
+def live(url: str, instance: str, fresh: float) -> bool:
+    """The instance holds a database session and heartbeats."""
+    return bool(
+        query(
+            url,
+            "SELECT 1 FROM instances i JOIN instance_sessions s ON s.session_key = i.session_key "
+            "WHERE i.id = $1 AND i.heartbeat_at > clock_timestamp() - $2::interval",
+            instance,
+            timedelta(seconds=fresh),
+        )
+    )
+
+
+def instances_of(url: str, servers: list[Server], fresh: float) -> list[str]:
+    """Each server's scheduler instance id, once every one of them is live."""
+    ids: list[str] = []
+    for server in servers:
+        wait_for(lambda s=server: _instance_or_none(s) is not None, 30)
+        ids.append(instance_of(server))
+    wait_for(lambda: all(live(url, i, fresh) for i in ids), 30)
+    return ids
+
+
+def _instance_or_none(server: Server) -> str | None:
+    try:
+        return instance_of(server)
+    except (AssertionError, OSError, ValueError):
+        return None
 
 
 def probe_overlaps(url: str) -> int:

@@ -14,12 +14,13 @@ from tests.scheduler.cluster import (
     as_if_down_for,
     assert_history_consistent,
     database_now,
+    instances_of,
     probe_overlaps,
     start_cluster,
     stop_all,
 )
 from tests.scheduler.registries import RETRY_BACKOFF, TIMEOUT
-from tests.support import http_get, query, wait_for
+from tests.support import LEASE, http_get, query, wait_for
 
 
 def _history(url: str, task: str) -> list[dict[str, object]]:
@@ -112,18 +113,21 @@ def test_timeouts_and_retries_keep_every_guarantee(cron_db: str, tmp_path: Path)
     its own history row for the same slot with the next attempt number, never overlaps the
     previous attempt, carries a new fence, and stops after 3 attempts; the attempts are
     spread over the instances; Flaky succeeds at its third."""
-    # The tasks come due once all three instances are up (a definition's upsert keeps the
-    # next slot of an existing row), so the first attempts are spread too.
+    # The tasks come due once all three instances are live (a definition's upsert keeps the
+    # next slot of an existing row), so the first attempts are spread too: an instance that
+    # started alone would claim all four, and the late ones would join level with it.
     query(
         cron_db,
         'INSERT INTO tasks (name, "interval", function_name, next_run_at) '
-        "SELECT name, interval '1 hour', 'tbd', clock_timestamp() + interval '5 seconds' "
+        "SELECT name, interval '1 hour', 'tbd', clock_timestamp() + interval '1 hour' "
         "FROM unnest($1::text[]) AS name",
         ["Stuck1", "Stuck2", "Stuck3", "Flaky"],
     )
     servers = start_cluster(cron_db, tmp_path, "retrying", 3)
     exit_codes: list[int] = []
     try:
+        instances_of(cron_db, servers, LEASE)
+        query(cron_db, "UPDATE tasks SET next_run_at = clock_timestamp()")
 
         def finished() -> bool:
             rows = query(
