@@ -10,9 +10,10 @@ What differs from a user's ``docker compose up``, each for a reason of this mach
 - An override file (written here) swaps two things: servers.conf for one without ``resolve``
   (Debian's nginx is 1.22; ``resolve`` needs 1.27.3), and the open-file and process limits,
   lowered to this machine's (runc cannot raise a container's above them).
-- Only the services the checks need are started (named on ``up``, so the file needs no profile):
-  Grafana has no Debian package, and the Prometheus and Alertmanager stand-ins are not built
-  yet.
+- Every service but Grafana is started (named on ``up``, so the file needs no profile):
+  Grafana has no Debian package (its dashboards' JSON is checked in test_compose.py).
+- The host ports are free ones (TANDEM_PORT, TANDEM_PROMETHEUS_PORT,
+  TANDEM_ALERTMANAGER_PORT), not the defaults another program here may hold.
 - The PgBouncer stand-in writes its settings under /tmp: podman's tmpfs on /etc/pgbouncer
   belongs to root, Docker's is writable by everyone (tests/deploy/images/pgbouncer).
 """
@@ -25,19 +26,28 @@ import os
 import resource
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from tandem.loadtest import withdraw_burst
-from tests.deploy.containers import CONTAINERS_CONF, address_on, app_image, debian_image, podman
+from tests.deploy.containers import (
+    CONTAINERS_CONF,
+    address_on,
+    app_image,
+    debian_image,
+    inspect,
+    podman,
+)
 from tests.deploy.edge import balance_updates
-from tests.support import API_KEY, AUTH, REPO, free_port, require_tool, wait_for
+from tests.support import API_KEY, AUTH, REPO, free_port, require_tool, wait_for, wait_live
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -47,14 +57,18 @@ STAND_INS = {
     "TANDEM_POSTGRES_IMAGE": "postgres",
     "TANDEM_PGBOUNCER_IMAGE": "pgbouncer",
     "TANDEM_NGINX_IMAGE": "nginx",
+    "TANDEM_PROMETHEUS_IMAGE": "prometheus",
+    "TANDEM_ALERTMANAGER_IMAGE": "alertmanager",
 }
-SERVICES = ("postgres", "migrate", "pgbouncer", "app", "nginx")
+SERVICES = ("postgres", "migrate", "pgbouncer", "app", "nginx", "prometheus", "alertmanager")
 
 
 @dataclass
 class Stack:
     project: str
     url: str
+    prometheus: str
+    alertmanager: str
     command: list[str]
     env: dict[str, str]
 
@@ -87,6 +101,10 @@ class Stack:
     def network(self) -> str:
         """The project's network, as compose names it."""
         return f"{self.project}_default"
+
+    def address(self, container: str) -> str:
+        """The container's address on the project's network."""
+        return address_on(self.network, container)
 
 
 def _override(path: Path, servers_conf: Path) -> Path:
@@ -163,13 +181,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     servers = work / "servers.conf"
     servers.write_text("server app:8000 max_fails=3 fail_timeout=10s;\n")
     override = _override(work / "override.yaml", servers)
-    project, port, socket = f"tandem{uuid.uuid4().hex[:6]}", free_port(), work / "podman.sock"
+    project, socket = f"tandem{uuid.uuid4().hex[:6]}", work / "podman.sock"
+    port, prometheus, alertmanager = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         **images,
         "DOCKER_HOST": f"unix://{socket}",
         "TANDEM_IMAGE_TAG": app.rsplit(":", 1)[1],
         "TANDEM_PORT": str(port),
+        "TANDEM_PROMETHEUS_PORT": str(prometheus),
+        "TANDEM_ALERTMANAGER_PORT": str(alertmanager),
         "POSTGRES_PASSWORD": uuid.uuid4().hex,
         "TANDEM_DB_APP_PASSWORD": uuid.uuid4().hex,
         "TANDEM_API_KEY": API_KEY,
@@ -185,7 +206,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "--file",
         str(override),
     ]
-    stack = Stack(project, f"http://127.0.0.1:{port}", command, env)
+    stack = Stack(
+        project,
+        f"http://127.0.0.1:{port}",
+        f"http://127.0.0.1:{prometheus}",
+        f"http://127.0.0.1:{alertmanager}",
+        command,
+        env,
+    )
     with _podman_service(socket), _health_checks(project):
         try:
             stack.compose("up", "--detach", "--no-build", *SERVICES)
@@ -202,17 +230,138 @@ def test_burst_through_the_published_port(stack: Stack) -> None:
     replicas = stack.containers("app")
     assert len(replicas) == 5, replicas
 
+    _burst_served_by_every_replica(stack, replicas, 10_000)
+
+
+def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: int) -> None:
+    """``requests`` withdrawals of 2 from a balance of ``requests`` through the published
+    port: exactly half succeed, the balance ends at 0, and each of ``replicas`` (all there
+    are) served some."""
+
     def updates(container: str) -> float:
-        return balance_updates(f"http://{address_on(stack.network, container)}:8000")
+        return balance_updates(f"http://{stack.address(container)}:8000")
 
     before = [updates(c) for c in replicas]
-    report = asyncio.run(withdraw_burst(stack.url, requests=10_000, amount=2, api_key=API_KEY))
+    report = asyncio.run(
+        withdraw_burst(
+            stack.url, requests=requests, amount=2, initial_balance=requests, api_key=API_KEY
+        )
+    )
     after = [updates(c) for c in replicas]
     assert report.problems() == [], (report.outcomes, report.error_samples)
-    assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
+    assert (report.ok, report.refused, report.other) == (requests // 2, requests // 2, 0)
     balance = httpx.get(f"{stack.url}/balance/{report.user_id}", headers=AUTH, timeout=10)
     assert balance.status_code == 200, balance.text
     assert balance.json()["balance"] == 0
     served = [b - a for a, b in zip(before, after, strict=True)]
-    assert sum(served) == 10_000
+    assert sum(served) == requests
     assert all(n > 0 for n in served), dict(zip(replicas, served, strict=True))
+
+
+def _scraped(stack: Stack) -> dict[str, str]:
+    """Prometheus's active targets of the tandem job: address -> health."""
+    answer = httpx.get(f"{stack.prometheus}/api/v1/targets", params={"state": "active"})
+    answer.raise_for_status()
+    return {
+        t["labels"]["instance"]: t["health"]
+        for t in answer.json()["data"]["activeTargets"]
+        if t["labels"]["job"] == "tandem"
+    }
+
+
+def _every_replica_scraped(stack: Stack) -> bool:
+    expected = {f"{stack.address(c)}:8000": "up" for c in stack.containers("app")}
+    return _scraped(stack) == expected
+
+
+def test_prometheus_scrapes_every_replica_found_by_dns(stack: Stack) -> None:
+    """Prometheus (its published port) scrapes each app replica directly, by the addresses
+    the service name resolves to on the project's network, every one up; its alerts go to the
+    stack's Alertmanager, which is ready (that they arrive: the kill test below)."""
+    wait_for(lambda: _every_replica_scraped(stack), 60, step=1)
+    answer = httpx.get(f"{stack.prometheus}/api/v1/alertmanagers")
+    answer.raise_for_status()
+    (active,) = answer.json()["data"]["activeAlertmanagers"]
+    assert active["url"] == "http://alertmanager:9093/api/v2/alerts"
+    assert httpx.get(f"{stack.alertmanager}/-/ready").status_code == 200
+
+
+def test_a_scaled_up_replica_is_followed(stack: Stack) -> None:
+    """`--scale app=6`: Prometheus scrapes the new replica within its DNS refresh, with no
+    change to anything; nginx 1.22 (Debian's: no ``resolve`` on an upstream server, which
+    the shipped 1.28 image has) picks it up at a reload of the unchanged config
+    (``nginx -s reload`` resolves ``app`` again); then a burst through the published port
+    is served by all six, exactly half of it succeeding."""
+    before = stack.containers("app")
+    stack.compose(
+        "up", "--detach", "--no-build", "--no-deps", "--no-recreate", "--scale", "app=6", "app"
+    )
+    replicas = stack.containers("app")
+    assert len(replicas) == 6, replicas
+    (new,) = set(replicas) - set(before)
+    wait_live(
+        f"http://{stack.address(new)}:8000",
+        60,
+        lambda: False,
+        lambda: stack.compose("logs", "--tail", "30", "app", timeout=60),
+    )
+    wait_for(lambda: _every_replica_scraped(stack), 60, step=1)
+    (nginx,) = stack.containers("nginx")
+    podman("exec", nginx, "nginx", "-s", "reload")
+    time.sleep(2)  # the old workers finish their connections; the new ones have the six
+    _burst_served_by_every_replica(stack, replicas, 1200)
+
+
+def _api(stack: Stack, method: str, path: str) -> Any:
+    answer = httpx.request(method, f"{stack.url}{path}", headers=AUTH, timeout=10)
+    assert answer.is_success, (path, answer.status_code, answer.text)
+    return answer.json()
+
+
+def test_a_killed_replica_is_recovered_and_alerted(stack: Stack) -> None:
+    """`podman kill` of a replica in the middle of a demo task's run (each runs 2 minutes):
+    another replica records the run lost ("session ended") and runs its slot again as
+    attempt 2; Prometheus's TandemLeasesLost fires and reaches the stack's Alertmanager (its
+    API lists the alert). Everything read through the published ports, with the key."""
+
+    def running() -> dict[str, str]:
+        tasks = _api(stack, "GET", "/tasks")["tasks"]
+        return {t["name"]: t["running_instance"] for t in tasks if t["is_running"]}
+
+    if not running():  # the ten are due at start; should they all have finished: run one
+        _api(stack, "POST", "/tasks/TestTask1/run")
+        wait_for(running, 30)
+    task, instance = sorted(running().items())[0]
+    hostnames = {i["id"]: i["hostname"] for i in _api(stack, "GET", "/instances")["instances"]}
+    (owner,) = [
+        c
+        for c in stack.containers("app")
+        if inspect(c)["Config"]["Hostname"] == hostnames[instance]
+    ]
+    podman("kill", owner)
+
+    def lost_and_rerun() -> tuple[dict[str, Any], dict[str, Any]] | None:
+        runs = _api(stack, "GET", f"/tasks/{task}/history")["runs"]
+        lost = [r for r in runs if r["instance_id"] == instance and r["status"] == "lost"]
+        again = [
+            r
+            for r in runs
+            if lost
+            and (r["scheduled_for"], r["attempt"])
+            == (lost[0]["scheduled_for"], lost[0]["attempt"] + 1)
+        ]
+        return (lost[0], again[0]) if again else None
+
+    wait_for(lambda: lost_and_rerun() is not None, 30, step=0.5)
+    found = lost_and_rerun()
+    assert found is not None
+    lost, again = found
+    assert "session ended" in lost["error"], lost
+    assert again["instance_id"] != instance
+
+    def alerted() -> bool:
+        answer = httpx.get(f"{stack.alertmanager}/api/v2/alerts", timeout=10)
+        answer.raise_for_status()
+        return any(a["labels"]["alertname"] == "TandemLeasesLost" for a in answer.json())
+
+    wait_for(alerted, 90, step=2)
