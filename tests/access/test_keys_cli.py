@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from tandem.core.settings import Settings
-from tests.support import REPO, free_port, query, start_server, wait_for
+from tests.support import REPO, free_port, query, start_server, start_servers, wait_for
 
 # A revocation must take effect on every instance within this (issue 11).
 REVOCATION_BOUND = 5.0
@@ -74,7 +74,7 @@ def test_a_revocation_reaches_every_instance_within_the_bound(
     assert Settings().auth_cache_ttl < REVOCATION_BOUND
     made = tandem(database_url, "keys", "create", "--name", "leaving", "--scope", "wallet:read")
     token = made.stdout.strip().splitlines()[-1]
-    servers = [start_server(database_url, log_dir) for _ in range(2)]
+    servers = start_servers(database_url, log_dir, 2)
     headers = {"Authorization": f"Bearer {token}"}
     try:
         for server in servers:

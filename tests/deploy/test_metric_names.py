@@ -27,7 +27,7 @@ from tests.deploy.observability import (
     scrape,
     wait_for,
 )
-from tests.support import Server, http_get, http_post, start_server
+from tests.support import Server, http_get, http_post, start_servers
 
 TANDEM_NAME = re.compile(r"\btandem_[a-z0-9_]+")
 
@@ -46,7 +46,7 @@ def _owner_of(task: str, servers: list[Server]) -> Server | None:
 @pytest.fixture(scope="module")
 def exposition(database_url: str, log_dir: Path) -> Iterator[list[str]]:
     """The /metrics pages of two instances after traffic, finished runs and a failover."""
-    servers = [start_server(database_url, log_dir, extra_env=SCHEDULER_ENV) for _ in range(2)]
+    servers = start_servers(database_url, log_dir, 2, extra_env=SCHEDULER_ENV)
     try:
         for server in servers:
             make_wallet_traffic(server)

@@ -44,6 +44,7 @@ from tests.support import (
     http_post,
     require_tool,
     start_server,
+    start_servers,
 )
 
 
@@ -78,7 +79,7 @@ def test_proxy_closes_idle_connections_before_the_app() -> None:
 @pytest.fixture(scope="module")
 def instances(database_url: str, log_dir: Path) -> Iterator[list[Server]]:
     """Five real instances on one database (the deployment's default)."""
-    servers = [start_server(database_url, log_dir) for _ in range(5)]
+    servers = start_servers(database_url, log_dir, 5)
     yield servers
     for server in servers:
         server.stop()

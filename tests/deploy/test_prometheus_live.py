@@ -31,7 +31,7 @@ from tests.deploy.observability import (
     start_prometheus,
     wait_for,
 )
-from tests.support import Server, http_get, http_post, require_tool, start_server
+from tests.support import Server, http_get, http_post, require_tool, start_servers
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ def observed(
     after the first scrapes at most."""
     binary = require_tool("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
-    servers = [start_server(database_url, log_dir, extra_env=SCHEDULER_ENV) for _ in range(2)]
+    servers = start_servers(database_url, log_dir, 2, extra_env=SCHEDULER_ENV)
     prometheus: Daemon | None = None
     try:
         for server in servers:

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.faults.common import FAULT_ENV
 from tests.faults.proxy import partition_proxy
 from tests.scheduler.cluster import database_now, instances_of, live, stop_all
-from tests.support import CRON_TIMINGS, LEASE, query, start_server, wait_for
+from tests.support import CRON_TIMINGS, LEASE, query, start_server, start_servers, wait_for
 
 # The settings' own defaults (lease 10 s, self-fence 7 s, heartbeat 2 s, poll 1 s): what a
 # new user runs.
@@ -159,7 +159,7 @@ def kill_trials(
     """Three instances run a long task (tests.scheduler.registries:long, its probe table in
     the database); SIGKILL its owner ``kills`` times, starting a replacement each time."""
     env = {**env, "TANDEM_SCHEDULER_TASKS": "tests.scheduler.registries:long"}
-    servers = [start_server(url, log_dir, extra_env=env) for _ in range(3)]
+    servers = start_servers(url, log_dir, 3, extra_env=env)
     found: list[Kill] = []
     try:
         for _ in range(kills):

@@ -36,7 +36,15 @@ from tests.scheduler.cluster import (
     stop_all,
 )
 from tests.scheduler.registries import PROBE_TABLE
-from tests.support import LEASE, Server, fresh_database, query, start_server, wait_for
+from tests.support import (
+    LEASE,
+    Server,
+    fresh_database,
+    query,
+    start_server,
+    start_servers,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +101,7 @@ def test_a_cut_inside_a_claim_stalls_no_other_claim(
     env = {**COMPRESSED_ENV, "TANDEM_SCHEDULER_TASKS": "tests.scheduler.registries:overrun"}
     with partition_proxy("127.0.0.1", pg.port) as proxy:
         cut = start_server(proxy.url_for(cron_url), tmp_path, extra_env=env)
-        others = [start_server(cron_url, tmp_path, extra_env=env) for _ in range(2)]
+        others = start_servers(cron_url, tmp_path, 2, extra_env=env)
         try:
             ids = instances_of(cron_url, [cut, *others], 1.0)
             cut_id = ids[0]

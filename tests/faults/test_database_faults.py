@@ -39,6 +39,7 @@ from tests.support import (
     http_request,
     query,
     start_server,
+    start_servers,
     wait_for,
 )
 
@@ -58,7 +59,7 @@ def pg_url(pg: ThrowawayPostgres) -> Iterator[str]:
 
 
 def start_instances(url: str, log_dir: Path, n: int, env: dict[str, str]) -> list[Server]:
-    return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
+    return start_servers(url, log_dir, n, extra_env=env)
 
 
 def test_fast_restart_under_burst_never_answers_500(

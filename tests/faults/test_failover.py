@@ -23,7 +23,7 @@ from tests.faults.common import (
     withdrawal,
 )
 from tests.faults.patroni import patroni_cluster
-from tests.support import LEASE, Server, query, start_server, wait_for
+from tests.support import LEASE, Server, query, start_servers, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_leader_killed_during_withdrawals_and_cron(log_dir: Path) -> None:
         url = cluster.url
         upgrade_to_head(url)  # through the multi-host URL, as a deployment would
         query(url, "CREATE TABLE IF NOT EXISTS probe (x int)")
-        servers = [start_server(url, log_dir, extra_env=CRON_ENV) for _ in range(2)]
+        servers = start_servers(url, log_dir, 2, extra_env=CRON_ENV)
         try:
             initial = 1_000_000
             user: int = query(url, "INSERT INTO users (balance) VALUES ($1) RETURNING id", initial)[

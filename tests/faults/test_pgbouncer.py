@@ -22,7 +22,7 @@ from tests.faults.common import (
     withdrawal,
 )
 from tests.faults.pgbouncer import pgbouncer
-from tests.support import LEASE, empty_database, query, start_server, wait_for
+from tests.support import LEASE, empty_database, query, start_servers, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_wallet_burst_and_cron_through_pgbouncer(postgres_url: str, log_dir: Pat
             "TANDEM_DATABASE_DIRECT_URL": direct,
         }
         upgrade_to_head(direct)
-        servers = [start_server(bouncer.url, log_dir, extra_env=env) for _ in range(2)]
+        servers = start_servers(bouncer.url, log_dir, 2, extra_env=env)
         try:
             user = create_user(direct, 10_000)
             requests = [(i % 2, withdrawal(servers[i % 2], user)) for i in range(10_000)]

@@ -4,11 +4,12 @@ processes, and the checks on history and probe rows."""
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from tests.support import CRON_TIMINGS, Server, http_get, query, start_server, wait_for
+from tests.support import CRON_TIMINGS, Server, http_get, query, start_servers, wait_for
 
 
 def database_now(url: str) -> datetime:
@@ -59,12 +60,16 @@ def as_if_down_for(url: str, interval: str) -> None:
 def start_cluster(url: str, log_dir: Path, registry: str, n: int, **overrides: str) -> list[Server]:
     env = {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.scheduler.registries:{registry}"}
     env.update(overrides)
-    return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
+    return start_servers(url, log_dir, n, extra_env=env)
 
 
 def stop_all(servers: list[Server]) -> list[int]:
-    """SIGTERM each (they drain); their exit codes (negative: killed after the grace time)."""
-    return [s.stop() for s in servers]
+    """SIGTERM to all at once (they drain, to the instances that stay); their exit codes
+    (negative: killed after the grace time)."""
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+    return [s.reap() for s in servers]
 
 
 def instance_of(server: Server) -> str:

@@ -33,6 +33,7 @@ from tests.support import (
     query,
     signed_in,
     start_server,
+    start_servers,
     wait_for,
 )
 
@@ -137,7 +138,7 @@ def running_task(server: Server, name: str) -> str:
 
 def start_instances(url: str, log_dir: Path, registry: str, n: int) -> list[Server]:
     env = {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.status.registries:{registry}"}
-    return [start_server(url, log_dir, extra_env=env) for _ in range(n)]
+    return start_servers(url, log_dir, n, extra_env=env)
 
 
 @pytest.fixture(scope="module")
