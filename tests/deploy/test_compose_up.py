@@ -11,7 +11,7 @@ What differs from a user's ``docker compose up``, each for a reason of this mach
   (Debian's nginx is 1.22; ``resolve`` needs 1.27.3), and the open-file and process limits,
   lowered to this machine's (runc cannot raise a container's above them).
 - Every service but Grafana is started (named on ``up``, so the file needs no profile):
-  Grafana has no Debian package (its dashboards' JSON is checked in test_compose.py).
+  Grafana has no Debian package (its provisioning and dashboards: test_grafana.py).
 - The host ports are free ones (TANDEM_PORT, TANDEM_PROMETHEUS_PORT,
   TANDEM_ALERTMANAGER_PORT), not the defaults another program here may hold.
 - The PgBouncer stand-in writes its settings under /tmp: podman's tmpfs on /etc/pgbouncer
@@ -26,7 +26,6 @@ import os
 import resource
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,7 +47,16 @@ from tests.deploy.containers import (
     podman,
 )
 from tests.deploy.edge import balance_updates
-from tests.support import API_KEY, AUTH, REPO, free_port, require_tool, wait_for, wait_live
+from tests.support import (
+    API_KEY,
+    REPO,
+    free_port,
+    http_get,
+    http_post,
+    require_tool,
+    wait_for,
+    wait_live,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -252,7 +260,7 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
     after = [updates(c) for c in replicas]
     assert report.problems() == [], (report.outcomes, report.error_samples)
     assert (report.ok, report.refused, report.other) == (requests // 2, requests // 2, 0)
-    balance = httpx.get(f"{stack.url}/balance/{report.user_id}", headers=AUTH, timeout=10)
+    balance = http_get(f"{stack.url}/balance/{report.user_id}", timeout=10)
     assert balance.status_code == 200, balance.text
     assert balance.json()["balance"] == 0
     served = [b - a for a, b in zip(before, after, strict=True)]
@@ -310,13 +318,21 @@ def test_a_scaled_up_replica_is_followed(stack: Stack) -> None:
     wait_for(lambda: _every_replica_scraped(stack), 60, step=1)
     (nginx,) = stack.containers("nginx")
     podman("exec", nginx, "nginx", "-s", "reload")
-    time.sleep(2)  # the old workers finish their connections; the new ones have the six
+    # The reload is done once nginx's new workers send a request to the new replica.
+    instance = _instance(f"http://{stack.address(new)}:8000")
+    wait_for(lambda: _instance(stack.url) == instance, 30, step=0.05)
     _burst_served_by_every_replica(stack, replicas, 1200)
 
 
-def _api(stack: Stack, method: str, path: str) -> Any:
-    answer = httpx.request(method, f"{stack.url}{path}", headers=AUTH, timeout=10)
-    assert answer.is_success, (path, answer.status_code, answer.text)
+def _instance(url: str) -> str | None:
+    """The instance that answers a request to ``url`` (its X-Instance-Id header)."""
+    return httpx.get(f"{url}/health/live", timeout=5).headers.get("x-instance-id")
+
+
+def _ok(answer: httpx.Response) -> Any:
+    """The JSON of a 2xx answer. (Reads here allow 10 s: once a replica is killed, nginx
+    waits out its 5 s connect timeout before it passes a request on to the next.)"""
+    assert answer.is_success, (answer.url, answer.status_code, answer.text)
     return answer.json()
 
 
@@ -328,7 +344,7 @@ def test_a_killed_replica_is_recovered_and_alerted(stack: Stack) -> None:
 
     def tasks() -> list[dict[str, Any]]:
         """The demo tasks (the housekeeping ones run for a moment only)."""
-        found = _api(stack, "GET", "/tasks")["tasks"]
+        found = _ok(http_get(f"{stack.url}/tasks", timeout=10))["tasks"]
         return [t for t in found if t["name"] in DEMO_TASKS]
 
     def fresh_run() -> tuple[str, str] | None:
@@ -340,12 +356,15 @@ def test_a_killed_replica_is_recovered_and_alerted(stack: Stack) -> None:
     if fresh_run() is None:  # the ten ran at start: start one now, once one is idle
         wait_for(lambda: any(not t["is_running"] for t in tasks()), 150, step=1)
         idle = next(t["name"] for t in tasks() if not t["is_running"])
-        _api(stack, "POST", f"/tasks/{idle}/run")
+        _ok(http_post(f"{stack.url}/tasks/{idle}/run", timeout=10))
         wait_for(lambda: fresh_run() is not None, 30, step=0.5)
     found_run = fresh_run()
     assert found_run is not None
     task, instance = found_run
-    hostnames = {i["id"]: i["hostname"] for i in _api(stack, "GET", "/instances")["instances"]}
+    hostnames = {
+        i["id"]: i["hostname"]
+        for i in _ok(http_get(f"{stack.url}/instances", timeout=10))["instances"]
+    }
     (owner,) = [
         c
         for c in stack.containers("app")
@@ -354,7 +373,7 @@ def test_a_killed_replica_is_recovered_and_alerted(stack: Stack) -> None:
     podman("kill", owner)
 
     def lost_and_rerun() -> tuple[dict[str, Any], dict[str, Any]] | None:
-        runs = _api(stack, "GET", f"/tasks/{task}/history")["runs"]
+        runs = _ok(http_get(f"{stack.url}/tasks/{task}/history", timeout=10))["runs"]
         lost = [r for r in runs if r["instance_id"] == instance and r["status"] == "lost"]
         again = [
             r
