@@ -27,8 +27,6 @@ import pytest
 
 from tests.support import API_KEY, REPO, require_tool, start_server
 
-pytestmark = pytest.mark.slow
-
 README = REPO / "README.md"
 ADDRESS = "localhost:8000"
 # curl as written, plus its status after the body (its own --write-out), so that a 4xx
@@ -155,6 +153,7 @@ def test_the_readme_is_parsed_into_examples() -> None:
         parse_shown(example.shown)
 
 
+@pytest.mark.slow
 def test_every_readme_example_runs_as_written(database_url: str, tmp_path: Path) -> None:
     """On a fresh start (migrated database, scheduler and housekeeping on, as `make run`),
     each example answers 2xx with the shape its comment shows, in the README's order."""
