@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 import tandem.wallet.models  # noqa: F401  (registers the tables on Base.metadata)
+from tandem.core import locks
 from tandem.core.database import open_connection
 from tandem.core.models import Base
 from tandem.core.settings import get_settings
@@ -26,7 +27,7 @@ def _url() -> str:
 
 # Instances that migrate on start may race; the lock makes the second wait and then find
 # nothing to do. Held until the migration transaction ends.
-MIGRATION_LOCK_ID = 0x7A6D_0001
+MIGRATION_LOCK_ID = locks.MIGRATION
 
 
 def _run(connection: Connection) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.database import rows_affected
 from tandem.core.hotpool import HotPool
+from tandem.wallet.functions import TRANSFER_V1
 from tandem.wallet.models import LedgerEntry, User
 
 Connection = asyncpg.Connection
@@ -68,8 +69,8 @@ WHERE e.user_id = $1 AND e.id < $2 ORDER BY e.id DESC LIMIT $3
 USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
 
 # Locks both users in id order, checks, moves the amount and journals both legs, in one
-# round trip (migration 0008): no deadlock whatever the directions in flight.
-TRANSFER = "SELECT * FROM tandem_transfer($1, $2, $3, $4, $5, $6)"
+# round trip (wallet/sql/transfer_v1.sql): no deadlock whatever the directions in flight.
+TRANSFER = f"SELECT * FROM {TRANSFER_V1.name}($1, $2, $3, $4, $5, $6)"
 
 GET_TRANSFER = """
 SELECT t.id, t.from_user_id, t.to_user_id, t.amount, t.reference, t.created_at,
