@@ -213,6 +213,14 @@ async def plan_run(db: Db, task_id: int, fence: int, next_slot: datetime, slot: 
     await db.execute(PLAN_RUN, task_id, fence, next_slot, slot)
 
 
+def live_window(lease: float) -> float:
+    """How recent a heartbeat keeps an instance live, in seconds, for fair share, the live
+    count and the status page: one lease. (A shorter window frees the others sooner when one
+    dies, but a heartbeat late under load then drops a live instance from the count: spread
+    got worse, 1.26-1.36. A dead one leaves the count at once anyway: its session is gone.)"""
+    return lease
+
+
 class ClaimParams(NamedTuple):
     """What a claim needs to know: who claims, under which session, and the cluster's
     timings (seconds)."""
@@ -222,7 +230,7 @@ class ClaimParams(NamedTuple):
     session_key: int
     # The claimed run's lease.
     lease: float
-    # An instance counts toward fair share while its heartbeat is this recent.
+    # An instance counts toward fair share while its heartbeat is this recent (live_window).
     live_window: float
     # A task overdue this long goes to the least-served fresh instance; twice as long, to anyone.
     steal_after: float

@@ -22,6 +22,7 @@ from tandem.core.migrations import MIGRATIONS_DIR, upgrade_to_head
 from tandem.models import metadata
 from tandem.scheduler import functions as scheduler_functions
 from tandem.wallet import functions as wallet_functions
+from tandem.wallet.models import INT64_MAX
 from tests.support import empty_database, query
 
 CURRENT: tuple[ServerFunction, ...] = scheduler_functions.CURRENT + wallet_functions.CURRENT
@@ -174,3 +175,11 @@ def test_check_reports_an_unmapped_table_and_a_dropped_column(scratch_url: str) 
         _alembic_check(scratch_url)
     assert "unmapped_things" in str(detected.value)
     assert "api_key_id" in str(detected.value)
+
+
+def test_sql_spells_the_int64_limit_the_models_name() -> None:
+    """The transfer function's balance limit is the models' INT64_MAX (SQL spells the number;
+    Python names it once), and the payee's balance column is the BIGINT that limit is."""
+    limits = {int(n) for n in re.findall(r"> (\d{10,})", wallet_functions.TRANSFER_V1.body())}
+    assert limits == {INT64_MAX}
+    assert isinstance(metadata.tables["users"].c.balance.type, sa.BigInteger)
