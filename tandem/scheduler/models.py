@@ -30,6 +30,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ExcludeConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+# Task actions are signed by API keys: their foreign key names api_keys, which the mapper
+# must find on the metadata.
+import tandem.access.models  # noqa: F401
 from tandem.core.models import Base
 
 INSTANCE_STATUSES = ("active", "draining", "stopped")

@@ -22,6 +22,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+# The journal is signed by API keys: its foreign keys name api_keys, which the mapper must
+# find on the metadata.
+import tandem.access.models  # noqa: F401
 from tandem.core.models import Base
 
 # A balance and an amount are BIGINT: what fits is the int64 range.
