@@ -86,7 +86,7 @@ FROM task WHERE h.task_id = task.id AND h.fence = $2 AND h.status = 'running'
 """
 
 # A new database session for the instance: a new key, its session-level advisory lock, and
-# the server's patience with a silent client set to a lease (migration 0007).
+# the server's patience with a silent client set to a lease (scheduler/sql/open_session_v1.sql).
 OPEN_SESSION = f"SELECT * FROM {OPEN_SESSION_V1.name}($1, $2)"
 
 # Membership, renewal of the (task, fence) pairs still held, and the live count, in one

@@ -1,5 +1,5 @@
 """Wallet tables, and the facts they keep. Money is integer units (BIGINT); the database
-refuses a negative balance, and the journal is append-only (its triggers, migration 0011's
+refuses a negative balance, and the journal is append-only (its triggers, running
 ``tandem_append_only_v1``, refuse UPDATE, DELETE and TRUNCATE for every role)."""
 
 from __future__ import annotations

@@ -146,10 +146,10 @@ async def test_claim_row_guards_alone_let_one_winner_through(
     holder = await asyncpg.connect(dsn)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", locks.CLAIM)
+        for conn in conns:
+            # Were the statement to wait on the claim lock, it would fail, not hang.
+            await conn.execute("SET lock_timeout = '5s'")
         for round_ in range(20):
-            # A lock wait would fail at once instead of hanging: the statement takes none.
-            for conn in conns:
-                await conn.execute("SET lock_timeout = '5s'")
             rows = await asyncio.gather(
                 *(
                     conn.fetch(CLAIM_ROW, f"racer-{round_}-{n}", [name])
@@ -345,7 +345,16 @@ async def test_claim_gives_up_on_a_held_claim_lock(
         key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
         with pytest.raises(asyncpg.LockNotAvailableError):
             await repository.claim_due_task(
-                db, repository.ClaimParams(instance, key, 30, 30, 0, 30, lock_timeout=0.2)
+                db,
+                repository.ClaimParams(
+                    instance,
+                    key,
+                    lease=30,
+                    live_window=30,
+                    steal_after=0,
+                    fresh_window=30,
+                    lock_timeout=0.2,
+                ),
             )
     finally:
         await holder.close()
