@@ -18,10 +18,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from tandem.access.keys import NAME_RE
 from tandem.core.models import Base
-
-# A name fits a command line and a log line: letters, digits, '.', '_', '-'; 64 at most.
-KEY_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class ApiKey(Base):
@@ -29,7 +27,8 @@ class ApiKey(Base):
     __table_args__ = (
         UniqueConstraint("name", name="uq_api_keys_name"),
         UniqueConstraint("token_sha256", name="uq_api_keys_token_sha256"),
-        CheckConstraint(f"name ~ '{KEY_NAME_PATTERN}'", name="name"),
+        # What `tandem keys create` accepts is what the table keeps.
+        CheckConstraint(f"name ~ '^{NAME_RE.pattern}$'", name="name"),
         CheckConstraint("cardinality(scopes) > 0", name="scopes"),
     )
 
