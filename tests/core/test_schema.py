@@ -21,7 +21,9 @@ from tandem.core.functions import ServerFunction
 from tandem.core.migrations import MIGRATIONS_DIR, upgrade_to_head
 from tandem.models import metadata
 from tandem.scheduler import functions as scheduler_functions
+from tandem.scheduler.functions import HEARTBEAT_V1
 from tandem.wallet import functions as wallet_functions
+from tandem.wallet.functions import TRANSFER_V1
 from tandem.wallet.models import INT64_MAX
 from tests.support import empty_database, query
 
@@ -66,6 +68,30 @@ def test_function_is_its_file_and_declaration(database_url: str, function: Serve
     assert row["prosecdef"] is function.security_definer
     assert tuple(row["config"]) == function.config
     assert tuple(row["execute"]) == tuple(sorted(function.execute))
+
+
+# What instances of the previous release call, kept through a rolling deploy (a later
+# release drops them).
+PREVIOUS_RELEASE = {
+    "tandem_claim_run": "p_instance text, p_key integer, p_lease interval, "
+    "p_live_window interval, p_steal_after interval, p_fresh_window interval, "
+    "p_slack integer, p_known text[], p_lock_timeout text",
+    "tandem_open_session": "p_instance text, p_lease interval",
+    "tandem_heartbeat": HEARTBEAT_V1.arguments,
+    "tandem_transfer": TRANSFER_V1.arguments,
+}
+
+
+def test_previous_release_functions_are_kept(database_url: str) -> None:
+    """The unversioned functions the previous release calls are still there, with the same
+    arguments, so its instances keep working during a rolling deploy."""
+    rows = query(
+        database_url,
+        "SELECT proname, pg_get_function_identity_arguments(oid) FROM pg_proc "
+        "WHERE proname = ANY($1::text[]) AND pronamespace = 'public'::regnamespace",
+        list(PREVIOUS_RELEASE),
+    )
+    assert dict((r[0], r[1]) for r in rows) == PREVIOUS_RELEASE
 
 
 def test_every_function_file_is_declared() -> None:
