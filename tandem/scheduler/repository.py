@@ -11,16 +11,14 @@ from typing import NamedTuple
 
 import asyncpg
 
+from tandem.core import locks
 from tandem.core.database import rows_affected
+from tandem.scheduler.functions import CLAIM_RUN_V1, HEARTBEAT_V1, OPEN_SESSION_V1
 
 Db = asyncpg.Connection
 
-# The advisory-lock namespaces of migration 0007 (the first key of the two-key form): claims
-# serialise on CLAIM_LOCK_ID for one statement, so the fair-share count is exact (safety
-# never depends on it: the row lock and the constraints do); each instance's database session
-# holds (SESSION_LOCKS, its session_key) for as long as that session lives.
-CLAIM_LOCK_ID = 0x7A6D_0002
-SESSION_LOCKS = 0x7A6D_0003
+# Re-exported for the tests that hold the claim lock (the table of namespaces is core.locks).
+CLAIM_LOCK_ID = locks.CLAIM
 FAIR_SLACK = 1
 
 # A newcomer starts level with the least-served live instance (not at 0), so fairness does
@@ -57,25 +55,18 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name,
         ELSE tasks.next_run_at END
 """
 
-# Fair share, by claims: an instance takes a due task only while it has claimed at most
-# FAIR_SLACK more runs than the least-served live instance, so run counts per instance stay
-# within a few of each other however fast each instance polls. Measured alternatives, with
-# five instances and forty equal tasks: the design note's ceil((running + 1) / live) cap let
-# the fastest poller win most ties (max/min 1.30); least-loaded-first 1.33; least-loaded AND
-# claims made the two rules block each other until the steal delay (15..97 runs). A task
-# overdue past the steal delay (its fair claimer is slow: stopped, starved, partitioned) goes
-# to the least-served of the instances whose heartbeat is fresh, so steals stay fair; past
-# twice the delay, to anyone (the least-served fresh one does not claim either), so no
-# instance can hold work up for longer. "Live" means a database session that holds its
-# lock (instance_sessions) and a heartbeat within the window. FOR UPDATE SKIP LOCKED: two
-# claimers never pick the same row; NOT is_running re-checked under the row lock: a claimed
-# task is never claimed again. A due retry goes before a regular slot and keeps it; the claim
-# of a regular slot clears next_run_at, which the claimer then plans (PLAN_RUN: a cron
-# expression is evaluated in Python, from the claim's database time). An instance claims only
-# tasks it has code for, so during a rolling deploy an old instance never claims a task only
-# new code knows. One statement (the function of migration 0010): the cluster-wide claim lock
-# is held by no session that waits on its client, and lock_timeout bounds the wait for it.
-CLAIM_DUE_TASK = "SELECT * FROM tandem_claim_run($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+# The claim of the earliest due run this instance may take (fair share, steals, retries
+# first): one call of a server-side function (scheduler/sql/claim_run_v1.sql says the races
+# it closes), so the cluster-wide claim lock is held by no session that waits on its client.
+# Named arguments: the call reads as ClaimParams does. Measured alternatives to fair share by
+# claims, with five instances and forty equal tasks: a ceil((running + 1) / live) cap let the
+# fastest poller win most ties (max/min 1.30); least-loaded-first 1.33; least-loaded AND
+# claims made the two rules block each other until the steal delay (15..97 runs).
+CLAIM_DUE_TASK = f"""
+SELECT * FROM {CLAIM_RUN_V1.name}(
+    p_instance => $1, p_key => $2, p_lease => $3, p_live_window => $4, p_steal_after => $5,
+    p_fresh_window => $6, p_slack => $7, p_known => $8, p_lock_timeout => $9)
+"""
 
 # The claimer's plan of the slot it claimed: the next slot (a run-now that came in between
 # wins), and the slot this run stands for (catch-up and skip may run a later one than the
@@ -95,13 +86,13 @@ FROM task WHERE h.task_id = task.id AND h.fence = $2 AND h.status = 'running'
 """
 
 # A new database session for the instance: a new key, its session-level advisory lock, and
-# the server's patience with a silent client set to a lease (migration 0007).
-OPEN_SESSION = "SELECT * FROM tandem_open_session($1, $2)"
+# the server's patience with a silent client set to a lease (scheduler/sql/open_session_v1.sql).
+OPEN_SESSION = f"SELECT * FROM {OPEN_SESSION_V1.name}($1, $2)"
 
 # Membership, renewal of the (task, fence) pairs still held, and the live count, in one
 # round trip; refused whole ('stale') if it reaches the server after $6 + $7, or
 # ('no_session') on a connection that does not hold the instance's session lock.
-HEARTBEAT = "SELECT * FROM tandem_heartbeat($1, $2, $3, $4, $5, $6, $7, $8)"
+HEARTBEAT = f"SELECT * FROM {HEARTBEAT_V1.name}($1, $2, $3, $4, $5, $6, $7, $8)"
 
 # Fenced completion: only the holder of the current fence can finish the run. Zero rows means
 # this instance was fenced out (its run was declared lost and maybe re-run): change nothing.
@@ -222,32 +213,51 @@ async def plan_run(db: Db, task_id: int, fence: int, next_slot: datetime, slot: 
     await db.execute(PLAN_RUN, task_id, fence, next_slot, slot)
 
 
-async def claim_due_task(
-    db: Db,
-    instance_id: str,
-    session_key: int,
-    lease: float,
-    live_window: float,
-    steal_after: float,
-    fresh_window: float,
-    lock_timeout: float,
-    known: list[str] | None = None,
-) -> ClaimedRun | None:
-    """Claim the earliest due task this instance may take (fair share), or None. ``known``:
-    the task names this instance has code for (None: any). Only while ``session_key`` is the
-    instance's live session. One statement, outside any transaction of the caller's."""
+def live_window(lease: float) -> float:
+    """How recent a heartbeat keeps an instance live, in seconds, for fair share, the live
+    count and the status page: one lease. (A shorter window frees the others sooner when one
+    dies, but a heartbeat late under load then drops a live instance from the count: spread
+    got worse, 1.26-1.36. A dead one leaves the count at once anyway: its session is gone.)"""
+    return lease
+
+
+class ClaimParams(NamedTuple):
+    """What a claim needs to know: who claims, under which session, and the cluster's
+    timings (seconds)."""
+
+    instance_id: str
+    # The instance's live session (its lock vouches for the claim's run).
+    session_key: int
+    # The claimed run's lease.
+    lease: float
+    # An instance counts toward fair share while its heartbeat is this recent (live_window).
+    live_window: float
+    # A task overdue this long goes to the least-served fresh instance; twice as long, to anyone.
+    steal_after: float
+    # Fresh enough to be given a steal.
+    fresh_window: float
+    # The longest wait for the cluster-wide claim lock.
+    lock_timeout: float
+    # The task names this instance has code for (None: any).
+    known: list[str] | None = None
+
+
+async def claim_due_task(db: Db, params: ClaimParams) -> ClaimedRun | None:
+    """Claim the earliest due task this instance may take (fair share), or None. Only while
+    ``params.session_key`` is the instance's live session. One statement, outside any
+    transaction of the caller's."""
     assert not db.is_in_transaction(), "the claim is one statement of its own"
     row = await db.fetchrow(
         CLAIM_DUE_TASK,
-        instance_id,
-        session_key,
-        seconds(lease),
-        seconds(live_window),
-        seconds(steal_after),
-        seconds(fresh_window),
+        params.instance_id,
+        params.session_key,
+        seconds(params.lease),
+        seconds(params.live_window),
+        seconds(params.steal_after),
+        seconds(params.fresh_window),
         FAIR_SLACK,
-        known,
-        f"{max(int(lock_timeout * 1000), 1)}ms",
+        params.known,
+        f"{max(int(params.lock_timeout * 1000), 1)}ms",
     )
     return None if row is None else ClaimedRun(*row)
 

@@ -242,19 +242,17 @@ class Runner:
             async with self._pool.acquire() as db:
                 claim = await repository.claim_due_task(
                     db,
-                    self.instance_id,
-                    session.key,
-                    settings.scheduler_lease,
-                    # Fair share counts instances seen within a lease. (A shorter window
-                    # frees the others sooner when one dies, but a heartbeat late under load
-                    # then drops a live instance from the count: spread got worse, 1.26-1.36.
-                    # A dead one leaves the count at once anyway: its session is gone.)
-                    settings.scheduler_lease,
-                    settings.scheduler_steal_after,
-                    # Fresh enough to be given a steal: two heartbeats.
-                    2 * settings.scheduler_heartbeat_interval,
-                    settings.scheduler_claim_lock_timeout,
-                    known=self._known,
+                    repository.ClaimParams(
+                        self.instance_id,
+                        session.key,
+                        lease=settings.scheduler_lease,
+                        live_window=repository.live_window(settings.scheduler_lease),
+                        steal_after=settings.scheduler_steal_after,
+                        # Fresh enough to be given a steal: two heartbeats.
+                        fresh_window=2 * settings.scheduler_heartbeat_interval,
+                        lock_timeout=settings.scheduler_claim_lock_timeout,
+                        known=self._known,
+                    ),
                 )
             if claim is None:
                 break

@@ -15,12 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.database import rows_affected
 from tandem.core.hotpool import HotPool
-from tandem.wallet.models import LedgerEntry, User
+from tandem.wallet.functions import TRANSFER_V1
+from tandem.wallet.models import INT64_MAX, LedgerEntry, User
 
 Connection = asyncpg.Connection
 Executor = HotPool | Connection
 
-# Applies the delta only when the result fits 0..2^63-1, and journals it, in one statement
+# Applies the delta only when the result fits 0..INT64_MAX, and journals it, in one statement
 # (one round trip, autocommit). UPDATE takes the row lock, and under READ COMMITTED
 # PostgreSQL re-checks the WHERE on the newest row version after waiting for it, so
 # concurrent updates serialise on the row with no read-modify-write race and no lost update;
@@ -29,10 +30,10 @@ Executor = HotPool | Connection
 # row, not an error. The second branch tells "refused" from "no such user" in the same round
 # trip. $4 (the idempotency key) is unique in the journal per caller ($5, the API key that
 # also signs the entry): a change applied with a key can never be applied again with it.
-APPLY_DELTA = """
+APPLY_DELTA = f"""
 WITH updated AS (
     UPDATE users SET balance = balance + $2, updated_at = clock_timestamp()
-    WHERE id = $1 AND (balance::numeric + $2) BETWEEN 0 AND 9223372036854775807
+    WHERE id = $1 AND (balance::numeric + $2) BETWEEN 0 AND {INT64_MAX}
     RETURNING id, balance
 ), entry AS (
     INSERT INTO ledger_entries
@@ -68,8 +69,8 @@ WHERE e.user_id = $1 AND e.id < $2 ORDER BY e.id DESC LIMIT $3
 USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
 
 # Locks both users in id order, checks, moves the amount and journals both legs, in one
-# round trip (migration 0008): no deadlock whatever the directions in flight.
-TRANSFER = "SELECT * FROM tandem_transfer($1, $2, $3, $4, $5, $6)"
+# round trip (wallet/sql/transfer_v1.sql): no deadlock whatever the directions in flight.
+TRANSFER = f"SELECT * FROM {TRANSFER_V1.name}($1, $2, $3, $4, $5, $6)"
 
 GET_TRANSFER = """
 SELECT t.id, t.from_user_id, t.to_user_id, t.amount, t.reference, t.created_at,

@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import sqlalchemy as sa
 from alembic import command
+from alembic.script import ScriptDirectory
 
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import alembic_config, head_revision, upgrade_to_head
+from tandem.models import metadata
 from tests.support import empty_database, http_get, start_server
 
 
@@ -55,16 +58,107 @@ def test_concurrent_upgrades_serialise(postgres_url: str) -> None:
         assert users[0]["n"] == 1
 
 
-def test_downgrade_and_upgrade_round_trip(postgres_url: str) -> None:
-    """Every migration can be undone and applied again."""
+# The catalog of the public schema, each part a set of rows that say everything a migration
+# decides (column positions excepted: a column added later sits last, one dropped and added
+# again too).
+CATALOG: dict[str, str] = {
+    "tables": """
+        SELECT c.relname, c.relkind::text FROM pg_class c
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')""",
+    "columns": """
+        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+          AND a.attnum > 0 AND NOT a.attisdropped""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, contype::text, pg_get_constraintdef(oid)
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace""",
+    "sequences": """
+        SELECT sequencename, data_type::text, cycle FROM pg_sequences
+        WHERE schemaname = 'public'""",
+    "views": """
+        SELECT viewname, definition FROM pg_views WHERE schemaname = 'public'""",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid),
+               pg_get_function_result(p.oid), p.prosrc, p.prosecdef, p.provolatile::text,
+               p.proconfig::text, p.proacl::text
+        FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace""",
+    "triggers": """
+        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) FROM pg_trigger
+        WHERE NOT tgisinternal""",
+}
+
+
+async def _catalog(url: str, parts: tuple[str, ...] = tuple(CATALOG)) -> dict[str, set[tuple]]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return {part: {tuple(row) for row in await conn.fetch(CATALOG[part])} for part in parts}
+    finally:
+        await conn.close()
+
+
+def catalog(url: str, parts: tuple[str, ...] = tuple(CATALOG)) -> dict[str, set[tuple]]:
+    return asyncio.run(_catalog(url, parts))
+
+
+def test_each_downgrade_step_leaves_the_schema_of_a_fresh_upgrade(postgres_url: str) -> None:
+    """From head, one revision down at a time to base: after each step the catalog (tables,
+    columns with types, nullability and defaults, indexes, constraints, sequences, views,
+    functions, triggers) is that of a new database upgraded straight to that revision; then
+    head again from base."""
+    script = ScriptDirectory.from_config(alembic_config())
+    revisions = [r.revision for r in script.walk_revisions()]  # head first
+    assert revisions[0] == head_revision()
+    targets = [*revisions[1:], "base"]
     with empty_database(postgres_url) as url:
         upgrade_to_head(url)
-        command.downgrade(alembic_config(url), "base")
-        tables = asyncio.run(
-            _fetch(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        )
-        assert {r["tablename"] for r in tables} <= {"alembic_version"}
+        for above, target in zip(revisions, targets, strict=True):
+            command.downgrade(alembic_config(url), "-1")
+            with empty_database(postgres_url) as fresh:
+                command.upgrade(alembic_config(fresh), target)
+                expected = catalog(fresh)
+            stepped = catalog(url)
+            for part in CATALOG:
+                assert stepped[part] == expected[part], (
+                    f"after downgrading {above} to {target}: {part} differ\n"
+                    f"  left behind: {sorted(stepped[part] - expected[part])}\n"
+                    f"  missing: {sorted(expected[part] - stepped[part])}"
+                )
         upgrade_to_head(url)
+        with empty_database(postgres_url) as fresh:
+            upgrade_to_head(fresh)
+            assert catalog(url) == catalog(fresh)
+
+
+def test_models_create_the_schema_the_migrations_make(postgres_url: str) -> None:
+    """The models, created as they are (metadata.create_all), make the tables, columns,
+    defaults, indexes and constraints the migrations make, including what autogenerate does
+    not compare (CHECK and exclusion constraints, partial indexes' predicates)."""
+    parts = ("columns", "indexes", "constraints")
+    with empty_database(postgres_url) as migrated, empty_database(postgres_url) as modelled:
+        upgrade_to_head(migrated)
+        expected = catalog(migrated, parts)
+        engine = sa.create_engine(sa.make_url(modelled).set(drivername="postgresql+psycopg"))
+        try:
+            with engine.begin() as connection:
+                metadata.create_all(connection)
+        finally:
+            engine.dispose()
+        made = catalog(modelled, parts)
+
+    def schema_only(rows: set[tuple]) -> set[tuple]:
+        # Only the migrations' bookkeeping table and the view are not models.
+        return {r for r in rows if r[0] not in {"alembic_version", "instance_sessions"}}
+
+    for part in parts:
+        assert schema_only(made[part]) == schema_only(expected[part]), (
+            f"{part} differ\n  models only: {sorted(schema_only(made[part] - expected[part]))}"
+            f"\n  migrations only: {sorted(schema_only(expected[part] - made[part]))}"
+        )
 
 
 def test_readiness_follows_schema(postgres_url: str, tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ import asyncpg
 import httpx
 import pytest
 
+from tandem.core import locks
 from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
+from tandem.scheduler.functions import CLAIM_ROW_V1
 from tandem.scheduler.registry import TaskDefinition
 from tandem.scheduler.runner import plan_claim, task_row
 from tests.scheduler.registries import definition
@@ -32,7 +34,17 @@ async def claim(
     current session."""
     key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
     claimed = await repository.claim_due_task(
-        db, instance, key, lease, 30, steal_after, fresh_window, lock_timeout=1.0, known=known
+        db,
+        repository.ClaimParams(
+            instance,
+            key,
+            lease=lease,
+            live_window=30,
+            steal_after=steal_after,
+            fresh_window=fresh_window,
+            lock_timeout=1.0,
+            known=known,
+        ),
     )
     planned = None if claimed is None else plan_claim(claimed, DEFINITIONS.get(claimed.name))
     if claimed is not None and planned is not None:
@@ -96,7 +108,7 @@ async def new_task(db: asyncpg.Connection, interval: float = 60.0) -> tuple[int,
 
 async def test_claim_race_has_one_winner(db: asyncpg.Connection, sessions: Sessions) -> None:
     """50 instances claim one due task at once, 20 times over: exactly one wins each time
-    (each claims on its own session's connection)."""
+    (each claims on its own session's connection, through the whole claim function)."""
     instances = [await sessions.new_instance(db) for _ in range(50)]
     task_id, _ = await new_task(db)
     for _ in range(20):
@@ -111,9 +123,67 @@ async def test_claim_race_has_one_winner(db: asyncpg.Connection, sessions: Sessi
     assert runs == 20
 
 
+# The claim's row-level statement alone, as tandem_claim_run_v1 calls it once fair share has
+# allowed the claim: no advisory lock, no liveness check.
+CLAIM_ROW = f"""
+SELECT * FROM {CLAIM_ROW_V1.name}(
+    p_instance => $1, p_lease => interval '30 seconds', p_fair => true, p_fair_fresh => true,
+    p_steal_after => interval '0', p_known => $2)
+"""
+
+
+async def test_claim_row_guards_alone_let_one_winner_through(
+    db: asyncpg.Connection, database_url: str
+) -> None:
+    """With the cluster-wide claim lock held by another session all along (so no claim could
+    be serialised by it), 50 connections run the claim's row-level statement on one due task
+    at once, 20 times over: exactly one takes it each time, none fails. Without the row
+    guards (SKIP LOCKED, NOT is_running re-checked under the row lock) several would take it,
+    or fail on the history's constraints."""
+    task_id, name = await new_task(db)
+    dsn = asyncpg_dsn(database_url)
+    conns = [await asyncpg.connect(dsn) for _ in range(50)]
+    holder = await asyncpg.connect(dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", locks.CLAIM)
+        for conn in conns:
+            # Were the statement to wait on the claim lock, it would fail, not hang.
+            await conn.execute("SET lock_timeout = '5s'")
+        for round_ in range(20):
+            rows = await asyncio.gather(
+                *(
+                    conn.fetch(CLAIM_ROW, f"racer-{round_}-{n}", [name])
+                    for n, conn in enumerate(conns)
+                )
+            )
+            winners = [row for claimed in rows for row in claimed]
+            assert len(winners) == 1, winners
+            assert await repository.complete_run(
+                db, task_id, winners[0]["fence"], "succeeded", None
+            )
+            await db.execute(
+                "UPDATE tasks SET next_run_at = clock_timestamp() WHERE id = $1", task_id
+            )
+        assert (
+            await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND objid = $1 AND pid = pg_backend_pid()",
+                locks.CLAIM,
+            )
+            == 1
+        ), "the claim lock was held throughout"
+    finally:
+        await holder.close()
+        for conn in conns:
+            await conn.close()
+    runs = await db.fetchval("SELECT count(*) FROM task_history WHERE task_id = $1", task_id)
+    assert runs == 20
+
+
 async def test_database_refuses_overlap(db: asyncpg.Connection) -> None:
-    """Two runs of one task overlapping in time, a second running row, or a slot's attempt
-    run twice: the database itself refuses each."""
+    """Two runs of one task overlapping in time, or a second running row, are refused by the
+    exclusion constraint ex_task_history_no_overlap; a slot's attempt run twice, by the unique
+    key uq_task_history_task_slot_attempt."""
     task_id, _ = await new_task(db)
     insert = (
         "INSERT INTO task_history (task_id, instance_id, fence, scheduled_for, started_at, "
@@ -122,13 +192,16 @@ async def test_database_refuses_overlap(db: asyncpg.Connection) -> None:
     now = await db.fetchval("SELECT clock_timestamp()")
     s = timedelta(seconds=1)
     await db.execute(insert, task_id, 1, now, now, now + 10 * s, "succeeded")
-    with pytest.raises(asyncpg.ExclusionViolationError):
+    with pytest.raises(asyncpg.ExclusionViolationError) as overlap:
         await db.execute(insert, task_id, 2, now + s, now + 5 * s, now + 20 * s, "succeeded")
-    with pytest.raises(asyncpg.UniqueViolationError):
+    assert overlap.value.constraint_name == "ex_task_history_no_overlap"
+    with pytest.raises(asyncpg.UniqueViolationError) as twice:
         await db.execute(insert, task_id, 3, now, now + 30 * s, now + 40 * s, "succeeded")
+    assert twice.value.constraint_name == "uq_task_history_task_slot_attempt"
     await db.execute(insert, task_id, 4, now + 2 * s, now + 50 * s, None, "running")
-    with pytest.raises((asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError)):
+    with pytest.raises(asyncpg.ExclusionViolationError) as second_running:
         await db.execute(insert, task_id, 5, now + 3 * s, now + 60 * s, None, "running")
+    assert second_running.value.constraint_name == "ex_task_history_no_overlap"
 
 
 async def test_fenced_out_completion_changes_nothing(
@@ -271,7 +344,18 @@ async def test_claim_gives_up_on_a_held_claim_lock(
         await holder.execute("SELECT pg_advisory_lock($1)", repository.CLAIM_LOCK_ID)
         key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
         with pytest.raises(asyncpg.LockNotAvailableError):
-            await repository.claim_due_task(db, instance, key, 30, 30, 0, 30, lock_timeout=0.2)
+            await repository.claim_due_task(
+                db,
+                repository.ClaimParams(
+                    instance,
+                    key,
+                    lease=30,
+                    live_window=30,
+                    steal_after=0,
+                    fresh_window=30,
+                    lock_timeout=0.2,
+                ),
+            )
     finally:
         await holder.close()
     assert await claim(db, instance) is not None

@@ -20,7 +20,6 @@ Revises: 0008_ledger
 Create Date: 2026-12-02
 """
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -190,12 +189,5 @@ def downgrade() -> None:
     for table in ("ledger_entries", "transfers"):
         op.execute(f"ALTER TABLE {table} DROP COLUMN api_key_id")
     op.execute("DROP TABLE api_keys")
-    # 0008's transfer function, as it was (alembic loads revisions by path, not by package).
-    spec = importlib.util.spec_from_file_location(
-        "tandem_migration_0008", Path(__file__).with_name("2026_12_02_0008_ledger.py")
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    ledger = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ledger)
-    op.execute(ledger.TRANSFER_FUNCTION)
+    # 0008's transfer function, as it was.
+    op.execute((Path(__file__).parent.parent / "sql" / "0008_transfer.sql").read_text())

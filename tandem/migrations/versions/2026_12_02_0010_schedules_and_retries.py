@@ -21,10 +21,8 @@ Revises: 0009_api_keys
 Create Date: 2026-12-02
 """
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 from alembic import op
 
@@ -127,19 +125,6 @@ END $$
 _CLAIM_ARGS = "text, integer, interval, interval, interval, interval, integer, text[], text"
 
 
-def _migration_0007() -> ModuleType:
-    """0007's module (alembic loads revisions by path, not by package)."""
-    spec = importlib.util.spec_from_file_location(
-        "tandem_migration_0007",
-        Path(__file__).with_name("2026_12_02_0007_scheduler_sessions.py"),
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def upgrade() -> None:
     op.execute(
         """
@@ -187,7 +172,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(f"DROP FUNCTION tandem_claim_run({_CLAIM_ARGS})")
-    op.execute(_migration_0007().CLAIM_FUNCTION)
+    # 0007's claim function, as it was.
+    op.execute((Path(__file__).parent.parent / "sql" / "0007_claim_task.sql").read_text())
     # What the old version cannot represent: retries' rows get distinct slots (a microsecond
     # per attempt), the new statuses become the nearest old ones.
     op.execute(

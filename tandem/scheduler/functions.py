@@ -1,0 +1,42 @@
+"""The scheduler's server-side functions (files in ``sql/``), declared once: the migration
+that creates each version and the test of the catalog both read these. A released version
+is never edited; a change is a new file and a new declaration (see tandem/core/functions.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tandem.core.functions import ServerFunction
+
+_SQL = Path(__file__).resolve().parent / "sql"
+
+CLAIM_ROW_V1 = ServerFunction(
+    "tandem_claim_row_v1",
+    _SQL / "claim_row_v1.sql",
+    "p_instance text, p_lease interval, p_fair boolean, p_fair_fresh boolean, "
+    "p_steal_after interval, p_known text[]",
+)
+
+CLAIM_RUN_V1 = ServerFunction(
+    "tandem_claim_run_v1",
+    _SQL / "claim_run_v1.sql",
+    "p_instance text, p_key integer, p_lease interval, p_live_window interval, "
+    "p_steal_after interval, p_fresh_window interval, p_slack integer, p_known text[], "
+    "p_lock_timeout text",
+)
+
+OPEN_SESSION_V1 = ServerFunction(
+    "tandem_open_session_v1",
+    _SQL / "open_session_v1.sql",
+    "p_instance text, p_lease interval",
+)
+
+HEARTBEAT_V1 = ServerFunction(
+    "tandem_heartbeat_v1",
+    _SQL / "heartbeat_v1.sql",
+    "p_instance text, p_key integer, p_lease interval, p_ids bigint[], p_fences bigint[], "
+    "p_anchor timestamp with time zone, p_valid_for interval, p_live_window interval",
+)
+
+# The versions this code calls, in the order they must be created (a caller after its callee).
+CURRENT = (CLAIM_ROW_V1, CLAIM_RUN_V1, OPEN_SESSION_V1, HEARTBEAT_V1)

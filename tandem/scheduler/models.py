@@ -1,0 +1,197 @@
+"""The cluster cron's tables. The database itself refuses what must never happen: two runs
+of one task overlapping in time (the exclusion constraint, which also refuses a second
+running row: two open runs always overlap), a slot's attempt run twice (unique task, slot,
+attempt), a running task without its holder and lease (ck_tasks_running_consistent).
+
+The statements on them are the repository's SQL and the server-side functions in ``sql/``;
+these models are the schema's readable truth (autogenerate compares them with the database).
+Every timestamp is written by the database clock (``clock_timestamp()``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    Interval,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ExcludeConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+# Task actions are signed by API keys: their foreign key names api_keys, which the mapper
+# must find on the metadata.
+import tandem.access.models  # noqa: F401
+from tandem.core.models import Base
+
+INSTANCE_STATUSES = ("active", "draining", "stopped")
+MISSED_POLICIES = ("coalesce", "skip", "catch_up")
+RUN_STATUSES = ("running", "succeeded", "failed", "lost", "cancelled", "timed_out", "skipped")
+TASK_ACTIONS = ("run", "pause", "resume")
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Instance(Base):
+    """A member of the cluster: live while its database session holds its lock (the
+    ``instance_sessions`` view over pg_locks, keyed by ``session_key``) and its heartbeat is
+    within the live window."""
+
+    __tablename__ = "instances"
+    __table_args__ = (CheckConstraint(_one_of("status", INSTANCE_STATUSES), name="status"),)
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    hostname: Mapped[str] = mapped_column(Text, nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'active'"))
+    # Runs claimed so far: what fair share compares.
+    claims: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    # The key of its current database session's advisory lock (sequence instance_session_keys).
+    session_key: Mapped[int | None] = mapped_column(Integer)
+
+
+class Task(Base):
+    """A definition (written from code at every start) and its runtime state (never reset by
+    a deploy): the run in progress, the next slot, the pending retry, the fence."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_tasks_name"),
+        CheckConstraint("\"interval\" > interval '0'", name="interval_positive"),
+        CheckConstraint(
+            "(is_running AND running_instance IS NOT NULL AND started_at IS NOT NULL "
+            "AND lease_until IS NOT NULL) "
+            "OR (NOT is_running AND running_instance IS NULL AND lease_until IS NULL)",
+            name="running_consistent",
+        ),
+        CheckConstraint(_one_of("missed", MISSED_POLICIES), name="missed"),
+        CheckConstraint("(schedule IS NULL) = (timezone IS NULL)", name="cron_zone"),
+        CheckConstraint("timeout > interval '0'", name="timeout_positive"),
+        CheckConstraint("max_attempts >= 1", name="max_attempts"),
+        CheckConstraint(
+            "(retry_at IS NULL) = (retry_slot IS NULL) "
+            "AND (retry_at IS NULL) = (retry_attempt IS NULL)",
+            name="retry_whole",
+        ),
+        CheckConstraint("retry_attempt >= 2", name="retry_attempt"),
+        # What the claim scans: the due ones, by when they are due (a retry or the next slot).
+        Index(
+            "ix_tasks_due",
+            func.least(text("retry_at"), text("next_run_at")),
+            postgresql_where=text("enabled AND NOT is_running"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    interval: Mapped[timedelta] = mapped_column(Interval, nullable=False)
+    function_name: Mapped[str] = mapped_column(Text, nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
+    is_running: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    running_instance: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # NULL for a moment after the claim of a regular slot, until its claimer plans the next.
+    next_run_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), server_default=func.clock_timestamp()
+    )
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    fence: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    last_status: Mapped[str | None] = mapped_column(Text)
+    last_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    last_succeeded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A cron task's expression and zone (NULL for an interval task).
+    schedule: Mapped[str | None] = mapped_column(Text)
+    timezone: Mapped[str | None] = mapped_column(Text)
+    missed: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'coalesce'"))
+    timeout: Mapped[timedelta | None] = mapped_column(Interval)
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+    # The pending retry: attempt retry_attempt of slot retry_slot is due at retry_at.
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retry_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retry_attempt: Mapped[int | None] = mapped_column(Integer)
+
+
+class TaskHistory(Base):
+    """One attempt at one slot of one task, from its claim to its end."""
+
+    __tablename__ = "task_history"
+    __table_args__ = (
+        UniqueConstraint("task_id", "fence", name="uq_task_history_task_id_fence"),
+        UniqueConstraint(
+            "task_id", "scheduled_for", "attempt", name="uq_task_history_task_slot_attempt"
+        ),
+        CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
+        CheckConstraint("(status = 'running') = (finished_at IS NULL)", name="finished"),
+        CheckConstraint("finished_at IS NULL OR finished_at >= started_at", name="order"),
+        CheckConstraint("attempt >= 1", name="attempt"),
+        # The built-in range GiST opclasses: no btree_gist extension needed.
+        ExcludeConstraint(
+            (text("int8range(task_id, task_id, '[]')"), "&&"),
+            (text("tstzrange(started_at, COALESCE(finished_at, 'infinity'), '[)')"), "&&"),
+            name="ex_task_history_no_overlap",
+            using="gist",
+        ),
+        # A task's runs, newest first (the API's history, the recent runs' lateral scan).
+        Index("ix_task_history_task_started", "task_id", text("started_at DESC")),
+        # Pruning finished runs past their retention, in batches.
+        Index(
+            "ix_task_history_finished_at",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
+    )
+    instance_id: Mapped[str] = mapped_column(Text, nullable=False)
+    fence: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    scheduled_for: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+
+
+class TaskAction(Base):
+    """Who ran, paused or resumed a task through the API."""
+
+    __tablename__ = "task_actions"
+    __table_args__ = (
+        CheckConstraint(_one_of("action", TASK_ACTIONS), name="action"),
+        Index("ix_task_actions_task_id", "task_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
+    )
+    action: Mapped[str] = mapped_column(Text, nullable=False)
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
