@@ -7,16 +7,12 @@ route templates (``/balance/{userId}``), never raw paths, so cardinality stays b
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from tandem.core.asgi import ERROR_SCOPE_KEY, ASGIApp, Message, Receive, Scope, Send
+from tandem.core.errors import DatabaseUnavailableError, OutcomeUnknownError
 
 # Set by an ASGI path that bypasses the router (the wallet's lean path) to name its route.
 ROUTE_SCOPE_KEY = "tandem.route"
@@ -41,13 +37,15 @@ WALLET_BALANCE_UPDATES = Counter(
 )
 # Both kinds of 503 a database failure gives (tandem/core/failures.py): "not_applied"
 # (database_unavailable: nothing changed) and "outcome_unknown" (a write may have committed).
+# Counted by HttpMetricsMiddleware as they are answered: once per response, whatever was
+# retried before.
 DATABASE_FAILURES = Counter(
     "tandem_database_failures_total",
     "Database failures answered as 503, by kind: not_applied or outcome_unknown.",
     ["kind"],
 )
-for _kind in ("not_applied", "outcome_unknown"):
-    DATABASE_FAILURES.labels(_kind)
+_NOT_APPLIED = DATABASE_FAILURES.labels("not_applied")
+_OUTCOME_UNKNOWN = DATABASE_FAILURES.labels("outcome_unknown")
 
 INSTANCE_INFO = Gauge(
     "tandem_instance_info",
@@ -64,6 +62,14 @@ def render_metrics() -> bytes:
     return generate_latest()
 
 
+def _count_database_failure(scope: Scope) -> None:
+    error = scope.get(ERROR_SCOPE_KEY)
+    if isinstance(error, OutcomeUnknownError):
+        _OUTCOME_UNKNOWN.inc()
+    elif isinstance(error, DatabaseUnavailableError):
+        _NOT_APPLIED.inc()
+
+
 def _route_of(scope: Scope) -> str:
     route = scope.get(ROUTE_SCOPE_KEY)
     if route is not None:
@@ -74,8 +80,9 @@ def _route_of(scope: Scope) -> str:
 
 
 class HttpMetricsMiddleware:
-    """Counts and times every HTTP request, whichever path (router or lean) answers it, and
-    names the instance that answered in an ``X-Instance-Id`` header (behind a load balancer,
+    """Counts and times every HTTP request, whichever path (router or lean) answers it, counts
+    the database failures answered (the error the renderer noted in the scope), and names the
+    instance that answered in an ``X-Instance-Id`` header (behind a load balancer,
     the access log and the client can tell which replica served a request)."""
 
     def __init__(self, app: ASGIApp, instance_id: str) -> None:
@@ -96,6 +103,8 @@ class HttpMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if status == 503:
+                    _count_database_failure(scope)
                 message["headers"] = [*message.get("headers", ()), self._instance_header]
             await send(message)
 
