@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     database = Database(settings)
     instance = Instance(settings, database)
-    keys = KeyCache(database, settings.auth_cache_ttl)
+    keys = KeyCache(
+        database, settings.auth_cache_ttl, lookups_per_second=settings.auth_lookups_per_second
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -47,6 +47,24 @@ DATABASE_FAILURES = Counter(
 _NOT_APPLIED = DATABASE_FAILURES.labels("not_applied")
 _OUTCOME_UNKNOWN = DATABASE_FAILURES.labels("outcome_unknown")
 
+# --- access ---------------------------------------------------------------------------
+# A well-formed token the process's key cache does not hold is looked up in the database by
+# its hash (tandem/access/cache.py), unless it is known to be unknown, a lookup of it is
+# already on its way, or the per-process limit of lookups is reached.
+ACCESS_KEY_LOOKUPS = Counter(
+    "tandem_access_key_lookups_total",
+    "Database lookups of a token this process's key cache did not hold, by result: found (a "
+    "key made since the last reload), unknown (no live key has it), failed (no answer).",
+    ["result"],
+)
+ACCESS_KEY_LOOKUPS_AVOIDED = Counter(
+    "tandem_access_key_lookups_avoided_total",
+    "Requests with a token the key cache did not hold that made no lookup of their own, by "
+    "reason: remembered (looked up lately: unknown), shared (waited for the same token's "
+    "lookup in flight), limited (the per-process limit of lookups was reached: refused).",
+    ["reason"],
+)
+
 INSTANCE_INFO = Gauge(
     "tandem_instance_info",
     "Always 1; its labels name this process: the instance id shown by /instances and sent in "
