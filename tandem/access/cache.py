@@ -3,13 +3,28 @@ anonymous client to make the database work by sending tokens.
 
 The key table is small (people make keys; requests do not), so each process loads all live
 keys (their SHA-256, name and scopes) at start and again every ``ttl`` seconds, in the
-background. A request's token is hashed and looked up in memory. A revocation or a new key
-reaches every instance within ``ttl`` plus one load. If the keys could not be reloaded for
-``max(2 * ttl, 5 s)`` (the database is unreachable), the cache fails closed: requests are
-no longer trusted: the next request reloads them first (one load shared by the requests that
-wait for it), and is answered ``503 database_unavailable`` if that fails, rather than
-trusting a list a revocation may have changed. The
-keys used since the last load are dated in the same refresh (``last_used_at``, one statement).
+background. A request's token is hashed and looked up in memory. A revocation reaches every
+instance within ``ttl`` plus one load: each load replaces the whole set. If the keys could not
+be reloaded for ``max(2 * ttl, 5 s)`` (the database is unreachable), the cache fails closed:
+requests are no longer trusted: the next request reloads them first (one load shared by the
+requests that wait for it), and is answered ``503 database_unavailable`` if that fails,
+rather than trusting a list a revocation may have changed. The keys used since the last load
+are dated in the same refresh (``last_used_at``, one statement).
+
+A key made since the last load works at once, on every instance: a well-formed token the
+cache does not hold is looked up by its hash (one probe of a unique index, live keys only,
+like the load) and, when found, kept until the next load, which keeps it only while it is
+live. What keeps guessed tokens from costing the database anything:
+
+- a token found unknown is remembered as such for ``UNKNOWN_TOKEN_MEMORY`` seconds (a key
+  made later has a token nobody could have sent before, and the next load brings it anyway:
+  the set of loaded keys is consulted first);
+- requests with the same unknown token at once share one lookup (single flight);
+- at most ``lookups_per_second`` lookups per process (as many at once); past that, an
+  unknown token is refused without one.
+
+A lookup that a load overtook (the load began after it) answers its own request but is not
+kept: only a load may decide what stays, so a key revoked meanwhile is not brought back.
 """
 
 from __future__ import annotations
@@ -18,13 +33,26 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from tandem.access import keys, repository
 from tandem.core.callers import Caller
 from tandem.core.database import Database
 from tandem.core.errors import AppError, DatabaseUnavailableError
+from tandem.observability.metrics import ACCESS_KEY_LOOKUPS, ACCESS_KEY_LOOKUPS_AVOIDED
 
 log = logging.getLogger(__name__)
+
+# Seconds a token found unknown is refused without a lookup. With the lookup limit this also
+# bounds the memory it takes: at most lookups_per_second * UNKNOWN_TOKEN_MEMORY tokens.
+UNKNOWN_TOKEN_MEMORY = 60.0
+
+_FOUND = ACCESS_KEY_LOOKUPS.labels("found")
+_UNKNOWN = ACCESS_KEY_LOOKUPS.labels("unknown")
+_FAILED = ACCESS_KEY_LOOKUPS.labels("failed")
+_REMEMBERED = ACCESS_KEY_LOOKUPS_AVOIDED.labels("remembered")
+_SHARED = ACCESS_KEY_LOOKUPS_AVOIDED.labels("shared")
+_LIMITED = ACCESS_KEY_LOOKUPS_AVOIDED.labels("limited")
 
 
 class KeysNotLoadedError(DatabaseUnavailableError):
@@ -32,16 +60,47 @@ class KeysNotLoadedError(DatabaseUnavailableError):
         super().__init__("the API keys could not be loaded from the database; retry")
 
 
+class _Allowance:
+    """A token bucket: ``rate`` per second, up to ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class KeyCache:
-    def __init__(self, database: Database, ttl: float) -> None:
+    def __init__(
+        self,
+        database: Database,
+        ttl: float,
+        *,
+        lookups_per_second: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._database = database
         self._ttl = ttl
         self._trusted_for = max(2 * ttl, 5.0)
+        self._clock = clock
         self._keys: dict[bytes, Caller] = {}
         self._loaded_at = float("-inf")
+        # Incremented by every load that starts: a lookup that a load overtook is not kept.
+        self._loads = 0
         self._used: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._reloading: asyncio.Future[None] | None = None
+        self._unknown: dict[bytes, float] = {}  # token hash -> refused without lookup until
+        self._lookups: dict[bytes, asyncio.Future[Caller | None]] = {}
+        self._allowance = _Allowance(lookups_per_second, max(1.0, lookups_per_second), clock())
 
     async def start(self) -> None:
         """Load once (failures are retried by the refresh loop) and start refreshing."""
@@ -56,18 +115,23 @@ class KeyCache:
 
     async def resolve(self, token: str) -> Caller | None:
         """The live key this token belongs to, or None. When the keys in memory are too old to
-        be trusted, reloads them first; raises DatabaseUnavailableError if it cannot."""
-        if time.monotonic() - self._loaded_at > self._trusted_for:
+        be trusted, reloads them first; raises DatabaseUnavailableError if it cannot, or if
+        the lookup of a token it does not hold fails."""
+        if self._clock() - self._loaded_at > self._trusted_for:
             await self._reload_now()
         if not keys.well_formed(token):
             return None
-        caller = self._keys.get(keys.digest(token))
+        sha256 = keys.digest(token)
+        caller = self._keys.get(sha256)
+        if caller is None:
+            caller = await self._look_up(sha256)
         if caller is not None and caller.api_key_id is not None:
             self._used.add(caller.api_key_id)
         return caller
 
     async def refresh(self) -> None:
         """Reload every live key, and date the ones used since the last refresh."""
+        self._loads += 1
         used, self._used = self._used, set()
         try:
             rows = await repository.live_keys(self._database.hot, sorted(used))
@@ -75,7 +139,57 @@ class KeyCache:
             self._used |= used
             raise
         self._keys = {row.sha256: Caller(row.id, row.name, frozenset(row.scopes)) for row in rows}
-        self._loaded_at = time.monotonic()
+        self._loaded_at = now = self._clock()
+        self._unknown = {sha256: until for sha256, until in self._unknown.items() if until > now}
+
+    # --- a token the cache does not hold -------------------------------------------------
+
+    async def _look_up(self, sha256: bytes) -> Caller | None:
+        now = self._clock()
+        if self._unknown.get(sha256, now) > now:
+            _REMEMBERED.inc()
+            return None
+        pending = self._lookups.get(sha256)
+        if pending is not None:
+            _SHARED.inc()
+        elif self._allowance.take(now):
+            pending = asyncio.ensure_future(self._query(sha256, self._loads))
+            self._lookups[sha256] = pending
+            pending.add_done_callback(lambda done: self._looked_up(sha256, done))
+        else:
+            _LIMITED.inc()
+            return None
+        # shield: one waiter cancelled (its client went away) must not cancel the others'.
+        return await asyncio.shield(pending)
+
+    async def _query(self, sha256: bytes, loads: int) -> Caller | None:
+        try:
+            row = await repository.live_key_by_hash(self._database.hot, sha256)
+        except AppError:
+            _FAILED.inc()
+            raise  # the pool's own classification (database_unavailable)
+        except Exception as error:
+            _FAILED.inc()
+            raise KeysNotLoadedError() from error
+        if row is None:
+            _UNKNOWN.inc()
+            self._unknown[sha256] = self._clock() + UNKNOWN_TOKEN_MEMORY
+            return None
+        _FOUND.inc()
+        caller = Caller(row.id, row.name, frozenset(row.scopes))
+        if self._loads == loads:
+            # No load began since the lookup did, so none can have dropped this key after
+            # the lookup saw it live: keep it until the next load decides.
+            self._keys[sha256] = caller
+        return caller
+
+    def _looked_up(self, sha256: bytes, done: asyncio.Future[Caller | None]) -> None:
+        if self._lookups.get(sha256) is done:
+            del self._lookups[sha256]
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every waiter may have gone
+
+    # --- loads ---------------------------------------------------------------------------
 
     async def _reload_now(self) -> None:
         if self._reloading is None:

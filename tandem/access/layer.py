@@ -26,7 +26,18 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tandem.access import policy
 from tandem.access.cache import KeyCache
-from tandem.core.asgi import body_chunks, header, respond, respond_error, respond_unexpected
+from tandem.core.asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    body_chunks,
+    header,
+    respond,
+    respond_error,
+    respond_unexpected,
+)
 from tandem.core.callers import ANONYMOUS, CALLER_SCOPE_KEY, Caller
 from tandem.core.errors import (
     AppError,
@@ -34,7 +45,7 @@ from tandem.core.errors import (
     MethodNotAllowedError,
     UnauthenticatedError,
 )
-from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Message, Receive, Scope, Send
+from tandem.observability.metrics import ROUTE_SCOPE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +98,7 @@ class AccessControl:
             try:
                 await self._login_routes(scope, receive, send)
             except Exception as exc:
-                await respond_unexpected(send, exc, writes=False, where="the login page")
+                await respond_unexpected(scope, send, exc, writes=False, where="the login page")
             return
         rule = policy.rule_for(path)
         if rule.requirement == policy.PUBLIC:
@@ -106,15 +117,15 @@ class AccessControl:
             if rule.page and scope["method"] in ("GET", "HEAD"):
                 await _redirect(send, "/login")
             else:
-                await respond_error(send, error)
+                await respond_error(scope, send, error)
             return
         except AppError as error:
             scope[ROUTE_SCOPE_KEY] = rule.template
-            await respond_error(send, error)
+            await respond_error(scope, send, error)
             return
         except Exception as exc:
             scope[ROUTE_SCOPE_KEY] = rule.template
-            await respond_unexpected(send, exc, writes=False, where="the access layer")
+            await respond_unexpected(scope, send, exc, writes=False, where="the access layer")
             return
         scope[CALLER_SCOPE_KEY] = caller
         await self._forward(rule, scope, receive, send)
@@ -158,10 +169,12 @@ class AccessControl:
             return
         if method != "POST":
             refusal = _LoginOnly if path == "/login" else _LogoutOnly
-            await respond_error(send, refusal(f"{method} is not allowed here"))
+            await respond_error(scope, send, refusal(f"{method} is not allowed here"))
             return
         if not _same_origin(scope):
-            await respond_error(send, ForbiddenError("a login form must come from this site"))
+            await respond_error(
+                scope, send, ForbiddenError("a login form must come from this site")
+            )
             return
         if path == "/logout":
             await _redirect(send, "/login", cookie=f"{COOKIE}=; Max-Age=0; Path=/; HttpOnly")
@@ -177,7 +190,7 @@ class AccessControl:
         try:
             caller = await self.cache.resolve(token)
         except AppError as error:
-            await respond_error(send, error)
+            await respond_error(scope, send, error)
             return
         if caller is None:
             await _html(page_send, 401, _login_page("Unknown or revoked API key."))

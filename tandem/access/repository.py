@@ -1,4 +1,5 @@
-"""The API keys' SQL: the key commands on a direct connection, the reload on the hot pool."""
+"""The API keys' SQL: the key commands on a direct connection, the reload and the lookup of
+one token on the hot pool."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ WITH touched AS (
     WHERE id = ANY($1::bigint[]) AND revoked_at IS NULL
 )
 SELECT id, name, scopes, token_sha256 FROM api_keys WHERE revoked_at IS NULL
+"""
+
+# One live key by its token's hash, for a token the process's cache does not hold (a key made
+# since its last load): one probe of the unique index on token_sha256. Live as in LIVE_KEYS
+# (not revoked), so a lookup can never bring back a key a reload has dropped.
+LIVE_KEY_BY_HASH = """
+SELECT id, name, scopes, token_sha256 FROM api_keys
+WHERE token_sha256 = $1 AND revoked_at IS NULL
 """
 
 
@@ -80,3 +89,8 @@ async def live_keys(pool: HotPool, used: list[int]) -> list[LiveKey]:
     # read_only: the only write dates the keys' use, which may as well be retried or lost.
     rows = await pool.fetch(LIVE_KEYS, used, read_only=True)
     return [LiveKey(row[0], row[1], list(row[2]), bytes(row[3])) for row in rows]
+
+
+async def live_key_by_hash(pool: HotPool, sha256: bytes) -> LiveKey | None:
+    row = await pool.fetchrow(LIVE_KEY_BY_HASH, sha256, read_only=True)
+    return None if row is None else LiveKey(row[0], row[1], list(row[2]), bytes(row[3]))

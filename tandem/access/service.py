@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import asyncpg
@@ -9,6 +10,8 @@ import asyncpg
 from tandem.access import keys, repository
 from tandem.access.repository import Key
 from tandem.core.callers import ALL
+from tandem.core.database import Database
+from tandem.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +67,22 @@ async def ensure_configured_key(conn: asyncpg.Connection, token: str, name: str)
             "(set TANDEM_API_KEY_NAME, or revoke the other)",
             name,
         )
+
+
+async def register_configured_key(settings: Settings, database: Database) -> None:
+    """The configured key (TANDEM_API_KEY or its file), registered once the schema is there:
+    an instance may start before its migrations, so it tries again until it can."""
+    token = settings.configured_api_key()
+    if token is None:
+        return
+    while True:
+        try:
+            async with database.hot.acquire() as conn:
+                await ensure_configured_key(conn, token, settings.api_key_name)
+            return
+        except KeyCommandError as error:
+            log.error("%s", error)
+            return
+        except Exception as error:
+            log.warning("cannot register the configured API key yet (%s); retrying", error)
+            await asyncio.sleep(1.0)

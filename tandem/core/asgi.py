@@ -1,18 +1,34 @@
-"""Answering from a pure ASGI layer (beneath FastAPI): the wallet's lean path and the access
-layer answer for themselves, in the same JSON envelope and with the same error metrics as the
-framework's handlers."""
+"""The ASGI interface the layers beneath FastAPI speak (the metrics, the access layer, the
+wallet's lean path), and answering from them in the same JSON envelope as the framework's
+handlers (tandem/core/handlers.py)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
 
 from tandem.core.errors import AppError
-from tandem.core.failures import count_answered, error_for_unexpected
-from tandem.observability.metrics import Receive, Scope, Send
+from tandem.core.failures import error_for_unexpected
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# The error a response answers, left in the request's scope by whichever layer rendered it
+# (both HTTP paths' renderers call note_error), for the metrics middleware, which is
+# outermost and sees every response, to count database failures once per answer.
+ERROR_SCOPE_KEY = "tandem.error"
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 log = logging.getLogger(__name__)
+
+
+def note_error(scope: Scope, error: AppError) -> None:
+    """Record the error this request is answered with (see ERROR_SCOPE_KEY)."""
+    scope[ERROR_SCOPE_KEY] = error
 
 
 async def respond(
@@ -28,19 +44,21 @@ async def respond(
     await send({"type": "http.response.body", "body": body})
 
 
-async def respond_error(send: Send, error: AppError) -> None:
-    count_answered(error)
+async def respond_error(scope: Scope, send: Send, error: AppError) -> None:
+    note_error(scope, error)
     headers = JSON_HEADERS
     if error.headers:
         headers = [*headers, *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
     await respond(send, error.status_code, error.to_json_bytes(), headers)
 
 
-async def respond_unexpected(send: Send, exc: Exception, *, writes: bool, where: str) -> None:
+async def respond_unexpected(
+    scope: Scope, send: Send, exc: Exception, *, writes: bool, where: str
+) -> None:
     """Exactly as the app's catch-all handler answers: these layers run outside it."""
     error = error_for_unexpected(exc, writes=writes)
     log.error("%s in %s", error.code, where, exc_info=exc)
-    await respond_error(send, error)
+    await respond_error(scope, send, error)
 
 
 async def body_chunks(receive: Receive) -> AsyncIterator[bytes]:

@@ -27,7 +27,6 @@ from tandem.core.errors import (
     InternalError,
     OutcomeUnknownError,
 )
-from tandem.observability.metrics import DATABASE_FAILURES
 
 # SQLSTATEs (https://www.postgresql.org/docs/current/errcodes-appendix.html) for which the
 # server guarantees the statement did not take effect: it was cancelled or rolled back, or the
@@ -153,15 +152,6 @@ def classify(exc: BaseException, *, sent: bool) -> AppError | None:
             return outcome_unknown()
         return not_applied(f"the database connection failed ({type(root).__name__})")
     return None
-
-
-def count_answered(error: AppError) -> None:
-    """Count a database failure as it is answered (called by both HTTP paths' error
-    renderers): once per response, whatever was retried before."""
-    if isinstance(error, OutcomeUnknownError):
-        DATABASE_FAILURES.labels("outcome_unknown").inc()
-    elif isinstance(error, DatabaseUnavailableError):
-        DATABASE_FAILURES.labels("not_applied").inc()
 
 
 def not_applied(reason: str) -> DatabaseUnavailableError:

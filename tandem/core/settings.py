@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # Seconds a verified (or unknown) key is remembered per process: a revocation reaches
     # every instance within this plus one lookup.
     auth_cache_ttl: float = Field(default=2.0, gt=0, le=5.0)
+    # Tokens the cache does not know (a key made since the last reload, or a guess) are
+    # looked up in the database by their hash at most this often per process (as many at
+    # once): a flood of random tokens costs the database almost nothing.
+    auth_lookups_per_second: float = Field(default=5.0, gt=0, le=1000.0)
     # New idempotency keys one API key may store per UTC day (429 past it).
     idempotency_keys_per_day: int = Field(default=1_000_000, ge=1)
 

@@ -7,16 +7,12 @@ route templates (``/balance/{userId}``), never raw paths, so cardinality stays b
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from tandem.core.asgi import ERROR_SCOPE_KEY, ASGIApp, Message, Receive, Scope, Send
+from tandem.core.errors import DatabaseUnavailableError, OutcomeUnknownError
 
 # Set by an ASGI path that bypasses the router (the wallet's lean path) to name its route.
 ROUTE_SCOPE_KEY = "tandem.route"
@@ -41,13 +37,33 @@ WALLET_BALANCE_UPDATES = Counter(
 )
 # Both kinds of 503 a database failure gives (tandem/core/failures.py): "not_applied"
 # (database_unavailable: nothing changed) and "outcome_unknown" (a write may have committed).
+# Counted by HttpMetricsMiddleware as they are answered: once per response, whatever was
+# retried before.
 DATABASE_FAILURES = Counter(
     "tandem_database_failures_total",
     "Database failures answered as 503, by kind: not_applied or outcome_unknown.",
     ["kind"],
 )
-for _kind in ("not_applied", "outcome_unknown"):
-    DATABASE_FAILURES.labels(_kind)
+_NOT_APPLIED = DATABASE_FAILURES.labels("not_applied")
+_OUTCOME_UNKNOWN = DATABASE_FAILURES.labels("outcome_unknown")
+
+# --- access ---------------------------------------------------------------------------
+# A well-formed token the process's key cache does not hold is looked up in the database by
+# its hash (tandem/access/cache.py), unless it is known to be unknown, a lookup of it is
+# already on its way, or the per-process limit of lookups is reached.
+ACCESS_KEY_LOOKUPS = Counter(
+    "tandem_access_key_lookups_total",
+    "Database lookups of a token this process's key cache did not hold, by result: found (a "
+    "key made since the last reload), unknown (no live key has it), failed (no answer).",
+    ["result"],
+)
+ACCESS_KEY_LOOKUPS_AVOIDED = Counter(
+    "tandem_access_key_lookups_avoided_total",
+    "Requests with a token the key cache did not hold that made no lookup of their own, by "
+    "reason: remembered (looked up lately: unknown), shared (waited for the same token's "
+    "lookup in flight), limited (the per-process limit of lookups was reached: refused).",
+    ["reason"],
+)
 
 INSTANCE_INFO = Gauge(
     "tandem_instance_info",
@@ -64,6 +80,14 @@ def render_metrics() -> bytes:
     return generate_latest()
 
 
+def _count_database_failure(scope: Scope) -> None:
+    error = scope.get(ERROR_SCOPE_KEY)
+    if isinstance(error, OutcomeUnknownError):
+        _OUTCOME_UNKNOWN.inc()
+    elif isinstance(error, DatabaseUnavailableError):
+        _NOT_APPLIED.inc()
+
+
 def _route_of(scope: Scope) -> str:
     route = scope.get(ROUTE_SCOPE_KEY)
     if route is not None:
@@ -74,8 +98,9 @@ def _route_of(scope: Scope) -> str:
 
 
 class HttpMetricsMiddleware:
-    """Counts and times every HTTP request, whichever path (router or lean) answers it, and
-    names the instance that answered in an ``X-Instance-Id`` header (behind a load balancer,
+    """Counts and times every HTTP request, whichever path (router or lean) answers it, counts
+    the database failures answered (the error the renderer noted in the scope), and names the
+    instance that answered in an ``X-Instance-Id`` header (behind a load balancer,
     the access log and the client can tell which replica served a request)."""
 
     def __init__(self, app: ASGIApp, instance_id: str) -> None:
@@ -96,6 +121,8 @@ class HttpMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if status == 503:
+                    _count_database_failure(scope)
                 message["headers"] = [*message.get("headers", ()), self._instance_header]
             await send(message)
 

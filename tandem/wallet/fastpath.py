@@ -3,9 +3,9 @@
 FastAPI spends ~0.2 ms of CPU per request on routing, dependency solving and response
 validation: more than the whole database round trip of a balance update. This ASGI layer
 answers ``POST /balance/update`` and ``GET /balance/{userId}`` itself (405 for any other
-method on them), through the ``serve_*`` functions of endpoints.py (the parser, errors and
-metrics every route shares; endpoints.lean_operations documents them in the OpenAPI schema),
-and passes everything else to FastAPI. Measured against FastAPI routes for the same two:
+method on them), through the ``serve_*`` functions of hotroutes.py (the parser, errors and
+metrics every route shares; hotroutes.OPERATIONS documents them in the OpenAPI schema), and
+passes everything else to FastAPI. Measured against FastAPI routes for the same two:
 docs/ARCHITECTURE.md.
 """
 
@@ -15,6 +15,10 @@ from typing import ClassVar
 
 from tandem.core.asgi import (
     JSON_HEADERS,
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
     body_chunks,
     respond,
     respond_error,
@@ -23,18 +27,18 @@ from tandem.core.asgi import (
 from tandem.core.callers import caller_of
 from tandem.core.dependencies import Instance
 from tandem.core.errors import AppError, MethodNotAllowedError
-from tandem.observability.metrics import ROUTE_SCOPE_KEY, ASGIApp, Receive, Scope, Send
-from tandem.wallet.endpoints import (
+from tandem.observability.metrics import ROUTE_SCOPE_KEY
+from tandem.wallet.hotroutes import (
+    READ_ROUTE,
+    UPDATE_PATH,
     balance_body,
     serve_balance_read,
     serve_balance_update,
 )
 from tandem.wallet.schemas import read_body
 
-UPDATE_PATH = "/balance/update"
-READ_PREFIX = "/balance/"
+READ_PREFIX = READ_ROUTE.removesuffix("{userId}")
 _READ_PREFIX_LEN = len(READ_PREFIX)
-READ_ROUTE = "/balance/{userId}"
 _IDEMPOTENCY_HEADER = b"idempotency-key"
 _WHERE = "the wallet's lean path"
 
@@ -62,7 +66,7 @@ class WalletFastPath:
                 if method == "POST":
                     await self._update(scope, receive, send)
                 else:
-                    await respond_error(send, _PostOnly("only POST is allowed here"))
+                    await respond_error(scope, send, _PostOnly("only POST is allowed here"))
                 return
             if (
                 path.startswith(READ_PREFIX)
@@ -72,9 +76,10 @@ class WalletFastPath:
                 scope[ROUTE_SCOPE_KEY] = READ_ROUTE
                 if method in ("GET", "HEAD"):
                     query = scope.get("query_string", b"")
-                    await self._read(path[_READ_PREFIX_LEN:], query, send)
+                    await self._read(scope, path[_READ_PREFIX_LEN:], query, send)
                 else:
-                    await respond_error(send, _GetOnly("only GET and HEAD are allowed here"))
+                    error = _GetOnly("only GET and HEAD are allowed here")
+                    await respond_error(scope, send, error)
                 return
         await self.app(scope, receive, send)
 
@@ -92,23 +97,23 @@ class WalletFastPath:
                 self.instance, caller_of(scope), body, content_type, keys
             )
         except AppError as error:
-            await respond_error(send, error)
+            await respond_error(scope, send, error)
             return
         except Exception as exc:
-            await respond_unexpected(send, exc, writes=True, where=_WHERE)
+            await respond_unexpected(scope, send, exc, writes=True, where=_WHERE)
             return
         headers = JSON_HEADERS
         if result.replayed:
             headers = [*JSON_HEADERS, (b"idempotent-replayed", b"true")]
         await respond(send, 200, balance_body(result), headers)
 
-    async def _read(self, raw_user_id: str, query: bytes, send: Send) -> None:
+    async def _read(self, scope: Scope, raw_user_id: str, query: bytes, send: Send) -> None:
         try:
             result = await serve_balance_read(self.database.hot, raw_user_id, query)
         except AppError as error:
-            await respond_error(send, error)
+            await respond_error(scope, send, error)
             return
         except Exception as exc:
-            await respond_unexpected(send, exc, writes=False, where=_WHERE)
+            await respond_unexpected(scope, send, exc, writes=False, where=_WHERE)
             return
         await respond(send, 200, balance_body(result))

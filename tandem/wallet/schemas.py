@@ -15,11 +15,16 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tandem.core.errors import PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
+from tandem.core.openapi import ErrorCode
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_DESCRIPTION = "1-255 visible ASCII characters naming this attempt (at most one)."
+# An id in a path (parse_user_id), as the OpenAPI schema shows it.
+ID_DESCRIPTION = "A positive 64-bit integer."
+ID_JSON_SCHEMA = {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
 _USER_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
 _IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 _RFC3339_RE = re.compile(
@@ -178,6 +183,19 @@ def validation_error_from(error: pydantic.ValidationError, message: str) -> Vali
 
 
 Model = TypeVar("Model", bound=BaseModel)
+
+# parse_body's refusals, as the OpenAPI schema documents them (core/openapi.error_responses).
+BODY_INVALID: ErrorCode = (
+    422,
+    "validation_error",
+    "malformed JSON, wrong types, floats, zero or out of range",
+)
+BODY_NOT_JSON: ErrorCode = (
+    415,
+    "unsupported_media_type",
+    "the body is not declared `application/json`",
+)
+BODY_TOO_LARGE: ErrorCode = (413, "payload_too_large", "the body is larger than 4 KiB")
 
 
 async def read_body(chunks: AsyncIterable[bytes]) -> bytes:

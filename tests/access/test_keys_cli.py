@@ -1,8 +1,9 @@
-"""`tandem keys` against the servers' database, and a revocation reaching every instance:
-real processes."""
+"""`tandem keys` against the servers' database, a new key working at once and a revocation
+reaching every instance, unknown tokens refused at a bounded cost: real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,10 +13,20 @@ from pathlib import Path
 
 import httpx
 
+from tandem.access.keys import new_token, well_formed
 from tandem.core.settings import Settings
-from tests.support import REPO, free_port, query, start_server, start_servers, wait_for
+from tests.access.keys import bearer, delta, scraped_lookup_counts
+from tests.support import (
+    REPO,
+    Server,
+    free_port,
+    query,
+    start_server,
+    start_servers,
+    wait_for,
+)
 
-# A revocation must take effect on every instance within this (issue 11).
+# A revocation must take effect on every instance within this.
 REVOCATION_BOUND = 5.0
 
 
@@ -62,6 +73,64 @@ def test_keys_create_list_revoke(database_url: str, log_dir: Path) -> None:
         assert revoked.returncode == 0, revoked.stderr
         assert tandem(database_url, "keys", "list").stdout.count("reader") == 1
         assert tandem(database_url, "keys", "revoke", "nobody").returncode == 2
+    finally:
+        server.stop()
+
+
+def lookups_of(server: Server) -> dict[str, float]:
+    """The server's key-lookup counters (tests/access/keys.py)."""
+    return scraped_lookup_counts(httpx.get(f"{server.url}/metrics", timeout=10).text)
+
+
+def test_a_new_key_works_at_once_on_every_instance(database_url: str, log_dir: Path) -> None:
+    """Two instances have loaded their keys; `tandem keys create` prints the token alone on
+    the last line of its output, and the first request with it succeeds on each instance,
+    whenever their next reload is."""
+    servers = start_servers(database_url, log_dir, 2)
+    try:
+        made = tandem(database_url, "keys", "create", "--name", "at-once", "--scope", "wallet:read")
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.splitlines()[-1]
+        assert well_formed(token), made.stdout
+        assert made.stdout.endswith(f"\n{token}\n"), "alone on the last line"
+        for server in servers:
+            answer = httpx.get(f"{server.url}/balance/1", headers=bearer(token))
+            assert answer.status_code == 200, (server.url, answer.text)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_unknown_tokens_are_refused_at_a_bounded_cost(database_url: str, log_dir: Path) -> None:
+    """A random token is refused 401; sent again it is refused from memory, not looked up
+    again; many distinct ones at once are looked up at most at the per-process limit (as
+    many at once, then so many per second), the rest refused with no lookup."""
+    limit = Settings().auth_lookups_per_second
+    server = start_server(database_url, log_dir)
+    try:
+        token = new_token()
+        before = lookups_of(server)
+        for _ in range(30):
+            answer = httpx.get(f"{server.url}/balance/1", headers=bearer(token))
+            assert answer.status_code == 401
+            assert answer.json()["error"]["code"] == "unauthenticated"
+        assert delta(before, lookups_of(server)) == {"unknown": 1, "remembered": 29}
+
+        async def burst(count: int) -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                answers = await asyncio.gather(
+                    *(client.get("/balance/1", headers=bearer(new_token())) for _ in range(count))
+                )
+            return [answer.status_code for answer in answers]
+
+        before = lookups_of(server)
+        started = time.monotonic()
+        assert asyncio.run(burst(40)) == [401] * 40
+        elapsed = time.monotonic() - started
+        gained = delta(before, lookups_of(server))
+        looked_up = gained.get("unknown", 0) + gained.get("found", 0) + gained.get("failed", 0)
+        assert looked_up + gained.get("limited", 0) == 40, gained
+        assert looked_up <= limit + limit * elapsed, (gained, elapsed)
     finally:
         server.stop()
 

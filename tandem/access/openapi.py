@@ -1,0 +1,36 @@
+"""The access layer in the OpenAPI schema: the bearer scheme, and on every protected
+operation the scope it needs (from the one table the access layer checks, policy.py) and
+its 401/403."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.access import policy
+from tandem.core.openapi import error_responses_schema
+
+_ACCESS_ERRORS = error_responses_schema(
+    (401, "unauthenticated", "no API key, or an unknown or revoked one"),
+    (403, "forbidden", "the API key lacks the scope this needs (or a cross-site cookie)"),
+)
+
+
+def document_access(schema: dict[str, Any]) -> None:
+    """Add the access rules to a whole schema, in place (core/openapi.install_openapi)."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes["apiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key (`tandem keys create`), as Authorization: Bearer <token>.",
+    }
+    for path, operations in schema.get("paths", {}).items():
+        rule = policy.rule_for(path.replace("{", "").replace("}", ""))
+        if rule.requirement == policy.PUBLIC:
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"apiKey": []}]
+            if rule.requirement != policy.ANY_KEY:
+                needs = f"Needs an API key with the scope `{rule.requirement}` (or `all`)."
+                operation["description"] = f"{operation.get('description', '')}\n\n{needs}"
+            for status_code, response in _ACCESS_ERRORS.items():
+                operation.setdefault("responses", {}).setdefault(status_code, response)

@@ -1,0 +1,104 @@
+"""What several commands share: the database URL (an embedded server's when none is
+configured), the local development key, the open-files limit and a direct connection."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from tandem.core.settings import Settings, get_settings
+
+log = logging.getLogger("tandem")
+
+# What each command's ``register`` adds its subcommand to (argparse names no public type,
+# and its private one is not subscriptable at run time: hence the string).
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard limit: 10000 concurrent clients need 10000
+    sockets on each side. Returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """The configured URL, or an embedded server's (started now) when none is configured."""
+    if settings.database_url:
+        return settings.database_url
+    from tandem.core.embedded import start_embedded_postgres
+
+    url = start_embedded_postgres(settings.data_dir, cleanup="stop")
+    log.info("embedded PostgreSQL under %s", settings.data_dir.resolve())
+    return url
+
+
+DEV_KEY_NAME = "dev"
+
+
+def dev_key_path(settings: Settings) -> Path:
+    return settings.data_dir / "dev-key"
+
+
+def use_local_dev_key(settings: Settings) -> str | None:
+    """On a local start with the embedded database and no key configured: the development
+    key under the data folder (made on the first start, mode 0600), configured for the
+    instances through the environment. None when a key is configured or the database is not
+    the embedded one (a deployment makes its keys itself)."""
+    if settings.database_url or settings.configured_api_key() is not None:
+        return None
+    from tandem.access.keys import new_token
+
+    path = dev_key_path(settings)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_token() + "\n")
+    token = path.read_text().strip()
+    os.environ["TANDEM_API_KEY"] = token
+    os.environ["TANDEM_API_KEY_NAME"] = DEV_KEY_NAME
+    return token
+
+
+def key_lines(token: str, base: str) -> list[str]:
+    path = dev_key_path(get_settings())
+    return [
+        f"  API key      {token}   (development key, kept in {path})",
+        f"  try          curl -H 'Authorization: Bearer {token}' {base}/balance/1",
+    ]
+
+
+def migration_url(settings: Settings, url: str) -> str:
+    """Where migrations connect: straight to PostgreSQL when the service's URL points at a
+    pooler (TANDEM_DATABASE_DIRECT_URL, docs/pooling.md), else the service's own URL."""
+    return settings.database_direct_url or url
+
+
+def with_connection(run: Callable[[Any], Awaitable[int]]) -> int:
+    """``run`` on a direct connection to the service's database (the embedded one too: it
+    is joined if a server runs, started if not)."""
+    import asyncio
+
+    from tandem.core.database import open_connection
+
+    settings = get_settings()
+    url = migration_url(settings, resolve_database_url(settings))
+
+    async def main() -> int:
+        conn = await open_connection(url, settings, "tandem-cli", statement_deadline=False)
+        try:
+            return await run(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(main())

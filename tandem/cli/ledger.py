@@ -1,0 +1,53 @@
+"""``tandem ledger verify``: the wallet journal's invariants, checked over every user."""
+
+from __future__ import annotations
+
+import argparse
+
+from tandem.cli.common import Subcommands, migration_url, resolve_database_url
+from tandem.core.settings import get_settings
+
+
+def register(sub: Subcommands) -> None:
+    ledger = sub.add_parser("ledger", help="the wallet's journal")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    verify = ledger_sub.add_parser(
+        "verify", help="every balance = the sum of its entries, each entry = previous + amount"
+    )
+    verify.set_defaults(func=cmd_ledger_verify)
+
+
+def cmd_ledger_verify(_: argparse.Namespace) -> int:
+    """Check the ledger's invariants over every user; exit 1 on any mismatch."""
+    import asyncio
+
+    from tandem.core.database import open_connection
+    from tandem.wallet.repository import verify_ledger
+
+    settings = get_settings()
+    url = migration_url(settings, resolve_database_url(settings))
+
+    async def run() -> int:
+        conn = await open_connection(
+            url, settings, "tandem-ledger-verify", statement_deadline=False
+        )
+        try:
+            found = await verify_ledger(conn)
+        finally:
+            await conn.close()
+        print(f"users: {found.users}")
+        print(f"entries: {found.entries}")
+        for user_id, balance, journal, entries in found.balances:
+            print(
+                f"MISMATCH user {user_id}: balance {balance}, "
+                f"sum of its {entries} entries {journal}"
+            )
+        for entry_id, user_id, amount, balance, previous in found.chain:
+            print(
+                f"MISMATCH entry {entry_id} of user {user_id}: balance {balance}, "
+                f"previous {previous} + amount {amount} (or dated before the previous entry)"
+            )
+        print(f"mismatches: {found.mismatches}")
+        return 1 if found.mismatches else 0
+
+    return asyncio.run(run())
