@@ -3,7 +3,7 @@ direct hand-off to the longest waiter.
 
 Why not ``asyncpg.Pool``: with 10000 requests queued on 10 connections, its acquire/release
 machinery (holder objects, a queue, shielded release, timeouts per call) cost ~100 µs of CPU
-per query here, as much as the query itself (docs/ARCHITECTURE.md, Performance). This pool
+per query here, as much as the query itself (docs/decisions.md, "The wallet's hot path"). This pool
 does the one thing the wallet needs: run a statement on some idle connection, or wait in line
 for one, FIFO, with a deadline. Connections come from ``Database.connect`` (tandem/core/
 database.py), which owns them; this pool only lends them out.

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     database_app_role: str | None = None
 
     # The wallet's hot path has its own asyncpg pool. 5 instances x (pool + engine pool) must fit
-    # PostgreSQL's default max_connections=100; see docs/ARCHITECTURE.md for the measurement.
+    # PostgreSQL's default max_connections=100; the measurement: docs/decisions.md, Pool sizes.
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_engine_pool_size: int = Field(default=3, ge=1, le=50)
     # Seconds a request may wait for a pooled connection. A 10000-request burst queues on the
@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     api_key_name: str = "bootstrap"
-    # Anonymous clients get every right: for the plan's original, keyless clients only. Every
+    # Anonymous clients get every right: for clients from before API keys only. Every
     # start warns, and so does the status page.
     auth_disabled: bool = False
     # Seconds a verified (or unknown) key is remembered per process: a revocation reaches
@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     # A due task its fair claimer left unclaimed this long goes to the least-served instance
     # whose heartbeat is fresh (the fair one is stopped, starved or cut off).
     scheduler_steal_after: float = Field(default=2.0, ge=0)
-    # Runs one poll may claim. 1 (as in the design note) lets instances that started together
+    # Runs one poll may claim. 1 lets instances that started together
     # share the tasks due at start instead of the first poller taking them all.
     scheduler_claims_per_poll: int = Field(default=1, ge=1, le=1000)
     scheduler_drain_timeout: float = Field(default=5.0, ge=0)

@@ -1,5 +1,5 @@
-"""The ten demo tasks of the brief. Each runs at least 2 minutes (times the time scale) and logs
-its start, progress and end with its name, instance and run id."""
+"""The ten demo tasks `make run` registers. Each runs at least 2 minutes (times the time
+scale) and logs its start, progress and end with its name, instance and run id."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ PROGRESS_STEPS = 4
 
 registry = Registry()
 
-# (name, interval) exactly as in the brief.
+# (name, interval): the demo's fixed schedule, asserted by tests/scheduler/test_cluster.py.
 SCHEDULE: list[tuple[str, timedelta]] = [
     ("TestTask1", timedelta(minutes=5)),
     ("TestTask2", timedelta(hours=1)),

@@ -58,10 +58,8 @@ SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name,
 # The claim of the earliest due run this instance may take (fair share, steals, retries
 # first): one call of a server-side function (scheduler/sql/claim_run_v1.sql says the races
 # it closes), so the cluster-wide claim lock is held by no session that waits on its client.
-# Named arguments: the call reads as ClaimParams does. Measured alternatives to fair share by
-# claims, with five instances and forty equal tasks: a ceil((running + 1) / live) cap let the
-# fastest poller win most ties (max/min 1.30); least-loaded-first 1.33; least-loaded AND
-# claims made the two rules block each other until the steal delay (15..97 runs).
+# Named arguments: the call reads as ClaimParams does. Why fair share counts claims (the
+# alternatives measured): docs/decisions.md.
 CLAIM_DUE_TASK = f"""
 SELECT * FROM {CLAIM_RUN_V1.name}(
     p_instance => $1, p_key => $2, p_lease => $3, p_live_window => $4, p_steal_after => $5,

@@ -6,7 +6,7 @@ answers ``POST /balance/update`` and ``GET /balance/{userId}`` itself (405 for a
 method on them), through the ``serve_*`` functions of hotroutes.py (the parser, errors and
 metrics every route shares; hotroutes.OPERATIONS documents them in the OpenAPI schema), and
 passes everything else to FastAPI. Measured against FastAPI routes for the same two:
-docs/ARCHITECTURE.md.
+docs/decisions.md, "The wallet's hot path".
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ operations, written from the same models and error codes.
 
 The lean path (fastpath.py) is their one handler and calls the ``serve_*`` functions here;
 no FastAPI route serves them (FastAPI's routing, dependency solving and response validation
-cost more CPU per request than the whole database round trip: docs/ARCHITECTURE.md has the
+cost more CPU per request than the whole database round trip: docs/decisions.md has the
 measurement of both options), so ``OPERATIONS`` documents them in the app's schema.
 Nothing here knows HTTP framing: fastpath.py reads the request and writes the response.
 """

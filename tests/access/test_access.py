@@ -307,7 +307,7 @@ async def test_new_idempotency_keys_are_capped_per_caller_per_day(database_url: 
 async def test_a_history_page_is_capped(
     anonymous: httpx.AsyncClient, world: dict[str, Any]
 ) -> None:
-    """The review's probe: `?limit=1000` turned an 80-byte request into 2.2 MB."""
+    """A probe: `?limit=1000` turned an 80-byte request into 2.2 MB."""
     reader = bearer(world["every"])
     user = world["ids"]["user"]
     capped = await anonymous.get(f"/balance/{user}/history?limit=201", headers=reader)

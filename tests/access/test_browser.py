@@ -104,7 +104,7 @@ async def test_login_refuses_a_wrong_key_and_a_foreign_form(
 async def test_a_cross_site_form_cannot_act_with_the_cookie(
     browser: httpx.AsyncClient, person: str, database_url: str
 ) -> None:
-    """The review's probes: a text/plain form post moving money and a form post pausing a
+    """Cross-site probes: a text/plain form post moving money and a form post pausing a
     task, from another site, with and without the visitor's cookie."""
     rows = await fetch(database_url, "INSERT INTO users (balance) VALUES (50) RETURNING id")
     user = rows[0]["id"]

@@ -1,5 +1,5 @@
 """The server's own limits (tandem/core/http.py) on a real `tandem serve`, over raw sockets:
-the review's probes of oversize headers and bodies, slow and idle clients, the connection
+probes of oversize headers and bodies, slow and idle clients, the connection
 cap and control characters in a path."""
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ LONG_RUNNING = ("postgres", "pgbouncer", "app", "nginx", "prometheus", "alertman
 # The replica count the connection budget must fit (docs/pooling.md).
 BUDGETED_REPLICAS = 50
 # Single connections each replica opens besides its pools: the scheduler's heartbeat, and one
-# while a housekeeping task runs (docs/ARCHITECTURE.md, Connections).
+# while a housekeeping task runs (docs/pooling.md, "The connection budget").
 SINGLE_CONNECTIONS = 2
 # What connects to PostgreSQL directly besides PgBouncer: `tandem migrate` (one connection).
 DIRECT_CLIENTS = 1

@@ -235,7 +235,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_burst_through_the_published_port(stack: Stack) -> None:
-    """The plan's burst through nginx's published port: exactly 5000 of 10000 withdrawals of 2
+    """10000 concurrent withdrawals of 2 through nginx's published port: exactly 5000
     succeed, the balance ends at 0, and every replica served some."""
     replicas = stack.containers("app")
     assert len(replicas) == 5, replicas

@@ -194,8 +194,8 @@ def test_tasks_api(cron_db: str, tmp_path: Path) -> None:
         server.stop()
 
 
-def test_demo_tasks_match_the_brief() -> None:
-    """The ten demo tasks have the brief's intervals and run at least 120 s unscaled."""
+def test_demo_tasks_have_their_intervals() -> None:
+    """The ten demo tasks have their documented intervals and run at least 120 s unscaled."""
     from datetime import timedelta
 
     from tandem.scheduler import demo_tasks
