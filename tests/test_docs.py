@@ -26,7 +26,7 @@ HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 INLINE_CODE = re.compile(r"(`+)(.+?)\1")
 
 # Places outside the repository that its files once cited; a file must say the requirement
-# itself instead. (Spelled with escapes so that this file does not match itself.)
+# itself instead.
 OUTSIDE = re.compile(r"\.\./shared\b|/work/shared\b|\bshared/(STYLE|design)\b", re.IGNORECASE)
 # A relative path climbing out of the folder it is written in.
 CLIMBING = re.compile(r"(?:\.\./)+[\w.-]+(?:/[\w.-]+)*")
@@ -152,7 +152,7 @@ def test_no_file_points_outside_the_repository() -> None:
     found = []
     for path in tracked_files():
         text = text_of(path)
-        if text is None:
+        if text is None or path == Path(__file__):  # its patterns name what they look for
             continue
         name = path.relative_to(REPO)
         for number, line in enumerate(text.splitlines(), 1):
