@@ -20,6 +20,7 @@ from tandem.core.openapi import (
     json_request_body,
 )
 from tandem.wallet import service
+from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX
 from tandem.wallet.repository import Transfer as TransferRow
 from tandem.wallet.schemas import (
     BODY_INVALID,
@@ -29,7 +30,6 @@ from tandem.wallet.schemas import (
     ID_JSON_SCHEMA,
     IDEMPOTENCY_KEY_DESCRIPTION,
     IDEMPOTENCY_KEY_HEADER,
-    INT64_MAX,
     Balance,
     History,
     HistoryEntry,
@@ -177,8 +177,8 @@ def _transfer_body(found: TransferRow) -> bytes:
     status_code=status.HTTP_201_CREATED,
     summary="Create a user",
     description=(
-        "Creates a user with `balance` (default 10000), journaled as its opening entry, and "
-        "answers its id. The body may be left out (all defaults). An opening balance above 0 "
+        f"Creates a user with `balance` (default {DEFAULT_BALANCE}), journaled as its opening "
+        "entry, and answers its id. The body may be left out (all defaults). An opening balance above 0 "
         "creates money and needs the scope `wallet:mint` as well."
     ),
     responses=error_responses(

@@ -16,9 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tandem.core.errors import PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
 from tandem.core.openapi import ErrorCode
+from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX, INT64_MIN, REFERENCE_MAX_LENGTH
 
-INT64_MAX = 2**63 - 1
-INT64_MIN = -(2**63)
 MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_DESCRIPTION = "1-255 visible ASCII characters naming this attempt (at most one)."
@@ -64,7 +63,7 @@ Reference = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=255,
+        max_length=REFERENCE_MAX_LENGTH,
         # PostgreSQL's text cannot hold a NUL.
         pattern=r"^[^\x00]*$",
         description="The client's own text for the change (an order id, say), kept in the journal.",
@@ -97,10 +96,12 @@ class TransferCreate(BaseModel):
 
 class UserCreate(BaseModel):
     model_config = ConfigDict(
-        strict=True, extra="forbid", json_schema_extra={"examples": [{"balance": 10000}]}
+        strict=True, extra="forbid", json_schema_extra={"examples": [{"balance": DEFAULT_BALANCE}]}
     )
 
-    balance: int = Field(default=10_000, ge=0, le=INT64_MAX, description="Initial balance.")
+    balance: int = Field(
+        default=DEFAULT_BALANCE, ge=0, le=INT64_MAX, description="Initial balance."
+    )
 
 
 class Balance(BaseModel):

@@ -24,8 +24,8 @@ from tandem.wallet.errors import (
     refusal_outcome,
     replay_refusal,
 )
+from tandem.wallet.models import INT64_MAX
 
-INT64_MAX = 2**63 - 1
 DEFAULT_KEYS_PER_DAY = 1_000_000
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-INT64_MAX = 2**63 - 1
+from tandem.wallet.models import INT64_MAX
 
 
 async def new_user(client: httpx.AsyncClient, balance: int = 10_000) -> int:
