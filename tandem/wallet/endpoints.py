@@ -178,8 +178,8 @@ def _transfer_body(found: TransferRow) -> bytes:
     summary="Create a user",
     description=(
         f"Creates a user with `balance` (default {DEFAULT_BALANCE}), journaled as its opening "
-        "entry, and answers its id. The body may be left out (all defaults). An opening balance above 0 "
-        "creates money and needs the scope `wallet:mint` as well."
+        "entry, and answers its id. The body may be left out (all defaults). An opening "
+        "balance above 0 creates money and needs the scope `wallet:mint` as well."
     ),
     responses=error_responses(
         BODY_INVALID, BODY_NOT_JSON, BODY_TOO_LARGE, DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN
