@@ -133,10 +133,17 @@ RETURNING h.id
 # sockets). Recorded as lost, released, and its slot retried at once (the next attempt) so
 # another instance runs it within a poll. SKIP LOCKED: concurrent sweepers split the work
 # instead of queueing on it, and a task being claimed right now (row locked) is left to the
-# next sweep.
+# next sweep. The run's end is when it was lost, not when a sweep noticed (which, after the
+# whole cluster was down, can be hours later): its lease's end, or, its owner's session gone,
+# the owner's last sign of life (its last heartbeat, or its stop), whichever came first; never
+# before the run's start.
 SWEEP_EXPIRED = """
 WITH expired AS (
-    SELECT t.id, t.fence, t.running_instance, t.lease_until < clock_timestamp() AS timed_out
+    SELECT t.id, t.fence, t.running_instance, t.lease_until < clock_timestamp() AS timed_out,
+        greatest(t.started_at, least(clock_timestamp(), t.lease_until, (
+            SELECT i.heartbeat_at FROM instances i
+            WHERE i.id = t.running_instance AND NOT EXISTS (
+                SELECT FROM instance_sessions s WHERE s.session_key = i.session_key)))) AS lost_at
     FROM tasks t
     WHERE t.is_running AND (t.lease_until < clock_timestamp() OR NOT EXISTS (
         SELECT FROM instances i JOIN instance_sessions s ON s.session_key = i.session_key
@@ -144,15 +151,15 @@ WITH expired AS (
     FOR UPDATE OF t SKIP LOCKED
 ), released AS (
     UPDATE tasks t SET is_running = false, running_instance = NULL, lease_until = NULL,
-        last_status = 'lost', last_finished_at = clock_timestamp(),
+        last_status = 'lost', last_finished_at = e.lost_at,
         retry_at = clock_timestamp(), retry_slot = coalesce(h.scheduled_for, t.started_at),
         retry_attempt = coalesce(h.attempt, 1) + 1
     FROM expired e
     LEFT JOIN task_history h ON h.task_id = e.id AND h.fence = e.fence AND h.status = 'running'
     WHERE t.id = e.id
-    RETURNING t.id, e.fence, e.running_instance, e.timed_out, t.last_finished_at
+    RETURNING t.id, e.fence, e.running_instance, e.timed_out, e.lost_at
 )
-UPDATE task_history h SET status = 'lost', finished_at = r.last_finished_at,
+UPDATE task_history h SET status = 'lost', finished_at = greatest(h.started_at, r.lost_at),
     error = CASE WHEN r.timed_out
         THEN 'lease expired: instance ' || r.running_instance || ' stopped renewing it'
         ELSE 'session ended: instance ' || r.running_instance

@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tandem.cli import main
+from tandem.scheduler.claims import plan_claim
 from tandem.scheduler.registry import Registry, TaskDefinition
 from tandem.scheduler.repository import ClaimedRun
-from tandem.scheduler.runner import plan_claim
 from tandem.scheduler.schedules import (
     Cron,
     Every,
