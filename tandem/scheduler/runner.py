@@ -80,6 +80,11 @@ class Runner:
         """Task id -> name of the runs in progress here."""
         return {} if self._runs is None else self._runs.running
 
+    @property
+    def draining(self) -> bool:
+        """The drain has begun: no run starts here any more."""
+        return self._stopping.is_set()
+
     async def start(self) -> None:
         """Start in the background: joining waits (retrying) until the database answers and
         the schema exists, so an instance can come up before its migrations have run."""
