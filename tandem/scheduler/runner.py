@@ -40,6 +40,8 @@ from tandem.scheduler.runs import DB_ERRORS, LocalRuns
 from tandem.scheduler.schedules import Cron
 from tandem.scheduler.session import HeartbeatSession
 
+# plan_claim lives with the claim loop (claims.py); named here too for the code that imported
+# it from the runner before the split.
 __all__ = ["Runner", "plan_claim", "task_row"]
 
 log = logging.getLogger(__name__)
