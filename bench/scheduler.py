@@ -11,8 +11,9 @@ One run, three phases, each on a fresh database (migrated to head, dropped at th
   (``started_at - scheduled_for`` in task_history, both from the database clock) and the runs
   per instance.
 - failover: SIGKILL the instance holding the most running tasks; from the database's clock
-  right after the kill, the time until each of its runs is recorded ``lost`` (sweep) and until
-  the task runs again elsewhere (the history row with the next fence); beside it, the start
+  right after the kill, when each of its runs is recorded ``lost`` as having ended (its
+  owner's last heartbeat, so at most a heartbeat before the kill) and the time until the task
+  runs again elsewhere (the history row with the next fence); beside it, the start
   lag of the other tasks meanwhile.
 - faults, at the settings' defaults (lease 10 s, self-fence 7 s, heartbeat 2 s, poll 1 s) and
   with the compressed timings: ``--kills`` times SIGKILL the owner of a long run among three
@@ -336,7 +337,7 @@ def circular_spread(values: Sequence[float], period: float) -> float:
 class Failover:
     held: int  # runs the victim held when it was killed
     lost: int  # of those, recorded lost by a sweep
-    swept: list[float]  # seconds from the kill until each was recorded lost
+    swept: list[float]  # each one's recorded end (the owner's last heartbeat) minus the kill
     recovered: list[float]  # seconds from the kill until each task ran again elsewhere
     other_lags: list[float]  # start lag of the other tasks' runs meanwhile
 
@@ -347,7 +348,7 @@ SELECT l.task_id, l.status,
        extract(epoch FROM n.started_at - $2)::float8 AS recovered
 FROM task_history l
 LEFT JOIN task_history n ON n.task_id = l.task_id AND n.fence = l.fence + 1
-WHERE l.instance_id = $1 AND (l.status = 'running' OR (l.status = 'lost' AND l.finished_at >= $2))
+WHERE l.instance_id = $1 AND l.status IN ('running', 'lost')
 """
 
 
@@ -375,8 +376,9 @@ def measure_failover(
     killed_at = database_now(url)
     victim.kill()
 
-    # Its runs: running until a sweep records them lost (its session ended), then each task
-    # runs again under the next fence on another instance.
+    # Its runs: running until a sweep records them lost (its session ended; the victim lost
+    # none before), ended at its last heartbeat; then each task runs again under the next
+    # fence on another instance.
     rows: list[asyncpg.Record] = []
     deadline = time.monotonic() + 5 * timings.lease + 5
     while time.monotonic() < deadline:
@@ -626,9 +628,9 @@ def figures(
     table.add_section()
     table.add_row("failover: runs held / lost", f"{failover.held} / {failover.lost}", "")
     table.add_row(
-        "  kill -> recorded lost",
+        "  recorded end - kill",
         seconds_summary(failover.swept),
-        f"lease {timings.lease:g} s, renewed every {timings.heartbeat:g} s",
+        f"its last heartbeat: within {timings.heartbeat:g} s before the kill",
     )
     table.add_row(
         "  kill -> running elsewhere",
@@ -687,8 +689,9 @@ def run_faults(args: argparse.Namespace, workdir: Path, failures: list[str]) -> 
             swept, recovered = [k.swept for k in kills], [k.recovered for k in kills]
             lines.append(
                 f"SIGKILL of the owner, default settings (lease {defaults.lease:g} s), "
-                f"{len(kills)} kills: recorded lost after median {statistics.median(swept):.2f} "
-                f"max {max(swept):.2f} s; running elsewhere after median "
+                f"{len(kills)} kills: recorded as lost at median {statistics.median(swept):.2f} "
+                f"max {max(swept):.2f} s from the kill (its last heartbeat); "
+                "running elsewhere after median "
                 f"{statistics.median(recovered):.2f} max {max(recovered):.2f} s "
                 f"({sum(k.error.startswith('session ended') for k in kills)} noticed by the "
                 "ended session, the rest by the lease)"

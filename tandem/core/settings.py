@@ -130,6 +130,14 @@ class Settings(BaseSettings):
     # Rows deleted per statement: short transactions, however much has piled up.
     maintenance_batch: int = Field(default=5000, ge=1, le=1_000_000)
 
+    @property
+    def scheduler_live_window(self) -> float:
+        """How recent a heartbeat keeps an instance live, in seconds, for fair share, the live
+        count and the status page: one lease. (A shorter window frees the others sooner when
+        one dies, but a heartbeat late under load then drops a live instance from the count.
+        A dead one leaves the count at once anyway: its session is gone.)"""
+        return self.scheduler_lease
+
     @model_validator(mode="after")
     def check_scheduler_timings(self) -> Settings:
         """The arithmetic that makes self-fencing safe, checked at start. With h the heartbeat

@@ -54,7 +54,7 @@ async def task_history(
     responses=_READ,
 )
 async def list_instances(instance: CurrentInstance) -> Instances:
-    window = timedelta(seconds=instance.settings.scheduler_lease)
+    window = timedelta(seconds=instance.settings.scheduler_live_window)
     return await instance.database.transact(
         lambda session: service.live_instances(session, window), writes=False
     )

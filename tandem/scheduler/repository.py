@@ -122,10 +122,17 @@ RETURNING h.id
 # sockets). Recorded as lost, released, and its slot retried at once (the next attempt) so
 # another instance runs it within a poll. SKIP LOCKED: concurrent sweepers split the work
 # instead of queueing on it, and a task being claimed right now (row locked) is left to the
-# next sweep.
+# next sweep. The run's end is when it was lost, not when a sweep noticed (which, after the
+# whole cluster was down, can be hours later): its lease's end, or, its owner's session gone,
+# the owner's last sign of life (its last heartbeat, or its stop), whichever came first; never
+# before the run's start.
 SWEEP_EXPIRED = """
 WITH expired AS (
-    SELECT t.id, t.fence, t.running_instance, t.lease_until < clock_timestamp() AS timed_out
+    SELECT t.id, t.fence, t.running_instance, t.lease_until < clock_timestamp() AS timed_out,
+        greatest(t.started_at, least(clock_timestamp(), t.lease_until, (
+            SELECT i.heartbeat_at FROM instances i
+            WHERE i.id = t.running_instance AND NOT EXISTS (
+                SELECT FROM instance_sessions s WHERE s.session_key = i.session_key)))) AS lost_at
     FROM tasks t
     WHERE t.is_running AND (t.lease_until < clock_timestamp() OR NOT EXISTS (
         SELECT FROM instances i JOIN instance_sessions s ON s.session_key = i.session_key
@@ -133,15 +140,15 @@ WITH expired AS (
     FOR UPDATE OF t SKIP LOCKED
 ), released AS (
     UPDATE tasks t SET is_running = false, running_instance = NULL, lease_until = NULL,
-        last_status = 'lost', last_finished_at = clock_timestamp(),
+        last_status = 'lost', last_finished_at = e.lost_at,
         retry_at = clock_timestamp(), retry_slot = coalesce(h.scheduled_for, t.started_at),
         retry_attempt = coalesce(h.attempt, 1) + 1
     FROM expired e
     LEFT JOIN task_history h ON h.task_id = e.id AND h.fence = e.fence AND h.status = 'running'
     WHERE t.id = e.id
-    RETURNING t.id, e.fence, e.running_instance, e.timed_out, t.last_finished_at
+    RETURNING t.id, e.fence, e.running_instance, e.timed_out, e.lost_at
 )
-UPDATE task_history h SET status = 'lost', finished_at = r.last_finished_at,
+UPDATE task_history h SET status = 'lost', finished_at = greatest(h.started_at, r.lost_at),
     error = CASE WHEN r.timed_out
         THEN 'lease expired: instance ' || r.running_instance || ' stopped renewing it'
         ELSE 'session ended: instance ' || r.running_instance
@@ -211,14 +218,6 @@ async def plan_run(db: Db, task_id: int, fence: int, next_slot: datetime, slot: 
     await db.execute(PLAN_RUN, task_id, fence, next_slot, slot)
 
 
-def live_window(lease: float) -> float:
-    """How recent a heartbeat keeps an instance live, in seconds, for fair share, the live
-    count and the status page: one lease. (A shorter window frees the others sooner when one
-    dies, but a heartbeat late under load then drops a live instance from the count: spread
-    got worse, 1.26-1.36. A dead one leaves the count at once anyway: its session is gone.)"""
-    return lease
-
-
 class ClaimParams(NamedTuple):
     """What a claim needs to know: who claims, under which session, and the cluster's
     timings (seconds)."""
@@ -228,7 +227,8 @@ class ClaimParams(NamedTuple):
     session_key: int
     # The claimed run's lease.
     lease: float
-    # An instance counts toward fair share while its heartbeat is this recent (live_window).
+    # An instance counts toward fair share while its heartbeat is this recent
+    # (Settings.scheduler_live_window).
     live_window: float
     # A task overdue this long goes to the least-served fresh instance; twice as long, to anyone.
     steal_after: float

@@ -261,6 +261,39 @@ def retry_delay(
     return full / 2 + full / 2 * draw
 
 
+# Why an instance gave up a run of its own accord (shutdown, its own deadline, its database
+# session gone): nothing is wrong with the run, so its slot is retried at once, as the same
+# slot's next attempt.
+GIVEN_UP = frozenset({"drained", "self_fenced", "session_lost"})
+
+
+def retry_after(
+    status: str,
+    stopped_because: str | None,
+    attempt: int,
+    *,
+    max_attempts: int,
+    backoff: timedelta,
+    backoff_max: timedelta,
+    rng: random.Random | None = None,
+) -> timedelta | None:
+    """How long after its end attempt ``attempt`` of a slot is retried, or None: no retry.
+
+    ``status`` is how the attempt ended (succeeded, failed, timed_out, cancelled),
+    ``stopped_because`` why its instance stopped it, if it did. A body that succeeded is never
+    retried (even one that finished although it was asked to stop); a run given up by its
+    instance (GIVEN_UP) is retried at once, whatever its attempt, since it did not fail; a
+    failed or timed-out attempt is retried after retry_delay while attempts are left; any
+    other end (cancelled because another instance took the run over) is not retried here."""
+    if status == "succeeded":
+        return None
+    if stopped_because in GIVEN_UP:
+        return timedelta(0)
+    if status not in ("failed", "timed_out") or attempt >= max_attempts:
+        return None
+    return retry_delay(attempt, backoff, backoff_max, rng)
+
+
 def preview(schedule: Schedule, start: datetime, count: int) -> list[datetime]:
     """The next ``count`` slots strictly after ``start`` (UTC)."""
     slots: list[datetime] = []

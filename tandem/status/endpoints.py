@@ -26,7 +26,7 @@ _HEADERS = {
 
 async def _render(instance: CurrentInstance, *, whole: bool) -> HTMLResponse:
     settings = instance.settings
-    window = timedelta(seconds=settings.scheduler_lease)
+    window = timedelta(seconds=settings.scheduler_live_window)
     snapshot = await instance.database.transact(
         lambda session: service.read_snapshot(session, window, HISTORY_LIMIT), writes=False
     )

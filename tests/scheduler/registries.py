@@ -171,3 +171,26 @@ async def _flaky(ctx: TaskContext) -> None:
 # A nightly job in a zone with daylight saving: for the DST tests (a database with a fake clock).
 nightly = Registry()
 nightly.task("Nightly", cron="30 2 * * *", tz="Europe/Berlin")(_probed(0.05))
+
+
+# Said by a body first thing (at level info), so a server's log shows when each body began
+# relative to the runner's own lines (its drain, say).
+BODY_STARTED = "body started"
+
+
+def _announced(seconds: float) -> TaskFunction:
+    probed = _probed(seconds)
+
+    async def body(ctx: TaskContext) -> None:
+        ctx.log.info(BODY_STARTED)
+        await probed(ctx)
+
+    return body
+
+
+# Thirty tasks due every second and busy half of it: at any moment runs are going on every
+# instance and others are due, so a stop always finds both runs to drain and claims on
+# their way. For the whole-cluster stop test.
+stopping = Registry()
+for i in range(1, 31):
+    stopping.task(f"Busy{i:02d}", timedelta(seconds=1))(_announced(0.5))

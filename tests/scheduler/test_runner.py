@@ -14,8 +14,10 @@ from pydantic import ValidationError
 
 from tandem.core.database import Database, asyncpg_dsn
 from tandem.core.settings import Settings
+from tandem.scheduler import repository
 from tandem.scheduler.registry import Registry, TaskContext
 from tandem.scheduler.runner import Runner
+from tandem.scheduler.runs import RELEASED_UNSTARTED
 from tests.support import eventually
 
 TIMINGS = {
@@ -81,6 +83,78 @@ async def test_a_lost_session_stops_every_run_at_once(database_url: str, runner:
     # Stopped because the session ended (not by its timer), and released by the runner.
     assert (rows[0]["status"], rows[0]["error"]) == ("cancelled", "cancelled: session_lost")
     assert rows[-1]["status"] == "running"
+
+
+async def test_a_claim_coming_back_after_the_drain_began_is_released_unstarted(
+    database_url: str,
+) -> None:
+    """The drain begins while a claim is on its way (held up by the cluster-wide claim lock,
+    which the test holds): the claim is not cancelled but comes back, is never started (its
+    body does not run) and is released at once with its fence, recorded cancelled, and its
+    slot is due again at once as the next attempt, which another instance then runs."""
+    registry = Registry()
+    name = f"Due-{uuid.uuid4().hex[:8]}"
+    bodies: list[tuple[str, int]] = []
+
+    @registry.task(name, timedelta(hours=1))
+    async def body(ctx: TaskContext) -> None:
+        bodies.append((ctx.instance_id, ctx.attempt))
+        await ctx.sleep(3600)
+
+    # The claim waits for the lock far longer than the test holds it.
+    settings = Settings(database_url=database_url, **TIMINGS, scheduler_claim_lock_timeout=30)
+    database, database_b = Database(settings), Database(settings)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    blocker = await asyncpg.connect(asyncpg_dsn(database_url))
+    stopping = first = second = None
+    try:
+        first = Runner(settings, registry, database, f"a-{uuid.uuid4().hex[:10]}")
+        async with blocker.transaction():
+            await blocker.execute("SELECT pg_advisory_xact_lock($1)", repository.CLAIM_LOCK_ID)
+            await first.start()
+            waiting = (
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND "
+                "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            async with asyncio.timeout(10):
+                # (A lock wait announces nothing to wait on: polled.)
+                while not await conn.fetchval(waiting):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            stopping = asyncio.create_task(first.stop())
+            await eventually(lambda: first.draining, 1)
+            assert not stopping.done()
+        # The lock is released: the claim goes through after the drain began.
+        await asyncio.wait_for(stopping, 15)
+        rows = await conn.fetch(
+            "SELECT h.instance_id, h.attempt, h.status, h.error, h.scheduled_for "
+            "FROM task_history h JOIN tasks t ON t.id = h.task_id WHERE t.name = $1",
+            name,
+        )
+        assert [(r["instance_id"], r["attempt"], r["status"], r["error"]) for r in rows] == [
+            (first.instance_id, 1, "cancelled", RELEASED_UNSTARTED)
+        ]
+        task = await conn.fetchrow(
+            "SELECT is_running, retry_attempt, retry_slot, retry_at <= clock_timestamp() AS due "
+            "FROM tasks WHERE name = $1",
+            name,
+        )
+        assert (task["is_running"], task["retry_attempt"], task["due"]) == (False, 2, True)
+        assert task["retry_slot"] == rows[0]["scheduled_for"]
+        assert bodies == []
+
+        second = Runner(settings, registry, database_b, f"b-{uuid.uuid4().hex[:10]}")
+        await second.start()
+        await eventually(lambda: bodies, 10)
+        assert bodies == [(second.instance_id, 2)]
+    finally:
+        if stopping is None and first is not None:
+            await first.stop()
+        if second is not None:
+            await second.stop()
+        await database_b.close()
+        await database.close()
+        await blocker.close()
+        await conn.close()
 
 
 def test_settings_refuse_timings_that_break_self_fencing() -> None:

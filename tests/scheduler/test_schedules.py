@@ -15,9 +15,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tandem.cli import main
+from tandem.scheduler.claims import plan_claim
 from tandem.scheduler.registry import Registry, TaskDefinition
 from tandem.scheduler.repository import ClaimedRun
-from tandem.scheduler.runner import plan_claim
 from tandem.scheduler.schedules import (
     Cron,
     Every,
@@ -25,6 +25,7 @@ from tandem.scheduler.schedules import (
     default_grace,
     plan,
     preview,
+    retry_after,
     retry_delay,
 )
 from tests.support import free_port
@@ -272,3 +273,41 @@ def test_a_server_with_a_bad_schedule_does_not_start(postgres_url: str, tmp_path
     done = subprocess.run(serve, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "task 'nightly': unknown time zone 'Europe/Berln'" in done.stderr
+
+
+POLICY = {"max_attempts": 3, "backoff": 10 * S, "backoff_max": 60 * S}
+
+
+def test_a_failed_or_timed_out_attempt_is_retried_after_its_backoff_while_attempts_last() -> None:
+    """Attempts 1 and 2 of 3 that failed or timed out are retried after retry_delay's backoff
+    (between half and all of 10 s, then of 20 s); the third is not retried."""
+    for status in ("failed", "timed_out"):
+        for attempt, full in ((1, 10), (2, 20)):
+            delay = retry_after(status, None, attempt, **POLICY, rng=random.Random(attempt))
+            assert delay is not None
+            assert full / 2 <= delay.total_seconds() <= full
+        assert retry_after(status, None, 3, **POLICY) is None
+        # A task's own timeout stops its run too: a timed-out run is still a failure.
+        assert retry_after(status, "timed_out", 1, **POLICY) is not None
+
+
+def test_a_run_its_instance_gave_up_is_retried_at_once_whatever_its_attempt() -> None:
+    """Drained at shutdown, self-fenced, or stopped with its lost session: the run did not
+    fail, so its slot is retried at once, even past max_attempts (and with none left: a task
+    of one attempt)."""
+    for reason in ("drained", "self_fenced", "session_lost"):
+        for attempt in (1, 3, 7):
+            assert retry_after("cancelled", reason, attempt, **POLICY) == timedelta(0)
+        single = {**POLICY, "max_attempts": 1}
+        assert retry_after("cancelled", reason, 1, **single) == timedelta(0)
+        # A body that failed on its way out was still given up: at once, not after a backoff.
+        assert retry_after("failed", reason, 1, **POLICY) == timedelta(0)
+
+
+def test_no_retry_after_a_success_or_a_takeover() -> None:
+    """A body that succeeded is done, even one that finished while it was being stopped; a
+    run taken over by another instance (fenced) is that instance's to finish."""
+    for reason in (None, "drained", "self_fenced", "session_lost", "timed_out", "fenced"):
+        assert retry_after("succeeded", reason, 1, **POLICY) is None
+    assert retry_after("cancelled", "fenced", 1, **POLICY) is None
+    assert retry_after("cancelled", None, 1, **POLICY) is None
