@@ -36,9 +36,6 @@ CITATION = re.compile(
     r"|\bthe plan's\b|\bplan clients\b",
     re.IGNORECASE,
 )
-# Where CITATION is enforced. The code's comments and docstrings are reworded separately:
-# widen this to ("",) once they no longer match.
-CITATION_SCOPE = ("README.md", "CHANGELOG.md", "docs/", "bench/")
 
 
 @cache
@@ -165,12 +162,12 @@ def test_no_file_points_outside_the_repository() -> None:
 
 
 def test_no_document_cites_what_is_not_in_the_repository() -> None:
-    """Docs and benches state requirements themselves instead of citing a document a reader
-    of the repository cannot open (CITATION lists the phrasings)."""
+    """Docs, code and tests state requirements themselves instead of citing a document a
+    reader of the repository cannot open (CITATION lists the phrasings)."""
     found = []
     for path in tracked_files():
         name = str(path.relative_to(REPO))
-        if not name.startswith(CITATION_SCOPE) or path == Path(__file__):
+        if path == Path(__file__):
             continue
         text = text_of(path)
         if text is None:

@@ -1,4 +1,5 @@
-"""Create users, with a database-enforced non-negative balance, and user 1 for plan clients.
+"""Create users, with a database-enforced non-negative balance, and user 1, so a client can
+start without creating one.
 
 Revision ID: 0001_create_users
 Revises:
