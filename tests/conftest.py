@@ -1,41 +1,243 @@
-"""Fixtures: a real PostgreSQL server for the session, fresh databases, real server processes."""
+"""Fixtures (a real PostgreSQL server for the session, fresh databases, the app in process, real
+server processes) and the tiers of the suite.
+
+Tiers. A test that starts a process (a `tandem` instance, nginx, Prometheus, a browser, a
+PostgreSQL of its own, a tool's run) is marked ``slow``; one that runs a container (podman) is
+marked ``container`` as well. Nobody marks tests by hand: ``pytest_collection_modifyitems``
+reads, for every collected test, the code of the test function and of every fixture in its
+closure, and follows each global name it uses (a function or class of tests/ or bench/, or an
+attribute of a module it names) down to what starts a process:
+
+- ``subprocess`` (Popen, run, ...), ``asyncio.create_subprocess_*``, ``os.fork``/``system``/
+  ``spawn*``/``exec*``, and Tandem's embedded PostgreSQL (pgserver): ``slow``;
+- anything defined in ``tests.deploy.containers`` (podman): ``container`` (and ``slow``).
+
+A test whose fixtures start a server is slow by its fixtures; one that calls
+``start_server`` (or a helper of its own module that does) is slow by its code. The one
+exception is the session's shared PostgreSQL (``embedded_postgres``): every test uses it, and
+it starts once. ``make test-fast`` runs ``-m "not slow and not container"`` with
+TANDEM_TEST_NO_PROCESSES=1, under which starting any process inside a test (its fixtures
+included) raises ProcessForbiddenError: a test the reading above missed (say, a process
+started through an object's method the reading cannot follow) fails in the fast tier
+instead of passing slowly, and the fix is to reach the process through a function it can
+follow.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import builtins
+import contextlib
+import inspect
 import os
 import shutil
+import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+import types
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
+from tandem.core import embedded
 from tandem.core.database import Database
 from tandem.core.embedded import EmbeddedPostgres
 from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings
-from tandem.main import create_asgi_app
-from tests.support import API_KEY, AUTH, Server, fresh_database, start_server
+from tests.support import (
+    API_KEY,
+    AUTH,
+    NO_PROCESSES_ENV,
+    REPO,
+    Server,
+    allow_processes,
+    app_settings,
+    forbid_processes,
+    fresh_database,
+    in_process,
+    install_process_guard,
+    start_server,
+)
 
 # Inherited by every process the suite starts: each registers the suite's key at start.
 os.environ["TANDEM_API_KEY"] = API_KEY
 
+__all__ = ["in_process"]  # kept importable from here for the modules that still do
+
+
+# --- the tiers ---------------------------------------------------------------------------------
+
+SLOW, CONTAINER = "slow", "container"
+# What starts a process, by object (identity: an alias or a re-export is the same object).
+SPAWNERS: dict[object, str] = {}
+for _module, _names in (
+    (
+        subprocess,
+        ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"),
+    ),
+    (asyncio, ("create_subprocess_exec", "create_subprocess_shell")),
+    (
+        os,
+        (
+            "fork",
+            "forkpty",
+            "system",
+            "popen",
+            "posix_spawn",
+            "posix_spawnp",
+            "spawnv",
+            "spawnve",
+            "spawnl",
+            "execv",
+            "execve",
+            "execvp",
+        ),
+    ),
+    (embedded, ("EmbeddedPostgres", "start_embedded_postgres")),
+):
+    for _name in _names:
+        if hasattr(_module, _name):
+            SPAWNERS[getattr(_module, _name)] = SLOW
+# Everything defined in these modules runs containers.
+CONTAINER_MODULES = ("tests.deploy.containers",)
+# Fixtures not read: the session's one shared server (see the module's docstring).
+SHARED_FIXTURES = frozenset({"embedded_postgres"})
+# Where the code the reading follows lives (the suite's and the benches' own helpers).
+FOLLOWED = (str(REPO / "tests"), str(REPO / "bench"))
+
+
+def _defined_here(obj: object) -> bool:
+    try:
+        path = inspect.getsourcefile(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return path is not None and path.startswith(FOLLOWED)
+
+
+class _Reader:
+    """What each function or class reaches: a set of markers, memoised."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, set[str]] = {}
+
+    def of_object(self, obj: object) -> set[str]:
+        if isinstance(obj, types.MethodType):
+            obj = obj.__func__
+        obj = inspect.unwrap(obj) if callable(obj) else obj  # type: ignore[arg-type]
+        try:
+            if obj in SPAWNERS:
+                return {SPAWNERS[obj]}
+        except TypeError:  # unhashable
+            return set()
+        module = getattr(obj, "__module__", None) or ""
+        if module.startswith(CONTAINER_MODULES):
+            return {CONTAINER, SLOW}
+        if isinstance(obj, types.FunctionType) and _defined_here(obj):
+            return self.of_function(obj)
+        if isinstance(obj, type) and _defined_here(obj):
+            return self.of_class(obj)
+        return set()
+
+    def of_class(self, cls: type) -> set[str]:
+        key = id(cls)
+        if key in self._seen:
+            return self._seen[key]
+        found = self._seen[key] = set()
+        for member in vars(cls).values():
+            if isinstance(member, staticmethod | classmethod):
+                member = member.__func__
+            if isinstance(member, property):
+                members = [member.fget, member.fset, member.fdel]
+            else:
+                members = [member]
+            for function in members:
+                if isinstance(function, types.FunctionType):
+                    found |= self.of_function(function)
+        return found
+
+    def of_function(self, function: Callable[..., Any]) -> set[str]:
+        function = inspect.unwrap(function)
+        key = id(function)
+        if key in self._seen:
+            return self._seen[key]
+        found = self._seen[key] = set()
+        code = getattr(function, "__code__", None)
+        if code is None:
+            return found
+        names = _names(code)
+        scope = getattr(function, "__globals__", {})
+        for name in names:
+            if name not in scope or hasattr(builtins, name):
+                continue
+            obj = scope[name]
+            if isinstance(obj, types.ModuleType):
+                for attribute in names:
+                    found |= self.of_object(getattr(obj, attribute, None))
+            else:
+                found |= self.of_object(obj)
+        for cell in getattr(function, "__closure__", None) or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                found |= self.of_object(cell.cell_contents)
+        return found
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global and attribute names a code object and the code nested in it use."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+def tier_markers(item: pytest.Function, reader: _Reader) -> set[str]:
+    """The markers the test's own code and its fixtures' code call for."""
+    found = reader.of_function(item.obj)
+    definitions = item._fixtureinfo.name2fixturedefs
+    for name in item.fixturenames:
+        if name in SHARED_FIXTURES or name not in definitions:
+            continue
+        found |= reader.of_function(definitions[name][-1].func)
+    return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reader = _Reader()
+    for item in items:
+        if isinstance(item, pytest.Function):
+            for marker in sorted(tier_markers(item, reader)):
+                item.add_marker(marker)
+
+
+if os.environ.get(NO_PROCESSES_ENV) == "1":
+    install_process_guard()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+        with forbid_processes(item.nodeid):
+            return (yield)
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
-    """The embedded throwaway server, unless TANDEM_TEST_DATABASE_URL names one (then None)."""
+    """The embedded throwaway server, unless TANDEM_TEST_DATABASE_URL names one (then None).
+    One per session (with pytest-xdist, one per worker: each worker is a session)."""
     if os.environ.get("TANDEM_TEST_DATABASE_URL"):
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
-    server = EmbeddedPostgres(folder, cleanup=None)
+    with allow_processes():
+        server = EmbeddedPostgres(folder, cleanup=None)
     try:
         yield server
     finally:
-        server.stop()
+        with allow_processes():
+            server.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -54,9 +256,19 @@ def database_url(postgres_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def own_database_url(postgres_url: str) -> Iterator[str]:
+    """A fresh, migrated database of the test's own."""
+    with fresh_database(postgres_url) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
+
+
+# --- Tandem ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +279,9 @@ def server(database_url: str, log_dir: Path) -> Iterator[Server]:
     srv.stop()
 
 
-@asynccontextmanager
-async def in_process(settings: Settings) -> AsyncIterator[httpx.ASGITransport]:
-    """The app in this process, as uvicorn runs it (metrics, access, lean path, FastAPI) but
-    without a socket or a subprocess, started and stopped by its lifespan."""
-    async with LifespanManager(create_asgi_app(settings)) as manager:
-        yield httpx.ASGITransport(app=manager.app)
-
-
 @pytest.fixture(scope="module")
 async def transport(database_url: str) -> AsyncIterator[httpx.ASGITransport]:
-    # Keys made by a test are loaded within 0.1 s (tests/access/keys.make_key waits).
-    settings = Settings(
-        database_url=database_url,
-        scheduler_enabled=False,
-        maintenance_enabled=False,
-        auth_cache_ttl=0.1,
-    )
-    async with in_process(settings) as started:
+    async with in_process(app_settings(database_url)) as started:
         yield started
 
 

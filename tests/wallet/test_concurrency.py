@@ -19,8 +19,6 @@ from tandem.loadtest.client import parse_base_url, send_burst
 from tests.support import API_KEY, Server, start_server
 from tests.wallet.test_verify import verify as ledger_verify
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def lean_server(database_url: str, log_dir: Path) -> Iterator[Server]:
