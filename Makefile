@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test lint format bench bench-topology loadtest clean
+.PHONY: help setup run serve test test-fast lint format bench bench-topology loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -32,6 +32,12 @@ test: $(STAMP) ## lint, type-check and run the whole test suite against a real P
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# Every test that starts no process and no container (tests/conftest.py marks the others from
+# what they start), on one shared PostgreSQL: TANDEM_TEST_DATABASE_URL, or the embedded one
+# started once. A test that starts a process anyway fails here (TANDEM_TEST_NO_PROCESSES).
+test-fast: $(STAMP) ## the fast tier, after every change: no process, no container (under a minute)
+	TANDEM_TEST_NO_PROCESSES=1 $(BIN)/pytest -m "not slow and not container"
 
 lint: $(STAMP) ## ruff and mypy only
 	$(BIN)/ruff check .

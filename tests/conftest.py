@@ -203,12 +203,21 @@ def tier_markers(item: pytest.Function, reader: _Reader) -> set[str]:
     return found
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reader = _Reader()
+    distributed = config.pluginmanager.hasplugin("xdist")
     for item in items:
-        if isinstance(item, pytest.Function):
-            for marker in sorted(tier_markers(item, reader)):
-                item.add_marker(marker)
+        if not isinstance(item, pytest.Function):
+            continue
+        markers = tier_markers(item, reader)
+        for marker in sorted(markers):
+            item.add_marker(marker)
+        if distributed:
+            # Under `pytest -n N --dist loadgroup`: a module's tests stay on one worker (its
+            # module-scoped database and servers are made once), and every container test on
+            # the same one, one at a time (they build and share podman's images).
+            group = "containers" if CONTAINER in markers else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 if os.environ.get(NO_PROCESSES_ENV) == "1":
