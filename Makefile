@@ -27,11 +27,17 @@ run: $(STAMP) ## 5 instances on :8000, each alone on :8001.. (embedded PostgreSQ
 serve: $(STAMP) ## one instance on :8000
 	$(BIN)/tandem serve --port $(PORT)
 
+# The whole suite spreads its modules over WORKERS processes (pytest-xdist, `--dist loadgroup`:
+# a module stays on one worker, the container tests all on one; each worker is a session with
+# its own embedded PostgreSQL): most slow tests wait on timers, processes and containers, so
+# two workers on two cores finish well before one.
+WORKERS ?= 2
+
 test: $(STAMP) ## lint, type-check and run the whole test suite against a real PostgreSQL
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(WORKERS) --dist loadgroup
 
 # Every test that starts no process and no container (tests/conftest.py marks the others from
 # what they start), on one shared PostgreSQL: TANDEM_TEST_DATABASE_URL, or the embedded one

@@ -27,7 +27,7 @@ def run_bench(name: str, postgres_url: str, *args: str) -> str:
         timeout=TIMEOUT,
         cwd=REPO,
         # rich draws its tables for a wide terminal, so no figure's label is wrapped.
-        env={**os.environ, "COLUMNS": "200", "TANDEM_DATABASE_URL": ""},
+        env={**os.environ, "COLUMNS": "200"},
         check=False,
     )
     output = done.stdout + done.stderr
