@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import fcntl
 import inspect
 import os
 import shutil
@@ -232,6 +233,15 @@ if os.environ.get(NO_PROCESSES_ENV) == "1":
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _machine_lock(name: str) -> Iterator[None]:
+    """An exclusive lock held by one process of this machine at a time (flock on a file in the
+    temporary folder; released when the holder exits, however it exits)."""
+    with (Path(tempfile.gettempdir()) / f"{name}.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
     """The embedded throwaway server, unless TANDEM_TEST_DATABASE_URL names one (then None).
@@ -240,7 +250,9 @@ def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
-    with allow_processes():
+    # Started one at a time across the xdist workers of a machine: as root, pgserver creates
+    # its system user when it is missing, and two workers doing that at once fail (useradd).
+    with _machine_lock("tandem-embedded-start"), allow_processes():
         server = EmbeddedPostgres(folder, cleanup=None)
     try:
         yield server
