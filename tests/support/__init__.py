@@ -6,7 +6,8 @@
 - ``metrics``: reading a ``/metrics`` exposition;
 - ``timings``: waiting for a condition, the cron's compressed timings;
 - ``registries``: task registries loaded by servers through TANDEM_SCHEDULER_TASKS;
-- ``api``: the suite's API key, HTTP calls with it, the app in process, the API's checks.
+- ``api``: the suite's API key, HTTP calls with it, the app in process, the API's checks;
+- ``tiers``: which tier (fast, ``slow``, ``container``) a test is in, read from its code.
 
 The suite uses TANDEM_TEST_DATABASE_URL when set; otherwise it starts an embedded PostgreSQL in
 a temporary folder once per session (per xdist worker) and deletes it at the end. Each test
