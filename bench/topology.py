@@ -87,6 +87,7 @@ from tandem.core.settings import Settings
 from tandem.loadtest import BurstReport
 from tandem.loadtest.client import build_request, fetch, run
 from tests.deploy.edge import prepare as prepare_nginx  # on sys.path through common
+from tests.support.metrics import sample_sum
 
 # "2024/05/01 12:00:00 [alert] 1234#1234: *56 " before an error log message.
 NGINX_LOG_PREFIX = re.compile(r"^\S+ \S+ (\[\w+\]) \d+#\d+: (?:\*\d+ )?")
@@ -94,7 +95,7 @@ INSTANCES = 5
 WARMUP_REQUESTS = 1000
 # The instances serve the wallet only: the cron's polls would take CPU from the burst.
 INSTANCE_ENV = {"TANDEM_SCHEDULER_ENABLED": "false"}
-UPDATES_METRIC = "tandem_wallet_balance_updates_total{"
+UPDATES_METRIC = "tandem_wallet_balance_updates_total"
 
 
 # --- nginx -----------------------------------------------------------------------------------
@@ -199,14 +200,7 @@ class Topology:
 
 def updates_served(instance: ServeProcess) -> int:
     """Balance updates this instance has answered so far, any outcome (from its /metrics)."""
-    text = instance.get("/metrics").decode()
-    return round(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(UPDATES_METRIC)
-        )
-    )
+    return round(sample_sum(instance.get("/metrics").decode(), UPDATES_METRIC))
 
 
 def listen_overflows() -> int:
