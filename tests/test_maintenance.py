@@ -26,6 +26,8 @@ from tests.support.registries import scheduler_settings
 
 OLD = 5  # rows of each kind past the retention: three batches of 2
 RETENTION = 600.0
+# What each pruning run logs it deleted.
+WHAT = ("finished task runs", "idempotency keys")
 
 
 @pytest.fixture
@@ -138,9 +140,6 @@ async def test_old_rows_are_pruned_and_recent_ones_kept(
         return all(f"deleted {OLD} {what}" in caplog.text for what in WHAT)
 
     await until(logged, 10)
-
-
-WHAT = ("finished task runs", "idempotency keys")
 
 
 async def test_housekeeping_tasks_are_ordinary_tasks(app: httpx.AsyncClient) -> None:
