@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test lint format bench bench-topology loadtest clean
+.PHONY: help setup run serve test test-fast lint format bench bench-topology loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -27,11 +27,23 @@ run: $(STAMP) ## 5 instances on :8000, each alone on :8001.. (embedded PostgreSQ
 serve: $(STAMP) ## one instance on :8000
 	$(BIN)/tandem serve --port $(PORT)
 
+# The whole suite spreads its modules over WORKERS processes (pytest-xdist, `--dist loadgroup`:
+# a module stays on one worker, the container tests all on one; each worker is a session with
+# its own embedded PostgreSQL): most slow tests wait on timers, processes and containers, so
+# two workers on two cores finish well before one.
+WORKERS ?= 2
+
 test: $(STAMP) ## lint, type-check and run the whole test suite against a real PostgreSQL
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(WORKERS) --dist loadgroup
+
+# Every test that starts no process and no container (tests/conftest.py marks the others from
+# what they start), on one shared PostgreSQL: TANDEM_TEST_DATABASE_URL, or the embedded one
+# started once. A test that starts a process anyway fails here (TANDEM_TEST_NO_PROCESSES).
+test-fast: $(STAMP) ## the fast tier, after every change: no process, no container (under a minute)
+	TANDEM_TEST_NO_PROCESSES=1 $(BIN)/pytest -m "not slow and not container"
 
 lint: $(STAMP) ## ruff and mypy only
 	$(BIN)/ruff check .

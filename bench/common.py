@@ -4,7 +4,9 @@ helpers of their tables.
 
 The benchmarks are scripts (``python bench/wallet.py``), so Python puts bench/ first on
 ``sys.path`` and they import this module as ``common``; bench/ is not a package, on purpose:
-nothing outside it imports from here.
+nothing outside it imports from here. What the tests have too (databases, queries, free
+ports, nginx's config) is the tests' own helpers (tests/support), imported from here: this
+module puts the repository's root on ``sys.path`` for that.
 """
 
 from __future__ import annotations
@@ -15,36 +17,39 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import asyncpg
 from rich.console import Console
-from sqlalchemy.engine import make_url
 
-from tandem.access.keys import new_token
-from tandem.core.database import asyncpg_dsn
 from tandem.core.embedded import start_embedded_postgres
-from tandem.core.migrations import upgrade_to_head
 from tandem.loadtest import BurstReport, LoadtestError, withdraw_burst
 from tandem.loadtest.client import auth_headers, build_request, fetch, run
+
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from tests.support.api import API_KEY
+from tests.support.database import fresh_database, query, value, with_database
+from tests.support.processes import free_port
+
+__all__ = ["free_port", "query", "value", "with_database"]  # the tests' own, for the benches
 
 # Each withdrawal of a burst takes this much; the user starts with as many units as there are
 # requests, so exactly half of them succeed.
 AMOUNT = 2
 READY_TIMEOUT = 60.0
 # Every server a bench starts registers this key (scope all) at start, and every request of
-# the bench sends it (TANDEM_AUTH_DISABLED servers ignore it).
-BENCH_KEY = new_token()
+# the bench sends it (TANDEM_AUTH_DISABLED servers ignore it). It is the tests' key, in the
+# environment as the tests put it: the servers the tests' harnesses start for a bench (the
+# cron's fault trials) inherit it.
+BENCH_KEY = API_KEY
+os.environ["TANDEM_API_KEY"] = BENCH_KEY
 AUTH = auth_headers(BENCH_KEY)
 STOP_TIMEOUT = 20.0
 
@@ -54,41 +59,11 @@ console = Console()
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
-def with_database(url: str, name: str) -> str:
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-def query(url: str, statement: str, *args: object) -> list[asyncpg.Record]:
-    """One statement on a connection of its own (so no statistics snapshot is reused)."""
-
-    async def go() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(asyncpg_dsn(url))
-        try:
-            return await conn.fetch(statement, *args)
-        finally:
-            await conn.close()
-
-    return run(go())
-
-
-def value(url: str, statement: str, *args: object) -> Any:
-    """The first column of the first row; None when there is no row."""
-    rows = query(url, statement, *args)
-    return rows[0][0] if rows else None
-
-
 @contextmanager
 def bench_database(server_url: str, purpose: str) -> Iterator[str]:
     """A new database on the server, migrated to head; dropped (with its connections) after."""
-    name = f"tandem_bench_{purpose}_{uuid.uuid4().hex[:8]}"
-    admin_url = with_database(server_url, "postgres")
-    query(admin_url, f'CREATE DATABASE "{name}"')
-    try:
-        url = with_database(server_url, name)
-        upgrade_to_head(url)
+    with fresh_database(server_url, prefix=f"tandem_bench_{purpose}") as url:
         yield url
-    finally:
-        query(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def add_database_argument(parser: argparse.ArgumentParser) -> None:
@@ -131,13 +106,6 @@ def postgres_description(url: str) -> str:
 
 
 # --- servers ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 _log_serial = itertools.count(1)

@@ -30,11 +30,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import asyncpg
-
-# The PgBouncer harness lives with the tests (one copy of how to run it); the repository root
-# is not on sys.path when this runs as a script.
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-
 from common import (  # bench/common.py: bench/ is first on sys.path when this runs as a script
     add_database_argument,
     bench_database,
@@ -47,6 +42,9 @@ from common import (  # bench/common.py: bench/ is first on sys.path when this r
 from rich.table import Table
 
 from tandem.core.database import asyncpg_dsn
+
+# The PgBouncer harness lives with the tests (one copy of how to run it; common put the
+# repository's root on sys.path).
 from tests.faults.pgbouncer import pgbouncer
 
 CONNECTIONS = 10

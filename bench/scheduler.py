@@ -80,7 +80,7 @@ from sqlalchemy.engine import make_url
 from tandem.core.settings import Settings
 
 # The fault trials are the fault tests' own (tests/faults/cron.py): one harness, two readers.
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+# (common put the repository's root on sys.path.)
 from tests.faults.cron import (
     COMPRESSED_ENV,
     DEFAULT_ENV,

@@ -86,16 +86,16 @@ from tandem.cli import raise_fd_limit
 from tandem.core.settings import Settings
 from tandem.loadtest import BurstReport
 from tandem.loadtest.client import build_request, fetch, run
+from tests.deploy.edge import prepare as prepare_nginx  # on sys.path through common
+from tests.support.metrics import sample_sum
 
-NGINX_DIR = Path(__file__).resolve().parents[1] / "deploy" / "nginx"
-LISTEN = re.compile(r"^(\s*)listen 8080 ", re.M)
 # "2024/05/01 12:00:00 [alert] 1234#1234: *56 " before an error log message.
 NGINX_LOG_PREFIX = re.compile(r"^\S+ \S+ (\[\w+\]) \d+#\d+: (?:\*\d+ )?")
 INSTANCES = 5
 WARMUP_REQUESTS = 1000
 # The instances serve the wallet only: the cron's polls would take CPU from the burst.
 INSTANCE_ENV = {"TANDEM_SCHEDULER_ENABLED": "false"}
-UPDATES_METRIC = "tandem_wallet_balance_updates_total{"
+UPDATES_METRIC = "tandem_wallet_balance_updates_total"
 
 
 # --- nginx -----------------------------------------------------------------------------------
@@ -118,24 +118,16 @@ def child_pids(parent: int) -> list[int]:
 
 class Nginx:
     """deploy/nginx copied to ``folder`` and run there by the system nginx in front of the
-    given ports: servers.conf lists them and the listen port is a free one, the rest is the
-    file as shipped (see tests/deploy/test_nginx.py, which does the same)."""
+    given ports: servers.conf lists them and every server of the config (the default one that
+    refuses unknown hosts, and Tandem's) listens on a free port instead of 8080; the rest is
+    the file as shipped. The copy is the deployment tests' own (tests/deploy/edge.prepare), so
+    the two cannot drift apart when the shipped config changes."""
 
     def __init__(self, binary: str, upstream_ports: Sequence[int], folder: Path) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        shutil.copytree(NGINX_DIR, folder)
-        conf = folder / "nginx.conf"
-        text, swapped = LISTEN.subn(rf"\1listen 127.0.0.1:{self.port} ", conf.read_text())
-        if swapped != 1:
-            raise RuntimeError("deploy/nginx/nginx.conf no longer has one `listen 8080` line")
-        conf.write_text(text)
-        (folder / "servers.conf").write_text(
-            "".join(
-                f"server 127.0.0.1:{port} max_fails=3 fail_timeout=10s;\n"
-                for port in upstream_ports
-            )
-        )
+        servers = [f"127.0.0.1:{port}" for port in upstream_ports]
+        conf = prepare_nginx(folder, servers, self.port)
         self.error_log = folder / "error.log"
         command = [binary, "-p", str(folder), "-c", str(conf)]
         command += ["-g", f"pid {folder / 'nginx.pid'}; daemon off;"]
@@ -208,14 +200,7 @@ class Topology:
 
 def updates_served(instance: ServeProcess) -> int:
     """Balance updates this instance has answered so far, any outcome (from its /metrics)."""
-    text = instance.get("/metrics").decode()
-    return round(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(UPDATES_METRIC)
-        )
-    )
+    return round(sample_sum(instance.get("/metrics").decode(), UPDATES_METRIC))
 
 
 def listen_overflows() -> int:

@@ -1,41 +1,115 @@
-"""Fixtures: a real PostgreSQL server for the session, fresh databases, real server processes."""
+"""Fixtures (a real PostgreSQL server for the session, fresh databases, the app in process, real
+server processes) and the tiers of the suite.
+
+Tiers. A test that starts a process (a `tandem` instance, nginx, Prometheus, a browser, a
+PostgreSQL of its own, a tool's run) is marked ``slow``; one that runs a container (podman) is
+marked ``container`` as well. Nobody marks tests by hand: ``pytest_collection_modifyitems``
+marks each test from what its code and its fixtures' code reach (tests/support/tiers.py says
+how it reads them): a test whose fixtures start a server is slow by its fixtures, one that
+calls ``start_server`` (or a helper of its own module that does) by its code.
+``make test-fast`` runs ``-m "not slow and not container"`` with TANDEM_TEST_NO_PROCESSES=1,
+under which starting any process inside a test (its fixtures included; the session's shared
+PostgreSQL excepted) raises ProcessForbiddenError: a test the reading missed fails in the fast
+tier instead of passing slowly, and the fix is to reach the process through a function the
+reading can follow.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from tandem.core.database import Database
 from tandem.core.embedded import EmbeddedPostgres
 from tandem.core.hotpool import HotPool
 from tandem.core.settings import Settings
-from tandem.main import create_asgi_app
-from tests.support import API_KEY, AUTH, Server, fresh_database, start_server
+from tests.support import (
+    API_KEY,
+    AUTH,
+    NO_PROCESSES_ENV,
+    Server,
+    allow_processes,
+    app_settings,
+    forbid_processes,
+    fresh_database,
+    in_process,
+    install_process_guard,
+    start_server,
+)
+from tests.support.tiers import CONTAINER, Reader, tier_markers
 
 # Inherited by every process the suite starts: each registers the suite's key at start.
 os.environ["TANDEM_API_KEY"] = API_KEY
 
+__all__ = ["in_process"]  # kept importable from here for the modules that still do
+
+
+# --- the tiers ---------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reader = Reader()
+    distributed = config.pluginmanager.hasplugin("xdist")
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        markers = tier_markers(item, reader)
+        for marker in sorted(markers):
+            item.add_marker(marker)
+        if distributed:
+            # Under `pytest -n N --dist loadgroup`: a module's tests stay on one worker (its
+            # module-scoped database and servers are made once), and every container test on
+            # the same one, one at a time (they build and share podman's images).
+            group = "containers" if CONTAINER in markers else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+if os.environ.get(NO_PROCESSES_ENV) == "1":
+    install_process_guard()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+        with forbid_processes(item.nodeid):
+            return (yield)
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _machine_lock(name: str) -> Iterator[None]:
+    """An exclusive lock held by one process of this machine at a time (flock on a file in the
+    temporary folder; released when the holder exits, however it exits)."""
+    with (Path(tempfile.gettempdir()) / f"{name}.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
 
 @pytest.fixture(scope="session")
 def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
-    """The embedded throwaway server, unless TANDEM_TEST_DATABASE_URL names one (then None)."""
+    """The embedded throwaway server, unless TANDEM_TEST_DATABASE_URL names one (then None).
+    One per session (with pytest-xdist, one per worker: each worker is a session)."""
     if os.environ.get("TANDEM_TEST_DATABASE_URL"):
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
-    server = EmbeddedPostgres(folder, cleanup=None)
+    # Started one at a time across the xdist workers of a machine: as root, pgserver creates
+    # its system user when it is missing, and two workers doing that at once fail (useradd).
+    with _machine_lock("tandem-embedded-start"), allow_processes():
+        server = EmbeddedPostgres(folder, cleanup=None)
     try:
         yield server
     finally:
-        server.stop()
+        with allow_processes():
+            server.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -54,9 +128,19 @@ def database_url(postgres_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def own_database_url(postgres_url: str) -> Iterator[str]:
+    """A fresh, migrated database of the test's own."""
+    with fresh_database(postgres_url) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
+
+
+# --- Tandem ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +151,9 @@ def server(database_url: str, log_dir: Path) -> Iterator[Server]:
     srv.stop()
 
 
-@asynccontextmanager
-async def in_process(settings: Settings) -> AsyncIterator[httpx.ASGITransport]:
-    """The app in this process, as uvicorn runs it (metrics, access, lean path, FastAPI) but
-    without a socket or a subprocess, started and stopped by its lifespan."""
-    async with LifespanManager(create_asgi_app(settings)) as manager:
-        yield httpx.ASGITransport(app=manager.app)
-
-
 @pytest.fixture(scope="module")
 async def transport(database_url: str) -> AsyncIterator[httpx.ASGITransport]:
-    # Keys made by a test are loaded within 0.1 s (tests/access/keys.make_key waits).
-    settings = Settings(
-        database_url=database_url,
-        scheduler_enabled=False,
-        maintenance_enabled=False,
-        auth_cache_ttl=0.1,
-    )
-    async with in_process(settings) as started:
+    async with in_process(app_settings(database_url)) as started:
         yield started
 
 

@@ -1,31 +1,33 @@
-"""Housekeeping on the cluster cron (tandem/maintenance.py), with a real server in compressed
-time: old task runs and idempotency keys are deleted in batches, recent ones are kept, and
-the housekeeping tasks are ordinary tasks with their own history."""
+"""Housekeeping on the cluster cron (tandem/maintenance.py), the app in process with its
+scheduler on in compressed time: old task runs and idempotency keys are deleted in batches by
+the pruning statements, recent ones are kept, and the housekeeping tasks are ordinary tasks
+with their own history. (What needs a process, the cron across instances, is
+tests/scheduler/'s.)"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from pathlib import Path
+import logging
+from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 
 from tandem.maintenance import PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK
 from tests.support import (
-    CRON_TIMINGS,
-    Server,
+    app_settings,
+    fetch,
     fresh_database,
-    http_get,
-    http_post,
+    in_process_client,
     query,
-    start_server,
-    wait_for,
+    sample_value,
+    until,
 )
-
-pytestmark = pytest.mark.slow
+from tests.support.registries import scheduler_settings
 
 OLD = 5  # rows of each kind past the retention: three batches of 2
 RETENTION = 600.0
+# What each pruning run logs it deleted.
+WHAT = ("finished task runs", "idempotency keys")
 
 
 @pytest.fixture
@@ -87,94 +89,104 @@ def seeded(postgres_url: str) -> Iterator[str]:
         yield url
 
 
-def start(url: str, log_dir: Path) -> Server:
-    env = {
-        **CRON_TIMINGS,
-        "TANDEM_SCHEDULER_TASKS": "tests.scheduler.registries:quick",
-        "TANDEM_MAINTENANCE_ENABLED": "true",
-        "TANDEM_MAINTENANCE_INTERVAL": "1",
-        "TANDEM_MAINTENANCE_BATCH": "2",
-        "TANDEM_HISTORY_RETENTION": str(RETENTION),
-        "TANDEM_IDEMPOTENCY_RETENTION": str(RETENTION),
-        "TANDEM_LOG_LEVEL": "info",  # each run logs how many rows it deleted
+@pytest.fixture
+async def app(seeded: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in process on the seeded database, its housekeeping due every second, deleting
+    two rows a batch."""
+    housekeeping = {
+        "maintenance_enabled": True,
+        "maintenance_interval": 1,
+        "maintenance_batch": 2,
+        "history_retention": RETENTION,
+        "idempotency_retention": RETENTION,
     }
-    return start_server(url, log_dir, extra_env=env)
+    settings = app_settings(seeded, **{**scheduler_settings("quiet"), **housekeeping})
+    async with in_process_client(settings) as client:
+        yield client
 
 
-def test_old_rows_are_pruned_and_recent_ones_kept(seeded: str, tmp_path: Path) -> None:
+async def test_old_rows_are_pruned_and_recent_ones_kept(
+    app: httpx.AsyncClient, seeded: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Runs that ended and keys created before the retention are deleted, all five by one run
     in batches of two; the run that ended a second ago, the running one, the fresh key and a
     key applied before the journal kept keys stay."""
-    server = start(seeded, tmp_path)
-    try:
+    caplog.set_level(logging.INFO)
 
-        def pruned() -> bool:
-            old_runs = query(
-                seeded,
-                "SELECT count(*) AS n FROM task_history h JOIN tasks t ON t.id = h.task_id "
-                "WHERE t.name = 'Retired' AND h.finished_at < now() - interval '30 minutes'",
-            )
-            old_keys = query(
-                seeded, "SELECT count(*) AS n FROM idempotency_keys WHERE key LIKE 'old-%'"
-            )
-            return old_runs[0]["n"] == 0 and old_keys[0]["n"] == 0
-
-        wait_for(pruned, 20)
-        kept = query(
+    async def pruned() -> bool:
+        old_runs = await fetch(
             seeded,
-            "SELECT h.status FROM task_history h JOIN tasks t ON t.id = h.task_id "
-            "WHERE t.name = 'Retired' ORDER BY h.fence",
+            "SELECT count(*) AS n FROM task_history h JOIN tasks t ON t.id = h.task_id "
+            "WHERE t.name = 'Retired' AND h.finished_at < now() - interval '30 minutes'",
         )
-        assert [r["status"] for r in kept] == ["failed", "running"]
-        keys = query(seeded, "SELECT key FROM idempotency_keys ORDER BY key")
-        assert [r["key"] for r in keys] == ["fresh", "legacy"]
-        # Logged by the run after its last batch (a moment after the rows are gone).
-        for what in ("finished task runs", "idempotency keys"):
-            wait_for(lambda what=what: f"deleted {OLD} {what}" in server.log(), 10)
-    finally:
-        assert server.stop() == 0, server.log()[-2000:]
+        old_keys = await fetch(
+            seeded, "SELECT count(*) AS n FROM idempotency_keys WHERE key LIKE 'old-%'"
+        )
+        return old_runs[0]["n"] == 0 and old_keys[0]["n"] == 0
+
+    await until(pruned, 20)
+    kept = await fetch(
+        seeded,
+        "SELECT h.status FROM task_history h JOIN tasks t ON t.id = h.task_id "
+        "WHERE t.name = 'Retired' ORDER BY h.fence",
+    )
+    assert [r["status"] for r in kept] == ["failed", "running"]
+    keys = await fetch(seeded, "SELECT key FROM idempotency_keys ORDER BY key")
+    assert [r["key"] for r in keys] == ["fresh", "legacy"]
+
+    # Logged by the run after its last batch (a moment after the rows are gone): one run
+    # deleted all five, in batches of two (2 + 2 + 1).
+    async def logged() -> bool:
+        return all(f"deleted {OLD} {what}" in caplog.text for what in WHAT)
+
+    await until(logged, 10)
 
 
-def test_housekeeping_tasks_are_ordinary_tasks(seeded: str, tmp_path: Path) -> None:
+async def test_housekeeping_tasks_are_ordinary_tasks(app: httpx.AsyncClient) -> None:
     """The housekeeping tasks are listed by GET /tasks, next to the registry's own, and their
     runs succeed and are recorded in their history."""
-    server = start(seeded, tmp_path)
-    try:
-        names = {t["name"] for t in http_get(f"{server.url}/tasks").json()["tasks"]}
-        deadline = time.monotonic() + 15
-        while {PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK, "Quick"} - names:
-            assert time.monotonic() < deadline, names
-            time.sleep(0.2)
-            names = {t["name"] for t in http_get(f"{server.url}/tasks").json()["tasks"]}
-        for name in (PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK):
+    wanted = {PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK, "Quick"}
 
-            def succeeded(task: str = name) -> bool:
-                runs = http_get(f"{server.url}/tasks/{task}/history").json()["runs"]
-                return any(r["status"] == "succeeded" for r in runs)
+    async def listed() -> bool:
+        names = {t["name"] for t in (await app.get("/tasks")).json()["tasks"]}
+        return wanted <= names
 
-            wait_for(succeeded, 15)
-    finally:
-        assert server.stop() == 0, server.log()[-2000:]
+    await until(listed, 15)
+    for name in (PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK):
+
+        async def succeeded(task: str = name) -> bool:
+            runs = (await app.get(f"/tasks/{task}/history")).json()["runs"]
+            return any(r["status"] == "succeeded" for r in runs)
+
+        await until(succeeded, 15)
 
 
-def ledger_mismatches(server: Server) -> float | None:
-    for line in http_get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith("tandem_ledger_mismatches "):
-            return float(line.split()[1])
-    return None
+VERIFIED = "tandem_ledger_verified_timestamp_seconds"
 
 
-def test_ledger_verification_exports_what_it_finds(seeded: str, tmp_path: Path) -> None:
+async def metric(app: httpx.AsyncClient, name: str) -> float | None:
+    return sample_value((await app.get("/metrics")).text, name)
+
+
+async def test_ledger_verification_exports_what_it_finds(
+    app: httpx.AsyncClient, seeded: str
+) -> None:
     """The hourly verification runs as a task: 0 mismatches on a sound ledger; after a balance
     is changed behind the journal's back, the next run exports 1."""
-    server = start(seeded, tmp_path)
-    try:
-        verified = "tandem_ledger_verified_timestamp_seconds"
-        wait_for(lambda: f"{verified} 0.0" not in http_get(f"{server.url}/metrics").text, 15)
-        assert ledger_mismatches(server) == 0
-        query(seeded, "UPDATE users SET balance = balance + 1 WHERE id = 1")
-        run = http_post(f"{server.url}/tasks/{VERIFY_LEDGER_TASK}/run")
-        assert run.status_code == 200, run.text
-        wait_for(lambda: ledger_mismatches(server) == 1, 15)
-    finally:
-        assert server.stop() == 0, server.log()[-2000:]
+    # The gauges are this process's: an earlier test's app may have set them. A run of this
+    # app moves the timestamp past the moment it started.
+    started = (await fetch(seeded, "SELECT extract(epoch FROM now()) AS t"))[0]["t"]
+
+    async def verified() -> bool:
+        return (await metric(app, VERIFIED) or 0.0) >= float(started)
+
+    await until(verified, 15)
+    assert await metric(app, "tandem_ledger_mismatches") == 0
+    await fetch(seeded, "UPDATE users SET balance = balance + 1 WHERE id = 1")
+    run = await app.post(f"/tasks/{VERIFY_LEDGER_TASK}/run")
+    assert run.status_code == 200, run.text
+
+    async def mismatch() -> bool:
+        return await metric(app, "tandem_ledger_mismatches") == 1
+
+    await until(mismatch, 15)

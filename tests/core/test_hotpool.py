@@ -43,7 +43,7 @@ async def test_waiters_are_served_in_arrival_order(database_url: str) -> None:
             tasks = []
             for i in range(6):
                 tasks.append(asyncio.create_task(query(i)))
-                await asyncio.sleep(0.01)  # arrive in order
+                await eventually(lambda i=i: pool.waiting == i + 1, 5)  # arrive in order
             assert pool.waiting == 6
         await asyncio.gather(*tasks)
     finally:
@@ -69,6 +69,25 @@ async def _terminate(database_url: str, pids: set[int]) -> None:
         await admin.close()
 
 
+async def backends_running(database_url: str, pattern: str, count: int) -> set[int]:
+    """The pids of the ``count`` backends whose statement is like ``pattern``, once that many
+    are running it (a statement sent is not yet a statement running: polled)."""
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                pids = await admin.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE $1 "
+                    "AND state = 'active' AND pid <> pg_backend_pid()",
+                    pattern,
+                )
+                if len(pids) >= count:
+                    return {r["pid"] for r in pids}
+                await asyncio.sleep(0.02)
+    finally:
+        await admin.close()
+
+
 async def test_lost_connections_never_fail_a_read(small_pool: HotPool, database_url: str) -> None:
     """Connections the server dropped are skipped or retried once: no read fails, and the
     pool is whole again on new connections."""
@@ -87,12 +106,7 @@ async def test_write_cut_mid_statement_is_outcome_unknown(
     """A write whose connection dies after it was sent is reported as outcome unknown (not as
     'nothing changed', and not as a 500), and that connection is never lent again."""
     write = asyncio.create_task(small_pool.fetchval("SELECT pg_backend_pid(), pg_sleep(5)"))
-    await asyncio.sleep(0.3)
-    async with small_pool.acquire() as conn:
-        busy = await conn.fetchval(
-            "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(5)%' "
-            "AND pid <> pg_backend_pid()"
-        )
+    (busy,) = await backends_running(database_url, "%pg_backend_pid(), pg_sleep(5)%", 1)
     await _terminate(database_url, {busy})
     with pytest.raises(OutcomeUnknownError):
         await write
@@ -113,16 +127,8 @@ async def test_fatal_error_leaves_no_connection_in_two_hands(
         sleepers = [
             asyncio.create_task(small_pool.fetchval("SELECT pg_sleep(2)")) for _ in range(2)
         ]
-        await asyncio.sleep(0.2)
-        async with asyncio.timeout(5):
-            admin = await asyncpg.connect(asyncpg_dsn(database_url))
-            try:
-                await admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()"
-                )
-            finally:
-                await admin.close()
+        running = await backends_running(database_url, "SELECT pg_sleep(2)", 2)
+        await _terminate(database_url, running)
         results = await asyncio.gather(
             *sleepers,
             *(small_pool.fetchval("SELECT 1", read_only=True) for _ in range(20)),
@@ -186,7 +192,7 @@ async def test_close_fails_waiters(small_pool: HotPool) -> None:
     """Closing the pool fails whoever still waits, instead of leaving them hanging."""
     async with small_pool.acquire(), small_pool.acquire():
         waiter = asyncio.create_task(small_pool.fetchval("SELECT 1"))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: small_pool.waiting == 1, 5)
         await small_pool.close()
     with pytest.raises(PoolClosedError):
         await waiter
@@ -242,7 +248,8 @@ async def test_pool_keeps_its_size_through_an_outage(database_url: str) -> None:
 
     pool = await HotPool.open(flaky, size=3, acquire_timeout=10)
     try:
-        await asyncio.sleep(2.5)  # the pool calls the database down
+        # Reconnecting has failed long enough for the pool to call the database down.
+        await eventually(lambda: pool._down, 10)
         with pytest.raises(DatabaseUnavailableError):
             await pool.fetchval("SELECT 1", read_only=True)
         refusing = False
@@ -253,7 +260,8 @@ async def test_pool_keeps_its_size_through_an_outage(database_url: str) -> None:
             )
             await asyncio.sleep(0.5)
         assert await pool.fetchval("SELECT 1", read_only=True) == 1
-        await asyncio.sleep(2.5)  # every background reconnect has finished by now
+        # Every background reconnect has finished: none can add a connection after the count.
+        await eventually(lambda: not pool._replacing, 10)
         assert pool.alive == pool.size
     finally:
         await pool.close()

@@ -46,8 +46,6 @@ from tests.deploy.observability import (
 )
 from tests.support import AUTH, free_port, http_post, query, require_tool, start_server
 
-pytestmark = pytest.mark.slow
-
 ALERT = "TandemLedgerMismatch"
 WEBHOOK_PATH = "/tandem-alerts"
 # From the broken ledger to the webhook: a verification, a scrape (5 s), an evaluation (5 s)

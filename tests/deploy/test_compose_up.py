@@ -58,7 +58,7 @@ from tests.support import (
     wait_live,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = pytest.mark.timeout(1200)
 
 COMPOSE = REPO / "deploy" / "compose.yaml"
 # The stand-ins, by the variable that names each service's image.

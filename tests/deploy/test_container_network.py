@@ -22,7 +22,7 @@ from tests.faults.cron import COMPRESSED_ENV, claimed_again, measure, owner_of
 from tests.faults.postgres import throwaway_postgres
 from tests.support import API_KEY, AUTH, REPO, free_port, query, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 
 def test_a_replica_cut_off_by_its_network_stops_first_and_nginx_answers(

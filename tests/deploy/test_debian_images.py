@@ -15,7 +15,7 @@ import yaml
 from tests.deploy.containers import app_image, containers, debian_image, podman
 from tests.support import REPO, free_port, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 COMPOSE = REPO / "deploy" / "compose.yaml"
 

@@ -148,7 +148,6 @@ def test_reader_misses_no_tandem_name() -> None:
         assert set(TANDEM_NAME.findall(expr)) <= read_names(expr).metrics, query.where
 
 
-@pytest.mark.slow
 def test_alerts_read_only_exposed_names(exposition: list[str]) -> None:
     """Each metric in alerts.yml exists as a sample on the instances, with the labels the
     rules select and group by."""
@@ -157,7 +156,6 @@ def test_alerts_read_only_exposed_names(exposition: list[str]) -> None:
     assert problems == []
 
 
-@pytest.mark.slow
 def test_dashboards_read_only_exposed_names(exposition: list[str]) -> None:
     """Each metric in the dashboards' queries exists as a sample on the instances (histograms
     through _bucket/_sum/_count), with the labels the queries select and group by."""
@@ -166,7 +164,6 @@ def test_dashboards_read_only_exposed_names(exposition: list[str]) -> None:
     assert problems == []
 
 
-@pytest.mark.slow
 def test_every_tandem_metric_is_on_a_dashboard(exposition: list[str]) -> None:
     """The other direction: every tandem_* metric an instance exposes is read by at least
     one dashboard query (a metric nobody can see is a metric nobody watches). The client

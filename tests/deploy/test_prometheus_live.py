@@ -33,8 +33,6 @@ from tests.deploy.observability import (
 )
 from tests.support import Server, http_get, http_post, require_tool, start_servers
 
-pytestmark = pytest.mark.slow
-
 # Series that only exist after an incident (a failover, a fenced run, a server error): a
 # query reading them may be empty here, unless it falls back to `or vector(0)`.
 INCIDENT_ONLY = (

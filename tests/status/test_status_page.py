@@ -1,6 +1,7 @@
-"""The status page at ``/`` against real server processes on one database, in compressed
-time: over HTTP, and rendered by a headless Chromium (live refresh, JavaScript off, a
-screenshot)."""
+"""The status page at ``/``: what one instance renders (escaping, no scheduler) with the app in
+process; what a cluster shows (running tasks on their instances, lost runs) against real server
+processes on one database, in compressed time, over HTTP and rendered by a headless Chromium
+(live refresh, a screenshot)."""
 
 from __future__ import annotations
 
@@ -20,24 +21,27 @@ import httpx
 import pytest
 from markupsafe import escape
 
-from tandem.core.migrations import upgrade_to_head
 from tandem.status.page import format_due, format_duration
-from tests.status.registries import HOSTILE_ERROR, HOSTILE_NAME
 from tests.support import (
-    CRON_TIMINGS,
     LEASE,
     REPO,
     Server,
-    empty_database,
+    app_settings,
+    fetch,
     http_get,
+    in_process_client,
     query,
     signed_in,
-    start_server,
     start_servers,
+    until,
     wait_for,
 )
-
-pytestmark = pytest.mark.slow
+from tests.support.registries import (
+    HOSTILE_ERROR,
+    HOSTILE_NAME,
+    scheduler_env,
+    scheduler_settings,
+)
 
 ALWAYS_RUNNING = "ReindexSearch"
 # Showcase tasks whose runs last long enough to be killed mid-run (seconds >= 1.5).
@@ -112,7 +116,10 @@ class Page(HTMLParser):
 
 
 def get_page(server: Server, path: str = "/") -> tuple[httpx.Response, Page]:
-    response = http_get(f"{server.url}{path}", timeout=10)
+    return read_page(http_get(f"{server.url}{path}", timeout=10))
+
+
+def read_page(response: httpx.Response) -> tuple[httpx.Response, Page]:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "text/html; charset=utf-8"
     return response, Page(response.text)
@@ -137,8 +144,7 @@ def running_task(server: Server, name: str) -> str:
 
 
 def start_instances(url: str, log_dir: Path, registry: str, n: int) -> list[Server]:
-    env = {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": f"tests.status.registries:{registry}"}
-    return start_servers(url, log_dir, n, extra_env=env)
+    return start_servers(url, log_dir, n, extra_env=scheduler_env(registry))
 
 
 @pytest.fixture(scope="module")
@@ -257,51 +263,47 @@ def test_failed_and_lost_runs_are_marked(
     wait_for(lambda: victim_id not in get_page(cluster[0])[1].instance_ids(), LEASE + 5)
 
 
-def test_page_escapes_task_names_and_errors(postgres_url: str, tmp_path: Path) -> None:
+async def test_page_escapes_task_names_and_errors(own_database_url: str) -> None:
     """Markup in a task name and in an exception's message reaches the page as text: escaped
     in the HTML (element text, attributes, the link), never as elements."""
-    with empty_database(postgres_url) as url:
-        upgrade_to_head(url)
-        (server,) = start_instances(url, tmp_path, "hostile", 1)
-        try:
-            wait_for(lambda: query(url, "SELECT 1 FROM task_history WHERE status = 'failed'"), 15)
-            for path in ("/", "/status/fragment"):
-                response, page = get_page(server, path)
-                text = response.text
-                assert HOSTILE_ERROR not in text
-                assert HOSTILE_NAME not in text
-                assert escape(HOSTILE_ERROR) in text
-                assert escape(HOSTILE_NAME) in text
-                assert "<img" not in text
-                assert page.scripts == (1 if path == "/" else 0)
-                failed = [r for r in page.sections["history"] if "status-failed" in r.classes]
-                assert failed
-                error = f"ConnectionError: {HOSTILE_ERROR}"
-                for row in failed:
-                    # Parsed back, the cell and its title are exactly the original text.
-                    assert (row.cells[0], row.cells[5], row.titles[5]) == (
-                        HOSTILE_NAME,
-                        error,
-                        error,
-                    )
-                    assert row.links == [f"tasks/{quote(HOSTILE_NAME, safe='')}/history"]
-            # The link leads to the task's history.
-            history = http_get(f"{server.url}/tasks/{quote(HOSTILE_NAME, safe='')}/history")
-            assert history.json()["name"] == HOSTILE_NAME
-        finally:
-            server.stop()
+    url = own_database_url
+    settings = app_settings(url, **scheduler_settings("hostile"))
+    async with in_process_client(settings) as client:
+
+        async def failed_once() -> bool:
+            return bool(await fetch(url, "SELECT 1 FROM task_history WHERE status = 'failed'"))
+
+        await until(failed_once, 15)
+        for path in ("/", "/status/fragment"):
+            response, page = read_page(await client.get(path))
+            text = response.text
+            assert HOSTILE_ERROR not in text
+            assert HOSTILE_NAME not in text
+            assert escape(HOSTILE_ERROR) in text
+            assert escape(HOSTILE_NAME) in text
+            assert "<img" not in text
+            assert page.scripts == (1 if path == "/" else 0)
+            failed = [r for r in page.sections["history"] if "status-failed" in r.classes]
+            assert failed
+            error = f"ConnectionError: {HOSTILE_ERROR}"
+            for row in failed:
+                # Parsed back, the cell and its title are exactly the original text.
+                assert (row.cells[0], row.cells[5], row.titles[5]) == (
+                    HOSTILE_NAME,
+                    error,
+                    error,
+                )
+                assert row.links == [f"tasks/{quote(HOSTILE_NAME, safe='')}/history"]
+        # The link leads to the task's history.
+        history = await client.get(f"/tasks/{quote(HOSTILE_NAME, safe='')}/history")
+        assert history.json()["name"] == HOSTILE_NAME
 
 
-def test_page_on_an_instance_without_scheduler(postgres_url: str, tmp_path: Path) -> None:
+async def test_page_on_an_instance_without_scheduler(own_database_url: str) -> None:
     """An instance with the scheduler off, on a database no scheduler ever used, still serves
     the page: every section, each saying it is empty."""
-    with empty_database(postgres_url) as url:
-        upgrade_to_head(url)
-        server = start_server(url, tmp_path)
-        try:
-            response, page = get_page(server)
-        finally:
-            server.stop()
+    async with in_process_client(app_settings(own_database_url)) as client:
+        response, page = read_page(await client.get("/"))
     assert all(page.sections[s] == [] for s in ("running", "pending", "instances", "history"))
     assert "No task is running." in response.text
     assert response.headers["x-instance-id"] in response.text  # "served by"

@@ -58,15 +58,25 @@ async def test_key_reuse_with_other_amount_is_refused(pool: HotPool) -> None:
 
 
 async def test_unknown_user_with_key_is_replayed(pool: HotPool) -> None:
-    """A keyed request for a missing user records that outcome; the retry gets it again."""
+    """A keyed request for a missing user records that outcome; the retry gets it again even
+    after the user has been created meanwhile (re-evaluated, the retry would apply), and the
+    new user's balance is untouched."""
     missing = 2**62 + 7
-    for _ in range(2):
-        with pytest.raises(UserNotFoundError):
-            await service.update_balance(pool, missing, 5, f"missing-{missing}")
-    stored = await pool.fetchval(
-        "SELECT outcome FROM idempotency_keys WHERE key = $1", f"missing-{missing}"
+    key = f"missing-{missing}"
+    with pytest.raises(UserNotFoundError):
+        await service.update_balance(pool, missing, 5, key)
+    # The world changes between the request and its retry: the user now exists.
+    await pool.fetchval(
+        "INSERT INTO users (id, balance) OVERRIDING SYSTEM VALUE VALUES ($1, 100) RETURNING id",
+        missing,
     )
+    with pytest.raises(UserNotFoundError):
+        await service.update_balance(pool, missing, 5, key)
+    assert (await service.get_balance(pool, missing)).balance == 100
+    stored = await pool.fetchval("SELECT outcome FROM idempotency_keys WHERE key = $1", key)
     assert stored == "user_not_found"
+    # Without the key, the same request is evaluated afresh and applies.
+    assert (await service.update_balance(pool, missing, 5)).balance == 105
 
 
 async def test_database_refuses_negative_balance(pool: HotPool) -> None:

@@ -1,13 +1,15 @@
-"""Real PostgreSQL databases and real server processes for the tests.
+"""Real processes for the tests: `tandem serve` instances, the `tandem` command, tools found
+on PATH (skipped when missing, failed under CI), a faked wall clock; and the guard that keeps
+the fast tier from starting any of them.
 
-The suite uses TANDEM_TEST_DATABASE_URL when set; otherwise it starts an embedded PostgreSQL in
-a temporary folder and deletes it at the end. Each test module that needs isolation gets a
-fresh database, migrated to head, and dropped afterwards.
+Starting a process makes a test ``slow``: tests/conftest.py marks every test whose code or
+fixtures reach one of these helpers (or ``subprocess`` itself), and under
+``TANDEM_TEST_NO_PROCESSES=1`` (``make test-fast``) any process a test starts anyway is an
+error, so a test the marking missed cannot slip into the fast tier.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -16,183 +18,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import asyncpg
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
-from tandem.access.keys import new_token
-from tandem.core.database import asyncpg_dsn
-from tandem.core.migrations import upgrade_to_head
-
-REPO = Path(__file__).resolve().parent.parent
-
-# The suite's API key (scope all). conftest.py puts it in the environment, so every server
-# the suite starts, in process or not, registers it at start; every test request sends it
-# (the refusals of other keys, and of none, are tests/access/'s).
-API_KEY = new_token()
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-def _authed(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {**kwargs, "headers": {**AUTH, **(kwargs.get("headers") or {})}}
-
-
-def http_get(url: str, **kwargs: Any) -> httpx.Response:
-    """``httpx.get`` with the suite's key."""
-    return httpx.get(url, **_authed(kwargs))
-
-
-def http_post(url: str, **kwargs: Any) -> httpx.Response:
-    """``httpx.post`` with the suite's key."""
-    return httpx.post(url, **_authed(kwargs))
-
-
-@contextmanager
-def signed_in(url: str) -> Iterator[str]:
-    """A local proxy to ``url`` that adds the suite's key to every request: a browser that is
-    signed in, for Chromium, which cannot be given a header (the login and its cookie are
-    tests/access/test_browser.py's). Yields the proxy's URL."""
-    import threading
-
-    import uvicorn
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = [(k.decode(), v.decode()) for k, v in scope["headers"] if k != b"host"]
-        async with httpx.AsyncClient(base_url=url) as client:
-            answer = await client.request(
-                scope["method"],
-                scope["path"]
-                + ("?" + scope["query_string"].decode() if scope["query_string"] else ""),
-                headers=[*headers, *AUTH.items()],
-                content=body,
-            )
-        drop = {"content-length", "transfer-encoding", "connection", "content-encoding"}
-        await send(
-            {
-                "type": "http.response.start",
-                "status": answer.status_code,
-                "headers": [
-                    (k.encode(), v.encode()) for k, v in answer.headers.items() if k not in drop
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": answer.content})
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 10)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def http_request(method: str, url: str, **kwargs: Any) -> httpx.Response:
-    """``httpx.request`` with the suite's key."""
-    return httpx.request(method, url, **_authed(kwargs))
-
-
-def with_database(url: str, name: str) -> str:
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-def _admin(url: str, statement: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(asyncpg_dsn(with_database(url, "postgres")))
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
-@contextmanager
-def empty_database(server_url: str) -> Iterator[str]:
-    """A new, empty database on the server; dropped (with its connections) afterwards."""
-    name = f"tandem_test_{uuid.uuid4().hex[:12]}"
-    _admin(server_url, f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(server_url, name)
-    finally:
-        _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    """A new database migrated to head; dropped afterwards."""
-    with empty_database(server_url) as url:
-        upgrade_to_head(url)
-        yield url
-
-
-async def fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    """One statement on a connection of its own."""
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
-def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    """``fetch`` from synchronous test code."""
-    return asyncio.run(fetch(url, sql, *args))
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-async def eventually(predicate: Callable[[], object], within: float) -> None:
-    """``wait_for`` for async tests: poll without blocking the event loop."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110  (state changes announce nothing to wait on)
-            await asyncio.sleep(0.02)
-
-
-# The cluster cron's timings for the tests: compressed, but with room for five Python
-# processes and PostgreSQL on two shared cores: a heartbeat can be late by a second without a
-# run being self-fenced.
-POLL, LEASE = 0.2, 3.0
-CRON_TIMINGS = {
-    "TANDEM_SCHEDULER_ENABLED": "true",
-    "TANDEM_MAINTENANCE_ENABLED": "false",
-    "TANDEM_SCHEDULER_POLL_INTERVAL": str(POLL),
-    "TANDEM_SCHEDULER_HEARTBEAT_INTERVAL": "0.5",
-    "TANDEM_SCHEDULER_LEASE": str(LEASE),
-    "TANDEM_SCHEDULER_SELF_FENCE_AFTER": "2.0",
-    "TANDEM_SCHEDULER_STEAL_AFTER": "1.0",
-    # Forty tasks due every two seconds need more than one claim per poll.
-    "TANDEM_SCHEDULER_CLAIMS_PER_POLL": "50",
-    "TANDEM_LOG_LEVEL": "warning",
-}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -398,3 +234,80 @@ class FakeClock:
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def run_tandem(
+    *args: str, database_url: str | None = None, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """The `tandem` command run to its end (``python -m tandem``, as installed), its output
+    captured; ``database_url`` becomes TANDEM_DATABASE_URL."""
+    extra = {"TANDEM_DATABASE_URL": database_url} if database_url is not None else {}
+    return subprocess.run(
+        [sys.executable, "-m", "tandem", *args],
+        env={**os.environ, **extra, **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# --- the fast tier's guard ---------------------------------------------------------------------
+
+# Set by `make test-fast`: a test that starts a process is then an error, not a slow pass.
+NO_PROCESSES_ENV = "TANDEM_TEST_NO_PROCESSES"
+# The audit events of every way Python starts a process (subprocess and asyncio's subprocesses
+# go through "subprocess.Popen").
+SPAWN_EVENTS = frozenset(
+    {"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system"}
+)
+
+
+class ProcessForbiddenError(RuntimeError):
+    """A test of the fast tier started a process."""
+
+
+class _Guard:
+    forbidden_in: str | None = None  # the test being run, while processes are forbidden
+    allowed: int = 0  # depth of allow_processes()
+    installed: bool = False
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event in SPAWN_EVENTS and _Guard.forbidden_in is not None and not _Guard.allowed:
+        raise ProcessForbiddenError(
+            f"{_Guard.forbidden_in} started a process ({event} {args[:2]!r}) with "
+            f"{NO_PROCESSES_ENV}=1: the fast tier starts none. If it must, the test is slow: "
+            "make it reach the process through a helper of tests/support (or subprocess), "
+            "which tests/conftest.py recognises and marks"
+        )
+
+
+def install_process_guard() -> None:
+    """Refuse, from now on, processes started inside ``forbid_processes`` (an audit hook:
+    it sees every spawn, whoever makes it, and cannot be bypassed by an import)."""
+    if not _Guard.installed:
+        sys.addaudithook(_audit)
+        _Guard.installed = True
+
+
+@contextmanager
+def forbid_processes(test: str) -> Iterator[None]:
+    """While ``test`` runs (its fixtures included), no process may start: see
+    ``install_process_guard``."""
+    _Guard.forbidden_in = test
+    try:
+        yield
+    finally:
+        _Guard.forbidden_in = None
+
+
+@contextmanager
+def allow_processes() -> Iterator[None]:
+    """The one exception: the session's shared PostgreSQL, started (and stopped) once."""
+    _Guard.allowed += 1
+    try:
+        yield
+    finally:
+        _Guard.allowed -= 1

@@ -1,11 +1,29 @@
-"""Task registries for the status page tests (loaded by real server processes through
-TANDEM_SCHEDULER_TASKS)."""
+"""Task registries for the tests that run the cluster cron (in process through
+``Settings.scheduler_tasks``, or in server processes through TANDEM_SCHEDULER_TASKS), and the
+settings that load them with the compressed timings."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from tandem.scheduler.registry import Registry, TaskContext, TaskFunction
+from tests.support.timings import CRON_TIMINGS, cron_settings
+
+HERE = __name__
+
+
+def scheduler_env(registry: str, **extra: str) -> dict[str, str]:
+    """The environment of a server process running ``registry`` (a name of this module, or
+    ``module:name``) at the compressed timings."""
+    ref = registry if ":" in registry else f"{HERE}:{registry}"
+    return {**CRON_TIMINGS, "TANDEM_SCHEDULER_TASKS": ref, **extra}
+
+
+def scheduler_settings(registry: str, **extra: Any) -> dict[str, Any]:
+    """``scheduler_env`` as keyword arguments of ``Settings``, for an app run in process."""
+    ref = registry if ":" in registry else f"{HERE}:{registry}"
+    return {**cron_settings(), "scheduler_tasks": ref, **extra}
 
 
 def _busy(seconds: float) -> TaskFunction:
@@ -44,3 +62,13 @@ HOSTILE_NAME = 'Feed <b>&"quotes" &amp;'
 HOSTILE_ERROR = '<script>alert("tandem")</script> & <img src=x onerror=alert(1)>'
 hostile = Registry()
 hostile.task(HOSTILE_NAME, timedelta(seconds=0.5))(_failing(0.05, HOSTILE_ERROR))
+
+# One quick task that does nothing, beside which the housekeeping tasks run.
+quiet = Registry()
+quiet.task("Quick", timedelta(seconds=1))(_busy(0.0))
+
+# Ten equal short tasks due every second: a task API with runs coming and going.
+EQUAL_TASKS = [f"Equal{i:02d}" for i in range(1, 11)]
+equal = Registry()
+for _name in EQUAL_TASKS:
+    equal.task(_name, timedelta(seconds=1))(_busy(0.3))

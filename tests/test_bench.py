@@ -1,0 +1,92 @@
+"""Every benchmark in bench/ still runs: each at its smallest size, as a developer runs it
+(``python bench/NAME.py``), on the suite's PostgreSQL. A smoke run checks that it exits 0 and
+prints its figures; the figures themselves are not judged here (tests never assert a
+wall-clock time: bench/ and docs/performance.md are for that)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO, require_tool
+
+# Long enough for the scheduler bench's phases on a loaded 2-core machine; a hang still ends.
+TIMEOUT = 420
+
+
+def run_bench(name: str, postgres_url: str, *args: str) -> str:
+    """``python bench/NAME.py ARGS --database-url URL`` to its end; its output, after checking
+    it exited 0."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / f"{name}.py"), *args, "--database-url", postgres_url],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO,
+        # rich draws its tables for a wide terminal, so no figure's label is wrapped.
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
+    """bench/wallet.py (with bench/http_floor.py, its HTTP floor) prints the floors, the
+    ratios and the read, transfer and history figures."""
+    out = run_bench(
+        "wallet",
+        postgres_url,
+        "--runs=1",
+        "--requests=200",
+        "--read-requests=200",
+        "--read-connections=10",
+        "--transfers=50",
+        "--history-entries=1000",
+    )
+    for figure in ("floors: database", "ratio_floors:", "ratio:", "keys_cost:", "reads:"):
+        assert figure in out, out[-4000:]
+    assert "transfers: 50 over" in out
+    assert "middle page: p50" in out
+
+
+def test_topology_bench_prints_every_topology(postgres_url: str) -> None:
+    """bench/topology.py runs all four topologies, nginx's two with the shipped config (both
+    of its servers moved to a free port), and prints each ratio to the single instance."""
+    require_tool("nginx")
+    out = run_bench("topology", postgres_url, "--runs=1", "--requests=200")
+    for ratio in ("ratio b/a", "ratio c/a", "ratio d/a"):
+        assert f"{ratio} (" in out, out[-4000:]
+    assert "is not on PATH" not in out
+
+
+def test_pooling_bench_prints_every_way_in(postgres_url: str) -> None:
+    """bench/pooling.py measures the four ways to reach the server, PgBouncer's two included."""
+    require_tool("pgbouncer")
+    out = run_bench("pooling", postgres_url, "--runs=1", "--statements=20")
+    assert out.count("ops/s") >= 1, out[-4000:]
+    for way in ("direct, cache on", "direct, cache off", "session", "transaction"):
+        assert way in out, out[-4000:]
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_scheduler_bench_prints_every_phase(postgres_url: str) -> None:
+    """bench/scheduler.py runs its spread, failover, fault and idle phases with two instances
+    and four tasks (one kill and one cut per timing) and prints their figures."""
+    out = run_bench(
+        "scheduler",
+        postgres_url,
+        "--instances=2",
+        "--tasks=4",
+        "--steady=2",
+        "--settle=1",
+        "--idle=2",
+        "--kills=1",
+        "--cuts=1",
+        "--idle-timings=compressed",
+    )
+    assert "FAILED" not in out, out[-4000:]
