@@ -9,7 +9,7 @@
 Wiring, like main.py: it joins each domain's named pruning statement to the scheduler's
 registry, so neither the wallet nor the scheduler imports the other. Each run deletes in
 batches of TANDEM_MAINTENANCE_BATCH rows (one short transaction each) on a connection of its
-own, never the wallet's hot pool, and stops between batches when cancelled.
+own, never the requests' pool, and stops between batches when cancelled.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import pytest
 
 from tandem.core.database import Database
 from tandem.core.embedded import EmbeddedPostgres
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
 from tests.support import (
     API_KEY,
@@ -177,6 +177,6 @@ async def database(database_url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-def pool(database: Database) -> HotPool:
-    """The hot-path pool the service uses, on the module's database."""
-    return database.hot
+def pool(database: Database) -> ConnectionPool:
+    """The requests' pool the service uses, on the module's database."""
+    return database.pool

@@ -134,7 +134,7 @@ class KeyCache:
         self._loads += 1
         used, self._used = self._used, set()
         try:
-            rows = await repository.live_keys(self._database.hot, sorted(used))
+            rows = await repository.live_keys(self._database.pool, sorted(used))
         except BaseException:
             self._used |= used
             raise
@@ -164,7 +164,7 @@ class KeyCache:
 
     async def _query(self, sha256: bytes, loads: int) -> Caller | None:
         try:
-            row = await repository.live_key_by_hash(self._database.hot, sha256)
+            row = await repository.live_key_by_hash(self._database.pool, sha256)
         except AppError:
             _FAILED.inc()
             raise  # the pool's own classification (database_unavailable)

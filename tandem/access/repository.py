@@ -1,5 +1,5 @@
 """The API keys' SQL: the key commands on a direct connection, the reload and the lookup of
-one token on the hot pool."""
+one token on the requests' pool."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import asyncpg
 
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 
 # A key is unique by name and by token; a second instance inserting the same configured key
 # at the same start finds the first's row (DO NOTHING, then the SELECT) instead of failing.
@@ -85,12 +85,12 @@ async def revoke_key(db: asyncpg.Connection, name: str) -> datetime | None:
     return revoked
 
 
-async def live_keys(pool: HotPool, used: list[int]) -> list[LiveKey]:
-    # read_only: the only write dates the keys' use, which may as well be retried or lost.
-    rows = await pool.fetch(LIVE_KEYS, used, read_only=True)
+async def live_keys(pool: ConnectionPool, used: list[int]) -> list[LiveKey]:
+    # retry_safe: the only write dates the keys' use, which may as well be retried or lost.
+    rows = await pool.fetch(LIVE_KEYS, used, retry_safe=True)
     return [LiveKey(row[0], row[1], list(row[2]), bytes(row[3])) for row in rows]
 
 
-async def live_key_by_hash(pool: HotPool, sha256: bytes) -> LiveKey | None:
-    row = await pool.fetchrow(LIVE_KEY_BY_HASH, sha256, read_only=True)
+async def live_key_by_hash(pool: ConnectionPool, sha256: bytes) -> LiveKey | None:
+    row = await pool.fetchrow(LIVE_KEY_BY_HASH, sha256, retry_safe=True)
     return None if row is None else LiveKey(row[0], row[1], list(row[2]), bytes(row[3]))

@@ -77,7 +77,7 @@ async def register_configured_key(settings: Settings, database: Database) -> Non
         return
     while True:
         try:
-            async with database.hot.acquire() as conn:
+            async with database.pool.acquire() as conn:
                 await ensure_configured_key(conn, token, settings.api_key_name)
             return
         except KeyCommandError as error:

@@ -1,7 +1,7 @@
 """The one owner of every database connection this process opens.
 
 ``Database`` makes every connection (``connect``: the URL, deadlines, TCP keepalive, the
-statement cache, in one place), lends them out through its pools (the wallet's hot pool, the
+statement cache, in one place), lends them out through its pools (the requests' pool, the
 SQLAlchemy engine for the plain cases, the scheduler's pool) and its single connections (the
 scheduler's heartbeat, housekeeping), runs the ORM's units of work (``transact``: the one
 transaction helper, with the failure classification of ``failures.py``) and closes everything
@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import (
 
 from tandem.core.errors import AppError
 from tandem.core.failures import classify, is_stale_connection
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ class Database:
         self._url = settings.require_database_url()
         # Everything this object made and has not seen closed, for the last word at close().
         self._connections: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
-        self._pools: list[HotPool] = []
-        self._hot: HotPool | None = None
+        self._pools: list[ConnectionPool] = []
+        self._requests: ConnectionPool | None = None
         self._engine: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
 
@@ -133,24 +133,25 @@ class Database:
         return conn
 
     async def open(self) -> None:
-        """The hot pool (all its connections opened now, or retried in the background while
-        the database is down) and the engine (connections on demand)."""
-        self._hot = await self.open_pool("tandem-hot", self.settings.db_pool_size)
+        """The requests' pool (all its connections opened now, or retried in the background
+        while the database is down) and the engine (connections on demand)."""
+        self._requests = await self.open_pool("tandem-requests", self.settings.db_pool_size)
         self._engine = self._create_engine()
         self._sessionmaker = async_sessionmaker(self._engine, expire_on_commit=False)
 
-    async def open_pool(self, application_name: str, size: int) -> HotPool:
-        pool = await HotPool.open(
+    async def open_pool(self, application_name: str, size: int) -> ConnectionPool:
+        pool = await ConnectionPool.open(
             lambda: self.connect(application_name), size, self.settings.db_pool_timeout
         )
         self._pools.append(pool)
         return pool
 
     @property
-    def hot(self) -> HotPool:
-        """The wallet's pool."""
-        assert self._hot is not None, "used before Database.open()"
-        return self._hot
+    def pool(self) -> ConnectionPool:
+        """The pool requests run their statements on (the wallet, the key cache); the
+        scheduler opens its own (open_pool)."""
+        assert self._requests is not None, "used before Database.open()"
+        return self._requests
 
     @property
     def engine(self) -> AsyncEngine:

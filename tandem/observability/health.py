@@ -27,7 +27,7 @@ class Readiness:
 
 
 async def check_readiness(engine: AsyncEngine, wait_seconds: float = 2.0) -> Readiness:
-    """Uses the engine's pool, not the hot path's: under a burst the hot pool has a queue,
+    """Uses the engine's pool, not the hot path's: under a burst the requests' pool has a queue,
     and readiness must not time out (and pull the instance) because the instance is busy."""
     expected = head_revision()
     try:

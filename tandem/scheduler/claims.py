@@ -18,7 +18,7 @@ import logging
 import random
 from collections.abc import Mapping
 
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
 from tandem.observability.metrics import SCHEDULER_LOST_LEASES, SCHEDULER_RUNS
 from tandem.scheduler import repository
@@ -61,7 +61,7 @@ class Claimer:
     def __init__(
         self,
         settings: Settings,
-        pool: HotPool,
+        pool: ConnectionPool,
         instance_id: str,
         definitions: Mapping[str, TaskDefinition],
         session: HeartbeatSession,

@@ -13,7 +13,7 @@ import logging
 
 import asyncpg
 
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
 from tandem.observability.metrics import (
     SCHEDULER_TASK_INTERVAL,
@@ -36,7 +36,7 @@ GAUGES_EVERY_HEARTBEATS = 5
 
 class Housekeeping:
     def __init__(
-        self, settings: Settings, pool: HotPool, known: list[str], watched: list[str]
+        self, settings: Settings, pool: ConnectionPool, known: list[str], watched: list[str]
     ) -> None:
         self.settings = settings
         self._pool = pool

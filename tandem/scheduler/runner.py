@@ -29,7 +29,7 @@ import time
 from datetime import datetime
 
 from tandem.core.database import Database
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
 from tandem.observability.metrics import SCHEDULER_RUNNING
 from tandem.scheduler import repository
@@ -71,7 +71,7 @@ class Runner:
         self._main: asyncio.Task[None] | None = None
         self._claiming: asyncio.Task[None] | None = None
         # Made by the join, in this order (each needs the ones before).
-        self._pool: HotPool | None = None
+        self._pool: ConnectionPool | None = None
         self._runs: LocalRuns | None = None
         self._session: HeartbeatSession | None = None
         self._claimer: Claimer | None = None

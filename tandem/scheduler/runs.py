@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from tandem.core.errors import DatabaseFailureError
-from tandem.core.hotpool import HotPool, PoolClosedError
+from tandem.core.pool import ConnectionPool, PoolClosedError
 from tandem.core.settings import Settings
 from tandem.observability.metrics import (
     SCHEDULER_CLAIMS,
@@ -78,7 +78,7 @@ class Run:
 class LocalRuns:
     """The runs in progress in this process, by task id."""
 
-    def __init__(self, settings: Settings, instance_id: str, pool: HotPool) -> None:
+    def __init__(self, settings: Settings, instance_id: str, pool: ConnectionPool) -> None:
         self.settings = settings
         self.instance_id = instance_id
         self._pool = pool

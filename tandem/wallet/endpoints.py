@@ -76,7 +76,7 @@ async def read_history(
     limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX, strict=False)] = 100,
     before: Annotated[int | None, Query(ge=1, le=INT64_MAX, strict=False)] = None,
 ) -> History:
-    found = await service.history(db.hot, parse_user_id(user_id), limit, before)
+    found = await service.history(db.pool, parse_user_id(user_id), limit, before)
     return History(
         user_id=found.user_id,
         entries=[HistoryEntry.model_validate(e._asdict()) for e in found.entries],
@@ -121,7 +121,7 @@ async def create_transfer(
     )
     key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
     result = await service.transfer(
-        instance.database.hot,
+        instance.database.pool,
         asked.from_user_id,
         asked.to_user_id,
         asked.amount,
@@ -150,7 +150,7 @@ async def read_transfer(
         Path(alias="transferId", description=ID_DESCRIPTION, json_schema_extra=ID_JSON_SCHEMA),
     ],
 ) -> Response:
-    found = await service.get_transfer(db.hot, parse_user_id(transfer_id, "transferId"))
+    found = await service.get_transfer(db.pool, parse_user_id(transfer_id, "transferId"))
     return _json(_transfer_body(found))
 
 

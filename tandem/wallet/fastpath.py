@@ -109,7 +109,7 @@ class WalletFastPath:
 
     async def _read(self, scope: Scope, raw_user_id: str, query: bytes, send: Send) -> None:
         try:
-            result = await serve_balance_read(self.database.hot, raw_user_id, query)
+            result = await serve_balance_read(self.database.pool, raw_user_id, query)
         except AppError as error:
             await respond_error(scope, send, error)
             return

@@ -18,7 +18,6 @@ from urllib.parse import parse_qsl
 from tandem.core.callers import WALLET_MINT, Caller
 from tandem.core.dependencies import Instance
 from tandem.core.errors import AppError, ValidationError
-from tandem.core.hotpool import HotPool
 from tandem.core.openapi import (
     DATABASE_UNAVAILABLE,
     OUTCOME_UNKNOWN,
@@ -26,6 +25,7 @@ from tandem.core.openapi import (
     json_request_body,
     schema_ref,
 )
+from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
 from tandem.wallet.schemas import (
@@ -72,7 +72,7 @@ async def serve_balance_update(
         if update.amount > 0:
             caller.require(WALLET_MINT)
         result = await service.update_balance(
-            instance.database.hot,
+            instance.database.pool,
             update.user_id,
             update.amount,
             key,
@@ -90,7 +90,7 @@ async def serve_balance_update(
 # --- GET /balance/{userId} -----------------------------------------------------------------
 
 
-async def serve_balance_read(pool: HotPool, raw_user_id: str, query: bytes) -> BalanceResult:
+async def serve_balance_read(pool: ConnectionPool, raw_user_id: str, query: bytes) -> BalanceResult:
     """The balance now, or at ``?at=<RFC 3339 instant>``."""
     user_id = parse_user_id(raw_user_id)
     at = parse_at(query)

@@ -1,6 +1,6 @@
 """Wallet SQL. Each statement is named, with the race it closes.
 
-Functions take the hot pool or a connection (both run statements), so the same statement
+Functions take the requests' pool or a connection (both run statements), so the same statement
 serves a standalone call and one inside a transaction. asyncpg prepares and caches each
 statement per connection, so the hot path pays parsing and planning once.
 """
@@ -14,12 +14,12 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.database import rows_affected
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.wallet.functions import TRANSFER_V1
 from tandem.wallet.models import INT64_MAX, LedgerEntry, User
 
 Connection = asyncpg.Connection
-Executor = HotPool | Connection
+Executor = ConnectionPool | Connection
 
 # Applies the delta only when the result fits 0..INT64_MAX, and journals it, in one statement
 # (one round trip, autocommit). UPDATE takes the row lock, and under READ COMMITTED
@@ -250,24 +250,24 @@ async def apply_delta(
     return None if row is None else DeltaResult(row[0], row[1], row[2])
 
 
-async def get_balance(pool: HotPool, user_id: int) -> int | None:
-    value = await pool.fetchval(GET_BALANCE, user_id, read_only=True)
+async def get_balance(pool: ConnectionPool, user_id: int) -> int | None:
+    value = await pool.fetchval(GET_BALANCE, user_id, retry_safe=True)
     return None if value is None else int(value)
 
 
-async def balance_at(pool: HotPool, user_id: int, at: datetime) -> int | None:
+async def balance_at(pool: ConnectionPool, user_id: int, at: datetime) -> int | None:
     """None when the user has no entry at or before ``at``."""
-    value = await pool.fetchval(BALANCE_AT, user_id, at, read_only=True)
+    value = await pool.fetchval(BALANCE_AT, user_id, at, retry_safe=True)
     return None if value is None else int(value)
 
 
-async def history(pool: HotPool, user_id: int, before: int, limit: int) -> list[Entry]:
-    rows = await pool.fetch(HISTORY, user_id, before, limit, read_only=True)
+async def history(pool: ConnectionPool, user_id: int, before: int, limit: int) -> list[Entry]:
+    rows = await pool.fetch(HISTORY, user_id, before, limit, retry_safe=True)
     return [Entry(*row) for row in rows]
 
 
-async def user_exists(pool: HotPool, user_id: int) -> bool:
-    exists: bool = await pool.fetchval(USER_EXISTS, user_id, read_only=True)
+async def user_exists(pool: ConnectionPool, user_id: int) -> bool:
+    exists: bool = await pool.fetchval(USER_EXISTS, user_id, retry_safe=True)
     return exists
 
 
@@ -288,8 +288,8 @@ async def transfer(
 
 
 async def get_transfer(db: Executor, transfer_id: int) -> Transfer | None:
-    if isinstance(db, HotPool):
-        row = await db.fetchrow(GET_TRANSFER, transfer_id, read_only=True)
+    if isinstance(db, ConnectionPool):
+        row = await db.fetchrow(GET_TRANSFER, transfer_id, retry_safe=True)
     else:
         row = await db.fetchrow(GET_TRANSFER, transfer_id)
     return None if row is None else Transfer(*row)

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.callers import ANONYMOUS, Caller
 from tandem.core.errors import AppError
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.wallet import repository
 from tandem.wallet.errors import (
     BalanceLimitError,
@@ -62,7 +62,7 @@ def _refusal(user_id: int, amount: int, result: repository.DeltaResult | None) -
 
 
 async def update_balance(
-    pool: HotPool,
+    pool: ConnectionPool,
     user_id: int,
     amount: int,
     idempotency_key: str | None = None,
@@ -100,7 +100,7 @@ async def update_balance(
 
 
 async def transfer(
-    pool: HotPool,
+    pool: ConnectionPool,
     from_user_id: int,
     to_user_id: int,
     amount: int,
@@ -138,7 +138,7 @@ class _Keyed:
 
 
 async def _once(
-    pool: HotPool,
+    pool: ConnectionPool,
     keyed: _Keyed,
     request: repository.Request,
     apply: Callable[[Connection, _Keyed, repository.Request], Awaitable[Outcome | AppError]],
@@ -285,7 +285,9 @@ def _transferred(
 # --- reads ---------------------------------------------------------------------------------
 
 
-async def get_balance(pool: HotPool, user_id: int, at: datetime | None = None) -> BalanceResult:
+async def get_balance(
+    pool: ConnectionPool, user_id: int, at: datetime | None = None
+) -> BalanceResult:
     """The balance now, or after the last entry at or before ``at``. Raises UserNotFoundError
     (also for an instant before the user's opening entry: the user did not exist then)."""
     if at is None:
@@ -297,7 +299,7 @@ async def get_balance(pool: HotPool, user_id: int, at: datetime | None = None) -
     return BalanceResult(user_id, balance, at=at)
 
 
-async def history(pool: HotPool, user_id: int, limit: int, before: int | None) -> History:
+async def history(pool: ConnectionPool, user_id: int, limit: int, before: int | None) -> History:
     """Newest first, ``limit`` entries older than entry ``before``. Raises UserNotFoundError."""
     rows = await repository.history(
         pool, user_id, INT64_MAX if before is None else before, limit + 1
@@ -308,7 +310,7 @@ async def history(pool: HotPool, user_id: int, limit: int, before: int | None) -
     return History(user_id, page, page[-1].id if len(rows) > limit else None)
 
 
-async def get_transfer(pool: HotPool, transfer_id: int) -> repository.Transfer:
+async def get_transfer(pool: ConnectionPool, transfer_id: int) -> repository.Transfer:
     found = await repository.get_transfer(pool, transfer_id)
     if found is None:
         raise TransferNotFoundError(transfer_id)

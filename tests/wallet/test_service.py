@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from tandem.core.hotpool import HotPool
+from tandem.core.pool import ConnectionPool
 from tandem.wallet import service
 from tandem.wallet.errors import (
     IdempotencyKeyReusedError,
@@ -16,12 +16,12 @@ from tandem.wallet.errors import (
 )
 
 
-async def make_user(pool: HotPool, balance: int) -> int:
+async def make_user(pool: ConnectionPool, balance: int) -> int:
     user_id = await pool.fetchval("INSERT INTO users (balance) VALUES ($1) RETURNING id", balance)
     return int(user_id)
 
 
-async def test_concurrent_withdrawals_never_overdraw(pool: HotPool) -> None:
+async def test_concurrent_withdrawals_never_overdraw(pool: ConnectionPool) -> None:
     """400 concurrent withdrawals of 7 from 1000: exactly 142 succeed, 6 is left."""
     user = await make_user(pool, 1000)
 
@@ -37,7 +37,7 @@ async def test_concurrent_withdrawals_never_overdraw(pool: HotPool) -> None:
     assert (await service.get_balance(pool, user)).balance == 1000 - 142 * 7
 
 
-async def test_concurrent_retries_with_one_key_apply_once(pool: HotPool) -> None:
+async def test_concurrent_retries_with_one_key_apply_once(pool: ConnectionPool) -> None:
     """50 concurrent requests with one Idempotency-Key: one applies, 49 replay its outcome."""
     user = await make_user(pool, 1000)
     results = await asyncio.gather(
@@ -48,7 +48,7 @@ async def test_concurrent_retries_with_one_key_apply_once(pool: HotPool) -> None
     assert (await service.get_balance(pool, user)).balance == 990
 
 
-async def test_key_reuse_with_other_amount_is_refused(pool: HotPool) -> None:
+async def test_key_reuse_with_other_amount_is_refused(pool: ConnectionPool) -> None:
     """A key bound to one request refuses another and leaves the balance alone."""
     user = await make_user(pool, 100)
     await service.update_balance(pool, user, -1, f"reuse-{user}")
@@ -57,7 +57,7 @@ async def test_key_reuse_with_other_amount_is_refused(pool: HotPool) -> None:
     assert (await service.get_balance(pool, user)).balance == 99
 
 
-async def test_unknown_user_with_key_is_replayed(pool: HotPool) -> None:
+async def test_unknown_user_with_key_is_replayed(pool: ConnectionPool) -> None:
     """A keyed request for a missing user records that outcome; the retry gets it again even
     after the user has been created meanwhile (re-evaluated, the retry would apply), and the
     new user's balance is untouched."""
@@ -79,7 +79,7 @@ async def test_unknown_user_with_key_is_replayed(pool: HotPool) -> None:
     assert (await service.update_balance(pool, missing, 5)).balance == 105
 
 
-async def test_database_refuses_negative_balance(pool: HotPool) -> None:
+async def test_database_refuses_negative_balance(pool: ConnectionPool) -> None:
     """The CHECK constraint refuses a negative balance even from a statement that skips the
     service's condition."""
     user = await make_user(pool, 1)

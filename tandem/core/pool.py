@@ -1,12 +1,13 @@
-"""A small connection pool for the hot path: a fixed set of asyncpg connections, LIFO, with
-direct hand-off to the longest waiter.
+"""The pool of statements a process runs for requests (the wallet, the key cache) and of the
+scheduler's own: a fixed set of asyncpg connections, LIFO, with direct hand-off to the
+longest waiter.
 
 Why not ``asyncpg.Pool``: with 10000 requests queued on 10 connections, its acquire/release
 machinery (holder objects, a queue, shielded release, timeouts per call) cost ~100 µs of CPU
-per query here, as much as the query itself (docs/decisions.md, "The wallet's hot path"). This pool
-does the one thing the wallet needs: run a statement on some idle connection, or wait in line
-for one, FIFO, with a deadline. Connections come from ``Database.connect`` (tandem/core/
-database.py), which owns them; this pool only lends them out.
+per query here, as much as the query itself (docs/decisions.md, "The wallet's hot path").
+This pool does the one thing the wallet needs: run a statement on some idle connection, or
+wait in line for one, FIFO, with a deadline. Connections come from ``Database.connect``
+(tandem/core/database.py), which owns them; this pool only lends them out.
 
 Invariants (each enforced where it is named):
 - *One holder.* A connection is in exactly one of ``_idle``, ``_busy`` or nowhere (gone).
@@ -65,7 +66,7 @@ class PoolClosedError(DatabaseUnavailableError):
     """The pool was closed (the instance is shutting down): nothing was sent."""
 
 
-class HotPool:
+class ConnectionPool:
     def __init__(self, connect: Connect, size: int, acquire_timeout: float) -> None:
         self._connect = connect
         self._size = size
@@ -82,7 +83,7 @@ class HotPool:
         self._probing = False
 
     @classmethod
-    async def open(cls, connect: Connect, size: int, acquire_timeout: float) -> HotPool:
+    async def open(cls, connect: Connect, size: int, acquire_timeout: float) -> ConnectionPool:
         """Open all ``size`` connections up front (a burst never waits for connection setup).
         Those that cannot be made now are retried in the background: an instance starts, and
         answers "unavailable", while the database is down."""
@@ -262,40 +263,43 @@ class HotPool:
     # --- statements ------------------------------------------------------------------
 
     async def fetchrow(
-        self, query: str, *args: Any, read_only: bool = False
+        self, query: str, *args: Any, retry_safe: bool = False
     ) -> asyncpg.Record | None:
         """One statement, autocommit. Raises DatabaseUnavailableError (not applied) or, for a
-        write whose connection broke after sending, OutcomeUnknownError."""
+        write whose connection broke after sending, OutcomeUnknownError. ``retry_safe``: the
+        statement may run twice (a read, or a write whose repetition does no harm), so it is
+        retried once on a fresh connection when the first was found broken, and never
+        reported as an unknown outcome."""
         conn = await self._acquire()
         try:
             row = await conn.fetchrow(query, *args)
         except BaseException as failure:
             retried: asyncpg.Record | None = await self._recover(
-                conn, failure, asyncpg.Connection.fetchrow, query, args, read_only
+                conn, failure, asyncpg.Connection.fetchrow, query, args, retry_safe
             )
             return retried
         # The success path stays inline (no helper coroutine): it is the wallet's hot path.
         self._take_back(conn, None)
         return row
 
-    async def fetchval(self, query: str, *args: Any, read_only: bool = False) -> Any:
+    async def fetchval(self, query: str, *args: Any, retry_safe: bool = False) -> Any:
         conn = await self._acquire()
         try:
             value = await conn.fetchval(query, *args)
         except BaseException as failure:
             return await self._recover(
-                conn, failure, asyncpg.Connection.fetchval, query, args, read_only
+                conn, failure, asyncpg.Connection.fetchval, query, args, retry_safe
             )
         self._take_back(conn, None)
         return value
 
-    async def fetch(self, query: str, *args: Any, read_only: bool = False) -> list[asyncpg.Record]:
+    async def fetch(self, query: str, *args: Any, retry_safe: bool = False) -> list[asyncpg.Record]:
         conn = await self._acquire()
         try:
             rows = await conn.fetch(query, *args)
         except BaseException as failure:
             retried: list[asyncpg.Record] = await self._recover(
-                conn, failure, asyncpg.Connection.fetch, query, args, read_only
+                conn, failure, asyncpg.Connection.fetch, query, args, retry_safe
             )
             return retried
         self._take_back(conn, None)
@@ -308,7 +312,7 @@ class HotPool:
         method: Callable[..., Awaitable[Any]],
         query: str,
         args: Any,
-        read_only: bool,
+        retry_safe: bool,
     ) -> Any:
         """After a statement failed: give the connection back (or replace it), then retry once
         on a fresh connection if the old one was found broken and the statement cannot have
@@ -316,7 +320,7 @@ class HotPool:
         self._take_back(conn, failure)
         if isinstance(failure, AppError) or not isinstance(failure, Exception):
             raise failure
-        unapplied = read_only or refused_before_sending(failure)
+        unapplied = retry_safe or refused_before_sending(failure)
         if is_stale_connection(failure) and unapplied:
             conn = await self._acquire()
             try:
@@ -325,7 +329,7 @@ class HotPool:
                 self._take_back(conn, second)
                 if isinstance(second, AppError) or not isinstance(second, Exception):
                     raise
-                failure, unapplied = second, read_only or refused_before_sending(second)
+                failure, unapplied = second, retry_safe or refused_before_sending(second)
             else:
                 self._take_back(conn, None)
                 return result

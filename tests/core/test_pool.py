@@ -11,19 +11,19 @@ import pytest
 
 from tandem.core.database import asyncpg_dsn
 from tandem.core.errors import DatabaseUnavailableError, OutcomeUnknownError
-from tandem.core.hotpool import HotPool, PoolClosedError
+from tandem.core.pool import ConnectionPool, PoolClosedError
 from tests.support import eventually
 
 
 @pytest.fixture
-async def small_pool(database_url: str) -> AsyncIterator[HotPool]:
+async def small_pool(database_url: str) -> AsyncIterator[ConnectionPool]:
     dsn = asyncpg_dsn(database_url)
-    p = await HotPool.open(lambda: asyncpg.connect(dsn), size=2, acquire_timeout=2)
+    p = await ConnectionPool.open(lambda: asyncpg.connect(dsn), size=2, acquire_timeout=2)
     yield p
     await p.close()
 
 
-async def wait_until_full(pool: HotPool) -> None:
+async def wait_until_full(pool: ConnectionPool) -> None:
     """Poll: replacements connect in the background and announce nothing."""
     await eventually(lambda: pool.idle >= pool.size, 10)
 
@@ -31,7 +31,7 @@ async def wait_until_full(pool: HotPool) -> None:
 async def test_waiters_are_served_in_arrival_order(database_url: str) -> None:
     """When the connection is busy, waiters get it first come, first served."""
     dsn = asyncpg_dsn(database_url)
-    pool = await HotPool.open(lambda: asyncpg.connect(dsn), size=1, acquire_timeout=5)
+    pool = await ConnectionPool.open(lambda: asyncpg.connect(dsn), size=1, acquire_timeout=5)
     served: list[int] = []
 
     async def query(i: int) -> None:
@@ -51,7 +51,7 @@ async def test_waiters_are_served_in_arrival_order(database_url: str) -> None:
     assert served == list(range(6))
 
 
-async def test_acquire_deadline_raises_unavailable(small_pool: HotPool) -> None:
+async def test_acquire_deadline_raises_unavailable(small_pool: ConnectionPool) -> None:
     """A request that waits longer than the deadline is told nothing was applied (503)."""
     async with small_pool.acquire(), small_pool.acquire():
         with pytest.raises(DatabaseUnavailableError):
@@ -88,20 +88,22 @@ async def backends_running(database_url: str, pattern: str, count: int) -> set[i
         await admin.close()
 
 
-async def test_lost_connections_never_fail_a_read(small_pool: HotPool, database_url: str) -> None:
+async def test_lost_connections_never_fail_a_read(
+    small_pool: ConnectionPool, database_url: str
+) -> None:
     """Connections the server dropped are skipped or retried once: no read fails, and the
     pool is whole again on new connections."""
     pids = {await small_pool.fetchval("SELECT pg_backend_pid()") for _ in range(4)}
     await _terminate(database_url, pids)
     for _ in range(4):
-        assert await small_pool.fetchval("SELECT 1", read_only=True) == 1
+        assert await small_pool.fetchval("SELECT 1", retry_safe=True) == 1
     await wait_until_full(small_pool)
     new_pids = {await small_pool.fetchval("SELECT pg_backend_pid()") for _ in range(4)}
     assert not new_pids & pids
 
 
 async def test_write_cut_mid_statement_is_outcome_unknown(
-    small_pool: HotPool, database_url: str
+    small_pool: ConnectionPool, database_url: str
 ) -> None:
     """A write whose connection dies after it was sent is reported as outcome unknown (not as
     'nothing changed', and not as a 500), and that connection is never lent again."""
@@ -118,7 +120,7 @@ async def test_write_cut_mid_statement_is_outcome_unknown(
 
 
 async def test_fatal_error_leaves_no_connection_in_two_hands(
-    small_pool: HotPool, database_url: str
+    small_pool: ConnectionPool, database_url: str
 ) -> None:
     """After statements die with a FATAL (the server terminating their sessions), a burst of
     concurrent statements on the pool never finds a connection already in use (asyncpg's
@@ -131,7 +133,7 @@ async def test_fatal_error_leaves_no_connection_in_two_hands(
         await _terminate(database_url, running)
         results = await asyncio.gather(
             *sleepers,
-            *(small_pool.fetchval("SELECT 1", read_only=True) for _ in range(20)),
+            *(small_pool.fetchval("SELECT 1", retry_safe=True) for _ in range(20)),
             return_exceptions=True,
         )
         for result in results:
@@ -146,7 +148,7 @@ async def test_pool_answers_unavailable_at_once_when_no_connection_can_be_made()
     async def refuse() -> asyncpg.Connection:
         raise ConnectionRefusedError("nobody listens")
 
-    pool = await HotPool.open(refuse, size=2, acquire_timeout=60)
+    pool = await ConnectionPool.open(refuse, size=2, acquire_timeout=60)
     try:
         async with asyncio.timeout(5):
             with pytest.raises(DatabaseUnavailableError):
@@ -155,7 +157,7 @@ async def test_pool_answers_unavailable_at_once_when_no_connection_can_be_made()
         await pool.close()
 
 
-async def test_cancelled_queries_leak_no_connection(small_pool: HotPool) -> None:
+async def test_cancelled_queries_leak_no_connection(small_pool: ConnectionPool) -> None:
     """Cancelling requests mid-query and mid-wait leaves every connection usable."""
     tasks = [asyncio.create_task(small_pool.fetchval("SELECT pg_sleep(5)")) for _ in range(6)]
     await asyncio.sleep(0.2)
@@ -167,7 +169,7 @@ async def test_cancelled_queries_leak_no_connection(small_pool: HotPool) -> None
     assert results == [7] * 10
 
 
-async def test_abandoned_transaction_is_not_reused(small_pool: HotPool) -> None:
+async def test_abandoned_transaction_is_not_reused(small_pool: ConnectionPool) -> None:
     """A connection handed back inside a transaction is discarded, never given out again."""
     async with small_pool.acquire() as conn:
         await conn.execute("BEGIN")
@@ -179,7 +181,7 @@ async def test_abandoned_transaction_is_not_reused(small_pool: HotPool) -> None:
             assert await conn.fetchval("SELECT pg_backend_pid()") != abandoned
 
 
-async def test_server_error_keeps_connection(small_pool: HotPool) -> None:
+async def test_server_error_keeps_connection(small_pool: ConnectionPool) -> None:
     """A plain SQL error leaves the connection in the pool (no reconnect churn)."""
     pids = {await small_pool.fetchval("SELECT pg_backend_pid()") for _ in range(4)}
     with pytest.raises(asyncpg.PostgresError):
@@ -188,7 +190,7 @@ async def test_server_error_keeps_connection(small_pool: HotPool) -> None:
     assert {await small_pool.fetchval("SELECT pg_backend_pid()") for _ in range(4)} == pids
 
 
-async def test_close_fails_waiters(small_pool: HotPool) -> None:
+async def test_close_fails_waiters(small_pool: ConnectionPool) -> None:
     """Closing the pool fails whoever still waits, instead of leaving them hanging."""
     async with small_pool.acquire(), small_pool.acquire():
         waiter = asyncio.create_task(small_pool.fetchval("SELECT 1"))
@@ -198,11 +200,11 @@ async def test_close_fails_waiters(small_pool: HotPool) -> None:
         await waiter
 
 
-async def test_misuse_is_a_bug_not_a_database_failure(small_pool: HotPool) -> None:
+async def test_misuse_is_a_bug_not_a_database_failure(small_pool: ConnectionPool) -> None:
     """A call asyncpg refuses for the caller's own mistake (wrong argument count) stays the
     driver's error, a 500, instead of being dressed up as a 503 (and is not retried)."""
     with pytest.raises(asyncpg.InterfaceError):
-        await small_pool.fetchval("SELECT $1::int", 1, 2, read_only=True)
+        await small_pool.fetchval("SELECT $1::int", 1, 2, retry_safe=True)
     with pytest.raises(asyncpg.InterfaceError):
         await small_pool.fetchval("SELECT $1::int", 1, 2)
     await wait_until_full(small_pool)
@@ -224,10 +226,10 @@ async def test_partly_failed_open_still_queues_callers(database_url: str) -> Non
             await asyncio.sleep(3600)  # the replacement never arrives: two stay alive
         return await asyncpg.connect(dsn)
 
-    pool = await HotPool.open(first_fails, size=2, acquire_timeout=10)
+    pool = await ConnectionPool.open(first_fails, size=2, acquire_timeout=10)
     try:
         results = await asyncio.gather(
-            *(pool.fetchval("SELECT 1 FROM pg_sleep(0.01)", read_only=True) for _ in range(20))
+            *(pool.fetchval("SELECT 1 FROM pg_sleep(0.01)", retry_safe=True) for _ in range(20))
         )
     finally:
         await pool.close()
@@ -246,20 +248,20 @@ async def test_pool_keeps_its_size_through_an_outage(database_url: str) -> None:
         await asyncio.sleep(0.05)
         return await asyncpg.connect(dsn)
 
-    pool = await HotPool.open(flaky, size=3, acquire_timeout=10)
+    pool = await ConnectionPool.open(flaky, size=3, acquire_timeout=10)
     try:
         # Reconnecting has failed long enough for the pool to call the database down.
         await eventually(lambda: pool._down, 10)
         with pytest.raises(DatabaseUnavailableError):
-            await pool.fetchval("SELECT 1", read_only=True)
+            await pool.fetchval("SELECT 1", retry_safe=True)
         refusing = False
         for _ in range(5):
             await asyncio.gather(
-                *(pool.fetchval("SELECT 1", read_only=True) for _ in range(10)),
+                *(pool.fetchval("SELECT 1", retry_safe=True) for _ in range(10)),
                 return_exceptions=True,
             )
             await asyncio.sleep(0.5)
-        assert await pool.fetchval("SELECT 1", read_only=True) == 1
+        assert await pool.fetchval("SELECT 1", retry_safe=True) == 1
         # Every background reconnect has finished: none can add a connection after the count.
         await eventually(lambda: not pool._replacing, 10)
         assert pool.alive == pool.size
@@ -271,7 +273,7 @@ async def test_connection_to_a_read_only_server_is_replaced(database_url: str) -
     """A write refused because the session is read-only (a standby after a failover) is 'not
     applied', and that connection is not lent again: a new one may reach the new primary."""
     dsn = asyncpg_dsn(database_url)
-    pool = await HotPool.open(lambda: asyncpg.connect(dsn), size=1, acquire_timeout=5)
+    pool = await ConnectionPool.open(lambda: asyncpg.connect(dsn), size=1, acquire_timeout=5)
     try:
         async with pool.acquire() as conn:
             await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
