@@ -9,28 +9,7 @@ import httpx
 import pytest
 
 from tandem.wallet.models import INT64_MAX
-
-
-async def new_user(client: httpx.AsyncClient, balance: int = 10_000) -> int:
-    response = await client.post("/users", json={"balance": balance})
-    assert response.status_code == 201, response.text
-    assert response.json()["balance"] == balance
-    return int(response.json()["userId"])
-
-
-async def balance_of(client: httpx.AsyncClient, user_id: int) -> int:
-    response = await client.get(f"/balance/{user_id}")
-    assert response.status_code == 200, response.text
-    return int(response.json()["balance"])
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
+from tests.support import assert_error, balance_of, new_user
 
 
 async def test_withdrawal_answers_new_balance(client: httpx.AsyncClient) -> None:

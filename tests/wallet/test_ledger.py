@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tandem.core.database import asyncpg_dsn
-from tests.wallet.test_api import assert_error, balance_of, new_user
+from tests.support import assert_error, balance_of, new_user
 
 
 async def update(
