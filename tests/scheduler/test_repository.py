@@ -4,8 +4,6 @@ refusals, fencing."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
@@ -16,94 +14,8 @@ from tandem.core import locks
 from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
 from tandem.scheduler.functions import CLAIM_ROW_V1
-from tandem.scheduler.registry import TaskDefinition
-from tandem.scheduler.runner import plan_claim, task_row
-from tests.scheduler.registries import definition
-
-
-async def claim(
-    db: asyncpg.Connection,
-    instance: str,
-    *,
-    lease: float = 30,
-    steal_after: float = 0,
-    fresh_window: float = 30,
-    known: list[str] | None = None,
-) -> repository.ClaimedRun | None:
-    """One claim, as the runner makes it (a live window of 30 s), under the instance's
-    current session."""
-    key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
-    claimed = await repository.claim_due_task(
-        db,
-        repository.ClaimParams(
-            instance,
-            key,
-            lease=lease,
-            live_window=30,
-            steal_after=steal_after,
-            fresh_window=fresh_window,
-            lock_timeout=1.0,
-            known=known,
-        ),
-    )
-    planned = None if claimed is None else plan_claim(claimed, DEFINITIONS.get(claimed.name))
-    if claimed is not None and planned is not None:
-        assert planned.run_slot is not None
-        await repository.plan_run(
-            db, claimed.task_id, claimed.fence, planned.next_slot, planned.run_slot
-        )
-    return claimed
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-async def sessions(database_url: str) -> AsyncIterator[Sessions]:
-    held = Sessions(asyncpg_dsn(database_url))
-    yield held
-    for conn in held.conns.values():
-        await conn.close()
-
-
-class Sessions:
-    """Instances with a database session each (the connection holding their session lock),
-    as the runner's heartbeat connection holds it."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.conns: dict[str, asyncpg.Connection] = {}
-
-    async def new_instance(self, db: asyncpg.Connection) -> str:
-        instance = uuid.uuid4().hex[:12]
-        await repository.register_instance(db, instance, "test", 1)
-        conn = await asyncpg.connect(self.dsn)
-        self.conns[instance] = conn
-        assert await repository.open_session(conn, instance, 30) is not None
-        return instance
-
-    async def end(self, instance: str) -> None:
-        """The instance's session ends, as when its process is killed."""
-        await self.conns.pop(instance).close()
-
-
-# The definitions of the tasks made here, as the runner holds them (it plans their next slots).
-DEFINITIONS: dict[str, TaskDefinition] = {}
-
-
-async def new_task(db: asyncpg.Connection, interval: float = 60.0) -> tuple[int, str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    DEFINITIONS[name] = definition(name, timedelta(seconds=interval))
-    now = await repository.database_now(db)
-    await repository.upsert_task(db, task_row(DEFINITIONS[name], now))
-    task_id = await db.fetchval("SELECT id FROM tasks WHERE name = $1", name)
-    # Only this task is due: park every other task of the module.
-    await db.execute("UPDATE tasks SET enabled = (id = $1)", task_id)
-    return int(task_id), name
+from tandem.scheduler.runner import task_row
+from tests.support.claims import DEFINITIONS, Sessions, claim, new_task
 
 
 async def test_claim_race_has_one_winner(db: asyncpg.Connection, sessions: Sessions) -> None:

@@ -4,77 +4,22 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import asyncpg
-import pytest
 
-from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
-from tandem.scheduler.claims import plan_claim
-from tandem.scheduler.runner import task_row
-from tests.scheduler.registries import definition
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(database_url))
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-async def sessions(database_url: str) -> AsyncIterator[dict[str, asyncpg.Connection]]:
-    """Instance id -> the connection holding its session lock (closing it ends the session,
-    as the death of its process does)."""
-    held: dict[str, asyncpg.Connection] = {}
-    yield held
-    for conn in held.values():
-        await conn.close()
-
-
-async def new_instance(
-    db: asyncpg.Connection, sessions: dict[str, asyncpg.Connection], dsn: str
-) -> str:
-    instance = uuid.uuid4().hex[:12]
-    await repository.register_instance(db, instance, "test", 1)
-    conn = await asyncpg.connect(dsn)
-    sessions[instance] = conn
-    assert await repository.open_session(conn, instance, 30) is not None
-    return instance
+from tests.support.claims import Sessions, claim, new_task
 
 
 async def claim_new_task(db: asyncpg.Connection, instance: str, lease: float) -> int:
     """A new task of a minute, due now and the only one enabled, claimed (and planned, as
     the runner does) by ``instance``; its id."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    task = definition(name, timedelta(seconds=60))
-    now = await repository.database_now(db)
-    await repository.upsert_task(db, task_row(task, now))
-    task_id = await db.fetchval("SELECT id FROM tasks WHERE name = $1", name)
-    await db.execute("UPDATE tasks SET enabled = (id = $1)", task_id)
-    key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
-    claimed = await repository.claim_due_task(
-        db,
-        repository.ClaimParams(
-            instance,
-            key,
-            lease=lease,
-            live_window=30,
-            steal_after=0,
-            fresh_window=30,
-            lock_timeout=1.0,
-        ),
-    )
+    task_id, _ = await new_task(db)
+    claimed = await claim(db, instance, lease=lease)
     assert claimed is not None
     assert claimed.task_id == task_id
-    planned = plan_claim(claimed, task)
-    assert planned is not None
-    assert planned.run_slot is not None
-    await repository.plan_run(db, task_id, claimed.fence, planned.next_slot, planned.run_slot)
-    return int(task_id)
+    return task_id
 
 
 async def heartbeat(db: asyncpg.Connection, instance: str, conn: asyncpg.Connection) -> None:
@@ -106,11 +51,11 @@ async def lost_row(db: asyncpg.Connection, task_id: int) -> asyncpg.Record:
 
 
 async def test_an_expired_lease_ends_the_run_at_its_end(
-    db: asyncpg.Connection, sessions: dict[str, asyncpg.Connection], database_url: str
+    db: asyncpg.Connection, sessions: Sessions
 ) -> None:
     """An instance that stopped renewing (alive, its session held): its run is lost when
     its lease ran out, however long after that a sweep comes."""
-    instance = await new_instance(db, sessions, asyncpg_dsn(database_url))
+    instance = await sessions.new_instance(db)
     task_id = await claim_new_task(db, instance, lease=0.2)
     lease_until = await db.fetchval("SELECT lease_until FROM tasks WHERE id = $1", task_id)
     await asyncio.sleep(0.6)  # the sweep comes well after the lease's end
@@ -122,17 +67,17 @@ async def test_an_expired_lease_ends_the_run_at_its_end(
 
 
 async def test_an_ended_session_ends_the_run_at_the_last_heartbeat(
-    db: asyncpg.Connection, sessions: dict[str, asyncpg.Connection], database_url: str
+    db: asyncpg.Connection, sessions: Sessions
 ) -> None:
     """A killed instance: its session ended some time after its last heartbeat, the last
     moment it is known to have held the run; the run ends there, not at the sweep (nor at its
     lease, which was still far off)."""
-    instance = await new_instance(db, sessions, asyncpg_dsn(database_url))
+    instance = await sessions.new_instance(db)
     task_id = await claim_new_task(db, instance, lease=3600)
     await asyncio.sleep(0.1)
-    await heartbeat(db, instance, sessions[instance])
+    await heartbeat(db, instance, sessions.conns[instance])
     last_beat = await db.fetchval("SELECT heartbeat_at FROM instances WHERE id = $1", instance)
-    await sessions.pop(instance).close()
+    await sessions.end(instance)
     await asyncio.sleep(0.5)
     swept = await sweep_once(db)
     row = await lost_row(db, task_id)
@@ -142,17 +87,17 @@ async def test_an_ended_session_ends_the_run_at_the_last_heartbeat(
 
 
 async def test_a_run_left_by_a_stopped_cluster_ends_at_its_owner_stop(
-    db: asyncpg.Connection, sessions: dict[str, asyncpg.Connection], database_url: str
+    db: asyncpg.Connection, sessions: Sessions
 ) -> None:
     """An instance that left the membership list (its stop) and exited with its run still
     recorded running, then a downtime: the next sweep records the run as ending at the stop,
     not with a duration of the whole downtime."""
-    instance = await new_instance(db, sessions, asyncpg_dsn(database_url))
+    instance = await sessions.new_instance(db)
     task_id = await claim_new_task(db, instance, lease=3600)
     await asyncio.sleep(0.1)
     await repository.stop_instance(db, instance)
     stopped_at = await db.fetchval("SELECT heartbeat_at FROM instances WHERE id = $1", instance)
-    await sessions.pop(instance).close()
+    await sessions.end(instance)
     await asyncio.sleep(1.0)  # the downtime
     swept = await sweep_once(db)
     row = await lost_row(db, task_id)
@@ -162,15 +107,15 @@ async def test_a_run_left_by_a_stopped_cluster_ends_at_its_owner_stop(
 
 
 async def test_a_lost_run_never_ends_before_its_start(
-    db: asyncpg.Connection, sessions: dict[str, asyncpg.Connection], database_url: str
+    db: asyncpg.Connection, sessions: Sessions
 ) -> None:
     """The owner's last heartbeat came before its claim (it died between them): the run is
     recorded as ending at its start, never before it."""
-    instance = await new_instance(db, sessions, asyncpg_dsn(database_url))
-    await heartbeat(db, instance, sessions[instance])
+    instance = await sessions.new_instance(db)
+    await heartbeat(db, instance, sessions.conns[instance])
     await asyncio.sleep(0.1)
     task_id = await claim_new_task(db, instance, lease=3600)
-    await sessions.pop(instance).close()
+    await sessions.end(instance)
     await asyncio.sleep(0.3)
     await sweep_once(db)
     row = await lost_row(db, task_id)

@@ -6,6 +6,7 @@
 - ``metrics``: reading a ``/metrics`` exposition;
 - ``timings``: waiting for a condition, the cron's compressed timings;
 - ``registries``: task registries loaded by servers through TANDEM_SCHEDULER_TASKS;
+- ``claims``: the scheduler's statements driven by hand (sessions, due tasks, claims);
 - ``api``: the suite's API key, HTTP calls with it, the app in process, the API's checks;
 - ``tiers``: which tier (fast, ``slow``, ``container``) a test is in, read from its code.
 
