@@ -27,17 +27,19 @@ run: $(STAMP) ## 5 instances on :8000, each alone on :8001.. (embedded PostgreSQ
 serve: $(STAMP) ## one instance on :8000
 	$(BIN)/tandem serve --port $(PORT)
 
-# The whole suite spreads its modules over WORKERS processes (pytest-xdist, `--dist loadgroup`:
-# a module stays on one worker, the container tests all on one; each worker is a session with
-# its own embedded PostgreSQL): most slow tests wait on timers, processes and containers, so
-# two workers on two cores finish well before one.
+# The whole suite spreads its test files over WORKERS processes (pytest-xdist, `--dist
+# loadfile`: a file's tests stay on one worker, so its module-scoped database and servers are
+# made once; each worker is a session with its own embedded PostgreSQL). Most slow tests wait on
+# timers, processes and containers, so two workers on two cores finish well before one.
+# (`--dist loadgroup` did not group here: with pytest 9.2 and xdist 3.8 a file's tests still went
+# to both workers, so each built the file's servers and compose stack.)
 WORKERS ?= 2
 
 test: $(STAMP) ## lint, type-check and run the whole test suite against a real PostgreSQL
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -n $(WORKERS) --dist loadgroup
+	$(BIN)/pytest -n $(WORKERS) --dist loadfile
 
 # Every test that starts no process and no container (tests/conftest.py marks the others from
 # what they start), on one shared PostgreSQL: TANDEM_TEST_DATABASE_URL, or the embedded one

@@ -44,7 +44,7 @@ from tests.support import (
     install_process_guard,
     start_server,
 )
-from tests.support.tiers import CONTAINER, Reader, tier_markers
+from tests.support.tiers import Reader, tier_markers
 
 # Inherited by every process the suite starts: each registers the suite's key at start.
 os.environ["TANDEM_API_KEY"] = API_KEY
@@ -55,21 +55,12 @@ __all__ = ["in_process"]  # kept importable from here for the modules that still
 # --- the tiers ---------------------------------------------------------------------------------
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     reader = Reader()
-    distributed = config.pluginmanager.hasplugin("xdist")
     for item in items:
-        if not isinstance(item, pytest.Function):
-            continue
-        markers = tier_markers(item, reader)
-        for marker in sorted(markers):
-            item.add_marker(marker)
-        if distributed:
-            # Under `pytest -n N --dist loadgroup`: a module's tests stay on one worker (its
-            # module-scoped database and servers are made once), and every container test on
-            # the same one, one at a time (they build and share podman's images).
-            group = "containers" if CONTAINER in markers else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(group))
+        if isinstance(item, pytest.Function):
+            for marker in sorted(tier_markers(item, reader)):
+                item.add_marker(marker)
 
 
 if os.environ.get(NO_PROCESSES_ENV) == "1":
