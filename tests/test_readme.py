@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.support import API_KEY, REPO, require_tool, start_server
 
 README = REPO / "README.md"
@@ -153,7 +151,6 @@ def test_the_readme_is_parsed_into_examples() -> None:
         parse_shown(example.shown)
 
 
-@pytest.mark.slow
 def test_every_readme_example_runs_as_written(database_url: str, tmp_path: Path) -> None:
     """On a fresh start (migrated database, scheduler and housekeeping on, as `make run`),
     each example answers 2xx with the shape its comment shows, in the README's order."""

@@ -271,7 +271,7 @@ async def test_idempotency_keys_belong_to_their_caller(
 
 
 async def test_new_idempotency_keys_are_capped_per_caller_per_day(database_url: str) -> None:
-    from tests.conftest import in_process
+    from tests.support import in_process
 
     settings = Settings(
         database_url=database_url,

@@ -11,8 +11,7 @@ import pytest
 from tandem.core.callers import TASKS_READ, TASKS_WRITE, WALLET_READ, WALLET_WRITE
 from tandem.core.settings import Settings
 from tests.access.keys import make_key
-from tests.conftest import in_process
-from tests.support import fetch
+from tests.support import fetch, in_process
 
 SITE = "http://tandem.test"
 EVIL = "https://evil.example"

@@ -17,9 +17,8 @@ from tandem.core.migrations import grant_app_role, upgrade_to_head
 from tandem.core.settings import Settings
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.runner import task_row
-from tests.conftest import in_process
 from tests.scheduler.registries import definition
-from tests.support import AUTH, empty_database, fetch, query
+from tests.support import AUTH, empty_database, fetch, in_process, query
 
 
 @pytest.fixture

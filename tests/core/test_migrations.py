@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import asyncpg
 import sqlalchemy as sa
@@ -16,7 +15,7 @@ from alembic.script import ScriptDirectory
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import alembic_config, head_revision, upgrade_to_head
 from tandem.models import metadata
-from tests.support import empty_database, http_get, start_server
+from tests.support import empty_database
 
 
 async def _fetch(url: str, query: str) -> list[asyncpg.Record]:
@@ -159,21 +158,6 @@ def test_models_create_the_schema_the_migrations_make(postgres_url: str) -> None
             f"{part} differ\n  models only: {sorted(schema_only(made[part] - expected[part]))}"
             f"\n  migrations only: {sorted(schema_only(expected[part] - made[part]))}"
         )
-
-
-def test_readiness_follows_schema(postgres_url: str, tmp_path: Path) -> None:
-    """An instance on an unmigrated database is live but not ready; ready once migrated."""
-    with empty_database(postgres_url) as url:
-        server = start_server(url, tmp_path)
-        try:
-            assert http_get(f"{server.url}/health/live").status_code == 200
-            not_ready = http_get(f"{server.url}/health/ready")
-            assert not_ready.status_code == 503
-            assert not_ready.json()["status"] == "not_ready"
-            upgrade_to_head(url)
-            assert http_get(f"{server.url}/health/ready").status_code == 200
-        finally:
-            server.stop()
 
 
 def test_session_deadlines_are_the_databases_defaults(postgres_url: str) -> None:

@@ -46,8 +46,6 @@ from tests.support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[ThrowawayPostgres]:

@@ -43,8 +43,6 @@ from tests.support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture
 def pg() -> Iterator[ThrowawayPostgres]:

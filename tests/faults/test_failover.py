@@ -10,8 +10,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from tandem.core.migrations import upgrade_to_head
 from tandem.loadtest.client import fetch
 from tests.faults.common import (
@@ -24,8 +22,6 @@ from tests.faults.common import (
 )
 from tests.faults.patroni import patroni_cluster
 from tests.support import LEASE, Server, query, start_servers, wait_for
-
-pytestmark = pytest.mark.slow
 
 WORKERS = 16
 

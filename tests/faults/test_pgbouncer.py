@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from tandem.core.migrations import upgrade_to_head
 from tests.faults.common import (
     CRON_ENV,
@@ -23,8 +21,6 @@ from tests.faults.common import (
 )
 from tests.faults.pgbouncer import pgbouncer
 from tests.support import LEASE, empty_database, query, start_servers, wait_for
-
-pytestmark = pytest.mark.slow
 
 
 def test_wallet_burst_and_cron_through_pgbouncer(postgres_url: str, log_dir: Path) -> None:

@@ -46,8 +46,6 @@ from tests.support import (
     wait_for,
 )
 
-pytestmark = pytest.mark.slow
-
 # Chi-square critical value, 4 degrees of freedom, p = 0.001.
 CHI2_CRITICAL_DF4 = 18.467
 
@@ -145,53 +143,6 @@ def test_graceful_stop_releases_run(cron_db: str, tmp_path: Path) -> None:
     finally:
         stop_all(servers)
     assert_history_consistent(cron_db)
-
-
-def test_tasks_api(cron_db: str, tmp_path: Path) -> None:
-    """GET /tasks shows running and pending tasks from database time; history, instances,
-    run/pause/resume work; unknown names are 404 task_not_found."""
-    (server,) = start_cluster(cron_db, tmp_path, "equal", 1)
-    try:
-        wait_for(lambda: http_get(f"{server.url}/tasks").json()["tasks"], 10)
-        wait_for(
-            lambda: any(t["is_running"] for t in http_get(f"{server.url}/tasks").json()["tasks"]),
-            10,
-        )
-        body = http_get(f"{server.url}/tasks").json()
-        assert {t["name"] for t in body["tasks"]} == {f"Equal{i:02d}" for i in range(1, 41)}
-        for task in body["tasks"]:
-            if task["is_running"]:
-                assert task["running_instance"]
-                assert task["elapsed_seconds"] >= 0
-        pending = [p["next_run_at"] for p in body["pending"]]
-        assert pending == sorted(pending)
-        assert {p["name"] for p in body["pending"]} == {
-            t["name"] for t in body["tasks"] if not t["is_running"]
-        }
-        (instance,) = http_get(f"{server.url}/instances").json()["instances"]
-        assert instance["pid"] == server.process.pid
-
-        paused = http_post(f"{server.url}/tasks/Equal01/pause").json()
-        assert paused["enabled"] is False
-        time.sleep(1.5)  # any run in progress ends; none starts
-        before = len(http_get(f"{server.url}/tasks/Equal01/history").json()["runs"])
-        time.sleep(2)
-        runs = http_get(f"{server.url}/tasks/Equal01/history").json()["runs"]
-        assert len(runs) == before
-        assert http_post(f"{server.url}/tasks/Equal01/resume").json()["enabled"] is True
-        assert http_post(f"{server.url}/tasks/Equal01/run").status_code == 200
-        wait_for(
-            lambda: len(http_get(f"{server.url}/tasks/Equal01/history").json()["runs"]) > before,
-            5,
-        )
-        for path in ("/tasks/Nope/history", "/tasks/Nope/run", "/tasks/Nope/pause"):
-            method = http_get if path.endswith("history") else http_post
-            response = method(f"{server.url}{path}")
-            assert response.status_code == 404
-            assert response.json()["error"]["code"] == "task_not_found"
-        assert http_get(f"{server.url}/tasks/Equal01/history?limit=0").status_code == 422
-    finally:
-        server.stop()
 
 
 def test_demo_tasks_have_their_intervals() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tandem.scheduler.runs import RELEASED_UNSTARTED
 from tests.scheduler.cluster import (
     assert_history_consistent,
@@ -17,8 +15,6 @@ from tests.scheduler.cluster import (
 )
 from tests.scheduler.registries import BODY_STARTED
 from tests.support import LEASE, Server, query, wait_for
-
-pytestmark = pytest.mark.slow
 
 ROUNDS = 4
 INSTANCES = 4
