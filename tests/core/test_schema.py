@@ -5,6 +5,7 @@ comparison finds nothing, and still finds what it must)."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import re
 from collections.abc import Iterator
 
@@ -209,3 +210,28 @@ def test_sql_spells_the_int64_limit_the_models_name() -> None:
     limits = {int(n) for n in re.findall(r"> (\d{10,})", wallet_functions.TRANSFER_V1.body())}
     assert limits == {INT64_MAX}
     assert isinstance(metadata.tables["users"].c.balance.type, sa.BigInteger)
+
+
+# Every released SQL file and its SHA-256 (the first 64 bits): a migration executes the file as it is when the
+# migration runs, so an edit to a released file would give a fresh database another function
+# than every database that ran the migration before. A change is a new file (the next version)
+# created by a new migration; add its digest here when it is released.
+RELEASED_SQL = {
+    "tandem/migrations/sql/0007_claim_task.sql": "63ec16d8724037e4",
+    "tandem/migrations/sql/0008_transfer.sql": "b5220ad13e2131f4",
+    "tandem/scheduler/sql/claim_row_v1.sql": "2e1a88979f302718",
+    "tandem/scheduler/sql/claim_run_v1.sql": "738e33a8e5846b67",
+    "tandem/scheduler/sql/heartbeat_v1.sql": "acd4248cf30c979f",
+    "tandem/scheduler/sql/open_session_v1.sql": "bb929d4b84fa75ea",
+    "tandem/wallet/sql/append_only_v1.sql": "cc1aa47930c1fe31",
+    "tandem/wallet/sql/transfer_v1.sql": "2193ea867a94b8fd",
+}
+
+
+def test_released_sql_files_are_never_edited() -> None:
+    """Each SQL file under tandem/ is a released one, byte for byte as released."""
+    found = {
+        str(path.relative_to(ROOT)): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        for path in sorted((ROOT / "tandem").rglob("*.sql"))
+    }
+    assert found == RELEASED_SQL
