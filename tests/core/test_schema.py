@@ -212,10 +212,10 @@ def test_sql_spells_the_int64_limit_the_models_name() -> None:
     assert isinstance(metadata.tables["users"].c.balance.type, sa.BigInteger)
 
 
-# Every released SQL file and its SHA-256 (the first 64 bits): a migration executes the file as it is when the
-# migration runs, so an edit to a released file would give a fresh database another function
-# than every database that ran the migration before. A change is a new file (the next version)
-# created by a new migration; add its digest here when it is released.
+# Every released SQL file and its SHA-256 (the first 64 bits): a migration executes the file
+# as it is when the migration runs, so an edit to a released file would give a fresh database
+# another function than every database that ran the migration before. A change is a new file
+# (the next version) created by a new migration; add its digest here when it is released.
 RELEASED_SQL = {
     "tandem/migrations/sql/0007_claim_task.sql": "63ec16d8724037e4",
     "tandem/migrations/sql/0008_transfer.sql": "b5220ad13e2131f4",
