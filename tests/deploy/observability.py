@@ -460,27 +460,8 @@ async def housekeeping(ctx: TaskContext) -> None:
 housekeeping_only = Registry()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
 def scrape(server: Server) -> str:
     return http_get(f"{server.url}/metrics", timeout=10).text
-
-
-def sample_sum(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
 
 
 def make_wallet_traffic(server: Server) -> None:

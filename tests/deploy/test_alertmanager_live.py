@@ -42,9 +42,8 @@ from tests.deploy.observability import (
     load_yaml,
     start_daemon,
     start_prometheus,
-    wait_for,
 )
-from tests.support import AUTH, free_port, http_post, query, require_tool, start_server
+from tests.support import AUTH, free_port, http_post, query, require_tool, start_server, wait_for
 
 ALERT = "TandemLedgerMismatch"
 WEBHOOK_PATH = "/tandem-alerts"

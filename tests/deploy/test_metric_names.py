@@ -23,11 +23,9 @@ from tests.deploy.observability import (
     make_wallet_traffic,
     name_problems,
     read_names,
-    sample_sum,
     scrape,
-    wait_for,
 )
-from tests.support import Server, http_get, http_post, start_servers
+from tests.support import Server, http_get, http_post, sample_sum, start_servers, wait_for
 
 TANDEM_NAME = re.compile(r"\btandem_[a-z0-9_]+")
 

@@ -29,9 +29,8 @@ from tests.deploy.observability import (
     grafana_to_promql,
     make_wallet_traffic,
     start_prometheus,
-    wait_for,
 )
-from tests.support import Server, http_get, http_post, require_tool, start_servers
+from tests.support import Server, http_get, http_post, require_tool, start_servers, wait_for
 
 # Series that only exist after an incident (a failover, a fenced run, a server error): a
 # query reading them may be empty here, unless it falls back to `or vector(0)`.

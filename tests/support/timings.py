@@ -8,14 +8,21 @@ import time
 from collections.abc import Awaitable, Callable
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, step: float = 0.1) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str = "condition",
+    *,
+    step: float = 0.1,
+) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds, saying
+    ``what`` was awaited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
+    raise AssertionError(f"{what}: not met within {timeout} s")
 
 
 async def eventually(predicate: Callable[[], object], within: float) -> None:

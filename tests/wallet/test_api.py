@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tandem.wallet.models import INT64_MAX
-from tests.support import assert_error, balance_of, new_user
+from tests.support import assert_error, balance_of, new_user, sample_sum
 
 
 async def test_withdrawal_answers_new_balance(client: httpx.AsyncClient) -> None:
@@ -344,13 +344,6 @@ async def test_health(client: httpx.AsyncClient) -> None:
     assert body["schema_revision"] == body["expected_revision"]
 
 
-def _sample(metrics: str, name: str, **labels: str) -> float:
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def test_metrics_count_requests_and_outcomes(client: httpx.AsyncClient) -> None:
     """Each answered update is counted by route template, status and wallet outcome."""
     user = await new_user(client, 1)
@@ -360,7 +353,7 @@ async def test_metrics_count_requests_and_outcomes(client: httpx.AsyncClient) ->
     after = (await client.get("/metrics")).text
 
     def delta(name: str, **labels: str) -> float:
-        return _sample(after, name, **labels) - _sample(before, name, **labels)
+        return sample_sum(after, name, **labels) - sample_sum(before, name, **labels)
 
     assert delta("tandem_wallet_balance_updates_total", outcome="insufficient_funds") == 1
     assert (
