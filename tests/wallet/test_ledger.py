@@ -12,8 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tandem.core.database import asyncpg_dsn
-from tests.support import assert_error, balance_of, new_user
+from tests.support import assert_error, balance_of, fetch, new_user
 
 
 async def update(
@@ -52,14 +51,6 @@ async def entries(
         before = page.json()["nextBefore"]
         if before is None:
             return found
-
-
-async def query(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def test_every_change_is_an_entry_with_the_balance_after(client: httpx.AsyncClient) -> None:
@@ -191,19 +182,19 @@ async def test_applied_keys_outlast_the_pruning_of_outcomes(
     a, b = await new_user(client, 100), await new_user(client, 0)
     first = await update(client, a, -10, key=f"p-{a}")
     moved = await transfer(client, a, b, 5, key=f"pt-{a}")
-    await query(database_url, "DELETE FROM idempotency_keys")
+    await fetch(database_url, "DELETE FROM idempotency_keys")
     again = await update(client, a, -10, key=f"p-{a}")
     moved_again = await transfer(client, a, b, 5, key=f"pt-{a}")
     assert (again.status_code, again.json()) == (200, first.json())
     assert (moved_again.status_code, moved_again.json()) == (201, moved.json())
     assert again.headers["idempotent-replayed"] == "true"
     assert (await balance_of(client, a), await balance_of(client, b)) == (85, 5)
-    await query(database_url, "DELETE FROM idempotency_keys")
+    await fetch(database_url, "DELETE FROM idempotency_keys")
     assert_error(await update(client, a, -11, key=f"p-{a}"), 422, "idempotency_key_reused")
     # A key of one kind, its outcome pruned, sent with a request of the other kind.
-    await query(database_url, "DELETE FROM idempotency_keys")
+    await fetch(database_url, "DELETE FROM idempotency_keys")
     assert_error(await transfer(client, a, b, 5, key=f"p-{a}"), 422, "idempotency_key_reused")
-    await query(database_url, "DELETE FROM idempotency_keys")
+    await fetch(database_url, "DELETE FROM idempotency_keys")
     assert_error(await update(client, a, -5, key=f"pt-{a}"), 422, "idempotency_key_reused")
     assert (await balance_of(client, a), await balance_of(client, b)) == (85, 5)
 
@@ -255,9 +246,9 @@ async def test_balance_at_an_instant(client: httpx.AsyncClient, database_url: st
     """The balance after the last entry at or before the instant; before the opening entry
     there is none (404); a malformed instant is 422."""
     user = await new_user(client, 100)
-    opened = (await query(database_url, "SELECT clock_timestamp() AS t"))[0]["t"]
+    opened = (await fetch(database_url, "SELECT clock_timestamp() AS t"))[0]["t"]
     await update(client, user, -40)
-    after = (await query(database_url, "SELECT clock_timestamp() AS t"))[0]["t"]
+    after = (await fetch(database_url, "SELECT clock_timestamp() AS t"))[0]["t"]
     await update(client, user, -10)
     for at, balance in [(opened, 100), (after, 60), (after + timedelta(days=1), 50)]:
         response = await client.get(f"/balance/{user}", params={"at": at.isoformat()})
@@ -303,7 +294,7 @@ async def test_the_journal_refuses_to_change(
     even when no row matches."""
     await new_user(client, 1)
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
-        await query(database_url, statement)
+        await fetch(database_url, statement)
 
 
 async def test_bodies_past_the_limit_are_413_and_never_read_whole(
