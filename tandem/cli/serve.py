@@ -87,6 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         timeout_keep_alive=settings.keep_alive_timeout,
+        # Naming the server and its version helps only whoever looks for a known weakness.
+        server_header=False,
     )
     if args.reuse_port or args.direct_port is not None:
         # Several instances on one port: the kernel spreads connections over them (this is

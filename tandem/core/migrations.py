@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from pathlib import Path
 
@@ -70,7 +71,11 @@ def grant_app_role(database_url: str, role: str) -> None:
     asyncio.run(run())
 
 
+@functools.cache
 def head_revision() -> str:
+    """The latest migration this code ships. Read once per process: the files do not change
+    under a running process (a release is a new process), and reading them costs milliseconds
+    of CPU, which made every readiness probe (anonymous) a cheap way to load an instance."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head

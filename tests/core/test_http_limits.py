@@ -161,3 +161,10 @@ def one_response(sock: socket.socket) -> bytes:
         assert chunk, "closed mid-body"
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def test_answers_do_not_name_the_server(limited: Server) -> None:
+    """No `Server` header: an answer does not say which server (and version) made it."""
+    response = http_get(f"{limited.url}/health/live")
+    assert response.status_code == 200
+    assert "server" not in response.headers, response.headers

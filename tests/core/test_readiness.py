@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tandem.core.migrations import upgrade_to_head
+from tandem.core.migrations import head_revision, upgrade_to_head
 from tests.support import app_settings, empty_database, in_process_client
 
 
@@ -32,3 +32,14 @@ async def test_readiness_follows_schema(unmigrated_url: str) -> None:
         ready = await client.get("/health/ready")
         assert ready.status_code == 200, ready.text
         assert ready.json()["status"] == "ready"
+
+
+async def test_readiness_reads_the_migration_files_once(database_url: str) -> None:
+    """Readiness compares the database with the head revision this code ships, read from the
+    migration files once per process, not per probe (an anonymous route must stay cheap)."""
+    async with in_process_client(app_settings(database_url)) as client:
+        assert (await client.get("/health/ready")).status_code == 200
+        reads = head_revision.cache_info().misses
+        for _ in range(20):
+            assert (await client.get("/health/ready")).status_code == 200
+        assert head_revision.cache_info().misses == reads
