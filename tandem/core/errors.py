@@ -89,6 +89,15 @@ class UnsupportedMediaTypeError(AppError):
     code = "unsupported_media_type"
 
 
+class ClientDisconnectedError(AppError):
+    """The client went away before its request's body was complete: nothing was read, so
+    nothing changed. The answer is never delivered; it exists so the request is counted and
+    logged as the client's doing, not as a server error."""
+
+    status_code = 400
+    code = "client_disconnected"
+
+
 class ServiceUnavailableError(AppError):
     status_code = 503
     code = "service_unavailable"

@@ -10,9 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tandem.core.asgi import note_error
-from tandem.core.errors import AppError, envelope
+from tandem.core.errors import AppError, ClientDisconnectedError, envelope
 from tandem.core.failures import error_for_unexpected
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.headers:
             response.headers.update(exc.headers)
         return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # Raised while the body is read, before any route changes anything.
+        log.info(
+            "client disconnected before sending all of %s %s", request.method, request.url.path
+        )
+        return _answer(request, ClientDisconnectedError("the client disconnected mid-request"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import API_KEY, Server, http_get, start_server
+from tests.support import API_KEY, Server, http_get, samples, start_server, wait_for
 
 LIMITS = {
     "TANDEM_HTTP_HEADER_TIMEOUT": "1.0",
@@ -168,3 +168,30 @@ def test_answers_do_not_name_the_server(limited: Server) -> None:
     response = http_get(f"{limited.url}/health/live")
     assert response.status_code == 200
     assert "server" not in response.headers, response.headers
+
+
+def _answers(server: Server, route: str) -> dict[str, float]:
+    """Status -> requests answered on ``route``, as the instance counts them."""
+    metrics = http_get(f"{server.url}/metrics").text
+    return {
+        status: sum(samples(metrics, "tandem_http_requests_total", route=route, status=status))
+        for status in {"400", "500"}
+    }
+
+
+@pytest.mark.parametrize("route", ["/transfers", "/users"])
+def test_a_client_leaving_mid_body_is_not_a_server_error(limited: Server, route: str) -> None:
+    """A client that closes its connection halfway through a body: counted as the client's
+    doing (400 client_disconnected, never delivered), no 500 and no traceback in the log."""
+    before, tracebacks = _answers(limited, route), limited.log_path.read_text().count("Traceback")
+    head = (
+        f"POST {route} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    with connect(limited) as sock:
+        sock.sendall(head.encode() + b'{"fromUs')  # 8 of the 100 bytes announced
+    wait_for(
+        lambda: _answers(limited, route)["400"] == before["400"] + 1, 10, "the request counted"
+    )
+    assert _answers(limited, route)["500"] == before["500"]
+    assert limited.log_path.read_text().count("Traceback") == tracebacks
