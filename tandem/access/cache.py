@@ -139,6 +139,10 @@ class KeyCache:
             self._used |= used
             raise
         self._keys = {row.sha256: Caller(row.id, row.name, frozenset(row.scopes)) for row in rows}
+        # Counted at the end too: a lookup that began while this load was on its way may have
+        # seen a key live that this load's statement, run later, found revoked; it must not
+        # put that key back into the keys just loaded.
+        self._loads += 1
         self._loaded_at = now = self._clock()
         self._unknown = {sha256: until for sha256, until in self._unknown.items() if until > now}
 

@@ -73,6 +73,10 @@ class Run:
     # The self-fencing timer (loop.time() deadline in ctx.held_until).
     timer: asyncio.TimerHandle | None = None
     timeout_timer: asyncio.TimerHandle | None = None
+    # Its task has begun (_execute entered). A task cancelled before its first step never
+    # runs its coroutine at all: no completion, and the run would stay running in the
+    # database. So a run stopped before then is not cancelled; _execute sees it stopped.
+    entered: bool = False
 
 
 class LocalRuns:
@@ -172,7 +176,7 @@ class LocalRuns:
         if run.stopped_because is None:
             run.stopped_because = reason
         run.ctx.cancelled.set()
-        if run.task is not None:
+        if run.task is not None and run.entered:
             run.task.cancel()
 
     def stop_all(self, reason: str, why: str) -> list[asyncio.Task[None]]:
@@ -234,10 +238,15 @@ class LocalRuns:
     # --- the body and its end ------------------------------------------------------------
 
     async def _execute(self, run: Run) -> None:
+        run.entered = True
         started = time.monotonic()
         status, error = "succeeded", None
         definition = run.definition
         try:
+            if run.stopped_because is not None:
+                # Stopped before this task began (see Run.entered): completed as cancelled,
+                # and released like any run given up.
+                raise asyncio.CancelledError
             if definition is None:
                 raise LookupError(f"no code registered for task {run.claim.name!r}")
             await definition.function(run.ctx)

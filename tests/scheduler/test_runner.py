@@ -13,12 +13,14 @@ import pytest
 from pydantic import ValidationError
 
 from tandem.core.database import Database, asyncpg_dsn
+from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
 from tandem.scheduler import repository
 from tandem.scheduler.registry import Registry, TaskContext
 from tandem.scheduler.runner import Runner
-from tandem.scheduler.runs import RELEASED_UNSTARTED
+from tandem.scheduler.runs import RELEASED_UNSTARTED, LocalRuns
 from tests.support import eventually
+from tests.support.claims import DEFINITIONS, Sessions, claim, new_task
 
 TIMINGS = {
     "scheduler_poll_interval": 0.1,
@@ -168,3 +170,29 @@ def test_settings_refuse_timings_that_break_self_fencing() -> None:
         Settings(scheduler_heartbeat_interval=3.5)
     with pytest.raises(ValidationError, match="must not exceed scheduler_self_fence_after"):
         Settings(**{**TIMINGS, "scheduler_renewal_validity": 1.5})
+
+
+async def test_a_run_stopped_before_its_task_began_is_still_completed(
+    database_url: str, db: asyncpg.Connection, sessions: Sessions, pool: ConnectionPool
+) -> None:
+    """A run stopped in the same tick it was started (its task not begun: a task cancelled
+    then never runs its coroutine) still ends in the database: cancelled, not left running."""
+    task_id, name = await new_task(db)
+    instance = await sessions.new_instance(db)
+    claimed = await claim(db, instance)
+    assert claimed is not None
+    runs = LocalRuns(Settings(database_url=database_url, **TIMINGS), instance, pool)
+    sent = asyncio.get_running_loop().time()
+    run = runs.start(claimed, sent, DEFINITIONS[name], claimed.scheduled_for, None)
+    assert run is not None
+    assert run.task is not None
+    runs.stop(run, "drained")
+    await asyncio.wait_for(run.task, 10)
+    row = await db.fetchrow(
+        "SELECT status, error FROM task_history WHERE task_id = $1 AND fence = $2",
+        task_id,
+        claimed.fence,
+    )
+    assert row is not None
+    assert (row["status"], row["error"]) == ("cancelled", "cancelled: drained")
+    assert not await db.fetchval("SELECT is_running FROM tasks WHERE id = $1", task_id)
