@@ -9,7 +9,12 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from tandem.scheduler.runs import RELEASED_UNSTARTED
 from tests.support import CRON_TIMINGS, Server, http_get, query, start_servers, wait_for
+
+# How a drained instance's last run ends: stopped by the drain, or (a claim that was in
+# flight as the drain began) released unstarted. Either is cancelled, never lost.
+DRAINED = frozenset({"cancelled: drained", RELEASED_UNSTARTED})
 
 
 def database_now(url: str) -> datetime:

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.scheduler.cluster import (
+    DRAINED,
     assert_history_consistent,
     database_now,
     instance_of,
@@ -143,8 +144,12 @@ def test_graceful_stop_releases_run(cron_db: str, tmp_path: Path) -> None:
         history = query(
             cron_db, "SELECT instance_id, status, error FROM task_history ORDER BY fence"
         )
-        assert (history[-2]["instance_id"], history[-2]["status"]) == (owner_id, "cancelled")
-        assert history[-2]["error"] == "cancelled: drained"
+        # The owner's run ends drained; a claim it had in flight as the drain began comes
+        # back after it and is released unstarted, also cancelled (never lost).
+        owners = [h for h in history if h["instance_id"] == owner_id]
+        assert owners[-1]["status"] == "cancelled"
+        assert owners[-1]["error"] in DRAINED
+        assert history[-1]["instance_id"] == survivor_id
         assert all(h["status"] != "lost" for h in history)
     finally:
         stop_all(servers)
