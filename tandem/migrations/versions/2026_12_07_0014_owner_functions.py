@@ -89,6 +89,6 @@ def downgrade() -> None:
     for function in reversed(FUNCTIONS):
         op.execute(function.drop_statement())
     op.execute("ALTER TABLE instances DROP COLUMN revision")
-    op.execute(f"ALTER TABLE users ALTER COLUMN balance SET DEFAULT {DEFAULT_BALANCE}")
+    op.execute(f"ALTER TABLE users ALTER COLUMN balance SET DEFAULT '{DEFAULT_BALANCE}'::bigint")
     op.execute("DROP TABLE mint_usage")
     op.execute("DROP TABLE wallet_settings")
