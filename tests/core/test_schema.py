@@ -258,9 +258,9 @@ RELEASED_SQL = {
     "tandem/scheduler/sql/open_session_v1.sql": "bb929d4b84fa75ea",
     "tandem/scheduler/sql/record_task_action_v1.sql": "f144f76aedd25ba4",
     "tandem/wallet/sql/append_only_v1.sql": "cc1aa47930c1fe31",
-    "tandem/wallet/sql/apply_delta_v1.sql": "b3e77d875eaf822b",
-    "tandem/wallet/sql/create_user_v1.sql": "bee25a94f639f9ca",
-    "tandem/wallet/sql/mint_allowed_v1.sql": "1b48ec7c321b7752",
+    "tandem/wallet/sql/apply_delta_v1.sql": "6918f5f5869ae30e",
+    "tandem/wallet/sql/create_user_v1.sql": "8ba2f6c9447264f9",
+    "tandem/wallet/sql/mint_allowed_v1.sql": "01b4f83c39ea5234",
     "tandem/wallet/sql/transfer_v1.sql": "2193ea867a94b8fd",
     "tandem/wallet/sql/transfer_v2.sql": "69e33158c53d2384",
 }

@@ -19,7 +19,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY
     WITH allowed AS (
-        SELECT tandem_mint_allowed_v1(p_amount) AS ok
+        -- OR evaluates left to right: a withdrawal never calls it.
+        SELECT p_amount <= 0 OR tandem_mint_allowed_v1(p_amount) AS ok
     ), updated AS (
         UPDATE users u SET balance = u.balance + p_amount, updated_at = clock_timestamp()
         WHERE u.id = p_user AND (u.balance::numeric + p_amount) BETWEEN 0 AND 9223372036854775807

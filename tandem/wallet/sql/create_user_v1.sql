@@ -13,7 +13,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY
     WITH allowed AS (
-        SELECT tandem_mint_allowed_v1(p_balance) AS ok
+        -- OR evaluates left to right: an opening balance of 0 never calls it.
+        SELECT p_balance <= 0 OR tandem_mint_allowed_v1(p_balance) AS ok
     ), made AS (
         INSERT INTO users (balance) SELECT p_balance WHERE (SELECT a.ok FROM allowed a)
         RETURNING users.id, users.balance

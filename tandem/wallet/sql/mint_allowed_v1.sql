@@ -7,7 +7,7 @@
 -- flight on other backends are not seen, so a day may pass the ceiling by at most one mint
 -- per backend in flight.
 CREATE FUNCTION tandem_mint_allowed_v1(p_amount bigint) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql AS $$
 SELECT p_amount <= 0 OR coalesce((
     SELECT coalesce((SELECT sum(m.minted) FROM mint_usage m
                      WHERE m.day = (clock_timestamp() AT TIME ZONE 'UTC')::date), 0)
