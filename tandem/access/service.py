@@ -20,6 +20,13 @@ class KeyCommandError(ValueError):
     """A refusal of the key commands, said to the operator as is."""
 
 
+# Keys are the owner's to make and revoke: the application's role may not (migration 0015).
+_NOT_THE_OWNER = (
+    "this database role may not make or revoke keys: run the command with the owner's URL "
+    "(TANDEM_DATABASE_DIRECT_URL, as `tandem migrate` has it)"
+)
+
+
 async def create_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> str:
     """The new key's token (shown once: only its hash is stored). Raises KeyCommandError."""
     try:
@@ -27,7 +34,11 @@ async def create_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> 
     except ValueError as error:
         raise KeyCommandError(str(error)) from error
     token = keys.new_token()
-    if not await repository.insert_key(conn, name, keys.digest(token), scopes):
+    try:
+        inserted = await repository.insert_key(conn, name, keys.digest(token), scopes)
+    except asyncpg.InsufficientPrivilegeError as error:
+        raise KeyCommandError(_NOT_THE_OWNER) from error
+    if not inserted:
         raise KeyCommandError(f"a key named {name!r} exists (revoked keys keep their names)")
     return token
 
@@ -38,7 +49,11 @@ async def list_keys(conn: asyncpg.Connection) -> list[Key]:
 
 async def revoke_key(conn: asyncpg.Connection, name: str) -> None:
     """Raises KeyCommandError when no key has this name; revoking twice is a no-op."""
-    if await repository.revoke_key(conn, name) is None:
+    try:
+        revoked = await repository.revoke_key(conn, name)
+    except asyncpg.InsufficientPrivilegeError as error:
+        raise KeyCommandError(_NOT_THE_OWNER) from error
+    if revoked is None:
         raise KeyCommandError(f"no key named {name!r}")
 
 

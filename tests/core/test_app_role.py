@@ -17,6 +17,7 @@ import pytest
 from alembic import command
 from sqlalchemy.engine import make_url
 
+from tandem.access import service as access_service
 from tandem.cli.migrate import cmd_migrate
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import (
@@ -224,6 +225,20 @@ def unmigrated(postgres_url: str) -> Iterator[tuple[str, str]]:
             yield url, role
         finally:
             _drop_role(url, role)
+
+
+async def test_key_commands_on_the_app_role_say_to_use_the_owner(
+    migrated: tuple[str, str],
+) -> None:
+    """`tandem keys create` and `revoke` on the app's role: a clear refusal, not a traceback."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated[1]))
+    try:
+        with pytest.raises(access_service.KeyCommandError, match="owner's URL"):
+            await access_service.create_key(conn, "made-by-the-app", ["wallet:read"])
+        with pytest.raises(access_service.KeyCommandError, match="owner's URL"):
+            await access_service.revoke_key(conn, "bootstrap")
+    finally:
+        await conn.close()
 
 
 async def _write_rights(owner_url: str, role: str) -> set[tuple[str, str]]:
