@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 
 from tandem.access import service as access_service
@@ -26,6 +27,7 @@ from tandem.core.migrations import (
     ContractWaitsError,
     alembic_config,
     head_revision,
+    ready_revisions,
     upgrade_to_head,
 )
 from tandem.core.settings import Settings, get_settings
@@ -35,6 +37,19 @@ from tandem.wallet import repository as wallet_repository
 from tests.access.test_access import ROUTES, TASK
 from tests.scheduler.registries import definition
 from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, query, value
+
+
+def test_the_expand_and_the_contract_are_named_right() -> None:
+    """core.migrations names the two revisions (renumbering them means renaming these): the
+    contract directly follows the expand, and only the contract may be left pending."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    contract = scripts.get_revision(CONTRACT_REVISION)
+    assert contract is not None
+    assert contract.down_revision == EXPAND_REVISION
+    assert scripts.get_revision(EXPAND_REVISION) is not None
+    # Below a head that is the contract, the expand is ready too; a later head is alone.
+    below = {EXPAND_REVISION} if head_revision() == CONTRACT_REVISION else set()
+    assert ready_revisions() == {head_revision(), *below}
 
 
 def _migrate(monkeypatch: pytest.MonkeyPatch, url: str, role: str, key: bool = True) -> None:
