@@ -11,6 +11,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
+from tandem.core.functions import ServerFunction
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -38,6 +40,12 @@ _APP_ROLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _APPEND_ONLY = ("ledger_entries", "transfers")
 
 
+def _owner_functions() -> tuple[ServerFunction, ...]:
+    from tandem.access.functions import CURRENT as ACCESS_FUNCTIONS
+
+    return tuple(f for f in ACCESS_FUNCTIONS if "PUBLIC" not in f.execute)
+
+
 def grant_app_role(database_url: str, role: str) -> None:
     """Give ``role`` (an existing login role) the application's rights on this database."""
     from tandem.core.database import asyncpg_dsn
@@ -55,6 +63,11 @@ def grant_app_role(database_url: str, role: str) -> None:
         f"GRANT UPDATE (last_used_at) ON api_keys TO {role}",
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
         f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
+        # By name, the owner's functions that PUBLIC may not execute (their declarations).
+        *(
+            f"GRANT EXECUTE ON FUNCTION {function.signature} TO {role}"
+            for function in _owner_functions()
+        ),
     ]
 
     async def run() -> None:
