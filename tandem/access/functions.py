@@ -10,8 +10,8 @@ from tandem.core.functions import ServerFunction
 
 _SQL = Path(__file__).resolve().parent / "sql"
 
-# Owner-defined: the application's role calls it, by a grant of its own (core/migrations
-# grant_app_role), and gets nothing else it could do with the owner's rights.
+# Owner-defined: the application's role calls it, by a grant of its own (`tandem migrate`:
+# core/migrations.grant_app_role), and gets nothing else it could do with the owner's rights.
 CREATE_BOUND_KEY_V1 = ServerFunction(
     "tandem_create_bound_key_v1",
     _SQL / "create_bound_key_v1.sql",
@@ -23,3 +23,5 @@ CREATE_BOUND_KEY_V1 = ServerFunction(
 )
 
 CURRENT = (CREATE_BOUND_KEY_V1,)
+# The versions PUBLIC may not execute: granted to the application's role by name.
+OWNER_DEFINED = tuple(f for f in CURRENT if "PUBLIC" not in f.execute)
