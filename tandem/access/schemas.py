@@ -31,7 +31,9 @@ class BoundKeyCreate(BaseModel):
     name: str = Field(
         min_length=1, max_length=64, description="Unique among keys, revoked ones included."
     )
-    scopes: list[Annotated[str, Field(max_length=64)]] = Field(
+    # A scope's shape only (what it may be is the owner's function's to say, with its own
+    # codes): no text that PostgreSQL would refuse, such as a NUL, reaches it.
+    scopes: list[Annotated[str, Field(pattern=r"^[a-z]{1,16}(:[a-z]{1,16})?$")]] = Field(
         max_length=8,
         description="Within `wallet:read` and `wallet:write`, and within the calling key's.",
     )
