@@ -6,6 +6,7 @@ vulnerability service it cannot reach. Files are read, nothing reaches the netwo
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import os
@@ -192,11 +193,21 @@ def test_each_lock_header_is_the_command_make_lock_runs() -> None:
 RENOVATE = REPO / ".github" / "renovate.json"
 
 
-def tracked(pattern: str) -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", pattern], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
-    return [name for name in listed.splitlines() if not name.startswith("tests/")]
+def repository_files(pattern: str) -> list[str]:
+    """The repository's files matching a glob pattern (on the name, or on the path from the
+    root when it has a slash), outside tests/, hidden folders but .github/, and caches."""
+    found = []
+    for folder, folders, files in os.walk(REPO):
+        folders[:] = [
+            d
+            for d in folders
+            if (not d.startswith(".") or d == ".github") and d not in ("tests", "__pycache__")
+        ]
+        for name in files:
+            path = (Path(folder) / name).relative_to(REPO).as_posix()
+            if fnmatch.fnmatch(path if "/" in pattern else name, pattern):
+                found.append(path)
+    return sorted(found)
 
 
 def file_patterns(config: dict[str, Any], manager: str) -> list[re.Pattern[str]]:
@@ -214,17 +225,17 @@ def test_the_update_bot_covers_every_kind_of_pin() -> None:
     config = json.loads(RENOVATE.read_text())
     assert config["pinDigests"] is True
     kinds = {
-        "dockerfile": tracked("*Dockerfile"),
-        "docker-compose": tracked("*compose*.y*ml"),
-        "pep621": tracked("*pyproject.toml"),
-        "pip-compile": tracked("requirements/*.txt"),
+        "dockerfile": repository_files("*Dockerfile"),
+        "docker-compose": repository_files("*compose*.y*ml"),
+        "pep621": repository_files("*pyproject.toml"),
+        "pip-compile": repository_files("requirements/*.txt"),
     }
     for manager, files in kinds.items():
         assert files, manager
         patterns = file_patterns(config, manager)
         unmatched = [f for f in files if not any(p.search(f) for p in patterns)]
         assert not unmatched, (manager, unmatched)
-    assert not tracked(".github/workflows/*"), "workflows need the github-actions manager"
+    assert not repository_files(".github/workflows/*"), "workflows need the github-actions manager"
 
 
 @cache
