@@ -12,7 +12,7 @@ import hashlib
 import re
 import secrets
 
-from tandem.core.callers import SCOPES
+from tandem.core.callers import PERIODS, SCOPES, Limit, period_name
 
 TOKEN_PREFIX = "tdm_"  # noqa: S105  (a prefix, not a secret)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -48,3 +48,41 @@ def check_scopes(scopes: list[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r}; known: {', '.join(SCOPES)}")
     return sorted(set(scopes))
+
+
+# The windows a limit may name (core.callers.PERIODS): a debit limit per minute, hour or
+# day; a rate also per second.
+_PERIOD_ALIASES = {"s": "second", "min": "minute", "h": "hour", "d": "day"}
+DEBIT_PERIODS = ("minute", "hour", "day")
+RATE_PERIODS = ("second", "minute", "hour")
+LIMIT_MAX = 2**63 - 1
+
+
+def parse_limit(text: str, periods: tuple[str, ...]) -> Limit:
+    """``AMOUNT/PERIOD`` (e.g. ``5000/hour``, ``10/s``) as a Limit; raises ValueError."""
+    amount, _, period = text.strip().partition("/")
+    period = _PERIOD_ALIASES.get(period.strip().lower(), period.strip().lower())
+    if not amount.strip().isdigit() or period not in periods:
+        raise ValueError(
+            f"invalid limit {text!r}: expected AMOUNT/PERIOD, AMOUNT a positive whole number, "
+            f"PERIOD one of {', '.join(periods)}"
+        )
+    value = int(amount)
+    if not 0 < value <= LIMIT_MAX:
+        raise ValueError(f"invalid limit {text!r}: the amount must be 1..{LIMIT_MAX}")
+    return Limit(value, PERIODS[period])
+
+
+def check_debit_limits(texts: list[str]) -> dict[int, int]:
+    """Each window's debit limit (seconds -> amount); one limit per window."""
+    limits: dict[int, int] = {}
+    for text in texts:
+        limit = parse_limit(text, DEBIT_PERIODS)
+        if limit.seconds in limits:
+            raise ValueError(f"more than one debit limit per {period_name(limit.seconds)}")
+        limits[limit.seconds] = limit.amount
+    return limits
+
+
+def describe(limit: Limit) -> str:
+    return f"{limit.amount}/{period_name(limit.seconds)}"

@@ -9,7 +9,7 @@ import asyncpg
 
 from tandem.access import keys, repository
 from tandem.access.repository import Key
-from tandem.core.callers import ALL
+from tandem.core.callers import ALL, Limit
 from tandem.core.database import Database
 from tandem.core.settings import Settings
 
@@ -20,16 +20,50 @@ class KeyCommandError(ValueError):
     """A refusal of the key commands, said to the operator as is."""
 
 
-async def create_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> str:
-    """The new key's token (shown once: only its hash is stored). Raises KeyCommandError."""
+async def create_key(
+    conn: asyncpg.Connection,
+    name: str,
+    scopes: list[str],
+    debit_limits: list[str] | None = None,
+    rate: str | None = None,
+) -> str:
+    """The new key's token (shown once: only its hash is stored). Limits are off unless given:
+    ``debit_limits`` (``AMOUNT/PERIOD``, a period at most once) and ``rate`` (``N/PERIOD``).
+    Raises KeyCommandError."""
     try:
         name, scopes = keys.check_name(name), keys.check_scopes(scopes)
+        debits = keys.check_debit_limits(debit_limits or [])
+        per = None if rate is None else keys.parse_limit(rate, keys.RATE_PERIODS)
     except ValueError as error:
         raise KeyCommandError(str(error)) from error
+    limits = repository.Limits(
+        debits.get(60),
+        debits.get(3600),
+        debits.get(86400),
+        None if per is None else per.amount,
+        None if per is None else per.seconds,
+    )
     token = keys.new_token()
-    if not await repository.insert_key(conn, name, keys.digest(token), scopes):
+    if not await repository.insert_key(conn, name, keys.digest(token), scopes, limits):
         raise KeyCommandError(f"a key named {name!r} exists (revoked keys keep their names)")
     return token
+
+
+def describe_limits(limits: repository.Limits) -> str:
+    """``debit 5000/hour,20000/day rate 10/second``, or ``-`` for none."""
+    debits = [
+        keys.describe(Limit(amount, seconds))
+        for amount, seconds in (
+            (limits.debit_per_minute, 60),
+            (limits.debit_per_hour, 3600),
+            (limits.debit_per_day, 86400),
+        )
+        if amount is not None
+    ]
+    said = [f"debit {','.join(debits)}"] if debits else []
+    if limits.rate_requests is not None and limits.rate_seconds is not None:
+        said.append(f"rate {keys.describe(Limit(limits.rate_requests, limits.rate_seconds))}")
+    return " ".join(said) or "-"
 
 
 async def list_keys(conn: asyncpg.Connection) -> list[Key]:

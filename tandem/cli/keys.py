@@ -19,6 +19,20 @@ def register(sub: Subcommands) -> None:
     create.add_argument(
         "--scope", action="append", required=True, choices=SCOPES, help="repeat for more"
     )
+    create.add_argument(
+        "--debit-limit",
+        action="append",
+        default=[],
+        metavar="AMOUNT/PERIOD",
+        help="at most AMOUNT out of users per minute, hour or day (UTC windows); repeat for "
+        "more periods; past it 429 debit_limit_exceeded (off unless given)",
+    )
+    create.add_argument(
+        "--rate",
+        metavar="N/PERIOD",
+        help="at most N requests per s, minute or hour, in each instance; past it 429 "
+        "rate_limited (off unless given)",
+    )
     create.set_defaults(func=cmd_keys_create)
     keys_sub.add_parser("list", help="every key (tokens are never shown)").set_defaults(
         func=cmd_keys_list
@@ -33,7 +47,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     async def run(conn: Any) -> int:
         try:
-            token = await service.create_key(conn, args.name, args.scope)
+            token = await service.create_key(
+                conn, args.name, args.scope, args.debit_limit, args.rate
+            )
         except service.KeyCommandError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -54,18 +70,19 @@ def cmd_keys_list(_: argparse.Namespace) -> int:
         return "-" if value is None else value.isoformat(timespec="seconds")
 
     async def run(conn: Any) -> int:
-        rows = [("NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED")]
+        rows = [("NAME", "SCOPES", "LIMITS", "CREATED", "LAST USED", "REVOKED")]
         for key in await service.list_keys(conn):
             rows.append(
                 (
                     key.name,
                     ",".join(key.scopes),
+                    service.describe_limits(key.limits),
                     when(key.created_at),
                     when(key.last_used_at),
                     when(key.revoked_at),
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         return 0

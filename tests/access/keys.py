@@ -25,12 +25,15 @@ async def make_key(
     *scopes: str,
     revoked: bool = False,
     known_to: httpx.AsyncClient | None = None,
+    debit_limits: tuple[str, ...] = (),
+    rate: str | None = None,
 ) -> str:
-    """A new key's token (``revoked``: revoked at once). With ``known_to``, returns once that
-    app accepts the key (at once, unless its lookups of unknown tokens are spent)."""
+    """A new key's token (``revoked``: revoked at once; with the limits given, as
+    ``tandem keys create --debit-limit/--rate`` takes them). With ``known_to``, returns once
+    that app accepts the key (at once, unless its lookups of unknown tokens are spent)."""
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        token = await service.create_key(conn, name, list(scopes))
+        token = await service.create_key(conn, name, list(scopes), list(debit_limits), rate)
         if revoked:
             await service.revoke_key(conn, name)
     finally:
