@@ -238,9 +238,7 @@ async def test_revocation_ends_the_key_sessions_at_once(
     assert ended[0][0]
 
 
-async def test_an_expired_session_is_refused(
-    browser: httpx.AsyncClient, database_url: str
-) -> None:
+async def test_an_expired_session_is_refused(browser: httpx.AsyncClient, database_url: str) -> None:
     """A session past its expiry (the cookie's max age) is refused, whatever the cookie."""
     token = await make_key(database_url, "expiring", TASKS_READ, known_to=browser)
     session = await login(browser, token)

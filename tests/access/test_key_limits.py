@@ -93,9 +93,7 @@ async def test_a_transfer_counts_its_paying_side(
     assert await state(database_url, payer) == (94, 2)
 
 
-async def test_a_replay_is_not_counted_again(
-    client: httpx.AsyncClient, database_url: str
-) -> None:
+async def test_a_replay_is_not_counted_again(client: httpx.AsyncClient, database_url: str) -> None:
     """The same Idempotency-Key and body answer the first outcome without counting."""
     token = await make_key(database_url, "replayer", *SPENDER, debit_limits=("10/day",))
     user = await new_user(client, 100)
