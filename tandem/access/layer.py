@@ -31,6 +31,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tandem.access import policy
 from tandem.access.cache import KeyCache, TokenBucket
+from tandem.access.keys import describe
 from tandem.access.sessions import Sessions
 from tandem.core.asgi import (
     ASGIApp,
@@ -106,6 +107,8 @@ class AccessControl:
         self.disabled = disabled
         # One token bucket per key with a rate, in this process (a key's rate never changes).
         self._buckets: dict[int, TokenBucket] = {}
+        # When each key's refusal was last logged: once a minute per key, not per refusal.
+        self._logged: dict[int, float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -200,6 +203,13 @@ class AccessControl:
             bucket = self._buckets[caller.api_key_id] = TokenBucket(amount / seconds, amount, now)
         if not bucket.take(now):
             _RATE_LIMITED.inc()
+            if now - self._logged.get(caller.api_key_id, -60.0) >= 60.0:
+                self._logged[caller.api_key_id] = now
+                log.warning(
+                    "the API key %r is past its rate of %s (refused 429; logged once a minute)",
+                    caller.name,
+                    describe(caller.rate),
+                )
             raise RateLimitedError(caller.name, bucket.wait())
 
     # --- the login page ------------------------------------------------------------------

@@ -70,16 +70,16 @@ def cmd_keys_list(_: argparse.Namespace) -> int:
         return "-" if value is None else value.isoformat(timespec="seconds")
 
     async def run(conn: Any) -> int:
-        rows = [("NAME", "SCOPES", "LIMITS", "CREATED", "LAST USED", "REVOKED")]
+        rows = [("NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED", "LIMITS")]
         for key in await service.list_keys(conn):
             rows.append(
                 (
                     key.name,
                     ",".join(key.scopes),
-                    service.describe_limits(key.limits),
                     when(key.created_at),
                     when(key.last_used_at),
                     when(key.revoked_at),
+                    service.describe_limits(key.limits),
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

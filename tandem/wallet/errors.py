@@ -89,6 +89,15 @@ class DebitLimitError(TooManyRequestsError):
         self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}  # type: ignore[misc]  # an instance's own value of the class's default
 
 
+# The refusal in the OpenAPI schema of the routes that debit.
+DEBIT_LIMIT = (
+    429,
+    DebitLimitError.code,
+    "the API key's debit limit of a window would be passed (`tandem keys create "
+    "--debit-limit`); nothing changed",
+)
+
+
 def refusal_outcome(refusal: AppError) -> str:
     """How a keyed request's refusal is stored: its code, and for a user not found which side
     of a transfer it was."""

@@ -3,6 +3,7 @@ once per idempotency key."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,8 @@ from tandem.wallet.errors import (
     replay_refusal,
 )
 from tandem.wallet.models import INT64_MAX
+
+log = logging.getLogger(__name__)
 
 DEFAULT_KEYS_PER_DAY = 1_000_000
 
@@ -184,9 +187,14 @@ async def count_debit(conn: Connection, caller: Caller, amount: int) -> None:
     for window in totals:
         if window.total > limits[window.seconds]:
             _DEBIT_LIMITED.inc()
-            raise DebitLimitError(
-                caller.name, limits[window.seconds], period_name(window.seconds), window.left
+            period = period_name(window.seconds)
+            log.warning(
+                "the API key %r was stopped by its debit limit of %d per %s (refused 429)",
+                caller.name,
+                limits[window.seconds],
+                period,
             )
+            raise DebitLimitError(caller.name, limits[window.seconds], period, window.left)
 
 
 def _debit(request: repository.Request) -> int:
