@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from tandem.access import keys
 from tandem.core.callers import Limit
+from tandem.core.database import asyncpg_dsn
+from tandem.wallet import repository as wallet_repository
 from tests.access.keys import bearer, make_key
 from tests.support import app_settings, fetch, new_user, until
 
@@ -113,17 +117,20 @@ async def test_a_replay_is_not_counted_again(client: httpx.AsyncClient, database
 async def test_concurrent_debits_stay_within_the_stated_bound(
     client: httpx.AsyncClient, database_url: str
 ) -> None:
-    """60 withdrawals of 1 at once against a limit of 20: at least the limit and at most one
-    more per other backend of the pool is debited, and every committed debit is counted."""
+    """60 withdrawals of 1 at once from 60 users (no row lock in common) against a limit of
+    20: at least the limit and at most one more per other backend of the pool is debited,
+    and every committed debit is counted."""
     token = await make_key(database_url, "racer", *SPENDER, debit_limits=("20/day",))
-    user = await new_user(client, 1000)
-    answers = await asyncio.gather(*(withdraw(client, token, user, 1) for _ in range(60)))
-    statuses = sorted({answer.status_code for answer in answers})
-    assert statuses == [200, 429]
+    users = await asyncio.gather(*(new_user(client, 10) for _ in range(60)))
+    answers = await asyncio.gather(*(withdraw(client, token, user, 1) for user in users))
+    assert sorted({answer.status_code for answer in answers}) == [200, 429]
     debited = sum(answer.status_code == 200 for answer in answers)
     backends = app_settings(database_url).db_pool_size
     assert 20 <= debited <= 20 + backends - 1
-    assert await state(database_url, user) == (1000 - debited, 1 + debited)
+    balances = await fetch(
+        database_url, "SELECT sum(10 - balance) FROM users WHERE id = ANY($1)", users
+    )
+    assert balances[0][0] == debited
     counted = await fetch(
         database_url,
         "SELECT sum(d.amount) FROM key_debits d JOIN api_keys k ON k.id = d.api_key_id "
@@ -204,3 +211,22 @@ def test_a_bad_debit_limit_is_refused(text: str) -> None:
 def test_a_period_is_limited_once() -> None:
     with pytest.raises(ValueError, match="more than one"):
         keys.check_debit_limits(["5/hour", "6/h"])
+
+
+async def test_housekeeping_forgets_debit_windows_over_a_day_old(database_url: str) -> None:
+    """The idempotency keys' pruning also deletes key_debits rows whose window ended over a
+    day ago; the current windows stay."""
+    insert = (
+        "INSERT INTO key_debits (api_key_id, seconds, window_start, backend, amount) "
+        "VALUES (-1, $1, $2, 1, 5)"
+    )
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    await fetch(database_url, insert, 86400, day - timedelta(days=3))
+    await fetch(database_url, insert, 86400, day)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await wallet_repository.prune_idempotency_keys(conn, timedelta(days=1), 1000)
+    finally:
+        await conn.close()
+    kept = await fetch(database_url, "SELECT window_start FROM key_debits WHERE api_key_id = -1")
+    assert [row[0] for row in kept] == [day]
