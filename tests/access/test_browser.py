@@ -119,6 +119,22 @@ async def test_login_sets_a_strict_cookie_that_opens_the_pages(
     assert schema.status_code == 200
 
 
+async def test_the_session_cookie_is_secure_behind_https(
+    browser: httpx.AsyncClient, person: str
+) -> None:
+    """Behind a TLS proxy (X-Forwarded-Proto: https) the cookie is Secure; on plain HTTP it
+    cannot be (the browser would drop it)."""
+    for proto, secure in (("https", True), ("http", False)):
+        answer = await browser.post(
+            "/login",
+            data={"key": person},
+            headers={"Origin": SITE, "X-Forwarded-Proto": proto},
+            follow_redirects=False,
+        )
+        assert answer.status_code == 303
+        assert ("; Secure" in answer.headers["set-cookie"]) is secure
+
+
 async def test_the_cookie_never_holds_the_key(
     browser: httpx.AsyncClient, person: str, session: str, database_url: str
 ) -> None:
