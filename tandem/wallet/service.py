@@ -88,7 +88,8 @@ async def update_balance(
     database fails: DatabaseUnavailableError (nothing changed) or OutcomeUnknownError (the
     change may have been applied). The caller signs the entry, and its idempotency keys are
     its own (another caller's equal key is another key); past ``keys_per_day`` new keys in a
-    UTC day, TooManyIdempotencyKeysError.
+    UTC day, TooManyIdempotencyKeysError. A withdrawal by a key with debit limits is counted
+    in its transaction (count_debit): past one, DebitLimitError and nothing changed.
     """
     if idempotency_key is None and not (amount < 0 and caller.debit_limits):
         result = await repository.apply_delta(
@@ -124,7 +125,8 @@ async def transfer(
 ) -> TransferResult:
     """Move ``amount`` (> 0) from one user to another, atomically and journaled (two entries
     sharing the transfer id). Raises UserNotFoundError (saying which), InsufficientFundsError,
-    BalanceLimitError, IdempotencyKeyReusedError; a refusal changes nothing."""
+    BalanceLimitError, IdempotencyKeyReusedError, DebitLimitError (the caller's key past a
+    debit limit: the amount is counted against it); a refusal changes nothing."""
     request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
     if idempotency_key is None and not caller.debit_limits:
         result = await repository.transfer(
