@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from tandem.access import keys, repository
-from tandem.core.callers import Caller
+from tandem.core.callers import Caller, Limit
 from tandem.core.database import Database
 from tandem.core.errors import AppError, DatabaseUnavailableError
 from tandem.observability.metrics import ACCESS_KEY_LOOKUPS, ACCESS_KEY_LOOKUPS_AVOIDED
@@ -58,12 +58,41 @@ _SHARED = ACCESS_KEY_LOOKUPS_AVOIDED.labels("shared")
 _LIMITED = ACCESS_KEY_LOOKUPS_AVOIDED.labels("limited")
 
 
+def caller_for(row: repository.LiveKey) -> Caller:
+    """The caller a live key makes: its binding, its expiry, and its limits (none unless set
+    on the key)."""
+    users = None if row.bound_user_ids is None else frozenset(row.bound_user_ids)
+    limits = row.limits
+    if limits == _NO_LIMITS:
+        return Caller(row.id, row.name, frozenset(row.scopes), users, row.expires_at)
+    debits = (
+        (limits.debit_per_minute, 60),
+        (limits.debit_per_hour, 3600),
+        (limits.debit_per_day, 86400),
+    )
+    rate = None
+    if limits.rate_requests is not None and limits.rate_seconds is not None:
+        rate = Limit(limits.rate_requests, limits.rate_seconds)
+    return Caller(
+        row.id,
+        row.name,
+        frozenset(row.scopes),
+        users,
+        row.expires_at,
+        tuple(Limit(amount, seconds) for amount, seconds in debits if amount is not None),
+        rate,
+    )
+
+
+_NO_LIMITS = repository.Limits()
+
+
 class KeysNotLoadedError(DatabaseUnavailableError):
     def __init__(self) -> None:
         super().__init__("the API keys could not be loaded from the database; retry")
 
 
-class _Allowance:
+class TokenBucket:
     """A token bucket: ``rate`` per second, up to ``burst`` at once."""
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
@@ -80,10 +109,9 @@ class _Allowance:
         self._tokens -= 1.0
         return True
 
-
-def _caller(row: repository.LiveKey) -> Caller:
-    users = None if row.bound_user_ids is None else frozenset(row.bound_user_ids)
-    return Caller(row.id, row.name, frozenset(row.scopes), users, row.expires_at)
+    def wait(self) -> float:
+        """Seconds until the next take can succeed (as of the last take)."""
+        return max(0.0, (1.0 - self._tokens) / self._rate)
 
 
 class KeyCache:
@@ -110,7 +138,7 @@ class KeyCache:
         self._reloading: asyncio.Future[None] | None = None
         self._unknown: dict[bytes, float] = {}  # token hash -> refused without lookup until
         self._lookups: dict[bytes, asyncio.Future[Caller | None]] = {}
-        self._allowance = _Allowance(lookups_per_second, max(1.0, lookups_per_second), clock())
+        self._allowance = TokenBucket(lookups_per_second, max(1.0, lookups_per_second), clock())
 
     async def start(self) -> None:
         """Load once (failures are retried by the refresh loop) and start refreshing."""
@@ -152,7 +180,7 @@ class KeyCache:
         except BaseException:
             self._used |= used
             raise
-        self._keys = {row.sha256: _caller(row) for row in rows}
+        self._keys = {row.sha256: caller_for(row) for row in rows}
         # Counted at the end too: a lookup that began while this load was on its way may have
         # seen a key live that this load's statement, run later, found revoked; it must not
         # put that key back into the keys just loaded.
@@ -194,7 +222,7 @@ class KeyCache:
             self._unknown[sha256] = self._clock() + UNKNOWN_TOKEN_MEMORY
             return None
         _FOUND.inc()
-        caller = _caller(row)
+        caller = caller_for(row)
         if self._loads == loads:
             # No load began since the lookup did, so none can have dropped this key after
             # the lookup saw it live: keep it until the next load decides.

@@ -12,7 +12,7 @@ import hashlib
 import re
 import secrets
 
-from tandem.core.callers import SCOPES
+from tandem.core.callers import PERIODS, SCOPES, Limit, period_name
 
 # The longest life `tandem keys create --expires-in` gives (an operator's key; keys made
 # through POST /keys live at most 24 hours: the owner's function keeps that).
@@ -62,3 +62,41 @@ def check_users(users: list[int]) -> list[int]:
     if bad:
         raise ValueError(f"invalid user id {bad[0]}: a positive 64-bit integer")
     return sorted(set(users))
+
+
+# The windows a limit may name (core.callers.PERIODS): a debit limit per minute, hour or
+# day; a rate also per second.
+_PERIOD_ALIASES = {"s": "second", "min": "minute", "h": "hour", "d": "day"}
+DEBIT_PERIODS = ("minute", "hour", "day")
+RATE_PERIODS = ("second", "minute", "hour")
+LIMIT_MAX = _INT64_MAX
+
+
+def parse_limit(text: str, periods: tuple[str, ...]) -> Limit:
+    """``AMOUNT/PERIOD`` (e.g. ``5000/hour``, ``10/s``) as a Limit; raises ValueError."""
+    amount, _, period = text.strip().partition("/")
+    period = _PERIOD_ALIASES.get(period.strip().lower(), period.strip().lower())
+    if not amount.strip().isdigit() or period not in periods:
+        raise ValueError(
+            f"invalid limit {text!r}: expected AMOUNT/PERIOD, AMOUNT a positive whole number, "
+            f"PERIOD one of {', '.join(periods)}"
+        )
+    value = int(amount)
+    if not 0 < value <= LIMIT_MAX:
+        raise ValueError(f"invalid limit {text!r}: the amount must be 1..{LIMIT_MAX}")
+    return Limit(value, PERIODS[period])
+
+
+def check_debit_limits(texts: list[str]) -> dict[int, int]:
+    """Each window's debit limit (seconds -> amount); one limit per window."""
+    limits: dict[int, int] = {}
+    for text in texts:
+        limit = parse_limit(text, DEBIT_PERIODS)
+        if limit.seconds in limits:
+            raise ValueError(f"more than one debit limit per {period_name(limit.seconds)}")
+        limits[limit.seconds] = limit.amount
+    return limits
+
+
+def describe(limit: Limit) -> str:
+    return f"{limit.amount}/{period_name(limit.seconds)}"

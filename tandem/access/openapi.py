@@ -4,6 +4,7 @@ its 401/403."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from tandem.access import policy
@@ -12,6 +13,7 @@ from tandem.core.openapi import error_responses_schema
 _ACCESS_ERRORS = error_responses_schema(
     (401, "unauthenticated", "no API key, or an unknown or revoked one"),
     (403, "forbidden", "the API key lacks the scope this needs (or a cross-site cookie)"),
+    (429, "rate_limited", "the API key is past its own request rate (`tandem keys create --rate`)"),
 )
 
 
@@ -47,5 +49,10 @@ def document_access(schema: dict[str, Any]) -> None:
                     f"A key bound to users: {_BOUND[rule.binding]}"
                 )
                 operation["description"] = f"{operation.get('description', '')}\n\n{needs}"
+            responses = operation.setdefault("responses", {})
             for status_code, response in _ACCESS_ERRORS.items():
-                operation.setdefault("responses", {}).setdefault(status_code, response)
+                if status_code in responses:  # the route's own 429s: both said
+                    said = responses[status_code]
+                    said["description"] = f"{said['description']} {response['description']}"
+                else:
+                    responses[status_code] = copy.deepcopy(response)

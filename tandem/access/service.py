@@ -13,7 +13,7 @@ import asyncpg
 from tandem.access import keys, repository
 from tandem.access.errors import REFUSALS
 from tandem.access.repository import Key
-from tandem.core.callers import ALL, Caller
+from tandem.core.callers import ALL, Caller, Limit
 from tandem.core.database import Database
 from tandem.core.errors import ValidationError
 from tandem.core.pool import ConnectionPool
@@ -32,19 +32,34 @@ async def create_key(
     scopes: list[str],
     users: list[int] | None = None,
     expires_in: float | None = None,
+    debit_limits: list[str] | None = None,
+    rate: str | None = None,
 ) -> str:
     """The new key's token (shown once: only its hash is stored). ``users``: bound to these
-    users (None: every user); ``expires_in``: seconds it lives (None: until revoked). Raises
-    KeyCommandError."""
+    users (None: every user); ``expires_in``: seconds it lives (None: until revoked). Limits
+    are off unless given: ``debit_limits`` (``AMOUNT/PERIOD``, a period at most once) and
+    ``rate`` (``N/PERIOD``). Raises KeyCommandError."""
     try:
         name, scopes = keys.check_name(name), keys.check_scopes(scopes)
         users = None if users is None else keys.check_users(users)
         if expires_in is not None and not 0 < expires_in <= keys.EXPIRES_IN_MAX:
             raise ValueError(f"--expires-in must be 1..{keys.EXPIRES_IN_MAX:g} seconds")
+        debits = keys.check_debit_limits(debit_limits or [])
+        per = None if rate is None else keys.parse_limit(rate, keys.RATE_PERIODS)
     except ValueError as error:
         raise KeyCommandError(str(error)) from error
+    limits = repository.Limits(
+        debits.get(60),
+        debits.get(3600),
+        debits.get(86400),
+        None if per is None else per.amount,
+        None if per is None else per.seconds,
+    )
     token = keys.new_token()
-    if not await repository.insert_key(conn, name, keys.digest(token), scopes, users, expires_in):
+    made = await repository.insert_key(
+        conn, name, keys.digest(token), scopes, users, expires_in, limits
+    )
+    if not made:
         raise KeyCommandError(f"a key named {name!r} exists (revoked keys keep their names)")
     return token
 
@@ -87,6 +102,23 @@ async def create_bound_key(
         raise refusal(message)
     assert made.expires_at is not None
     return BoundKey(name, token, sorted(set(scopes)), sorted(set(users)), made.expires_at)
+
+
+def describe_limits(limits: repository.Limits) -> str:
+    """``debit 5000/hour,20000/day rate 10/second``, or ``-`` for none."""
+    debits = [
+        keys.describe(Limit(amount, seconds))
+        for amount, seconds in (
+            (limits.debit_per_minute, 60),
+            (limits.debit_per_hour, 3600),
+            (limits.debit_per_day, 86400),
+        )
+        if amount is not None
+    ]
+    said = [f"debit {','.join(debits)}"] if debits else []
+    if limits.rate_requests is not None and limits.rate_seconds is not None:
+        said.append(f"rate {keys.describe(Limit(limits.rate_requests, limits.rate_seconds))}")
+    return " ".join(said) or "-"
 
 
 async def list_keys(conn: asyncpg.Connection) -> list[Key]:

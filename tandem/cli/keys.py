@@ -29,6 +29,20 @@ def register(sub: Subcommands) -> None:
     create.add_argument(
         "--expires-in", type=float, metavar="SECONDS", help="refuse the key after this long"
     )
+    create.add_argument(
+        "--debit-limit",
+        action="append",
+        default=[],
+        metavar="AMOUNT/PERIOD",
+        help="at most AMOUNT out of users per minute, hour or day (UTC windows); repeat for "
+        "more periods; past it 429 debit_limit_exceeded (off unless given)",
+    )
+    create.add_argument(
+        "--rate",
+        metavar="N/PERIOD",
+        help="at most N requests per s, minute or hour, in each instance; past it 429 "
+        "rate_limited (off unless given)",
+    )
     create.set_defaults(func=cmd_keys_create)
     keys_sub.add_parser("list", help="every key (tokens are never shown)").set_defaults(
         func=cmd_keys_list
@@ -44,7 +58,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     async def run(conn: Any) -> int:
         try:
             token = await service.create_key(
-                conn, args.name, args.scope, args.user, args.expires_in
+                conn,
+                args.name,
+                args.scope,
+                args.user,
+                args.expires_in,
+                args.debit_limit,
+                args.rate,
             )
         except service.KeyCommandError as error:
             print(f"error: {error}", file=sys.stderr)
@@ -70,7 +90,7 @@ def cmd_keys_list(_: argparse.Namespace) -> int:
         return "-" if value is None else value.isoformat(timespec="seconds")
 
     async def run(conn: Any) -> int:
-        rows = [("NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED", "USERS", "EXPIRES")]
+        rows = [("NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED", "USERS", "EXPIRES", "LIMITS")]
         for key in await service.list_keys(conn):
             rows.append(
                 (
@@ -81,6 +101,7 @@ def cmd_keys_list(_: argparse.Namespace) -> int:
                     when(key.revoked_at),
                     "*" if key.bound_user_ids is None else ",".join(map(str, key.bound_user_ids)),
                     when(key.expires_at),
+                    service.describe_limits(key.limits),
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from tandem.core.errors import ForbiddenError
 
@@ -39,17 +39,39 @@ SCOPES = (
 CALLER_SCOPE_KEY = "tandem.caller"
 
 
+# The windows a limit may name, in seconds. Windows are fixed and aligned to the UTC epoch
+# (a day is a UTC day).
+PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def period_name(seconds: int) -> str:
+    return next(name for name, length in PERIODS.items() if length == seconds)
+
+
+class Limit(NamedTuple):
+    """At most ``amount`` (money for a debit limit, requests for a rate) per ``seconds``."""
+
+    amount: int
+    seconds: int
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """``api_key_id`` None: no key (authentication disabled by the operator). ``users``: the
     users a bound key may touch (None: unbound, every user); ``expires_at``: when the key
-    stops being accepted (seconds since the epoch; None: never)."""
+    stops being accepted (seconds since the epoch; None: never). A key's limits are off
+    unless set on it (``tandem keys create --debit-limit``, ``--rate``): empty
+    ``debit_limits`` and no ``rate`` cost nothing on any path."""
 
     api_key_id: int | None
     name: str
     scopes: frozenset[str]
     users: frozenset[int] | None = None
     expires_at: float | None = None
+    # Money leaving users by this key, per window (wallet.service.count_debit).
+    debit_limits: tuple[Limit, ...] = ()
+    # Requests per window, in each process (access.layer).
+    rate: Limit | None = None
 
     @property
     def bound(self) -> bool:

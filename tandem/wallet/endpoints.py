@@ -20,6 +20,7 @@ from tandem.core.openapi import (
     json_request_body,
 )
 from tandem.wallet import service
+from tandem.wallet.errors import DEBIT_LIMIT
 from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX
 from tandem.wallet.repository import Transfer as TransferRow
 from tandem.wallet.schemas import (
@@ -101,6 +102,7 @@ async def read_history(
         (409, "balance_limit_exceeded", "the payee's balance would exceed 2^63-1"),
         (422, "validation_error", "malformed input, the same user twice, or amount <= 0"),
         (422, "idempotency_key_reused", "the key was used with a different request"),
+        DEBIT_LIMIT,
         BODY_NOT_JSON,
         BODY_TOO_LARGE,
         DATABASE_UNAVAILABLE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 from tandem.core.errors import (
@@ -59,6 +60,29 @@ class TooManyIdempotencyKeysError(TooManyRequestsError):
 
     def __init__(self, per_day: int) -> None:
         super().__init__(f"this API key stored its {per_day} new idempotency keys for today")
+
+
+class DebitLimitError(TooManyRequestsError):
+    """The API key's debit limit of a window (``tandem keys create --debit-limit``) would be
+    passed: nothing moved, nothing counted."""
+
+    code = "debit_limit_exceeded"
+
+    def __init__(self, name: str, amount: int, period: str, retry_after: float) -> None:
+        super().__init__(
+            f"the API key {name!r} may move at most {amount} out of users per {period}"
+        )
+        # Per refusal: when the window ends (whole seconds, at least 1).
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}  # type: ignore[misc]  # an instance's own value of the class's default
+
+
+# The refusal in the OpenAPI schema of the routes that debit.
+DEBIT_LIMIT = (
+    429,
+    DebitLimitError.code,
+    "the API key's debit limit of a window would be passed (`tandem keys create "
+    "--debit-limit`); nothing changed",
+)
 
 
 def refusal_outcome(refusal: AppError) -> str:

@@ -42,6 +42,33 @@ def tandem(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_keys_create_with_limits_and_list_them(database_url: str) -> None:
+    """--debit-limit (repeatable) and --rate are stored and shown by `keys list`; a bad one
+    is refused and makes no key; a key without limits lists none."""
+    made = tandem(
+        database_url,
+        *("keys", "create", "--name", "capped", "--scope", "wallet:write"),
+        *("--debit-limit", "5000/hour", "--debit-limit", "20000/day", "--rate", "10/s"),
+    )
+    assert made.returncode == 0, made.stderr
+    bad = tandem(
+        database_url,
+        *("keys", "create", "--name", "bad", "--scope", "wallet:write"),
+        *("--debit-limit", "5/week"),
+    )
+    assert bad.returncode == 2
+    assert "invalid limit '5/week'" in bad.stderr
+    plain = tandem(database_url, "keys", "create", "--name", "plain", "--scope", "wallet:read")
+    assert plain.returncode == 0, plain.stderr
+    listed = {
+        line.split()[0]: line for line in tandem(database_url, "keys", "list").stdout.splitlines()
+    }
+    assert "LIMITS" in listed["NAME"]
+    assert "debit 5000/hour,20000/day rate 10/second" in listed["capped"]
+    assert listed["plain"].split()[-1] == "-"
+    assert "bad" not in listed
+
+
 def test_keys_create_list_revoke(database_url: str, log_dir: Path) -> None:
     made = tandem(database_url, "keys", "create", "--name", "reader", "--scope", "wallet:read")
     assert made.returncode == 0, made.stderr
