@@ -135,7 +135,7 @@ def test_keys_create_bound_to_users(database_url: str) -> None:
         line.split()[0]: line.split()
         for line in tandem(database_url, "keys", "list").stdout.splitlines()[1:]
     }
-    assert listed["end-user"][-2] == f"{users[0]},{users[1]}"
+    assert listed["end-user"][-3] == f"{users[0]},{users[1]}"
     refused = tandem(
         database_url, "keys", "create", "--name", "x", "--scope", "wallet:read", "--user", "0"
     )
