@@ -28,6 +28,7 @@ from tandem.core.openapi import (
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
+from tandem.wallet.errors import DEBIT_LIMIT
 from tandem.wallet.schemas import (
     BODY_INVALID,
     BODY_NOT_JSON,
@@ -174,6 +175,7 @@ _UPDATE = {
             (409, "mint_ceiling_reached", "a deposit past the day's mint ceiling"),
             BODY_INVALID,
             (422, "idempotency_key_reused", "the key was used with a different request"),
+            DEBIT_LIMIT,
             BODY_NOT_JSON,
             BODY_TOO_LARGE,
             (405, "method_not_allowed", "only POST"),

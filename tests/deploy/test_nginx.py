@@ -324,8 +324,9 @@ def test_a_browser_login_works_through_nginx(
     with httpx.Client(base_url=proxy.url) as browser:
         login = browser.post("/login", data={"key": API_KEY}, headers={"Origin": proxy.url})
         assert login.status_code == 303, login.text
-        assert "tandem_key=" in login.headers["set-cookie"]
-        cookie = {"Cookie": f"tandem_key={API_KEY}"}
+        session = login.headers["set-cookie"].partition("tandem_session=")[2].partition(";")[0]
+        assert session.startswith("tds_")
+        cookie = {"Cookie": f"tandem_session={session}"}
         created = browser.post("/users", json={}, headers={**cookie, "Origin": proxy.url})
         assert created.status_code == 201, created.text
         foreign = browser.post("/users", json={}, headers={**cookie, "Origin": "http://evil"})

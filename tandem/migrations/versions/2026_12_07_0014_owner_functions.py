@@ -17,7 +17,7 @@
 - The rights of the previous release stay (it still inserts and updates): 0015 takes them.
 
 Revision ID: 0014_owner_functions
-Revises: 0011_functions_as_files
+Revises: 0013_sessions_and_key_limits
 Create Date: 2026-12-07
 """
 
@@ -37,7 +37,7 @@ from tandem.wallet.functions import (
 from tandem.wallet.models import DEFAULT_BALANCE
 
 revision: str = "0014_owner_functions"
-down_revision: str | None = "0011_functions_as_files"
+down_revision: str | None = "0013_sessions_and_key_limits"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
