@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -194,7 +194,7 @@ BODY_INVALID: ErrorCode = (
 BODY_NOT_JSON: ErrorCode = (
     415,
     "unsupported_media_type",
-    "the body is not declared `application/json`",
+    "the body is not declared `application/json`, once",
 )
 BODY_TOO_LARGE: ErrorCode = (413, "payload_too_large", "the body is larger than 4 KiB")
 
@@ -208,6 +208,19 @@ async def read_body(chunks: AsyncIterable[bytes]) -> bytes:
         if len(body) > MAX_BODY_BYTES:
             raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
     return bytes(body)
+
+
+def content_type_of(values: Sequence[str]) -> str | None:
+    """A request's one ``Content-Type`` (``values``: every such header, in order), or None.
+
+    Refused (415) when given more than once: the field is a singleton (RFC 9110 §5.3 lets a
+    recipient refuse it repeated), and the two HTTP paths would each read a different one
+    (FastAPI the first, the lean path the last)."""
+    if len(values) > 1:
+        raise UnsupportedMediaTypeError(
+            f"the request body must be declared once; Content-Type is given {len(values)} times"
+        )
+    return values[0] if values else None
 
 
 def parse_body(model: type[Model], body: bytes, content_type: str | None, what: str) -> Model:
