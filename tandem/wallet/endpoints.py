@@ -43,7 +43,8 @@ from tandem.wallet.schemas import (
     read_body,
 )
 
-# The largest history page (about 40 KB of JSON): one request cannot ask for megabytes.
+# The largest history page (at most 258,675 bytes of JSON, docs/wallet.md): one request
+# cannot ask for megabytes.
 HISTORY_PAGE_MAX = 200
 
 router = APIRouter(tags=["wallet"])

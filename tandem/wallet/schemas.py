@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tandem.core.errors import PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
 from tandem.core.openapi import ErrorCode
+from tandem.core.text import FREE_TEXT
 from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX, INT64_MIN, REFERENCE_MAX_LENGTH
 
 MAX_BODY_BYTES = 4096
@@ -64,10 +65,9 @@ Reference = Annotated[
     Field(
         min_length=1,
         max_length=REFERENCE_MAX_LENGTH,
-        # PostgreSQL's text cannot hold a NUL.
-        pattern=r"^[^\x00]*$",
         description="The client's own text for the change (an order id, say), kept in the journal.",
     ),
+    FREE_TEXT,
 ]
 
 
