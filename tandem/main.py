@@ -14,6 +14,7 @@ from fastapi_offline import FastAPIOffline
 
 import tandem
 from tandem.access.cache import KeyCache
+from tandem.access.endpoints import router as keys_router
 from tandem.access.layer import AccessControl
 from tandem.access.openapi import document_access
 from tandem.access.service import register_configured_key
@@ -125,4 +126,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(scheduler_router)
     app.include_router(observability_router)
     app.include_router(status_router)
+    app.include_router(keys_router)
     return app

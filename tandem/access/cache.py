@@ -25,6 +25,9 @@ live. What keeps guessed tokens from costing the database anything:
 
 A lookup that a load overtook (the load began after it) answers its own request but is not
 kept: only a load may decide what stays, so a key revoked meanwhile is not brought back.
+
+A key with an expiry (``api_keys.expires_at``) is refused from that instant on, by the wall
+clock of the process (``wall_clock``), whatever the loads: each one carries its expiry.
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ class _Allowance:
         return True
 
 
+def _caller(row: repository.LiveKey) -> Caller:
+    users = None if row.bound_user_ids is None else frozenset(row.bound_user_ids)
+    return Caller(row.id, row.name, frozenset(row.scopes), users, row.expires_at)
+
+
 class KeyCache:
     def __init__(
         self,
@@ -86,11 +94,13 @@ class KeyCache:
         *,
         lookups_per_second: float,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._database = database
         self._ttl = ttl
         self._trusted_for = max(2 * ttl, 5.0)
         self._clock = clock
+        self._wall_clock = wall_clock
         self._keys: dict[bytes, Caller] = {}
         self._loaded_at = float("-inf")
         # Incremented by every load that starts: a lookup that a load overtook is not kept.
@@ -125,7 +135,11 @@ class KeyCache:
         caller = self._keys.get(sha256)
         if caller is None:
             caller = await self._look_up(sha256)
-        if caller is not None and caller.api_key_id is not None:
+        if caller is None:
+            return None
+        if caller.expires_at is not None and caller.expires_at <= self._wall_clock():
+            return None  # expired since it was loaded (or looked up)
+        if caller.api_key_id is not None:
             self._used.add(caller.api_key_id)
         return caller
 
@@ -138,7 +152,7 @@ class KeyCache:
         except BaseException:
             self._used |= used
             raise
-        self._keys = {row.sha256: Caller(row.id, row.name, frozenset(row.scopes)) for row in rows}
+        self._keys = {row.sha256: _caller(row) for row in rows}
         # Counted at the end too: a lookup that began while this load was on its way may have
         # seen a key live that this load's statement, run later, found revoked; it must not
         # put that key back into the keys just loaded.
@@ -180,7 +194,7 @@ class KeyCache:
             self._unknown[sha256] = self._clock() + UNKNOWN_TOKEN_MEMORY
             return None
         _FOUND.inc()
-        caller = Caller(row.id, row.name, frozenset(row.scopes))
+        caller = _caller(row)
         if self._loads == loads:
             # No load began since the lookup did, so none can have dropped this key after
             # the lookup saw it live: keep it until the next load decides.

@@ -14,6 +14,10 @@ import secrets
 
 from tandem.core.callers import SCOPES
 
+# The longest life `tandem keys create --expires-in` gives (an operator's key; keys made
+# through POST /keys live at most 24 hours: the owner's function keeps that).
+EXPIRES_IN_MAX = 10 * 365 * 24 * 3600.0
+_INT64_MAX = 2**63 - 1
 TOKEN_PREFIX = "tdm_"  # noqa: S105  (a prefix, not a secret)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # What a token looks like; anything else is refused before any lookup.
@@ -48,3 +52,13 @@ def check_scopes(scopes: list[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r}; known: {', '.join(SCOPES)}")
     return sorted(set(scopes))
+
+
+def check_users(users: list[int]) -> list[int]:
+    """The users a key is bound to: at least one, each a positive 64-bit id."""
+    if not users:
+        raise ValueError("a bound key needs at least one user")
+    bad = [u for u in users if not 0 < u <= _INT64_MAX]
+    if bad:
+        raise ValueError(f"invalid user id {bad[0]}: a positive 64-bit integer")
+    return sorted(set(users))

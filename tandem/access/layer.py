@@ -9,6 +9,11 @@ key is resolved through the process's cache (cache.py), and the caller left in t
 scope for the routes (``core.callers.caller_of``). Refusals: 401 ``unauthenticated`` (with
 ``WWW-Authenticate``), 403 ``forbidden``; both before any route runs, so nothing changes.
 
+A key bound to users is held to its rule's binding here, for both paths: refused (403) on an
+``UNBOUND_ONLY`` route, and told 404 ``user_not_found`` (what a user that does not exist gets)
+for a ``PATH_USER`` route naming another user. The body's user (``BODY_USER``) and a record's
+users (``RESOURCE_USER``) are the wallet service's to check (``Caller.may_touch``).
+
 The login page (``GET``/``POST /login``) and ``POST /logout`` are this layer's own routes: they
 handle the credential itself. Every HTML page gets a Content-Security-Policy (by the hashes of
 its inline scripts and styles, when the page has none of its own), no framing, no sniffing.
@@ -44,6 +49,7 @@ from tandem.core.errors import (
     ForbiddenError,
     MethodNotAllowedError,
     UnauthenticatedError,
+    UserNotFoundError,
 )
 from tandem.observability.metrics import ROUTE_SCOPE_KEY
 
@@ -61,6 +67,9 @@ _PAGE_HEADERS = [
 ]
 _INLINE = re.compile(rb"<(script|style)(?![^>]*\bsrc=)[^>]*>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
 _LOGIN_MAX_BODY = 4096
+# A user id in a path, as the wallet's routes read it (wallet/schemas.parse_user_id).
+_USER_ID = re.compile(r"[1-9][0-9]{0,18}")
+_INT64_MAX = 2**63 - 1
 
 
 class _InvalidKey(UnauthenticatedError):
@@ -100,7 +109,7 @@ class AccessControl:
             except Exception as exc:
                 await respond_unexpected(scope, send, exc, writes=False, where="the login page")
             return
-        rule = policy.rule_for(path)
+        rule = policy.rule_for(scope["method"], path)
         if rule.requirement == policy.PUBLIC:
             await self._forward(rule, scope, receive, send)
             return
@@ -112,6 +121,8 @@ class AccessControl:
             caller = await self._authenticate(scope)
             if rule.requirement != policy.ANY_KEY:
                 caller.require(rule.requirement)
+            if caller.bound:
+                _hold_to_binding(rule, path, caller)
         except UnauthenticatedError as error:
             scope[ROUTE_SCOPE_KEY] = rule.template
             if rule.page and scope["method"] in ("GET", "HEAD"):
@@ -201,6 +212,21 @@ class AccessControl:
         )
         log.info("browser login with the API key %r", caller.name)
         await _redirect(send, "/", cookie=cookie)
+
+
+def _hold_to_binding(rule: policy.Rule, path: str, caller: Caller) -> None:
+    """Raises for a bound caller where its rule's binding says the layer refuses it."""
+    if rule.binding is policy.Binding.UNBOUND_ONLY:
+        raise ForbiddenError("an API key bound to users cannot use this route")
+    if rule.binding is policy.Binding.PATH_USER:
+        raw = policy.TABLE.path_user(rule, path)
+        # An id the route would refuse (422, to every caller) is left to it: the grammar is
+        # the route's own (wallet/schemas.parse_user_id), so no id the route accepts is one
+        # this did not check.
+        if raw is not None and _USER_ID.fullmatch(raw) and int(raw) <= _INT64_MAX:
+            user_id = int(raw)
+            if not caller.may_touch(user_id):
+                raise UserNotFoundError(user_id)
 
 
 def _cookie(scope: Scope) -> str | None:

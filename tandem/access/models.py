@@ -30,6 +30,10 @@ class ApiKey(Base):
         # What `tandem keys create` accepts is what the table keeps.
         CheckConstraint(f"name ~ '^{NAME_RE.pattern}$'", name="name"),
         CheckConstraint("cardinality(scopes) > 0", name="scopes"),
+        # NULL: unbound (every user); a bound key names at least one user.
+        CheckConstraint(
+            "bound_user_ids IS NULL OR cardinality(bound_user_ids) > 0", name="bound_user_ids"
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
@@ -42,3 +46,7 @@ class ApiKey(Base):
     # Dated by the processes that see it used (the only column the app's role may update).
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The users this key may touch (docs/access.md, "Keys bound to users"); NULL: every user.
+    bound_user_ids: Mapped[list[int] | None] = mapped_column(ARRAY(BigInteger))
+    # When the key stops being accepted; NULL: never.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -15,6 +15,18 @@ _ACCESS_ERRORS = error_responses_schema(
 )
 
 
+# What a key bound to users gets on a route, by its binding (policy.Binding).
+_BOUND = {
+    policy.Binding.UNBOUND_ONLY: "refused (403).",
+    policy.Binding.PATH_USER: "only its users; any other is 404 `user_not_found`.",
+    policy.Binding.BODY_USER: "only on its users' money (a transfer: from its user, to "
+    "anyone); any other is 404 `user_not_found`, nothing changed.",
+    policy.Binding.RESOURCE_USER: "only its side of a transfer (the other side's balance "
+    "null); a transfer of neither side is 404.",
+    policy.Binding.NOT_USER_DATA: "as any key.",
+}
+
+
 def document_access(schema: dict[str, Any]) -> None:
     """Add the access rules to a whole schema, in place (core/openapi.install_openapi)."""
     schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
@@ -24,13 +36,16 @@ def document_access(schema: dict[str, Any]) -> None:
         "description": "An API key (`tandem keys create`), as Authorization: Bearer <token>.",
     }
     for path, operations in schema.get("paths", {}).items():
-        rule = policy.rule_for(path.replace("{", "").replace("}", ""))
-        if rule.requirement == policy.PUBLIC:
-            continue
-        for operation in operations.values():
+        for method, operation in operations.items():
+            rule = policy.TABLE.rule_named(method.upper(), path) or policy.UNLISTED
+            if rule.requirement == policy.PUBLIC:
+                continue
             operation["security"] = [{"apiKey": []}]
             if rule.requirement != policy.ANY_KEY:
-                needs = f"Needs an API key with the scope `{rule.requirement}` (or `all`)."
+                needs = (
+                    f"Needs an API key with the scope `{rule.requirement}` (or `all`). "
+                    f"A key bound to users: {_BOUND[rule.binding]}"
+                )
                 operation["description"] = f"{operation.get('description', '')}\n\n{needs}"
             for status_code, response in _ACCESS_ERRORS.items():
                 operation.setdefault("responses", {}).setdefault(status_code, response)

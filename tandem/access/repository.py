@@ -13,7 +13,8 @@ from tandem.core.pool import ConnectionPool
 # A key is unique by name and by token; a second instance inserting the same configured key
 # at the same start finds the first's row (DO NOTHING, then the SELECT) instead of failing.
 INSERT_KEY = """
-INSERT INTO api_keys (name, token_sha256, scopes) VALUES ($1, $2, $3)
+INSERT INTO api_keys (name, token_sha256, scopes, bound_user_ids, expires_at)
+VALUES ($1, $2, $3, $4, clock_timestamp() + $5::double precision * interval '1 second')
 ON CONFLICT DO NOTHING
 RETURNING id
 """
@@ -21,7 +22,8 @@ RETURNING id
 KEY_BY_NAME = "SELECT id, token_sha256 = $2 AS same_token FROM api_keys WHERE name = $1"
 
 LIST_KEYS = """
-SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_keys ORDER BY id
+SELECT id, name, scopes, created_at, last_used_at, revoked_at, bound_user_ids, expires_at
+FROM api_keys ORDER BY id
 """
 
 REVOKE_KEY = """
@@ -29,22 +31,36 @@ UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) WHERE n
 RETURNING revoked_at
 """
 
-# Every live key, for the process's cache (access/cache.py), and in the same round trip the
-# use of the keys this process saw since its last load ($1).
+# Every live key (not revoked, not expired), for the process's cache (access/cache.py), and
+# in the same round trip the use of the keys this process saw since its last load ($1). The
+# expiry travels with the key: the cache stops accepting it at that instant, not at the next
+# load.
 LIVE_KEYS = """
 WITH touched AS (
     UPDATE api_keys SET last_used_at = clock_timestamp()
     WHERE id = ANY($1::bigint[]) AND revoked_at IS NULL
 )
-SELECT id, name, scopes, token_sha256 FROM api_keys WHERE revoked_at IS NULL
+SELECT id, name, scopes, token_sha256, bound_user_ids, extract(epoch FROM expires_at)::float8
+FROM api_keys
+WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > clock_timestamp())
 """
 
 # One live key by its token's hash, for a token the process's cache does not hold (a key made
 # since its last load): one probe of the unique index on token_sha256. Live as in LIVE_KEYS
-# (not revoked), so a lookup can never bring back a key a reload has dropped.
+# (not revoked, not expired), so a lookup can never bring back a key a reload has dropped.
 LIVE_KEY_BY_HASH = """
-SELECT id, name, scopes, token_sha256 FROM api_keys
+SELECT id, name, scopes, token_sha256, bound_user_ids, extract(epoch FROM expires_at)::float8
+FROM api_keys
 WHERE token_sha256 = $1 AND revoked_at IS NULL
+  AND (expires_at IS NULL OR expires_at > clock_timestamp())
+"""
+
+# A key bound to users, made for the calling key $1 by the owner's function, which checks
+# what it may be (tandem/access/sql/create_bound_key_v1.sql): the application's own rules
+# are not what keeps it bound.
+CREATE_BOUND_KEY = """
+SELECT outcome, key_id, expires_at
+FROM tandem_create_bound_key_v1($1, $2, $3, $4, $5, $6::double precision * interval '1 second')
 """
 
 
@@ -55,6 +71,8 @@ class Key(NamedTuple):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    bound_user_ids: list[int] | None = None
+    expires_at: datetime | None = None
 
 
 class LiveKey(NamedTuple):
@@ -62,11 +80,41 @@ class LiveKey(NamedTuple):
     name: str
     scopes: list[str]
     sha256: bytes
+    bound_user_ids: list[int] | None
+    expires_at: float | None  # seconds since the epoch
 
 
-async def insert_key(db: asyncpg.Connection, name: str, sha256: bytes, scopes: list[str]) -> bool:
+class BoundKeyOutcome(NamedTuple):
+    outcome: str  # 'ok', or the function's refusal
+    key_id: int | None
+    expires_at: datetime | None
+
+
+async def insert_key(
+    db: asyncpg.Connection,
+    name: str,
+    sha256: bytes,
+    scopes: list[str],
+    users: list[int] | None = None,
+    expires_in: float | None = None,
+) -> bool:
     """False when the name or the token is taken."""
-    return await db.fetchval(INSERT_KEY, name, sha256, scopes) is not None
+    return await db.fetchval(INSERT_KEY, name, sha256, scopes, users, expires_in) is not None
+
+
+async def create_bound_key(
+    pool: ConnectionPool,
+    caller_id: int,
+    name: str,
+    sha256: bytes,
+    scopes: list[str],
+    users: list[int],
+    expires_in: float,
+) -> BoundKeyOutcome:
+    # Not retry_safe: a retry after a lost COMMIT would find its own key's name taken.
+    row = await pool.fetchrow(CREATE_BOUND_KEY, caller_id, name, sha256, scopes, users, expires_in)
+    assert row is not None
+    return BoundKeyOutcome(row[0], row[1], row[2])
 
 
 async def key_by_name(db: asyncpg.Connection, name: str, sha256: bytes) -> tuple[int, bool] | None:
@@ -88,9 +136,14 @@ async def revoke_key(db: asyncpg.Connection, name: str) -> datetime | None:
 async def live_keys(pool: ConnectionPool, used: list[int]) -> list[LiveKey]:
     # retry_safe: the only write dates the keys' use, which may as well be retried or lost.
     rows = await pool.fetch(LIVE_KEYS, used, retry_safe=True)
-    return [LiveKey(row[0], row[1], list(row[2]), bytes(row[3])) for row in rows]
+    return [_live(row) for row in rows]
 
 
 async def live_key_by_hash(pool: ConnectionPool, sha256: bytes) -> LiveKey | None:
     row = await pool.fetchrow(LIVE_KEY_BY_HASH, sha256, retry_safe=True)
-    return None if row is None else LiveKey(row[0], row[1], list(row[2]), bytes(row[3]))
+    return None if row is None else _live(row)
+
+
+def _live(row: asyncpg.Record) -> LiveKey:
+    users = None if row[4] is None else list(row[4])
+    return LiveKey(row[0], row[1], list(row[2]), bytes(row[3]), users, row[5])

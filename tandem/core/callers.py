@@ -21,8 +21,19 @@ WALLET_MINT = "wallet:mint"
 USERS_WRITE = "users:write"
 TASKS_READ = "tasks:read"
 TASKS_WRITE = "tasks:write"
+# Making keys bound to users through the API (POST /keys); an unbound key's right only.
+KEYS_WRITE = "keys:write"
 ALL = "all"
-SCOPES = (WALLET_READ, WALLET_WRITE, WALLET_MINT, USERS_WRITE, TASKS_READ, TASKS_WRITE, ALL)
+SCOPES = (
+    WALLET_READ,
+    WALLET_WRITE,
+    WALLET_MINT,
+    USERS_WRITE,
+    TASKS_READ,
+    TASKS_WRITE,
+    KEYS_WRITE,
+    ALL,
+)
 
 # Where the access layer leaves the caller in the ASGI scope.
 CALLER_SCOPE_KEY = "tandem.caller"
@@ -30,11 +41,25 @@ CALLER_SCOPE_KEY = "tandem.caller"
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """``api_key_id`` None: no key (authentication disabled by the operator)."""
+    """``api_key_id`` None: no key (authentication disabled by the operator). ``users``: the
+    users a bound key may touch (None: unbound, every user); ``expires_at``: when the key
+    stops being accepted (seconds since the epoch; None: never)."""
 
     api_key_id: int | None
     name: str
     scopes: frozenset[str]
+    users: frozenset[int] | None = None
+    expires_at: float | None = None
+
+    @property
+    def bound(self) -> bool:
+        return self.users is not None
+
+    def may_touch(self, user_id: int) -> bool:
+        """The one decision of a key's binding: may this caller read or move ``user_id``'s
+        money. A caller that may not is told what it would be told of a user that does not
+        exist (``user_not_found``), so a bound key learns nothing of other users."""
+        return self.users is None or user_id in self.users
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or ALL in self.scopes

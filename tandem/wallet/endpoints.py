@@ -74,11 +74,12 @@ def _json(body: bytes, status_code: int = 200, replayed: bool = False) -> Respon
 )
 async def read_history(
     db: Db,
+    caller: CurrentCaller,
     user_id: Annotated[str, _USER_ID_PATH],
     limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX, strict=False)] = 100,
     before: Annotated[int | None, Query(ge=1, le=INT64_MAX, strict=False)] = None,
 ) -> History:
-    found = await service.history(db.pool, parse_user_id(user_id), limit, before)
+    found = await service.history(db.pool, parse_user_id(user_id), limit, before, caller)
     return History(
         user_id=found.user_id,
         entries=[HistoryEntry.model_validate(e._asdict()) for e in found.entries],
@@ -147,12 +148,13 @@ async def create_transfer(
 )
 async def read_transfer(
     db: Db,
+    caller: CurrentCaller,
     transfer_id: Annotated[
         str,
         Path(alias="transferId", description=ID_DESCRIPTION, json_schema_extra=ID_JSON_SCHEMA),
     ],
 ) -> Response:
-    found = await service.get_transfer(db.pool, parse_user_id(transfer_id, "transferId"))
+    found = await service.get_transfer(db.pool, parse_user_id(transfer_id, "transferId"), caller)
     return _json(_transfer_body(found))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import TYPE_CHECKING, ClassVar
 
 from tandem.core.errors import (
@@ -13,23 +12,11 @@ from tandem.core.errors import (
     ValidationError,
 )
 
+# Defined in core (the access layer answers it too), one of the wallet's refusals all the same.
+from tandem.core.errors import UserNotFoundError as UserNotFoundError
+
 if TYPE_CHECKING:
     from tandem.wallet.repository import Request
-
-
-class UserNotFoundError(NotFoundError):
-    code = "user_not_found"
-
-    def __init__(
-        self, user_id: int, *, field: str | None = None, at: datetime | None = None
-    ) -> None:
-        self.user_id, self.field = user_id, field
-        if at is not None:
-            message = f"user {user_id} had no journal entry at or before {at.isoformat()}"
-        else:
-            message = f"user {user_id} does not exist"
-        details = [{"field": field, "type": "not_found", "message": message}] if field else None
-        super().__init__(message, details=details)
 
 
 class TransferNotFoundError(NotFoundError):

@@ -245,8 +245,9 @@ class Transfer(NamedTuple):
     amount: int
     reference: str | None
     created_at: datetime
-    from_balance: int
-    to_balance: int
+    # None: not shown to a key bound to the other side only (service.get_transfer).
+    from_balance: int | None
+    to_balance: int | None
 
 
 async def apply_delta(

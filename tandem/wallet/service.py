@@ -83,8 +83,11 @@ async def update_balance(
     database fails: DatabaseUnavailableError (nothing changed) or OutcomeUnknownError (the
     change may have been applied). The caller signs the entry, and its idempotency keys are
     its own (another caller's equal key is another key); past ``keys_per_day`` new keys in a
-    UTC day, TooManyIdempotencyKeysError.
+    UTC day, TooManyIdempotencyKeysError. A caller bound to other users is told
+    UserNotFoundError, before anything changes or its key is claimed.
     """
+    if not caller.may_touch(user_id):
+        raise UserNotFoundError(user_id)
     if idempotency_key is None:
         result = await repository.apply_delta(
             pool, user_id, amount, reference, None, caller.api_key_id
@@ -111,7 +114,11 @@ async def transfer(
 ) -> TransferResult:
     """Move ``amount`` (> 0) from one user to another, atomically and journaled (two entries
     sharing the transfer id). Raises UserNotFoundError (saying which), InsufficientFundsError,
-    BalanceLimitError, IdempotencyKeyReusedError; a refusal changes nothing."""
+    BalanceLimitError, IdempotencyKeyReusedError; a refusal changes nothing. A caller bound to
+    users pays only from them (to anyone): another payer is UserNotFoundError, as for a payer
+    that does not exist, before anything changes or its key is claimed."""
+    if not caller.may_touch(from_user_id):
+        raise UserNotFoundError(from_user_id, field="fromUserId")
     request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
     if idempotency_key is None:
         result = await repository.transfer(
@@ -299,21 +306,45 @@ async def get_balance(
     return BalanceResult(user_id, balance, at=at)
 
 
-async def history(pool: ConnectionPool, user_id: int, limit: int, before: int | None) -> History:
-    """Newest first, ``limit`` entries older than entry ``before``. Raises UserNotFoundError."""
+async def history(
+    pool: ConnectionPool,
+    user_id: int,
+    limit: int,
+    before: int | None,
+    caller: Caller = ANONYMOUS,
+) -> History:
+    """Newest first, ``limit`` entries older than entry ``before``. Raises UserNotFoundError.
+
+    The user's own statement (amounts, balances, references) whoever reads it; the name of
+    the key that made an entry only to an unbound caller, or to a bound one for the entries it
+    made itself: an end user's token learns nothing of the service's other keys."""
     rows = await repository.history(
         pool, user_id, INT64_MAX if before is None else before, limit + 1
     )
     if not rows and not await repository.user_exists(pool, user_id):
         raise UserNotFoundError(user_id)
     page = rows[:limit]
+    if caller.bound:
+        page = [e if e.api_key == caller.name else e._replace(api_key=None) for e in page]
     return History(user_id, page, page[-1].id if len(rows) > limit else None)
 
 
-async def get_transfer(pool: ConnectionPool, transfer_id: int) -> repository.Transfer:
+async def get_transfer(
+    pool: ConnectionPool, transfer_id: int, caller: Caller = ANONYMOUS
+) -> repository.Transfer:
+    """Raises TransferNotFoundError, also to a caller bound to neither side (as for a transfer
+    that does not exist); a caller bound to one side gets the other side's balance as None."""
     found = await repository.get_transfer(pool, transfer_id)
     if found is None:
         raise TransferNotFoundError(transfer_id)
+    if caller.bound:
+        payer, payee = caller.may_touch(found.from_user_id), caller.may_touch(found.to_user_id)
+        if not payer and not payee:
+            raise TransferNotFoundError(transfer_id)
+        found = found._replace(
+            from_balance=found.from_balance if payer else None,
+            to_balance=found.to_balance if payee else None,
+        )
     return found
 
 

@@ -25,12 +25,15 @@ async def make_key(
     *scopes: str,
     revoked: bool = False,
     known_to: httpx.AsyncClient | None = None,
+    users: list[int] | None = None,
+    expires_in: float | None = None,
 ) -> str:
-    """A new key's token (``revoked``: revoked at once). With ``known_to``, returns once that
-    app accepts the key (at once, unless its lookups of unknown tokens are spent)."""
+    """A new key's token (``revoked``: revoked at once; ``users``: bound to them;
+    ``expires_in``: seconds it lives). With ``known_to``, returns once that app accepts the
+    key (at once, unless its lookups of unknown tokens are spent)."""
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        token = await service.create_key(conn, name, list(scopes))
+        token = await service.create_key(conn, name, list(scopes), users, expires_in)
         if revoked:
             await service.revoke_key(conn, name)
     finally:

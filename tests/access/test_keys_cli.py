@@ -77,6 +77,45 @@ def test_keys_create_list_revoke(database_url: str, log_dir: Path) -> None:
         server.stop()
 
 
+def test_keys_create_bound_to_users(database_url: str) -> None:
+    """`--user` (repeated) binds the key to those users, `--expires-in` dates its end; both
+    are stored and listed; a user id that is no id is refused."""
+    users = [
+        row["id"]
+        for row in query(database_url, "INSERT INTO users (balance) VALUES (0), (0) RETURNING id")
+    ]
+    args = ["keys", "create", "--name", "end-user", "--scope", "wallet:read"]
+    made = tandem(
+        database_url,
+        *args,
+        "--user",
+        str(users[1]),
+        "--user",
+        str(users[0]),
+        "--expires-in",
+        "600",
+    )
+    assert made.returncode == 0, made.stderr
+    assert f"bound to the users {users[0]}, {users[1]}" in made.stdout
+    row = query(
+        database_url,
+        "SELECT bound_user_ids, expires_at - created_at AS life FROM api_keys "
+        "WHERE name = 'end-user'",
+    )[0]
+    assert row["bound_user_ids"] == users
+    assert 599 <= row["life"].total_seconds() <= 600
+    listed = {
+        line.split()[0]: line.split()
+        for line in tandem(database_url, "keys", "list").stdout.splitlines()[1:]
+    }
+    assert listed["end-user"][-2] == f"{users[0]},{users[1]}"
+    refused = tandem(
+        database_url, "keys", "create", "--name", "x", "--scope", "wallet:read", "--user", "0"
+    )
+    assert refused.returncode == 2
+    assert "invalid user id" in refused.stderr
+
+
 def lookups_of(server: Server) -> dict[str, float]:
     """The server's key-lookup counters (tests/access/keys.py)."""
     return scraped_lookup_counts(httpx.get(f"{server.url}/metrics", timeout=10).text)
