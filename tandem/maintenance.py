@@ -4,7 +4,9 @@
 - ``tandem.prune_task_history``: deletes finished runs older than TANDEM_HISTORY_RETENTION.
 - ``tandem.prune_idempotency_keys``: deletes keys older than TANDEM_IDEMPOTENCY_RETENTION.
 - ``tandem.verify_ledger``: checks the ledger's invariants (``tandem ledger verify``) and
-  exports the mismatches it finds as ``tandem_ledger_mismatches`` (alert TandemLedgerMismatch).
+  exports the mismatches it finds as ``tandem_ledger_mismatches`` (alert TandemLedgerMismatch);
+  skipped, with a warning, while another verification runs (one at a time in the database),
+  each statement within TANDEM_LEDGER_VERIFY_TIMEOUT.
 
 Wiring, like main.py: it joins each domain's named pruning statement to the scheduler's
 registry, so neither the wallet nor the scheduler imports the other. Each run deletes in
@@ -66,12 +68,20 @@ def maintenance_registry(database: Database) -> Registry:
         await _prune(ctx, database, keys, settings.idempotency_retention, "idempotency keys")
 
     async def verify_ledger(ctx: TaskContext) -> None:
-        # A full scan: as long as the ledger is big (the server's deadline is lifted too).
+        # A full scan: as long as the ledger is big, up to its own deadline (server-side; no
+        # client deadline per statement).
         conn = await database.connect("tandem-maintenance", statement_deadline=False)
         try:
-            found = await wallet_repository.verify_ledger(conn)
+            found = await wallet_repository.verify_ledger(conn, settings.ledger_verify_timeout)
         finally:
             await conn.close(timeout=settings.db_close_timeout)
+        if found is None:
+            # Never two full scans at once: this run adds nothing to the one in progress.
+            ctx.log.warning(
+                "ledger verification skipped: another one is running (tandem ledger verify, "
+                "or this task on an instance that lost it)"
+            )
+            return
         LEDGER_MISMATCHES.set(found.mismatches)
         LEDGER_VERIFIED.set_to_current_time()
         if found.mismatches:

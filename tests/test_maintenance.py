@@ -12,11 +12,15 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
+from tandem.core.locks import LEDGER_VERIFICATION
 from tandem.maintenance import PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK
 from tests.support import (
     app_settings,
+    assert_error,
+    eventually,
     fetch,
     fresh_database,
+    holding,
     in_process_client,
     query,
     sample_value,
@@ -183,10 +187,48 @@ async def test_ledger_verification_exports_what_it_finds(
     await until(verified, 15)
     assert await metric(app, "tandem_ledger_mismatches") == 0
     await fetch(seeded, "UPDATE users SET balance = balance + 1 WHERE id = 1")
-    run = await app.post(f"/tasks/{VERIFY_LEDGER_TASK}/run")
-    assert run.status_code == 200, run.text
+
+    async def run_asked() -> bool:
+        # Refused (409) while a run of it is in progress: asked again once that ends.
+        run = await app.post(f"/tasks/{VERIFY_LEDGER_TASK}/run")
+        assert run.status_code in (200, 409), run.text
+        return run.status_code == 200
+
+    await until(run_asked, 15)
 
     async def mismatch() -> bool:
         return await metric(app, "tandem_ledger_mismatches") == 1
 
     await until(mismatch, 15)
+
+
+async def test_a_verification_is_skipped_while_another_runs(
+    app: httpx.AsyncClient, seeded: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a verification holds its lock (`tandem ledger verify`, say), the cron's run
+    skips with a warning instead of scanning the ledger a second time; once that one has
+    ended, the next run verifies."""
+    caplog.set_level(logging.INFO)
+    async with holding(seeded, "SELECT pg_advisory_xact_lock($1)", LEDGER_VERIFICATION):
+        await eventually(
+            lambda: "ledger verification skipped: another one is running" in caplog.text, 15
+        )
+        assert "ledger verified" not in caplog.text
+    await eventually(lambda: "ledger verified" in caplog.text, 15)
+
+
+async def test_run_now_is_refused_while_the_task_runs(app: httpx.AsyncClient, seeded: str) -> None:
+    """Asked to run while a run of it is in progress (a verification held up by a lock on the
+    journal here), the verification is refused (409 task_running), not queued behind it: a
+    client asking in a loop cannot chain full scans back to back."""
+    async with holding(seeded, "LOCK TABLE ledger_entries IN ACCESS EXCLUSIVE MODE"):
+
+        async def running() -> bool:
+            tasks = (await app.get("/tasks")).json()["tasks"]
+            return any(t["name"] == VERIFY_LEDGER_TASK and t["is_running"] for t in tasks)
+
+        await until(running, 15)
+        refused = await app.post(f"/tasks/{VERIFY_LEDGER_TASK}/run")
+        assert_error(refused, 409, "task_running")
+        actions = (await app.get(f"/tasks/{VERIFY_LEDGER_TASK}/history")).json()["actions"]
+        assert actions == []  # a refused command leaves no audit row

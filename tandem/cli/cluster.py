@@ -16,6 +16,7 @@ from tandem.cli.common import (
     Subcommands,
     key_lines,
     migration_url,
+    plain_http,
     resolve_database_url,
     use_local_dev_key,
 )
@@ -70,7 +71,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         urls = [f"http://{args.host}:{port}" for port in direct] or [base]
         if _wait_live(urls, children, lambda: stopping):
             lines = [
-                f"{len(children)} instances on one database, one entry port:",
+                f"{len(children)} instances on one database, one entry port, "
+                f"{plain_http(args.host, args.port)}:",
                 f"  status page  {base}/",
                 f"  API docs     {base}/docs",
                 f"  tasks        {base}/tasks    instances {base}/instances",

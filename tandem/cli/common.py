@@ -7,9 +7,10 @@ import argparse
 import logging
 import os
 import resource
+import shlex
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from tandem.core.settings import Settings, get_settings
 
@@ -49,7 +50,14 @@ def dev_key_path(settings: Settings) -> Path:
     return settings.data_dir / "dev-key"
 
 
-def use_local_dev_key(settings: Settings) -> str | None:
+class DevKey(NamedTuple):
+    token: str
+    path: Path
+    # Made by this start (the first): the one time the token itself is printed.
+    created: bool
+
+
+def use_local_dev_key(settings: Settings) -> DevKey | None:
     """On a local start with the embedded database and no key configured: the development
     key under the data folder (made on the first start, mode 0600), configured for the
     instances through the environment. None when a key is configured or the database is not
@@ -59,7 +67,8 @@ def use_local_dev_key(settings: Settings) -> str | None:
     from tandem.access.keys import new_token
 
     path = dev_key_path(settings)
-    if not path.exists():
+    created = not path.exists()
+    if created:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
@@ -67,15 +76,33 @@ def use_local_dev_key(settings: Settings) -> str | None:
     token = path.read_text().strip()
     os.environ["TANDEM_API_KEY"] = token
     os.environ["TANDEM_API_KEY_NAME"] = DEV_KEY_NAME
-    return token
+    return DevKey(token, path, created)
 
 
-def key_lines(token: str, base: str) -> list[str]:
-    path = dev_key_path(get_settings())
+def key_lines(key: DevKey, base: str) -> list[str]:
+    """How to use the development key. The token itself only when it was just made: a log
+    kept (or shared) afterwards does not hold it at every start; then the file it is in."""
+    if key.created:
+        return [
+            f"  API key      {key.token}   (development key, made now; kept in {key.path}, "
+            "mode 0600: this is the only time it is printed)",
+            f"  try          curl -H 'Authorization: Bearer {key.token}' {base}/balance/1",
+        ]
     return [
-        f"  API key      {token}   (development key, kept in {path})",
-        f"  try          curl -H 'Authorization: Bearer {token}' {base}/balance/1",
+        f"  API key      in {key.path}   (development key, mode 0600; not printed again)",
+        f'  try          curl -H "Authorization: Bearer $(cat {shlex.quote(str(key.path))})" '
+        f"{base}/balance/1",
     ]
+
+
+def plain_http(host: str, port: int) -> str:
+    """What a start-up line says of the transport: an instance serves plain HTTP (keys and
+    the login cookie in clear), and TLS is nginx's in the compose stack."""
+    where = "loopback only" if host in ("127.0.0.1", "::1", "localhost") else "other hosts reach it"
+    return (
+        f"plain HTTP on {host}:{port} ({where}; TLS is terminated by nginx in the compose "
+        "stack, docs/deployment.md)"
+    )
 
 
 def migration_url(settings: Settings, url: str) -> str:

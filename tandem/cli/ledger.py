@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tandem.cli.common import Subcommands, migration_url, resolve_database_url
 from tandem.core.settings import get_settings
@@ -18,8 +19,11 @@ def register(sub: Subcommands) -> None:
 
 
 def cmd_ledger_verify(_: argparse.Namespace) -> int:
-    """Check the ledger's invariants over every user; exit 1 on any mismatch."""
+    """Check the ledger's invariants over every user; exit 1 on any mismatch, 2 past the
+    deadline. A verification already running (the cron's) is waited for, never a failure."""
     import asyncio
+
+    import asyncpg
 
     from tandem.core.database import open_connection
     from tandem.wallet.repository import verify_ledger
@@ -27,14 +31,29 @@ def cmd_ledger_verify(_: argparse.Namespace) -> int:
     settings = get_settings()
     url = migration_url(settings, resolve_database_url(settings))
 
+    def waiting() -> None:
+        print(
+            "a ledger verification is already running; waiting for it to end",
+            file=sys.stderr,
+            flush=True,
+        )
+
     async def run() -> int:
         conn = await open_connection(
             url, settings, "tandem-ledger-verify", statement_deadline=False
         )
         try:
-            found = await verify_ledger(conn)
+            found = await verify_ledger(conn, settings.ledger_verify_timeout, wait=waiting)
+        except asyncpg.QueryCanceledError:
+            print(
+                "the verification ran past TANDEM_LEDGER_VERIFY_TIMEOUT "
+                f"({settings.ledger_verify_timeout:g} s): raise it for a ledger this size",
+                file=sys.stderr,
+            )
+            return 2
         finally:
             await conn.close()
+        assert found is not None  # waited for the one running rather than skipping
         print(f"users: {found.users}")
         print(f"entries: {found.entries}")
         for user_id, balance, journal, entries in found.balances:

@@ -13,6 +13,7 @@ from tandem.cli.common import (
     Subcommands,
     key_lines,
     migration_url,
+    plain_http,
     raise_fd_limit,
     resolve_database_url,
     use_local_dev_key,
@@ -61,7 +62,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     also = f" and alone on :{args.direct_port}" if args.direct_port is not None else ""
-    log.info("serving on http://%s:%d%s (docs: /docs, fd limit %d)", host, port, also, limit)
+    log.info(
+        "serving on http://%s:%d%s (docs: /docs, fd limit %d), %s",
+        host,
+        port,
+        also,
+        limit,
+        plain_http(host, port),
+    )
     if dev_key is not None:
         log.info("\n".join(key_lines(dev_key, f"http://{host}:{port}")))
     if settings.auth_disabled:

@@ -23,4 +23,14 @@ CLAIM: Final = 0x7A6D_0002
 # reads them from pg_locks.
 SESSIONS: Final = 0x7A6D_0003
 
-ALL: Final = {"MIGRATION": MIGRATION, "CLAIM": CLAIM, "SESSIONS": SESSIONS}
+# A ledger verification (a full scan of the journal) holds this for its transaction: at most
+# one runs at a time in the database. The cron's run skips when it is held; `tandem ledger
+# verify` waits for it.
+LEDGER_VERIFICATION: Final = 0x7A6D_0004
+
+ALL: Final = {
+    "MIGRATION": MIGRATION,
+    "CLAIM": CLAIM,
+    "SESSIONS": SESSIONS,
+    "LEDGER_VERIFICATION": LEDGER_VERIFICATION,
+}

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     idempotency_retention: float = Field(default=86400.0, gt=0)
     # Rows deleted per statement: short transactions, however much has piled up.
     maintenance_batch: int = Field(default=5000, ge=1, le=1_000_000)
+    # The ledger verification's statement deadline (seconds; the cron's run and `tandem
+    # ledger verify`): a full scan of the journal, so far above the requests' 10 s, yet bounded.
+    ledger_verify_timeout: float = Field(default=600.0, gt=0)
 
     @property
     def scheduler_live_window(self) -> float:

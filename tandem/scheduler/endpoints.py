@@ -63,8 +63,13 @@ async def list_instances(instance: CurrentInstance) -> Instances:
 @router.post(
     "/tasks/{name}/run",
     response_model=TaskCommandResult,
-    summary="Run a task now (after its current run, if one is in progress)",
-    responses=_COMMAND,
+    summary="Run a task now (refused while a run of it is in progress)",
+    responses=error_responses(
+        _NOT_FOUND_CODE,
+        (409, "task_running", "a run of this task is in progress (nothing is queued)"),
+        DATABASE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
+    ),
 )
 async def run_task_now(db: Db, name: str, caller: CurrentCaller) -> TaskCommandResult:
     return await db.transact(lambda session: service.run_now(session, name, caller))

@@ -479,9 +479,13 @@ WHERE i.status <> 'stopped' AND i.heartbeat_at > clock_timestamp() - CAST(:windo
 ORDER BY i.started_at
 """
 
-# Due now; a running task runs again right after its current run ends.
+# Due now, unless it is running: a run asked for while one is in progress is refused, not
+# queued behind it, so a client asking in a loop cannot chain runs back to back (a full ledger
+# verification, say). The claim sets is_running under the same row lock: whichever comes
+# second sees the other's outcome.
 RUN_NOW = """
-UPDATE tasks SET next_run_at = least(next_run_at, clock_timestamp()) WHERE name = :name
+UPDATE tasks SET next_run_at = least(next_run_at, clock_timestamp())
+WHERE name = :name AND NOT is_running
 RETURNING id
 """
 

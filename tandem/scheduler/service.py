@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.callers import Caller
-from tandem.core.errors import NotFoundError
+from tandem.core.errors import ConflictError, NotFoundError
 from tandem.scheduler import repository
 from tandem.scheduler.schedules import schedule_of
 from tandem.scheduler.schemas import (
@@ -32,6 +32,13 @@ class TaskNotFoundError(NotFoundError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"no task named {name!r}")
+
+
+class TaskRunningError(ConflictError):
+    code = "task_running"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"task {name!r} is running: ask again once its run has ended")
 
 
 async def overview(session: AsyncSession) -> TasksOverview:
@@ -99,8 +106,14 @@ async def _command(
 
 
 async def run_now(session: AsyncSession, name: str, caller: Caller) -> TaskCommandResult:
-    """Make the task due now. Raises TaskNotFoundError."""
-    return await _command(session, repository.RUN_NOW, "run", name, caller)
+    """Make the task due now. Raises TaskNotFoundError, and TaskRunningError while a run
+    is in progress (nothing is queued behind it)."""
+    try:
+        return await _command(session, repository.RUN_NOW, "run", name, caller)
+    except TaskNotFoundError:
+        if (await session.execute(text(repository.TASK_EXISTS), {"name": name})).first():
+            raise TaskRunningError(name) from None
+        raise
 
 
 async def pause(session: AsyncSession, name: str, caller: Caller) -> TaskCommandResult:

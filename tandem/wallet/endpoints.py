@@ -37,13 +37,15 @@ from tandem.wallet.schemas import (
     Transfer,
     TransferCreate,
     UserCreate,
+    content_type_of,
     parse_body,
     parse_idempotency_key,
     parse_user_id,
     read_body,
 )
 
-# The largest history page (about 40 KB of JSON): one request cannot ask for megabytes.
+# The largest history page (at most 258,675 bytes of JSON, docs/wallet.md): one request
+# cannot ask for megabytes.
 HISTORY_PAGE_MAX = 200
 
 router = APIRouter(tags=["wallet"])
@@ -119,7 +121,7 @@ async def create_transfer(
     asked = parse_body(
         TransferCreate,
         await read_body(request.stream()),
-        request.headers.get("content-type"),
+        content_type_of(request.headers.getlist("content-type")),
         "transfer",
     )
     key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
@@ -198,7 +200,9 @@ def _transfer_body(found: TransferRow) -> bytes:
 async def create_user(request: Request, db: Db, caller: CurrentCaller) -> Balance:
     body = await read_body(request.stream())
     asked = (
-        parse_body(UserCreate, body, request.headers.get("content-type"), "user")
+        parse_body(
+            UserCreate, body, content_type_of(request.headers.getlist("content-type")), "user"
+        )
         if body
         else UserCreate()
     )

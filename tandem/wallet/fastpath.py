@@ -35,7 +35,7 @@ from tandem.wallet.hotroutes import (
     serve_balance_read,
     serve_balance_update,
 )
-from tandem.wallet.schemas import read_body
+from tandem.wallet.schemas import content_type_of, read_body
 
 READ_PREFIX = READ_ROUTE.removesuffix("{userId}")
 _READ_PREFIX_LEN = len(READ_PREFIX)
@@ -85,14 +85,15 @@ class WalletFastPath:
 
     async def _update(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys: list[str] = []
-        content_type: str | None = None
+        content_types: list[str] = []
         for name, value in scope["headers"]:
             if name == _IDEMPOTENCY_HEADER:
                 keys.append(value.decode("latin-1"))
             elif name == b"content-type":
-                content_type = value.decode("latin-1")
+                content_types.append(value.decode("latin-1"))
         try:
             body = await read_body(body_chunks(receive))
+            content_type = content_type_of(content_types)
             result = await serve_balance_update(
                 self.instance, caller_of(scope), body, content_type, keys
             )

@@ -7,6 +7,7 @@ statement per connection, so the hot path pays parsing and planning once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -15,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.database import rows_affected
+from tandem.core.locks import LEDGER_VERIFICATION
 from tandem.core.pool import ConnectionPool
 from tandem.wallet.functions import APPLY_DELTA_V1, CREATE_USER_V1, TRANSFER_V2
 
@@ -177,6 +179,16 @@ ORDER BY id
 """
 
 LEDGER_SIZE = "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM ledger_entries)"
+
+# At most one verification at a time in the database (each a full scan): a second one tries
+# and is told one runs (the cron's run then skips), or waits for it (`tandem ledger verify`).
+# Transaction-level, so a transaction pooler cannot leave it held on a server connection.
+TRY_LOCK_VERIFICATION = "SELECT pg_try_advisory_xact_lock($1)"
+LOCK_VERIFICATION = "SELECT pg_advisory_xact_lock($1)"
+
+# The statement deadline for the rest of this transaction (SET LOCAL takes no parameter):
+# the waiting for a verification in progress has none ('0': that one is bounded by its own).
+SET_LOCAL_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, true)"
 
 # Keys past their retention, a batch at a time. SKIP LOCKED: a row another transaction holds
 # (a retry of that very key in flight) is left for the next round instead of waited on.
@@ -408,12 +420,27 @@ class Verification(NamedTuple):
         return len(self.balances) + len(self.chain)
 
 
-async def verify_ledger(conn: Connection) -> Verification:
+async def verify_ledger(
+    conn: Connection,
+    deadline: float,
+    *,
+    wait: Callable[[], object] | None = None,
+) -> Verification | None:
     """Both invariants over every user, read in one snapshot, so concurrent changes (each a
-    balance and its entry in one transaction) never look like a mismatch."""
+    balance and its entry in one transaction) never look like a mismatch.
+
+    One verification at a time: when another one runs, None at once, or (``wait`` given,
+    called first) after waiting for it. Each statement has ``deadline`` seconds (a full scan:
+    past the database's default deadline on a big ledger); past it asyncpg raises
+    QueryCanceledError and nothing is reported."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        # A full scan: past the database's default statement deadline on a big ledger.
-        await conn.execute("SET LOCAL statement_timeout = 0")
+        if not await conn.fetchval(TRY_LOCK_VERIFICATION, LEDGER_VERIFICATION):
+            if wait is None:
+                return None
+            wait()
+            await conn.execute(SET_LOCAL_STATEMENT_TIMEOUT, "0")
+            await conn.fetchval(LOCK_VERIFICATION, LEDGER_VERIFICATION)
+        await conn.execute(SET_LOCAL_STATEMENT_TIMEOUT, f"{max(1, round(deadline * 1000))}ms")
         size = await conn.fetchrow(LEDGER_SIZE)
         assert size is not None
         balances = [(r[0], r[1], r[2], r[3]) for r in await conn.fetch(VERIFY_BALANCES)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tandem.core.errors import PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
 from tandem.core.openapi import ErrorCode
+from tandem.core.text import FREE_TEXT
 from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX, INT64_MIN, REFERENCE_MAX_LENGTH
 
 MAX_BODY_BYTES = 4096
@@ -64,10 +65,9 @@ Reference = Annotated[
     Field(
         min_length=1,
         max_length=REFERENCE_MAX_LENGTH,
-        # PostgreSQL's text cannot hold a NUL.
-        pattern=r"^[^\x00]*$",
         description="The client's own text for the change (an order id, say), kept in the journal.",
     ),
+    FREE_TEXT,
 ]
 
 
@@ -200,7 +200,7 @@ BODY_INVALID: ErrorCode = (
 BODY_NOT_JSON: ErrorCode = (
     415,
     "unsupported_media_type",
-    "the body is not declared `application/json`",
+    "the body is not declared `application/json`, once",
 )
 BODY_TOO_LARGE: ErrorCode = (413, "payload_too_large", "the body is larger than 4 KiB")
 
@@ -214,6 +214,19 @@ async def read_body(chunks: AsyncIterable[bytes]) -> bytes:
         if len(body) > MAX_BODY_BYTES:
             raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
     return bytes(body)
+
+
+def content_type_of(values: Sequence[str]) -> str | None:
+    """A request's one ``Content-Type`` (``values``: every such header, in order), or None.
+
+    Refused (415) when given more than once: the field is a singleton (RFC 9110 §5.3 lets a
+    recipient refuse it repeated), and the two HTTP paths would each read a different one
+    (FastAPI the first, the lean path the last)."""
+    if len(values) > 1:
+        raise UnsupportedMediaTypeError(
+            f"the request body must be declared once; Content-Type is given {len(values)} times"
+        )
+    return values[0] if values else None
 
 
 def parse_body(model: type[Model], body: bytes, content_type: str | None, what: str) -> Model:

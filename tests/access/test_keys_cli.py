@@ -236,7 +236,8 @@ def test_a_revocation_reaches_every_instance_within_the_bound(
 def test_a_fresh_local_start_makes_and_prints_a_development_key(tmp_path: Path) -> None:
     """`tandem serve` with the embedded database and no key configured (what `make run`
     does on a fresh clone): it makes a key under the data folder (mode 0600), prints it with
-    a curl line, and that key works while no key is anonymous; a second start reuses it."""
+    a curl line, and that key works while no key is anonymous; a second start reuses it and
+    does not print it, only the file it is in (a kept log holds it once)."""
     port = free_port()
     env = {
         k: v for k, v in os.environ.items() if k not in ("TANDEM_API_KEY", "TANDEM_DATABASE_URL")
@@ -258,9 +259,15 @@ def test_a_fresh_local_start_makes_and_prints_a_development_key(tmp_path: Path) 
             token = key_file.read_text().strip()
             assert key_file.stat().st_mode & 0o777 == 0o600
             printed = log.read_text()
-            assert f"curl -H 'Authorization: Bearer {token}' http://127.0.0.1:{port}/" in printed
+            assert f"plain HTTP on 127.0.0.1:{port} (loopback only" in printed
             if start == 0:
                 first = token
+                assert f"curl -H 'Authorization: Bearer {token}' http://127.0.0.1:{port}/" in (
+                    printed
+                )
+            else:
+                assert token not in printed
+                assert f'curl -H "Authorization: Bearer $(cat {key_file})" ' in printed
             assert token == first
             url = f"http://127.0.0.1:{port}/balance/1"
             wait_for(partial(_answers, url, token), 30)

@@ -8,7 +8,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,8 @@ LIMITS = {
     "TANDEM_HTTP_HEADER_TIMEOUT": "1.0",
     "TANDEM_HTTP_BODY_TIMEOUT": "1.0",
     "TANDEM_HTTP_MAX_CONNECTIONS": "40",
+    # Above the 1.5 s pause of test_normal_keep_alive_traffic_is_never_refused.
+    "TANDEM_KEEP_ALIVE_TIMEOUT": "3",
 }
 
 
@@ -57,6 +59,61 @@ def test_oversize_headers_are_431_without_reading_them_all(limited: Server) -> N
     assert body["error"]["code"] == "request_header_too_large"
     # The instance still answers (nothing was held).
     assert http_get(f"{limited.url}/health/live").status_code == 200
+
+
+def test_headers_above_the_cap_are_431_however_they_arrive(limited: Server) -> None:
+    """The cap counts a request's headers, not one read: 32,000 bytes in small pieces, then
+    2,000 more completing the headers within one read, is 431 (not served)."""
+    with connect(limited) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: t\r\n")
+        try:
+            for index in range(32):
+                sock.sendall(b"X-Piece-%02d: " % index + b"a" * 986 + b"\r\n")  # 1,000 bytes
+                time.sleep(0.005)  # pace the pieces into separate reads
+            sock.sendall(b"X-Last: " + b"a" * 1990 + b"\r\n\r\n")
+        except OSError:
+            pass  # refused and closed while sending: the answer is still there to read
+        status, body = answer(sock)
+    assert status == 431
+    assert body is not None
+    assert body["error"]["code"] == "request_header_too_large"
+
+
+def closed_by_server(sock: socket.socket, *, dribble: bool) -> Callable[[], bool]:
+    """A ``wait_for`` predicate: true once the server has closed ``sock``; each call first
+    sends one more body byte when ``dribble``."""
+
+    def closed() -> bool:
+        try:
+            if dribble:
+                sock.send(b"x")
+            return sock.recv(65536, socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+    return closed
+
+
+@pytest.mark.parametrize("after", ["dribbling", "idle"])
+def test_an_early_answer_leaves_no_connection_without_a_deadline(
+    limited: Server, after: str
+) -> None:
+    """An anonymous POST answered 401 before its body: a client that then sends its body a
+    byte at a time is closed by the body deadline (1 s here), and one that sends the rest
+    of its body and then idles is closed by the keep-alive timeout (3 s here)."""
+    head = (
+        "POST /users HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    )
+    with connect(limited) as sock:
+        sock.sendall(head.encode())
+        first = one_response(sock)
+        assert first.startswith(b"HTTP/1.1 401 "), first[:100]
+        if after == "idle":
+            sock.sendall(b"x" * 1000)
+        wait_for(closed_by_server(sock, dribble=after == "dribbling"), 15, "closed by the server")
 
 
 def test_a_declared_oversize_body_is_413_on_any_route(limited: Server) -> None:

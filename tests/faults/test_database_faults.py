@@ -193,7 +193,11 @@ def test_outage_of_ten_seconds_heals_by_itself(
                 ("GET", "/status/fragment", None),
             ]:
                 answer = http_request(method, server.url + path, json=body, timeout=ANSWER_BOUND)
-                assert answer.status_code in (200, 201), f"{method} {path}: {answer.text}"
+                # Run-now on a task running at that moment is refused (409 task_running).
+                running = path.endswith("/run") and answer.status_code == 409
+                assert answer.status_code in (200, 201) or running, (
+                    f"{method} {path}: {answer.text}"
+                )
         print(f"every route answered 2xx {time.monotonic() - back:.2f} s after PostgreSQL was back")
         assert balance_of(pg_url, user) == 102
         since = query(pg_url, "SELECT clock_timestamp() AS t")[0]["t"]

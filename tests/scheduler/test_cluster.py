@@ -224,21 +224,28 @@ def test_paused_zombie_cancels_itself_and_changes_nothing(cron_db: str, tmp_path
     assert_history_consistent(cron_db)
 
 
-def start_cluster_command(url: str, instances: int) -> tuple[subprocess.Popen[bytes], int]:
+def start_cluster_command(
+    url: str, instances: int, log: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """`tandem cluster` in a session of its own (so the test can reach every process it
-    started), on a block of free ports; returns the process and its entry port."""
+    started), on a block of free ports, its output in ``log`` if given; returns the process
+    and its entry port."""
     port = free_port_block(instances + 1)
     env = {**os.environ, **CRON_TIMINGS, "TANDEM_DATABASE_URL": url}
     env["TANDEM_SCHEDULER_TASKS"] = "tests.scheduler.registries:quick"
+    if log is not None:
+        env["TANDEM_LOG_LEVEL"] = "info"  # the start-up lines
     command = [sys.executable, "-m", "tandem", "cluster", "--instances", str(instances)]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(log.open("wb")) if log is not None else subprocess.DEVNULL
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
     return process, port
 
 
@@ -264,10 +271,12 @@ def kill_session(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
-def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
+def test_cluster_command_runs_instances_behind_one_port(cron_db: str, tmp_path: Path) -> None:
     """`tandem cluster --instances 3` serves three instances on one port, each also alone on
-    port + i (distinct instances, the ones /instances lists); Ctrl-C stops all."""
-    process, port = start_cluster_command(cron_db, 3)
+    port + i (distinct instances, the ones /instances lists), and says it is plain HTTP on
+    loopback; Ctrl-C stops all."""
+    log = tmp_path / "cluster.log"
+    process, port = start_cluster_command(cron_db, 3, log)
     try:
 
         def three_live() -> bool:
@@ -284,6 +293,8 @@ def test_cluster_command_runs_instances_behind_one_port(cron_db: str) -> None:
             for n in (1, 2, 3)
         }
         assert direct == {i["id"] for i in instances}
+        said = f"3 instances on one database, one entry port, plain HTTP on 127.0.0.1:{port}"
+        wait_for(lambda: said in log.read_text(errors="replace"), 30, "the start-up line")
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
         wait_for(lambda: not session_alive(process), 10)

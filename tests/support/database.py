@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -56,6 +56,23 @@ async def fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def holding(url: str, sql: str, *args: object) -> AsyncIterator[None]:
+    """A transaction of its own that ran ``sql`` (a lock, say) and stays open in the block;
+    rolled back after it."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.execute(sql, *args)
+        try:
+            yield
+        finally:
+            await transaction.rollback()
     finally:
         await conn.close()
 

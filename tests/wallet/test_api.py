@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 
@@ -264,6 +265,28 @@ async def test_update_body_must_be_declared_json(
         "/balance/update", content=body, headers={"content-type": "application/json; charset=utf-8"}
     )
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize(
+    "order", [("application/json", "text/plain"), ("text/plain", "application/json")]
+)
+@pytest.mark.parametrize("route", ["/balance/update", "/transfers", "/users"])
+async def test_two_content_types_are_415_on_both_paths(
+    client: httpx.AsyncClient, route: str, order: tuple[str, str]
+) -> None:
+    """Two Content-Type headers are refused alike by the lean path (/balance/update) and
+    FastAPI's routes (/transfers, /users), whichever comes first, and change nothing."""
+    payer, payee = await new_user(client, 100), await new_user(client, 0)
+    body = {
+        "/balance/update": {"userId": payer, "amount": -2},
+        "/transfers": {"fromUserId": payer, "toUserId": payee, "amount": 2},
+        "/users": {"balance": 0},
+    }[route]
+    headers = [("content-type", order[0]), ("content-type", order[1])]
+    response = await client.post(route, content=json.dumps(body).encode(), headers=headers)
+    assert_error(response, 415, "unsupported_media_type")
+    assert "given 2 times" in response.json()["error"]["message"]
+    assert (await balance_of(client, payer), await balance_of(client, payee)) == (100, 0)
 
 
 async def test_two_idempotency_keys_are_422(client: httpx.AsyncClient) -> None:

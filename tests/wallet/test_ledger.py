@@ -5,14 +5,21 @@ a journal the database itself keeps append-only."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
 import pytest
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 
-from tests.support import assert_error, balance_of, fetch, new_user
+from tandem.wallet.endpoints import HISTORY_PAGE_MAX
+from tandem.wallet.models import INT64_MAX, INT64_MIN, REFERENCE_MAX_LENGTH
+from tandem.wallet.schemas import History, HistoryEntry
+from tests.support import REPO, assert_error, balance_of, fetch, new_user
 
 
 async def update(
@@ -327,3 +334,106 @@ async def test_bodies_past_the_limit_are_413_and_never_read_whole(
     assert_error(response, 413, "payload_too_large")
     assert sent < 1_000_000, f"read {sent} bytes of a body refused at 4 KiB"
     assert (await balance_of(client, a), await balance_of(client, b)) == (100, 0)
+
+
+# Control characters, DEL, C1, bidi overrides, isolates and marks, zero-width and separators,
+# a byte-order mark and a tag character (invisible text), each inside a reference.
+FORBIDDEN_REFERENCES = {
+    "ESC (ANSI)": "red\x1b[31m",
+    "tab": "a\tb",
+    "line feed": "a\nb",
+    "carriage return": "a\rb",
+    "DEL": "a\x7fb",
+    "C1 CSI": "a\x9bb",
+    "RLO": "order-\u202e71",
+    "LRE": "\u202aorder",
+    "RLI": "\u2067order\u2069",
+    "LRM": "order\u200e",
+    "RLM": "order\u200f",
+    "ALM": "order\u061c",
+    "zero-width space": "ord\u200ber",
+    "line separator": "a\u2028b",
+    "BOM": "\ufefforder",
+    "tag": "order\U000e0041",
+}
+
+
+@pytest.mark.parametrize("route", ["/balance/update", "/transfers"])
+@pytest.mark.parametrize("case", list(FORBIDDEN_REFERENCES))
+async def test_references_refuse_control_and_format_characters(
+    client: httpx.AsyncClient, route: str, case: str
+) -> None:
+    """A reference holding a control, bidi, zero-width or separator character is 422
+    (details type forbidden_character) on both HTTP paths, and nothing is journaled."""
+    a, b = await new_user(client, 100), await new_user(client, 0)
+    reference = FORBIDDEN_REFERENCES[case]
+    if route == "/balance/update":
+        response = await update(client, a, -2, reference=reference)
+    else:
+        response = await transfer(client, a, b, 2, reference=reference)
+    assert_error(response, 422, "validation_error")
+    (detail,) = response.json()["error"]["details"]
+    assert (detail["field"], detail["type"]) == ("reference", "forbidden_character")
+    assert detail["message"].startswith("holds U+"), detail
+    assert (await balance_of(client, a), await balance_of(client, b)) == (100, 0)
+    assert len(await entries(client, a)) == 1
+
+
+async def test_references_keep_text_in_any_script(client: httpx.AsyncClient) -> None:
+    """Right-to-left text, joined emoji (ZWJ) and a Persian word with a non-joiner (ZWNJ)
+    are kept as sent."""
+    user = await new_user(client, 100)
+    kept = [
+        "\u0637\u0644\u0628-\u0661\u0667",  # Arabic, "order-17"
+        "👩\u200d💻",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, with a ZWNJ
+        "order «17» — ok",
+    ]
+    for reference in kept:
+        assert (await update(client, user, -1, reference=reference)).status_code == 200
+    stored = [entry["reference"] for entry in await entries(client, user)][:4]
+    assert stored == kept[::-1]
+
+
+def worst_history_page_bytes() -> int:
+    """The largest history page the API can answer: HISTORY_PAGE_MAX entries, every number
+    at its widest, the longest key name, every reference 255 four-byte characters (the
+    widest an accepted character renders), serialized as the route does."""
+    entry = HistoryEntry(
+        id=INT64_MAX,
+        amount=INT64_MIN,
+        balance=INT64_MAX,
+        kind="withdrawal",
+        transfer_id=INT64_MAX,
+        reference="\U0001d11e" * REFERENCE_MAX_LENGTH,
+        created_at=datetime(2026, 12, 7, 4, 0, 0, 123456, tzinfo=UTC),
+        api_key="k" * 64,
+    )
+    page = History(user_id=INT64_MAX, entries=[entry] * HISTORY_PAGE_MAX, next_before=INT64_MAX)
+    return len(JSONResponse(jsonable_encoder(page)).body)
+
+
+def test_the_documented_history_page_size_is_the_worst_case() -> None:
+    """docs/wallet.md states the largest history page in bytes, and it is that."""
+    documented = re.search(r"at most ([\d,]+) bytes", (REPO / "docs" / "wallet.md").read_text())
+    assert documented is not None
+    assert int(documented.group(1).replace(",", "")) == worst_history_page_bytes()
+
+
+async def test_a_history_page_stays_within_its_documented_size(client: httpx.AsyncClient) -> None:
+    """Whatever reference the API accepts (control characters once were, each escaped to 6
+    bytes in JSON), a full page of 200 entries carrying the widest accepted one stays within
+    the worst case docs/wallet.md states."""
+    user = await new_user(client, 1_000_000)
+    candidates = ["\x01" * 255, "\x1b" * 255, "\u202e" * 255, '"' * 255, "\U0001d11e" * 255]
+    accepted = [
+        reference
+        for reference in candidates
+        if (await update(client, user, 1, reference=reference)).status_code == 200
+    ]
+    widest = max(accepted, key=lambda text: len(json.dumps(text, ensure_ascii=False).encode()))
+    for _ in range(HISTORY_PAGE_MAX - 1 - len(accepted)):
+        assert (await update(client, user, 1, reference=widest)).status_code == 200
+    page = await client.get(f"/balance/{user}/history", params={"limit": HISTORY_PAGE_MAX})
+    assert len(page.json()["entries"]) == HISTORY_PAGE_MAX
+    assert len(page.content) <= worst_history_page_bytes()
