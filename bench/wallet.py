@@ -7,10 +7,11 @@ The work: 10000 withdrawals of 2 from one user holding 10000, so 5000 succeed an
 refused, every one of them serialised on the same row lock, and journaled.
 
 - (a) database floor: ``pgbench`` runs the service's own journaled statement (``APPLY_DELTA``:
-  the conditional UPDATE and its journal entry in one statement) 10000 times over as many
-  connections as the service's pool, prepared, with no HTTP at all. Its wall time is measured
-  here around the pgbench process (so it includes pgbench's start and its connections, as the
-  burst includes its TCP connections); pgbench's own tps is shown too.
+  the owner function doing the conditional UPDATE and its journal entry in one statement)
+  10000 times over as many connections as the service's pool, prepared, with no HTTP at all.
+  Its wall time is measured here around the pgbench process (so it includes pgbench's start
+  and its connections, as the burst includes its TCP connections); pgbench's own tps is shown
+  too.
 - (b) HTTP floor: the same burst, from the same client, against ``bench/http_floor.py``: a
   server on Tandem's stack (uvicorn, uvloop, httptools) whose app only answers a constant.
 - (c) burst: ``tandem serve`` in a subprocess takes 10000 withdrawals sent at once, one

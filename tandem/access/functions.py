@@ -20,8 +20,7 @@ CREATE_BOUND_KEY_V1 = ServerFunction(
     security_definer=True,
     config=("search_path=public, pg_temp",),
     execute=(),
+    app_role=True,
 )
 
 CURRENT = (CREATE_BOUND_KEY_V1,)
-# The versions PUBLIC may not execute: granted to the application's role by name.
-OWNER_DEFINED = tuple(f for f in CURRENT if "PUBLIC" not in f.execute)

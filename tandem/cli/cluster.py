@@ -46,7 +46,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     settings = get_settings()
     dev_key = use_local_dev_key(settings)
     url = resolve_database_url(settings)
-    upgrade_to_head(migration_url(settings, url))
+    waits = upgrade_to_head(migration_url(settings, url))
+    if waits is not None:
+        log.warning("%s", waits)
     env = {**os.environ, "TANDEM_DATABASE_URL": url, "TANDEM_MIGRATE_ON_START": "false"}
     command = [sys.executable, "-m", "tandem", "serve", "--reuse-port", "--no-migrate"]
     command += ["--host", args.host, "--port", str(args.port)]

@@ -55,7 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     if settings.migrate_on_start and not args.no_migrate:
-        upgrade_to_head(migration_url(settings, url))
+        waits = upgrade_to_head(migration_url(settings, url))
+        if waits is not None:
+            log.warning("%s", waits)
     limit = raise_fd_limit()
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port

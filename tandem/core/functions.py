@@ -26,9 +26,15 @@ class ServerFunction:
     ``arguments`` is its identity argument list as PostgreSQL prints it
     (``pg_get_function_identity_arguments``); ``config`` its ``SET`` options as
     ``name=value`` (``pg_proc.proconfig``); ``execute`` the roles granted EXECUTE besides its
-    owner (``PUBLIC`` is PostgreSQL's default for a new function, and what every version so
-    far keeps: the application's own role gets EXECUTE on every function after each upgrade,
-    and may call nothing it could not do with its table rights).
+    owner (``PUBLIC`` is PostgreSQL's default for a new function: right for a function that
+    runs as its caller, who can do nothing through it that its table rights do not allow).
+
+    A ``SECURITY DEFINER`` function runs as its owner, so who may call it is the whole of its
+    protection: it declares ``execute=()`` (no EXECUTE for PUBLIC) and ``app_role=True``, and
+    ``grant_app_role`` (tandem/core/migrations.py) grants EXECUTE on it, by name, to the
+    application's role, from these declarations: a new function cannot be forgotten, and no
+    function is granted that is not declared. Its ``search_path`` is pinned with ``pg_temp``
+    last, so no object a caller creates can stand in for one the body names.
     """
 
     name: str
@@ -37,6 +43,8 @@ class ServerFunction:
     security_definer: bool = False
     config: tuple[str, ...] = ()
     execute: tuple[str, ...] = ("PUBLIC",)
+    # EXECUTE granted by name to the application's role (TANDEM_DATABASE_APP_ROLE).
+    app_role: bool = False
 
     @property
     def signature(self) -> str:
@@ -69,6 +77,26 @@ class ServerFunction:
                 f"GRANT EXECUTE ON FUNCTION {self.signature} TO {role}" for role in self.execute
             )
         return statements
+
+    @classmethod
+    def as_owner(cls, folder: Path, name: str, arguments: str) -> ServerFunction:
+        """A function that writes what the application's role may not: run as its owner
+        (SECURITY DEFINER), its search_path pinned (pg_temp last: a temporary object of the
+        caller's can never stand in for a table), callable by the application's role alone
+        (granted by name), never by PUBLIC. Its file is ``folder/<name without tandem_>.sql``."""
+        return cls(
+            name,
+            folder / f"{name.removeprefix('tandem_')}.sql",
+            arguments,
+            security_definer=True,
+            config=("search_path=public, pg_temp",),
+            execute=(),
+            app_role=True,
+        )
+
+    def grant_statement(self, role: str) -> str:
+        """What ``grant_app_role`` runs for a function declared ``app_role``."""
+        return f"GRANT EXECUTE ON FUNCTION {self.signature} TO {role}"
 
     def drop_statement(self) -> str:
         return f"DROP FUNCTION {self.signature}"

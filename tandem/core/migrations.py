@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from alembic import command
@@ -26,43 +26,132 @@ def alembic_config(database_url: str | None = None) -> Config:
     return config
 
 
-def upgrade_to_head(database_url: str) -> None:
+# Expand, then contract: the expand (0014) moved the application's writes of money, keys and
+# audit rows into owner functions and kept the old rights, for the previous release's instances
+# still running during a rolling deploy; the contract (0015) takes the rights away, and runs
+# only when no live instance reports an older release (instances.revision, written on join).
+EXPAND_REVISION = "0014_owner_functions"
+CONTRACT_REVISION = "0015_app_role_contract"
+# Migrations that only take rights away from older releases: this code runs (and is ready)
+# on a database that has not applied them yet.
+CONTRACTS = frozenset({CONTRACT_REVISION})
+
+
+class ContractWaitsError(RuntimeError):
+    """A contract migration refused to run: live instances of an older release need the
+    rights it takes away. ``before`` is the revision just before it."""
+
+    def __init__(self, revision: str, before: str, instances: list[tuple[str, str | None]]) -> None:
+        self.revision, self.before, self.instances = revision, before, instances
+        listed = ", ".join(
+            f"{name} ({found or 'before ' + EXPAND_REVISION})" for name, found in instances
+        )
+        super().__init__(
+            f"migration {revision} waits: live instances run an older release ({listed}); "
+            f"the database stays at {before}, which this release runs on. Replace them with "
+            "this release, then run `tandem migrate` again."
+        )
+
+
+def upgrade_to_head(database_url: str) -> ContractWaitsError | None:
     """Apply every pending migration. Safe to repeat; concurrent callers serialise on an
-    advisory lock taken inside the migration transaction (see migrations/env.py)."""
-    command.upgrade(alembic_config(database_url), "head")
+    advisory lock taken inside the migration transaction (see migrations/env.py).
+
+    When a contract migration refuses (older instances are live), everything before it is
+    applied and its refusal is returned (not raised): this release runs on that revision."""
+    config = alembic_config(database_url)
+    try:
+        command.upgrade(config, "head")
+    except ContractWaitsError as waits:
+        # The refused run rolled back as a whole (one transaction): apply up to the contract.
+        command.upgrade(config, waits.before)
+        return waits
+    return None
+
+
+def revisions_since(revision: str) -> frozenset[str]:
+    """``revision`` and every revision of this code after it."""
+    found = {revision}
+    for script in _scripts().iterate_revisions("heads", revision):
+        found.add(script.revision)
+    return frozenset(found)
+
+
+@functools.cache
+def ready_revisions() -> frozenset[str]:
+    """The revisions this code runs on: its head, and below it any contract not applied yet
+    (read once per process, like head_revision)."""
+    revisions = {head_revision()}
+    script = _scripts().get_revision(head_revision())
+    while script is not None and script.revision in CONTRACTS:
+        below = script.down_revision
+        assert isinstance(below, str), "a contract has one parent"
+        revisions.add(below)
+        script = _scripts().get_revision(below)
+    return frozenset(revisions)
+
+
+# Live (their session lock held: the instance_sessions view) and older than the expand: no
+# revision recorded (a release before it), or one this code does not count from the expand on.
+OLDER_LIVE_INSTANCES = """
+SELECT i.id, i.revision FROM instances i
+JOIN instance_sessions s ON s.session_key = i.session_key
+WHERE i.status <> 'stopped'
+  AND (i.revision IS NULL OR NOT i.revision = ANY(CAST(:accepted AS text[])))
+ORDER BY i.id
+"""
 
 
 # What the application's own role may do (TANDEM_DATABASE_APP_ROLE; the migrations run as the
-# owner): read and write its tables, but no DDL (it owns nothing, and PostgreSQL 15+ gives
-# PUBLIC no CREATE on the public schema), and on the journal only SELECT and INSERT: besides
-# the append-only triggers, the privileges refuse an UPDATE or DELETE of history. Applied after
-# every upgrade, so tables added later are covered.
+# owner): no DDL (it owns nothing, and PostgreSQL 15+ gives PUBLIC no CREATE on the public
+# schema); read every table but the owner's settings; write the working tables (idempotency
+# keys, the scheduler's state); and, once the contract is applied, write nothing that is money,
+# a key or an audit row: those only through the owner functions granted to it by name (their
+# declarations: ServerFunction.app_role). Applied after every upgrade, so tables added later
+# are covered.
 _APP_ROLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _APPEND_ONLY = ("ledger_entries", "transfers")
+# After the contract: SELECT only (and api_keys' last_used_at, which the key cache dates).
+APP_READ_ONLY = ("users", "ledger_entries", "transfers", "api_keys", "task_actions")
+# The owner's alone: the ceiling's settings and its counters (written by the owner functions).
+OWNER_ONLY = ("wallet_settings", "mint_usage")
 
 
-def grant_app_role(database_url: str, role: str, functions: Sequence[ServerFunction] = ()) -> None:
-    """Give ``role`` (an existing login role) the application's rights on this database, and
-    EXECUTE on each of ``functions`` by name (the owner's functions PUBLIC may not run; core
-    imports no domain: the caller names them, ``tandem migrate`` all of them)."""
-    from tandem.core.database import asyncpg_dsn
-
+def app_role_statements(role: str, contracted: bool) -> list[str]:
+    """The grants of ``role``, before (``contracted`` False) or after the contract."""
     if _APP_ROLE.fullmatch(role) is None:
         raise ValueError(f"invalid role name {role!r}")
-    statements = [
+    read_only = APP_READ_ONLY if contracted else _APPEND_ONLY
+    return [
         f"REVOKE CREATE ON SCHEMA public FROM {role}",
         f"GRANT USAGE ON SCHEMA public TO {role}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
-        f"REVOKE UPDATE, DELETE, TRUNCATE ON {', '.join(_APPEND_ONLY)} FROM {role}",
-        # Keys are made and revoked by the owner (`tandem keys`); the app only registers its
-        # configured key and dates their use: it can neither revive nor widen one.
+        f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {', '.join(read_only)} FROM {role}"
+        if contracted
+        else f"REVOKE UPDATE, DELETE, TRUNCATE ON {', '.join(read_only)} FROM {role}",
+        # Keys are made and revoked by the owner (`tandem keys`, `tandem migrate`); the app
+        # dates their use: it can neither revive nor widen one.
         f"REVOKE UPDATE, DELETE, TRUNCATE ON api_keys FROM {role}",
         f"GRANT UPDATE (last_used_at) ON api_keys TO {role}",
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
-        f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
-        # By name, the owner's functions that PUBLIC may not execute.
-        *(f"GRANT EXECUTE ON FUNCTION {function.signature} TO {role}" for function in functions),
+        # Earlier releases granted EXECUTE ON ALL FUNCTIONS; now each by name, below.
+        f"REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA public FROM {role}",
     ]
+
+
+_FUNCTION_EXISTS = """
+SELECT EXISTS (SELECT FROM pg_proc WHERE proname = $1 AND pronamespace = 'public'::regnamespace
+               AND pg_get_function_identity_arguments(oid) = $2)
+"""
+
+
+def grant_app_role(database_url: str, role: str, functions: Iterable[ServerFunction]) -> None:
+    """Give ``role`` (an existing login role) the application's rights on this database, by
+    its revision (before or after the contract), and EXECUTE on each of ``functions`` declared
+    ``app_role`` that the database has (every declaration: tandem.functions.DECLARED)."""
+    from tandem.core.database import asyncpg_dsn
+
+    granted = [function for function in functions if function.app_role]
 
     async def run() -> None:
         import asyncpg
@@ -70,8 +159,18 @@ def grant_app_role(database_url: str, role: str, functions: Sequence[ServerFunct
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         try:
             async with conn.transaction():
-                for statement in statements:
+                revision = await conn.fetchval("SELECT version_num FROM alembic_version")
+                # A revision this code does not know is a later release's: contracted too.
+                known = revisions_since(_base_revision())
+                contracted = revision not in known or revision in revisions_since(CONTRACT_REVISION)
+                for statement in app_role_statements(role, contracted):
                     await conn.execute(statement)
+                for table in OWNER_ONLY:
+                    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+                        await conn.execute(f"REVOKE ALL ON {table} FROM {role}")
+                for function in granted:
+                    if await conn.fetchval(_FUNCTION_EXISTS, function.name, function.arguments):
+                        await conn.execute(function.grant_statement(role))
         finally:
             await conn.close()
 
@@ -79,10 +178,21 @@ def grant_app_role(database_url: str, role: str, functions: Sequence[ServerFunct
 
 
 @functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def _base_revision() -> str:
+    base = _scripts().get_base()
+    assert base is not None
+    return base
+
+
+@functools.cache
 def head_revision() -> str:
     """The latest migration this code ships. Read once per process: the files do not change
     under a running process (a release is a new process), and reading them costs milliseconds
     of CPU, which made every readiness probe (anonymous) a cheap way to load an instance."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None
     return head

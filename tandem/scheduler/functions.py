@@ -38,5 +38,10 @@ HEARTBEAT_V1 = ServerFunction(
     "p_anchor timestamp with time zone, p_valid_for interval, p_live_window interval",
 )
 
+# The audit row of a task command, appended as the owner (migration 0014).
+RECORD_TASK_ACTION_V1 = ServerFunction.as_owner(
+    _SQL, "tandem_record_task_action_v1", "p_task bigint, p_action text, p_api_key bigint"
+)
+
 # The versions this code calls, in the order they must be created (a caller after its callee).
-CURRENT = (CLAIM_ROW_V1, CLAIM_RUN_V1, OPEN_SESSION_V1, HEARTBEAT_V1)
+CURRENT = (CLAIM_ROW_V1, CLAIM_RUN_V1, OPEN_SESSION_V1, HEARTBEAT_V1, RECORD_TASK_ACTION_V1)

@@ -67,6 +67,9 @@ class Instance(Base):
     claims: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     # The key of its current database session's advisory lock (sequence instance_session_keys).
     session_key: Mapped[int | None] = mapped_column(Integer)
+    # The schema revision its code was released with (core.migrations.head_revision; NULL:
+    # a release before 0014): a contract migration waits until no live instance is older.
+    revision: Mapped[str | None] = mapped_column(Text)
 
 
 class Task(Base):

@@ -13,7 +13,13 @@ import asyncpg
 
 from tandem.core import locks
 from tandem.core.database import rows_affected
-from tandem.scheduler.functions import CLAIM_RUN_V1, HEARTBEAT_V1, OPEN_SESSION_V1
+from tandem.core.migrations import head_revision
+from tandem.scheduler.functions import (
+    CLAIM_RUN_V1,
+    HEARTBEAT_V1,
+    OPEN_SESSION_V1,
+    RECORD_TASK_ACTION_V1,
+)
 
 Db = asyncpg.Connection
 
@@ -22,13 +28,15 @@ CLAIM_LOCK_ID = locks.CLAIM
 FAIR_SLACK = 1
 
 # A newcomer starts level with the least-served live instance (not at 0), so fairness does
-# not hand it every due task until it has caught up with instances running for days.
+# not hand it every due task until it has caught up with instances running for days. Its
+# code's schema revision ($4) tells a contract migration whether an older release is live.
 REGISTER_INSTANCE = """
-INSERT INTO instances (id, hostname, pid, claims)
+INSERT INTO instances (id, hostname, pid, claims, revision)
 VALUES ($1, $2, $3, coalesce((
     SELECT min(claims) FROM instances
-    WHERE status = 'active' AND heartbeat_at > clock_timestamp() - interval '1 minute'), 0))
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = clock_timestamp(), status = 'active'
+    WHERE status = 'active' AND heartbeat_at > clock_timestamp() - interval '1 minute'), 0), $4)
+ON CONFLICT (id) DO UPDATE
+    SET heartbeat_at = clock_timestamp(), status = 'active', revision = EXCLUDED.revision
 """
 
 # Definitions come from code; runtime state (running, next run, fence, history) is never
@@ -187,7 +195,7 @@ def seconds(value: float) -> timedelta:
 
 
 async def register_instance(db: Db, instance_id: str, hostname: str, pid: int) -> None:
-    await db.execute(REGISTER_INSTANCE, instance_id, hostname, pid)
+    await db.execute(REGISTER_INSTANCE, instance_id, hostname, pid, head_revision())
 
 
 class TaskRow(NamedTuple):
@@ -404,9 +412,9 @@ ORDER BY a.id DESC
 LIMIT :limit
 """
 
-RECORD_ACTION = """
-INSERT INTO task_actions (task_id, action, api_key_id) VALUES (:task_id, :action, :api_key_id)
-"""
+# Appended as the owner (scheduler/sql/record_task_action_v1.sql): the application's role
+# may not write task_actions.
+RECORD_ACTION = f"SELECT {RECORD_TASK_ACTION_V1.name}(:task_id, :action, :api_key_id)"
 
 COMMAND_RESULT = "SELECT name, enabled, next_run_at FROM tasks WHERE id = :task_id"
 

@@ -188,7 +188,12 @@ def _transfer_body(found: TransferRow) -> bytes:
         "balance above 0 creates money and needs the scope `wallet:mint` as well."
     ),
     responses=error_responses(
-        BODY_INVALID, BODY_NOT_JSON, BODY_TOO_LARGE, DATABASE_UNAVAILABLE, OUTCOME_UNKNOWN
+        (409, "mint_ceiling_reached", "an opening balance past the day's mint ceiling"),
+        BODY_INVALID,
+        BODY_NOT_JSON,
+        BODY_TOO_LARGE,
+        DATABASE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
     ),
     openapi_extra=json_request_body(UserCreate, required=False),
 )

@@ -43,6 +43,15 @@ class BalanceLimitError(ConflictError):
         super().__init__(f"the balance of user {user_id} would exceed the 64-bit limit")
 
 
+class MintCeilingError(ConflictError):
+    """The owner's daily mint ceiling (wallet_settings.daily_mint_ceiling) would be passed."""
+
+    code = "mint_ceiling_reached"
+
+    def __init__(self) -> None:
+        super().__init__("this deposit would pass today's mint ceiling set by the operator")
+
+
 class IdempotencyKeyReusedError(ValidationError):
     code = "idempotency_key_reused"
 
@@ -103,6 +112,8 @@ def replay_refusal(outcome: str, request: Request) -> AppError:
         return UserNotFoundError(request.user_id, field=field or None)
     if code == InsufficientFundsError.code:
         return InsufficientFundsError(request.user_id)
+    if code == MintCeilingError.code:
+        return MintCeilingError()
     if code == BalanceLimitError.code:
         target = request.to_user_id if request.to_user_id is not None else request.user_id
         return BalanceLimitError(target)

@@ -172,6 +172,7 @@ _UPDATE = {
             (404, "user_not_found", "no such user"),
             (409, "insufficient_funds", "the withdrawal would make the balance negative"),
             (409, "balance_limit_exceeded", "the balance would exceed 2^63-1"),
+            (409, "mint_ceiling_reached", "a deposit past the day's mint ceiling"),
             BODY_INVALID,
             (422, "idempotency_key_reused", "the key was used with a different request"),
             DEBIT_LIMIT,

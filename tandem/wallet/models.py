@@ -45,9 +45,9 @@ class User(Base):
     __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    balance: Mapped[int] = mapped_column(
-        BigInteger, nullable=False, server_default=str(DEFAULT_BALANCE)
-    )
+    # 0: a row inserted without its balance is no money (users are made by
+    # tandem_create_user_v1, with the opening entry; migration 0014).
+    balance: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
@@ -117,6 +117,33 @@ class IdempotencyUsage(Base):
     day: Mapped[date] = mapped_column(Date, nullable=False)
     backend: Mapped[int] = mapped_column(Integer, nullable=False)
     used: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class WalletSetting(Base):
+    """The owner's settings of the money functions, one row; the application's role may not
+    even read it. ``daily_mint_ceiling``: money the deposits and opening balances may create
+    per day (UTC), all callers together; NULL (the default) sets no ceiling."""
+
+    __tablename__ = "wallet_settings"
+    __table_args__ = (
+        CheckConstraint("id", name="one_row"),
+        CheckConstraint("daily_mint_ceiling >= 0", name="daily_mint_ceiling_not_negative"),
+    )
+
+    id: Mapped[bool] = mapped_column(primary_key=True, server_default=text("true"))
+    daily_mint_ceiling: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class MintUsage(Base):
+    """Money created per day (UTC) under the ceiling: one row per day and server backend, so
+    two mints never wait for each other on a counter. Written only by the money functions
+    (as the owner)."""
+
+    __tablename__ = "mint_usage"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    backend: Mapped[int] = mapped_column(Integer, primary_key=True)
+    minted: Mapped[int] = mapped_column(Numeric, nullable=False)
 
 
 class KeyDebit(Base):

@@ -12,42 +12,28 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import asyncpg
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.database import rows_affected
 from tandem.core.locks import LEDGER_VERIFICATION
 from tandem.core.pool import ConnectionPool
-from tandem.wallet.functions import TRANSFER_V1
-from tandem.wallet.models import INT64_MAX, LedgerEntry, User
+from tandem.wallet.functions import APPLY_DELTA_V1, CREATE_USER_V1, TRANSFER_V2
 
 Connection = asyncpg.Connection
 Executor = ConnectionPool | Connection
 
-# Applies the delta only when the result fits 0..INT64_MAX, and journals it, in one statement
-# (one round trip, autocommit). UPDATE takes the row lock, and under READ COMMITTED
-# PostgreSQL re-checks the WHERE on the newest row version after waiting for it, so
-# concurrent updates serialise on the row with no read-modify-write race and no lost update;
-# the entry is written under that same lock, so a user's entries are in the order of its
-# changes, each with the balance after it. The numeric sum cannot overflow, so a refusal is a
-# row, not an error. The second branch tells "refused" from "no such user" in the same round
-# trip. $4 (the idempotency key) is unique in the journal per caller ($5, the API key that
-# also signs the entry): a change applied with a key can never be applied again with it.
-APPLY_DELTA = f"""
-WITH updated AS (
-    UPDATE users SET balance = balance + $2, updated_at = clock_timestamp()
-    WHERE id = $1 AND (balance::numeric + $2) BETWEEN 0 AND {INT64_MAX}
-    RETURNING id, balance
-), entry AS (
-    INSERT INTO ledger_entries
-        (user_id, amount, balance, kind, reference, idempotency_key, api_key_id)
-    SELECT id, $2, balance, CASE WHEN $2 > 0 THEN 'deposit' ELSE 'withdrawal' END, $3, $4, $5
-    FROM updated
-    RETURNING id
-)
-SELECT balance, true AS applied, (SELECT id FROM entry) AS entry_id FROM updated
-UNION ALL
-SELECT balance, false, NULL FROM users WHERE id = $1 AND NOT EXISTS (SELECT FROM updated)
-"""
+# A balance change and its journal entry in one statement (one round trip, autocommit), run
+# by its owner function (wallet/sql/apply_delta_v1.sql): the row lock serialises concurrent
+# changes with no lost update, and the entry is written under it with the balance after. No
+# row: no such user; applied false: refused (refusal 'mint_ceiling' when the daily mint
+# ceiling refused a deposit, else the floor or the 64-bit ceiling). $4 (the idempotency key)
+# is unique in the journal per caller ($5): a change applied with a key never applies again.
+APPLY_DELTA = f"SELECT * FROM {APPLY_DELTA_V1.name}($1, $2, $3, $4, $5)"
+
+# A user and its opening entry in one statement, by its owner function
+# (wallet/sql/create_user_v1.sql): the application's role may not insert either itself.
+CREATE_USER = f"SELECT * FROM {CREATE_USER_V1.name}(:balance, :api_key_id)"
 
 GET_BALANCE = "SELECT balance FROM users WHERE id = $1"
 
@@ -71,8 +57,9 @@ WHERE e.user_id = $1 AND e.id < $2 ORDER BY e.id DESC LIMIT $3
 USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
 
 # Locks both users in id order, checks, moves the amount and journals both legs, in one
-# round trip (wallet/sql/transfer_v1.sql): no deadlock whatever the directions in flight.
-TRANSFER = f"SELECT * FROM {TRANSFER_V1.name}($1, $2, $3, $4, $5, $6)"
+# round trip, as the owner (wallet/sql/transfer_v2.sql): no deadlock whatever the directions
+# in flight.
+TRANSFER = f"SELECT * FROM {TRANSFER_V2.name}($1, $2, $3, $4, $5, $6)"
 
 GET_TRANSFER = """
 SELECT t.id, t.from_user_id, t.to_user_id, t.amount, t.reference, t.created_at,
@@ -233,6 +220,7 @@ class DeltaResult(NamedTuple):
     balance: int
     applied: bool
     entry_id: int | None
+    refusal: str | None = None  # "mint_ceiling", or None (the floor or the 64-bit ceiling)
 
 
 class Request(NamedTuple):
@@ -294,7 +282,7 @@ async def apply_delta(
 ) -> DeltaResult | None:
     """None when the user does not exist."""
     row = await db.fetchrow(APPLY_DELTA, user_id, amount, reference, idempotency_key, api_key_id)
-    return None if row is None else DeltaResult(row[0], row[1], row[2])
+    return None if row is None else DeltaResult(row[0], row[1], row[2], row[3])
 
 
 async def get_balance(pool: ConnectionPool, user_id: int) -> int | None:
@@ -354,23 +342,19 @@ async def applied_with_key(conn: Connection, key: str, api_key_id: int | None) -
     return Applied(entry, row[5])
 
 
-async def create_user(session: AsyncSession, balance: int, api_key_id: int | None) -> User:
-    """A plain insert and its opening entry: the ORM's case. The caller's transaction
-    commits both."""
-    user = User(balance=balance)
-    session.add(user)
-    await session.flush()
-    session.add(
-        LedgerEntry(
-            user_id=user.id,
-            amount=balance,
-            balance=balance,
-            kind="opening",
-            api_key_id=api_key_id,
-        )
+class NewUser(NamedTuple):
+    id: int | None  # None: refused
+    balance: int | None
+    refusal: str | None  # "mint_ceiling", or None
+
+
+async def create_user(session: AsyncSession, balance: int, api_key_id: int | None) -> NewUser:
+    """The user and its opening entry, in the caller's transaction (its commit is theirs)."""
+    result = await session.execute(
+        text(CREATE_USER), {"balance": balance, "api_key_id": api_key_id}
     )
-    await session.flush()
-    return user
+    row = result.one()
+    return NewUser(row[0], row[1], row[2])
 
 
 async def claim_idempotency_key(

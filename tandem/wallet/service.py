@@ -21,6 +21,7 @@ from tandem.wallet.errors import (
     DebitLimitError,
     IdempotencyKeyReusedError,
     InsufficientFundsError,
+    MintCeilingError,
     TooManyIdempotencyKeysError,
     TransferNotFoundError,
     UserNotFoundError,
@@ -62,6 +63,8 @@ def _refusal(user_id: int, amount: int, result: repository.DeltaResult | None) -
         return UserNotFoundError(user_id)
     if result.applied:
         return None
+    if result.refusal == "mint_ceiling":
+        return MintCeilingError()
     # A withdrawal can only fail the floor, a deposit only the 64-bit ceiling.
     return InsufficientFundsError(user_id) if amount < 0 else BalanceLimitError(user_id)
 
@@ -426,5 +429,10 @@ async def get_transfer(
 async def create_user(
     session: AsyncSession, balance: int, caller: Caller = ANONYMOUS
 ) -> BalanceResult:
+    """The user and its opening entry. Raises MintCeilingError for an opening balance past
+    the day's mint ceiling (nothing is created)."""
     user = await repository.create_user(session, balance, caller.api_key_id)
+    if user.id is None or user.balance is None:
+        assert user.refusal == "mint_ceiling", user
+        raise MintCeilingError()
     return BalanceResult(user.id, user.balance)

@@ -1,8 +1,12 @@
 """The application on its own least-privilege role (TANDEM_DATABASE_APP_ROLE): everything it
-does works, and what it must never do is refused by PostgreSQL itself."""
+does works, and every forgery of money, keys or audit rows is refused by PostgreSQL itself
+(SQLSTATE 42501), the expand keeping the old rights until no older instance is live."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -10,77 +14,336 @@ from datetime import timedelta
 import asyncpg
 import httpx
 import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 
+from tandem.access import service as access_service
+from tandem.cli.migrate import cmd_migrate
 from tandem.core.database import asyncpg_dsn
-from tandem.core.migrations import grant_app_role, upgrade_to_head
-from tandem.core.settings import Settings
+from tandem.core.migrations import (
+    CONTRACT_REVISION,
+    EXPAND_REVISION,
+    ContractWaitsError,
+    alembic_config,
+    head_revision,
+    ready_revisions,
+    upgrade_to_head,
+)
+from tandem.core.settings import Settings, get_settings
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.runner import task_row
+from tandem.wallet import repository as wallet_repository
+from tests.access.test_access import ROUTES, TASK
 from tests.scheduler.registries import definition
-from tests.support import AUTH, empty_database, fetch, in_process, query
+from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, query, value
 
 
-@pytest.fixture
-def app_role_url(postgres_url: str) -> Iterator[str]:
-    """A fresh database migrated by the owner, and the URL of a new role granted the app's
-    rights on it (roles are cluster-wide: dropped afterwards)."""
+def test_the_expand_and_the_contract_are_named_right() -> None:
+    """core.migrations names the two revisions (renumbering them means renaming these): the
+    contract directly follows the expand, and only the contract may be left pending."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    contract = scripts.get_revision(CONTRACT_REVISION)
+    assert contract is not None
+    assert contract.down_revision == EXPAND_REVISION
+    assert scripts.get_revision(EXPAND_REVISION) is not None
+    # Below a head that is the contract, the expand is ready too; a later head is alone.
+    below = {EXPAND_REVISION} if head_revision() == CONTRACT_REVISION else set()
+    assert ready_revisions() == {head_revision(), *below}
+
+
+def _migrate(monkeypatch: pytest.MonkeyPatch, url: str, role: str, key: bool = True) -> None:
+    """`tandem migrate` as a deployment runs it: the owner's URL, the app role, and (``key``)
+    the suite's key in TANDEM_API_KEY (conftest.py sets it)."""
+    monkeypatch.setenv("TANDEM_DATABASE_URL", url)
+    monkeypatch.setenv("TANDEM_DATABASE_APP_ROLE", role)
+    if not key:
+        monkeypatch.delenv("TANDEM_API_KEY", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert cmd_migrate(argparse.Namespace()) == 0
+    finally:
+        get_settings.cache_clear()
+
+
+def _as_role(url: str, role: str) -> str:
+    return make_url(url).set(username=role, password="app").render_as_string(hide_password=False)
+
+
+def _new_role(url: str) -> str:
     role = f"tandem_app_{uuid.uuid4().hex[:8]}"
+    query(url, f"CREATE ROLE {role} LOGIN PASSWORD 'app'")
+    return role
+
+
+def _drop_role(url: str, role: str) -> None:
+    query(url, f"DROP OWNED BY {role}")
+    query(url, f"DROP ROLE {role}")
+
+
+@pytest.fixture(scope="module")
+def migrated(postgres_url: str) -> Iterator[tuple[str, str]]:
+    """A fresh database that `tandem migrate` made (with TANDEM_DATABASE_APP_ROLE and the
+    suite's key), and the URL of that role (roles are cluster-wide: dropped afterwards)."""
     with empty_database(postgres_url) as url:
-        upgrade_to_head(url)
-        query(url, f"CREATE ROLE {role} LOGIN PASSWORD 'app'")
+        role = _new_role(url)
         try:
-            grant_app_role(url, role)
-            yield (
-                make_url(url)
-                .set(username=role, password="app")
-                .render_as_string(hide_password=False)
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                _migrate(monkeypatch, url, role)
+            # What the routes act on, made by the owner: a task, two users, a transfer.
+            query(
+                url,
+                "INSERT INTO tasks (name, \"interval\", function_name) VALUES ($1, '1 hour', 'x')",
+                TASK,
             )
+            yield url, _as_role(url, role)
         finally:
-            query(url, f"DROP OWNED BY {role}")
-            query(url, f"DROP ROLE {role}")
+            _drop_role(url, role)
 
 
-async def test_the_app_works_on_its_role_and_cannot_rewrite_history(app_role_url: str) -> None:
-    settings = Settings(
-        database_url=app_role_url, scheduler_enabled=False, maintenance_enabled=False
-    )
+async def test_every_route_works_on_the_app_role(migrated: tuple[str, str]) -> None:
+    """Each route answers as it does on the owner, through the owner functions, and the
+    ledger stays verified; the key was registered by `tandem migrate`, not the app."""
+    owner_url, app_url = migrated
+    settings = Settings(database_url=app_url, scheduler_enabled=False, maintenance_enabled=False)
     async with (
         in_process(settings) as transport,
         httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as client,
     ):
-        user = (await client.post("/users", json={"balance": 10})).json()["userId"]
-        update = {"userId": user, "amount": -3}
-        keyed = {"Idempotency-Key": "on-the-app-role"}
-        assert (await client.post("/balance/update", json=update, headers=keyed)).is_success
+        made = [await client.post("/users", json={"balance": 1000}) for _ in range(2)]
+        assert [m.status_code for m in made] == [201, 201], made[0].text
+        user, other = (m.json()["userId"] for m in made)
+        moved = await client.post("/transfers", json={"fromUserId": user, "toUserId": other})
+        assert moved.status_code == 422  # no amount: refused before the database
         moved = await client.post(
-            "/transfers", json={"fromUserId": user, "toUserId": 1, "amount": 2}
+            "/transfers", json={"fromUserId": user, "toUserId": other, "amount": 5}
         )
         assert moved.status_code == 201, moved.text
-        assert (await client.get(f"/balance/{user}/history")).is_success
+        ids = {"user": user, "other": other, "transfer": moved.json()["transferId"]}
+        keyed = {"Idempotency-Key": "on-the-app-role"}
+        deposit = {"userId": user, "amount": 7}
+        for _ in range(2):  # the retry is a replay
+            answer = await client.post("/balance/update", json=deposit, headers=keyed)
+            assert answer.status_code == 200, answer.text
+        for route in ROUTES:
+            body = route.body(ids) if route.body else None
+            answer = await client.request(route.method, route.path.format(**ids), json=body)
+            assert answer.status_code == route.ok, (route, answer.text[:300])
         assert (await client.get("/health/ready")).status_code == 200
-
-    conn = await asyncpg.connect(asyncpg_dsn(app_role_url))
+    conn = await asyncpg.connect(asyncpg_dsn(owner_url))
     try:
-        # The scheduler's server-side functions and sequences.
+        verified = await wallet_repository.verify_ledger(conn, 60.0)
+    finally:
+        await conn.close()
+    assert verified is not None  # no other verification runs on this database
+    assert verified.mismatches == 0
+    assert verified.entries >= 7
+
+
+async def test_the_scheduler_works_on_the_app_role(migrated: tuple[str, str]) -> None:
+    """The scheduler's functions (executable by PUBLIC, as its caller) and its tables."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated[1]))
+    try:
         await scheduler_repository.register_instance(conn, "probe", "host", 1)
         probe = definition("probe.task", timedelta(hours=1))
         now = await scheduler_repository.database_now(conn)
         await scheduler_repository.upsert_task(conn, task_row(probe, now))
         assert await scheduler_repository.open_session(conn, "probe", 10.0) is not None
-        for statement in (
-            "UPDATE ledger_entries SET amount = 0",
-            "DELETE FROM transfers",
-            "TRUNCATE ledger_entries",
-            "CREATE TABLE intruder (id int)",
-            "DROP TABLE users",
-            "ALTER TABLE ledger_entries DISABLE TRIGGER ALL",
-            "UPDATE api_keys SET revoked_at = NULL",
-            "UPDATE api_keys SET scopes = '{all}'",
-        ):
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await conn.execute(statement)
     finally:
         await conn.close()
-    entries = await fetch(app_role_url, "SELECT count(*) AS n FROM ledger_entries")
-    assert entries[0]["n"] >= 4
+
+
+# Each, run by the application's role after the contract, is refused by PostgreSQL.
+FORGERIES = {
+    "an all-scope key": "INSERT INTO api_keys (name, token_sha256, scopes) "
+    "VALUES ('forged', sha256('x'), '{all}')",
+    "a key revived": "UPDATE api_keys SET revoked_at = NULL",
+    "a key widened": "UPDATE api_keys SET scopes = '{all}'",
+    "a key deleted": "DELETE FROM api_keys",
+    "a balance change alone": "UPDATE users SET balance = balance + 1000",
+    "a balance change with its journal row": """
+        WITH changed AS (
+            UPDATE users SET balance = balance + 1000 WHERE id = 1 RETURNING id, balance
+        )
+        INSERT INTO ledger_entries (user_id, amount, balance, kind, api_key_id)
+        SELECT id, 1000, balance, 'deposit', (SELECT min(id) FROM api_keys) FROM changed""",
+    "a journal row alone": "INSERT INTO ledger_entries (user_id, amount, balance, kind) "
+    "VALUES (1, 1, 1, 'deposit')",
+    "a transfer row": "INSERT INTO transfers (from_user_id, to_user_id, amount) VALUES (1, 1, 1)",
+    "a bare user": "INSERT INTO users DEFAULT VALUES",
+    "a user with a balance": "INSERT INTO users (balance) VALUES (1000)",
+    "a user deleted": "DELETE FROM users",
+    "the journal rewritten": "UPDATE ledger_entries SET amount = 0",
+    "a transfer deleted": "DELETE FROM transfers",
+    "the journal truncated": "TRUNCATE ledger_entries",
+    "the task audit deleted": "DELETE FROM task_actions",
+    "the task audit rewritten": "UPDATE task_actions SET action = 'run'",
+    "the task audit truncated": "TRUNCATE task_actions",
+    "the mint ceiling lifted": "UPDATE wallet_settings SET daily_mint_ceiling = NULL",
+    "the mint ceiling read": "SELECT daily_mint_ceiling FROM wallet_settings",
+    "the mint count reset": "DELETE FROM mint_usage",
+    "a function not granted": "SELECT tandem_mint_allowed_v1(1)",
+    "the previous release's transfer": "SELECT * FROM tandem_transfer_v1(1, 2, 1, '', '', 1)",
+    "a table made": "CREATE TABLE intruder (id int)",
+    "a table dropped": "DROP TABLE users",
+    "the journal's triggers off": "ALTER TABLE ledger_entries DISABLE TRIGGER ALL",
+    "a function replaced": "CREATE OR REPLACE FUNCTION tandem_mint_allowed_v1(p_amount bigint) "
+    "RETURNS boolean LANGUAGE sql AS 'SELECT true'",
+}
+
+
+@pytest.mark.parametrize("statement", FORGERIES.values(), ids=list(FORGERIES))
+async def test_forgery_is_refused(migrated: tuple[str, str], statement: str) -> None:
+    """PostgreSQL refuses it with insufficient_privilege (42501), and nothing changes."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated[1]))
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as refused:
+            async with conn.transaction():
+                await conn.execute(statement)
+        assert refused.value.sqlstate == "42501"
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["DELETE FROM task_actions", "UPDATE task_actions SET action = 'run'", "TRUNCATE task_actions"],
+)
+def test_audit_rows_are_append_only_for_the_owner_too(
+    migrated: tuple[str, str], statement: str
+) -> None:
+    """The statement-level triggers refuse the owner as well (even with no row matching)."""
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="task_actions is append-only"):
+        query(migrated[0], statement)
+
+
+def test_the_app_role_owns_nothing(migrated: tuple[str, str]) -> None:
+    """No table, sequence, view, function or type belongs to the application's role."""
+    role = make_url(migrated[1]).username
+    owned = value(
+        migrated[0],
+        """
+        SELECT (SELECT count(*) FROM pg_class WHERE relowner = $1::regrole)
+             + (SELECT count(*) FROM pg_proc WHERE proowner = $1::regrole)
+             + (SELECT count(*) FROM pg_type WHERE typowner = $1::regrole)
+        """,
+        role,
+    )
+    assert owned == 0
+
+
+@pytest.fixture
+def unmigrated(postgres_url: str) -> Iterator[tuple[str, str]]:
+    """An empty database and a new role (not granted anything yet)."""
+    with empty_database(postgres_url) as url:
+        role = _new_role(url)
+        try:
+            yield url, role
+        finally:
+            _drop_role(url, role)
+
+
+async def test_key_commands_on_the_app_role_say_to_use_the_owner(
+    migrated: tuple[str, str],
+) -> None:
+    """`tandem keys create` and `revoke` on the app's role: a clear refusal, not a traceback."""
+    conn = await asyncpg.connect(asyncpg_dsn(migrated[1]))
+    try:
+        with pytest.raises(access_service.KeyCommandError, match="owner's URL"):
+            await access_service.create_key(conn, "made-by-the-app", ["wallet:read"])
+        with pytest.raises(access_service.KeyCommandError, match="owner's URL"):
+            await access_service.revoke_key(conn, "bootstrap")
+    finally:
+        await conn.close()
+
+
+async def _write_rights(owner_url: str, role: str) -> set[tuple[str, str]]:
+    rows = await fetch(
+        owner_url,
+        """
+        SELECT t, p FROM unnest($2::text[]) t, unnest(ARRAY['INSERT', 'UPDATE', 'DELETE']) p
+        WHERE has_table_privilege($1, t, p)
+        """,
+        role,
+        ["users", "ledger_entries", "transfers", "api_keys", "task_actions"],
+    )
+    return {(r[0], r[1]) for r in rows}
+
+
+async def test_the_contract_waits_for_an_older_live_instance(
+    unmigrated: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While an instance of a release before the expand holds its session, `tandem migrate`
+    applies the expand, keeps the old rights (that release still inserts and updates), says
+    the contract waits, and succeeds; once the instance is gone, the contract revokes them."""
+    url, role = unmigrated
+    await asyncio.to_thread(command.upgrade, alembic_config(url), EXPAND_REVISION)
+    older = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        # An instance of the previous release: no revision on its row.
+        await older.execute(
+            "INSERT INTO instances (id, hostname, pid) VALUES ('older-release', 'h', 1)"
+        )
+        assert await scheduler_repository.open_session(older, "older-release", 60.0)
+        await asyncio.to_thread(_migrate, monkeypatch, url, role, False)
+        said = capsys.readouterr().out
+        assert f"database at revision {EXPAND_REVISION}" in said
+        assert f"{CONTRACT_REVISION} waits" in said
+        assert "older-release" in said
+        rights = await _write_rights(url, role)
+        assert {("users", "INSERT"), ("users", "UPDATE"), ("api_keys", "INSERT")} <= rights
+        # This release runs (and is ready) on the expand.
+        settings = Settings(
+            database_url=_as_role(url, role),
+            api_key=API_KEY,
+            scheduler_enabled=False,
+            maintenance_enabled=False,
+        )
+        async with (
+            in_process(settings) as transport,
+            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        ):
+            assert (await client.get("/health/ready")).status_code == 200
+            # Before the contract the app may still register its key itself.
+            answer = await client.post("/users", json={"balance": 0}, headers=AUTH)
+            assert answer.status_code == 201, answer.text
+        with pytest.raises(ContractWaitsError):
+            await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
+    finally:
+        await older.close()
+    await asyncio.to_thread(_migrate, monkeypatch, url, role, False)
+    assert f"database at revision {head_revision()}" in capsys.readouterr().out
+    assert await _write_rights(url, role) == set()
+    dates_use = "SELECT has_column_privilege($1, 'api_keys', 'last_used_at', 'UPDATE')"
+    assert (await fetch(url, dates_use, role))[0][0]
+    assert await asyncio.to_thread(upgrade_to_head, url) is None
+
+
+async def test_an_unregistered_key_is_reported_not_inserted(
+    unmigrated: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After the contract the app cannot register its configured key: it says how to, serves
+    on, and the key stays unknown (401) until the owner registers it (`tandem migrate`)."""
+    url, role = unmigrated
+    # Without a key: migrate succeeds.
+    await asyncio.to_thread(_migrate, monkeypatch, url, role, False)
+    settings = Settings(
+        database_url=_as_role(url, role),
+        api_key=API_KEY,
+        scheduler_enabled=False,
+        maintenance_enabled=False,
+    )
+    with caplog.at_level(logging.ERROR):
+        async with (
+            in_process(settings) as transport,
+            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        ):
+            assert (await client.get("/tasks", headers=AUTH)).status_code == 401
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "may not register keys" in said, said
+    assert "tandem migrate" in said
+    assert (await fetch(url, "SELECT count(*) FROM api_keys"))[0][0] == 0

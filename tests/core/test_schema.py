@@ -21,6 +21,7 @@ from tandem.access import functions as access_functions
 from tandem.core import locks
 from tandem.core.functions import ServerFunction
 from tandem.core.migrations import MIGRATIONS_DIR, upgrade_to_head
+from tandem.functions import DECLARED
 from tandem.models import metadata
 from tandem.scheduler import functions as scheduler_functions
 from tandem.scheduler.functions import HEARTBEAT_V1
@@ -102,22 +103,42 @@ def test_every_function_file_is_declared() -> None:
     """A .sql file beside the code is a declared function (none is left out of the test).
     Every released version stays declared (its migration creates it from its file), the
     current ones and those a later version replaced alike."""
-    declared = [
-        value
-        for module in (scheduler_functions, wallet_functions, access_functions)
-        for value in vars(module).values()
-        if isinstance(value, ServerFunction)
-    ]
+    declared = DECLARED
     assert set(CURRENT) <= set(declared)
+    # Every package's sql/ (migrations/sql holds the bodies of 0007 and 0008, not functions).
     files = {
         path.name
-        for package in ("scheduler", "wallet", "access")
-        for path in (ROOT / "tandem" / package / "sql").glob("*.sql")
+        for path in (ROOT / "tandem").glob("*/sql/*.sql")
+        if path.parent.parent.name != "migrations"
     }
     assert files == {f.file.name for f in declared}
     for function in declared:
         assert f"CREATE FUNCTION {function.name}(" in function.definition()
         assert function.file.stem == function.name.removeprefix("tandem_")
+
+
+def test_functions_that_run_as_their_owner_are_callable_by_name_only(database_url: str) -> None:
+    """Every SECURITY DEFINER function in the database is a declared one granted to the
+    application's role by name (app_role), executable by no one else (not PUBLIC), its
+    search_path pinned with pg_temp last, and no other function is declared app_role."""
+    rows = query(
+        database_url,
+        """
+        SELECT p.oid::regprocedure::text AS signature, p.proname, p.proconfig,
+               EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                       WHERE a.grantee = 0) AS public
+        FROM pg_proc p WHERE p.prosecdef AND p.pronamespace = 'public'::regnamespace
+        """,
+    )
+    app_role = {f.name for f in DECLARED if f.app_role}
+    assert {r["proname"] for r in rows} == app_role
+    assert app_role >= {"tandem_apply_delta_v1", "tandem_create_user_v1", "tandem_transfer_v2"}
+    for row in rows:
+        assert not row["public"], row["signature"]
+        paths = [c for c in row["proconfig"] or [] if c.startswith("search_path=")]
+        assert paths, row["signature"]
+        assert paths[0].endswith(", pg_temp"), row["signature"]
+    assert all(f.security_definer and f.execute == () for f in DECLARED if f.app_role)
 
 
 def test_advisory_lock_ids_are_the_named_ones(database_url: str) -> None:
@@ -136,7 +157,8 @@ def test_advisory_lock_ids_are_the_named_ones(database_url: str) -> None:
 
 
 def test_append_only_triggers_run_the_current_function(database_url: str) -> None:
-    """The journal's triggers execute the current version of the append-only function."""
+    """The journal's and the audit rows' triggers execute the current version of the
+    append-only function."""
     rows = query(
         database_url,
         "SELECT tgrelid::regclass::text AS tab, tgfoid::regproc::text AS fn FROM pg_trigger "
@@ -144,7 +166,9 @@ def test_append_only_triggers_run_the_current_function(database_url: str) -> Non
     )
     assert [(r["tab"], r["fn"]) for r in rows] == [
         (table, wallet_functions.APPEND_ONLY_V1.name)
-        for table in sorted(wallet_functions.APPEND_ONLY_TABLES)
+        for table in sorted(
+            wallet_functions.APPEND_ONLY_TABLES + wallet_functions.APPEND_ONLY_AUDIT_TABLES
+        )
     ]
 
 
@@ -236,8 +260,13 @@ RELEASED_SQL = {
     "tandem/scheduler/sql/claim_run_v1.sql": "738e33a8e5846b67",
     "tandem/scheduler/sql/heartbeat_v1.sql": "acd4248cf30c979f",
     "tandem/scheduler/sql/open_session_v1.sql": "bb929d4b84fa75ea",
+    "tandem/scheduler/sql/record_task_action_v1.sql": "f144f76aedd25ba4",
     "tandem/wallet/sql/append_only_v1.sql": "cc1aa47930c1fe31",
+    "tandem/wallet/sql/apply_delta_v1.sql": "6918f5f5869ae30e",
+    "tandem/wallet/sql/create_user_v1.sql": "8ba2f6c9447264f9",
+    "tandem/wallet/sql/mint_allowed_v1.sql": "01b4f83c39ea5234",
     "tandem/wallet/sql/transfer_v1.sql": "2193ea867a94b8fd",
+    "tandem/wallet/sql/transfer_v2.sql": "69e33158c53d2384",
 }
 
 
