@@ -2,7 +2,7 @@
 # The certificate nginx serves, prepared once before nginx starts (compose's one-shot `tls`
 # service; the nginx image has no openssl, the postgres one has).
 #
-#   tls-setup.sh PROVIDED OUT
+#   tls-setup.sh PROVIDED OUT [HTTPS_PORT]
 #
 # PROVIDED is the operator's folder: cert.pem (the server certificate followed by its chain)
 # and key.pem (its private key, unencrypted). When both are there, they are checked (the key is
@@ -10,12 +10,12 @@
 # use (localhost, tandem, 127.0.0.1, ::1; EC P-256, 30 days) is generated in OUT, or the one
 # generated before is kept while it has more than a day left, and a WARNING says so on every
 # start: no browser or client trusts it. One of the two alone is an error. OUT also gets
-# https-port.conf: the port the redirect from plain HTTP names (TANDEM_HTTPS_PORT, 443 unset).
+# https-port.conf: the port the redirect from plain HTTP names (HTTPS_PORT, default 443).
 set -eu
 
 provided=$1
 out=$2
-port=${TANDEM_HTTPS_PORT:-443}
+port=${3:-443}
 # Marks a certificate this script made, so a later start still warns about it.
 marker="Tandem local certificate"
 

@@ -76,10 +76,9 @@ def make_certificates(folder: Path) -> Certificates:
 def setup_tls(provided: Path, out: Path, https_port: int) -> subprocess.CompletedProcess[str]:
     """deploy/nginx/tls-setup.sh, as compose's `tls` service runs it."""
     return subprocess.run(
-        ["sh", str(TLS_SETUP), str(provided), str(out)],
+        ["sh", str(TLS_SETUP), str(provided), str(out), str(https_port)],
         capture_output=True,
         text=True,
-        env={**os.environ, "TANDEM_HTTPS_PORT": str(https_port)},
         check=False,
     )
 
