@@ -101,6 +101,25 @@ def instance_id(server: Server) -> str:
     return http_get(f"{server.url}/health/live").headers["x-instance-id"]
 
 
+def read_request(conn: socket.socket) -> bytes:
+    """Reads one whole request (its body by Content-Length) off ``conn``: its head, without
+    the blank line (empty if the peer closed first)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head
+
+
 class DyingUpstream:
     """Stands for an instance that crashes mid-request: it reads the whole request, then
     closes the connection without answering. Counts the requests it swallowed, by method."""
@@ -119,19 +138,7 @@ class DyingUpstream:
             except OSError:
                 return
             with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = re.search(rb"(?i)content-length:\s*(\d+)", head)
-                while length and len(body) < int(length.group(1)):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    body += chunk
+                head = read_request(conn)
                 if head:
                     self.swallowed[head.split(b" ", 1)[0].decode()] += 1
 
@@ -464,14 +471,11 @@ class RecordingUpstream:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            head = read_request(conn)
+            if not head:
+                return
             headers: dict[str, list[str]] = {}
-            for line in data.partition(b"\r\n\r\n")[0].decode().split("\r\n")[1:]:
+            for line in head.decode().split("\r\n")[1:]:
                 name, _, value = line.partition(":")
                 headers.setdefault(name.strip().lower(), []).append(value.strip())
             self.requests.append(headers)
