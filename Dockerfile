@@ -8,20 +8,19 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/tandem
-# Dependencies in their own layer: a stub package with the real pyproject.toml, so the layer is
-# rebuilt only when the dependencies change, not on every code change. Built in a folder of
-# its own: setuptools' build/ cache there would otherwise outlive it (an empty __init__.py
-# newer than the real one ended up in the image).
-WORKDIR /stub
-COPY pyproject.toml README.md ./
-RUN mkdir tandem \
-    && touch tandem/__init__.py \
-    && /opt/tandem/bin/pip install . \
-    && /opt/tandem/bin/pip uninstall --yes tandem
+# Dependencies in their own layer, rebuilt only when the lock changes: exactly the versions of
+# requirements/image.txt (the ones CI tested), each file checked against the lock's hashes
+# (--require-hashes; a dependency the lock does not pin is refused too), wheels only (no
+# source distribution's build code runs here).
 WORKDIR /src
+COPY requirements/image.txt ./requirements/
+RUN /opt/tandem/bin/pip install --require-hashes --only-binary=:all: -r requirements/image.txt
+# Tandem itself, without dependencies, built by the locked setuptools (no isolated build
+# environment fetched unchecked), which then leaves the runtime.
 COPY pyproject.toml README.md ./
 COPY tandem ./tandem
-RUN /opt/tandem/bin/pip install --no-deps . \
+RUN /opt/tandem/bin/pip install --no-deps --no-build-isolation . \
+    && /opt/tandem/bin/pip uninstall --yes setuptools \
     && /opt/tandem/bin/python -m compileall -q /opt/tandem/lib
 
 FROM ${PYTHON_IMAGE}

@@ -5,18 +5,47 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run serve test test-fast lint format bench bench-topology loadtest clean
+.PHONY: help setup lock audit run serve test test-fast lint format bench bench-topology loadtest clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# The locked set: requirements/pip.txt (the installer, upgraded first) and requirements/dev.txt
+# (Tandem's dependencies with its dev tools) for the venv and CI, requirements/image.txt (the
+# runtime ones and the build backend, at the versions dev.txt pins) for the Dockerfile. Every pin carries the hashes of its files on the index, and
+# --require-hashes refuses a file whose hash differs, or a dependency the lock does not pin.
+# Then Tandem itself, editable, without dependencies and with the locked setuptools (no
+# isolated build environment fetched from the index unchecked).
+PIP_LOCK := requirements/pip.txt
+DEV_LOCK := requirements/dev.txt
+IMAGE_LOCK := requirements/image.txt
+
+$(STAMP): pyproject.toml $(PIP_LOCK) $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r $(PIP_LOCK)
+	$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install Tandem with its dev tools
+setup: $(STAMP) ## create .venv and install Tandem with its dev tools, exactly as locked
+
+# uv writes the command into each file's header, as the update bot reads it back (options with
+# `=`). A file that exists gives its pins as preferences: only what pyproject.toml's change
+# needs moves. `make lock LOCK_ARGS=--upgrade` moves every pin to the newest allowed,
+# `LOCK_ARGS='--upgrade-package NAME'` one package.
+LOCK_ARGS ?=
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --universal $(LOCK_ARGS)
+
+lock: $(STAMP) ## pin every dependency with its hashes (requirements/*.txt) from pyproject.toml
+	$(UV_COMPILE) --output-file=$(PIP_LOCK) requirements/pip.in
+	$(UV_COMPILE) --extra=dev --output-file=$(DEV_LOCK) pyproject.toml
+	$(UV_COMPILE) --constraint=$(DEV_LOCK) --output-file=$(IMAGE_LOCK) pyproject.toml requirements/image.in
+
+# Network: the vulnerability service. Outside `make test` (the suite needs no network); .ci/run
+# runs it after the tests. A known vulnerability fails it; a service that cannot be reached,
+# or has no record of a pin, is reported on a line of its own and does not.
+audit: $(STAMP) ## check the locked dependencies against known vulnerabilities (pip-audit)
+	$(BIN)/python tools/audit.py $(IMAGE_LOCK) $(DEV_LOCK) $(PIP_LOCK)
 
 INSTANCES ?= 5
 PORT ?= 8000

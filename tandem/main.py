@@ -14,9 +14,11 @@ from fastapi_offline import FastAPIOffline
 
 import tandem
 from tandem.access.cache import KeyCache
+from tandem.access.endpoints import router as keys_router
 from tandem.access.layer import AccessControl
 from tandem.access.openapi import document_access
 from tandem.access.service import register_configured_key
+from tandem.access.sessions import Sessions
 from tandem.core.asgi import ASGIApp
 from tandem.core.database import Database
 from tandem.core.dependencies import Instance, instance_of
@@ -46,8 +48,9 @@ def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
     settings = settings or get_settings()
     app = create_app(settings)
     instance = instance_of(app)
+    sessions = Sessions(instance.database, lookups_per_second=settings.auth_lookups_per_second)
     access = AccessControl(
-        WalletFastPath(app, instance), keys_of(app), disabled=settings.auth_disabled
+        WalletFastPath(app, instance), keys_of(app), sessions, disabled=settings.auth_disabled
     )
     return HttpMetricsMiddleware(access, instance.instance_id)
 
@@ -125,4 +128,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(scheduler_router)
     app.include_router(observability_router)
     app.include_router(status_router)
+    app.include_router(keys_router)
     return app

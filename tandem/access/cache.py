@@ -25,6 +25,9 @@ live. What keeps guessed tokens from costing the database anything:
 
 A lookup that a load overtook (the load began after it) answers its own request but is not
 kept: only a load may decide what stays, so a key revoked meanwhile is not brought back.
+
+A key with an expiry (``api_keys.expires_at``) is refused from that instant on, by the wall
+clock of the process (``wall_clock``), whatever the loads: each one carries its expiry.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from tandem.access import keys, repository
-from tandem.core.callers import Caller
+from tandem.core.callers import Caller, Limit
 from tandem.core.database import Database
 from tandem.core.errors import AppError, DatabaseUnavailableError
 from tandem.observability.metrics import ACCESS_KEY_LOOKUPS, ACCESS_KEY_LOOKUPS_AVOIDED
@@ -55,12 +58,41 @@ _SHARED = ACCESS_KEY_LOOKUPS_AVOIDED.labels("shared")
 _LIMITED = ACCESS_KEY_LOOKUPS_AVOIDED.labels("limited")
 
 
+def caller_for(row: repository.LiveKey) -> Caller:
+    """The caller a live key makes: its binding, its expiry, and its limits (none unless set
+    on the key)."""
+    users = None if row.bound_user_ids is None else frozenset(row.bound_user_ids)
+    limits = row.limits
+    if limits == _NO_LIMITS:
+        return Caller(row.id, row.name, frozenset(row.scopes), users, row.expires_at)
+    debits = (
+        (limits.debit_per_minute, 60),
+        (limits.debit_per_hour, 3600),
+        (limits.debit_per_day, 86400),
+    )
+    rate = None
+    if limits.rate_requests is not None and limits.rate_seconds is not None:
+        rate = Limit(limits.rate_requests, limits.rate_seconds)
+    return Caller(
+        row.id,
+        row.name,
+        frozenset(row.scopes),
+        users,
+        row.expires_at,
+        tuple(Limit(amount, seconds) for amount, seconds in debits if amount is not None),
+        rate,
+    )
+
+
+_NO_LIMITS = repository.Limits()
+
+
 class KeysNotLoadedError(DatabaseUnavailableError):
     def __init__(self) -> None:
         super().__init__("the API keys could not be loaded from the database; retry")
 
 
-class _Allowance:
+class TokenBucket:
     """A token bucket: ``rate`` per second, up to ``burst`` at once."""
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
@@ -77,6 +109,10 @@ class _Allowance:
         self._tokens -= 1.0
         return True
 
+    def wait(self) -> float:
+        """Seconds until the next take can succeed (as of the last take)."""
+        return max(0.0, (1.0 - self._tokens) / self._rate)
+
 
 class KeyCache:
     def __init__(
@@ -86,11 +122,13 @@ class KeyCache:
         *,
         lookups_per_second: float,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._database = database
         self._ttl = ttl
         self._trusted_for = max(2 * ttl, 5.0)
         self._clock = clock
+        self._wall_clock = wall_clock
         self._keys: dict[bytes, Caller] = {}
         self._loaded_at = float("-inf")
         # Incremented by every load that starts: a lookup that a load overtook is not kept.
@@ -100,7 +138,7 @@ class KeyCache:
         self._reloading: asyncio.Future[None] | None = None
         self._unknown: dict[bytes, float] = {}  # token hash -> refused without lookup until
         self._lookups: dict[bytes, asyncio.Future[Caller | None]] = {}
-        self._allowance = _Allowance(lookups_per_second, max(1.0, lookups_per_second), clock())
+        self._allowance = TokenBucket(lookups_per_second, max(1.0, lookups_per_second), clock())
 
     async def start(self) -> None:
         """Load once (failures are retried by the refresh loop) and start refreshing."""
@@ -125,7 +163,11 @@ class KeyCache:
         caller = self._keys.get(sha256)
         if caller is None:
             caller = await self._look_up(sha256)
-        if caller is not None and caller.api_key_id is not None:
+        if caller is None:
+            return None
+        if caller.expires_at is not None and caller.expires_at <= self._wall_clock():
+            return None  # expired since it was loaded (or looked up)
+        if caller.api_key_id is not None:
             self._used.add(caller.api_key_id)
         return caller
 
@@ -138,7 +180,7 @@ class KeyCache:
         except BaseException:
             self._used |= used
             raise
-        self._keys = {row.sha256: Caller(row.id, row.name, frozenset(row.scopes)) for row in rows}
+        self._keys = {row.sha256: caller_for(row) for row in rows}
         # Counted at the end too: a lookup that began while this load was on its way may have
         # seen a key live that this load's statement, run later, found revoked; it must not
         # put that key back into the keys just loaded.
@@ -180,7 +222,7 @@ class KeyCache:
             self._unknown[sha256] = self._clock() + UNKNOWN_TOKEN_MEMORY
             return None
         _FOUND.inc()
-        caller = Caller(row.id, row.name, frozenset(row.scopes))
+        caller = caller_for(row)
         if self._loads == loads:
             # No load began since the lookup did, so none can have dropped this key after
             # the lookup saw it live: keep it until the next load decides.

@@ -12,8 +12,12 @@ import hashlib
 import re
 import secrets
 
-from tandem.core.callers import SCOPES
+from tandem.core.callers import PERIODS, SCOPES, Limit, period_name
 
+# The longest life `tandem keys create --expires-in` gives (an operator's key; keys made
+# through POST /keys live at most 24 hours: the owner's function keeps that).
+EXPIRES_IN_MAX = 10 * 365 * 24 * 3600.0
+_INT64_MAX = 2**63 - 1
 TOKEN_PREFIX = "tdm_"  # noqa: S105  (a prefix, not a secret)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # What a token looks like; anything else is refused before any lookup.
@@ -48,3 +52,51 @@ def check_scopes(scopes: list[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown scope {unknown[0]!r}; known: {', '.join(SCOPES)}")
     return sorted(set(scopes))
+
+
+def check_users(users: list[int]) -> list[int]:
+    """The users a key is bound to: at least one, each a positive 64-bit id."""
+    if not users:
+        raise ValueError("a bound key needs at least one user")
+    bad = [u for u in users if not 0 < u <= _INT64_MAX]
+    if bad:
+        raise ValueError(f"invalid user id {bad[0]}: a positive 64-bit integer")
+    return sorted(set(users))
+
+
+# The windows a limit may name (core.callers.PERIODS): a debit limit per minute, hour or
+# day; a rate also per second.
+_PERIOD_ALIASES = {"s": "second", "min": "minute", "h": "hour", "d": "day"}
+DEBIT_PERIODS = ("minute", "hour", "day")
+RATE_PERIODS = ("second", "minute", "hour")
+LIMIT_MAX = _INT64_MAX
+
+
+def parse_limit(text: str, periods: tuple[str, ...]) -> Limit:
+    """``AMOUNT/PERIOD`` (e.g. ``5000/hour``, ``10/s``) as a Limit; raises ValueError."""
+    amount, _, period = text.strip().partition("/")
+    period = _PERIOD_ALIASES.get(period.strip().lower(), period.strip().lower())
+    if not amount.strip().isdigit() or period not in periods:
+        raise ValueError(
+            f"invalid limit {text!r}: expected AMOUNT/PERIOD, AMOUNT a positive whole number, "
+            f"PERIOD one of {', '.join(periods)}"
+        )
+    value = int(amount)
+    if not 0 < value <= LIMIT_MAX:
+        raise ValueError(f"invalid limit {text!r}: the amount must be 1..{LIMIT_MAX}")
+    return Limit(value, PERIODS[period])
+
+
+def check_debit_limits(texts: list[str]) -> dict[int, int]:
+    """Each window's debit limit (seconds -> amount); one limit per window."""
+    limits: dict[int, int] = {}
+    for text in texts:
+        limit = parse_limit(text, DEBIT_PERIODS)
+        if limit.seconds in limits:
+            raise ValueError(f"more than one debit limit per {period_name(limit.seconds)}")
+        limits[limit.seconds] = limit.amount
+    return limits
+
+
+def describe(limit: Limit) -> str:
+    return f"{limit.amount}/{period_name(limit.seconds)}"

@@ -2,12 +2,20 @@
 FastAPI), so every route is checked by the same code against the same table (policy.py).
 
 A request's credential is ``Authorization: Bearer <token>`` or, for a person in a browser, the
-``tandem_key`` cookie that the login page sets (HttpOnly, SameSite=Strict). A cookie is not
+``tandem_session`` cookie that the login page sets (HttpOnly, SameSite=Strict): a session token
+(sessions.py), never the key; a logout ends the session on the server. A cookie is not
 accepted on a state-changing request unless its ``Origin`` is this server's own: a cross-site
-form can then never act with a visitor's key, even in a browser that ignores SameSite. The
-key is resolved through the process's cache (cache.py), and the caller left in the ASGI
-scope for the routes (``core.callers.caller_of``). Refusals: 401 ``unauthenticated`` (with
-``WWW-Authenticate``), 403 ``forbidden``; both before any route runs, so nothing changes.
+form can then never act with a visitor's key, even in a browser that ignores SameSite. A
+bearer key is resolved through the process's cache (cache.py), a session by a lookup, and the
+caller left in the ASGI scope for the routes (``core.callers.caller_of``). Refusals: 401
+``unauthenticated`` (with ``WWW-Authenticate``), 403 ``forbidden``, 429 ``rate_limited`` (a
+key with a rate of its own, past it in this process); all before any route runs, so nothing
+changes.
+
+A key bound to users is held to its rule's binding here, for both paths: refused (403) on an
+``UNBOUND_ONLY`` route, and told 404 ``user_not_found`` (what a user that does not exist gets)
+for a ``PATH_USER`` route naming another user. The body's user (``BODY_USER``) and a record's
+users (``RESOURCE_USER``) are the wallet service's to check (``Caller.may_touch``).
 
 The login page (``GET``/``POST /login``) and ``POST /logout`` are this layer's own routes: they
 handle the credential itself. Every HTML page gets a Content-Security-Policy (by the hashes of
@@ -20,12 +28,16 @@ import base64
 import hashlib
 import html
 import logging
+import math
 import re
+import time
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from tandem.access import policy
-from tandem.access.cache import KeyCache
+from tandem.access.cache import KeyCache, TokenBucket
+from tandem.access.keys import describe
+from tandem.access.sessions import Sessions
 from tandem.core.asgi import (
     ASGIApp,
     Message,
@@ -43,15 +55,18 @@ from tandem.core.errors import (
     AppError,
     ForbiddenError,
     MethodNotAllowedError,
+    TooManyRequestsError,
     UnauthenticatedError,
+    UserNotFoundError,
 )
-from tandem.observability.metrics import ROUTE_SCOPE_KEY
+from tandem.observability.metrics import ACCESS_KEY_LIMITED, ROUTE_SCOPE_KEY
 
 log = logging.getLogger(__name__)
 
-COOKIE = "tandem_key"
-# A browser session lasts at most this long (seconds); the key itself may live on.
-COOKIE_MAX_AGE = 12 * 3600
+# The session cookie (a session token: sessions.py). Its name changed with what it holds: a
+# cookie of before (`tandem_key`, the raw key) is no longer read.
+COOKIE = "tandem_session"
+_RATE_LIMITED = ACCESS_KEY_LIMITED.labels("rate")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _PAGE_HEADERS = [
     (b"x-frame-options", b"DENY"),
@@ -61,6 +76,9 @@ _PAGE_HEADERS = [
 ]
 _INLINE = re.compile(rb"<(script|style)(?![^>]*\bsrc=)[^>]*>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
 _LOGIN_MAX_BODY = 4096
+# A user id in a path, as the wallet's routes read it (wallet/schemas.parse_user_id).
+_USER_ID = re.compile(r"[1-9][0-9]{0,18}")
+_INT64_MAX = 2**63 - 1
 
 
 class _InvalidKey(UnauthenticatedError):
@@ -77,11 +95,29 @@ class _LogoutOnly(MethodNotAllowedError):
     headers: ClassVar[dict[str, str]] = {"Allow": "POST"}
 
 
+class RateLimitedError(TooManyRequestsError):
+    """The key's own request rate (``tandem keys create --rate``), past it in this process."""
+
+    code = "rate_limited"
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"the API key {name!r} is past its request rate; retry later")
+        # Per refusal: when this key's bucket has a request again (whole seconds, at least 1).
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}  # type: ignore[misc]  # an instance's own value of the class's default
+
+
 class AccessControl:
-    def __init__(self, app: ASGIApp, cache: KeyCache, *, disabled: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, cache: KeyCache, sessions: Sessions, *, disabled: bool
+    ) -> None:
         self.app = app
         self.cache = cache
+        self.sessions = sessions
         self.disabled = disabled
+        # One token bucket per key with a rate, in this process (a key's rate never changes).
+        self._buckets: dict[int, TokenBucket] = {}
+        # When each key's refusal was last logged: once a minute per key, not per refusal.
+        self._logged: dict[int, float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -100,7 +136,7 @@ class AccessControl:
             except Exception as exc:
                 await respond_unexpected(scope, send, exc, writes=False, where="the login page")
             return
-        rule = policy.rule_for(path)
+        rule = policy.rule_for(scope["method"], path)
         if rule.requirement == policy.PUBLIC:
             await self._forward(rule, scope, receive, send)
             return
@@ -110,8 +146,12 @@ class AccessControl:
             return
         try:
             caller = await self._authenticate(scope)
+            if caller.rate is not None:
+                self._take_request(caller)
             if rule.requirement != policy.ANY_KEY:
                 caller.require(rule.requirement)
+            if caller.bound:
+                _hold_to_binding(rule, path, caller)
         except UnauthenticatedError as error:
             scope[ROUTE_SCOPE_KEY] = rule.template
             if rule.page and scope["method"] in ("GET", "HEAD"):
@@ -148,16 +188,40 @@ class AccessControl:
                 raise UnauthenticatedError(
                     "an API key is required: Authorization: Bearer <API key>"
                 )
-            token = cookie
             if scope["method"] not in _SAFE_METHODS and not _same_origin(scope):
                 raise ForbiddenError(
                     "a state-changing request with a session cookie must come from this "
                     "site (Origin)"
                 )
+            caller = await self.sessions.resolve(cookie)
+            if caller is None:
+                raise _InvalidKey("no live session: sign in again")
+            return caller
         caller = await self.cache.resolve(token)
         if caller is None:
             raise _InvalidKey("unknown or revoked API key")
         return caller
+
+    def _take_request(self, caller: Caller) -> None:
+        """Raises RateLimitedError past the caller's rate: a token bucket per key, holding at
+        most its rate's amount, refilled over its window."""
+        assert caller.rate is not None
+        assert caller.api_key_id is not None
+        now = time.monotonic()
+        bucket = self._buckets.get(caller.api_key_id)
+        if bucket is None:
+            amount, seconds = caller.rate
+            bucket = self._buckets[caller.api_key_id] = TokenBucket(amount / seconds, amount, now)
+        if not bucket.take(now):
+            _RATE_LIMITED.inc()
+            if now - self._logged.get(caller.api_key_id, -60.0) >= 60.0:
+                self._logged[caller.api_key_id] = now
+                log.warning(
+                    "the API key %r is past its rate of %s (refused 429; logged once a minute)",
+                    caller.name,
+                    describe(caller.rate),
+                )
+            raise RateLimitedError(caller.name, bucket.wait())
 
     # --- the login page ------------------------------------------------------------------
 
@@ -177,6 +241,13 @@ class AccessControl:
             )
             return
         if path == "/logout":
+            session = _cookie(scope)
+            if session is not None:
+                try:
+                    await self.sessions.end(session)
+                except AppError as error:
+                    await respond_error(scope, send, error)
+                    return
             await _redirect(send, "/login", cookie=f"{COOKIE}=; Max-Age=0; Path=/; HttpOnly")
             return
         body = b""
@@ -192,15 +263,36 @@ class AccessControl:
         except AppError as error:
             await respond_error(scope, send, error)
             return
-        if caller is None:
+        if caller is None or caller.api_key_id is None:
             await _html(page_send, 401, _login_page("Unknown or revoked API key."))
+            return
+        try:
+            session = await self.sessions.start(caller)
+        except AppError as error:
+            await respond_error(scope, send, error)
             return
         secure = "; Secure" if _https(scope) else ""
         cookie = (
-            f"{COOKIE}={token}; Max-Age={COOKIE_MAX_AGE}; Path=/; HttpOnly; SameSite=Strict{secure}"
+            f"{COOKIE}={session}; Max-Age={self.sessions.max_age}; Path=/; HttpOnly; "
+            f"SameSite=Strict{secure}"
         )
         log.info("browser login with the API key %r", caller.name)
         await _redirect(send, "/", cookie=cookie)
+
+
+def _hold_to_binding(rule: policy.Rule, path: str, caller: Caller) -> None:
+    """Raises for a bound caller where its rule's binding says the layer refuses it."""
+    if rule.binding is policy.Binding.UNBOUND_ONLY:
+        raise ForbiddenError("an API key bound to users cannot use this route")
+    if rule.binding is policy.Binding.PATH_USER:
+        raw = policy.TABLE.path_user(rule, path)
+        # An id the route would refuse (422, to every caller) is left to it: the grammar is
+        # the route's own (wallet/schemas.parse_user_id), so no id the route accepts is one
+        # this did not check.
+        if raw is not None and _USER_ID.fullmatch(raw) and int(raw) <= _INT64_MAX:
+            user_id = int(raw)
+            if not caller.may_touch(user_id):
+                raise UserNotFoundError(user_id)
 
 
 def _cookie(scope: Scope) -> str | None:

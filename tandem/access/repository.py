@@ -13,39 +13,110 @@ from tandem.core.pool import ConnectionPool
 # A key is unique by name and by token; a second instance inserting the same configured key
 # at the same start finds the first's row (DO NOTHING, then the SELECT) instead of failing.
 INSERT_KEY = """
-INSERT INTO api_keys (name, token_sha256, scopes) VALUES ($1, $2, $3)
+INSERT INTO api_keys (name, token_sha256, scopes, bound_user_ids, expires_at, debit_per_minute,
+                      debit_per_hour, debit_per_day, rate_requests, rate_seconds)
+VALUES ($1, $2, $3, $4, clock_timestamp() + $5::double precision * interval '1 second',
+        $6, $7, $8, $9, $10)
 ON CONFLICT DO NOTHING
 RETURNING id
 """
 
+# A key's limits, as every read of a key returns them (NULL: off).
+_LIMITS = "debit_per_minute, debit_per_hour, debit_per_day, rate_requests, rate_seconds"
+# A live key as the cache holds it (LiveKey): its binding, its expiry and its limits.
+_LIVE_KEY = (
+    "id, name, scopes, token_sha256, bound_user_ids, extract(epoch FROM expires_at)::float8, "
+    + _LIMITS
+)
+
 KEY_BY_NAME = "SELECT id, token_sha256 = $2 AS same_token FROM api_keys WHERE name = $1"
 
-LIST_KEYS = """
-SELECT id, name, scopes, created_at, last_used_at, revoked_at FROM api_keys ORDER BY id
+LIST_KEYS = f"""
+SELECT id, name, scopes, created_at, last_used_at, revoked_at, bound_user_ids, expires_at,
+       {_LIMITS}
+FROM api_keys ORDER BY id
 """
 
+# Revokes the key and ends its browser sessions in one statement. The sessions' lookup
+# (LIVE_SESSION) refuses a revoked key's sessions anyway; ending them here records when.
 REVOKE_KEY = """
-UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) WHERE name = $1
-RETURNING revoked_at
+WITH revoked AS (
+    UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) WHERE name = $1
+    RETURNING id, revoked_at
+), ended AS (
+    UPDATE browser_sessions s SET ended_at = r.revoked_at FROM revoked r
+    WHERE s.api_key_id = r.id AND s.ended_at IS NULL
+)
+SELECT revoked_at FROM revoked
 """
 
-# Every live key, for the process's cache (access/cache.py), and in the same round trip the
-# use of the keys this process saw since its last load ($1).
-LIVE_KEYS = """
+# Every live key (not revoked, not expired), for the process's cache (access/cache.py), and
+# in the same round trip the use of the keys this process saw since its last load ($1). The
+# expiry travels with the key: the cache stops accepting it at that instant, not at the next
+# load.
+LIVE_KEYS = f"""
 WITH touched AS (
     UPDATE api_keys SET last_used_at = clock_timestamp()
     WHERE id = ANY($1::bigint[]) AND revoked_at IS NULL
 )
-SELECT id, name, scopes, token_sha256 FROM api_keys WHERE revoked_at IS NULL
+SELECT {_LIVE_KEY}
+FROM api_keys
+WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > clock_timestamp())
 """
 
 # One live key by its token's hash, for a token the process's cache does not hold (a key made
 # since its last load): one probe of the unique index on token_sha256. Live as in LIVE_KEYS
-# (not revoked), so a lookup can never bring back a key a reload has dropped.
-LIVE_KEY_BY_HASH = """
-SELECT id, name, scopes, token_sha256 FROM api_keys
+# (not revoked, not expired), so a lookup can never bring back a key a reload has dropped.
+LIVE_KEY_BY_HASH = f"""
+SELECT {_LIVE_KEY}
+FROM api_keys
 WHERE token_sha256 = $1 AND revoked_at IS NULL
+  AND (expires_at IS NULL OR expires_at > clock_timestamp())
 """
+
+# A key bound to users, made for the calling key $1 by the owner's function, which checks
+# what it may be (tandem/access/sql/create_bound_key_v1.sql): the application's own rules
+# are not what keeps it bound.
+CREATE_BOUND_KEY = """
+SELECT outcome, key_id, expires_at
+FROM tandem_create_bound_key_v1($1, $2, $3, $4, $5, $6::double precision * interval '1 second')
+"""
+
+# A browser session, issued at login for a live key; it expires $3 seconds after.
+INSERT_SESSION = """
+INSERT INTO browser_sessions (token_sha256, api_key_id, expires_at)
+VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+RETURNING id
+"""
+
+# The live key of a live session, by the session token's hash (one probe of its unique
+# index), on every request carrying the cookie: no process keeps sessions, so a logout or a
+# revocation on any instance is seen by the next request on every instance. Live: not ended,
+# not expired, and its key not revoked, whatever any key cache holds.
+LIVE_SESSION = """
+SELECT k.id, k.name, k.scopes, k.token_sha256, k.bound_user_ids,
+       extract(epoch FROM k.expires_at)::float8, k.debit_per_minute, k.debit_per_hour,
+       k.debit_per_day, k.rate_requests, k.rate_seconds
+FROM browser_sessions s JOIN api_keys k ON k.id = s.api_key_id
+WHERE s.token_sha256 = $1 AND s.ended_at IS NULL AND s.expires_at > clock_timestamp()
+  AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > clock_timestamp())
+"""
+
+END_SESSION = """
+UPDATE browser_sessions SET ended_at = clock_timestamp()
+WHERE token_sha256 = $1 AND ended_at IS NULL
+RETURNING id
+"""
+
+
+class Limits(NamedTuple):
+    """A key's limits as stored (None: off): debits per minute, hour, day; a rate."""
+
+    debit_per_minute: int | None = None
+    debit_per_hour: int | None = None
+    debit_per_day: int | None = None
+    rate_requests: int | None = None
+    rate_seconds: int | None = None
 
 
 class Key(NamedTuple):
@@ -55,6 +126,9 @@ class Key(NamedTuple):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    bound_user_ids: list[int] | None
+    expires_at: datetime | None
+    limits: Limits
 
 
 class LiveKey(NamedTuple):
@@ -62,11 +136,49 @@ class LiveKey(NamedTuple):
     name: str
     scopes: list[str]
     sha256: bytes
+    bound_user_ids: list[int] | None
+    expires_at: float | None  # seconds since the epoch
+    limits: Limits
 
 
-async def insert_key(db: asyncpg.Connection, name: str, sha256: bytes, scopes: list[str]) -> bool:
+class BoundKeyOutcome(NamedTuple):
+    outcome: str  # 'ok', or the function's refusal
+    key_id: int | None
+    expires_at: datetime | None
+
+
+def _live_key(row: asyncpg.Record) -> LiveKey:
+    users = None if row[4] is None else list(row[4])
+    return LiveKey(row[0], row[1], list(row[2]), bytes(row[3]), users, row[5], Limits(*row[6:11]))
+
+
+async def insert_key(
+    db: asyncpg.Connection,
+    name: str,
+    sha256: bytes,
+    scopes: list[str],
+    users: list[int] | None = None,
+    expires_in: float | None = None,
+    limits: Limits = Limits(),  # noqa: B008  (an immutable tuple)
+) -> bool:
     """False when the name or the token is taken."""
-    return await db.fetchval(INSERT_KEY, name, sha256, scopes) is not None
+    row = await db.fetchval(INSERT_KEY, name, sha256, scopes, users, expires_in, *limits)
+    return row is not None
+
+
+async def create_bound_key(
+    pool: ConnectionPool,
+    caller_id: int,
+    name: str,
+    sha256: bytes,
+    scopes: list[str],
+    users: list[int],
+    expires_in: float,
+) -> BoundKeyOutcome:
+    # Not retry_safe: a retry after a lost COMMIT would find its own key's name taken.
+    row = await pool.fetchrow(CREATE_BOUND_KEY, caller_id, name, sha256, scopes, users, expires_in)
+    assert row is not None
+    return BoundKeyOutcome(row[0], row[1], row[2])
 
 
 async def key_by_name(db: asyncpg.Connection, name: str, sha256: bytes) -> tuple[int, bool] | None:
@@ -76,7 +188,20 @@ async def key_by_name(db: asyncpg.Connection, name: str, sha256: bytes) -> tuple
 
 
 async def list_keys(db: asyncpg.Connection) -> list[Key]:
-    return [Key(*row) for row in await db.fetch(LIST_KEYS)]
+    return [
+        Key(
+            row[0],
+            row[1],
+            list(row[2]),
+            row[3],
+            row[4],
+            row[5],
+            None if row[6] is None else list(row[6]),
+            row[7],
+            Limits(*row[8:13]),
+        )
+        for row in await db.fetch(LIST_KEYS)
+    ]
 
 
 async def revoke_key(db: asyncpg.Connection, name: str) -> datetime | None:
@@ -88,9 +213,26 @@ async def revoke_key(db: asyncpg.Connection, name: str) -> datetime | None:
 async def live_keys(pool: ConnectionPool, used: list[int]) -> list[LiveKey]:
     # retry_safe: the only write dates the keys' use, which may as well be retried or lost.
     rows = await pool.fetch(LIVE_KEYS, used, retry_safe=True)
-    return [LiveKey(row[0], row[1], list(row[2]), bytes(row[3])) for row in rows]
+    return [_live_key(row) for row in rows]
 
 
 async def live_key_by_hash(pool: ConnectionPool, sha256: bytes) -> LiveKey | None:
     row = await pool.fetchrow(LIVE_KEY_BY_HASH, sha256, retry_safe=True)
-    return None if row is None else LiveKey(row[0], row[1], list(row[2]), bytes(row[3]))
+    return None if row is None else _live_key(row)
+
+
+async def insert_session(
+    pool: ConnectionPool, sha256: bytes, api_key_id: int, seconds: int
+) -> None:
+    await pool.fetchval(INSERT_SESSION, sha256, api_key_id, float(seconds))
+
+
+async def live_session(pool: ConnectionPool, sha256: bytes) -> LiveKey | None:
+    """The key of the live session with this token hash, or None."""
+    row = await pool.fetchrow(LIVE_SESSION, sha256, retry_safe=True)
+    return None if row is None else _live_key(row)
+
+
+async def end_session(pool: ConnectionPool, sha256: bytes) -> None:
+    # retry_safe: ending a session twice is ending it once.
+    await pool.fetchval(END_SESSION, sha256, retry_safe=True)

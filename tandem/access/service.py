@@ -1,16 +1,22 @@
-"""API keys: create, list, revoke (the CLI's), and the key configured at start."""
+"""API keys: create, list, revoke (the CLI's), the key configured at start, and keys bound to
+users made for another key (POST /keys)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
 from tandem.access import keys, repository
+from tandem.access.errors import REFUSALS
 from tandem.access.repository import Key
-from tandem.core.callers import ALL
+from tandem.core.callers import ALL, Caller, Limit
 from tandem.core.database import Database
+from tandem.core.errors import ValidationError
+from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -20,16 +26,99 @@ class KeyCommandError(ValueError):
     """A refusal of the key commands, said to the operator as is."""
 
 
-async def create_key(conn: asyncpg.Connection, name: str, scopes: list[str]) -> str:
-    """The new key's token (shown once: only its hash is stored). Raises KeyCommandError."""
+async def create_key(
+    conn: asyncpg.Connection,
+    name: str,
+    scopes: list[str],
+    users: list[int] | None = None,
+    expires_in: float | None = None,
+    debit_limits: list[str] | None = None,
+    rate: str | None = None,
+) -> str:
+    """The new key's token (shown once: only its hash is stored). ``users``: bound to these
+    users (None: every user); ``expires_in``: seconds it lives (None: until revoked). Limits
+    are off unless given: ``debit_limits`` (``AMOUNT/PERIOD``, a period at most once) and
+    ``rate`` (``N/PERIOD``). Raises KeyCommandError."""
     try:
         name, scopes = keys.check_name(name), keys.check_scopes(scopes)
+        users = None if users is None else keys.check_users(users)
+        if expires_in is not None and not 0 < expires_in <= keys.EXPIRES_IN_MAX:
+            raise ValueError(f"--expires-in must be 1..{keys.EXPIRES_IN_MAX:g} seconds")
+        debits = keys.check_debit_limits(debit_limits or [])
+        per = None if rate is None else keys.parse_limit(rate, keys.RATE_PERIODS)
     except ValueError as error:
         raise KeyCommandError(str(error)) from error
+    limits = repository.Limits(
+        debits.get(60),
+        debits.get(3600),
+        debits.get(86400),
+        None if per is None else per.amount,
+        None if per is None else per.seconds,
+    )
     token = keys.new_token()
-    if not await repository.insert_key(conn, name, keys.digest(token), scopes):
+    made = await repository.insert_key(
+        conn, name, keys.digest(token), scopes, users, expires_in, limits
+    )
+    if not made:
         raise KeyCommandError(f"a key named {name!r} exists (revoked keys keep their names)")
     return token
+
+
+@dataclass(frozen=True, slots=True)
+class BoundKey:
+    name: str
+    token: str  # shown once
+    scopes: list[str]
+    users: list[int]
+    expires_at: datetime
+
+
+async def create_bound_key(
+    pool: ConnectionPool,
+    caller: Caller,
+    name: str,
+    scopes: list[str],
+    users: list[int],
+    expires_in: int,
+) -> BoundKey:
+    """A key bound to ``users``, made for ``caller`` by the owner's function, which refuses
+    anything but: at least one existing user, scopes among wallet:read/wallet:write and the
+    caller's, 1 s to 24 h, a live unbound caller with keys:write. Raises the AppError of each
+    refusal (tandem/access/errors.py); the token is made here, only its SHA-256 leaves."""
+    try:
+        keys.check_name(name)
+    except ValueError as error:
+        raise ValidationError(
+            str(error), details=[{"field": "name", "type": "pattern", "message": str(error)}]
+        ) from error
+    # A caller without a key (authentication disabled) has no row the function could read.
+    caller_id = -1 if caller.api_key_id is None else caller.api_key_id
+    token = keys.new_token()
+    made = await repository.create_bound_key(
+        pool, caller_id, name, keys.digest(token), scopes, users, expires_in
+    )
+    if made.outcome != "ok":
+        refusal, message = REFUSALS[made.outcome]
+        raise refusal(message)
+    assert made.expires_at is not None
+    return BoundKey(name, token, sorted(set(scopes)), sorted(set(users)), made.expires_at)
+
+
+def describe_limits(limits: repository.Limits) -> str:
+    """``debit 5000/hour,20000/day rate 10/second``, or ``-`` for none."""
+    debits = [
+        keys.describe(Limit(amount, seconds))
+        for amount, seconds in (
+            (limits.debit_per_minute, 60),
+            (limits.debit_per_hour, 3600),
+            (limits.debit_per_day, 86400),
+        )
+        if amount is not None
+    ]
+    said = [f"debit {','.join(debits)}"] if debits else []
+    if limits.rate_requests is not None and limits.rate_seconds is not None:
+        said.append(f"rate {keys.describe(Limit(limits.rate_requests, limits.rate_seconds))}")
+    return " ".join(said) or "-"
 
 
 async def list_keys(conn: asyncpg.Connection) -> list[Key]:

@@ -15,6 +15,7 @@ def register(sub: Subcommands) -> None:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
+    from tandem.access.functions import OWNER_DEFINED
     from tandem.core.migrations import grant_app_role, head_revision, upgrade_to_head
 
     settings = get_settings()
@@ -22,6 +23,6 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     upgrade_to_head(url)
     print(f"database at revision {head_revision()}")
     if settings.database_app_role:
-        grant_app_role(url, settings.database_app_role)
+        grant_app_role(url, settings.database_app_role, OWNER_DEFINED)
         print(f"granted the application's rights to {settings.database_app_role}")
     return 0

@@ -6,6 +6,7 @@ Clients branch on ``code``; ``message`` is for people and may change.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, ClassVar
 
 
@@ -65,6 +66,24 @@ class TooManyRequestsError(AppError):
 class NotFoundError(AppError):
     status_code = 404
     code = "not_found"
+
+
+class UserNotFoundError(NotFoundError):
+    """No such user. Here rather than in the wallet: the access layer gives a key bound to
+    other users this very answer, so that it cannot tell them from users that do not exist."""
+
+    code = "user_not_found"
+
+    def __init__(
+        self, user_id: int, *, field: str | None = None, at: datetime | None = None
+    ) -> None:
+        self.user_id, self.field = user_id, field
+        if at is not None:
+            message = f"user {user_id} had no journal entry at or before {at.isoformat()}"
+        else:
+            message = f"user {user_id} does not exist"
+        details = [{"field": field, "type": "not_found", "message": message}] if field else None
+        super().__init__(message, details=details)
 
 
 class ConflictError(AppError):

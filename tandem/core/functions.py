@@ -59,7 +59,10 @@ class ServerFunction:
             statements.append(f"ALTER FUNCTION {self.signature} SECURITY DEFINER")
         for option in self.config:
             name, value = option.split("=", 1)
-            statements.append(f"ALTER FUNCTION {self.signature} SET {name} = '{value}'")
+            # Each element quoted alone: 'public, pg_temp' in one pair of quotes would be a
+            # search_path of one schema by that name.
+            quoted = ", ".join(f"'{element.strip()}'" for element in value.split(","))
+            statements.append(f"ALTER FUNCTION {self.signature} SET {name} = {quoted}")
         if self.execute != ("PUBLIC",):
             statements.append(f"REVOKE ALL ON FUNCTION {self.signature} FROM PUBLIC")
             statements.extend(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+
+from tandem.core.functions import ServerFunction
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -38,8 +41,10 @@ _APP_ROLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _APPEND_ONLY = ("ledger_entries", "transfers")
 
 
-def grant_app_role(database_url: str, role: str) -> None:
-    """Give ``role`` (an existing login role) the application's rights on this database."""
+def grant_app_role(database_url: str, role: str, functions: Sequence[ServerFunction] = ()) -> None:
+    """Give ``role`` (an existing login role) the application's rights on this database, and
+    EXECUTE on each of ``functions`` by name (the owner's functions PUBLIC may not run; core
+    imports no domain: the caller names them, ``tandem migrate`` all of them)."""
     from tandem.core.database import asyncpg_dsn
 
     if _APP_ROLE.fullmatch(role) is None:
@@ -55,6 +60,8 @@ def grant_app_role(database_url: str, role: str) -> None:
         f"GRANT UPDATE (last_used_at) ON api_keys TO {role}",
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
         f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO {role}",
+        # By name, the owner's functions that PUBLIC may not execute.
+        *(f"GRANT EXECUTE ON FUNCTION {function.signature} TO {role}" for function in functions),
     ]
 
     async def run() -> None:

@@ -88,7 +88,7 @@ def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
     for status_code, code, description in codes:
         entry = out.setdefault(status_code, {"description": "", "model": ErrorEnvelope})
         entry["description"] = (entry["description"] + f" `{code}`: {description}.").strip()
-        if status_code == 503:
+        if status_code in (429, 503):
             entry["headers"] = _RETRY_AFTER
     return out
 

@@ -57,6 +57,14 @@ ACCESS_KEY_LOOKUPS = Counter(
     "key made since the last reload), unknown (no live key has it), failed (no answer).",
     ["result"],
 )
+# Requests refused by a limit set on their API key (off unless set): rate (its request rate,
+# in the access layer of one process) or debit (its money leaving users per window).
+ACCESS_KEY_LIMITED = Counter(
+    "tandem_access_key_limited_total",
+    "Requests refused 429 by a limit set on their API key, by reason: rate (the key's "
+    "request rate in this process), debit (the key's debit limit of a window).",
+    ["reason"],
+)
 ACCESS_KEY_LOOKUPS_AVOIDED = Counter(
     "tandem_access_key_lookups_avoided_total",
     "Requests with a token the key cache did not hold that made no lookup of their own, by "

@@ -20,6 +20,7 @@ from tandem.core.openapi import (
     json_request_body,
 )
 from tandem.wallet import service
+from tandem.wallet.errors import DEBIT_LIMIT
 from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX
 from tandem.wallet.repository import Transfer as TransferRow
 from tandem.wallet.schemas import (
@@ -72,11 +73,12 @@ def _json(body: bytes, status_code: int = 200, replayed: bool = False) -> Respon
 )
 async def read_history(
     db: Db,
+    caller: CurrentCaller,
     user_id: Annotated[str, _USER_ID_PATH],
     limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX, strict=False)] = 100,
     before: Annotated[int | None, Query(ge=1, le=INT64_MAX, strict=False)] = None,
 ) -> History:
-    found = await service.history(db.pool, parse_user_id(user_id), limit, before)
+    found = await service.history(db.pool, parse_user_id(user_id), limit, before, caller)
     return History(
         user_id=found.user_id,
         entries=[HistoryEntry.model_validate(e._asdict()) for e in found.entries],
@@ -100,6 +102,7 @@ async def read_history(
         (409, "balance_limit_exceeded", "the payee's balance would exceed 2^63-1"),
         (422, "validation_error", "malformed input, the same user twice, or amount <= 0"),
         (422, "idempotency_key_reused", "the key was used with a different request"),
+        DEBIT_LIMIT,
         BODY_NOT_JSON,
         BODY_TOO_LARGE,
         DATABASE_UNAVAILABLE,
@@ -145,12 +148,13 @@ async def create_transfer(
 )
 async def read_transfer(
     db: Db,
+    caller: CurrentCaller,
     transfer_id: Annotated[
         str,
         Path(alias="transferId", description=ID_DESCRIPTION, json_schema_extra=ID_JSON_SCHEMA),
     ],
 ) -> Response:
-    found = await service.get_transfer(db.pool, parse_user_id(transfer_id, "transferId"))
+    found = await service.get_transfer(db.pool, parse_user_id(transfer_id, "transferId"), caller)
     return _json(_transfer_body(found))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 from tandem.core.errors import (
@@ -13,23 +13,11 @@ from tandem.core.errors import (
     ValidationError,
 )
 
+# Defined in core (the access layer answers it too), one of the wallet's refusals all the same.
+from tandem.core.errors import UserNotFoundError as UserNotFoundError
+
 if TYPE_CHECKING:
     from tandem.wallet.repository import Request
-
-
-class UserNotFoundError(NotFoundError):
-    code = "user_not_found"
-
-    def __init__(
-        self, user_id: int, *, field: str | None = None, at: datetime | None = None
-    ) -> None:
-        self.user_id, self.field = user_id, field
-        if at is not None:
-            message = f"user {user_id} had no journal entry at or before {at.isoformat()}"
-        else:
-            message = f"user {user_id} does not exist"
-        details = [{"field": field, "type": "not_found", "message": message}] if field else None
-        super().__init__(message, details=details)
 
 
 class TransferNotFoundError(NotFoundError):
@@ -72,6 +60,29 @@ class TooManyIdempotencyKeysError(TooManyRequestsError):
 
     def __init__(self, per_day: int) -> None:
         super().__init__(f"this API key stored its {per_day} new idempotency keys for today")
+
+
+class DebitLimitError(TooManyRequestsError):
+    """The API key's debit limit of a window (``tandem keys create --debit-limit``) would be
+    passed: nothing moved, nothing counted."""
+
+    code = "debit_limit_exceeded"
+
+    def __init__(self, name: str, amount: int, period: str, retry_after: float) -> None:
+        super().__init__(
+            f"the API key {name!r} may move at most {amount} out of users per {period}"
+        )
+        # Per refusal: when the window ends (whole seconds, at least 1).
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}  # type: ignore[misc]  # an instance's own value of the class's default
+
+
+# The refusal in the OpenAPI schema of the routes that debit.
+DEBIT_LIMIT = (
+    429,
+    DebitLimitError.code,
+    "the API key's debit limit of a window would be passed (`tandem keys create "
+    "--debit-limit`); nothing changed",
+)
 
 
 def refusal_outcome(refusal: AppError) -> str:

@@ -28,6 +28,7 @@ from tandem.core.openapi import (
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
+from tandem.wallet.errors import DEBIT_LIMIT
 from tandem.wallet.schemas import (
     BODY_INVALID,
     BODY_NOT_JSON,
@@ -173,6 +174,7 @@ _UPDATE = {
             (409, "balance_limit_exceeded", "the balance would exceed 2^63-1"),
             BODY_INVALID,
             (422, "idempotency_key_reused", "the key was used with a different request"),
+            DEBIT_LIMIT,
             BODY_NOT_JSON,
             BODY_TOO_LARGE,
             (405, "method_not_allowed", "only POST"),

@@ -5,6 +5,7 @@ refuses a negative balance, and the journal is append-only (its triggers, runnin
 from __future__ import annotations
 
 from datetime import date, datetime
+from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    Numeric,
     Text,
     UniqueConstraint,
     func,
@@ -115,6 +117,30 @@ class IdempotencyUsage(Base):
     day: Mapped[date] = mapped_column(Date, nullable=False)
     backend: Mapped[int] = mapped_column(Integer, nullable=False)
     used: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class KeyDebit(Base):
+    """Money that left users by an API key with a debit limit, per window (its length and
+    start, UTC-aligned) and server backend: as idempotency_usage, a backend runs one
+    transaction at a time, so two debits never wait on one counter row. Only keys with a
+    limit are counted."""
+
+    __tablename__ = "key_debits"
+    __table_args__ = (
+        # The key and window first: a count reads one window of one key (an index range).
+        UniqueConstraint("api_key_id", "seconds", "window_start", "backend", name="uq_key_debits"),
+    )
+    # The table has no primary key: the mapper names the unique quadruple.
+    __mapper_args__ = {  # noqa: RUF012
+        "primary_key": ["api_key_id", "seconds", "window_start", "backend"]
+    }
+
+    api_key_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    seconds: Mapped[int] = mapped_column(Integer, nullable=False)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    backend: Mapped[int] = mapped_column(Integer, nullable=False)
+    # numeric: a window's sum of 64-bit amounts cannot overflow.
+    amount: Mapped[Decimal] = mapped_column(Numeric, nullable=False)
 
 
 def _reference_length() -> CheckConstraint:

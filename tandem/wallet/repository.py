@@ -135,6 +135,34 @@ SELECT (SELECT used FROM bump) + coalesce((
       AND backend <> pg_backend_pid()), 0)
 """
 
+# Counts money leaving users by an API key with debit limits ($1, $2), in the transaction that
+# moves it, for each of the key's windows ($3: their lengths in seconds, aligned to the UTC
+# epoch), and answers each window's total with the seconds left in it. One row per key, window
+# and server backend, as COUNT_IDEMPOTENCY_KEY: no two debits ever wait on one counter row (a
+# row per key would serialise all of a key's debits on their commits). The sum reads the other
+# backends' committed rows, so debits committing at once on n backends may together pass the
+# limit by at most one debit each (n - 1 in all).
+COUNT_KEY_DEBIT = """
+WITH windows AS (
+    SELECT s AS seconds,
+           date_bin(make_interval(secs => s), clock_timestamp(), timestamptz 'epoch') AS start
+    FROM unnest($3::integer[]) s
+), bump AS (
+    INSERT INTO key_debits AS d (api_key_id, seconds, window_start, backend, amount)
+    SELECT $1, seconds, start, pg_backend_pid(), $2 FROM windows
+    ON CONFLICT (api_key_id, seconds, window_start, backend)
+        DO UPDATE SET amount = d.amount + EXCLUDED.amount
+    RETURNING seconds, window_start, amount
+)
+SELECT b.seconds,
+       b.amount + coalesce((
+           SELECT sum(o.amount) FROM key_debits o
+           WHERE o.api_key_id = $1 AND o.seconds = b.seconds
+             AND o.window_start = b.window_start AND o.backend <> pg_backend_pid()), 0),
+       extract(epoch FROM b.window_start + make_interval(secs => b.seconds) - clock_timestamp())
+FROM bump b
+"""
+
 # The ledger's two invariants, in one snapshot (the caller's REPEATABLE READ transaction): a
 # balance is the sum of its user's entries, and each entry's balance is the previous one's
 # plus its amount (an opening entry's is its amount).
@@ -180,6 +208,12 @@ DELETE FROM idempotency_keys WHERE ctid IN (
 # Counters of days before yesterday (UTC) are no longer read.
 PRUNE_IDEMPOTENCY_USAGE = """
 DELETE FROM idempotency_usage WHERE day < (clock_timestamp() AT TIME ZONE 'UTC')::date - 1
+"""
+
+# Debit windows that ended over a day ago (the longest is a day) are no longer read.
+PRUNE_KEY_DEBITS = """
+DELETE FROM key_debits
+WHERE window_start + make_interval(secs => seconds) < clock_timestamp() - interval '1 day'
 """
 
 
@@ -233,8 +267,9 @@ class Transfer(NamedTuple):
     amount: int
     reference: str | None
     created_at: datetime
-    from_balance: int
-    to_balance: int
+    # None: not shown to a key bound to the other side only (service.get_transfer).
+    from_balance: int | None
+    to_balance: int | None
 
 
 async def apply_delta(
@@ -340,6 +375,20 @@ async def count_idempotency_key(conn: Connection, api_key_id: int | None) -> int
     return total
 
 
+class DebitTotal(NamedTuple):
+    seconds: int  # the window's length
+    total: int  # the key's debits in the window, this one included
+    left: float  # seconds until the window ends
+
+
+async def count_key_debit(
+    conn: Connection, api_key_id: int, amount: int, windows: list[int]
+) -> list[DebitTotal]:
+    """Counts ``amount`` against each window of the key, in the caller's transaction."""
+    rows = await conn.fetch(COUNT_KEY_DEBIT, api_key_id, amount, windows)
+    return [DebitTotal(row[0], int(row[1]), float(row[2])) for row in rows]
+
+
 class StoredOutcome(NamedTuple):
     request: Request
     outcome: str  # "ok" or the refusal answered (errors.refusal_outcome)
@@ -392,4 +441,5 @@ async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch:
     """Deletes up to ``batch`` keys created before ``older_than`` ago; returns how many."""
     status = await conn.execute(PRUNE_IDEMPOTENCY_KEYS, older_than, batch)
     await conn.execute(PRUNE_IDEMPOTENCY_USAGE)
+    await conn.execute(PRUNE_KEY_DEBITS)
     return rows_affected(status)

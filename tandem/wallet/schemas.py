@@ -136,8 +136,14 @@ class Transfer(BaseModel):
     to_user_id: int = Field(alias="toUserId")
     amount: int
     reference: str | None = None
-    from_balance: int = Field(alias="fromBalance", description="The payer's balance after it.")
-    to_balance: int = Field(alias="toBalance", description="The payee's balance after it.")
+    from_balance: int | None = Field(
+        alias="fromBalance",
+        description="The payer's balance after it (null to a key bound to the payee only).",
+    )
+    to_balance: int | None = Field(
+        alias="toBalance",
+        description="The payee's balance after it (null to a key bound to the payer only).",
+    )
     created_at: datetime = Field(alias="createdAt")
 
 

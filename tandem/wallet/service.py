@@ -3,6 +3,7 @@ once per idempotency key."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,12 +11,14 @@ from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from tandem.core.callers import ANONYMOUS, Caller
+from tandem.core.callers import ANONYMOUS, Caller, period_name
 from tandem.core.errors import AppError
 from tandem.core.pool import ConnectionPool
+from tandem.observability.metrics import ACCESS_KEY_LIMITED
 from tandem.wallet import repository
 from tandem.wallet.errors import (
     BalanceLimitError,
+    DebitLimitError,
     IdempotencyKeyReusedError,
     InsufficientFundsError,
     TooManyIdempotencyKeysError,
@@ -25,6 +28,8 @@ from tandem.wallet.errors import (
     replay_refusal,
 )
 from tandem.wallet.models import INT64_MAX
+
+log = logging.getLogger(__name__)
 
 DEFAULT_KEYS_PER_DAY = 1_000_000
 
@@ -83,9 +88,14 @@ async def update_balance(
     database fails: DatabaseUnavailableError (nothing changed) or OutcomeUnknownError (the
     change may have been applied). The caller signs the entry, and its idempotency keys are
     its own (another caller's equal key is another key); past ``keys_per_day`` new keys in a
-    UTC day, TooManyIdempotencyKeysError.
+    UTC day, TooManyIdempotencyKeysError. A caller bound to other users is told
+    UserNotFoundError, before anything changes or its key is claimed. A withdrawal by a key
+    with debit limits is counted in its transaction (count_debit): past one, DebitLimitError
+    and nothing changed.
     """
-    if idempotency_key is None:
+    if not caller.may_touch(user_id):
+        raise UserNotFoundError(user_id)
+    if idempotency_key is None and not (amount < 0 and caller.debit_limits):
         result = await repository.apply_delta(
             pool, user_id, amount, reference, None, caller.api_key_id
         )
@@ -95,7 +105,15 @@ async def update_balance(
         assert result is not None
         return BalanceResult(user_id, result.balance, result.entry_id)
     request = repository.Request("update", user_id, None, amount, reference)
-    keyed = _Keyed(idempotency_key, caller.api_key_id, keys_per_day)
+    if idempotency_key is None:
+        # A withdrawal by a key with debit limits: counted in the change's transaction.
+        async with pool.transaction() as conn:
+            applied = await _apply_update(conn, _Keyed(None, caller, keys_per_day), request)
+            if isinstance(applied, AppError):
+                raise applied
+            await count_debit(conn, caller, -amount)
+        return applied
+    keyed = _Keyed(idempotency_key, caller, keys_per_day)
     return await _once(pool, keyed, request, _apply_update, _replay_update)
 
 
@@ -111,14 +129,27 @@ async def transfer(
 ) -> TransferResult:
     """Move ``amount`` (> 0) from one user to another, atomically and journaled (two entries
     sharing the transfer id). Raises UserNotFoundError (saying which), InsufficientFundsError,
-    BalanceLimitError, IdempotencyKeyReusedError; a refusal changes nothing."""
+    BalanceLimitError, IdempotencyKeyReusedError, DebitLimitError (the caller's key past a
+    debit limit: the amount is counted against it); a refusal changes nothing. A caller bound
+    to users pays only from them (to anyone): another payer is UserNotFoundError, as for a
+    payer that does not exist, before anything changes or its key is claimed."""
+    if not caller.may_touch(from_user_id):
+        raise UserNotFoundError(from_user_id, field="fromUserId")
     request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
-    if idempotency_key is None:
+    if idempotency_key is None and not caller.debit_limits:
         result = await repository.transfer(
             pool, from_user_id, to_user_id, amount, reference, None, caller.api_key_id
         )
         return TransferResult(_transferred(request, result))
-    keyed = _Keyed(idempotency_key, caller.api_key_id, keys_per_day)
+    if idempotency_key is None:
+        # By a key with debit limits: the paying side counted in the transfer's transaction.
+        async with pool.transaction() as conn:
+            applied = await _apply_transfer(conn, _Keyed(None, caller, keys_per_day), request)
+            if isinstance(applied, AppError):
+                raise applied
+            await count_debit(conn, caller, amount)
+        return applied
+    keyed = _Keyed(idempotency_key, caller, keys_per_day)
     return await _once(pool, keyed, request, _apply_transfer, _replay_transfer)
 
 
@@ -130,11 +161,55 @@ Connection = repository.Connection
 
 @dataclass(frozen=True, slots=True)
 class _Keyed:
-    """An idempotency key, with the caller it belongs to and that caller's daily cap."""
+    """An idempotency key (None: a request without one), with the caller it belongs to and
+    that caller's daily cap."""
 
-    key: str
-    api_key_id: int | None
+    key: str | None
+    caller: Caller
     per_day: int
+
+    @property
+    def api_key_id(self) -> int | None:
+        return self.caller.api_key_id
+
+
+# --- debit limits --------------------------------------------------------------------------
+
+_DEBIT_LIMITED = ACCESS_KEY_LIMITED.labels("debit")
+
+
+async def count_debit(conn: Connection, caller: Caller, amount: int) -> None:
+    """Counts ``amount`` (> 0) leaving a user by ``caller``'s key, in ``conn``'s transaction,
+    the one that moves it: a committed debit is always counted, a rolled-back one never.
+    Every debit calls this (a withdrawal, a transfer's paying side). Raises DebitLimitError
+    past one of the key's windows; the caller's transaction must then roll back (it does:
+    the error leaves it), so nothing moves and nothing is counted. A key without debit limits
+    costs no statement. Debits committing at once on n backends may pass a limit by at most
+    one debit each (the sum reads committed rows: repository.COUNT_KEY_DEBIT)."""
+    if not caller.debit_limits:
+        return
+    assert caller.api_key_id is not None
+    assert amount > 0
+    totals = await repository.count_key_debit(
+        conn, caller.api_key_id, amount, [limit.seconds for limit in caller.debit_limits]
+    )
+    limits = {limit.seconds: limit.amount for limit in caller.debit_limits}
+    for window in totals:
+        if window.total > limits[window.seconds]:
+            _DEBIT_LIMITED.inc()
+            period = period_name(window.seconds)
+            log.warning(
+                "the API key %r was stopped by its debit limit of %d per %s (refused 429)",
+                caller.name,
+                limits[window.seconds],
+                period,
+            )
+            raise DebitLimitError(caller.name, limits[window.seconds], period, window.left)
+
+
+def _debit(request: repository.Request) -> int:
+    """The money a request takes out of a user (0 for a deposit)."""
+    return request.amount if request.kind == "transfer" else max(0, -request.amount)
 
 
 async def _once(
@@ -150,6 +225,7 @@ async def _once(
     # the outcome is unknown, and a retry with this key finds the stored outcome or, if the
     # transaction did not commit, claims the key and applies once.
     key, owner = keyed.key, keyed.api_key_id
+    assert key is not None
     async with pool.transaction() as conn:
         if not await repository.claim_idempotency_key(conn, key, owner, request):
             stored = await repository.get_idempotency_outcome(conn, key, owner)
@@ -170,6 +246,10 @@ async def _once(
         if await repository.count_idempotency_key(conn, owner) > keyed.per_day:
             raise TooManyIdempotencyKeysError(keyed.per_day)
         result = await apply(conn, keyed, request)
+        if not isinstance(result, AppError) and _debit(request):
+            # Past a debit limit the transaction rolls back: nothing stored, nothing applied,
+            # and a retry with this key is judged anew. A replay (above) is never counted.
+            await count_debit(conn, keyed.caller, _debit(request))
         outcome = refusal_outcome(result) if isinstance(result, AppError) else "ok"
         await repository.record_idempotency_outcome(conn, key, owner, outcome)
     # The refusal is raised after the commit: it is the outcome a retry must see again.
@@ -195,6 +275,7 @@ async def _apply_update(
 async def _replay_update(
     conn: Connection, keyed: _Keyed, request: repository.Request, legacy_balance: int | None
 ) -> BalanceResult | None:
+    assert keyed.key is not None
     applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
     if applied.transfer_id is not None:
         raise IdempotencyKeyReusedError()  # a transfer's key, its outcome pruned
@@ -235,6 +316,7 @@ async def _apply_transfer(
 async def _replay_transfer(
     conn: Connection, keyed: _Keyed, request: repository.Request, _legacy_balance: int | None
 ) -> TransferResult | None:
+    assert keyed.key is not None
     applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
     if applied.entry is not None:
         raise IdempotencyKeyReusedError()  # a balance update's key, its outcome pruned
@@ -299,21 +381,45 @@ async def get_balance(
     return BalanceResult(user_id, balance, at=at)
 
 
-async def history(pool: ConnectionPool, user_id: int, limit: int, before: int | None) -> History:
-    """Newest first, ``limit`` entries older than entry ``before``. Raises UserNotFoundError."""
+async def history(
+    pool: ConnectionPool,
+    user_id: int,
+    limit: int,
+    before: int | None,
+    caller: Caller = ANONYMOUS,
+) -> History:
+    """Newest first, ``limit`` entries older than entry ``before``. Raises UserNotFoundError.
+
+    The user's own statement (amounts, balances, references) whoever reads it; the name of
+    the key that made an entry only to an unbound caller, or to a bound one for the entries it
+    made itself: an end user's token learns nothing of the service's other keys."""
     rows = await repository.history(
         pool, user_id, INT64_MAX if before is None else before, limit + 1
     )
     if not rows and not await repository.user_exists(pool, user_id):
         raise UserNotFoundError(user_id)
     page = rows[:limit]
+    if caller.bound:
+        page = [e if e.api_key == caller.name else e._replace(api_key=None) for e in page]
     return History(user_id, page, page[-1].id if len(rows) > limit else None)
 
 
-async def get_transfer(pool: ConnectionPool, transfer_id: int) -> repository.Transfer:
+async def get_transfer(
+    pool: ConnectionPool, transfer_id: int, caller: Caller = ANONYMOUS
+) -> repository.Transfer:
+    """Raises TransferNotFoundError, also to a caller bound to neither side (as for a transfer
+    that does not exist); a caller bound to one side gets the other side's balance as None."""
     found = await repository.get_transfer(pool, transfer_id)
     if found is None:
         raise TransferNotFoundError(transfer_id)
+    if caller.bound:
+        payer, payee = caller.may_touch(found.from_user_id), caller.may_touch(found.to_user_id)
+        if not payer and not payee:
+            raise TransferNotFoundError(transfer_id)
+        found = found._replace(
+            from_balance=found.from_balance if payer else None,
+            to_balance=found.to_balance if payee else None,
+        )
     return found
 
 

@@ -25,14 +25,24 @@ async def make_key(
     *scopes: str,
     revoked: bool = False,
     known_to: httpx.AsyncClient | None = None,
+    users: list[int] | None = None,
+    expires_in: float | None = None,
+    debit_limits: tuple[str, ...] = (),
+    rate: str | None = None,
 ) -> str:
-    """A new key's token (``revoked``: revoked at once). With ``known_to``, returns once that
-    app accepts the key (at once, unless its lookups of unknown tokens are spent)."""
+    """A new key's token (``revoked``: revoked at once; ``users``: bound to them;
+    ``expires_in``: seconds it lives; with the limits given, as ``tandem keys create
+    --debit-limit/--rate`` takes them). With ``known_to``, returns once that app accepts the
+    key (at once, unless its lookups of unknown tokens are spent)."""
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        token = await service.create_key(conn, name, list(scopes))
-        if revoked:
-            await service.revoke_key(conn, name)
+        # One transaction: no reload of a running app can see a revoked key live in between.
+        async with conn.transaction():
+            token = await service.create_key(
+                conn, name, list(scopes), users, expires_in, list(debit_limits), rate
+            )
+            if revoked:
+                await service.revoke_key(conn, name)
     finally:
         await conn.close()
     if known_to is not None:

@@ -13,6 +13,7 @@ import pytest
 from tandem.access import policy
 from tandem.access.keys import new_token
 from tandem.core.callers import (
+    KEYS_WRITE,
     SCOPES,
     TASKS_READ,
     TASKS_WRITE,
@@ -59,6 +60,13 @@ ROUTES = [
     ),
     Route("GET", "/transfers/{transfer}", WALLET_READ),
     Route("POST", "/users", USERS_WRITE, ok=201, body=lambda w: {"balance": 0}),
+    Route(
+        "POST",
+        "/keys",
+        KEYS_WRITE,
+        ok=201,
+        body=lambda w: {"name": "minted", "scopes": [WALLET_READ], "userIds": [w["user"]]},
+    ),
     Route("GET", "/tasks", TASKS_READ),
     Route("GET", f"/tasks/{TASK}/history", TASKS_READ),
     Route("GET", "/instances", TASKS_READ),
@@ -78,6 +86,7 @@ STATE = """
 SELECT (SELECT count(*) FROM users), (SELECT sum(balance) FROM users),
        (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM transfers),
        (SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM task_actions),
+       (SELECT count(*) FROM api_keys),
        (SELECT string_agg(name || enabled::text || next_run_at::text, ',') FROM tasks)
 """
 
@@ -166,17 +175,56 @@ async def test_route_requires_its_key(
     assert answer.status_code == route.ok, answer.text[:300]
 
 
-def test_every_route_is_in_the_table() -> None:
-    """No route falls through to the default: each is named in policy.RULES."""
+def served_routes() -> set[tuple[str, str]]:
+    """Every (method, path template) the app serves: its schema's operations (the lean
+    path's included) and the routes left out of the schema (pages, docs)."""
     app = create_app(Settings(database_url="postgresql://unused/unused"))
-    paths = set(app.openapi()["paths"]) | {"/status/fragment", "/docs", "/redoc"}
+    served = {
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        for method in operations
+    }
+    routes = list(app.routes)
+    while routes:
+        route = routes.pop()
+        # An included router (FastAPI 0.16x keeps it whole): its own routes.
+        routes += getattr(getattr(route, "original_router", None), "routes", [])
+        methods = getattr(route, "methods", None) or set()
+        served |= {(method, getattr(route, "path", "")) for method in methods if method != "HEAD"}
+    return served
+
+
+def test_every_route_is_in_the_table() -> None:
+    """No (method, path) the app serves falls through to the default: each has its rule, and
+    with it its binding."""
+    served = served_routes()
+    assert ("POST", "/keys") in served
+    assert ("GET", "/status/fragment") in served
+    missing = {route for route in served if policy.TABLE.rule_named(*route) is None}
+    assert not missing, missing
     listed = {rule.template for rule in policy.RULES}
-    assert paths <= listed, paths - listed
     assert {r.path for r in ROUTES if r.path.startswith("/no/")}.isdisjoint(listed)
     # ...and the matrix above covers every rule that needs a key.
-    tested = {policy.rule_for(r.path.format(user=1, transfer=1)).template for r in ROUTES}
-    needing = {r.template for r in policy.RULES if r.requirement != policy.PUBLIC}
-    assert needing - {"/logout"} <= tested, needing - tested
+    tested = {
+        (rule.method, rule.template)
+        for r in ROUTES
+        for rule in [policy.rule_for(r.method, r.path.format(user=1, transfer=1))]
+    }
+    needing = {(r.method, r.template) for r in policy.RULES if r.requirement != policy.PUBLIC}
+    assert needing <= tested, needing - tested
+
+
+def test_a_rule_without_a_binding_is_refused() -> None:
+    """The table cannot hold a route that does not say how a bound key is held on it."""
+    with pytest.raises(TypeError):
+        policy.Rule("GET", "/holds/{userId}", WALLET_READ)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        policy.Rule("GET", "/holds/{userId}", WALLET_READ, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="PATH_USER"):
+        policy.Rule("GET", "/holds", WALLET_READ, policy.Binding.PATH_USER)
+    rule = policy.Rule("GET", "/events", WALLET_READ, policy.Binding.UNBOUND_ONLY)
+    with pytest.raises(ValueError, match="declared twice"):
+        policy.Table((rule, rule))
 
 
 @pytest.mark.parametrize(

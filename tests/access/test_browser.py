@@ -1,5 +1,7 @@
-"""The browser side: a login that sets a SameSite=Strict cookie, no cookie accepted on a
-state-changing request from another site, and the pages' security headers. In process."""
+"""The browser side: a login that sets a SameSite=Strict session cookie (never the key), a
+session that ends at logout, at its key's revocation and at its expiry, on every instance; no
+cookie accepted on a state-changing request from another site, and the pages' security
+headers. In process."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from tandem.access.keys import digest
 from tandem.core.callers import TASKS_READ, TASKS_WRITE, WALLET_READ, WALLET_WRITE
 from tandem.core.settings import Settings
-from tests.access.keys import make_key
-from tests.support import fetch, in_process
+from tests.access.keys import bearer, make_key, revoke_key
+from tests.support import app_settings, fetch, in_process
 
 SITE = "http://tandem.test"
 EVIL = "https://evil.example"
@@ -37,8 +40,35 @@ async def person(database_url: str, browser: httpx.AsyncClient) -> str:
     return await make_key(database_url, "person", *scopes, known_to=browser)
 
 
-def cookie(token: str) -> dict[str, str]:
-    return {"Cookie": f"tandem_key={token}"}
+@pytest.fixture(scope="module")
+async def session(browser: httpx.AsyncClient, person: str) -> str:
+    """A session of the person's key, as its cookie holds it."""
+    return await login(browser, person)
+
+
+async def login(browser: httpx.AsyncClient, token: str) -> str:
+    """Signs in with the key ``token``; the session token the cookie holds."""
+    answer = await browser.post(
+        "/login", data={"key": token}, headers={"Origin": SITE}, follow_redirects=False
+    )
+    assert answer.status_code == 303, answer.text
+    name, _, rest = answer.headers["set-cookie"].partition("=")
+    assert name == "tandem_session"
+    return rest.partition(";")[0]
+
+
+def cookie(session: str) -> dict[str, str]:
+    return {"Cookie": f"tandem_session={session}"}
+
+
+async def assert_session_refused(browser: httpx.AsyncClient, session: str) -> None:
+    """The anonymous answers: a page sends to the login, the API is 401."""
+    page = await browser.get("/", headers=cookie(session))
+    assert page.status_code == 303
+    assert page.headers["location"] == "/login"
+    api = await browser.get("/openapi.json", headers=cookie(session))
+    assert api.status_code == 401
+    assert api.json()["error"]["code"] == "unauthenticated"
 
 
 def assert_page_headers(answer: httpx.Response) -> None:
@@ -71,21 +101,61 @@ async def test_login_sets_a_strict_cookie_that_opens_the_pages(
     assert answer.status_code == 303
     assert answer.headers["location"] == "/"
     set_cookie = answer.headers["set-cookie"]
-    assert set_cookie.startswith(f"tandem_key={person};")
-    for attribute in ("HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="):
+    assert set_cookie.startswith("tandem_session=tds_")
+    for attribute in ("HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"):
         assert attribute in set_cookie
+    session = set_cookie.partition("=")[2].partition(";")[0]
 
-    page = await browser.get("/", headers=cookie(person))
+    page = await browser.get("/", headers=cookie(session))
     assert page.status_code == 200
     assert "Tandem status" in page.text
     assert_page_headers(page)
-    docs = await browser.get("/docs", headers=cookie(person))
+    docs = await browser.get("/docs", headers=cookie(session))
     assert docs.status_code == 200
     assert_page_headers(docs)
     # Swagger UI's inline script is allowed by its hash, nothing else inline.
     assert "'sha256-" in docs.headers["content-security-policy"]
-    schema = await browser.get("/openapi.json", headers=cookie(person))
+    schema = await browser.get("/openapi.json", headers=cookie(session))
     assert schema.status_code == 200
+
+
+async def test_the_session_cookie_is_secure_behind_https(
+    browser: httpx.AsyncClient, person: str
+) -> None:
+    """Behind a TLS proxy (X-Forwarded-Proto: https) the cookie is Secure; on plain HTTP it
+    cannot be (the browser would drop it)."""
+    for proto, secure in (("https", True), ("http", False)):
+        answer = await browser.post(
+            "/login",
+            data={"key": person},
+            headers={"Origin": SITE, "X-Forwarded-Proto": proto},
+            follow_redirects=False,
+        )
+        assert answer.status_code == 303
+        assert ("; Secure" in answer.headers["set-cookie"]) is secure
+
+
+async def test_the_cookie_never_holds_the_key(
+    browser: httpx.AsyncClient, person: str, session: str, database_url: str
+) -> None:
+    """The cookie is a session token, stored hashed with its key, issue and expiry times; a
+    cookie of before (the raw key, under the old name or the new) is no longer accepted."""
+    assert session.startswith("tds_")
+    assert person not in session
+    rows = await fetch(
+        database_url,
+        "SELECT k.name, s.expires_at - s.created_at AS life, s.ended_at "
+        "FROM browser_sessions s JOIN api_keys k ON k.id = s.api_key_id "
+        "WHERE s.token_sha256 = $1",
+        digest(session),
+    )
+    assert [(r["name"], r["life"].total_seconds(), r["ended_at"]) for r in rows] == [
+        ("person", 43200.0, None)
+    ]
+    for old in ({"Cookie": f"tandem_key={person}"}, cookie(person)):
+        page = await browser.get("/", headers=old)
+        assert page.status_code == 303
+        assert (await browser.get("/openapi.json", headers=old)).status_code == 401
 
 
 async def test_login_refuses_a_wrong_key_and_a_foreign_form(
@@ -101,7 +171,7 @@ async def test_login_refuses_a_wrong_key_and_a_foreign_form(
 
 
 async def test_a_cross_site_form_cannot_act_with_the_cookie(
-    browser: httpx.AsyncClient, person: str, database_url: str
+    browser: httpx.AsyncClient, session: str, database_url: str
 ) -> None:
     """Cross-site probes: a text/plain form post moving money and a form post pausing a
     task, from another site, with and without the visitor's cookie."""
@@ -114,7 +184,7 @@ async def test_a_cross_site_form_cannot_act_with_the_cookie(
     before = await fetch(database_url, state, user, TASK)
     form = f'{{"userId": {user}, "amount": -10}}'
     text_plain = {"Content-Type": "text/plain", "Origin": EVIL, "Host": "tandem.test"}
-    for headers in ({}, cookie(person)):
+    for headers in ({}, cookie(session)):
         moved = await browser.post(
             "/balance/update", content=form, headers={**text_plain, **headers}
         )
@@ -124,13 +194,13 @@ async def test_a_cross_site_form_cannot_act_with_the_cookie(
         )
         assert paused.status_code in (401, 403), paused.text
     # No Origin at all is refused too, with a cookie.
-    no_origin = await browser.post(f"/tasks/{TASK}/pause", headers=cookie(person))
+    no_origin = await browser.post(f"/tasks/{TASK}/pause", headers=cookie(session))
     assert no_origin.status_code == 403
     assert no_origin.json()["error"]["code"] == "forbidden"
     assert await fetch(database_url, state, user, TASK) == before
 
     # From the site itself (Swagger UI's "try it out"), the cookie works.
-    same_site = {**cookie(person), "Origin": SITE}
+    same_site = {**cookie(session), "Origin": SITE}
     moved = await browser.post(
         "/balance/update", json={"userId": user, "amount": -10}, headers=same_site
     )
@@ -143,6 +213,58 @@ async def test_logout_clears_the_cookie(browser: httpx.AsyncClient) -> None:
     assert answer.status_code == 303
     assert "Max-Age=0" in answer.headers["set-cookie"]
     assert (await browser.get("/logout")).status_code == 405
+
+
+async def test_logout_ends_the_session_on_every_instance(
+    browser: httpx.AsyncClient, database_url: str
+) -> None:
+    """After a logout on one instance, a replay of the old cookie is anonymous there and on a
+    second instance at once (both knew the session live just before)."""
+    token = await make_key(database_url, "leaver", TASKS_READ, known_to=browser)
+    session = await login(browser, token)
+    async with (
+        in_process(app_settings(database_url)) as other,
+        httpx.AsyncClient(transport=other, base_url=SITE) as second,
+    ):
+        for instance in (browser, second):
+            assert (await instance.get("/", headers=cookie(session))).status_code == 200
+        out = await browser.post("/logout", headers={**cookie(session), "Origin": SITE})
+        assert out.status_code == 303
+        for instance in (browser, second):
+            await assert_session_refused(instance, session)
+    # The key itself lives on.
+    assert (await browser.get("/openapi.json", headers=bearer(token))).status_code == 200
+
+
+async def test_revocation_ends_the_key_sessions_at_once(
+    browser: httpx.AsyncClient, database_url: str
+) -> None:
+    """A revoked key's session is refused on the next request, while the key cache (reloaded
+    every 2 s) may still hold the key."""
+    token = await make_key(database_url, "revoked-person", TASKS_READ, known_to=browser)
+    session = await login(browser, token)
+    assert (await browser.get("/", headers=cookie(session))).status_code == 200
+    await revoke_key(database_url, "revoked-person")
+    await assert_session_refused(browser, session)
+    ended = await fetch(
+        database_url,
+        "SELECT ended_at IS NOT NULL FROM browser_sessions WHERE token_sha256 = $1",
+        digest(session),
+    )
+    assert ended[0][0]
+
+
+async def test_an_expired_session_is_refused(browser: httpx.AsyncClient, database_url: str) -> None:
+    """A session past its expiry (the cookie's max age) is refused, whatever the cookie."""
+    token = await make_key(database_url, "expiring", TASKS_READ, known_to=browser)
+    session = await login(browser, token)
+    assert (await browser.get("/", headers=cookie(session))).status_code == 200
+    await fetch(
+        database_url,
+        "UPDATE browser_sessions SET expires_at = clock_timestamp() WHERE token_sha256 = $1",
+        digest(session),
+    )
+    await assert_session_refused(browser, session)
 
 
 async def test_disabled_authentication_is_open_and_says_so(database_url: str) -> None:

@@ -42,6 +42,33 @@ def tandem(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_keys_create_with_limits_and_list_them(database_url: str) -> None:
+    """--debit-limit (repeatable) and --rate are stored and shown by `keys list`; a bad one
+    is refused and makes no key; a key without limits lists none."""
+    made = tandem(
+        database_url,
+        *("keys", "create", "--name", "capped", "--scope", "wallet:write"),
+        *("--debit-limit", "5000/hour", "--debit-limit", "20000/day", "--rate", "10/s"),
+    )
+    assert made.returncode == 0, made.stderr
+    bad = tandem(
+        database_url,
+        *("keys", "create", "--name", "bad", "--scope", "wallet:write"),
+        *("--debit-limit", "5/week"),
+    )
+    assert bad.returncode == 2
+    assert "invalid limit '5/week'" in bad.stderr
+    plain = tandem(database_url, "keys", "create", "--name", "plain", "--scope", "wallet:read")
+    assert plain.returncode == 0, plain.stderr
+    listed = {
+        line.split()[0]: line for line in tandem(database_url, "keys", "list").stdout.splitlines()
+    }
+    assert "LIMITS" in listed["NAME"]
+    assert "debit 5000/hour,20000/day rate 10/second" in listed["capped"]
+    assert listed["plain"].split()[-1] == "-"
+    assert "bad" not in listed
+
+
 def test_keys_create_list_revoke(database_url: str, log_dir: Path) -> None:
     made = tandem(database_url, "keys", "create", "--name", "reader", "--scope", "wallet:read")
     assert made.returncode == 0, made.stderr
@@ -75,6 +102,45 @@ def test_keys_create_list_revoke(database_url: str, log_dir: Path) -> None:
         assert tandem(database_url, "keys", "revoke", "nobody").returncode == 2
     finally:
         server.stop()
+
+
+def test_keys_create_bound_to_users(database_url: str) -> None:
+    """`--user` (repeated) binds the key to those users, `--expires-in` dates its end; both
+    are stored and listed; a user id that is no id is refused."""
+    users = [
+        row["id"]
+        for row in query(database_url, "INSERT INTO users (balance) VALUES (0), (0) RETURNING id")
+    ]
+    args = ["keys", "create", "--name", "end-user", "--scope", "wallet:read"]
+    made = tandem(
+        database_url,
+        *args,
+        "--user",
+        str(users[1]),
+        "--user",
+        str(users[0]),
+        "--expires-in",
+        "600",
+    )
+    assert made.returncode == 0, made.stderr
+    assert f"bound to the users {users[0]}, {users[1]}" in made.stdout
+    row = query(
+        database_url,
+        "SELECT bound_user_ids, expires_at - created_at AS life FROM api_keys "
+        "WHERE name = 'end-user'",
+    )[0]
+    assert row["bound_user_ids"] == users
+    assert 599 <= row["life"].total_seconds() <= 600
+    listed = {
+        line.split()[0]: line.split()
+        for line in tandem(database_url, "keys", "list").stdout.splitlines()[1:]
+    }
+    assert listed["end-user"][-2] == f"{users[0]},{users[1]}"
+    refused = tandem(
+        database_url, "keys", "create", "--name", "x", "--scope", "wallet:read", "--user", "0"
+    )
+    assert refused.returncode == 2
+    assert "invalid user id" in refused.stderr
 
 
 def lookups_of(server: Server) -> dict[str, float]:

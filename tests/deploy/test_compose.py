@@ -394,13 +394,15 @@ def _instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_is_multi_stage_non_root_and_signal_safe() -> None:
     """Two stages; the runtime stage runs as a non-root user; the entry point is exec form (no
-    shell as PID 1 swallowing SIGTERM) and runs `tandem`; the base image is pinned."""
+    shell as PID 1 swallowing SIGTERM) and runs `tandem`; the base image is pinned (a version
+    tag, and a digest once the update bot has added one)."""
     steps = _instructions()
     froms = [rest for keyword, rest in steps if keyword == "FROM"]
     assert len(froms) >= 2
     args = dict(rest.split("=", 1) for keyword, rest in steps if keyword == "ARG" and "=" in rest)
     base = args.get("PYTHON_IMAGE", "")
-    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+    # The update bot adds the digest beside the tag (docs/deployment.md, Supply chain).
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base), base
     runtime = steps[max(i for i, (k, _) in enumerate(steps) if k == "FROM") :]
     users = [rest for keyword, rest in runtime if keyword == "USER"]
     assert users, "the runtime stage sets no USER"

@@ -355,7 +355,9 @@ def test_a_browser_login_works_through_nginx(
         set_cookie = login.headers["set-cookie"]
         attributes = {part.strip().split("=")[0].lower() for part in set_cookie.split(";")}
         assert {"secure", "httponly"} <= attributes, set_cookie
-        cookie = {"Cookie": set_cookie.split(";", 1)[0]}
+        session = set_cookie.partition("tandem_session=")[2].partition(";")[0]
+        assert session.startswith("tds_")
+        cookie = {"Cookie": f"tandem_session={session}"}
         created = browser.post("/users", json={}, headers={**cookie, "Origin": proxy.url})
         assert created.status_code == 201, created.text
         foreign = browser.post("/users", json={}, headers={**cookie, "Origin": "http://evil"})

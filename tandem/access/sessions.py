@@ -1,0 +1,98 @@
+"""Browser sessions: what the login cookie holds instead of the key.
+
+A login makes a session: a random token (``tds_`` + 256 bits) for the cookie, of which only
+the SHA-256 is stored, with the key, the issue and expiry times (``COOKIE_MAX_AGE``) and, once
+the person logs out, the end. Every request carrying the cookie looks its session up in the
+database (one probe of a unique index, ``LIVE_SESSION``): no process keeps a session, so a
+logout or a revocation of the key on any instance refuses the cookie on every instance at the
+next request. People make these requests, not services: one indexed query each is cheap.
+
+What keeps made-up cookies from costing the database anything, as for unknown bearer tokens
+(cache.py): a cookie that is not a session token is refused without a query; a token found
+dead is remembered as such for ``UNKNOWN_TOKEN_MEMORY`` seconds; and a token this process has
+not seen live (issued here or found live) is looked up only within ``lookups_per_second``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable
+
+from tandem.access import keys, repository
+from tandem.access.cache import UNKNOWN_TOKEN_MEMORY, TokenBucket, caller_for
+from tandem.core.callers import Caller
+from tandem.core.database import Database
+
+# A browser session lasts at most this long (seconds); the key itself may live on.
+COOKIE_MAX_AGE = 12 * 3600
+SESSION_PREFIX = "tds_"
+_TOKEN_RE = re.compile(r"tds_[A-Za-z0-9_-]{43}")
+
+
+class Sessions:
+    def __init__(
+        self,
+        database: Database,
+        *,
+        lookups_per_second: float,
+        max_age: int = COOKIE_MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._database = database
+        self.max_age = max_age
+        self._clock = clock
+        # Token hash -> until when it is looked up without the allowance (seen live here).
+        self._seen: dict[bytes, float] = {}
+        self._unknown: dict[bytes, float] = {}  # token hash -> refused without lookup until
+        self._allowance = TokenBucket(lookups_per_second, max(1.0, lookups_per_second), clock())
+
+    async def start(self, caller: Caller) -> str:
+        """A new session of ``caller``'s key; its token, for the cookie (only its hash is
+        stored). Raises DatabaseUnavailableError when it cannot be stored."""
+        assert caller.api_key_id is not None, "a login is made with a key"
+        token = SESSION_PREFIX + secrets.token_urlsafe(32)
+        sha256 = keys.digest(token)
+        await repository.insert_session(
+            self._database.pool, sha256, caller.api_key_id, self.max_age
+        )
+        self._remember_seen(sha256)
+        return token
+
+    async def resolve(self, token: str) -> Caller | None:
+        """The caller of the live session with this token, or None (ended, expired, its key
+        revoked, never issued). Raises DatabaseUnavailableError when the lookup fails."""
+        if _TOKEN_RE.fullmatch(token) is None:
+            return None
+        sha256 = keys.digest(token)
+        now = self._clock()
+        if self._unknown.get(sha256, now) > now:
+            return None
+        if self._seen.get(sha256, now) <= now and not self._allowance.take(now):
+            return None
+        row = await repository.live_session(self._database.pool, sha256)
+        if row is None:
+            self._seen.pop(sha256, None)
+            self._unknown = {h: until for h, until in self._unknown.items() if until > now}
+            self._unknown[sha256] = now + UNKNOWN_TOKEN_MEMORY
+            return None
+        self._remember_seen(sha256)
+        return caller_for(row)
+
+    async def end(self, token: str) -> None:
+        """Ends the session with this token, on every instance at once (a no-op for a token
+        that names no live session)."""
+        if _TOKEN_RE.fullmatch(token) is None:
+            return
+        sha256 = keys.digest(token)
+        await repository.end_session(self._database.pool, sha256)
+        self._seen.pop(sha256, None)
+
+    def _remember_seen(self, sha256: bytes) -> None:
+        now = self._clock()
+        if sha256 not in self._seen:
+            # Forget the ones past a session's life; the rest are at most the logins made in
+            # one max_age (each took a valid key).
+            self._seen = {h: until for h, until in self._seen.items() if until > now}
+        self._seen[sha256] = now + self.max_age
