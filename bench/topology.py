@@ -86,7 +86,8 @@ from tandem.cli import raise_fd_limit
 from tandem.core.settings import Settings
 from tandem.loadtest import BurstReport
 from tandem.loadtest.client import build_request, fetch, run
-from tests.deploy.edge import prepare as prepare_nginx  # on sys.path through common
+from tests.deploy.edge import SERVE_PLAIN  # on sys.path through common
+from tests.deploy.edge import prepare as prepare_nginx
 from tests.support.metrics import sample_sum
 
 # "2024/05/01 12:00:00 [alert] 1234#1234: *56 " before an error log message.
@@ -118,16 +119,17 @@ def child_pids(parent: int) -> list[int]:
 
 class Nginx:
     """deploy/nginx copied to ``folder`` and run there by the system nginx in front of the
-    given ports: servers.conf lists them and every server of the config (the default one that
-    refuses unknown hosts, and Tandem's) listens on a free port instead of 8080; the rest is
-    the file as shipped. The copy is the deployment tests' own (tests/deploy/edge.prepare), so
-    the two cannot drift apart when the shipped config changes."""
+    given ports: servers.conf lists them, the listeners are on free ports instead of 8080 and
+    8443, and the plain one serves Tandem (tandem.conf, limits included) instead of redirecting
+    to HTTPS (SERVE_PLAIN: the load client speaks no TLS); the rest is the files as shipped.
+    The copy is the deployment tests' own (tests/deploy/edge.prepare), so the two cannot drift
+    apart when the shipped config changes."""
 
     def __init__(self, binary: str, upstream_ports: Sequence[int], folder: Path) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         servers = [f"127.0.0.1:{port}" for port in upstream_ports]
-        conf = prepare_nginx(folder, servers, self.port)
+        conf = prepare_nginx(folder, servers, self.port, SERVE_PLAIN)
         self.error_log = folder / "error.log"
         command = [binary, "-p", str(folder), "-c", str(conf)]
         command += ["-g", f"pid {folder / 'nginx.pid'}; daemon off;"]

@@ -134,14 +134,43 @@ def test_least_privilege(compose: dict[str, Any]) -> None:
 def test_one_entry_point(compose: dict[str, Any]) -> None:
     """Only nginx, Prometheus, Alertmanager and Grafana publish ports; the app replicas are
     reached through nginx (and scraped directly on the internal network), so `--scale` cannot
-    clash."""
+    clash. nginx publishes its HTTPS listener (443 on the host unless TANDEM_HTTPS_PORT says
+    otherwise) and its plain one, which only redirects (80)."""
     services = compose["services"]
     assert "ports" not in services["app"]
     assert "ports" not in services["postgres"]
     assert "ports" not in services["pgbouncer"]
-    published = [p["target"] if isinstance(p, dict) else p for p in services["nginx"]["ports"]]
-    assert len(published) == 1
+    assert "ports" not in services["tls"]
+    # Compose 1.x prints "443:8443/tcp", later versions a mapping.
+    published = {
+        (str(p["published"]), str(p["target"]))
+        if isinstance(p, dict)
+        else tuple(p.split("/")[0].rsplit(":", 2)[-2:])
+        for p in services["nginx"]["ports"]
+    }
+    assert published == {("443", "8443"), ("80", "8080")}
     assert "container_name" not in services["app"]
+
+
+def test_nginx_serves_the_prepared_certificate(compose: dict[str, Any]) -> None:
+    """nginx starts once the `tls` one-shot has prepared its certificate (deploy/nginx/
+    tls-setup.sh, on the operator's folder, told the published HTTPS port) and reads it from
+    the volume that one wrote, read-only; nothing else mounts the operator's folder."""
+    services = compose["services"]
+    tls, nginx = services["tls"], services["nginx"]
+    assert nginx["depends_on"]["tls"]["condition"] == "service_completed_successfully"
+    shell, script = tls["entrypoint"]
+    assert shell == "/bin/sh"
+    assert mounted_source(tls, PurePosixPath(script)) == DEPLOY / "nginx" / "tls-setup.sh"
+    provided, out, port = tls["command"]
+    assert ("bind", str(DEPLOY / "tls"), provided) in mounts(tls)
+    assert ("volume", "tls", out) in mounts(tls)
+    assert port == "443"
+    assert ("volume", "tls", "/etc/nginx/tls") in mounts(nginx)
+    assert tls["restart"] == "no"
+    for name, service in services.items():
+        if name != "tls":
+            assert str(DEPLOY / "tls") not in {s for _, s, _ in mounts(service)}, name
 
 
 def test_five_replicas_by_default(compose: dict[str, Any]) -> None:
@@ -302,6 +331,8 @@ def test_nginx_image_supports_resolve(compose: dict[str, Any]) -> None:
 
 IMAGE_VARIABLES = {
     "postgres": "TANDEM_POSTGRES_IMAGE",
+    # The certificate's one-shot runs on the postgres image (it has openssl).
+    "tls": "TANDEM_POSTGRES_IMAGE",
     "pgbouncer": "TANDEM_PGBOUNCER_IMAGE",
     "nginx": "TANDEM_NGINX_IMAGE",
     "prometheus": "TANDEM_PROMETHEUS_IMAGE",
@@ -317,12 +348,14 @@ def test_third_party_images_can_be_swapped_one_by_one(compose: dict[str, Any]) -
     assert set(IMAGE_VARIABLES) == {
         name for name, service in compose["services"].items() if "build" not in service
     }
-    for name, variable in IMAGE_VARIABLES.items():
-        out = compose_config({**SECRETS, variable: f"localhost/{name}:substitute"})
+    for variable in set(IMAGE_VARIABLES.values()):
+        substitute = f"localhost/{variable.lower()}:substitute"
+        out = compose_config({**SECRETS, variable: substitute})
         assert out.returncode == 0, out.stderr
         swapped = yaml.safe_load(out.stdout)["services"]
         for other, service in compose["services"].items():
-            expected = f"localhost/{name}:substitute" if other == name else service["image"]
+            uses = IMAGE_VARIABLES.get(other) == variable
+            expected = substitute if uses else service["image"]
             assert swapped[other]["image"] == expected, (variable, other)
 
 

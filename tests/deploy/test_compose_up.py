@@ -7,12 +7,14 @@ What differs from a user's ``docker compose up``, each for a reason of this mach
 - podman starts health checks from systemd timers, and these machines have no systemd: the
   test runs ``podman healthcheck run`` on the project's containers every second instead, which
   is what the timers would do (compose waits on the results, as with Docker).
-- An override file (written here) swaps two things: servers.conf for one without ``resolve``
-  (Debian's nginx is 1.22; ``resolve`` needs 1.27.3), and the open-file and process limits,
-  lowered to this machine's (runc cannot raise a container's above them).
+- An override file (written here) swaps three things: servers.conf for one without ``resolve``
+  (Debian's nginx is 1.22; ``resolve`` needs 1.27.3); plain.conf for one serving Tandem, so
+  the bursts go over plain HTTP (the load client speaks no TLS; tests/deploy/edge.SERVE_PLAIN:
+  the redirect itself is test_nginx.py's); and the open-file and process limits, lowered to
+  this machine's (runc cannot raise a container's above them).
 - Every service but Grafana is started (named on ``up``, so the file needs no profile):
   Grafana has no Debian package (its provisioning and dashboards: test_grafana.py).
-- The host ports are free ones (TANDEM_PORT, TANDEM_PROMETHEUS_PORT,
+- The host ports are free ones (TANDEM_PORT, TANDEM_HTTPS_PORT, TANDEM_PROMETHEUS_PORT,
   TANDEM_ALERTMANAGER_PORT), not the defaults another program here may hold.
 - The PgBouncer stand-in writes its settings under /tmp: podman's tmpfs on /etc/pgbouncer
   belongs to root, Docker's is writable by everyone (tests/deploy/images/pgbouncer).
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import resource
+import ssl
 import subprocess
 import threading
 import uuid
@@ -46,9 +49,10 @@ from tests.deploy.containers import (
     inspect,
     podman,
 )
-from tests.deploy.edge import balance_updates
+from tests.deploy.edge import SERVE_PLAIN, balance_updates
 from tests.support import (
     API_KEY,
+    AUTH,
     REPO,
     free_port,
     http_get,
@@ -70,13 +74,23 @@ STAND_INS = {
     "TANDEM_ALERTMANAGER_IMAGE": "alertmanager",
 }
 DEMO_TASKS = {name for name, _ in SCHEDULE}
-SERVICES = ("postgres", "migrate", "pgbouncer", "app", "nginx", "prometheus", "alertmanager")
+SERVICES = (
+    "postgres",
+    "migrate",
+    "pgbouncer",
+    "app",
+    "tls",
+    "nginx",
+    "prometheus",
+    "alertmanager",
+)
 
 
 @dataclass
 class Stack:
     project: str
     url: str
+    https_url: str
     prometheus: str
     alertmanager: str
     command: list[str]
@@ -117,9 +131,9 @@ class Stack:
         return address_on(self.network, container)
 
 
-def _override(path: Path, servers_conf: Path) -> Path:
-    """servers.conf without ``resolve`` for nginx 1.22, and the open-file limits within this
-    machine's hard limit."""
+def _override(path: Path, servers_conf: Path, plain_conf: Path) -> Path:
+    """servers.conf without ``resolve`` for nginx 1.22, plain.conf serving Tandem, and the
+    open-file limits within this machine's hard limit."""
     nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     # podman adds a process limit of its own to explicit ulimits, which runc cannot set here:
     # the machine's, stated (no higher than its pid_max, which is all runc accepts here).
@@ -135,7 +149,13 @@ def _override(path: Path, servers_conf: Path) -> Path:
         "services": {
             "pgbouncer": limits,
             "app": limits,
-            "nginx": {**limits, "volumes": [f"{servers_conf}:/etc/nginx/servers.conf:ro"]},
+            "nginx": {
+                **limits,
+                "volumes": [
+                    f"{servers_conf}:/etc/nginx/servers.conf:ro",
+                    f"{plain_conf}:/etc/nginx/plain.conf:ro",
+                ],
+            },
         }
     }
     path.write_text(yaml.safe_dump(spec))
@@ -190,15 +210,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     app = app_image()  # localhost/tandem:test, which compose names tandem:${TANDEM_IMAGE_TAG}
     servers = work / "servers.conf"
     servers.write_text("server app:8000 max_fails=3 fail_timeout=10s;\n")
-    override = _override(work / "override.yaml", servers)
+    (plain := work / "plain.conf").write_text("".join(SERVE_PLAIN.values()) + "\n")
+    override = _override(work / "override.yaml", servers, plain)
     project, socket = f"tandem{uuid.uuid4().hex[:6]}", work / "podman.sock"
-    port, prometheus, alertmanager = free_port(), free_port(), free_port()
+    port, https, prometheus, alertmanager = free_port(), free_port(), free_port(), free_port()
     env = {
         **os.environ,
         **images,
         "DOCKER_HOST": f"unix://{socket}",
         "TANDEM_IMAGE_TAG": app.rsplit(":", 1)[1],
         "TANDEM_PORT": str(port),
+        "TANDEM_HTTPS_PORT": str(https),
         "TANDEM_PROMETHEUS_PORT": str(prometheus),
         "TANDEM_ALERTMANAGER_PORT": str(alertmanager),
         "POSTGRES_PASSWORD": uuid.uuid4().hex,
@@ -219,6 +241,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(
         project,
         f"http://127.0.0.1:{port}",
+        f"https://127.0.0.1:{https}",
         f"http://127.0.0.1:{prometheus}",
         f"http://127.0.0.1:{alertmanager}",
         command,
@@ -241,6 +264,21 @@ def test_burst_through_the_published_port(stack: Stack) -> None:
     assert len(replicas) == 5, replicas
 
     _burst_served_by_every_replica(stack, replicas, 10_000)
+
+
+def test_tls_with_a_generated_certificate(stack: Stack, tmp_path: Path) -> None:
+    """With no certificate given, the `tls` one-shot generated one and said so in its log;
+    nginx serves it on the published HTTPS port: a client trusting that certificate (read
+    from the nginx container) gets the app's answer, with HSTS."""
+    assert "WARNING" in stack.compose("logs", "tls", timeout=60)
+    (nginx,) = stack.containers("nginx")
+    certificate = tmp_path / "cert.pem"
+    certificate.write_text(podman("exec", nginx, "cat", "/etc/nginx/tls/cert.pem"))
+    verify = ssl.create_default_context(cafile=str(certificate))
+    answer = httpx.get(f"{stack.https_url}/balance/1", headers=AUTH, verify=verify, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["strict-transport-security"].startswith("max-age=")
+    assert "x-instance-id" in answer.headers
 
 
 def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: int) -> None:

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tandem.core.migrations import upgrade_to_head
@@ -88,7 +87,7 @@ def test_a_replica_cut_off_by_its_network_stops_first_and_nginx_answers(
             )
             answers: list[tuple[float, int, str | None]] = []
             reading = threading.Event()
-            reader = threading.Thread(target=_read, args=(edge.url, reading, answers))
+            reader = threading.Thread(target=_read, args=(edge, reading, answers))
             reading.set()
             reader.start()
             try:
@@ -126,13 +125,13 @@ def _both_answered(answers: list[tuple[float, int, str | None]]) -> bool:
 
 
 def _read(
-    base: str, reading: threading.Event, answers: list[tuple[float, int, str | None]]
+    edge: Nginx, reading: threading.Event, answers: list[tuple[float, int, str | None]]
 ) -> None:
-    """GET /balance/1 through nginx in a loop: (seconds taken, status, error code)."""
-    with httpx.Client(headers=AUTH, timeout=60) as client:
+    """GET /balance/1 through nginx (HTTPS) in a loop: (seconds taken, status, error code)."""
+    with edge.client(headers=AUTH, timeout=60) as client:
         while reading.is_set():
             sent = time.monotonic()
-            response = client.get(f"{base}/balance/1")
+            response = client.get("/balance/1")
             code = None if response.is_success else response.json()["error"]["code"]
             answers.append((time.monotonic() - sent, response.status_code, code))
             time.sleep(0.05)
