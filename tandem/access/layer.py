@@ -267,9 +267,17 @@ class AccessControl:
             await _html(page_send, 401, _login_page("Unknown or revoked API key."))
             return
         try:
-            session = await self.sessions.start(caller)
+            # A login is a request of the key: within its rate, as every other one.
+            if caller.rate is not None:
+                self._take_request(caller)
+            # The raw token: the database hashes it and checks the key (the app's role
+            # cannot start a session for a key it does not hold).
+            session = await self.sessions.start(token)
         except AppError as error:
             await respond_error(scope, send, error)
+            return
+        if session is None:  # revoked or expired since this process loaded it
+            await _html(page_send, 401, _login_page("Unknown or revoked API key."))
             return
         secure = "; Secure" if _https(scope) else ""
         cookie = (
