@@ -81,6 +81,7 @@ def caller_for(row: repository.LiveKey) -> Caller:
         row.expires_at,
         tuple(Limit(amount, seconds) for amount, seconds in debits if amount is not None),
         rate,
+        row.parent_key_id,
     )
 
 

@@ -28,6 +28,7 @@ _LIMITS = "debit_per_minute, debit_per_hour, debit_per_day, rate_requests, rate_
 _LIVE_KEY = (
     "id, name, scopes, token_sha256, bound_user_ids, extract(epoch FROM expires_at)::float8, "
     + _LIMITS
+    + ", parent_key_id"
 )
 
 KEY_BY_NAME = "SELECT id, token_sha256 = $2 AS same_token FROM api_keys WHERE name = $1"
@@ -96,7 +97,7 @@ START_SESSION = "SELECT tandem_start_session_v1($1, $2, $3)"
 LIVE_SESSION = """
 SELECT k.id, k.name, k.scopes, k.token_sha256, k.bound_user_ids,
        extract(epoch FROM k.expires_at)::float8, k.debit_per_minute, k.debit_per_hour,
-       k.debit_per_day, k.rate_requests, k.rate_seconds
+       k.debit_per_day, k.rate_requests, k.rate_seconds, k.parent_key_id
 FROM browser_sessions s JOIN api_keys k ON k.id = s.api_key_id
 WHERE s.token_sha256 = $1 AND s.ended_at IS NULL AND s.expires_at > clock_timestamp()
   AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > clock_timestamp())
@@ -149,6 +150,7 @@ class LiveKey(NamedTuple):
     bound_user_ids: list[int] | None
     expires_at: float | None  # seconds since the epoch
     limits: Limits
+    parent_key_id: int | None = None  # the key that minted it (POST /keys)
 
 
 class BoundKeyOutcome(NamedTuple):
@@ -159,7 +161,9 @@ class BoundKeyOutcome(NamedTuple):
 
 def _live_key(row: asyncpg.Record) -> LiveKey:
     users = None if row[4] is None else list(row[4])
-    return LiveKey(row[0], row[1], list(row[2]), bytes(row[3]), users, row[5], Limits(*row[6:11]))
+    return LiveKey(
+        row[0], row[1], list(row[2]), bytes(row[3]), users, row[5], Limits(*row[6:11]), row[11]
+    )
 
 
 async def insert_key(

@@ -508,6 +508,46 @@ async def test_a_minted_key_is_as_limited_as_its_maker(
     assert minted[5] == parent[5]
 
 
+async def test_minted_keys_share_their_makers_budget(
+    app: httpx.AsyncClient, database_url: str
+) -> None:
+    """Minting many keys multiplies nothing: the debits of the maker and of every key it
+    minted count in the maker's windows (10 a day for all of them together)."""
+    rows = await fetch(database_url, "INSERT INTO users (balance) VALUES (100), (100) RETURNING id")
+    one, two = rows[0]["id"], rows[1]["id"]
+    maker = bearer(
+        await make_key(
+            database_url,
+            "budget-minter",
+            KEYS_WRITE,
+            WALLET_READ,
+            WALLET_WRITE,
+            debit_limits=("10/day",),
+            known_to=app,
+        )
+    )
+    children = []
+    for n, user in enumerate((one, two, two)):
+        asked = {"name": f"budget-child-{n}", "scopes": [WALLET_WRITE], "userIds": [user]}
+        made = await app.post("/keys", json=asked, headers=maker)
+        assert made.status_code == 201, made.text
+        children.append((bearer(made.json()["token"]), user))
+
+    async def take(headers: dict[str, str], user: int, amount: int) -> int:
+        withdrawal = {"userId": user, "amount": -amount}
+        return (await app.post("/balance/update", json=withdrawal, headers=headers)).status_code
+
+    assert await take(maker, one, 4) == 200
+    assert await take(children[0][0], one, 4) == 200
+    assert await take(children[1][0], two, 3) == 429  # 4 + 4 + 3 > 10
+    assert await take(children[2][0], two, 2) == 200  # 10: the limit is inclusive
+    assert await take(maker, one, 1) == 429
+    balances = await fetch(
+        database_url, "SELECT balance FROM users WHERE id = ANY($1) ORDER BY id", [one, two]
+    )
+    assert [row[0] for row in balances] == [92, 98]
+
+
 # --- expiry ----------------------------------------------------------------------------------
 
 

@@ -10,7 +10,9 @@
 -- scopes within wallet:read and wallet:write *and* within those of the calling key p_caller
 -- (read here by its id: live, not expired, unbound, holding keys:write or all), an expiry of
 -- at most 24 hours and never after the caller's own, and the caller's limits (debits per
--- minute, hour and day, and its rate) copied: a key is never less limited than its maker.
+-- minute, hour and day, and its rate) copied, with the maker as its parent (parent_key_id:
+-- its debits and requests count in its maker's windows, so minting keys multiplies nothing):
+-- a key is never less limited than its maker.
 -- The caller's row is locked (FOR SHARE) so that a revocation committing meanwhile waits for
 -- this key, and the next reload then drops both. The token is made by the application; only
 -- its SHA-256 arrives here. A refusal is an outcome row, never an error: 'caller_not_allowed',
@@ -77,11 +79,11 @@ BEGIN
                    caller.expires_at);  -- LEAST is syntax; NULLs ignored
     INSERT INTO api_keys (name, token_sha256, scopes, bound_user_ids, expires_at,
                           debit_per_minute, debit_per_hour, debit_per_day,
-                          rate_requests, rate_seconds)
+                          rate_requests, rate_seconds, parent_key_id)
     VALUES (p_name, p_token_sha256,
             ARRAY(SELECT DISTINCT s FROM pg_catalog.unnest(p_scopes) s ORDER BY s), bound_users,
             until, caller.debit_per_minute, caller.debit_per_hour, caller.debit_per_day,
-            caller.rate_requests, caller.rate_seconds)
+            caller.rate_requests, caller.rate_seconds, caller.id)
     ON CONFLICT DO NOTHING
     RETURNING id INTO new_id;
     IF new_id IS NULL THEN

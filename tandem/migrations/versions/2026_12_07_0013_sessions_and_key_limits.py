@@ -3,7 +3,9 @@
 - ``browser_sessions``: a login's random session token (its SHA-256), its key, issue and
   expiry times and the end a logout gives it. The cookie no longer holds the key.
 - ``api_keys`` gains its limits, NULL (off) for every existing key: debits per UTC minute,
-  hour and day, and a request rate (``rate_requests`` per ``rate_seconds``).
+  hour and day, and a request rate (``rate_requests`` per ``rate_seconds``); and
+  ``parent_key_id``, the key that minted it through POST /keys, whose limits it has and
+  whose debit windows and rate count its requests too (NULL: its own).
 - ``key_debits``: money that left users by a limited key, per window and server backend.
 - ``tandem_start_session_v1`` and ``tandem_end_session_v1`` (tandem/access/sql/): a login
   starts a session only from the key's raw token, hashed in the database; a logout only ends
@@ -32,6 +34,10 @@ def upgrade() -> None:
     for column in ("debit_per_minute", "debit_per_hour", "debit_per_day", "rate_requests"):
         op.add_column("api_keys", sa.Column(column, sa.BigInteger()))
     op.add_column("api_keys", sa.Column("rate_seconds", sa.Integer()))
+    op.add_column("api_keys", sa.Column("parent_key_id", sa.BigInteger()))
+    op.create_foreign_key(
+        "fk_api_keys_parent_key_id_api_keys", "api_keys", "api_keys", ["parent_key_id"], ["id"]
+    )
     op.create_check_constraint(
         "debit", "api_keys", "debit_per_minute > 0 AND debit_per_hour > 0 AND debit_per_day > 0"
     )
@@ -89,7 +95,9 @@ def downgrade() -> None:
     op.drop_table("browser_sessions")
     op.drop_constraint("ck_api_keys_rate", "api_keys")
     op.drop_constraint("ck_api_keys_debit", "api_keys")
+    op.drop_constraint("fk_api_keys_parent_key_id_api_keys", "api_keys")
     for column in (
+        "parent_key_id",
         "rate_seconds",
         "rate_requests",
         "debit_per_day",
