@@ -39,17 +39,21 @@ SELECT id, name, scopes, created_at, last_used_at, revoked_at, bound_user_ids, e
 FROM api_keys ORDER BY id
 """
 
-# Revokes the key and ends its browser sessions in one statement. The sessions' lookup
+# Revokes the key, the keys it minted (POST /keys: a leaked key's revocation takes what was
+# minted with it), and ends their browser sessions, in one statement. The sessions' lookup
 # (LIVE_SESSION) refuses a revoked key's sessions anyway; ending them here records when.
 REVOKE_KEY = """
-WITH revoked AS (
-    UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) WHERE name = $1
+WITH named AS (
+    SELECT id FROM api_keys WHERE name = $1
+), revoked AS (
+    UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp())
+    WHERE id IN (SELECT id FROM named) OR parent_key_id IN (SELECT id FROM named)
     RETURNING id, revoked_at
 ), ended AS (
     UPDATE browser_sessions s SET ended_at = r.revoked_at FROM revoked r
     WHERE s.api_key_id = r.id AND s.ended_at IS NULL
 )
-SELECT revoked_at FROM revoked
+SELECT r.revoked_at FROM revoked r JOIN named n ON n.id = r.id
 """
 
 # Every live key (not revoked, not expired), for the process's cache (access/cache.py), and

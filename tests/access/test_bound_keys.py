@@ -490,6 +490,12 @@ async def test_a_minted_key_is_as_limited_as_its_maker(
     made = await app.post("/keys", json=asked, headers=maker)
     assert made.status_code == 201, made.text
     child = bearer(made.json()["token"])
+
+    async def known() -> bool:
+        # A token new to this process is looked up within its allowance: polled.
+        return (await app.get(f"/balance/{other}", headers=child)).status_code != 401
+
+    await until(known, 10)
     drain = {"userId": other, "amount": -500000}
     answer = await app.post("/balance/update", json=drain, headers=child)
     assert answer.status_code == 429, answer.text
@@ -512,7 +518,8 @@ async def test_minted_keys_share_their_makers_budget(
     app: httpx.AsyncClient, database_url: str
 ) -> None:
     """Minting many keys multiplies nothing: the debits of the maker and of every key it
-    minted count in the maker's windows (10 a day for all of them together)."""
+    minted count in the maker's windows (10 a day for all of them together); revoking the
+    maker revokes them."""
     rows = await fetch(database_url, "INSERT INTO users (balance) VALUES (100), (100) RETURNING id")
     one, two = rows[0]["id"], rows[1]["id"]
     maker = bearer(
@@ -531,7 +538,14 @@ async def test_minted_keys_share_their_makers_budget(
         asked = {"name": f"budget-child-{n}", "scopes": [WALLET_WRITE], "userIds": [user]}
         made = await app.post("/keys", json=asked, headers=maker)
         assert made.status_code == 201, made.text
-        children.append((bearer(made.json()["token"]), user))
+        child = bearer(made.json()["token"])
+
+        async def known(child: dict[str, str] = child, user: int = user) -> bool:
+            # A token new to this process is looked up within its allowance: polled.
+            return (await app.get(f"/balance/{user}", headers=child)).status_code != 401
+
+        await until(known, 10)
+        children.append((child, user))
 
     async def take(headers: dict[str, str], user: int, amount: int) -> int:
         withdrawal = {"userId": user, "amount": -amount}
@@ -546,6 +560,13 @@ async def test_minted_keys_share_their_makers_budget(
         database_url, "SELECT balance FROM users WHERE id = ANY($1) ORDER BY id", [one, two]
     )
     assert [row[0] for row in balances] == [92, 98]
+    # Revoking the maker revokes what it minted.
+    await revoke_key(database_url, "budget-minter")
+    live = await fetch(
+        database_url,
+        "SELECT count(*) FROM api_keys WHERE name LIKE 'budget-%' AND revoked_at IS NULL",
+    )
+    assert live[0][0] == 0
 
 
 # --- expiry ----------------------------------------------------------------------------------
