@@ -255,7 +255,7 @@ def test_sql_spells_the_int64_limit_the_models_name() -> None:
 RELEASED_SQL = {
     "tandem/access/sql/create_bound_key_v1.sql": "890f9e89585eb948",
     "tandem/access/sql/end_session_v1.sql": "9e1aa54426f06a37",
-    "tandem/access/sql/start_session_v1.sql": "c3ce2758a00d6d7d",
+    "tandem/access/sql/start_session_v1.sql": "ddf9a218a2334c1b",
     "tandem/migrations/sql/0007_claim_task.sql": "63ec16d8724037e4",
     "tandem/migrations/sql/0008_transfer.sql": "b5220ad13e2131f4",
     "tandem/scheduler/sql/claim_row_v1.sql": "2e1a88979f302718",

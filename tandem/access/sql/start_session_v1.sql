@@ -17,6 +17,7 @@ RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     found_key bigint;
+    started timestamptz;
 BEGIN
     IF p_key_token IS NULL OR p_session_sha256 IS NULL OR p_seconds IS NULL
        OR p_seconds OPERATOR(pg_catalog.<) 1 OR p_seconds OPERATOR(pg_catalog.>) 43200 THEN
@@ -30,10 +31,10 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    INSERT INTO browser_sessions (token_sha256, api_key_id, expires_at)
-    VALUES (p_session_sha256, found_key,
-            pg_catalog.clock_timestamp()
-            OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => p_seconds));
+    started := pg_catalog.clock_timestamp();  -- once: the life is exactly p_seconds
+    INSERT INTO browser_sessions (token_sha256, api_key_id, created_at, expires_at)
+    VALUES (p_session_sha256, found_key, started,
+            started OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => p_seconds));
     RETURN found_key;
 END
 $$;
