@@ -68,7 +68,8 @@ def check_users(users: list[int]) -> list[int]:
 # The windows a limit may name (core.callers.PERIODS): a debit limit per minute, hour or
 # day; a rate also per second.
 _PERIOD_ALIASES = {"s": "second", "min": "minute", "h": "hour", "d": "day"}
-# The one mapping of a debit window (seconds) to the column of a key's row that holds it.
+# The one mapping of a debit window (seconds) to the field of repository.Limits (the column
+# of a key's row) that holds it.
 _DEBIT_COLUMNS = {60: "debit_per_minute", 3600: "debit_per_hour", 86400: "debit_per_day"}
 DEBIT_PERIODS = tuple(period_name(seconds) for seconds in _DEBIT_COLUMNS)
 RATE_PERIODS = ("second", "minute", "hour")
