@@ -114,6 +114,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Metrics are Prometheus (/metrics); FastAPI's OpenTelemetry hooks would only add
         # per-request environment lookups.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # A trailing slash is an unknown path (404) like any other, not a 307 to the path
+        # without it: Starlette builds that Location from the request's own scheme (http://
+        # behind TLS at the edge), and the policy table knows every route by its one spelling.
+        redirect_slashes=False,
     )
     instance.attach(app)
     app.state.keys = keys

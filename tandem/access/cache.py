@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from tandem.access import keys, repository
-from tandem.core.callers import Caller, Limit
+from tandem.core.callers import Caller
 from tandem.core.database import Database
 from tandem.core.errors import AppError, DatabaseUnavailableError
 from tandem.observability.metrics import ACCESS_KEY_LOOKUPS, ACCESS_KEY_LOOKUPS_AVOIDED
@@ -65,22 +65,14 @@ def caller_for(row: repository.LiveKey) -> Caller:
     limits = row.limits
     if limits == _NO_LIMITS:
         return Caller(row.id, row.name, frozenset(row.scopes), users, row.expires_at)
-    debits = (
-        (limits.debit_per_minute, 60),
-        (limits.debit_per_hour, 3600),
-        (limits.debit_per_day, 86400),
-    )
-    rate = None
-    if limits.rate_requests is not None and limits.rate_seconds is not None:
-        rate = Limit(limits.rate_requests, limits.rate_seconds)
     return Caller(
         row.id,
         row.name,
         frozenset(row.scopes),
         users,
         row.expires_at,
-        tuple(Limit(amount, seconds) for amount, seconds in debits if amount is not None),
-        rate,
+        keys.debit_limits(limits),
+        keys.rate_limit(limits),
         row.parent_key_id,
     )
 

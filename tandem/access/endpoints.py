@@ -18,7 +18,13 @@ from tandem.core.openapi import (
 )
 
 # The wallet's strict JSON body parser (415, 413, 422 as for every body the API takes).
-from tandem.wallet.schemas import BODY_NOT_JSON, BODY_TOO_LARGE, parse_body, read_body
+from tandem.wallet.schemas import (
+    BODY_NOT_JSON,
+    BODY_TOO_LARGE,
+    content_type_of,
+    parse_body,
+    read_body,
+)
 
 router = APIRouter(tags=["keys"])
 
@@ -55,7 +61,7 @@ async def create_key(
     asked = parse_body(
         BoundKeyCreate,
         await read_body(request.stream()),
-        request.headers.get("content-type"),
+        content_type_of(request.headers.getlist("content-type")),
         "key",
     )
     made = await service.create_bound_key(

@@ -12,12 +12,13 @@ import hashlib
 import re
 import secrets
 
+from tandem.access.repository import Limits
 from tandem.core.callers import PERIODS, SCOPES, Limit, period_name
+from tandem.core.ids import INT64_MAX
 
 # The longest life `tandem keys create --expires-in` gives (an operator's key; keys made
 # through POST /keys live at most 24 hours: the owner's function keeps that).
 EXPIRES_IN_MAX = 10 * 365 * 24 * 3600.0
-_INT64_MAX = 2**63 - 1
 TOKEN_PREFIX = "tdm_"  # noqa: S105  (a prefix, not a secret)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # What a token looks like; anything else is refused before any lookup.
@@ -58,7 +59,7 @@ def check_users(users: list[int]) -> list[int]:
     """The users a key is bound to: at least one, each a positive 64-bit id."""
     if not users:
         raise ValueError("a bound key needs at least one user")
-    bad = [u for u in users if not 0 < u <= _INT64_MAX]
+    bad = [u for u in users if not 0 < u <= INT64_MAX]
     if bad:
         raise ValueError(f"invalid user id {bad[0]}: a positive 64-bit integer")
     return sorted(set(users))
@@ -67,9 +68,11 @@ def check_users(users: list[int]) -> list[int]:
 # The windows a limit may name (core.callers.PERIODS): a debit limit per minute, hour or
 # day; a rate also per second.
 _PERIOD_ALIASES = {"s": "second", "min": "minute", "h": "hour", "d": "day"}
-DEBIT_PERIODS = ("minute", "hour", "day")
+# The one mapping of a debit window (seconds) to the field of repository.Limits (the column
+# of a key's row) that holds it.
+_DEBIT_COLUMNS = {60: "debit_per_minute", 3600: "debit_per_hour", 86400: "debit_per_day"}
+DEBIT_PERIODS = tuple(period_name(seconds) for seconds in _DEBIT_COLUMNS)
 RATE_PERIODS = ("second", "minute", "hour")
-LIMIT_MAX = _INT64_MAX
 
 
 def parse_limit(text: str, periods: tuple[str, ...]) -> Limit:
@@ -82,8 +85,8 @@ def parse_limit(text: str, periods: tuple[str, ...]) -> Limit:
             f"PERIOD one of {', '.join(periods)}"
         )
     value = int(amount)
-    if not 0 < value <= LIMIT_MAX:
-        raise ValueError(f"invalid limit {text!r}: the amount must be 1..{LIMIT_MAX}")
+    if not 0 < value <= INT64_MAX:
+        raise ValueError(f"invalid limit {text!r}: the amount must be 1..{INT64_MAX}")
     return Limit(value, PERIODS[period])
 
 
@@ -100,3 +103,33 @@ def check_debit_limits(texts: list[str]) -> dict[int, int]:
 
 def describe(limit: Limit) -> str:
     return f"{limit.amount}/{period_name(limit.seconds)}"
+
+
+def stored_limits(debits: dict[int, int], rate: Limit | None) -> Limits:
+    """A key's limits as its row holds them: ``debits`` (window seconds -> amount, as
+    check_debit_limits gives them) and a rate (None: off)."""
+    columns: dict[str, int | None] = {
+        column: debits.get(seconds) for seconds, column in _DEBIT_COLUMNS.items()
+    }
+    return Limits(
+        **columns,
+        rate_requests=None if rate is None else rate.amount,
+        rate_seconds=None if rate is None else rate.seconds,
+    )
+
+
+def debit_limits(limits: Limits) -> tuple[Limit, ...]:
+    """The debit limits a key's row holds, shortest window first."""
+    stored = limits._asdict()
+    return tuple(
+        Limit(stored[column], seconds)
+        for seconds, column in _DEBIT_COLUMNS.items()
+        if stored[column] is not None
+    )
+
+
+def rate_limit(limits: Limits) -> Limit | None:
+    """The request rate a key's row holds, or None."""
+    if limits.rate_requests is None or limits.rate_seconds is None:
+        return None
+    return Limit(limits.rate_requests, limits.rate_seconds)

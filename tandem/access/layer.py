@@ -59,6 +59,7 @@ from tandem.core.errors import (
     UnauthenticatedError,
     UserNotFoundError,
 )
+from tandem.core.ids import id_in
 from tandem.observability.metrics import ACCESS_KEY_LIMITED, ROUTE_SCOPE_KEY
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,6 @@ _PAGE_HEADERS = [
 ]
 _INLINE = re.compile(rb"<(script|style)(?![^>]*\bsrc=)[^>]*>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
 _LOGIN_MAX_BODY = 4096
-# A user id in a path, as the wallet's routes read it (wallet/schemas.parse_user_id).
-_USER_ID = re.compile(r"[1-9][0-9]{0,18}")
-_INT64_MAX = 2**63 - 1
 
 
 class _InvalidKey(UnauthenticatedError):
@@ -287,7 +285,13 @@ class AccessControl:
             f"SameSite=Strict{secure}"
         )
         log.info("browser login with the API key %r", caller.name)
-        await _redirect(send, "/", cookie=cookie)
+        await _redirect(send, _landing(caller), cookie=cookie)
+
+
+def _landing(caller: Caller) -> str:
+    """Where a login lands: the status page, or, for a key bound to users (which may not
+    read it: 403), the API's documentation, where its own calls can be tried."""
+    return "/docs" if caller.bound else "/"
 
 
 def _hold_to_binding(rule: policy.Rule, path: str, caller: Caller) -> None:
@@ -297,12 +301,11 @@ def _hold_to_binding(rule: policy.Rule, path: str, caller: Caller) -> None:
     if rule.binding is policy.Binding.PATH_USER:
         raw = policy.TABLE.path_user(rule, path)
         # An id the route would refuse (422, to every caller) is left to it: the grammar is
-        # the route's own (wallet/schemas.parse_user_id), so no id the route accepts is one
-        # this did not check.
-        if raw is not None and _USER_ID.fullmatch(raw) and int(raw) <= _INT64_MAX:
-            user_id = int(raw)
-            if not caller.may_touch(user_id):
-                raise UserNotFoundError(user_id)
+        # the route's own (core.ids.id_in, which wallet/schemas.parse_user_id reads with),
+        # so no id the route accepts is one this did not check.
+        user_id = None if raw is None else id_in(raw)
+        if user_id is not None and not caller.may_touch(user_id):
+            raise UserNotFoundError(user_id)
 
 
 def _cookie(scope: Scope) -> str | None:

@@ -23,13 +23,29 @@ RETURNING id
 """
 
 # A key's limits, as every read of a key returns them (NULL: off).
-_LIMITS = "debit_per_minute, debit_per_hour, debit_per_day, rate_requests, rate_seconds"
-# A live key as the cache holds it (LiveKey): its binding, its expiry and its limits.
-_LIVE_KEY = (
-    "id, name, scopes, token_sha256, bound_user_ids, extract(epoch FROM expires_at)::float8, "
-    + _LIMITS
-    + ", parent_key_id"
+_LIMIT_COLUMNS = (
+    "debit_per_minute",
+    "debit_per_hour",
+    "debit_per_day",
+    "rate_requests",
+    "rate_seconds",
 )
+_LIMITS = ", ".join(_LIMIT_COLUMNS)
+# A live key as the cache holds it (LiveKey, read by _live_key's indexes): its binding, its
+# expiry and its limits. Spelled once, for api_keys alone (_LIVE_KEY) and as `k` in a join
+# (_LIVE_KEY_OF_K), so every statement reading a live key reads the same columns in order.
+_LIVE_KEY_COLUMNS = (
+    "{t}id",
+    "{t}name",
+    "{t}scopes",
+    "{t}token_sha256",
+    "{t}bound_user_ids",
+    "extract(epoch FROM {t}expires_at)::float8",
+    *("{t}" + column for column in _LIMIT_COLUMNS),
+    "{t}parent_key_id",
+)
+_LIVE_KEY = ", ".join(column.format(t="") for column in _LIVE_KEY_COLUMNS)
+_LIVE_KEY_OF_K = ", ".join(column.format(t="k.") for column in _LIVE_KEY_COLUMNS)
 
 KEY_BY_NAME = "SELECT id, token_sha256 = $2 AS same_token FROM api_keys WHERE name = $1"
 
@@ -98,10 +114,8 @@ START_SESSION = "SELECT tandem_start_session_v1($1, $2, $3)"
 # index), on every request carrying the cookie: no process keeps sessions, so a logout or a
 # revocation on any instance is seen by the next request on every instance. Live: not ended,
 # not expired, and its key not revoked, whatever any key cache holds.
-LIVE_SESSION = """
-SELECT k.id, k.name, k.scopes, k.token_sha256, k.bound_user_ids,
-       extract(epoch FROM k.expires_at)::float8, k.debit_per_minute, k.debit_per_hour,
-       k.debit_per_day, k.rate_requests, k.rate_seconds, k.parent_key_id
+LIVE_SESSION = f"""
+SELECT {_LIVE_KEY_OF_K}
 FROM browser_sessions s JOIN api_keys k ON k.id = s.api_key_id
 WHERE s.token_sha256 = $1 AND s.ended_at IS NULL AND s.expires_at > clock_timestamp()
   AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > clock_timestamp())

@@ -8,12 +8,12 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.core.callers import WALLET_READ, WALLET_WRITE
+from tandem.core.ids import INT64_MAX
 
 # The longest life of a key made through the API (seconds); the owner's function keeps it.
 BOUND_KEY_MAX_SECONDS = 24 * 3600
 # Users one key may be bound to: a token for one end user (or a household), not a list.
 BOUND_KEY_MAX_USERS = 100
-_INT64_MAX = 2**63 - 1
 
 
 class BoundKeyCreate(BaseModel):
@@ -37,7 +37,7 @@ class BoundKeyCreate(BaseModel):
         max_length=8,
         description="Within `wallet:read` and `wallet:write`, and within the calling key's.",
     )
-    user_ids: list[Annotated[int, Field(ge=1, le=_INT64_MAX)]] = Field(
+    user_ids: list[Annotated[int, Field(ge=1, le=INT64_MAX)]] = Field(
         alias="userIds",
         max_length=BOUND_KEY_MAX_USERS,
         description="The users the key may touch (at least one, each existing).",
@@ -59,5 +59,5 @@ class BoundKey(BaseModel):
     name: str
     token: str = Field(description="Shown once: only its SHA-256 is stored.")
     scopes: list[str]
-    user_ids: list[Annotated[int, Field(ge=1, le=_INT64_MAX)]] = Field(alias="userIds")
+    user_ids: list[Annotated[int, Field(ge=1, le=INT64_MAX)]] = Field(alias="userIds")
     expires_at: datetime = Field(alias="expiresAt")

@@ -13,7 +13,7 @@ import asyncpg
 from tandem.access import keys, repository
 from tandem.access.errors import REFUSALS
 from tandem.access.repository import Key
-from tandem.core.callers import ALL, Caller, Limit
+from tandem.core.callers import ALL, Caller
 from tandem.core.database import Database
 from tandem.core.errors import ValidationError
 from tandem.core.pool import ConnectionPool
@@ -55,13 +55,7 @@ async def create_key(
         per = None if rate is None else keys.parse_limit(rate, keys.RATE_PERIODS)
     except ValueError as error:
         raise KeyCommandError(str(error)) from error
-    limits = repository.Limits(
-        debits.get(60),
-        debits.get(3600),
-        debits.get(86400),
-        None if per is None else per.amount,
-        None if per is None else per.seconds,
-    )
+    limits = keys.stored_limits(debits, per)
     token = keys.new_token()
     try:
         made = await repository.insert_key(
@@ -116,18 +110,11 @@ async def create_bound_key(
 
 def describe_limits(limits: repository.Limits) -> str:
     """``debit 5000/hour,20000/day rate 10/second``, or ``-`` for none."""
-    debits = [
-        keys.describe(Limit(amount, seconds))
-        for amount, seconds in (
-            (limits.debit_per_minute, 60),
-            (limits.debit_per_hour, 3600),
-            (limits.debit_per_day, 86400),
-        )
-        if amount is not None
-    ]
+    debits = [keys.describe(limit) for limit in keys.debit_limits(limits)]
     said = [f"debit {','.join(debits)}"] if debits else []
-    if limits.rate_requests is not None and limits.rate_seconds is not None:
-        said.append(f"rate {keys.describe(Limit(limits.rate_requests, limits.rate_seconds))}")
+    rate = keys.rate_limit(limits)
+    if rate is not None:
+        said.append(f"rate {keys.describe(rate)}")
     return " ".join(said) or "-"
 
 

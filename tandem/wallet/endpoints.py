@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from tandem.core.callers import WALLET_MINT
 from tandem.core.dependencies import CurrentCaller, CurrentInstance, Db
+from tandem.core.ids import INT64_MAX
 from tandem.core.openapi import (
     DATABASE_UNAVAILABLE,
     OUTCOME_UNKNOWN,
@@ -21,7 +22,7 @@ from tandem.core.openapi import (
 )
 from tandem.wallet import service
 from tandem.wallet.errors import DEBIT_LIMIT
-from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX
+from tandem.wallet.models import DEFAULT_BALANCE
 from tandem.wallet.repository import Transfer as TransferRow
 from tandem.wallet.schemas import (
     BODY_INVALID,

@@ -27,11 +27,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 # The journal is signed by API keys: its foreign keys name api_keys, which the mapper must
 # find on the metadata.
 import tandem.access.models  # noqa: F401
+
+# A balance and an amount are BIGINT: core.ids.INT64_MAX bounds them. Named here too, as the
+# released SQL files (tandem/wallet/sql/transfer_v1.sql) name it; the one definition is core's.
+from tandem.core.ids import INT64_MAX as INT64_MAX
 from tandem.core.models import Base
 
-# A balance and an amount are BIGINT: what fits is the int64 range.
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
 # A new user's balance when none is given (and user 1's, made by the first migration).
 DEFAULT_BALANCE = 10_000
 # The longest reference a change or a transfer may carry (characters).

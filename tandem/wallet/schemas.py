@@ -15,9 +15,10 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tandem.core.errors import PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError
+from tandem.core.ids import INT64_MAX, INT64_MIN, id_in
 from tandem.core.openapi import ErrorCode
 from tandem.core.text import FREE_TEXT
-from tandem.wallet.models import DEFAULT_BALANCE, INT64_MAX, INT64_MIN, REFERENCE_MAX_LENGTH
+from tandem.wallet.models import DEFAULT_BALANCE, REFERENCE_MAX_LENGTH
 
 MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -25,7 +26,6 @@ IDEMPOTENCY_KEY_DESCRIPTION = "1-255 visible ASCII characters naming this attemp
 # An id in a path (parse_user_id), as the OpenAPI schema shows it.
 ID_DESCRIPTION = "A positive 64-bit integer."
 ID_JSON_SCHEMA = {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
-_USER_ID_RE = re.compile(r"[1-9][0-9]{0,18}")
 _IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 _RFC3339_RE = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
@@ -291,13 +291,14 @@ def parse_instant(raw: str) -> datetime:
 
 
 def parse_user_id(raw: str, field: str = "userId") -> int:
-    """An id in a path: decimal digits, no sign or leading zero, 1..2^63-1."""
-    if _USER_ID_RE.fullmatch(raw) is None or int(raw) > INT64_MAX:
+    """An id in a path: decimal digits, no sign or leading zero, 1..2^63-1 (core.ids)."""
+    parsed = id_in(raw)
+    if parsed is None:
         raise ValidationError(
             f"{field} must be a positive 64-bit integer",
             details=[{"field": field, "type": "int_type", "message": f"invalid {field}"}],
         )
-    return int(raw)
+    return parsed
 
 
 def parse_idempotency_key(values: list[str]) -> str | None:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.callers import ANONYMOUS, Caller, period_name
 from tandem.core.errors import AppError
+from tandem.core.ids import INT64_MAX
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import ACCESS_KEY_LIMITED
 from tandem.wallet import repository
@@ -28,7 +29,6 @@ from tandem.wallet.errors import (
     refusal_outcome,
     replay_refusal,
 )
-from tandem.wallet.models import INT64_MAX
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,35 @@ async def transfer(
     BalanceLimitError, IdempotencyKeyReusedError, DebitLimitError (the caller's key past a
     debit limit: the amount is counted against it); a refusal changes nothing. A caller bound
     to users pays only from them (to anyone): another payer is UserNotFoundError, as for a
-    payer that does not exist, before anything changes or its key is claimed."""
+    payer that does not exist, before anything changes or its key is claimed; what it is told
+    of the transfer made (or replayed) is what it would read of it (``seen_by``)."""
     if not caller.may_touch(from_user_id):
         raise UserNotFoundError(from_user_id, field="fromUserId")
     request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
+    made = await _transfer(pool, request, idempotency_key, caller, keys_per_day)
+    shown = seen_by(caller, made.transfer)
+    assert shown is not None, "a caller pays only from a user it may touch"
+    return TransferResult(shown, made.replayed)
+
+
+async def _transfer(
+    pool: ConnectionPool,
+    request: repository.Request,
+    idempotency_key: str | None,
+    caller: Caller,
+    keys_per_day: int,
+) -> TransferResult:
+    """The transfer as made or replayed, all of it (``transfer`` says what the caller sees)."""
     if idempotency_key is None and not caller.debit_limits:
+        assert request.to_user_id is not None
         result = await repository.transfer(
-            pool, from_user_id, to_user_id, amount, reference, None, caller.api_key_id
+            pool,
+            request.user_id,
+            request.to_user_id,
+            request.amount,
+            request.reference,
+            None,
+            caller.api_key_id,
         )
         return TransferResult(_transferred(request, result))
     if idempotency_key is None:
@@ -150,7 +172,7 @@ async def transfer(
             applied = await _apply_transfer(conn, _Keyed(None, caller, keys_per_day), request)
             if isinstance(applied, AppError):
                 raise applied
-            await count_debit(conn, caller, amount)
+            await count_debit(conn, caller, request.amount)
         return applied
     keyed = _Keyed(idempotency_key, caller, keys_per_day)
     return await _once(pool, keyed, request, _apply_transfer, _replay_transfer)
@@ -415,17 +437,25 @@ async def get_transfer(
     """Raises TransferNotFoundError, also to a caller bound to neither side (as for a transfer
     that does not exist); a caller bound to one side gets the other side's balance as None."""
     found = await repository.get_transfer(pool, transfer_id)
-    if found is None:
+    shown = None if found is None else seen_by(caller, found)
+    if shown is None:
         raise TransferNotFoundError(transfer_id)
-    if caller.bound:
-        payer, payee = caller.may_touch(found.from_user_id), caller.may_touch(found.to_user_id)
-        if not payer and not payee:
-            raise TransferNotFoundError(transfer_id)
-        found = found._replace(
-            from_balance=found.from_balance if payer else None,
-            to_balance=found.to_balance if payee else None,
-        )
-    return found
+    return shown
+
+
+def seen_by(caller: Caller, found: repository.Transfer) -> repository.Transfer | None:
+    """The one decision of what a caller sees of a transfer, made, replayed or read: all of
+    it unbound; bound to one side, the other side's balance-after as None (a bound key paying
+    1 unit must not learn its payee's balance); bound to neither side, nothing (None)."""
+    if not caller.bound:
+        return found
+    payer, payee = caller.may_touch(found.from_user_id), caller.may_touch(found.to_user_id)
+    if not payer and not payee:
+        return None
+    return found._replace(
+        from_balance=found.from_balance if payer else None,
+        to_balance=found.to_balance if payee else None,
+    )
 
 
 async def create_user(

@@ -214,6 +214,20 @@ def test_every_route_is_in_the_table() -> None:
     assert needing <= tested, needing - tested
 
 
+@pytest.mark.parametrize("path", ["/balance/{user}/history/", "/balance/{user}/", "/tasks/"])
+async def test_a_trailing_slash_is_an_unknown_path(
+    anonymous: httpx.AsyncClient, world: dict[str, Any], path: str
+) -> None:
+    """404 as any path no route serves, not a redirect (whose Location would name http://
+    behind TLS at the edge): each route has one spelling, the policy table's."""
+    answer = await anonymous.get(
+        path.format(user=world["ids"]["user"]), headers=bearer(world["every"])
+    )
+    assert answer.status_code == 404, answer.text
+    assert "location" not in answer.headers
+    assert answer.json()["error"]["code"] == "not_found"
+
+
 def test_a_rule_without_a_binding_is_refused() -> None:
     """The table cannot hold a route that does not say how a bound key is held on it."""
     with pytest.raises(TypeError):

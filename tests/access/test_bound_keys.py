@@ -268,6 +268,28 @@ async def test_a_transfer_shows_a_bound_key_its_side_only(
     assert as_payee == {**full, "fromBalance": None}
 
 
+@pytest.mark.parametrize("key", [None, "side-only-made", "side-only-replayed"])
+async def test_a_bound_key_paying_learns_nothing_of_its_payee(
+    app: httpx.AsyncClient, world: dict[str, Any], key: str | None
+) -> None:
+    """Paying user C 1 unit from A, without and with an idempotency key, and replayed: the
+    answer is what the key would read of the transfer (C's balance-after null), never C's
+    exact balance."""
+    a, c = world["a"], world["c"]
+    headers = {**world["bound"], **({} if key is None else {"Idempotency-Key": key})}
+    body = {"fromUserId": a, "toUserId": c, "amount": 1}
+    answer = await app.post("/transfers", json=body, headers=headers)
+    if key == "side-only-replayed":
+        answer = await app.post("/transfers", json=body, headers=headers)
+        assert answer.headers["Idempotent-Replayed"] == "true"
+    assert answer.status_code == 201, answer.text
+    made = answer.json()
+    read = (await app.get(f"/transfers/{made['transferId']}", headers=world["bound"])).json()
+    assert made == read
+    assert made["toBalance"] is None
+    assert made["fromBalance"] is not None
+
+
 async def test_a_bound_keys_history_names_no_other_key(
     app: httpx.AsyncClient, world: dict[str, Any]
 ) -> None:
@@ -351,6 +373,23 @@ async def test_post_keys_refuses(
     answer = await app.post("/keys", json=asked, headers=world["service"])
     assert answer.status_code == status, answer.text
     assert answer.json()["error"]["code"] == code
+    assert await fetch(database_url, STATE) == before
+
+
+@pytest.mark.parametrize(
+    "order", [("application/json", "text/plain"), ("text/plain", "application/json")]
+)
+async def test_post_keys_refuses_two_content_types(
+    app: httpx.AsyncClient, world: dict[str, Any], database_url: str, order: tuple[str, str]
+) -> None:
+    """As every route taking a body (wallet's test_two_content_types_are_415_on_both_paths):
+    two Content-Type headers are 415 whichever comes first, no key made."""
+    asked = {"name": "two-types", "scopes": [WALLET_READ], "userIds": [world["a"]]}
+    headers = [*world["service"].items(), *(("content-type", value) for value in order)]
+    before = await fetch(database_url, STATE)
+    answer = await app.post("/keys", content=json.dumps(asked).encode(), headers=headers)
+    assert answer.status_code == 415, answer.text
+    assert answer.json()["error"]["code"] == "unsupported_media_type"
     assert await fetch(database_url, STATE) == before
 
 

@@ -345,3 +345,30 @@ async def test_the_sessions_seen_are_bounded(
     assert len(sessions._seen) == 3
     assert await sessions.resolve(started[0] or "") is not None
     assert len(sessions._seen) == 3
+
+
+@pytest.mark.parametrize(("bound", "landing"), [(False, "/"), (True, "/docs")])
+async def test_a_login_lands_on_a_page_its_key_may_read(
+    browser: httpx.AsyncClient, database_url: str, bound: bool, landing: str
+) -> None:
+    """An unbound key lands on the status page; a key bound to users, which may not read it
+    (403), on the API's documentation. Either page then answers 200 to the session."""
+    users = None
+    if bound:
+        rows = await fetch(database_url, "INSERT INTO users (balance) VALUES (0) RETURNING id")
+        users = [rows[0]["id"]]
+    token = await make_key(
+        database_url,
+        f"lands-{'bound' if bound else 'unbound'}",
+        TASKS_READ,
+        WALLET_READ,
+        users=users,
+        known_to=browser,
+    )
+    answer = await browser.post(
+        "/login", data={"key": token}, headers={"Origin": SITE}, follow_redirects=False
+    )
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"] == landing
+    session = answer.headers["set-cookie"].partition("=")[2].partition(";")[0]
+    assert (await browser.get(landing, headers=cookie(session))).status_code == 200

@@ -238,13 +238,15 @@ def test_a_fresh_local_start_makes_and_prints_a_development_key(tmp_path: Path) 
     does on a fresh clone): it makes a key under the data folder (mode 0600), prints it with
     a curl line, and that key works while no key is anonymous; a second start reuses it and
     does not print it, only the file it is in (a kept log holds it once)."""
-    port = free_port()
     env = {
         k: v for k, v in os.environ.items() if k not in ("TANDEM_API_KEY", "TANDEM_DATABASE_URL")
     }
     env |= {"TANDEM_DATA_DIR": str(tmp_path / "data"), "TANDEM_SCHEDULER_ENABLED": "false"}
     log = tmp_path / "serve.log"
     for start in range(2):
+        # A port of its own each start: the first start's port, free again once it stopped,
+        # may be taken by another test's server in between.
+        port = free_port()
         with log.open("wb") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "tandem", "serve", "--port", str(port)],
@@ -254,7 +256,7 @@ def test_a_fresh_local_start_makes_and_prints_a_development_key(tmp_path: Path) 
                 cwd=REPO,
             )
         try:
-            wait_for(lambda: "Authorization: Bearer" in log.read_text(errors="replace"), 60)
+            wait_for(partial(_printed_or_exited, process, log), 60, "the key's curl line")
             key_file = tmp_path / "data" / "dev-key"
             token = key_file.read_text().strip()
             assert key_file.stat().st_mode & 0o777 == 0o600
@@ -275,6 +277,14 @@ def test_a_fresh_local_start_makes_and_prints_a_development_key(tmp_path: Path) 
         finally:
             process.terminate()
             process.wait(30)
+
+
+def _printed_or_exited(process: subprocess.Popen[bytes], log: Path) -> bool:
+    """The start printed its key's curl line; a start that ended instead fails at once, with
+    its log (not after the whole wait)."""
+    printed = log.read_text(errors="replace")
+    assert process.poll() is None, f"tandem serve exited {process.returncode}:\n{printed}"
+    return "Authorization: Bearer" in printed
 
 
 def _answers(url: str, token: str) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tandem.wallet.models import INT64_MAX
+from tandem.core.ids import INT64_MAX
 from tests.support import assert_error, balance_of, new_user, sample_sum
 
 

@@ -16,8 +16,9 @@ import pytest
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
+from tandem.core.ids import INT64_MAX, INT64_MIN
 from tandem.wallet.endpoints import HISTORY_PAGE_MAX
-from tandem.wallet.models import INT64_MAX, INT64_MIN, REFERENCE_MAX_LENGTH
+from tandem.wallet.models import REFERENCE_MAX_LENGTH
 from tandem.wallet.schemas import History, HistoryEntry
 from tests.support import REPO, assert_error, balance_of, fetch, new_user
 
