@@ -2,7 +2,8 @@
 ``GET /tasks`` and on the status page like any task.
 
 - ``tandem.prune_task_history``: deletes finished runs older than TANDEM_HISTORY_RETENTION.
-- ``tandem.prune_idempotency_keys``: deletes keys older than TANDEM_IDEMPOTENCY_RETENTION.
+- ``tandem.prune_idempotency_keys``: deletes keys older than TANDEM_IDEMPOTENCY_RETENTION,
+  and the browser sessions ended or expired over a day ago (``SESSION_RETENTION``).
 - ``tandem.verify_ledger``: checks the ledger's invariants (``tandem ledger verify``) and
   exports the mismatches it finds as ``tandem_ledger_mismatches`` (alert TandemLedgerMismatch);
   skipped, with a warning, while another verification runs (one at a time in the database),
@@ -21,6 +22,7 @@ from datetime import timedelta
 
 import asyncpg
 
+from tandem.access import repository as access_repository
 from tandem.core.database import Database
 from tandem.observability.metrics import LEDGER_MISMATCHES, LEDGER_VERIFIED
 from tandem.scheduler import repository as scheduler_repository
@@ -30,6 +32,9 @@ from tandem.wallet import repository as wallet_repository
 PRUNE_HISTORY_TASK = "tandem.prune_task_history"
 PRUNE_KEYS_TASK = "tandem.prune_idempotency_keys"
 VERIFY_LEDGER_TASK = "tandem.verify_ledger"
+
+# Ended and expired browser sessions are kept this long (seconds), then deleted.
+SESSION_RETENTION = 86400.0
 
 PruneBatch = Callable[[asyncpg.Connection, timedelta, int], Awaitable[int]]
 
@@ -66,6 +71,8 @@ def maintenance_registry(database: Database) -> Registry:
     async def prune_idempotency_keys(ctx: TaskContext) -> None:
         keys = wallet_repository.prune_idempotency_keys
         await _prune(ctx, database, keys, settings.idempotency_retention, "idempotency keys")
+        sessions = access_repository.prune_sessions
+        await _prune(ctx, database, sessions, SESSION_RETENTION, "ended browser sessions")
 
     async def verify_ledger(ctx: TaskContext) -> None:
         # A full scan: as long as the ledger is big, up to its own deadline (server-side; no

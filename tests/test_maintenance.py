@@ -90,6 +90,28 @@ def seeded(postgres_url: str) -> Iterator[str]:
             "INSERT INTO idempotency_keys (key, user_id, amount, outcome, balance, created_at) "
             "VALUES ('legacy', 1, -1, 'ok', 9999, now() - interval '1 hour')",
         )
+        # Browser sessions: ended and expired over a day ago (pruned), live and ended now (kept).
+        key_id = query(
+            url,
+            "INSERT INTO api_keys (name, token_sha256, scopes) "
+            "VALUES ('browser', sha256('browser'), '{wallet:read}') RETURNING id",
+        )[0]["id"]
+        for name, expires, ended in (
+            ("ended-long-ago", "1 hour", "-2 days"),
+            ("expired-long-ago", "-2 days", None),
+            ("live", "1 hour", None),
+            ("ended-now", "1 hour", "0 seconds"),
+        ):
+            query(
+                url,
+                "INSERT INTO browser_sessions (token_sha256, api_key_id, expires_at, ended_at) "
+                "VALUES (sha256($1::bytea), $2, now() + $3::text::interval, "
+                "now() + $4::text::interval)",
+                name.encode(),
+                key_id,
+                expires,
+                ended,
+            )
         yield url
 
 
@@ -114,7 +136,8 @@ async def test_old_rows_are_pruned_and_recent_ones_kept(
 ) -> None:
     """Runs that ended and keys created before the retention are deleted, all five by one run
     in batches of two; the run that ended a second ago, the running one, the fresh key and a
-    key applied before the journal kept keys stay."""
+    key applied before the journal kept keys stay. Browser sessions ended or expired over a
+    day ago are deleted too; a live one and one ended now stay."""
     caplog.set_level(logging.INFO)
 
     async def pruned() -> bool:
@@ -126,7 +149,12 @@ async def test_old_rows_are_pruned_and_recent_ones_kept(
         old_keys = await fetch(
             seeded, "SELECT count(*) AS n FROM idempotency_keys WHERE key LIKE 'old-%'"
         )
-        return old_runs[0]["n"] == 0 and old_keys[0]["n"] == 0
+        old_sessions = await fetch(
+            seeded,
+            "SELECT count(*) AS n FROM browser_sessions WHERE expires_at < now() "
+            "OR ended_at < now() - interval '1 day'",
+        )
+        return old_runs[0]["n"] == 0 and old_keys[0]["n"] == 0 and old_sessions[0]["n"] == 0
 
     await until(pruned, 20)
     kept = await fetch(
@@ -137,6 +165,9 @@ async def test_old_rows_are_pruned_and_recent_ones_kept(
     assert [r["status"] for r in kept] == ["failed", "running"]
     keys = await fetch(seeded, "SELECT key FROM idempotency_keys ORDER BY key")
     assert [r["key"] for r in keys] == ["fresh", "legacy"]
+    # The sessions ended or expired over a day ago are deleted; the others stay.
+    sessions = await fetch(seeded, "SELECT count(*) FROM browser_sessions")
+    assert sessions[0][0] == 2
 
     # Logged by the run after its last batch (a moment after the rows are gone): one run
     # deleted all five, in batches of two (2 + 2 + 1).

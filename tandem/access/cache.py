@@ -73,6 +73,7 @@ def caller_for(row: repository.LiveKey) -> Caller:
         row.expires_at,
         keys.debit_limits(limits),
         keys.rate_limit(limits),
+        row.parent_key_id,
     )
 
 

@@ -3,6 +3,7 @@ Each carries its HTTP status and stable code; a refusal makes no key."""
 
 from __future__ import annotations
 
+from tandem.access.schemas import BOUND_KEY_MAX_USERS
 from tandem.core.errors import ConflictError, ForbiddenError, ValidationError
 
 
@@ -37,6 +38,22 @@ class KeyNameTakenError(ConflictError):
     code = "key_name_taken"
 
 
+class KeyNameInvalidError(ValidationError):
+    code = "key_name_invalid"
+
+
+class KeyUsersTooManyError(ValidationError):
+    code = "key_users_too_many"
+
+
+class KeyTokenTakenError(ConflictError):
+    """The token's SHA-256 is another key's: never by chance (256 random bits), so the
+    application's fault, told apart from a name taken. Nothing was made; a retry makes a new
+    token."""
+
+    code = "key_token_taken"
+
+
 # The function's outcomes, and what each tells the client.
 REFUSALS = {
     "caller_not_allowed": (
@@ -55,4 +72,13 @@ REFUSALS = {
     ),
     "expiry_out_of_range": (KeyExpiryError, "expiresIn must be 1..86400 seconds"),
     "name_taken": (KeyNameTakenError, "a key has this name (revoked keys keep their names)"),
+    "name_invalid": (
+        KeyNameInvalidError,
+        "invalid key name: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    ),
+    "too_many_users": (
+        KeyUsersTooManyError,
+        f"a key made here is bound to at most {BOUND_KEY_MAX_USERS} users",
+    ),
+    "token_taken": (KeyTokenTakenError, "the new key's token is another key's: retry"),
 }

@@ -23,4 +23,12 @@ CREATE_BOUND_KEY_V1 = ServerFunction(
     app_role=True,
 )
 
-CURRENT = (CREATE_BOUND_KEY_V1,)
+# A login: the session starts only for whoever holds the key's token (hashed in the database);
+# a logout only ends one. The application's role has no INSERT or UPDATE on browser_sessions
+# once the contract is applied (migration 0015): it cannot forge or revive a session.
+START_SESSION_V1 = ServerFunction.as_owner(
+    _SQL, "tandem_start_session_v1", "p_key_token text, p_session_sha256 bytea, p_seconds integer"
+)
+END_SESSION_V1 = ServerFunction.as_owner(_SQL, "tandem_end_session_v1", "p_session_sha256 bytea")
+
+CURRENT = (CREATE_BOUND_KEY_V1, START_SESSION_V1, END_SESSION_V1)

@@ -201,19 +201,21 @@ class AccessControl:
         return caller
 
     def _take_request(self, caller: Caller) -> None:
-        """Raises RateLimitedError past the caller's rate: a token bucket per key, holding at
-        most its rate's amount, refilled over its window."""
+        """Raises RateLimitedError past the caller's rate: a token bucket per key (a key
+        minted through POST /keys shares its maker's: Caller.limited_as), holding at most its
+        rate's amount, refilled over its window."""
         assert caller.rate is not None
-        assert caller.api_key_id is not None
+        limited_as = caller.limited_as
+        assert limited_as is not None
         now = time.monotonic()
-        bucket = self._buckets.get(caller.api_key_id)
+        bucket = self._buckets.get(limited_as)
         if bucket is None:
             amount, seconds = caller.rate
-            bucket = self._buckets[caller.api_key_id] = TokenBucket(amount / seconds, amount, now)
+            bucket = self._buckets[limited_as] = TokenBucket(amount / seconds, amount, now)
         if not bucket.take(now):
             _RATE_LIMITED.inc()
-            if now - self._logged.get(caller.api_key_id, -60.0) >= 60.0:
-                self._logged[caller.api_key_id] = now
+            if now - self._logged.get(limited_as, -60.0) >= 60.0:
+                self._logged[limited_as] = now
                 log.warning(
                     "the API key %r is past its rate of %s (refused 429; logged once a minute)",
                     caller.name,
@@ -265,9 +267,17 @@ class AccessControl:
             await _html(page_send, 401, _login_page("Unknown or revoked API key."))
             return
         try:
-            session = await self.sessions.start(caller)
+            # A login is a request of the key: within its rate, as every other one.
+            if caller.rate is not None:
+                self._take_request(caller)
+            # The raw token: the database hashes it and checks the key (the app's role
+            # cannot start a session for a key it does not hold).
+            session = await self.sessions.start(token)
         except AppError as error:
             await respond_error(scope, send, error)
+            return
+        if session is None:  # revoked or expired since this process loaded it
+            await _html(page_send, 401, _login_page("Unknown or revoked API key."))
             return
         secure = "; Secure" if _https(scope) else ""
         cookie = (

@@ -69,6 +69,9 @@ class ApiKey(Base):
     debit_per_day: Mapped[int | None] = mapped_column(BigInteger)
     rate_requests: Mapped[int | None] = mapped_column(BigInteger)
     rate_seconds: Mapped[int | None] = mapped_column(Integer)
+    # The key that minted this one (POST /keys): its limits are this key's, and its debit
+    # windows and rate bucket count this key's requests too (NULL: counted as itself).
+    parent_key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
 
 
 class BrowserSession(Base):

@@ -3,11 +3,12 @@ one token on the requests' pool."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import asyncpg
 
+from tandem.core.database import rows_affected
 from tandem.core.pool import ConnectionPool
 
 # A key is unique by name and by token; a second instance inserting the same configured key
@@ -41,6 +42,7 @@ _LIVE_KEY_COLUMNS = (
     "{t}bound_user_ids",
     "extract(epoch FROM {t}expires_at)::float8",
     *("{t}" + column for column in _LIMIT_COLUMNS),
+    "{t}parent_key_id",
 )
 _LIVE_KEY = ", ".join(column.format(t="") for column in _LIVE_KEY_COLUMNS)
 _LIVE_KEY_OF_K = ", ".join(column.format(t="k.") for column in _LIVE_KEY_COLUMNS)
@@ -53,17 +55,21 @@ SELECT id, name, scopes, created_at, last_used_at, revoked_at, bound_user_ids, e
 FROM api_keys ORDER BY id
 """
 
-# Revokes the key and ends its browser sessions in one statement. The sessions' lookup
+# Revokes the key, the keys it minted (POST /keys: a leaked key's revocation takes what was
+# minted with it), and ends their browser sessions, in one statement. The sessions' lookup
 # (LIVE_SESSION) refuses a revoked key's sessions anyway; ending them here records when.
 REVOKE_KEY = """
-WITH revoked AS (
-    UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) WHERE name = $1
+WITH named AS (
+    SELECT id FROM api_keys WHERE name = $1
+), revoked AS (
+    UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp())
+    WHERE id IN (SELECT id FROM named) OR parent_key_id IN (SELECT id FROM named)
     RETURNING id, revoked_at
 ), ended AS (
     UPDATE browser_sessions s SET ended_at = r.revoked_at FROM revoked r
     WHERE s.api_key_id = r.id AND s.ended_at IS NULL
 )
-SELECT revoked_at FROM revoked
+SELECT r.revoked_at FROM revoked r JOIN named n ON n.id = r.id
 """
 
 # Every live key (not revoked, not expired), for the process's cache (access/cache.py), and
@@ -98,12 +104,11 @@ SELECT outcome, key_id, expires_at
 FROM tandem_create_bound_key_v1($1, $2, $3, $4, $5, $6::double precision * interval '1 second')
 """
 
-# A browser session, issued at login for a live key; it expires $3 seconds after.
-INSERT_SESSION = """
-INSERT INTO browser_sessions (token_sha256, api_key_id, expires_at)
-VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
-RETURNING id
-"""
+# A browser session, issued at login by the owner's function from the key's raw token ($1,
+# hashed there: tandem/access/sql/start_session_v1.sql), so the application's role cannot
+# write a session for a key it does not hold; it expires $3 seconds after. The key's id, or
+# NULL when no live key has this token (revoked or expired since this process loaded it).
+START_SESSION = "SELECT tandem_start_session_v1($1, $2, $3)"
 
 # The live key of a live session, by the session token's hash (one probe of its unique
 # index), on every request carrying the cookie: no process keeps sessions, so a logout or a
@@ -116,10 +121,20 @@ WHERE s.token_sha256 = $1 AND s.ended_at IS NULL AND s.expires_at > clock_timest
   AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > clock_timestamp())
 """
 
-END_SESSION = """
-UPDATE browser_sessions SET ended_at = clock_timestamp()
-WHERE token_sha256 = $1 AND ended_at IS NULL
-RETURNING id
+# A logout, by the owner's function: it only ever ends a session (the application's role may
+# not UPDATE browser_sessions, so it cannot revive one).
+END_SESSION = "SELECT tandem_end_session_v1($1)"
+
+# Sessions ended or expired before $1 ago, a batch ($2) at a time: no lookup reads them. No
+# FOR UPDATE (it needs UPDATE, which the application's role has not on this table): a logout
+# racing on one of these rows is one that expired already; the DELETE waits for it and finds
+# the row still dead.
+PRUNE_SESSIONS = """
+DELETE FROM browser_sessions WHERE id IN (
+    SELECT id FROM browser_sessions
+    WHERE least(ended_at, expires_at) < clock_timestamp() - $1::interval
+    LIMIT $2
+)
 """
 
 
@@ -153,6 +168,7 @@ class LiveKey(NamedTuple):
     bound_user_ids: list[int] | None
     expires_at: float | None  # seconds since the epoch
     limits: Limits
+    parent_key_id: int | None = None  # the key that minted it (POST /keys)
 
 
 class BoundKeyOutcome(NamedTuple):
@@ -163,7 +179,9 @@ class BoundKeyOutcome(NamedTuple):
 
 def _live_key(row: asyncpg.Record) -> LiveKey:
     users = None if row[4] is None else list(row[4])
-    return LiveKey(row[0], row[1], list(row[2]), bytes(row[3]), users, row[5], Limits(*row[6:]))
+    return LiveKey(
+        row[0], row[1], list(row[2]), bytes(row[3]), users, row[5], Limits(*row[6:11]), row[11]
+    )
 
 
 async def insert_key(
@@ -235,10 +253,12 @@ async def live_key_by_hash(pool: ConnectionPool, sha256: bytes) -> LiveKey | Non
     return None if row is None else _live_key(row)
 
 
-async def insert_session(
-    pool: ConnectionPool, sha256: bytes, api_key_id: int, seconds: int
-) -> None:
-    await pool.fetchval(INSERT_SESSION, sha256, api_key_id, float(seconds))
+async def start_session(
+    pool: ConnectionPool, key_token: str, sha256: bytes, seconds: int
+) -> int | None:
+    """The key's id, or None when no live key has the token ``key_token`` (nothing stored)."""
+    key_id: int | None = await pool.fetchval(START_SESSION, key_token, sha256, seconds)
+    return key_id
 
 
 async def live_session(pool: ConnectionPool, sha256: bytes) -> LiveKey | None:
@@ -250,3 +270,8 @@ async def live_session(pool: ConnectionPool, sha256: bytes) -> LiveKey | None:
 async def end_session(pool: ConnectionPool, sha256: bytes) -> None:
     # retry_safe: ending a session twice is ending it once.
     await pool.fetchval(END_SESSION, sha256, retry_safe=True)
+
+
+async def prune_sessions(conn: asyncpg.Connection, older_than: timedelta, batch: int) -> int:
+    """Deletes up to ``batch`` sessions ended or expired ``older_than`` ago; how many."""
+    return rows_affected(await conn.execute(PRUNE_SESSIONS, older_than, batch))

@@ -11,6 +11,13 @@ What keeps made-up cookies from costing the database anything, as for unknown be
 (cache.py): a cookie that is not a session token is refused without a query; a token found
 dead is remembered as such for ``UNKNOWN_TOKEN_MEMORY`` seconds; and a token this process has
 not seen live (issued here or found live) is looked up only within ``lookups_per_second``.
+
+What keeps logins from costing without bound: a login goes through the key's own rate, as
+any request of the key does (layer.py); this process remembers at most ``SEEN_MAX`` session
+tokens as seen live (the least recently used forgotten first: such a token is then looked up
+within the allowance again); housekeeping deletes the sessions ended or expired over a day
+ago (maintenance.py). A session starts only through the owner's function, from the key's
+raw token (repository.START_SESSION): the application's role cannot write one.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from tandem.access import keys, repository
@@ -29,6 +37,8 @@ from tandem.core.database import Database
 COOKIE_MAX_AGE = 12 * 3600
 SESSION_PREFIX = "tds_"
 _TOKEN_RE = re.compile(r"tds_[A-Za-z0-9_-]{43}")
+# Session tokens remembered as seen live, per process (about 200 bytes each: 2 MB at most).
+SEEN_MAX = 10_000
 
 
 class Sessions:
@@ -43,20 +53,24 @@ class Sessions:
         self._database = database
         self.max_age = max_age
         self._clock = clock
-        # Token hash -> until when it is looked up without the allowance (seen live here).
-        self._seen: dict[bytes, float] = {}
+        # Token hash -> until when it is looked up without the allowance (seen live here);
+        # least recently used first, at most SEEN_MAX.
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
         self._unknown: dict[bytes, float] = {}  # token hash -> refused without lookup until
         self._allowance = TokenBucket(lookups_per_second, max(1.0, lookups_per_second), clock())
 
-    async def start(self, caller: Caller) -> str:
-        """A new session of ``caller``'s key; its token, for the cookie (only its hash is
-        stored). Raises DatabaseUnavailableError when it cannot be stored."""
-        assert caller.api_key_id is not None, "a login is made with a key"
+    async def start(self, key_token: str) -> str | None:
+        """A new session of the key whose token is ``key_token`` (typed in the login form:
+        the database hashes it and checks the key is live); the session's token, for the
+        cookie (only its hash is stored), or None when no live key has that token. Raises
+        DatabaseUnavailableError when it cannot be stored."""
         token = SESSION_PREFIX + secrets.token_urlsafe(32)
         sha256 = keys.digest(token)
-        await repository.insert_session(
-            self._database.pool, sha256, caller.api_key_id, self.max_age
+        key_id = await repository.start_session(
+            self._database.pool, key_token, sha256, self.max_age
         )
+        if key_id is None:
+            return None
         self._remember_seen(sha256)
         return token
 
@@ -90,9 +104,7 @@ class Sessions:
         self._seen.pop(sha256, None)
 
     def _remember_seen(self, sha256: bytes) -> None:
-        now = self._clock()
-        if sha256 not in self._seen:
-            # Forget the ones past a session's life; the rest are at most the logins made in
-            # one max_age (each took a valid key).
-            self._seen = {h: until for h, until in self._seen.items() if until > now}
-        self._seen[sha256] = now + self.max_age
+        self._seen[sha256] = self._clock() + self.max_age
+        self._seen.move_to_end(sha256)
+        while len(self._seen) > SEEN_MAX:
+            self._seen.popitem(last=False)

@@ -72,6 +72,16 @@ class Caller:
     debit_limits: tuple[Limit, ...] = ()
     # Requests per window, in each process (access.layer).
     rate: Limit | None = None
+    # The key that minted this one through POST /keys (its limits are this key's): its
+    # windows and rate bucket count this key's debits and requests (limited_as).
+    parent_key_id: int | None = None
+
+    @property
+    def limited_as(self) -> int | None:
+        """The key whose debit windows and rate this caller's requests count in: its maker's
+        for a key minted through POST /keys (one budget for the maker and all it minted),
+        else its own."""
+        return self.parent_key_id if self.parent_key_id is not None else self.api_key_id
 
     @property
     def bound(self) -> bool:

@@ -103,26 +103,34 @@ ORDER BY i.id
 
 
 # What the application's own role may do (TANDEM_DATABASE_APP_ROLE; the migrations run as the
-# owner): no DDL (it owns nothing, and PostgreSQL 15+ gives PUBLIC no CREATE on the public
-# schema); read every table but the owner's settings; write the working tables (idempotency
-# keys, the scheduler's state); and, once the contract is applied, write nothing that is money,
-# a key or an audit row: those only through the owner functions granted to it by name (their
+# owner): no DDL (it owns nothing, and no role but the owner may CREATE in the public schema:
+# PUBLIC's CREATE, which a cluster upgraded from PostgreSQL 14 or older keeps, is taken too,
+# so no object of the app's can shadow a builtin an owner function names); read every table
+# but the owner's settings; write the working tables (idempotency keys, the scheduler's
+# state); and, once the contract is applied, write nothing that is money, a key, a session or
+# an audit row: those only through the owner functions granted to it by name (their
 # declarations: ServerFunction.app_role). Applied after every upgrade, so tables added later
 # are covered.
 _APP_ROLE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _APPEND_ONLY = ("ledger_entries", "transfers")
 # After the contract: SELECT only (and api_keys' last_used_at, which the key cache dates).
 APP_READ_ONLY = ("users", "ledger_entries", "transfers", "api_keys", "task_actions")
+# After the contract: SELECT and DELETE (housekeeping prunes ended sessions; deleting one only
+# ends it), no INSERT or UPDATE: a login and a logout go through the owner's functions
+# (tandem_start_session_v1, tandem_end_session_v1), so no session is forged or revived.
+APP_DELETE_ONLY = ("browser_sessions",)
 # The owner's alone: the ceiling's settings and its counters (written by the owner functions).
 OWNER_ONLY = ("wallet_settings", "mint_usage")
 
 
-def app_role_statements(role: str, contracted: bool) -> list[str]:
-    """The grants of ``role``, before (``contracted`` False) or after the contract."""
+def app_table_statements(role: str, contracted: bool) -> list[str]:
+    """The table and schema rights of ``role``, before (``contracted`` False) or after the
+    contract (what a downgrade of the contract gives back, too)."""
     if _APP_ROLE.fullmatch(role) is None:
         raise ValueError(f"invalid role name {role!r}")
     read_only = APP_READ_ONLY if contracted else _APPEND_ONLY
-    return [
+    statements = [
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
         f"REVOKE CREATE ON SCHEMA public FROM {role}",
         f"GRANT USAGE ON SCHEMA public TO {role}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
@@ -134,9 +142,26 @@ def app_role_statements(role: str, contracted: bool) -> list[str]:
         f"REVOKE UPDATE, DELETE, TRUNCATE ON api_keys FROM {role}",
         f"GRANT UPDATE (last_used_at) ON api_keys TO {role}",
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    ]
+    if contracted:
+        statements.append(
+            f"REVOKE INSERT, UPDATE, TRUNCATE ON {', '.join(APP_DELETE_ONLY)} FROM {role}"
+        )
+    return statements
+
+
+def app_role_statements(role: str, contracted: bool) -> list[str]:
+    """The grants of ``role``, before (``contracted`` False) or after the contract."""
+    return [
+        *app_table_statements(role, contracted),
         # Earlier releases granted EXECUTE ON ALL FUNCTIONS; now each by name, below.
         f"REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA public FROM {role}",
     ]
+
+
+# Whether the role could still create an object in public (through PUBLIC or a role it is a
+# member of): then it could shadow what an owner function names, and nothing is granted.
+_MAY_CREATE = "SELECT has_schema_privilege($1, 'public', 'CREATE')"
 
 
 _FUNCTION_EXISTS = """
@@ -165,6 +190,12 @@ def grant_app_role(database_url: str, role: str, functions: Iterable[ServerFunct
                 contracted = revision not in known or revision in revisions_since(CONTRACT_REVISION)
                 for statement in app_role_statements(role, contracted):
                     await conn.execute(statement)
+                if await conn.fetchval(_MAY_CREATE, role):
+                    raise RuntimeError(
+                        f"the role {role} may still CREATE in the schema public (through PUBLIC, "
+                        "when this role may not revoke it, or a role it is a member of): revoke "
+                        "it as the schema's owner, then run `tandem migrate` again"
+                    )
                 for table in OWNER_ONLY:
                     if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                         await conn.execute(f"REVOKE ALL ON {table} FROM {role}")

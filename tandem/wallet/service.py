@@ -204,7 +204,8 @@ _DEBIT_LIMITED = ACCESS_KEY_LIMITED.labels("debit")
 
 
 async def count_debit(conn: Connection, caller: Caller, amount: int) -> None:
-    """Counts ``amount`` (> 0) leaving a user by ``caller``'s key, in ``conn``'s transaction,
+    """Counts ``amount`` (> 0) leaving a user by ``caller``'s key (in its maker's windows for a
+    key minted through POST /keys: Caller.limited_as), in ``conn``'s transaction,
     the one that moves it: a committed debit is always counted, a rolled-back one never.
     Every debit calls this (a withdrawal, a transfer's paying side). Raises DebitLimitError
     past one of the key's windows; the caller's transaction must then roll back (it does:
@@ -213,10 +214,11 @@ async def count_debit(conn: Connection, caller: Caller, amount: int) -> None:
     one debit each (the sum reads committed rows: repository.COUNT_KEY_DEBIT)."""
     if not caller.debit_limits:
         return
-    assert caller.api_key_id is not None
+    limited_as = caller.limited_as  # a minted key's debits count in its maker's windows
+    assert limited_as is not None
     assert amount > 0
     totals = await repository.count_key_debit(
-        conn, caller.api_key_id, amount, [limit.seconds for limit in caller.debit_limits]
+        conn, limited_as, amount, [limit.seconds for limit in caller.debit_limits]
     )
     limits = {limit.seconds: limit.amount for limit in caller.debit_limits}
     for window in totals:

@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tandem.access import policy, repository
+from tandem.access import keys, policy, repository
 from tandem.access.cache import KeyCache
+from tandem.access.errors import REFUSALS
 from tandem.access.keys import digest, new_token
+from tandem.access.schemas import BOUND_KEY_MAX_USERS
 from tandem.core.callers import ALL, KEYS_WRITE, WALLET_MINT, WALLET_READ, WALLET_WRITE
 from tandem.core.database import Database
 from tests.access.keys import bearer, make_key, revoke_key
@@ -443,6 +445,167 @@ async def test_the_function_refuses_whatever_the_app_asks(
         "SELECT bound_user_ids, scopes FROM api_keys WHERE name LIKE 'direct-%'",
     )
     assert [(r["bound_user_ids"], r["scopes"]) for r in made] == [([a], [WALLET_READ])]
+
+
+async def test_the_function_keeps_names_the_user_cap_and_tokens(
+    world: dict[str, Any], database_url: str, database: Database
+) -> None:
+    """What the endpoint checks first, the function keeps too, each with its own outcome: the
+    CLI's name pattern, at most BOUND_KEY_MAX_USERS users (the endpoint's cap), and a token
+    already another key's told apart from a name taken."""
+    service_id = (await fetch(database_url, "SELECT id FROM api_keys WHERE name = 'service'"))[0][
+        "id"
+    ]
+    a = world["a"]
+
+    async def mint(name: str, users: list[int], sha256: bytes | None = None) -> str:
+        made = await repository.create_bound_key(
+            database.pool,
+            service_id,
+            name,
+            sha256 or digest(new_token()),
+            [WALLET_READ],
+            users,
+            60,
+        )
+        return made.outcome
+
+    before = await fetch(database_url, STATE)
+    for name in ("bad name", "-leading", "x" * 65, "", "näme", "a/b", "a\nb"):
+        assert keys.NAME_RE.fullmatch(name) is None
+        assert await mint(name, [a]) == "name_invalid", name
+    many = list(range(NOBODY, NOBODY + BOUND_KEY_MAX_USERS + 1))
+    assert await mint("too-many", many) == "too_many_users"
+    # At the cap the function goes on (to find these users missing).
+    assert await mint("at-the-cap", many[:BOUND_KEY_MAX_USERS]) == "users_not_found"
+    taken = (await fetch(database_url, "SELECT token_sha256 FROM api_keys WHERE name = 'service'"))[
+        0
+    ]["token_sha256"]
+    assert await mint("fresh-name", [a], bytes(taken)) == "token_taken"
+    assert await mint("service", [a]) == "name_taken"
+    assert await fetch(database_url, STATE) == before, "a refusal made a key"
+    assert await mint("a.valid_name-1", [a]) == "ok"
+
+
+def test_the_new_refusals_have_their_codes() -> None:
+    """Each new outcome of the function is a 4xx with its stable code (never a 500)."""
+    for outcome, code in (
+        ("name_invalid", "key_name_invalid"),
+        ("too_many_users", "key_users_too_many"),
+        ("token_taken", "key_token_taken"),
+    ):
+        refusal, message = REFUSALS[outcome]
+        assert refusal.code == code
+        assert 400 <= refusal(message).status_code < 500
+
+
+async def test_a_minted_key_is_as_limited_as_its_maker(
+    app: httpx.AsyncClient, database_url: str
+) -> None:
+    """The probe: a key limited to 10 a day, refused 429 on 11, mints a key for another user
+    through POST /keys; that key is refused past the same limit (it inherits its maker's
+    debit limits and rate), and lives no longer than its maker."""
+    rows = await fetch(
+        database_url, "INSERT INTO users (balance) VALUES (1000000), (1000000) RETURNING id"
+    )
+    own, other = rows[0]["id"], rows[1]["id"]
+    maker = bearer(
+        await make_key(
+            database_url,
+            "limited-minter",
+            KEYS_WRITE,
+            WALLET_READ,
+            WALLET_WRITE,
+            debit_limits=("10/day", "7/minute"),
+            rate="50/minute",
+            expires_in=1800,
+            known_to=app,
+        )
+    )
+    take_11 = {"userId": own, "amount": -11}
+    answer = await app.post("/balance/update", json=take_11, headers=maker)
+    assert answer.status_code == 429, answer.text
+    asked = {"name": "minted-by-limited", "scopes": [WALLET_READ, WALLET_WRITE], "userIds": [other]}
+    made = await app.post("/keys", json=asked, headers=maker)
+    assert made.status_code == 201, made.text
+    child = bearer(made.json()["token"])
+
+    async def known() -> bool:
+        # A token new to this process is looked up within its allowance: polled.
+        return (await app.get(f"/balance/{other}", headers=child)).status_code != 401
+
+    await until(known, 10)
+    drain = {"userId": other, "amount": -500000}
+    answer = await app.post("/balance/update", json=drain, headers=child)
+    assert answer.status_code == 429, answer.text
+    assert answer.json()["error"]["code"] == "debit_limit_exceeded"
+    balance = await app.get(f"/balance/{other}", headers=child)
+    assert balance.json()["balance"] == 1000000
+    limits = await fetch(
+        database_url,
+        "SELECT name, debit_per_minute, debit_per_hour, debit_per_day, rate_requests, "
+        "rate_seconds, expires_at FROM api_keys "
+        "WHERE name IN ('limited-minter', 'minted-by-limited') ORDER BY name",
+    )
+    parent, minted = (tuple(row)[1:] for row in limits)
+    assert minted[:5] == parent[:5] == (7, None, 10, 50, 60)
+    # Asked for 24 h (the default), given its maker's 30 minutes.
+    assert minted[5] == parent[5]
+
+
+async def test_minted_keys_share_their_makers_budget(
+    app: httpx.AsyncClient, database_url: str
+) -> None:
+    """Minting many keys multiplies nothing: the debits of the maker and of every key it
+    minted count in the maker's windows (10 a day for all of them together); revoking the
+    maker revokes them."""
+    rows = await fetch(database_url, "INSERT INTO users (balance) VALUES (100), (100) RETURNING id")
+    one, two = rows[0]["id"], rows[1]["id"]
+    maker = bearer(
+        await make_key(
+            database_url,
+            "budget-minter",
+            KEYS_WRITE,
+            WALLET_READ,
+            WALLET_WRITE,
+            debit_limits=("10/day",),
+            known_to=app,
+        )
+    )
+    children = []
+    for n, user in enumerate((one, two, two)):
+        asked = {"name": f"budget-child-{n}", "scopes": [WALLET_WRITE], "userIds": [user]}
+        made = await app.post("/keys", json=asked, headers=maker)
+        assert made.status_code == 201, made.text
+        child = bearer(made.json()["token"])
+
+        async def known(child: dict[str, str] = child, user: int = user) -> bool:
+            # A token new to this process is looked up within its allowance: polled.
+            return (await app.get(f"/balance/{user}", headers=child)).status_code != 401
+
+        await until(known, 10)
+        children.append((child, user))
+
+    async def take(headers: dict[str, str], user: int, amount: int) -> int:
+        withdrawal = {"userId": user, "amount": -amount}
+        return (await app.post("/balance/update", json=withdrawal, headers=headers)).status_code
+
+    assert await take(maker, one, 4) == 200
+    assert await take(children[0][0], one, 4) == 200
+    assert await take(children[1][0], two, 3) == 429  # 4 + 4 + 3 > 10
+    assert await take(children[2][0], two, 2) == 200  # 10: the limit is inclusive
+    assert await take(maker, one, 1) == 429
+    balances = await fetch(
+        database_url, "SELECT balance FROM users WHERE id = ANY($1) ORDER BY id", [one, two]
+    )
+    assert [row[0] for row in balances] == [92, 98]
+    # Revoking the maker revokes what it minted.
+    await revoke_key(database_url, "budget-minter")
+    live = await fetch(
+        database_url,
+        "SELECT count(*) FROM api_keys WHERE name LIKE 'budget-%' AND revoked_at IS NULL",
+    )
+    assert live[0][0] == 0
 
 
 # --- expiry ----------------------------------------------------------------------------------

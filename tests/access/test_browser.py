@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from tandem.access import sessions as sessions_module
 from tandem.access.keys import digest
+from tandem.access.sessions import Sessions
 from tandem.core.callers import TASKS_READ, TASKS_WRITE, WALLET_READ, WALLET_WRITE
+from tandem.core.database import Database
 from tandem.core.settings import Settings
 from tests.access.keys import bearer, make_key, revoke_key
 from tests.support import app_settings, fetch, in_process
@@ -286,6 +289,62 @@ async def test_disabled_authentication_is_open_and_says_so(database_url: str) ->
         user = created.json()["userId"]
         entries = (await anonymous.get(f"/balance/{user}/history")).json()["entries"]
         assert entries[0]["apiKey"] is None
+
+
+async def test_logins_are_within_the_keys_rate(
+    browser: httpx.AsyncClient, database_url: str
+) -> None:
+    """A login is a request of its key: past the key's --rate, 429 rate_limited, and no
+    session stored."""
+    token = await make_key(database_url, "login-rate", WALLET_READ, rate="2/minute")
+    for _ in range(2):
+        await login(browser, token)
+    answer = await browser.post(
+        "/login", data={"key": token}, headers={"Origin": SITE}, follow_redirects=False
+    )
+    assert answer.status_code == 429, answer.text
+    assert answer.json()["error"]["code"] == "rate_limited"
+    stored = await fetch(
+        database_url,
+        "SELECT count(*) FROM browser_sessions s JOIN api_keys k ON k.id = s.api_key_id "
+        "WHERE k.name = 'login-rate'",
+    )
+    assert stored[0][0] == 2
+
+
+async def test_the_database_checks_the_key_at_login(
+    browser: httpx.AsyncClient, database_url: str
+) -> None:
+    """The session starts from the key's raw token, checked in the database: a key revoked
+    after this process loaded it (its cache still holds it) starts no session."""
+    token = await make_key(database_url, "revoked-before-login", WALLET_READ, known_to=browser)
+    await revoke_key(database_url, "revoked-before-login")
+    answer = await browser.post(
+        "/login", data={"key": token}, headers={"Origin": SITE}, follow_redirects=False
+    )
+    assert answer.status_code == 401
+    assert "set-cookie" not in answer.headers
+    stored = await fetch(
+        database_url,
+        "SELECT count(*) FROM browser_sessions s JOIN api_keys k ON k.id = s.api_key_id "
+        "WHERE k.name = 'revoked-before-login'",
+    )
+    assert stored[0][0] == 0
+
+
+async def test_the_sessions_seen_are_bounded(
+    database: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process remembers at most SEEN_MAX sessions as seen live, the least recently used
+    forgotten first (a forgotten one is looked up within the allowance again, still live)."""
+    monkeypatch.setattr(sessions_module, "SEEN_MAX", 3)
+    token = await make_key(database_url, "many-logins", WALLET_READ)
+    sessions = Sessions(database, lookups_per_second=100)
+    started = [await sessions.start(token) for _ in range(5)]
+    assert all(started)
+    assert len(sessions._seen) == 3
+    assert await sessions.resolve(started[0] or "") is not None
+    assert len(sessions._seen) == 3
 
 
 @pytest.mark.parametrize(("bound", "landing"), [(False, "/"), (True, "/docs")])

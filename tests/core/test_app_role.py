@@ -18,6 +18,7 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 
+from tandem.access import repository as access_repository
 from tandem.access import service as access_service
 from tandem.cli.migrate import cmd_migrate
 from tandem.core.database import asyncpg_dsn
@@ -140,6 +141,36 @@ async def test_every_route_works_on_the_app_role(migrated: tuple[str, str]) -> N
     assert verified.entries >= 7
 
 
+async def test_a_login_and_a_logout_work_on_the_app_role(migrated: tuple[str, str]) -> None:
+    """A session starts from the key typed in the login form and ends at logout, through the
+    owner's functions; a token of no key starts none; housekeeping (DELETE) prunes it."""
+    owner_url, app_url = migrated
+    settings = Settings(database_url=app_url, scheduler_enabled=False, maintenance_enabled=False)
+    site = "http://t"
+    async with (
+        in_process(settings) as transport,
+        httpx.AsyncClient(transport=transport, base_url=site) as browser,
+    ):
+        browser.cookies = None  # type: ignore[assignment]
+        answer = await browser.post("/login", data={"key": API_KEY}, headers={"Origin": site})
+        assert answer.status_code == 303, answer.text
+        session = answer.headers["set-cookie"].partition("=")[2].partition(";")[0]
+        with_cookie = {"Cookie": f"tandem_session={session}", "Origin": site}
+        assert (await browser.get("/openapi.json", headers=with_cookie)).status_code == 200
+        assert (await browser.post("/logout", headers=with_cookie)).status_code == 303
+        assert (await browser.get("/openapi.json", headers=with_cookie)).status_code == 401
+    conn = await asyncpg.connect(asyncpg_dsn(app_url))
+    try:
+        assert (
+            await conn.fetchval("SELECT tandem_start_session_v1('tdm_nokey', sha256('s'), 60)")
+            is None
+        )
+        assert await access_repository.prune_sessions(conn, timedelta(0), 100) >= 1
+    finally:
+        await conn.close()
+    assert (await fetch(owner_url, "SELECT count(*) FROM browser_sessions"))[0][0] == 0
+
+
 async def test_the_scheduler_works_on_the_app_role(migrated: tuple[str, str]) -> None:
     """The scheduler's functions (executable by PUBLIC, as its caller) and its tables."""
     conn = await asyncpg.connect(asyncpg_dsn(migrated[1]))
@@ -184,6 +215,12 @@ FORGERIES = {
     "the mint count reset": "DELETE FROM mint_usage",
     "a function not granted": "SELECT tandem_mint_allowed_v1(1)",
     "the previous release's transfer": "SELECT * FROM tandem_transfer_v1(1, 2, 1, '', '', 1)",
+    # A browser session for the `all` key with a token hash the app chose: its cookie would
+    # act as that key. Sessions start only from the key's own token (tandem_start_session_v1).
+    "a session forged": "INSERT INTO browser_sessions (token_sha256, api_key_id, expires_at) "
+    "SELECT sha256('forged'), min(id), now() + interval '1 hour' FROM api_keys",
+    "a session revived": "UPDATE browser_sessions SET ended_at = NULL",
+    "a session prolonged": "UPDATE browser_sessions SET expires_at = 'infinity'",
     "a table made": "CREATE TABLE intruder (id int)",
     "a table dropped": "DROP TABLE users",
     "the journal's triggers off": "ALTER TABLE ledger_entries DISABLE TRIGGER ALL",
@@ -347,3 +384,50 @@ async def test_an_unregistered_key_is_reported_not_inserted(
     assert "may not register keys" in said, said
     assert "tandem migrate" in said
     assert (await fetch(url, "SELECT count(*) FROM api_keys"))[0][0] == 0
+
+
+async def test_the_role_cannot_create_even_where_public_could(
+    unmigrated: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster upgraded from PostgreSQL 14 or older gives PUBLIC CREATE on the schema
+    public: `tandem migrate` takes it, so the app's role can make no object that would shadow
+    a builtin an owner function names."""
+    url, role = unmigrated
+    await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
+    await fetch(url, "GRANT CREATE ON SCHEMA public TO PUBLIC")
+    assert (await fetch(url, "SELECT has_schema_privilege($1, 'public', 'CREATE')", role))[0][0]
+    await asyncio.to_thread(_migrate, monkeypatch, url, role, False)
+    assert not (await fetch(url, "SELECT has_schema_privilege($1, 'public', 'CREATE')", role))[0][0]
+    conn = await asyncpg.connect(asyncpg_dsn(_as_role(url, role)))
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(
+                "CREATE FUNCTION public.sha256(text) RETURNS bytea LANGUAGE sql "
+                "AS 'SELECT NULL::bytea'"
+            )
+    finally:
+        await conn.close()
+
+
+async def test_the_contracts_downgrade_gives_the_expands_rights_back(
+    unmigrated: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Down from the contract, the app's role has the rights the release before it writes
+    with (those `tandem migrate` grants at the expand), without rerunning migrate; still none
+    on the owner's tables."""
+    url, role = unmigrated
+    await asyncio.to_thread(_migrate, monkeypatch, url, role, False)
+    contracted = await _write_rights(url, role)
+    assert contracted == set()
+    await asyncio.to_thread(command.downgrade, alembic_config(url), EXPAND_REVISION)
+    rights = await _write_rights(url, role)
+    assert {("users", "INSERT"), ("users", "UPDATE"), ("api_keys", "INSERT")} <= rights
+    assert ("ledger_entries", "UPDATE") not in rights
+    sessions = await fetch(
+        url, "SELECT has_table_privilege($1, 'browser_sessions', 'INSERT')", role
+    )
+    assert sessions[0][0]
+    owner_only = await fetch(
+        url, "SELECT has_table_privilege($1, 'wallet_settings', 'SELECT')", role
+    )
+    assert not owner_only[0][0]

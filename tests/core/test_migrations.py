@@ -15,7 +15,7 @@ from alembic.script import ScriptDirectory
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import alembic_config, head_revision, upgrade_to_head
 from tandem.models import metadata
-from tests.support import empty_database
+from tests.support import empty_database, query
 
 
 async def _fetch(url: str, query: str) -> list[asyncpg.Record]:
@@ -188,3 +188,29 @@ def test_session_deadlines_are_the_databases_defaults(postgres_url: str) -> None
         "tcp_keepalives_count=3",
         "tcp_user_timeout=10000",
     }
+
+
+def test_downgrading_the_limits_revokes_the_limited_keys(postgres_url: str) -> None:
+    """Below 0013 a key has no limits: a limited key is revoked by the downgrade rather than
+    left to become unlimited (as 0012's downgrade does for bound and expiring keys); a key
+    without limits stays live."""
+    with empty_database(postgres_url) as url:
+        upgrade_to_head(url)
+        for name, limits in (
+            ("plain", "NULL, NULL, NULL, NULL"),
+            ("debit-day", "NULL, NULL, 10, NULL"),
+            ("debit-minute", "1, NULL, NULL, NULL"),
+            ("rated", "NULL, NULL, NULL, 5"),
+        ):
+            rate_seconds = "60" if name == "rated" else "NULL"
+            query(
+                url,
+                "INSERT INTO api_keys (name, token_sha256, scopes, debit_per_minute, "
+                "debit_per_hour, debit_per_day, rate_requests, rate_seconds) "
+                f"VALUES ($1::text, sha256(convert_to($1::text, 'UTF8')), '{{wallet:read}}', "
+                f"{limits}, {rate_seconds})",
+                name,
+            )
+        command.downgrade(alembic_config(url), "0012_bound_keys")
+        live = query(url, "SELECT name FROM api_keys WHERE revoked_at IS NULL ORDER BY name")
+        assert [row["name"] for row in live] == ["plain"]

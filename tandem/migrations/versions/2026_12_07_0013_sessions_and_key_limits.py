@@ -3,8 +3,14 @@
 - ``browser_sessions``: a login's random session token (its SHA-256), its key, issue and
   expiry times and the end a logout gives it. The cookie no longer holds the key.
 - ``api_keys`` gains its limits, NULL (off) for every existing key: debits per UTC minute,
-  hour and day, and a request rate (``rate_requests`` per ``rate_seconds``).
+  hour and day, and a request rate (``rate_requests`` per ``rate_seconds``); and
+  ``parent_key_id``, the key that minted it through POST /keys, whose limits it has and
+  whose debit windows and rate count its requests too (NULL: its own).
 - ``key_debits``: money that left users by a limited key, per window and server backend.
+- ``tandem_start_session_v1`` and ``tandem_end_session_v1`` (tandem/access/sql/): a login
+  starts a session only from the key's raw token, hashed in the database; a logout only ends
+  one (owner-defined, granted by name to the application's role; 0015 takes its INSERT and
+  UPDATE on ``browser_sessions``).
 
 Revision ID: 0013_sessions_and_key_limits
 Revises: 0012_bound_keys
@@ -16,6 +22,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from tandem.access.functions import END_SESSION_V1, START_SESSION_V1
+
 revision: str = "0013_sessions_and_key_limits"
 down_revision: str | None = "0012_bound_keys"
 branch_labels: str | Sequence[str] | None = None
@@ -26,6 +34,10 @@ def upgrade() -> None:
     for column in ("debit_per_minute", "debit_per_hour", "debit_per_day", "rate_requests"):
         op.add_column("api_keys", sa.Column(column, sa.BigInteger()))
     op.add_column("api_keys", sa.Column("rate_seconds", sa.Integer()))
+    op.add_column("api_keys", sa.Column("parent_key_id", sa.BigInteger()))
+    op.create_foreign_key(
+        "fk_api_keys_parent_key_id_api_keys", "api_keys", "api_keys", ["parent_key_id"], ["id"]
+    )
     op.create_check_constraint(
         "debit", "api_keys", "debit_per_minute > 0 AND debit_per_hour > 0 AND debit_per_day > 0"
     )
@@ -64,14 +76,28 @@ def upgrade() -> None:
             "api_key_id", "seconds", "window_start", "backend", name="uq_key_debits"
         ),
     )
+    for function in (START_SESSION_V1, END_SESSION_V1):
+        for statement in function.create_statements():
+            op.execute(statement)
 
 
 def downgrade() -> None:
+    for function in (END_SESSION_V1, START_SESSION_V1):
+        op.execute(function.drop_statement())
+    # A limited key would be an unlimited one without these columns (as 0012 does for bound
+    # and expiring keys): revoked, not silently widened.
+    op.execute(
+        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, clock_timestamp()) "
+        "WHERE debit_per_minute IS NOT NULL OR debit_per_hour IS NOT NULL "
+        "OR debit_per_day IS NOT NULL OR rate_requests IS NOT NULL"
+    )
     op.drop_table("key_debits")
     op.drop_table("browser_sessions")
     op.drop_constraint("ck_api_keys_rate", "api_keys")
     op.drop_constraint("ck_api_keys_debit", "api_keys")
+    op.drop_constraint("fk_api_keys_parent_key_id_api_keys", "api_keys")
     for column in (
+        "parent_key_id",
         "rate_seconds",
         "rate_requests",
         "debit_per_day",
