@@ -1,7 +1,7 @@
 """How the cluster cron behaves with real instances on one PostgreSQL, in compressed time.
 
     python bench/scheduler.py [--instances 5] [--tasks 100] [--kills 5] [--cuts 3]
-                              [--database-url URL]
+                              [--fault-timings both|compressed|defaults] [--database-url URL]
 
 One run, three phases, each on a fresh database (migrated to head, dropped at the end):
 
@@ -671,24 +671,34 @@ def figures(
 
 
 def run_faults(args: argparse.Namespace, workdir: Path, failures: list[str]) -> list[str]:
-    """SIGKILL failover at the default settings, and silent partitions at both timings."""
+    """SIGKILL failover and silent partitions, at the timings ``--fault-timings`` names: the
+    default settings (what a deployment runs), the compressed ones, or both (partitions)."""
     lines: list[str] = []
     defaults = default_timings()
+    every = {
+        "defaults": Timing(DEFAULT_ENV, defaults.lease, defaults.heartbeat, args.cuts),
+        "compressed": Timing(COMPRESSED_ENV, COMPRESSED.lease, COMPRESSED.heartbeat, args.cuts),
+    }
     timings = [
-        ("defaults", Timing(DEFAULT_ENV, defaults.lease, defaults.heartbeat, args.cuts)),
-        ("compressed", Timing(COMPRESSED_ENV, COMPRESSED.lease, COMPRESSED.heartbeat, args.cuts)),
+        (label, timing)
+        for label, timing in every.items()
+        if args.fault_timings in ("both", label)
     ]
+    # The kills run at one timing: the default settings unless only the compressed are asked.
+    kill_label = "compressed" if args.fault_timings == "compressed" else "defaults"
+    kill_timing = every[kill_label]
+    kill_words = "default settings" if kill_label == "defaults" else "compressed timings"
     # A PostgreSQL of the phase's own, on TCP (the partition proxy forwards TCP), as the
     # fault tests do.
     with throwaway_postgres() as pg, fresh_database(pg.url) as url:
         port = pg.port
         query(url, PROBE_TABLE)
         if args.kills:
-            console.print(f"faults: {args.kills} SIGKILLs of the owner, default settings ...")
-            kills = kill_trials(url, workdir, DEFAULT_ENV, defaults.lease, args.kills)
+            console.print(f"faults: {args.kills} SIGKILLs of the owner, {kill_words} ...")
+            kills = kill_trials(url, workdir, kill_timing.env, kill_timing.lease, args.kills)
             swept, recovered = [k.swept for k in kills], [k.recovered for k in kills]
             lines.append(
-                f"SIGKILL of the owner, default settings (lease {defaults.lease:g} s), "
+                f"SIGKILL of the owner, {kill_words} (lease {kill_timing.lease:g} s), "
                 f"{len(kills)} kills: recorded as lost at median {statistics.median(swept):.2f} "
                 f"max {max(swept):.2f} s from the kill (its last heartbeat); "
                 "running elsewhere after median "
@@ -788,6 +798,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cuts", type=int, default=3, help="partitions per timing (0: none)")
     parser.add_argument(
         "--idle-timings", choices=("both", "compressed", "defaults"), default="both"
+    )
+    parser.add_argument(
+        "--fault-timings", choices=("both", "compressed", "defaults"), default="both"
     )
     args = parser.parse_args(argv)
     if args.instances < 2 or args.tasks < 1:

@@ -76,7 +76,8 @@ def test_pooling_bench_prints_every_way_in(postgres_url: str) -> None:
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_scheduler_bench_prints_every_phase(postgres_url: str) -> None:
     """bench/scheduler.py runs its spread, failover, fault and idle phases with two instances
-    and four tasks (one kill and one cut per timing) and prints their figures."""
+    and four tasks (one kill and one cut, at the compressed timings) and prints their
+    figures."""
     out = run_bench(
         "scheduler",
         postgres_url,
@@ -88,5 +89,7 @@ def test_scheduler_bench_prints_every_phase(postgres_url: str) -> None:
         "--kills=1",
         "--cuts=1",
         "--idle-timings=compressed",
+        # The default settings' trials wait out 10 s leases; the fault tests run them.
+        "--fault-timings=compressed",
     )
     assert "FAILED" not in out, out[-4000:]
