@@ -680,9 +680,7 @@ def run_faults(args: argparse.Namespace, workdir: Path, failures: list[str]) -> 
         "compressed": Timing(COMPRESSED_ENV, COMPRESSED.lease, COMPRESSED.heartbeat, args.cuts),
     }
     timings = [
-        (label, timing)
-        for label, timing in every.items()
-        if args.fault_timings in ("both", label)
+        (label, timing) for label, timing in every.items() if args.fault_timings in ("both", label)
     ]
     # The kills run at one timing: the default settings unless only the compressed are asked.
     kill_label = "compressed" if args.fault_timings == "compressed" else "defaults"
