@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import JSONResponse
 
 from tandem.access import service
+from tandem.access.errors import REFUSALS
 from tandem.access.schemas import BoundKey, BoundKeyCreate
 from tandem.core.dependencies import CurrentCaller, CurrentInstance
 from tandem.core.openapi import (
@@ -41,12 +42,8 @@ router = APIRouter(tags=["keys"])
         "it at once. Revoke it with `tandem keys revoke NAME`."
     ),
     responses=error_responses(
-        (403, "key_scope_beyond_caller", "a scope the calling key lacks"),
-        (409, "key_name_taken", "a key has this name"),
-        (422, "key_users_required", "no userIds"),
-        (422, "key_users_not_found", "a user that does not exist"),
-        (422, "key_scope_not_allowed", "a scope other than wallet:read/wallet:write, or none"),
-        (422, "key_expiry_out_of_range", "expiresIn outside 1..86400"),
+        # Every refusal of the owner's function, as the client is told it.
+        *((error.status_code, error.code, message) for error, message in REFUSALS.values()),
         (422, "validation_error", "malformed input"),
         BODY_NOT_JSON,
         BODY_TOO_LARGE,
