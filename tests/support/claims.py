@@ -62,6 +62,7 @@ async def claim(
     steal_after: float = 0,
     fresh_window: float = 30,
     known: list[str] | None = None,
+    lock_timeout: float = 1.0,
 ) -> repository.ClaimedRun | None:
     """One claim, as the runner makes it (a live window of 30 s), under the instance's
     current session, with its slot planned (PLAN_RUN) as the runner plans it."""
@@ -75,7 +76,7 @@ async def claim(
             live_window=30,
             steal_after=steal_after,
             fresh_window=fresh_window,
-            lock_timeout=1.0,
+            lock_timeout=lock_timeout,
             known=known,
         ),
     )
