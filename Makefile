@@ -68,14 +68,14 @@ test: $(STAMP) ## lint, type-check and run the whole test suite against a real P
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -n $(WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Every test that starts no process and no container (tests/conftest.py marks the others from
 # what they start), over WORKERS processes as the whole suite (each worker on its own embedded
 # PostgreSQL, or TANDEM_TEST_DATABASE_URL). A test that starts a process anyway fails here
 # (TANDEM_TEST_NO_PROCESSES).
 test-fast: $(STAMP) ## the fast tier, after every change: no process, no container (under a minute)
-	TANDEM_TEST_NO_PROCESSES=1 $(BIN)/pytest -m "not slow and not container" -n $(WORKERS) --dist loadfile
+	TANDEM_TEST_NO_PROCESSES=1 $(BIN)/pytest -m "not slow and not container" -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP) ## ruff and mypy only
 	$(BIN)/ruff check .

@@ -21,7 +21,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -61,6 +61,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if isinstance(item, pytest.Function):
             for marker in sorted(tier_markers(item, reader)):
                 item.add_marker(marker)
+    items.sort(key=_file_weight(items))
+
+
+# What a test of each tier costs, roughly, in seconds: a container test builds or starts
+# images, a slow one starts processes and waits on their timers, a fast one is a statement or
+# a request in process.
+_TIER_SECONDS = {"container": 20.0, "slow": 5.0}
+_FAST_SECONDS = 0.1
+
+
+def _file_weight(items: list[pytest.Item]) -> Callable[[pytest.Item], float]:
+    """Heaviest files first. The whole suite hands files to its xdist workers in collection
+    order, one file at a time as a worker frees up (`--dist loadfile --no-loadscope-reorder`
+    in the Makefile): started first, the long files of containers, faults and clusters end
+    while the many short files fill the other worker's gaps, instead of one long file
+    starting last while the other worker idles. (xdist's own order, by number of tests,
+    puts the one-test fault files last.) A stable sort: a file's tests keep their order."""
+    weights: dict[str, float] = {}
+    for item in items:
+        cost = max(
+            (_TIER_SECONDS[m.name] for m in item.iter_markers() if m.name in _TIER_SECONDS),
+            default=_FAST_SECONDS,
+        )
+        weights[item.path.as_posix()] = weights.get(item.path.as_posix(), 0.0) + cost
+    return lambda item: -weights[item.path.as_posix()]
 
 
 if os.environ.get(NO_PROCESSES_ENV) == "1":
