@@ -150,7 +150,7 @@ _FAILURES = (OSError, httptools.HttpParserError)
 class _Connection(asyncio.Protocol):
     """One TCP connection carrying one request at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, first: bytes | None = None) -> None:
         self._loop = loop
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
@@ -158,12 +158,25 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self.closed = False
         self.keep_alive = False
+        # The request written as soon as the connection is made (``response`` awaits it).
+        self._first = first
+        if first is not None:
+            self._waiter = loop.create_future()
 
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        if self._first is not None:
+            # Written in the callback that reports the connection, not later by the coroutine
+            # awaiting it: with thousands connecting at once on a busy machine, that coroutine
+            # can resume seconds after the server accepted, and a server's header deadline
+            # (nginx's client_header_timeout, Tandem's own) runs from the accept, so a starved
+            # client would be timed out having sent nothing: a failure of the load client
+            # that would look like the server's.
+            self._transport.write(self._first)
+            self._first = None
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -191,6 +204,11 @@ class _Connection(asyncio.Protocol):
 
     # use
 
+    async def response(self) -> tuple[int, bytes]:
+        """The response to the request written when the connection was made."""
+        assert self._waiter is not None, "no request written"
+        return await self._waiter
+
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
         """Write one request and wait for its response: (status, body)."""
         assert self._transport is not None
@@ -211,9 +229,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(error)
 
 
-async def _connect(endpoint: tuple[str, int]) -> _Connection:
+async def _connect(endpoint: tuple[str, int], first: bytes | None = None) -> _Connection:
+    """A connection; ``first``, when given, is written the moment it is made."""
     loop = asyncio.get_running_loop()
-    _, connection = await loop.create_connection(lambda: _Connection(loop), *endpoint)
+    _, connection = await loop.create_connection(lambda: _Connection(loop, first), *endpoint)
     return connection
 
 
@@ -225,8 +244,8 @@ async def fetch(
     connection: _Connection | None = None
     try:
         async with asyncio.timeout(request_timeout):
-            connection = await _connect((host, port))
-            status, body = await connection.exchange(request)
+            connection = await _connect((host, port), request)
+            status, body = await connection.response()
     except _FAILURES as error:
         return Result(0, b"", time.perf_counter() - started, error)
     finally:
