@@ -158,10 +158,13 @@ class _Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self.closed = False
         self.keep_alive = False
-        # The request written as soon as the connection is made (``response`` awaits it).
+        # The request written as soon as the connection is made, and its response (kept
+        # apart from ``_waiter``, which is cleared when the response completes, perhaps
+        # before ``response`` awaits it).
         self._first = first
+        self._first_response: asyncio.Future[tuple[int, bytes]] | None = None
         if first is not None:
-            self._waiter = loop.create_future()
+            self._waiter = self._first_response = loop.create_future()
 
     # asyncio callbacks
 
@@ -206,8 +209,8 @@ class _Connection(asyncio.Protocol):
 
     async def response(self) -> tuple[int, bytes]:
         """The response to the request written when the connection was made."""
-        assert self._waiter is not None, "no request written"
-        return await self._waiter
+        assert self._first_response is not None, "no request given to write"
+        return await self._first_response
 
     async def exchange(self, request: bytes) -> tuple[int, bytes]:
         """Write one request and wait for its response: (status, body)."""
