@@ -43,6 +43,8 @@ class BalanceResult:
     replayed: bool = False
     # The instant asked about, for a balance read at one.
     at: datetime | None = None
+    # The sum of the user's active holds, for a balance read now (available: balance - held).
+    held: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +306,8 @@ async def _replay_update(
 ) -> BalanceResult | None:
     assert keyed.key is not None
     applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
-    if applied.transfer_id is not None:
-        raise IdempotencyKeyReusedError()  # a transfer's key, its outcome pruned
+    if applied.kind not in (None, "update"):
+        raise IdempotencyKeyReusedError()  # another kind's key, its outcome pruned
     entry = applied.entry
     if entry is None:
         if legacy_balance is not None:
@@ -345,8 +347,8 @@ async def _replay_transfer(
 ) -> TransferResult | None:
     assert keyed.key is not None
     applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
-    if applied.entry is not None:
-        raise IdempotencyKeyReusedError()  # a balance update's key, its outcome pruned
+    if applied.kind not in (None, "transfer"):
+        raise IdempotencyKeyReusedError()  # another kind's key, its outcome pruned
     if applied.transfer_id is None:
         return None
     found = await repository.get_transfer(conn, applied.transfer_id)
@@ -397,12 +399,15 @@ def _transferred(
 async def get_balance(
     pool: ConnectionPool, user_id: int, at: datetime | None = None
 ) -> BalanceResult:
-    """The balance now, or after the last entry at or before ``at``. Raises UserNotFoundError
-    (also for an instant before the user's opening entry: the user did not exist then)."""
+    """The balance now (with what its holds keep: held), or after the last entry at or before
+    ``at``. Raises UserNotFoundError (also for an instant before the user's opening entry:
+    the user did not exist then)."""
     if at is None:
-        balance = await repository.get_balance(pool, user_id)
-    else:
-        balance = await repository.balance_at(pool, user_id, at)
+        now = await repository.get_balance(pool, user_id)
+        if now is None:
+            raise UserNotFoundError(user_id)
+        return BalanceResult(user_id, now.balance, held=now.held)
+    balance = await repository.balance_at(pool, user_id, at)
     if balance is None:
         raise UserNotFoundError(user_id, at=at)
     return BalanceResult(user_id, balance, at=at)

@@ -25,6 +25,8 @@ from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import (
     CONTRACT_REVISION,
     EXPAND_REVISION,
+    HOLDS_CONTRACT_REVISION,
+    HOLDS_EXPAND_REVISION,
     ContractWaitsError,
     alembic_config,
     head_revision,
@@ -41,15 +43,18 @@ from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, quer
 
 
 def test_the_expand_and_the_contract_are_named_right() -> None:
-    """core.migrations names the two revisions (renumbering them means renaming these): the
-    contract directly follows the expand, and only the contract may be left pending."""
+    """core.migrations names the revisions of each pair (renumbering them means renaming
+    these): each contract directly follows its expand, and only a contract may be left
+    pending."""
     scripts = ScriptDirectory.from_config(alembic_config())
-    contract = scripts.get_revision(CONTRACT_REVISION)
-    assert contract is not None
-    assert contract.down_revision == EXPAND_REVISION
-    assert scripts.get_revision(EXPAND_REVISION) is not None
-    # Below a head that is the contract, the expand is ready too; a later head is alone.
-    below = {EXPAND_REVISION} if head_revision() == CONTRACT_REVISION else set()
+    pairs = {CONTRACT_REVISION: EXPAND_REVISION, HOLDS_CONTRACT_REVISION: HOLDS_EXPAND_REVISION}
+    for contract_revision, expand_revision in pairs.items():
+        contract = scripts.get_revision(contract_revision)
+        assert contract is not None
+        assert contract.down_revision == expand_revision
+        assert scripts.get_revision(expand_revision) is not None
+    # Below a head that is a contract, its expand is ready too; a later head is alone.
+    below = {pairs[head_revision()]} if head_revision() in pairs else set()
     assert ready_revisions() == {head_revision(), *below}
 
 
