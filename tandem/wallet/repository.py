@@ -92,10 +92,10 @@ SELECT e.id, e.user_id, e.amount, e.balance, e.reference,
         WHERE t.idempotency_key = $1 AND t.api_key_id IS NOT DISTINCT FROM $2) AS transfer_id,
        (SELECT h.id FROM holds h
         WHERE h.idempotency_key = $1 AND h.api_key_id IS NOT DISTINCT FROM $2) AS hold_id,
-       (SELECT v.hold_id FROM hold_events v
-        WHERE v.idempotency_key = $1 AND v.api_key_id IS NOT DISTINCT FROM $2) AS changed_hold_id
+       v.hold_id AS changed_hold_id, v.kind AS change
 FROM (SELECT) one LEFT JOIN ledger_entries e
     ON e.idempotency_key = $1 AND e.api_key_id IS NOT DISTINCT FROM $2
+LEFT JOIN hold_events v ON v.idempotency_key = $1 AND v.api_key_id IS NOT DISTINCT FROM $2
 """
 
 # Claims the key before the change. A concurrent request with the same key blocks on the
@@ -428,6 +428,7 @@ class Applied(NamedTuple):
     transfer_id: int | None
     hold_id: int | None = None  # the hold made with the key
     changed_hold_id: int | None = None  # the hold captured or released with the key
+    change: str | None = None  # what the key did to it: "captured", "released", "expired"
 
     @property
     def kind(self) -> str | None:
@@ -446,7 +447,7 @@ async def applied_with_key(conn: Connection, key: str, api_key_id: int | None) -
     row = await conn.fetchrow(APPLIED_WITH_KEY, key, api_key_id)
     assert row is not None  # one row, always
     entry = None if row[0] is None else KeyedEntry(row[0], row[1], row[2], row[3], row[4])
-    return Applied(entry, row[5], row[6], row[7])
+    return Applied(entry, row[5], row[6], row[7], row[8])
 
 
 class NewUser(NamedTuple):
