@@ -111,8 +111,9 @@ def holds_in_every_state(url: str) -> dict[str, int]:
         "to_payee": hold(url, payer, 200, payee),
         "part": hold(url, payer, 150),
         "released": hold(url, payer, 50),
-        "expired": hold(url, payer, 30, expires_in=1),
+        # Made first, so it is past its expiry once the next one is.
         "overdue": hold(url, payer, 20, expires_in=1),
+        "expired": hold(url, payer, 30, expires_in=1),
     }
     capture(url, made["to_payee"])
     capture(url, made["part"], 100)
@@ -135,6 +136,8 @@ def test_verify_passes_holds_in_every_state(postgres_url: str) -> None:
         made = holds_in_every_state(url)
         held = value(url, "SELECT held FROM users WHERE id = $1", made["payer"])
         assert held == 100 + 20  # the active hold and the overdue one
+        overdue = "SELECT status = 'active' AND expires_at <= clock_timestamp() FROM holds "
+        assert value(url, overdue + "WHERE id = $1", made["overdue"])
         sound = verify(url)
         assert sound.returncode == 0, sound.stdout + sound.stderr
         assert "users: 3\nentries: 6\nholds: 6\nmismatches: 0" in sound.stdout
