@@ -7,7 +7,7 @@ OpenAPI operations. Every request body goes through ``schemas.parse_body``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
@@ -43,6 +43,7 @@ from tandem.wallet.schemas import (
     HoldCreated,
     HoldList,
     HoldRelease,
+    HoldStatus,
     Transfer,
     TransferCreate,
     UserCreate,
@@ -53,7 +54,7 @@ from tandem.wallet.schemas import (
     read_body,
 )
 
-# The largest history page (at most 258,675 bytes of JSON, docs/wallet.md): one request
+# The largest history page (at most 264,475 bytes of JSON, docs/wallet.md): one request
 # cannot ask for megabytes.
 HISTORY_PAGE_MAX = 200
 # The largest page of holds, and the default one.
@@ -411,7 +412,7 @@ async def read_holds(
     db: Db,
     caller: CurrentCaller,
     user_id: Annotated[str, _USER_ID_PATH],
-    status: Annotated[Literal["active", "captured", "released", "expired"] | None, Query()] = None,
+    status: Annotated[HoldStatus | None, Query(description="Only holds in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=HOLDS_PAGE_MAX, strict=False)] = HOLDS_PAGE_DEFAULT,
     before: Annotated[int | None, Query(ge=1, le=INT64_MAX, strict=False)] = None,
 ) -> HoldList:
@@ -430,7 +431,7 @@ def _hold(found: HoldRow) -> Hold:
         to_user_id=found.to_user_id,
         amount=found.amount,
         captured_amount=found.captured_amount,
-        status=found.status,  # type: ignore[arg-type]  # one of HOLD_STATUSES, by CHECK
+        status=cast(HoldStatus, found.status),  # one of HOLD_STATUSES: the table's CHECK
         expires_at=found.expires_at,
         created_at=found.created_at,
         reference=found.reference,

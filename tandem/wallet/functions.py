@@ -51,7 +51,11 @@ TRANSFER_V2 = ServerFunction.as_owner(_SQL, "tandem_transfer_v2", TRANSFER_V1.ar
 # Releases one user's expired holds: called inside the functions below (as their owner), by
 # nobody else.
 RELEASE_EXPIRED_V1 = ServerFunction(
-    "tandem_release_expired_v1", _SQL / "release_expired_v1.sql", "p_user bigint", execute=()
+    "tandem_release_expired_v1",
+    _SQL / "release_expired_v1.sql",
+    # As PostgreSQL prints a function with OUT parameters and no RETURNS.
+    "p_user bigint, OUT released_holds integer, OUT released_amount bigint",
+    execute=(),
 )
 
 APPLY_DELTA_V2 = ServerFunction.as_owner(_SQL, "tandem_apply_delta_v2", APPLY_DELTA_V1.arguments)
