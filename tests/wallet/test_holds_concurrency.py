@@ -374,9 +374,9 @@ class Op:
 
 def non_negative(body: dict[str, Any]) -> None:
     """No answer ever shows a negative balance or available amount, or more held than there
-    is."""
+    is (a figure a bound key may not see is null)."""
     for name in ("balance", "available", "held", "fromBalance", "toBalance"):
-        if name in body:
+        if body.get(name) is not None:
             assert body[name] >= 0, body
     if "balance" in body and "held" in body:
         assert body["held"] <= body["balance"], body
