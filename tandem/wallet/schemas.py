@@ -175,7 +175,7 @@ class Hold(BaseModel):
     hold_id: int = Field(alias="holdId")
     user_id: int = Field(alias="userId", description="The payer.")
     to_user_id: int | None = Field(alias="toUserId", description="The payee (null: none yet).")
-    amount: int = Field(description="What the hold reserves (reserved) or reserved.")
+    amount: int = Field(description="What the hold reserves (or reserved, once finished).")
     captured_amount: int | None = Field(
         alias="capturedAmount", description="What its capture took (null unless captured)."
     )
