@@ -214,7 +214,8 @@ async def test_ledger_verification_exports_what_it_finds(
     app: httpx.AsyncClient, seeded: str
 ) -> None:
     """The hourly verification runs as a task: 0 mismatches on a sound ledger; after a balance
-    is changed behind the journal's back, the next run exports 1."""
+    and a held amount are changed behind the journal's back, the next run exports 2 (the
+    holds' checks are the task's too)."""
     # The gauges are this process's: an earlier test's app may have set them. A run of this
     # app moves the timestamp past the moment it started.
     started = (await fetch(seeded, "SELECT extract(epoch FROM now()) AS t"))[0]["t"]
@@ -224,7 +225,7 @@ async def test_ledger_verification_exports_what_it_finds(
 
     await until(verified, 15)
     assert await metric(app, "tandem_ledger_mismatches") == 0
-    await fetch(seeded, "UPDATE users SET balance = balance + 1 WHERE id = 1")
+    await fetch(seeded, "UPDATE users SET balance = balance + 1, held = held + 1 WHERE id = 1")
 
     async def run_asked() -> bool:
         # Refused (409) while a run of it is in progress: asked again once that ends.
@@ -235,7 +236,7 @@ async def test_ledger_verification_exports_what_it_finds(
     await until(run_asked, 15)
 
     async def mismatch() -> bool:
-        return await metric(app, "tandem_ledger_mismatches") == 1
+        return await metric(app, "tandem_ledger_mismatches") == 2
 
     await until(mismatch, 15)
 
