@@ -575,12 +575,9 @@ async def capture_hold(
     request = repository.Request(
         "capture", found.user_id, to_user_id, 0 if amount is None else amount, None, hold_id
     )
-    if idempotency_key is None:
-        changed = await _apply_capture(pool, _Keyed(None, caller, keys_per_day), request)
-        if isinstance(changed, AppError):
-            raise changed
-        return changed
     keyed = _Keyed(idempotency_key, caller, keys_per_day)
+    if idempotency_key is None:
+        return await _change_unkeyed(pool, _apply_capture, keyed, request)
     return await _once(pool, keyed, request, _apply_capture, _replay_change)
 
 
@@ -597,13 +594,28 @@ async def release_hold(
     HoldNotActiveError (captured), IdempotencyKeyReusedError."""
     found = await _payers_hold(pool, hold_id, caller)
     request = repository.Request("release", found.user_id, None, 0, None, hold_id)
-    if idempotency_key is None:
-        changed = await _apply_release(pool, _Keyed(None, caller, keys_per_day), request)
-        if isinstance(changed, AppError):
-            raise changed
-        return changed
     keyed = _Keyed(idempotency_key, caller, keys_per_day)
+    if idempotency_key is None:
+        return await _change_unkeyed(pool, _apply_release, keyed, request)
     return await _once(pool, keyed, request, _apply_release, _replay_change)
+
+
+async def _change_unkeyed(
+    pool: ConnectionPool,
+    apply: Callable[[Connection, _Keyed, repository.Request], Awaitable[HoldResult | AppError]],
+    keyed: _Keyed,
+    request: repository.Request,
+) -> HoldResult:
+    """A capture or release without a key: the change and the reading of the hold it left in
+    one transaction. Read on its own after the commit, a failure of that read would be told
+    as database_unavailable (nothing changed) of a change that was made; in one transaction
+    it is outcome_unknown at worst. The refusal is raised after the commit: a capture that
+    finds its hold past expiry marks it expired, and that stands."""
+    async with pool.transaction() as conn:
+        changed = await apply(conn, keyed, request)
+    if isinstance(changed, AppError):
+        raise changed
+    return changed
 
 
 async def get_hold(pool: ConnectionPool, hold_id: int, caller: Caller = ANONYMOUS) -> HoldResult:
