@@ -1,7 +1,7 @@
 """How close does the HTTP service come to what PostgreSQL alone and HTTP alone can do?
 
-    python bench/wallet.py [--runs 3] [--transfers 5000] [--history-entries 1000000]
-                           [--database-url URL]
+    python bench/wallet.py [--runs 3] [--transfers 5000] [--holds 10000] [--hold-pairs 5000]
+                           [--history-entries 1000000] [--database-url URL]
 
 The work: 10000 withdrawals of 2 from one user holding 10000, so 5000 succeed and 5000 are
 refused, every one of them serialised on the same row lock, and journaled.
@@ -22,6 +22,12 @@ refused, every one of them serialised on the same row lock, and journaled.
 - reads: 20000 GET /balance/{id} over 200 keep-alive connections.
 - transfers: ``--transfers`` between random pairs of 1000 users, 200 in flight (both
   directions at once, so deadlocks would show): transfers/s and the outcomes.
+- holds: ``--holds`` holds of 2 on one user holding enough for all of them, sent at once,
+  one connection each (every one serialised on that user's row lock, like the burst):
+  holds created/s, and every one must be created.
+- hold → capture: ``--hold-pairs`` pairs over 1000 users, 200 in flight: a hold of 1..50
+  from a random user to another (the payee), then its capture (a transfer to the payee):
+  pairs/s, and every hold created and captured.
 - history: one user with ``--history-entries`` journal entries; latency of the newest page
   and of a page deep in the middle (limit 100, keep-alive).
 
@@ -35,6 +41,7 @@ Prints figures; exits 1 only when a burst's outcome was wrong or something faile
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import re
@@ -76,7 +83,14 @@ from tandem.core.database import asyncpg_dsn
 from tandem.core.embedded import pgbench_path
 from tandem.core.settings import Settings
 from tandem.loadtest import BurstReport
-from tandem.loadtest.client import Result, build_request, run, send_burst, send_keepalive
+from tandem.loadtest.client import (
+    Result,
+    build_request,
+    fetch,
+    run,
+    send_burst,
+    send_keepalive,
+)
 from tandem.wallet.repository import APPLY_DELTA
 
 WARMUP_REQUESTS = 1000
@@ -292,6 +306,10 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
 
     if args.transfers:
         console.print(transfer_figures(fast, url, args.transfers))
+    if args.holds:
+        console.print(hot_hold_figures(fast, url, args.holds, failures))
+    if args.hold_pairs:
+        console.print(hold_capture_figures(fast, url, args.hold_pairs, failures))
     if args.history_entries:
         console.print(history_figures(fast, url, args.history_entries))
     console.print(
@@ -307,13 +325,15 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     return 1 if failures else 0
 
 
-def transfer_figures(server: ServeProcess, url: str, total: int) -> str:
-    """``total`` transfers of 1..50 between random pairs of 1000 users, 200 in flight."""
+def create_users(url: str, count: int, balance: int) -> list[int]:
+    """``count`` users holding ``balance`` each, with their opening entries."""
     users = [
         row["id"]
         for row in query(
             url,
-            "INSERT INTO users (balance) SELECT 10000 FROM generate_series(1, 1000) RETURNING id",
+            "INSERT INTO users (balance) SELECT $1 FROM generate_series(1, $2) RETURNING id",
+            balance,
+            count,
         )
     ]
     query(
@@ -322,6 +342,12 @@ def transfer_figures(server: ServeProcess, url: str, total: int) -> str:
         "SELECT id, balance, balance, 'opening' FROM users WHERE id = ANY($1)",
         users,
     )
+    return users
+
+
+def transfer_figures(server: ServeProcess, url: str, total: int) -> str:
+    """``total`` transfers of 1..50 between random pairs of 1000 users, 200 in flight."""
+    users = create_users(url, 1000, 10000)
     rng = random.Random(7)
     host = f"127.0.0.1:{server.port}"
     requests = []
@@ -336,6 +362,69 @@ def transfer_figures(server: ServeProcess, url: str, total: int) -> str:
     return (
         f"transfers: {total} over 1000 users, 200 in flight: {total / elapsed:,.0f}/s "
         f"({elapsed:.2f} s); outcomes {dict(outcomes)}"
+    )
+
+
+def hot_hold_figures(server: ServeProcess, url: str, total: int, failures: list[str]) -> str:
+    """``total`` holds of AMOUNT on one user holding enough for all, sent at once."""
+    (user,) = create_users(url, 1, total * AMOUNT)
+    host = f"127.0.0.1:{server.port}"
+    request = build_request(
+        "POST", "/holds", host, {"userId": user, "amount": AMOUNT}, headers=AUTH
+    )
+    started = time.perf_counter()
+    results = run(send_burst("127.0.0.1", server.port, [request] * total))
+    elapsed = time.perf_counter() - started
+    outcomes = Counter(result.describe() for result in results)
+    if outcomes != {"201": total}:
+        failures.append(f"holds on one user: outcomes {dict(outcomes)}")
+    return (
+        f"holds: {total} on one user, all at once: {total / elapsed:,.0f} created/s "
+        f"({elapsed:.2f} s); outcomes {dict(outcomes)}"
+    )
+
+
+def hold_capture_figures(server: ServeProcess, url: str, total: int, failures: list[str]) -> str:
+    """``total`` hold → capture pairs over 1000 users, 200 pairs in flight: a hold of 1..50
+    from a random user to another, then its capture (a transfer to that payee)."""
+    users = create_users(url, 1000, 10000)
+    rng = random.Random(11)
+    plan = [(*rng.sample(users, 2), rng.randrange(1, 51)) for _ in range(total)]
+    host = f"127.0.0.1:{server.port}"
+    outcomes: Counter[str] = Counter()
+
+    async def pairs() -> None:
+        pending = iter(plan)
+
+        async def worker() -> None:
+            for payer, payee, amount in pending:
+                body = {"userId": payer, "toUserId": payee, "amount": amount}
+                hold = await fetch(
+                    "127.0.0.1",
+                    server.port,
+                    build_request("POST", "/holds", host, body, headers=AUTH),
+                )
+                if hold.status != 201:
+                    outcomes[f"hold {hold.describe()}"] += 1
+                    continue
+                path = f"/holds/{hold.json()['holdId']}/capture"
+                capture = await fetch(
+                    "127.0.0.1",
+                    server.port,
+                    build_request("POST", path, host, {}, headers=AUTH),
+                )
+                outcomes[f"capture {capture.describe()}"] += 1
+
+        await asyncio.gather(*(worker() for _ in range(min(200, total))))
+
+    started = time.perf_counter()
+    run(pairs())
+    elapsed = time.perf_counter() - started
+    if set(outcomes) != {"capture 200"}:
+        failures.append(f"hold → capture: outcomes {dict(outcomes)}")
+    return (
+        f"hold → capture: {total} pairs over 1000 users, 200 in flight: "
+        f"{total / elapsed:,.0f} pairs/s ({elapsed:.2f} s); outcomes {dict(outcomes)}"
     )
 
 
@@ -398,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--read-requests", type=int, default=20_000)
     parser.add_argument("--read-connections", type=int, default=200)
     parser.add_argument("--transfers", type=int, default=5000, help="0: skip transfers")
+    parser.add_argument(
+        "--holds", type=int, default=10_000, help="holds on one user at once; 0: skip"
+    )
+    parser.add_argument(
+        "--hold-pairs", type=int, default=5000, help="hold → capture pairs; 0: skip"
+    )
     parser.add_argument(
         "--history-entries", type=int, default=1_000_000, help="0: skip history pages"
     )

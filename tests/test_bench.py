@@ -37,7 +37,7 @@ def run_bench(name: str, postgres_url: str, *args: str) -> str:
 
 def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
     """bench/wallet.py (with bench/http_floor.py, its HTTP floor) prints the floors, the
-    ratios and the read, transfer and history figures."""
+    ratios and the read, transfer, hold and history figures."""
     out = run_bench(
         "wallet",
         postgres_url,
@@ -46,11 +46,15 @@ def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
         "--read-requests=200",
         "--read-connections=10",
         "--transfers=50",
+        "--holds=200",
+        "--hold-pairs=50",
         "--history-entries=1000",
     )
     for figure in ("floors: database", "ratio_floors:", "ratio:", "keys_cost:", "reads:"):
         assert figure in out, out[-4000:]
     assert "transfers: 50 over" in out
+    assert "holds: 200 on one user" in out
+    assert "hold → capture: 50 pairs" in out
     assert "middle page: p50" in out
 
 

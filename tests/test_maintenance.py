@@ -1,8 +1,8 @@
 """Housekeeping on the cluster cron (tandem/maintenance.py), the app in process with its
 scheduler on in compressed time: old task runs and idempotency keys are deleted in batches by
-the pruning statements, recent ones are kept, and the housekeeping tasks are ordinary tasks
-with their own history. (What needs a process, the cron across instances, is
-tests/scheduler/'s.)"""
+the pruning statements, recent ones are kept, overdue holds are released and their gauges
+exported, and the housekeeping tasks are ordinary tasks with their own history. (What needs
+a process, the cron across instances, is tests/scheduler/'s.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ import httpx
 import pytest
 
 from tandem.core.locks import LEDGER_VERIFICATION
-from tandem.maintenance import PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK
+from tandem.maintenance import (
+    EXPIRE_HOLDS_TASK,
+    PRUNE_HISTORY_TASK,
+    PRUNE_KEYS_TASK,
+    VERIFY_LEDGER_TASK,
+)
 from tests.support import (
     app_settings,
     assert_error,
@@ -22,6 +27,7 @@ from tests.support import (
     fresh_database,
     holding,
     in_process_client,
+    new_user,
     query,
     sample_value,
     until,
@@ -180,14 +186,15 @@ async def test_old_rows_are_pruned_and_recent_ones_kept(
 async def test_housekeeping_tasks_are_ordinary_tasks(app: httpx.AsyncClient) -> None:
     """The housekeeping tasks are listed by GET /tasks, next to the registry's own, and their
     runs succeed and are recorded in their history."""
-    wanted = {PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK, "Quick"}
+    housekeeping = (PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK, EXPIRE_HOLDS_TASK)
+    wanted = {*housekeeping, "Quick"}
 
     async def listed() -> bool:
         names = {t["name"] for t in (await app.get("/tasks")).json()["tasks"]}
         return wanted <= names
 
     await until(listed, 15)
-    for name in (PRUNE_HISTORY_TASK, PRUNE_KEYS_TASK, VERIFY_LEDGER_TASK):
+    for name in housekeeping:
 
         async def succeeded(task: str = name) -> bool:
             runs = (await app.get(f"/tasks/{task}/history")).json()["runs"]
@@ -207,7 +214,8 @@ async def test_ledger_verification_exports_what_it_finds(
     app: httpx.AsyncClient, seeded: str
 ) -> None:
     """The hourly verification runs as a task: 0 mismatches on a sound ledger; after a balance
-    is changed behind the journal's back, the next run exports 1."""
+    and a held amount are changed behind the journal's back, the next run exports 2 (the
+    holds' checks are the task's too)."""
     # The gauges are this process's: an earlier test's app may have set them. A run of this
     # app moves the timestamp past the moment it started.
     started = (await fetch(seeded, "SELECT extract(epoch FROM now()) AS t"))[0]["t"]
@@ -217,7 +225,7 @@ async def test_ledger_verification_exports_what_it_finds(
 
     await until(verified, 15)
     assert await metric(app, "tandem_ledger_mismatches") == 0
-    await fetch(seeded, "UPDATE users SET balance = balance + 1 WHERE id = 1")
+    await fetch(seeded, "UPDATE users SET balance = balance + 1, held = held + 1 WHERE id = 1")
 
     async def run_asked() -> bool:
         # Refused (409) while a run of it is in progress: asked again once that ends.
@@ -228,7 +236,7 @@ async def test_ledger_verification_exports_what_it_finds(
     await until(run_asked, 15)
 
     async def mismatch() -> bool:
-        return await metric(app, "tandem_ledger_mismatches") == 1
+        return await metric(app, "tandem_ledger_mismatches") == 2
 
     await until(mismatch, 15)
 
@@ -263,3 +271,107 @@ async def test_run_now_is_refused_while_the_task_runs(app: httpx.AsyncClient, se
         assert_error(refused, 409, "task_running")
         actions = (await app.get(f"/tasks/{VERIFY_LEDGER_TASK}/history")).json()["actions"]
         assert actions == []  # a refused command leaves no audit row
+
+
+# --- holds ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def holds_app(own_database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in process on a fresh database, running only the housekeeping tasks, in time
+    compressed fivefold: tandem.expire_holds every second."""
+    housekeeping = {"maintenance_enabled": True, "scheduler_time_scale": 0.2}
+    settings = app_settings(
+        own_database_url, **{**scheduler_settings("housekeeping"), **housekeeping}
+    )
+    async with in_process_client(settings) as client:
+        yield client
+
+
+async def hold_status(url: str, hold: int) -> str:
+    return str((await fetch(url, "SELECT status FROM holds WHERE id = $1", hold))[0]["status"])
+
+
+async def database_now(url: str) -> float:
+    return float((await fetch(url, "SELECT extract(epoch FROM now()) AS t"))[0]["t"])
+
+
+async def test_an_expired_hold_of_an_idle_user_is_released(
+    holds_app: httpx.AsyncClient, own_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hold past its expiry, of a user who never spends again (nothing else would release
+    it), is released by tandem.expire_holds: its state becomes expired, the user's held
+    amount drops back to 0 and the event is 'expired', made by no API key."""
+    caplog.set_level(logging.INFO)
+    url = own_database_url
+    expired_before = await metric(holds_app, "tandem_wallet_holds_expired_total") or 0.0
+    user = await new_user(holds_app, 100)
+    made = await holds_app.post("/holds", json={"userId": user, "amount": 30, "expiresIn": 1})
+    assert made.status_code == 201, made.text
+    hold = made.json()["holdId"]
+    held = (await holds_app.get(f"/balance/{user}")).json()
+    assert (held["held"], held["available"]) == (30, 70)
+
+    async def expired() -> bool:
+        return await hold_status(url, hold) == "expired"
+
+    await until(expired, 20)
+    balance = (await holds_app.get(f"/balance/{user}")).json()
+    assert balance == {"userId": user, "balance": 100, "held": 0, "available": 100}
+    events = await fetch(
+        url, "SELECT kind, amount, api_key_id FROM hold_events WHERE hold_id = $1 ORDER BY id", hold
+    )
+    assert [(e["kind"], e["amount"]) for e in events] == [("created", 30), ("expired", 30)]
+    assert events[1]["api_key_id"] is None
+    await eventually(lambda: "released 1 expired holds" in caplog.text, 10)
+    assert await metric(holds_app, "tandem_wallet_holds_expired_total") == expired_before + 1
+
+
+async def test_hold_gauges_show_an_overdue_hold_until_it_is_released(
+    holds_app: httpx.AsyncClient, own_database_url: str
+) -> None:
+    """While its user's row is locked (by a request of its own, say), an overdue hold is
+    skipped by the task, not waited on, and exported as overdue with its age; once the lock
+    is gone the task releases it and the gauges say so: overdue 0, age 0, expired 1."""
+    url = own_database_url
+    user = await new_user(holds_app, 100)
+    made = await holds_app.post("/holds", json={"userId": user, "amount": 30, "expiresIn": 1})
+    assert made.status_code == 201, made.text
+    hold = made.json()["holdId"]
+    # The gauges are this process's: an earlier test's app may have set them. A reading of
+    # this app's is stamped after this instant.
+    started = await database_now(url)
+
+    async def read(since: float) -> dict[str, float] | None:
+        text = (await holds_app.get("/metrics")).text
+        if (sample_value(text, "tandem_wallet_holds_observed_timestamp_seconds") or 0) < since:
+            return None
+        found = {
+            state: sample_value(text, "tandem_wallet_holds", state=state) or 0.0
+            for state in ("active", "overdue", "captured", "released", "expired")
+        }
+        found["age"] = sample_value(text, "tandem_wallet_holds_overdue_age_seconds") or 0.0
+        return found
+
+    async with holding(url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+
+        async def overdue() -> bool:
+            found = await read(started)
+            return found is not None and found["overdue"] == 1 and found["age"] >= 1.0
+
+        await until(overdue, 20)
+        assert await hold_status(url, hold) == "active"  # skipped: its user is busy
+        unlocked = await database_now(url)
+
+    async def released() -> bool:
+        return await read(unlocked) == {
+            "active": 0,
+            "overdue": 0,
+            "captured": 0,
+            "released": 0,
+            "expired": 1,
+            "age": 0,
+        }
+
+    await until(released, 20)
+    assert await hold_status(url, hold) == "expired"

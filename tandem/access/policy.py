@@ -99,6 +99,14 @@ RULES = (
     Rule("GET", "/balance/{userId}/history", WALLET_READ, Binding.PATH_USER),
     Rule("POST", "/transfers", WALLET_WRITE, Binding.BODY_USER),
     Rule("GET", "/transfers/{transferId}", WALLET_READ, Binding.RESOURCE_USER),
+    # Holds: made for the user in the body; read by a key bound to the payer or the payee,
+    # captured and released by one bound to the payer only (the service tells any other
+    # bound key the hold does not exist); listed per payer like its history.
+    Rule("POST", "/holds", WALLET_WRITE, Binding.BODY_USER),
+    Rule("GET", "/holds/{holdId}", WALLET_READ, Binding.RESOURCE_USER),
+    Rule("POST", "/holds/{holdId}/capture", WALLET_WRITE, Binding.RESOURCE_USER),
+    Rule("POST", "/holds/{holdId}/release", WALLET_WRITE, Binding.RESOURCE_USER),
+    Rule("GET", "/balance/{userId}/holds", WALLET_READ, Binding.PATH_USER),
     Rule("POST", "/users", USERS_WRITE, Binding.UNBOUND_ONLY),
     Rule("POST", "/keys", KEYS_WRITE, Binding.UNBOUND_ONLY),
     Rule("GET", "/tasks", TASKS_READ, Binding.UNBOUND_ONLY),

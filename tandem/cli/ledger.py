@@ -1,4 +1,5 @@
-"""``tandem ledger verify``: the wallet journal's invariants, checked over every user."""
+"""``tandem ledger verify``: the wallet journal's invariants, checked over every user and
+every hold."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ def register(sub: Subcommands) -> None:
     ledger = sub.add_parser("ledger", help="the wallet's journal")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     verify = ledger_sub.add_parser(
-        "verify", help="every balance = the sum of its entries, each entry = previous + amount"
+        "verify",
+        help="every balance = the sum of its entries, each entry = previous + amount, "
+        "held = the user's active holds, each hold captured at most once",
     )
     verify.set_defaults(func=cmd_ledger_verify)
 
 
 def cmd_ledger_verify(_: argparse.Namespace) -> int:
-    """Check the ledger's invariants over every user; exit 1 on any mismatch, 2 past the
+    """Check the ledger's invariants over every user and hold; exit 1 on any mismatch, 2 past the
     deadline. A verification already running (the cron's) is waited for, never a failure."""
     import asyncio
 
@@ -56,6 +59,7 @@ def cmd_ledger_verify(_: argparse.Namespace) -> int:
         assert found is not None  # waited for the one running rather than skipping
         print(f"users: {found.users}")
         print(f"entries: {found.entries}")
+        print(f"holds: {found.holds_checked}")
         for user_id, balance, journal, entries in found.balances:
             print(
                 f"MISMATCH user {user_id}: balance {balance}, "
@@ -66,6 +70,8 @@ def cmd_ledger_verify(_: argparse.Namespace) -> int:
                 f"MISMATCH entry {entry_id} of user {user_id}: balance {balance}, "
                 f"previous {previous} + amount {amount} (or dated before the previous entry)"
             )
+        for _, what in found.holds:
+            print(f"MISMATCH {what}")
         print(f"mismatches: {found.mismatches}")
         return 1 if found.mismatches else 0
 

@@ -32,9 +32,14 @@ def alembic_config(database_url: str | None = None) -> Config:
 # only when no live instance reports an older release (instances.revision, written on join).
 EXPAND_REVISION = "0014_owner_functions"
 CONTRACT_REVISION = "0015_app_role_contract"
-# Migrations that only take rights away from older releases: this code runs (and is ready)
-# on a database that has not applied them yet.
-CONTRACTS = frozenset({CONTRACT_REVISION})
+# The same for holds: the expand (0016) makes them, off unless no older instance is live; the
+# contract (0017) turns them on, and runs only when no live instance reports a release before
+# the expand (those ignore users.held).
+HOLDS_EXPAND_REVISION = "0016_holds"
+HOLDS_CONTRACT_REVISION = "0017_holds_contract"
+# Migrations that only wait for older releases to be gone: this code runs (and is ready) on a
+# database that has not applied them yet.
+CONTRACTS = frozenset({CONTRACT_REVISION, HOLDS_CONTRACT_REVISION})
 
 
 class ContractWaitsError(RuntimeError):
@@ -121,6 +126,10 @@ APP_READ_ONLY = ("users", "ledger_entries", "transfers", "api_keys", "task_actio
 APP_DELETE_ONLY = ("browser_sessions",)
 # The owner's alone: the ceiling's settings and its counters (written by the owner functions).
 OWNER_ONLY = ("wallet_settings", "mint_usage")
+# SELECT only, from the revision that makes them (0016) on, whatever the contracts: holds and
+# their events are written by the owner functions alone. Not in APP_READ_ONLY, which the
+# released contract 0015 reads at a revision where these tables do not exist yet.
+APP_READ_ONLY_HOLDS = ("holds", "hold_events")
 
 
 def app_table_statements(role: str, contracted: bool) -> list[str]:
@@ -199,6 +208,11 @@ def grant_app_role(database_url: str, role: str, functions: Iterable[ServerFunct
                 for table in OWNER_ONLY:
                     if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                         await conn.execute(f"REVOKE ALL ON {table} FROM {role}")
+                for table in APP_READ_ONLY_HOLDS:
+                    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+                        await conn.execute(
+                            f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {table} FROM {role}"
+                        )
                 for function in granted:
                     if await conn.fetchval(_FUNCTION_EXISTS, function.name, function.arguments):
                         await conn.execute(function.grant_statement(role))

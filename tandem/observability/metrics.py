@@ -221,3 +221,34 @@ LEDGER_VERIFIED = Gauge(
     "tandem_ledger_verified_timestamp_seconds",
     "When this instance last verified the ledger (Unix time).",
 )
+
+# --- holds ----------------------------------------------------------------------------
+# Read from the database by the housekeeping task tandem.expire_holds at the start of each
+# run (every 5 s, on whichever instance claims it): cluster-wide values. An instance keeps its
+# last reading until it runs the task again, so dashboards and alerts read only the instances
+# whose tandem_wallet_holds_observed_timestamp_seconds is recent.
+HOLD_STATES = ("active", "overdue", "captured", "released", "expired")
+WALLET_HOLDS = Gauge(
+    "tandem_wallet_holds",
+    "Holds by state, cluster-wide: active (before their expiry), overdue (past their expiry, "
+    "not yet released: still held), captured, released, expired.",
+    ["state"],
+)
+for _state in HOLD_STATES:
+    # Every state exported from the start (0 until read): a series that appears only after
+    # the first hold would leave dashboards blank and alerts unevaluated.
+    WALLET_HOLDS.labels(_state)
+WALLET_HOLDS_OVERDUE_AGE = Gauge(
+    "tandem_wallet_holds_overdue_age_seconds",
+    "How long ago the oldest overdue hold (past its expiry, not yet released) expired, by the "
+    "database's clock; 0 when there is none (alert TandemHoldsNotExpiring).",
+)
+WALLET_HOLDS_OBSERVED = Gauge(
+    "tandem_wallet_holds_observed_timestamp_seconds",
+    "When this instance last read the hold gauges from the database (Unix time).",
+)
+WALLET_HOLDS_EXPIRED = Counter(
+    "tandem_wallet_holds_expired_total",
+    "Holds released at their expiry by this instance's runs of tandem.expire_holds (a "
+    "user's own spending releases its overdue holds too: those are not counted here).",
+)

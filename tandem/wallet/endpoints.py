@@ -1,4 +1,4 @@
-"""The wallet's FastAPI routes: history, transfers, users.
+"""The wallet's FastAPI routes: history, transfers, holds, users.
 
 The two hot routes (``POST /balance/update``, ``GET /balance/{userId}``) are not here: the
 lean path (fastpath.py) is their one handler, and hotroutes.py holds what they do and their
@@ -7,7 +7,7 @@ OpenAPI operations. Every request body goes through ``schemas.parse_body``.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
@@ -21,8 +21,9 @@ from tandem.core.openapi import (
     json_request_body,
 )
 from tandem.wallet import service
-from tandem.wallet.errors import DEBIT_LIMIT
+from tandem.wallet.errors import DEBIT_LIMIT, HOLD_NOT_ACTIVE, HOLD_NOT_FOUND, HOLDS_UNAVAILABLE
 from tandem.wallet.models import DEFAULT_BALANCE
+from tandem.wallet.repository import Hold as HoldRow
 from tandem.wallet.repository import Transfer as TransferRow
 from tandem.wallet.schemas import (
     BODY_INVALID,
@@ -35,6 +36,14 @@ from tandem.wallet.schemas import (
     Balance,
     History,
     HistoryEntry,
+    Hold,
+    HoldCapture,
+    HoldCaptured,
+    HoldCreate,
+    HoldCreated,
+    HoldList,
+    HoldRelease,
+    HoldStatus,
     Transfer,
     TransferCreate,
     UserCreate,
@@ -45,9 +54,12 @@ from tandem.wallet.schemas import (
     read_body,
 )
 
-# The largest history page (at most 258,675 bytes of JSON, docs/wallet.md): one request
+# The largest history page (at most 264,475 bytes of JSON, docs/wallet.md): one request
 # cannot ask for megabytes.
 HISTORY_PAGE_MAX = 200
+# The largest page of holds, and the default one.
+HOLDS_PAGE_MAX = 200
+HOLDS_PAGE_DEFAULT = 50
 
 router = APIRouter(tags=["wallet"])
 
@@ -175,6 +187,254 @@ def _transfer_body(found: TransferRow) -> bytes:
         )
         .model_dump_json(by_alias=True)
         .encode()
+    )
+
+
+_HOLD_ID_PATH = Path(alias="holdId", description=ID_DESCRIPTION, json_schema_extra=ID_JSON_SCHEMA)
+
+
+@router.post(
+    "/holds",
+    response_model=HoldCreated,
+    status_code=status.HTTP_201_CREATED,
+    summary="Reserve part of a user's available balance",
+    description=(
+        "Reserves `amount` of the payer's available balance (balance - held) until it is "
+        "captured (once, all or part, to the payee), released, or expires by itself "
+        "`expiresIn` seconds after (the database's clock; default 900, at most 2592000). "
+        "Concurrent holds, withdrawals and transfers of one user never reserve or spend more "
+        "than its balance; its expired holds are released first when they are in the way. "
+        "Counts against the API key's debit limit (its capture does not count again). "
+        "`Idempotency-Key` as for balance updates."
+    ),
+    responses=error_responses(
+        (404, "user_not_found", "no such payer or payee (details say which)"),
+        (409, "insufficient_funds", "amount is more than the payer's available balance"),
+        (
+            422,
+            "validation_error",
+            "malformed input, amount <= 0, expiresIn out of range, or the payee is the payer",
+        ),
+        (422, "idempotency_key_reused", "the key was used with a different request"),
+        DEBIT_LIMIT,
+        BODY_NOT_JSON,
+        BODY_TOO_LARGE,
+        HOLDS_UNAVAILABLE,
+        DATABASE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
+    ),
+    openapi_extra=json_request_body(HoldCreate),
+)
+async def create_hold(
+    request: Request,
+    instance: CurrentInstance,
+    caller: CurrentCaller,
+    idempotency_key: Annotated[str | None, _KEY_HEADER] = None,
+) -> Response:
+    asked = parse_body(
+        HoldCreate,
+        await read_body(request.stream()),
+        content_type_of(request.headers.getlist("content-type")),
+        "hold",
+    )
+    key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
+    result = await service.create_hold(
+        instance.database.pool,
+        asked.user_id,
+        asked.amount,
+        asked.to_user_id,
+        asked.expires_in,
+        asked.reference,
+        key,
+        caller,
+        instance.settings.idempotency_keys_per_day,
+    )
+    assert result.available is not None
+    made = result.hold
+    body = HoldCreated(
+        hold_id=made.id,
+        user_id=made.user_id,
+        to_user_id=made.to_user_id,
+        amount=made.amount,
+        status="active",
+        expires_at=made.expires_at,
+        available=result.available,
+    )
+    return _json(body.model_dump_json(by_alias=True).encode(), 201, replayed=result.replayed)
+
+
+@router.get(
+    "/holds/{holdId}",
+    response_model=Hold,
+    summary="Read a hold",
+    description="Readable by keys bound to its payer or its payee.",
+    responses=error_responses(
+        HOLD_NOT_FOUND,
+        (422, "validation_error", "bad hold id"),
+        DATABASE_UNAVAILABLE,
+    ),
+)
+async def read_hold(
+    db: Db, caller: CurrentCaller, hold_id: Annotated[str, _HOLD_ID_PATH]
+) -> Response:
+    found = await service.get_hold(db.pool, parse_user_id(hold_id, "holdId"), caller)
+    return _json(_hold(found.hold).model_dump_json(by_alias=True).encode())
+
+
+@router.post(
+    "/holds/{holdId}/capture",
+    response_model=HoldCaptured,
+    summary="Capture a hold, all or part; the rest is released",
+    description=(
+        "A hold's one capture, before its `expiresAt`: `amount` (default all) leaves the "
+        "payer, as a transfer to the payee (the hold's, or `toUserId` for a hold made "
+        "without one) or, with no payee, as a withdrawal; the rest is released in the same "
+        "step. Its journal entries carry `holdId`. The body may be left out (capture all). "
+        "Only keys bound to the payer (or unbound) may capture. `Idempotency-Key` as for "
+        "balance updates."
+    ),
+    responses=error_responses(
+        HOLD_NOT_FOUND,
+        (404, "user_not_found", "no such payee (toUserId)"),
+        HOLD_NOT_ACTIVE,
+        (409, "payee_already_set", "toUserId given for a hold made with a payee"),
+        (409, "balance_limit_exceeded", "the payee's balance would exceed 2^63-1"),
+        (422, "amount_exceeds_hold", "amount is more than the hold reserves"),
+        (422, "validation_error", "malformed input, amount <= 0, or the payee is the payer"),
+        (422, "idempotency_key_reused", "the key was used with a different request"),
+        BODY_NOT_JSON,
+        BODY_TOO_LARGE,
+        DATABASE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
+    ),
+    openapi_extra=json_request_body(HoldCapture, required=False),
+)
+async def capture_hold(
+    request: Request,
+    instance: CurrentInstance,
+    caller: CurrentCaller,
+    hold_id: Annotated[str, _HOLD_ID_PATH],
+    idempotency_key: Annotated[str | None, _KEY_HEADER] = None,
+) -> Response:
+    held = parse_user_id(hold_id, "holdId")
+    body = await read_body(request.stream())
+    asked = (
+        parse_body(
+            HoldCapture, body, content_type_of(request.headers.getlist("content-type")), "capture"
+        )
+        if body
+        else HoldCapture()
+    )
+    key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
+    result = await service.capture_hold(
+        instance.database.pool,
+        held,
+        asked.amount,
+        asked.to_user_id,
+        key,
+        caller,
+        instance.settings.idempotency_keys_per_day,
+    )
+    assert result.entry_id is not None
+    answer = HoldCaptured(
+        **_hold(result.hold).model_dump(),
+        transfer_id=result.transfer_id,
+        entry_id=result.entry_id,
+    )
+    return _json(answer.model_dump_json(by_alias=True).encode(), replayed=result.replayed)
+
+
+@router.post(
+    "/holds/{holdId}/release",
+    response_model=Hold,
+    summary="Release a hold",
+    description=(
+        "Gives the hold's amount back to the payer's available balance. Takes no body (an "
+        "empty JSON object is accepted). Releasing a released or expired hold answers it as "
+        "it is (`status` released or expired); a captured one is 409 `hold_not_active`. "
+        "Only keys bound to the payer (or unbound) may release. `Idempotency-Key` as for "
+        "balance updates."
+    ),
+    responses=error_responses(
+        HOLD_NOT_FOUND,
+        HOLD_NOT_ACTIVE,
+        (422, "validation_error", "bad hold id, or a body that is not an empty object"),
+        (422, "idempotency_key_reused", "the key was used with a different request"),
+        BODY_NOT_JSON,
+        BODY_TOO_LARGE,
+        DATABASE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
+    ),
+    openapi_extra=json_request_body(HoldRelease, required=False),
+)
+async def release_hold(
+    request: Request,
+    instance: CurrentInstance,
+    caller: CurrentCaller,
+    hold_id: Annotated[str, _HOLD_ID_PATH],
+    idempotency_key: Annotated[str | None, _KEY_HEADER] = None,
+) -> Response:
+    held = parse_user_id(hold_id, "holdId")
+    body = await read_body(request.stream())
+    if body:
+        parse_body(
+            HoldRelease, body, content_type_of(request.headers.getlist("content-type")), "release"
+        )
+    key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
+    result = await service.release_hold(
+        instance.database.pool,
+        held,
+        key,
+        caller,
+        instance.settings.idempotency_keys_per_day,
+    )
+    return _json(
+        _hold(result.hold).model_dump_json(by_alias=True).encode(), replayed=result.replayed
+    )
+
+
+@router.get(
+    "/balance/{userId}/holds",
+    response_model=HoldList,
+    summary="A user's holds (as payer), newest first",
+    description=(
+        "Keyset-paginated as history: pass `nextBefore` of a page as `before` for the next "
+        "one. `status` keeps only holds in that state (an active hold past its `expiresAt` "
+        "reads expired)."
+    ),
+    responses=error_responses(
+        (404, "user_not_found", "no such user"),
+        (422, "validation_error", "bad user id, status, limit or before"),
+        DATABASE_UNAVAILABLE,
+    ),
+)
+async def read_holds(
+    db: Db,
+    caller: CurrentCaller,
+    user_id: Annotated[str, _USER_ID_PATH],
+    status: Annotated[HoldStatus | None, Query(description="Only holds in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=HOLDS_PAGE_MAX, strict=False)] = HOLDS_PAGE_DEFAULT,
+    before: Annotated[int | None, Query(ge=1, le=INT64_MAX, strict=False)] = None,
+) -> HoldList:
+    found = await service.list_holds(db.pool, parse_user_id(user_id), status, limit, before, caller)
+    return HoldList(
+        user_id=found.user_id,
+        holds=[_hold(h) for h in found.holds],
+        next_before=found.next_before,
+    )
+
+
+def _hold(found: HoldRow) -> Hold:
+    return Hold(
+        hold_id=found.id,
+        user_id=found.user_id,
+        to_user_id=found.to_user_id,
+        amount=found.amount,
+        captured_amount=found.captured_amount,
+        status=cast(HoldStatus, found.status),  # one of HOLD_STATUSES: the table's CHECK
+        expires_at=found.expires_at,
+        created_at=found.created_at,
+        reference=found.reference,
     )
 
 

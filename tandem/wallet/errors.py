@@ -9,6 +9,7 @@ from tandem.core.errors import (
     AppError,
     ConflictError,
     NotFoundError,
+    ServiceUnavailableError,
     TooManyRequestsError,
     ValidationError,
 )
@@ -28,10 +29,87 @@ class TransferNotFoundError(NotFoundError):
 
 
 class InsufficientFundsError(ConflictError):
+    """More than the user's available amount (its balance less what its holds keep)."""
+
     code = "insufficient_funds"
 
     def __init__(self, user_id: int) -> None:
-        super().__init__(f"the balance of user {user_id} is too low for this withdrawal")
+        super().__init__(f"the available balance of user {user_id} is too low for this withdrawal")
+
+
+class HoldNotFoundError(NotFoundError):
+    """No such hold, or one a bound key may not see (the same answer)."""
+
+    code = "hold_not_found"
+
+    def __init__(self, hold_id: int) -> None:
+        super().__init__(f"hold {hold_id} does not exist")
+
+
+class HoldNotActiveError(ConflictError):
+    """The hold was captured, released or expired: it cannot change any more. ``details``
+    name its state."""
+
+    code = "hold_not_active"
+
+    def __init__(self, hold_id: int, status: str) -> None:
+        self.status = status
+        super().__init__(
+            f"hold {hold_id} is {status}, no longer active",
+            details=[{"field": "status", "type": status, "message": f"the hold is {status}"}],
+        )
+
+
+class PayeeAlreadySetError(ConflictError):
+    """A capture named a payee for a hold made with one."""
+
+    code = "payee_already_set"
+
+    def __init__(self, hold_id: int) -> None:
+        super().__init__(
+            f"hold {hold_id} has its payee since its creation: capture it without toUserId"
+        )
+
+
+class AmountExceedsHoldError(ValidationError):
+    """A capture of more than the hold reserves (``asked``)."""
+
+    code = "amount_exceeds_hold"
+
+    def __init__(self, hold_id: int, asked: int) -> None:
+        super().__init__(
+            f"hold {hold_id} reserves less than {asked}: a capture takes at most its amount",
+            details=[
+                {"field": "amount", "type": "amount_exceeds_hold", "message": "more than held"}
+            ],
+        )
+
+
+class PayeeIsPayerError(ValidationError):
+    """A payee equal to the payer (a capture's; a creation's is refused by its schema)."""
+
+    def __init__(self, user_id: int) -> None:
+        super().__init__(
+            f"user {user_id} pays this hold: it cannot be its payee too",
+            details=[
+                {"field": "toUserId", "type": "payee_is_payer", "message": "the payer itself"}
+            ],
+        )
+
+
+class HoldsUnavailableError(ServiceUnavailableError):
+    """Holds are not enabled yet: instances of the previous release, which ignore held, may
+    still be live (the migration 0017 enables them once none is). Never stored as a keyed
+    request's outcome: a retry with the same key is judged anew."""
+
+    code = "holds_unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "60"}
+
+    def __init__(self) -> None:
+        super().__init__(
+            "holds are not enabled yet: instances of an earlier release may still be live "
+            "(`tandem migrate` enables them once none is)"
+        )
 
 
 class BalanceLimitError(ConflictError):
@@ -85,6 +163,20 @@ class DebitLimitError(TooManyRequestsError):
         self.headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}  # type: ignore[misc]  # an instance's own value of the class's default
 
 
+# The refusals in the OpenAPI schema of the hold routes.
+HOLD_NOT_FOUND = (404, HoldNotFoundError.code, "no such hold")
+HOLD_NOT_ACTIVE = (
+    409,
+    HoldNotActiveError.code,
+    "the hold was captured, released or expired (`details` name which)",
+)
+HOLDS_UNAVAILABLE = (
+    503,
+    HoldsUnavailableError.code,
+    "holds are not enabled yet: instances of an earlier release may be live (the migration "
+    "0017 enables them); nothing changed",
+)
+
 # The refusal in the OpenAPI schema of the routes that debit.
 DEBIT_LIMIT = (
     429,
@@ -95,10 +187,14 @@ DEBIT_LIMIT = (
 
 
 def refusal_outcome(refusal: AppError) -> str:
-    """How a keyed request's refusal is stored: its code, and for a user not found which side
-    of a transfer it was."""
+    """How a keyed request's refusal is stored: its code, for a user not found which side of
+    a transfer or a hold it was, for a hold no longer active its state."""
     if isinstance(refusal, UserNotFoundError) and refusal.field:
         return f"{refusal.code}:{refusal.field}"
+    if isinstance(refusal, HoldNotActiveError):
+        return f"{refusal.code}:{refusal.status}"
+    if isinstance(refusal, PayeeIsPayerError):
+        return "payee_is_payer"
     return refusal.code
 
 
@@ -117,4 +213,15 @@ def replay_refusal(outcome: str, request: Request) -> AppError:
     if code == BalanceLimitError.code:
         target = request.to_user_id if request.to_user_id is not None else request.user_id
         return BalanceLimitError(target)
+    hold_id = request.hold_id if request.hold_id is not None else 0
+    if code == HoldNotFoundError.code:
+        return HoldNotFoundError(hold_id)
+    if code == HoldNotActiveError.code:
+        return HoldNotActiveError(hold_id, field)
+    if code == PayeeAlreadySetError.code:
+        return PayeeAlreadySetError(hold_id)
+    if code == AmountExceedsHoldError.code:
+        return AmountExceedsHoldError(hold_id, request.amount)
+    if code == "payee_is_payer":
+        return PayeeIsPayerError(request.user_id)
     raise AssertionError(f"no refusal is stored as {outcome!r}")

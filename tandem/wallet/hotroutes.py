@@ -37,8 +37,8 @@ from tandem.wallet.schemas import (
     ID_JSON_SCHEMA,
     IDEMPOTENCY_KEY_DESCRIPTION,
     IDEMPOTENCY_KEY_HEADER,
-    Balance,
     BalanceAt,
+    BalanceNow,
     BalanceUpdate,
     BalanceUpdated,
     parse_balance_update,
@@ -115,8 +115,8 @@ def parse_at(query: bytes) -> datetime | None:
 
 
 def balance_body(result: BalanceResult) -> bytes:
-    """The 200 body of both routes: BalanceUpdated, BalanceAt or Balance, by hand (a model's
-    serialiser costs more than the statement's parse on this path)."""
+    """The 200 body of both routes: BalanceUpdated, BalanceAt or BalanceNow, by hand (a
+    model's serialiser costs more than the statement's parse on this path)."""
     if result.entry_id is not None:
         return b'{"userId":%d,"balance":%d,"entryId":%d}' % (
             result.user_id,
@@ -129,7 +129,15 @@ def balance_body(result: BalanceResult) -> bytes:
             result.balance,
             result.at.isoformat().encode(),
         )
-    return b'{"userId":%d,"balance":%d}' % (result.user_id, result.balance)
+    if result.held is None:
+        # A replay of an update applied before the journal kept keys: its stored answer.
+        return b'{"userId":%d,"balance":%d}' % (result.user_id, result.balance)
+    return b'{"userId":%d,"balance":%d,"held":%d,"available":%d}' % (
+        result.user_id,
+        result.balance,
+        result.held,
+        result.balance - result.held,
+    )
 
 
 # --- their OpenAPI operations --------------------------------------------------------------
@@ -170,7 +178,11 @@ _UPDATE = {
         ),
         **error_responses_schema(
             (404, "user_not_found", "no such user"),
-            (409, "insufficient_funds", "the withdrawal would make the balance negative"),
+            (
+                409,
+                "insufficient_funds",
+                "the withdrawal is more than the available amount (balance - held)",
+            ),
             (409, "balance_limit_exceeded", "the balance would exceed 2^63-1"),
             (409, "mint_ceiling_reached", "a deposit past the day's mint ceiling"),
             BODY_INVALID,
@@ -189,9 +201,11 @@ _READ = {
     "tags": ["wallet"],
     "summary": "Read a balance, now or at an instant",
     "description": (
-        "With `at` (an RFC 3339 instant), the balance after the user's last journal entry "
-        "at or before it; before the user's opening entry there is none: 404 "
-        "`user_not_found`."
+        "Now: the balance, what the user's active holds keep (`held`, expired ones not yet "
+        "released included) and what withdrawals, transfers and new holds may spend "
+        "(`available` = balance - held). With `at` (an RFC 3339 instant), the balance after "
+        "the user's last journal entry at or before it (holds are not journaled by instant: "
+        "no `held`); before the user's opening entry there is none: 404 `user_not_found`."
     ),
     "operationId": "read_balance",
     "parameters": [
@@ -212,8 +226,8 @@ _READ = {
     ],
     "responses": {
         "200": _ok(
-            "The balance (with `at` when asked at an instant).",
-            {"anyOf": [schema_ref(Balance), schema_ref(BalanceAt)]},
+            "The balance now with what is held and available, or at an instant (`at`).",
+            {"anyOf": [schema_ref(BalanceNow), schema_ref(BalanceAt)]},
         ),
         **error_responses_schema(
             (404, "user_not_found", "no such user (at that instant)"),

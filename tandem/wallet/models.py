@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Date,
     DateTime,
@@ -40,10 +41,24 @@ REFERENCE_MAX_LENGTH = 255
 
 JOURNAL_KINDS = ("opening", "deposit", "withdrawal", "transfer")
 
+# A hold's states: active until captured, released or expired (each once, for good).
+HOLD_STATUSES = ("active", "captured", "released", "expired")
+# What a hold's events record: its creation, then the one change of its state (a capture of
+# part writes 'captured' and 'released', the rest, in the same step).
+HOLD_EVENT_KINDS = ("created", "captured", "released", "expired")
+# A hold's life when none is asked for, and the longest one may ask for (seconds: 30 days).
+HOLD_EXPIRES_IN_DEFAULT = 900
+HOLD_EXPIRES_IN_MAX = 2_592_000
+
 
 class User(Base):
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"),)
+    __table_args__ = (
+        CheckConstraint("balance >= 0", name="balance_not_negative"),
+        # available = balance - held is never negative: a hold reserves only what is there,
+        # and a withdrawal or a transfer spends only what is not reserved.
+        CheckConstraint("held >= 0 AND balance - held >= 0", name="held_within_balance"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     # 0: a row inserted without its balance is no money (users are made by
@@ -55,6 +70,9 @@ class User(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+    # The sum of the user's holds not yet captured or released (expired but not yet released
+    # included); written only by the owner functions (migration 0016).
+    held: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
 
 
 class IdempotencyKey(Base):
@@ -88,12 +106,16 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
-    # "update" (user_id, amount) or "transfer" (user_id -> to_user_id, amount).
+    # "update" (user_id, amount) or "transfer" (user_id -> to_user_id, amount); "hold"
+    # (user_id for to_user_id, amount, expires_in), "capture" (hold_id of user_id, amount: 0
+    # for all, to_user_id given) and "release" (hold_id of user_id, amount 0).
     kind: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'update'"))
     to_user_id: Mapped[int | None] = mapped_column(BigInteger)
     reference: Mapped[str | None] = mapped_column(Text)
     # The API key that sent it (NULL: anonymous, or stored before keys).
     api_key_id: Mapped[int | None] = mapped_column(BigInteger)
+    hold_id: Mapped[int | None] = mapped_column(BigInteger)
+    expires_in: Mapped[int | None] = mapped_column(Integer)
 
 
 class IdempotencyUsage(Base):
@@ -133,6 +155,11 @@ class WalletSetting(Base):
 
     id: Mapped[bool] = mapped_column(primary_key=True, server_default=text("true"))
     daily_mint_ceiling: Mapped[int | None] = mapped_column(BigInteger)
+    # Whether holds may be made: false until no instance of a release that ignores held is
+    # live (migration 0016 on a fresh database, else the contract 0017).
+    holds_enabled: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, server_default=text("false")
+    )
 
 
 class MintUsage(Base):
@@ -235,6 +262,12 @@ class LedgerEntry(Base):
             "transfer_id",
             postgresql_where=text("transfer_id IS NOT NULL"),
         ),
+        # A capture's entries (only those are indexed): the verification and a replay.
+        Index(
+            "ix_ledger_entries_hold_id",
+            "hold_id",
+            postgresql_where=text("hold_id IS NOT NULL"),
+        ),
         # An applied key, once per caller, for good (partial: only keyed changes).
         Index(
             "uq_ledger_entries_idempotency_key",
@@ -259,3 +292,104 @@ class LedgerEntry(Base):
     )
     # The API key that made the change (NULL before keys or when anonymous).
     api_key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    # The hold a capture's entries come from (NULL for every other entry).
+    hold_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("holds.id"))
+
+
+class Hold(Base):
+    """A reservation of part of a user's balance: counted in users.held while active, then
+    captured once (all or part, the rest released), released, or expired at ``expires_at``
+    (the database clock). Never deleted; its state changes only from 'active', once
+    (trigger ``tandem_hold_transition_v1``), each change also a HoldEvent."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("to_user_id <> user_id", name="two_users"),
+        CheckConstraint(f"status IN ({', '.join(repr(s) for s in HOLD_STATUSES)})", name="status"),
+        CheckConstraint(
+            "(status = 'captured') = (captured_amount IS NOT NULL) "
+            "AND captured_amount > 0 AND captured_amount <= amount",
+            name="captured_amount",
+        ),
+        CheckConstraint("(status = 'active') = (finished_at IS NULL)", name="finished"),
+        CheckConstraint("available_after >= 0", name="available_after_not_negative"),
+        _reference_length(),
+        # A user's active holds by expiry: the lazy release of its expired ones.
+        Index(
+            "ix_holds_active_user_id_expires_at",
+            "user_id",
+            "expires_at",
+            postgresql_where=text("status = 'active'"),
+        ),
+        # Every active hold by expiry: the expiry task's batches and the metrics.
+        Index(
+            "ix_holds_active_expires_at",
+            "expires_at",
+            postgresql_where=text("status = 'active'"),
+        ),
+        # A user's holds, newest first, keyset on id.
+        Index("ix_holds_user_id", "user_id", "id"),
+        # An applied key, once per caller, for good (partial: only keyed holds).
+        Index(
+            "uq_holds_idempotency_key",
+            "idempotency_key",
+            "api_key_id",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("users.id"), nullable=False)
+    # The payee: given at creation, or by the capture of a hold that had none.
+    to_user_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("users.id"))
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    captured_amount: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reference: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    # The API key that made it (NULL when anonymous).
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    # The payer's available amount just after it was made (what its creation answered, for a
+    # replay of its idempotency key).
+    available_after: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class HoldEvent(Base):
+    """One change of a hold: its creation, capture, release or expiry. Append-only."""
+
+    __tablename__ = "hold_events"
+    __table_args__ = (
+        CheckConstraint(f"kind IN ({', '.join(repr(k) for k in HOLD_EVENT_KINDS)})", name="kind"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        Index("ix_hold_events_hold_id", "hold_id", "id"),
+        # An applied key, once per caller, for good (partial: only keyed changes).
+        Index(
+            "uq_hold_events_idempotency_key",
+            "idempotency_key",
+            "api_key_id",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    hold_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("holds.id"), nullable=False)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    # created: the hold's amount; captured: the amount captured; released, expired: the
+    # amount given back.
+    amount: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # The API key that made the change (NULL: the expiry task, or anonymous).
+    api_key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )

@@ -18,24 +18,34 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tandem.core.database import rows_affected
 from tandem.core.locks import LEDGER_VERIFICATION
 from tandem.core.pool import ConnectionPool
-from tandem.wallet.functions import APPLY_DELTA_V1, CREATE_USER_V1, TRANSFER_V2
+from tandem.wallet.functions import (
+    APPLY_DELTA_V2,
+    CAPTURE_HOLD_V1,
+    CREATE_HOLD_V1,
+    CREATE_USER_V1,
+    EXPIRE_HOLDS_V1,
+    RELEASE_HOLD_V1,
+    TRANSFER_V3,
+)
 
 Connection = asyncpg.Connection
 Executor = ConnectionPool | Connection
 
 # A balance change and its journal entry in one statement (one round trip, autocommit), run
-# by its owner function (wallet/sql/apply_delta_v1.sql): the row lock serialises concurrent
-# changes with no lost update, and the entry is written under it with the balance after. No
-# row: no such user; applied false: refused (refusal 'mint_ceiling' when the daily mint
-# ceiling refused a deposit, else the floor or the 64-bit ceiling). $4 (the idempotency key)
-# is unique in the journal per caller ($5): a change applied with a key never applies again.
-APPLY_DELTA = f"SELECT * FROM {APPLY_DELTA_V1.name}($1, $2, $3, $4, $5)"
+# by its owner function (wallet/sql/apply_delta_v2.sql): the row lock serialises concurrent
+# changes with no lost update, and the entry is written under it with the balance after. A
+# withdrawal spends only the available amount (balance - held), after releasing the user's
+# expired holds if they are in the way. No row: no such user; applied false: refused
+# (refusal 'mint_ceiling' when the daily mint ceiling refused a deposit, else the available
+# amount or the 64-bit ceiling). $4 (the idempotency key) is unique in the journal per caller
+# ($5): a change applied with a key never applies again.
+APPLY_DELTA = f"SELECT * FROM {APPLY_DELTA_V2.name}($1, $2, $3, $4, $5)"
 
 # A user and its opening entry in one statement, by its owner function
 # (wallet/sql/create_user_v1.sql): the application's role may not insert either itself.
 CREATE_USER = f"SELECT * FROM {CREATE_USER_V1.name}(:balance, :api_key_id)"
 
-GET_BALANCE = "SELECT balance FROM users WHERE id = $1"
+GET_BALANCE = "SELECT balance, held FROM users WHERE id = $1"
 
 # The balance after the user's last entry at or before $2 (entries of one user are written
 # under its row lock, so created_at and id rise together).
@@ -49,7 +59,7 @@ ORDER BY created_at DESC, id DESC LIMIT 1
 # another page follows.
 HISTORY = """
 SELECT e.id, e.amount, e.balance, e.kind, e.transfer_id, e.reference, e.created_at,
-       k.name AS api_key
+       k.name AS api_key, e.hold_id
 FROM ledger_entries e LEFT JOIN api_keys k ON k.id = e.api_key_id
 WHERE e.user_id = $1 AND e.id < $2 ORDER BY e.id DESC LIMIT $3
 """
@@ -57,9 +67,10 @@ WHERE e.user_id = $1 AND e.id < $2 ORDER BY e.id DESC LIMIT $3
 USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
 
 # Locks both users in id order, checks, moves the amount and journals both legs, in one
-# round trip, as the owner (wallet/sql/transfer_v2.sql): no deadlock whatever the directions
-# in flight.
-TRANSFER = f"SELECT * FROM {TRANSFER_V2.name}($1, $2, $3, $4, $5, $6)"
+# round trip, as the owner (wallet/sql/transfer_v3.sql): no deadlock whatever the directions
+# in flight; the payer spends only its available amount (its expired holds released first
+# when they are in the way).
+TRANSFER = f"SELECT * FROM {TRANSFER_V3.name}($1, $2, $3, $4, $5, $6)"
 
 GET_TRANSFER = """
 SELECT t.id, t.from_user_id, t.to_user_id, t.amount, t.reference, t.created_at,
@@ -71,15 +82,20 @@ WHERE t.id = $1
 """
 
 # What a key applied, from the journal (it outlives the pruning of idempotency_keys): the
-# balance update that carries it, or the transfer; one statement, since a request asks both
-# (a key of one kind must not apply as the other). Keys are the caller's ($2): an index
-# probe by key, then the caller (IS NOT DISTINCT FROM: NULL is the anonymous caller).
+# balance update that carries it, the transfer, the hold it made, or the hold whose capture
+# or release it made; one statement, since a request asks them all (a key of one kind must
+# not apply as another). Keys are the caller's ($2): an index probe by key each, then the
+# caller (IS NOT DISTINCT FROM: NULL is the anonymous caller).
 APPLIED_WITH_KEY = """
 SELECT e.id, e.user_id, e.amount, e.balance, e.reference,
        (SELECT t.id FROM transfers t
-        WHERE t.idempotency_key = $1 AND t.api_key_id IS NOT DISTINCT FROM $2) AS transfer_id
+        WHERE t.idempotency_key = $1 AND t.api_key_id IS NOT DISTINCT FROM $2) AS transfer_id,
+       (SELECT h.id FROM holds h
+        WHERE h.idempotency_key = $1 AND h.api_key_id IS NOT DISTINCT FROM $2) AS hold_id,
+       v.hold_id AS changed_hold_id, v.kind AS change
 FROM (SELECT) one LEFT JOIN ledger_entries e
     ON e.idempotency_key = $1 AND e.api_key_id IS NOT DISTINCT FROM $2
+LEFT JOIN hold_events v ON v.idempotency_key = $1 AND v.api_key_id IS NOT DISTINCT FROM $2
 """
 
 # Claims the key before the change. A concurrent request with the same key blocks on the
@@ -90,15 +106,15 @@ FROM (SELECT) one LEFT JOIN ledger_entries e
 # ($2, NULLS NOT DISTINCT: migration 0009), so one caller can never claim another's.
 CLAIM_IDEMPOTENCY_KEY = """
 INSERT INTO idempotency_keys
-    (key, api_key_id, kind, user_id, to_user_id, amount, reference, outcome)
-VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending')
+    (key, api_key_id, kind, user_id, to_user_id, amount, reference, hold_id, expires_in, outcome)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending')
 ON CONFLICT (key, api_key_id) DO UPDATE SET key = EXCLUDED.key
 RETURNING xmax = 0
 """
 
 GET_IDEMPOTENCY_OUTCOME = """
-SELECT kind, user_id, to_user_id, amount, reference, outcome, balance FROM idempotency_keys
-WHERE key = $1 AND api_key_id IS NOT DISTINCT FROM $2
+SELECT kind, user_id, to_user_id, amount, reference, hold_id, expires_in, outcome, balance
+FROM idempotency_keys WHERE key = $1 AND api_key_id IS NOT DISTINCT FROM $2
 """
 
 RECORD_IDEMPOTENCY_OUTCOME = """
@@ -178,7 +194,76 @@ WHERE balance::numeric <> coalesce(previous, 0)::numeric + amount OR created_at 
 ORDER BY id
 """
 
-LEDGER_SIZE = "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM ledger_entries)"
+LEDGER_SIZE = """
+SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM ledger_entries),
+       (SELECT count(*) FROM holds)
+"""
+
+# Users whose held is not the sum of their active holds (expired but not yet released
+# included: they are released only with held).
+VERIFY_HELD = """
+SELECT u.id, u.held, coalesce(s.total, 0) AS active
+FROM users u
+LEFT JOIN (SELECT user_id, sum(amount) AS total FROM holds WHERE status = 'active'
+           GROUP BY user_id) s ON s.user_id = u.id
+WHERE coalesce(s.total, 0) <> u.held
+ORDER BY u.id
+"""
+
+# Holds whose events or journal entries do not match their state: created once with their
+# amount; active with no other event; captured exactly once, for captured_amount, with the
+# rest released, and journaled as one withdrawal of the payer or two transfer legs of one
+# transfer (payer -captured, payee +captured), each entry carrying the hold; released or
+# expired once, for the whole amount, with no entry.
+VERIFY_HOLDS = """
+WITH events AS (
+    SELECT hold_id,
+           count(*) FILTER (WHERE kind = 'created') AS created,
+           sum(amount) FILTER (WHERE kind = 'created') AS created_amount,
+           count(*) FILTER (WHERE kind = 'captured') AS captures,
+           coalesce(sum(amount) FILTER (WHERE kind = 'captured'), 0) AS captured,
+           count(*) FILTER (WHERE kind IN ('released', 'expired')) AS releases,
+           coalesce(sum(amount) FILTER (WHERE kind IN ('released', 'expired')), 0) AS released
+    FROM hold_events GROUP BY hold_id
+), entries AS (
+    SELECT e.hold_id, count(*) AS n,
+           coalesce(sum(e.amount) FILTER (WHERE e.user_id = h.user_id), 0) AS paid,
+           coalesce(sum(e.amount) FILTER (WHERE e.user_id = h.to_user_id), 0) AS received,
+           bool_and(e.kind = CASE WHEN h.to_user_id IS NULL THEN 'withdrawal' ELSE 'transfer' END
+                    AND e.user_id IN (h.user_id, h.to_user_id)) AS kinds,
+           count(DISTINCT e.transfer_id) AS transfers
+    FROM ledger_entries e JOIN holds h ON h.id = e.hold_id
+    WHERE e.hold_id IS NOT NULL
+    GROUP BY e.hold_id
+)
+SELECT * FROM (
+    SELECT h.id, CASE
+        WHEN coalesce(v.captures, 0) > 1 THEN 'captured more than once'
+        WHEN coalesce(v.created, 0) <> 1 OR v.created_amount <> h.amount
+            THEN 'its creation is not journaled once with its amount'
+        WHEN h.status = 'active' AND (v.captures > 0 OR v.releases > 0)
+            THEN 'active, with a capture or a release journaled'
+        WHEN h.status = 'captured' AND (v.captures <> 1 OR v.captured <> h.captured_amount
+                                         OR v.captured + v.released <> h.amount)
+            THEN 'its capture events do not match the hold'
+        WHEN h.status IN ('released', 'expired') AND (v.captures > 0 OR v.releases <> 1
+                                                      OR v.released <> h.amount)
+            THEN 'its release events do not match the hold'
+        WHEN h.status <> 'captured' AND coalesce(n.n, 0) > 0
+            THEN 'journal entries carry a hold that was not captured'
+        WHEN h.status = 'captured' AND NOT coalesce(
+            n.kinds AND n.paid = -h.captured_amount AND CASE WHEN h.to_user_id IS NULL
+                THEN n.n = 1
+                ELSE n.n = 2 AND n.received = h.captured_amount AND n.transfers = 1 END, false)
+            THEN 'its capture''s journal entries do not match it'
+    END AS problem
+    FROM holds h
+    LEFT JOIN events v ON v.hold_id = h.id
+    LEFT JOIN entries n ON n.hold_id = h.id
+) found
+WHERE problem IS NOT NULL
+ORDER BY id
+"""
 
 # At most one verification at a time in the database (each a full scan): a second one tries
 # and is told one runs (the cron's run then skips), or waits for it (`tandem ledger verify`).
@@ -226,11 +311,13 @@ class DeltaResult(NamedTuple):
 class Request(NamedTuple):
     """What a keyed request asked for: a retry with the same key must ask the same."""
 
-    kind: str  # "update" or "transfer"
-    user_id: int
+    kind: str  # "update", "transfer", "hold", "capture" or "release"
+    user_id: int  # a capture's or a release's: the hold's payer
     to_user_id: int | None
-    amount: int
+    amount: int  # a capture's: 0 for all of the hold; a release's: 0
     reference: str | None
+    hold_id: int | None = None  # a capture's or a release's
+    expires_in: int | None = None  # a hold's
 
 
 class Entry(NamedTuple):
@@ -242,6 +329,7 @@ class Entry(NamedTuple):
     reference: str | None
     created_at: datetime
     api_key: str | None  # the name of the API key that made it
+    hold_id: int | None  # the hold a capture's entry comes from
 
 
 class KeyedEntry(NamedTuple):
@@ -285,9 +373,14 @@ async def apply_delta(
     return None if row is None else DeltaResult(row[0], row[1], row[2], row[3])
 
 
-async def get_balance(pool: ConnectionPool, user_id: int) -> int | None:
-    value = await pool.fetchval(GET_BALANCE, user_id, retry_safe=True)
-    return None if value is None else int(value)
+class UserBalance(NamedTuple):
+    balance: int
+    held: int  # the sum of the user's active holds; available = balance - held
+
+
+async def get_balance(pool: ConnectionPool, user_id: int) -> UserBalance | None:
+    row = await pool.fetchrow(GET_BALANCE, user_id, retry_safe=True)
+    return None if row is None else UserBalance(row[0], row[1])
 
 
 async def balance_at(pool: ConnectionPool, user_id: int, at: datetime) -> int | None:
@@ -333,13 +426,28 @@ async def get_transfer(db: Executor, transfer_id: int) -> Transfer | None:
 class Applied(NamedTuple):
     entry: KeyedEntry | None
     transfer_id: int | None
+    hold_id: int | None = None  # the hold made with the key
+    changed_hold_id: int | None = None  # the hold captured or released with the key
+    change: str | None = None  # what the key did to it: "captured", "released", "expired"
+
+    @property
+    def kind(self) -> str | None:
+        """What the key applied, if anything: "update", "transfer", "hold" or "change" (a
+        capture or a release)."""
+        if self.entry is not None:
+            return "update"
+        if self.transfer_id is not None:
+            return "transfer"
+        if self.hold_id is not None:
+            return "hold"
+        return None if self.changed_hold_id is None else "change"
 
 
 async def applied_with_key(conn: Connection, key: str, api_key_id: int | None) -> Applied:
     row = await conn.fetchrow(APPLIED_WITH_KEY, key, api_key_id)
     assert row is not None  # one row, always
     entry = None if row[0] is None else KeyedEntry(row[0], row[1], row[2], row[3], row[4])
-    return Applied(entry, row[5])
+    return Applied(entry, row[5], row[6], row[7], row[8])
 
 
 class NewUser(NamedTuple):
@@ -397,7 +505,8 @@ async def get_idempotency_outcome(
 ) -> StoredOutcome:
     row = await conn.fetchrow(GET_IDEMPOTENCY_OUTCOME, key, api_key_id)
     assert row is not None, "claimed keys are never deleted inside their retention window"
-    return StoredOutcome(Request(row[0], row[1], row[2], row[3], row[4]), row[5], row[6])
+    request = Request(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+    return StoredOutcome(request, row[7], row[8])
 
 
 async def record_idempotency_outcome(
@@ -414,10 +523,16 @@ class Verification(NamedTuple):
     # Entries whose balance is not the previous one's plus their amount, or dated before it:
     # (entry id, user id, amount, balance, previous balance).
     chain: list[tuple[int, int, int, int, int | None]]
+    # How many holds were checked.
+    holds_checked: int
+    # What is wrong with holds: (user id, "held ... is not the sum ...") for a user whose
+    # held is not the sum of its active holds; (hold id, what) for a hold captured twice, or
+    # whose events or capture entries do not match it.
+    holds: list[tuple[int, str]]
 
     @property
     def mismatches(self) -> int:
-        return len(self.balances) + len(self.chain)
+        return len(self.balances) + len(self.chain) + len(self.holds)
 
 
 async def verify_ledger(
@@ -426,8 +541,10 @@ async def verify_ledger(
     *,
     wait: Callable[[], object] | None = None,
 ) -> Verification | None:
-    """Both invariants over every user, read in one snapshot, so concurrent changes (each a
-    balance and its entry in one transaction) never look like a mismatch.
+    """Both invariants over every user, and the holds' (held is the sum of the user's active
+    holds; a hold is captured at most once, its events and its capture's entries match it),
+    read in one snapshot, so concurrent changes (each a balance and its entry in one
+    transaction) never look like a mismatch.
 
     One verification at a time: when another one runs, None at once, or (``wait`` given,
     called first) after waiting for it. Each statement has ``deadline`` seconds (a full scan:
@@ -445,7 +562,12 @@ async def verify_ledger(
         assert size is not None
         balances = [(r[0], r[1], r[2], r[3]) for r in await conn.fetch(VERIFY_BALANCES)]
         chain = [(r[0], r[1], r[2], r[3], r[4]) for r in await conn.fetch(VERIFY_CHAIN)]
-    return Verification(size[0], size[1], balances, chain)
+        holds = [
+            (r[0], f"user {r[0]}: held {r[1]} is not the sum of its active holds, {r[2]}")
+            for r in await conn.fetch(VERIFY_HELD)
+        ]
+        holds += [(r[0], f"hold {r[0]}: {r[1]}") for r in await conn.fetch(VERIFY_HOLDS)]
+    return Verification(size[0], size[1], balances, chain, size[2], holds)
 
 
 async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch: int) -> int:
@@ -454,3 +576,206 @@ async def prune_idempotency_keys(conn: Connection, older_than: timedelta, batch:
     await conn.execute(PRUNE_IDEMPOTENCY_USAGE)
     await conn.execute(PRUNE_KEY_DEBITS)
     return rows_affected(status)
+
+
+# --- holds ---------------------------------------------------------------------------------
+
+# A hold and its event in one round trip, by its owner function (wallet/sql/create_hold_v1.sql):
+# the reservation is one conditional UPDATE of users.held under the payer's row lock, so
+# concurrent holds, withdrawals and transfers never reserve or spend more than the balance;
+# the payer's expired holds are released first when they are in the way. $6 (the
+# idempotency key) is unique on holds per caller ($7).
+CREATE_HOLD = f"SELECT * FROM {CREATE_HOLD_V1.name}($1, $2, $3, $4, $5, $6, $7)"
+
+# The one capture of a hold, with its journal entries and the release of the rest, in one
+# round trip (wallet/sql/capture_hold_v1.sql): payer and payee locked in id order, then the
+# hold, its state read after the locks: of a capture, a release and the expiry of one hold,
+# exactly one changes it.
+CAPTURE_HOLD = f"SELECT * FROM {CAPTURE_HOLD_V1.name}($1, $2, $3, $4, $5)"
+
+# A hold's release (wallet/sql/release_hold_v1.sql), under its payer's row lock as above.
+RELEASE_HOLD = f"SELECT * FROM {RELEASE_HOLD_V1.name}($1, $2, $3)"
+
+# A hold as a client sees it: an active hold at or past its expires_at is 'expired' (it can
+# no longer be captured; its release, by the task or the payer's next spending, only gives
+# its amount back).
+_HOLD_COLUMNS = """
+h.id, h.user_id, h.to_user_id, h.amount, h.captured_amount,
+CASE WHEN h.status = 'active' AND h.expires_at <= clock_timestamp() THEN 'expired'
+     ELSE h.status END AS status,
+h.expires_at, h.created_at, h.reference, h.available_after
+"""
+
+GET_HOLD = f"SELECT {_HOLD_COLUMNS} FROM holds h WHERE h.id = $1"
+
+# A user's holds, newest first, keyset on id (as HISTORY): a page is an index range scan, and
+# holds made meanwhile never shift a later page. $3: only holds in this state as GET_HOLD
+# shows it (NULL: all). One row more than asked tells whether another page follows.
+LIST_HOLDS = f"""
+SELECT * FROM (SELECT {_HOLD_COLUMNS} FROM holds h WHERE h.user_id = $1 AND h.id < $2) h
+WHERE $3::text IS NULL OR h.status = $3::text
+ORDER BY h.id DESC LIMIT $4
+"""
+
+# The hold a key made (a replay of its creation, after the stored outcome was pruned).
+HOLD_WITH_KEY = f"""
+SELECT {_HOLD_COLUMNS} FROM holds h
+WHERE h.idempotency_key = $1 AND h.api_key_id IS NOT DISTINCT FROM $2
+"""
+
+# A capture's transfer (NULL without a payee) and the payer's journal entry.
+CAPTURE_ENTRY = """
+SELECT e.transfer_id, e.id FROM ledger_entries e JOIN holds h ON h.id = e.hold_id
+WHERE e.hold_id = $1 AND e.user_id = h.user_id
+"""
+
+# The expiry task's batch (wallet/sql/expire_holds_v1.sql): the payers of the $1 holds due
+# first, each locked FOR UPDATE SKIP LOCKED before its holds (a payer busy spending is left to
+# its own spending, which releases them too, or to the next round); the holds released.
+EXPIRE_HOLDS = f"SELECT {EXPIRE_HOLDS_V1.name}($1)"
+
+# The holds by state, in one snapshot: active ones not yet due, due ones not yet released
+# (overdue: the task is behind by the age of the oldest), and the finished ones. One instant
+# for every row (clock_timestamp() once). A scan of holds: read every few seconds by the task.
+HOLD_STATS = """
+WITH now AS (SELECT clock_timestamp() AS t)
+SELECT count(*) FILTER (WHERE h.status = 'active' AND h.expires_at > now.t) AS active,
+       count(*) FILTER (WHERE h.status = 'captured') AS captured,
+       count(*) FILTER (WHERE h.status = 'released') AS released,
+       count(*) FILTER (WHERE h.status = 'expired') AS expired,
+       count(*) FILTER (WHERE h.status = 'active' AND h.expires_at <= now.t) AS overdue,
+       coalesce(extract(epoch FROM now.t - min(h.expires_at) FILTER (
+           WHERE h.status = 'active' AND h.expires_at <= now.t)), 0) AS oldest
+FROM now LEFT JOIN holds h ON true
+GROUP BY now.t
+"""
+
+
+class NewHold(NamedTuple):
+    outcome: str  # "ok", "holds_unavailable", "user_not_found", "to_not_found", ...
+    hold_id: int | None
+    expires_at: datetime | None
+    created_at: datetime | None
+    available: int | None  # after it (ok), or what there was (insufficient_funds)
+
+
+class HoldChange(NamedTuple):
+    outcome: str  # "ok", "hold_not_found", "hold_not_active", ...
+    status: str | None  # the hold's state after (or, refused, as found)
+    transfer_id: int | None = None  # a capture's, with a payee
+    entry_id: int | None = None  # a capture's: the payer's journal entry
+
+
+class Hold(NamedTuple):
+    id: int
+    user_id: int
+    to_user_id: int | None
+    amount: int
+    captured_amount: int | None
+    status: str  # an active hold past its expires_at reads 'expired'
+    expires_at: datetime
+    created_at: datetime
+    reference: str | None
+    available_after: int  # the payer's available amount just after it was made
+
+
+class HoldStats(NamedTuple):
+    # Holds by state: active (not yet due), captured, released, expired.
+    counts: dict[str, int]
+    # Active holds at or past their expiry, not yet released.
+    overdue: int
+    # How long the oldest of them is past its expiry (0 when none).
+    oldest_overdue_seconds: float
+
+
+async def _read_row(db: Executor, statement: str, *args: object) -> asyncpg.Record | None:
+    """A read: on the pool it may be retried on another connection; on a connection it is
+    the caller's transaction's."""
+    if isinstance(db, ConnectionPool):
+        return await db.fetchrow(statement, *args, retry_safe=True)
+    return await db.fetchrow(statement, *args)
+
+
+async def create_hold(
+    db: Executor,
+    user_id: int,
+    to_user_id: int | None,
+    amount: int,
+    expires_in: int,
+    reference: str | None,
+    idempotency_key: str | None,
+    api_key_id: int | None,
+) -> NewHold:
+    row = await db.fetchrow(
+        CREATE_HOLD,
+        user_id,
+        to_user_id,
+        amount,
+        expires_in,
+        reference,
+        idempotency_key,
+        api_key_id,
+    )
+    assert row is not None
+    return NewHold(*row)
+
+
+async def capture_hold(
+    db: Executor,
+    hold_id: int,
+    amount: int | None,
+    to_user_id: int | None,
+    idempotency_key: str | None,
+    api_key_id: int | None,
+) -> HoldChange:
+    """``amount`` None: all of it."""
+    row = await db.fetchrow(CAPTURE_HOLD, hold_id, amount, to_user_id, idempotency_key, api_key_id)
+    assert row is not None
+    return HoldChange(*row)
+
+
+async def release_hold(
+    db: Executor, hold_id: int, idempotency_key: str | None, api_key_id: int | None
+) -> HoldChange:
+    row = await db.fetchrow(RELEASE_HOLD, hold_id, idempotency_key, api_key_id)
+    assert row is not None
+    return HoldChange(row[0], row[1])
+
+
+async def get_hold(db: Executor, hold_id: int) -> Hold | None:
+    row = await _read_row(db, GET_HOLD, hold_id)
+    return None if row is None else Hold(*row)
+
+
+async def list_holds(
+    pool: ConnectionPool, user_id: int, status: str | None, before: int, limit: int
+) -> list[Hold]:
+    rows = await pool.fetch(LIST_HOLDS, user_id, before, status, limit, retry_safe=True)
+    return [Hold(*row) for row in rows]
+
+
+async def hold_with_key(conn: Connection, key: str, api_key_id: int | None) -> Hold | None:
+    row = await conn.fetchrow(HOLD_WITH_KEY, key, api_key_id)
+    return None if row is None else Hold(*row)
+
+
+async def capture_entry(db: Executor, hold_id: int) -> tuple[int | None, int] | None:
+    """A captured hold's transfer (None without a payee) and the payer's entry."""
+    row = await _read_row(db, CAPTURE_ENTRY, hold_id)
+    return None if row is None else (row[0], row[1])
+
+
+async def expire_holds(conn: Connection, limit: int) -> int:
+    """Releases the due holds of the payers of the ``limit`` holds due first (all of each
+    payer's due holds: the count may pass ``limit``), skipping payers another transaction
+    holds; returns how many holds it released. Fewer than ``limit``: nothing more is due, or
+    what is left belongs to payers busy right now (their own spending releases it)."""
+    released: int = await conn.fetchval(EXPIRE_HOLDS, limit)
+    return released
+
+
+async def hold_stats(pool: ConnectionPool) -> HoldStats:
+    row = await pool.fetchrow(HOLD_STATS, retry_safe=True)
+    assert row is not None
+    counts = {"active": row[0], "captured": row[1], "released": row[2], "expired": row[3]}
+    return HoldStats(counts, int(row[4]), float(row[5]))

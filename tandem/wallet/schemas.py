@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import AsyncIterable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,7 +18,13 @@ from tandem.core.errors import PayloadTooLargeError, UnsupportedMediaTypeError, 
 from tandem.core.ids import INT64_MAX, INT64_MIN, id_in
 from tandem.core.openapi import ErrorCode
 from tandem.core.text import FREE_TEXT
-from tandem.wallet.models import DEFAULT_BALANCE, REFERENCE_MAX_LENGTH
+from tandem.wallet.models import (
+    DEFAULT_BALANCE,
+    HOLD_EXPIRES_IN_DEFAULT,
+    HOLD_EXPIRES_IN_MAX,
+    HOLD_STATUSES,
+    REFERENCE_MAX_LENGTH,
+)
 
 MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -94,6 +100,125 @@ class TransferCreate(BaseModel):
         return self
 
 
+class HoldCreate(BaseModel):
+    """Reserve ``amount`` of ``userId``'s available balance, for ``toUserId`` if given."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"userId": 1, "amount": 500, "toUserId": 2, "expiresIn": 900, "reference": "t-9"}
+            ]
+        },
+    )
+
+    user_id: int = Field(alias="userId", ge=1, le=INT64_MAX, description="The payer.")
+    amount: int = Field(ge=1, le=INT64_MAX, description="Integer units, more than 0.")
+    to_user_id: int | None = Field(
+        default=None,
+        alias="toUserId",
+        ge=1,
+        le=INT64_MAX,
+        description="The payee a capture pays (else given by the capture, or none: the "
+        "captured amount is then withdrawn).",
+    )
+    expires_in: int = Field(
+        default=HOLD_EXPIRES_IN_DEFAULT,
+        alias="expiresIn",
+        ge=1,
+        le=HOLD_EXPIRES_IN_MAX,
+        description="Seconds until the hold expires by itself (the database's clock).",
+    )
+    reference: Reference | None = None
+
+    @model_validator(mode="after")
+    def _two_users(self) -> HoldCreate:
+        if self.to_user_id == self.user_id:
+            raise ValueError("toUserId must be another user than userId")
+        return self
+
+
+class HoldCapture(BaseModel):
+    """Capture ``amount`` (default: all) of a hold, to ``toUserId`` if the hold has no payee."""
+
+    model_config = ConfigDict(
+        strict=True, extra="forbid", json_schema_extra={"examples": [{"amount": 450}]}
+    )
+
+    amount: int | None = Field(
+        default=None, ge=1, le=INT64_MAX, description="At most the hold's amount; default all."
+    )
+    to_user_id: int | None = Field(
+        default=None,
+        alias="toUserId",
+        ge=1,
+        le=INT64_MAX,
+        description="The payee, only for a hold made without one.",
+    )
+
+
+class HoldRelease(BaseModel):
+    """A release takes no body; an empty JSON object is accepted too."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+HoldStatus = Literal["active", "captured", "released", "expired"]
+# The models' states, spelled for the schema.
+assert get_args(HoldStatus) == HOLD_STATUSES
+
+
+class Hold(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    hold_id: int = Field(alias="holdId")
+    user_id: int = Field(alias="userId", description="The payer.")
+    to_user_id: int | None = Field(alias="toUserId", description="The payee (null: none yet).")
+    amount: int = Field(description="What the hold reserves (or reserved, once finished).")
+    captured_amount: int | None = Field(
+        alias="capturedAmount", description="What its capture took (null unless captured)."
+    )
+    status: HoldStatus = Field(
+        description="active, then captured, released or expired (an active hold past "
+        "expiresAt reads expired: it can no longer be captured)."
+    )
+    expires_at: datetime = Field(alias="expiresAt")
+    created_at: datetime = Field(alias="createdAt")
+    reference: str | None
+
+
+class HoldCaptured(Hold):
+    model_config = ConfigDict(populate_by_name=True)
+
+    transfer_id: int | None = Field(
+        alias="transferId", description="The transfer to the payee (null: no payee, withdrawn)."
+    )
+    entry_id: int = Field(alias="entryId", description="The payer's journal entry.")
+
+
+class HoldCreated(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    hold_id: int = Field(alias="holdId")
+    user_id: int = Field(alias="userId")
+    to_user_id: int | None = Field(alias="toUserId")
+    amount: int
+    status: Literal["active"]
+    expires_at: datetime = Field(alias="expiresAt")
+    available: int = Field(ge=0, description="The payer's available amount after it.")
+
+
+class HoldList(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    user_id: int = Field(alias="userId")
+    holds: list[Hold] = Field(description="Newest first.")
+    next_before: int | None = Field(
+        alias="nextBefore", description="Pass as `before` for the next page; null on the last."
+    )
+
+
 class UserCreate(BaseModel):
     model_config = ConfigDict(
         strict=True, extra="forbid", json_schema_extra={"examples": [{"balance": DEFAULT_BALANCE}]}
@@ -120,6 +245,20 @@ class BalanceUpdated(Balance):
     )
 
     entry_id: int = Field(alias="entryId", description="The journal entry of this change.")
+
+
+class BalanceNow(Balance):
+    model_config = ConfigDict(
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [{"userId": 1, "balance": 9998, "held": 500, "available": 9498}]
+        },
+    )
+
+    held: int = Field(ge=0, description="What the user's active holds reserve.")
+    available: int = Field(
+        ge=0, description="What withdrawals, transfers and new holds may spend: balance - held."
+    )
 
 
 class BalanceAt(Balance):
@@ -161,6 +300,9 @@ class HistoryEntry(BaseModel):
         alias="apiKey",
         description="The name of the API key that made the change (null: before keys, or "
         "made with authentication disabled).",
+    )
+    hold_id: int | None = Field(
+        alias="holdId", description="The hold this entry captured (null: not a capture)."
     )
 
 

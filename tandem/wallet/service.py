@@ -1,5 +1,6 @@
 """Wallet rules: apply a delta or a transfer atomically, never below zero, journaled, at most
-once per idempotency key."""
+once per idempotency key; holds reserve part of a balance until captured (once), released or
+expired."""
 
 from __future__ import annotations
 
@@ -18,17 +19,24 @@ from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import ACCESS_KEY_LIMITED
 from tandem.wallet import repository
 from tandem.wallet.errors import (
+    AmountExceedsHoldError,
     BalanceLimitError,
     DebitLimitError,
+    HoldNotActiveError,
+    HoldNotFoundError,
+    HoldsUnavailableError,
     IdempotencyKeyReusedError,
     InsufficientFundsError,
     MintCeilingError,
+    PayeeAlreadySetError,
+    PayeeIsPayerError,
     TooManyIdempotencyKeysError,
     TransferNotFoundError,
     UserNotFoundError,
     refusal_outcome,
     replay_refusal,
 )
+from tandem.wallet.models import HOLD_EXPIRES_IN_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +51,34 @@ class BalanceResult:
     replayed: bool = False
     # The instant asked about, for a balance read at one.
     at: datetime | None = None
+    # The sum of the user's active holds, for a balance read now (available: balance - held).
+    held: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TransferResult:
     transfer: repository.Transfer
     replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HoldResult:
+    """A hold as made, captured, released or read (``replayed``: a keyed retry's answer)."""
+
+    hold: repository.Hold
+    replayed: bool = False
+    # A creation's: the payer's available amount just after it.
+    available: int | None = None
+    # A capture's: its transfer to the payee (None: withdrawn) and the payer's entry.
+    transfer_id: int | None = None
+    entry_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldPage:
+    user_id: int
+    holds: list[repository.Hold]
+    next_before: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +210,7 @@ async def _transfer(
 
 # --- at most once per key ------------------------------------------------------------------
 
-Outcome = TypeVar("Outcome", BalanceResult, TransferResult)
+Outcome = TypeVar("Outcome", BalanceResult, TransferResult, HoldResult)
 Connection = repository.Connection
 
 
@@ -235,8 +265,12 @@ async def count_debit(conn: Connection, caller: Caller, amount: int) -> None:
 
 
 def _debit(request: repository.Request) -> int:
-    """The money a request takes out of a user (0 for a deposit)."""
-    return request.amount if request.kind == "transfer" else max(0, -request.amount)
+    """The money a request takes out of a user (0 for a deposit). A hold counts when it is
+    made (it takes the amount out of what the user may spend); its capture does not count
+    again, and its release gives nothing back to the window."""
+    if request.kind in ("transfer", "hold"):
+        return request.amount
+    return max(0, -request.amount) if request.kind == "update" else 0
 
 
 async def _once(
@@ -304,8 +338,8 @@ async def _replay_update(
 ) -> BalanceResult | None:
     assert keyed.key is not None
     applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
-    if applied.transfer_id is not None:
-        raise IdempotencyKeyReusedError()  # a transfer's key, its outcome pruned
+    if applied.kind not in (None, "update"):
+        raise IdempotencyKeyReusedError()  # another kind's key, its outcome pruned
     entry = applied.entry
     if entry is None:
         if legacy_balance is not None:
@@ -345,8 +379,8 @@ async def _replay_transfer(
 ) -> TransferResult | None:
     assert keyed.key is not None
     applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
-    if applied.entry is not None:
-        raise IdempotencyKeyReusedError()  # a balance update's key, its outcome pruned
+    if applied.kind not in (None, "transfer"):
+        raise IdempotencyKeyReusedError()  # another kind's key, its outcome pruned
     if applied.transfer_id is None:
         return None
     found = await repository.get_transfer(conn, applied.transfer_id)
@@ -397,12 +431,15 @@ def _transferred(
 async def get_balance(
     pool: ConnectionPool, user_id: int, at: datetime | None = None
 ) -> BalanceResult:
-    """The balance now, or after the last entry at or before ``at``. Raises UserNotFoundError
-    (also for an instant before the user's opening entry: the user did not exist then)."""
+    """The balance now (with what its holds keep: held), or after the last entry at or before
+    ``at``. Raises UserNotFoundError (also for an instant before the user's opening entry:
+    the user did not exist then)."""
     if at is None:
-        balance = await repository.get_balance(pool, user_id)
-    else:
-        balance = await repository.balance_at(pool, user_id, at)
+        now = await repository.get_balance(pool, user_id)
+        if now is None:
+            raise UserNotFoundError(user_id)
+        return BalanceResult(user_id, now.balance, held=now.held)
+    balance = await repository.balance_at(pool, user_id, at)
     if balance is None:
         raise UserNotFoundError(user_id, at=at)
     return BalanceResult(user_id, balance, at=at)
@@ -468,3 +505,322 @@ async def create_user(
         assert user.refusal == "mint_ceiling", user
         raise MintCeilingError()
     return BalanceResult(user.id, user.balance)
+
+
+# --- holds ---------------------------------------------------------------------------------
+
+
+async def create_hold(
+    pool: ConnectionPool,
+    user_id: int,
+    amount: int,
+    to_user_id: int | None = None,
+    expires_in: int = HOLD_EXPIRES_IN_DEFAULT,
+    reference: str | None = None,
+    idempotency_key: str | None = None,
+    caller: Caller = ANONYMOUS,
+    keys_per_day: int = DEFAULT_KEYS_PER_DAY,
+) -> HoldResult:
+    """Reserve ``amount`` (> 0) of the user's available amount (balance - held) for
+    ``expires_in`` seconds of the database's clock, for the payee ``to_user_id`` if given.
+    Concurrent holds, withdrawals and transfers of one user never reserve or spend more than
+    its balance (one conditional statement under its row lock); the user's expired holds are
+    released first when they are in the way.
+
+    Raises UserNotFoundError (also to a key bound to other users, before anything changes or
+    its key is claimed; the payee's says toUserId), InsufficientFundsError,
+    PayeeIsPayerError, IdempotencyKeyReusedError, DebitLimitError (a hold counts against the
+    key's debit limit when made), HoldsUnavailableError (holds not enabled yet; never stored
+    as a key's outcome). A refusal changes nothing."""
+    if not caller.may_touch(user_id):
+        raise UserNotFoundError(user_id)
+    request = repository.Request("hold", user_id, to_user_id, amount, reference, None, expires_in)
+    if idempotency_key is None and not caller.debit_limits:
+        made = await _apply_hold(pool, _Keyed(None, caller, keys_per_day), request)
+        if isinstance(made, AppError):
+            raise made
+        return made
+    if idempotency_key is None:
+        # By a key with debit limits: counted in the hold's transaction.
+        async with pool.transaction() as conn:
+            made = await _apply_hold(conn, _Keyed(None, caller, keys_per_day), request)
+            if isinstance(made, AppError):
+                raise made
+            await count_debit(conn, caller, amount)
+        return made
+    keyed = _Keyed(idempotency_key, caller, keys_per_day)
+    return await _once(pool, keyed, request, _apply_hold, _replay_hold)
+
+
+async def capture_hold(
+    pool: ConnectionPool,
+    hold_id: int,
+    amount: int | None = None,
+    to_user_id: int | None = None,
+    idempotency_key: str | None = None,
+    caller: Caller = ANONYMOUS,
+    keys_per_day: int = DEFAULT_KEYS_PER_DAY,
+) -> HoldResult:
+    """The hold's one capture: ``amount`` (None: all) leaves the payer, to the payee (the
+    hold's, or ``to_user_id`` for a hold made without one) as a transfer, or withdrawn when
+    there is none; the rest is released in the same step. Only before the hold's expires_at
+    (the database's clock). Not counted against a debit limit (its hold was).
+
+    Raises HoldNotFoundError (also to a key not bound to the payer), HoldNotActiveError
+    (captured, released or expired: ``status``), PayeeAlreadySetError, PayeeIsPayerError,
+    AmountExceedsHoldError, UserNotFoundError (the payee), BalanceLimitError (the payee's),
+    IdempotencyKeyReusedError. A refusal changes nothing but this: a hold found past its
+    expiry is marked expired (released)."""
+    found = await _payers_hold(pool, hold_id, caller)
+    request = repository.Request(
+        "capture", found.user_id, to_user_id, 0 if amount is None else amount, None, hold_id
+    )
+    keyed = _Keyed(idempotency_key, caller, keys_per_day)
+    if idempotency_key is None:
+        return await _change_unkeyed(pool, _apply_capture, keyed, request)
+    return await _once(pool, keyed, request, _apply_capture, _replay_change)
+
+
+async def release_hold(
+    pool: ConnectionPool,
+    hold_id: int,
+    idempotency_key: str | None = None,
+    caller: Caller = ANONYMOUS,
+    keys_per_day: int = DEFAULT_KEYS_PER_DAY,
+) -> HoldResult:
+    """Give the hold's amount back to its payer's available amount. Releasing a released or
+    expired hold answers it as it is (released, expired); an active hold past its expires_at
+    is marked expired. Raises HoldNotFoundError (also to a key not bound to the payer),
+    HoldNotActiveError (captured), IdempotencyKeyReusedError."""
+    found = await _payers_hold(pool, hold_id, caller)
+    request = repository.Request("release", found.user_id, None, 0, None, hold_id)
+    keyed = _Keyed(idempotency_key, caller, keys_per_day)
+    if idempotency_key is None:
+        return await _change_unkeyed(pool, _apply_release, keyed, request)
+    return await _once(pool, keyed, request, _apply_release, _replay_change)
+
+
+async def _change_unkeyed(
+    pool: ConnectionPool,
+    apply: Callable[[Connection, _Keyed, repository.Request], Awaitable[HoldResult | AppError]],
+    keyed: _Keyed,
+    request: repository.Request,
+) -> HoldResult:
+    """A capture or release without a key: the change and the reading of the hold it left in
+    one transaction. Read on its own after the commit, a failure of that read would be told
+    as database_unavailable (nothing changed) of a change that was made; in one transaction
+    it is outcome_unknown at worst. The refusal is raised after the commit: a capture that
+    finds its hold past expiry marks it expired, and that stands."""
+    async with pool.transaction() as conn:
+        changed = await apply(conn, keyed, request)
+    if isinstance(changed, AppError):
+        raise changed
+    return changed
+
+
+async def get_hold(pool: ConnectionPool, hold_id: int, caller: Caller = ANONYMOUS) -> HoldResult:
+    """Raises HoldNotFoundError, also to a key bound to neither its payer nor its payee."""
+    found = await repository.get_hold(pool, hold_id)
+    if found is None or not _may_read(caller, found):
+        raise HoldNotFoundError(hold_id)
+    return HoldResult(found)
+
+
+async def list_holds(
+    pool: ConnectionPool,
+    user_id: int,
+    status: str | None,
+    limit: int,
+    before: int | None,
+    caller: Caller = ANONYMOUS,
+) -> HoldPage:
+    """The user's holds (as payer), newest first, ``limit`` of them older than hold
+    ``before``, only those in ``status`` if given. Raises UserNotFoundError (the access layer
+    answers it to a key bound to other users before this runs)."""
+    if not caller.may_touch(user_id):
+        raise UserNotFoundError(user_id)
+    rows = await repository.list_holds(
+        pool, user_id, status, INT64_MAX if before is None else before, limit + 1
+    )
+    if not rows and not await repository.user_exists(pool, user_id):
+        raise UserNotFoundError(user_id)
+    page = rows[:limit]
+    return HoldPage(user_id, page, page[-1].id if len(rows) > limit else None)
+
+
+def _may_read(caller: Caller, hold: repository.Hold) -> bool:
+    """A hold is its payer's and its payee's: a key bound to either may read it."""
+    return caller.may_touch(hold.user_id) or (
+        hold.to_user_id is not None and caller.may_touch(hold.to_user_id)
+    )
+
+
+async def _payers_hold(pool: ConnectionPool, hold_id: int, caller: Caller) -> repository.Hold:
+    """The hold a change is asked of, if ``caller`` may change it: only a key bound to its
+    payer (or unbound) may; any other is told the hold does not exist, before anything
+    changes or its idempotency key is claimed. Who pays never changes: read unlocked."""
+    found = await repository.get_hold(pool, hold_id)
+    if found is None or not caller.may_touch(found.user_id):
+        raise HoldNotFoundError(hold_id)
+    return found
+
+
+async def _apply_hold(
+    db: repository.Executor, keyed: _Keyed, request: repository.Request
+) -> HoldResult | AppError:
+    """The hold made, or the refusal (returned: it is recorded before it is raised). Holds
+    not enabled is raised, never returned: the transaction rolls back and nothing is stored,
+    so a retry with the key is judged anew once they are."""
+    assert request.expires_in is not None
+    made = await repository.create_hold(
+        db,
+        request.user_id,
+        request.to_user_id,
+        request.amount,
+        request.expires_in,
+        request.reference,
+        keyed.key,
+        keyed.api_key_id,
+    )
+    if made.outcome == "holds_unavailable":
+        raise HoldsUnavailableError()
+    if made.outcome == "user_not_found":
+        return UserNotFoundError(request.user_id)
+    if made.outcome == "to_not_found":
+        assert request.to_user_id is not None
+        return UserNotFoundError(request.to_user_id, field="toUserId")
+    if made.outcome == "payee_is_payer":
+        return PayeeIsPayerError(request.user_id)
+    if made.outcome == "insufficient_funds":
+        return InsufficientFundsError(request.user_id)
+    assert made.outcome == "ok", made
+    assert made.hold_id is not None
+    assert made.expires_at is not None
+    assert made.created_at is not None
+    assert made.available is not None
+    hold = repository.Hold(
+        made.hold_id,
+        request.user_id,
+        request.to_user_id,
+        request.amount,
+        None,
+        "active",
+        made.expires_at,
+        made.created_at,
+        request.reference,
+        made.available,
+    )
+    return HoldResult(hold, available=made.available)
+
+
+async def _replay_hold(
+    conn: Connection, keyed: _Keyed, request: repository.Request, _legacy_balance: int | None
+) -> HoldResult | None:
+    """The creation a key made, answered as it was made (active, with the available amount
+    it answered), whatever the hold became since."""
+    assert keyed.key is not None
+    applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
+    if applied.kind not in (None, "hold"):
+        raise IdempotencyKeyReusedError()  # another kind's key, its outcome pruned
+    if applied.hold_id is None:
+        return None
+    found = await repository.hold_with_key(conn, keyed.key, keyed.api_key_id)
+    assert found is not None
+    lasts = round((found.expires_at - found.created_at).total_seconds())
+    if (
+        (found.user_id, found.amount, found.reference, lasts)
+        != (request.user_id, request.amount, request.reference, request.expires_in)
+        # A payee set by the capture was not asked for by the creation.
+        or (request.to_user_id is not None and found.to_user_id != request.to_user_id)
+    ):
+        raise IdempotencyKeyReusedError()
+    first = found._replace(status="active", captured_amount=None, to_user_id=request.to_user_id)
+    return HoldResult(first, replayed=True, available=found.available_after)
+
+
+async def _apply_capture(
+    db: repository.Executor, keyed: _Keyed, request: repository.Request
+) -> HoldResult | AppError:
+    assert request.hold_id is not None
+    hold_id = request.hold_id
+    changed = await repository.capture_hold(
+        db,
+        hold_id,
+        request.amount or None,
+        request.to_user_id,
+        keyed.key,
+        keyed.api_key_id,
+    )
+    refusal = _change_refused(hold_id, request, changed)
+    if refusal is not None:
+        return refusal
+    found = await repository.get_hold(db, hold_id)
+    assert found is not None
+    assert found.status == "captured"
+    return HoldResult(found, transfer_id=changed.transfer_id, entry_id=changed.entry_id)
+
+
+async def _apply_release(
+    db: repository.Executor, keyed: _Keyed, request: repository.Request
+) -> HoldResult | AppError:
+    assert request.hold_id is not None
+    changed = await repository.release_hold(db, request.hold_id, keyed.key, keyed.api_key_id)
+    refusal = _change_refused(request.hold_id, request, changed)
+    if refusal is not None:
+        return refusal
+    found = await repository.get_hold(db, request.hold_id)
+    assert found is not None
+    return HoldResult(found)
+
+
+def _change_refused(
+    hold_id: int, request: repository.Request, changed: repository.HoldChange
+) -> AppError | None:
+    """The refusal a capture's or a release's outcome stands for (None: done)."""
+    if changed.outcome == "ok":
+        return None
+    if changed.outcome == "hold_not_found":
+        return HoldNotFoundError(hold_id)
+    if changed.outcome == "hold_not_active":
+        assert changed.status is not None
+        return HoldNotActiveError(hold_id, changed.status)
+    if changed.outcome == "payee_already_set":
+        return PayeeAlreadySetError(hold_id)
+    if changed.outcome == "payee_is_payer":
+        return PayeeIsPayerError(request.user_id)
+    if changed.outcome == "to_not_found":
+        assert request.to_user_id is not None
+        return UserNotFoundError(request.to_user_id, field="toUserId")
+    if changed.outcome == "amount_exceeds_hold":
+        return AmountExceedsHoldError(hold_id, request.amount)
+    assert changed.outcome == "balance_limit_exceeded", changed
+    return BalanceLimitError(request.to_user_id or request.user_id)
+
+
+async def _replay_change(
+    conn: Connection, keyed: _Keyed, request: repository.Request, _legacy_balance: int | None
+) -> HoldResult | None:
+    """The capture or release a key made: the hold as that change left it (a capture or a
+    release is the hold's last change, so that is the hold now)."""
+    assert keyed.key is not None
+    assert request.hold_id is not None
+    applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
+    if applied.kind not in (None, "change"):
+        raise IdempotencyKeyReusedError()  # another kind's key, its outcome pruned
+    if applied.changed_hold_id is None:
+        return None
+    captured = applied.change == "captured"
+    if applied.changed_hold_id != request.hold_id or captured != (request.kind == "capture"):
+        raise IdempotencyKeyReusedError()
+    found = await repository.get_hold(conn, request.hold_id)
+    assert found is not None
+    if not captured:
+        return HoldResult(found, replayed=True)
+    if (request.amount or found.amount, request.to_user_id or found.to_user_id) != (
+        found.captured_amount,
+        found.to_user_id,
+    ):
+        raise IdempotencyKeyReusedError()
+    entry = await repository.capture_entry(conn, request.hold_id)
+    assert entry is not None
+    return HoldResult(found, replayed=True, transfer_id=entry[0], entry_id=entry[1])

@@ -59,6 +59,18 @@ ROUTES = [
         body=lambda w: {"fromUserId": w["user"], "toUserId": w["other"], "amount": 1},
     ),
     Route("GET", "/transfers/{transfer}", WALLET_READ),
+    Route(
+        "POST",
+        "/holds",
+        WALLET_WRITE,
+        ok=201,
+        body=lambda w: {"userId": w["user"], "amount": 1, "toUserId": w["other"]},
+    ),
+    Route("GET", "/holds/{hold}", WALLET_READ),
+    # Each hold changed once, by the key that may (the refusals before change nothing).
+    Route("POST", "/holds/{hold}/capture", WALLET_WRITE, body=lambda w: {"amount": 1}),
+    Route("POST", "/holds/{released}/release", WALLET_WRITE),
+    Route("GET", "/balance/{user}/holds", WALLET_READ),
     Route("POST", "/users", USERS_WRITE, ok=201, body=lambda w: {"balance": 0}),
     Route(
         "POST",
@@ -86,7 +98,8 @@ STATE = """
 SELECT (SELECT count(*) FROM users), (SELECT sum(balance) FROM users),
        (SELECT count(*) FROM ledger_entries), (SELECT count(*) FROM transfers),
        (SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM task_actions),
-       (SELECT count(*) FROM api_keys),
+       (SELECT count(*) FROM api_keys), (SELECT array_agg(status ORDER BY id) FROM holds),
+       (SELECT count(*) FROM hold_events), (SELECT sum(held) FROM users),
        (SELECT string_agg(name || enabled::text || next_run_at::text, ',') FROM tasks)
 """
 
@@ -112,6 +125,17 @@ async def world(database_url: str, anonymous: httpx.AsyncClient) -> dict[str, An
         other,
     )
     transfer = moved[0]["transfer_id"]
+    holds = [
+        (
+            await fetch(
+                database_url,
+                "SELECT hold_id FROM tandem_create_hold_v1($1, $2, 5, 600, NULL, NULL, NULL)",
+                user,
+                other,
+            )
+        )[0]["hold_id"]
+        for _ in range(2)
+    ]
     keys = {
         scope: await make_key(
             database_url, f"without-{scope.replace(':', '-')}", *others, known_to=anonymous
@@ -121,7 +145,13 @@ async def world(database_url: str, anonymous: httpx.AsyncClient) -> dict[str, An
         for others in [[s for s in SCOPES if s not in (scope, "all")]]
     }
     return {
-        "ids": {"user": user, "other": other, "transfer": transfer},
+        "ids": {
+            "user": user,
+            "other": other,
+            "transfer": transfer,
+            "hold": holds[0],
+            "released": holds[1],
+        },
         "without": keys,
         "revoked": await make_key(database_url, "revoked", "all", revoked=True),
         "every": await make_key(database_url, "every", "all", known_to=anonymous),
@@ -208,7 +238,9 @@ def test_every_route_is_in_the_table() -> None:
     tested = {
         (rule.method, rule.template)
         for r in ROUTES
-        for rule in [policy.rule_for(r.method, r.path.format(user=1, transfer=1))]
+        for rule in [
+            policy.rule_for(r.method, r.path.format(user=1, transfer=1, hold=1, released=1))
+        ]
     }
     needing = {(r.method, r.template) for r in policy.RULES if r.requirement != policy.PUBLIC}
     assert needing <= tested, needing - tested

@@ -32,6 +32,8 @@ NOBODY = 10**15
 STATE = """
 SELECT (SELECT array_agg(balance ORDER BY id) FROM users), (SELECT count(*) FROM ledger_entries),
        (SELECT count(*) FROM transfers), (SELECT count(*) FROM idempotency_keys),
+       (SELECT array_agg(held ORDER BY id) FROM users),
+       (SELECT array_agg(status ORDER BY id) FROM holds), (SELECT count(*) FROM hold_events),
        (SELECT coalesce(sum(used), 0) FROM idempotency_usage), (SELECT count(*) FROM api_keys)
 """
 
@@ -79,7 +81,22 @@ MATRIX = [
     ),
     # The transfer whose payer is u (the world's transfer of each user; none for NOBODY).
     Route("GET", lambda w, u: f"/transfers/{w['transfer_from'].get(u, NOBODY)}"),
+    Route("POST", lambda w, u: "/holds", body=lambda w, u: {"userId": u, "amount": 1}, ok=201),
+    Route(
+        "POST",
+        lambda w, u: "/holds",
+        body=lambda w, u: {"userId": u, "amount": 1, "toUserId": _other(w, u)},
+        headers={"Idempotency-Key": "matrix-hold"},
+        ok=201,
+    ),
+    # The holds whose payer is u (the world's holds of each user; none for NOBODY): one read,
+    # one captured, one released.
+    Route("GET", lambda w, u: f"/holds/{w['holds']['read'].get(u, NOBODY)}"),
+    Route("POST", lambda w, u: f"/holds/{w['holds']['capture'].get(u, NOBODY)}/capture"),
+    Route("POST", lambda w, u: f"/holds/{w['holds']['release'].get(u, NOBODY)}/release"),
+    Route("GET", lambda w, u: f"/balance/{u}/holds"),
 ]
+HOLD_USES = ("read", "capture", "release")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +122,15 @@ async def world(database_url: str, app: httpx.AsyncClient) -> dict[str, Any]:
             payee,
         )
         transfer_from[payer] = moved[0]["transfer_id"]
+    holds: dict[str, dict[int, int]] = {use: {} for use in HOLD_USES}
+    for payer in (a, b, c):
+        for use in HOLD_USES:
+            made = await fetch(
+                database_url,
+                "SELECT hold_id FROM tandem_create_hold_v1($1, NULL, 5, 600, NULL, NULL, NULL)",
+                payer,
+            )
+            holds[use][payer] = made[0]["hold_id"]
 
     async def key(name: str, *scopes: str, users: list[int] | None = None) -> dict[str, str]:
         return bearer(await make_key(database_url, name, *scopes, users=users, known_to=app))
@@ -114,6 +140,7 @@ async def world(database_url: str, app: httpx.AsyncClient) -> dict[str, Any]:
         "b": b,
         "c": c,
         "transfer_from": transfer_from,
+        "holds": holds,
         "bound": await key("bound-a", WALLET_READ, WALLET_WRITE, users=[a]),
         "bound_all": await key("bound-a-all", ALL, users=[a]),
         "bound_c": await key("bound-c", WALLET_READ, users=[c]),
@@ -144,7 +171,8 @@ def _said(answer: httpx.Response, *ids: int) -> tuple[int, Any]:
 
 def _label(route: Route) -> str:
     headers = " keyed" if route.headers else ""
-    return f"{route.method} {route.path({'transfer_from': {}}, 0)}{headers}"
+    nothing = {"transfer_from": {}, "holds": {use: {} for use in HOLD_USES}}
+    return f"{route.method} {route.path(nothing, 0)}{headers}"
 
 
 @pytest.mark.parametrize("route", MATRIX, ids=_label)
@@ -161,12 +189,18 @@ async def test_a_bound_key_touches_its_user_only(
         assert await fetch(database_url, STATE) == before, "a refused request changed something"
         if route.method != "HEAD":
             code = answer.json()["error"]["code"]
+            path = answer.url.path
             assert code == (
-                "transfer_not_found" if "/transfers/" in answer.url.path else "user_not_found"
+                "transfer_not_found"
+                if "/transfers/" in path
+                else "hold_not_found"
+                if "/holds/" in path
+                else "user_not_found"
             )
 
-    def named(user: int) -> tuple[int, int]:
-        return user, world["transfer_from"].get(user, NOBODY)
+    def named(user: int) -> tuple[int, ...]:
+        holds = (world["holds"][use].get(user, NOBODY) for use in HOLD_USES)
+        return user, world["transfer_from"].get(user, NOBODY), *holds
 
     b = world["b"]
     foreign = _said(await _send(app, route, world, b, bound), *named(b))
@@ -189,7 +223,12 @@ def test_the_matrix_covers_every_route_of_one_user() -> None:
         if rule.binding
         in (policy.Binding.PATH_USER, policy.Binding.BODY_USER, policy.Binding.RESOURCE_USER)
     }
-    world = {"transfer_from": {1: 1}, "a": 1, "c": 2}
+    world = {
+        "transfer_from": {1: 1},
+        "holds": {use: {1: 1} for use in HOLD_USES},
+        "a": 1,
+        "c": 2,
+    }
     tested = set()
     for route in MATRIX:
         rule = policy.rule_for(route.method, route.path(world, 1).partition("?")[0])

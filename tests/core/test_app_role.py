@@ -25,6 +25,8 @@ from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import (
     CONTRACT_REVISION,
     EXPAND_REVISION,
+    HOLDS_CONTRACT_REVISION,
+    HOLDS_EXPAND_REVISION,
     ContractWaitsError,
     alembic_config,
     head_revision,
@@ -41,15 +43,18 @@ from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, quer
 
 
 def test_the_expand_and_the_contract_are_named_right() -> None:
-    """core.migrations names the two revisions (renumbering them means renaming these): the
-    contract directly follows the expand, and only the contract may be left pending."""
+    """core.migrations names the revisions of each pair (renumbering them means renaming
+    these): each contract directly follows its expand, and only a contract may be left
+    pending."""
     scripts = ScriptDirectory.from_config(alembic_config())
-    contract = scripts.get_revision(CONTRACT_REVISION)
-    assert contract is not None
-    assert contract.down_revision == EXPAND_REVISION
-    assert scripts.get_revision(EXPAND_REVISION) is not None
-    # Below a head that is the contract, the expand is ready too; a later head is alone.
-    below = {EXPAND_REVISION} if head_revision() == CONTRACT_REVISION else set()
+    pairs = {CONTRACT_REVISION: EXPAND_REVISION, HOLDS_CONTRACT_REVISION: HOLDS_EXPAND_REVISION}
+    for contract_revision, expand_revision in pairs.items():
+        contract = scripts.get_revision(contract_revision)
+        assert contract is not None
+        assert contract.down_revision == expand_revision
+        assert scripts.get_revision(expand_revision) is not None
+    # Below a head that is a contract, its expand is ready too; a later head is alone.
+    below = {pairs[head_revision()]} if head_revision() in pairs else set()
     assert ready_revisions() == {head_revision(), *below}
 
 
@@ -121,6 +126,12 @@ async def test_every_route_works_on_the_app_role(migrated: tuple[str, str]) -> N
         )
         assert moved.status_code == 201, moved.text
         ids = {"user": user, "other": other, "transfer": moved.json()["transferId"]}
+        for name in ("hold", "released"):
+            held = await client.post(
+                "/holds", json={"userId": user, "amount": 5, "toUserId": other}
+            )
+            assert held.status_code == 201, held.text
+            ids[name] = held.json()["holdId"]
         keyed = {"Idempotency-Key": "on-the-app-role"}
         deposit = {"userId": user, "amount": 7}
         for _ in range(2):  # the retry is a replay
@@ -214,6 +225,15 @@ FORGERIES = {
     "the mint ceiling read": "SELECT daily_mint_ceiling FROM wallet_settings",
     "the mint count reset": "DELETE FROM mint_usage",
     "a function not granted": "SELECT tandem_mint_allowed_v1(1)",
+    "holds released without their functions": "SELECT * FROM tandem_release_expired_v1(1)",
+    "a hold forged": "INSERT INTO holds (user_id, amount, status, expires_at, available_after) "
+    "VALUES (1, 1, 'active', 'infinity', 0)",
+    "held given back by hand": "UPDATE users SET held = 0",
+    "a hold released by hand": "UPDATE holds SET status = 'released'",
+    "a hold deleted": "DELETE FROM holds",
+    "a hold event forged": "INSERT INTO hold_events (hold_id, kind, amount) "
+    "SELECT min(id), 'released', 1 FROM holds",
+    "the hold events deleted": "DELETE FROM hold_events",
     "the previous release's transfer": "SELECT * FROM tandem_transfer_v1(1, 2, 1, '', '', 1)",
     # A browser session for the `all` key with a token hash the app chose: its cookie would
     # act as that key. Sessions start only from the key's own token (tandem_start_session_v1).
@@ -331,7 +351,8 @@ async def test_the_contract_waits_for_an_older_live_instance(
         assert "older-release" in said
         rights = await _write_rights(url, role)
         assert {("users", "INSERT"), ("users", "UPDATE"), ("api_keys", "INSERT")} <= rights
-        # This release runs (and is ready) on the expand.
+        # A release is upgraded from the one before it: this one needs the holds (0016), so it
+        # is not ready on 0014 (the release whose head was 0015 was, and served meanwhile).
         settings = Settings(
             database_url=_as_role(url, role),
             api_key=API_KEY,
@@ -342,7 +363,7 @@ async def test_the_contract_waits_for_an_older_live_instance(
             in_process(settings) as transport,
             httpx.AsyncClient(transport=transport, base_url="http://t") as client,
         ):
-            assert (await client.get("/health/ready")).status_code == 200
+            assert (await client.get("/health/ready")).status_code == 503
             # Before the contract the app may still register its key itself.
             answer = await client.post("/users", json={"balance": 0}, headers=AUTH)
             assert answer.status_code == 201, answer.text
@@ -356,6 +377,62 @@ async def test_the_contract_waits_for_an_older_live_instance(
     dates_use = "SELECT has_column_privilege($1, 'api_keys', 'last_used_at', 'UPDATE')"
     assert (await fetch(url, dates_use, role))[0][0]
     assert await asyncio.to_thread(upgrade_to_head, url) is None
+
+
+async def test_holds_wait_for_the_previous_release_to_be_gone(
+    unmigrated: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While an instance of the release before holds (its revision 0015) holds its session,
+    `tandem migrate` applies the holds' expand (0016) with holds off, says their contract
+    waits, and succeeds: this release is ready and answers POST /holds 503
+    holds_unavailable, everything else as usual. Once that instance is gone, `tandem migrate`
+    applies the contract and holds work."""
+    url, role = unmigrated
+    await asyncio.to_thread(command.upgrade, alembic_config(url), CONTRACT_REVISION)
+    settings = Settings(
+        database_url=_as_role(url, role),
+        api_key=API_KEY,
+        scheduler_enabled=False,
+        maintenance_enabled=False,
+    )
+    older = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await older.execute(
+            "INSERT INTO instances (id, hostname, pid, revision) "
+            "VALUES ('previous-release', 'h', 1, $1)",
+            CONTRACT_REVISION,
+        )
+        assert await scheduler_repository.open_session(older, "previous-release", 60.0)
+        await asyncio.to_thread(_migrate, monkeypatch, url, role)
+        said = capsys.readouterr().out
+        assert f"database at revision {HOLDS_EXPAND_REVISION}" in said
+        assert f"{HOLDS_CONTRACT_REVISION} waits" in said
+        assert "previous-release" in said
+        async with (
+            in_process(settings) as transport,
+            httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as client,
+        ):
+            assert (await client.get("/health/ready")).status_code == 200
+            made = await client.post("/users", json={"balance": 0})
+            assert made.status_code == 201, made.text
+            user = made.json()["userId"]
+            refused = await client.post("/holds", json={"userId": 1, "amount": 5})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "holds_unavailable"
+            moved = {"fromUserId": 1, "toUserId": user, "amount": 5}
+            assert (await client.post("/transfers", json=moved)).status_code == 201
+    finally:
+        await older.close()
+    await asyncio.to_thread(_migrate, monkeypatch, url, role)
+    assert f"database at revision {head_revision()}" in capsys.readouterr().out
+    async with (
+        in_process(settings) as transport,
+        httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as client,
+    ):
+        made = await client.post("/holds", json={"userId": 1, "amount": 5})
+        assert made.status_code == 201, made.text
 
 
 async def test_an_unregistered_key_is_reported_not_inserted(

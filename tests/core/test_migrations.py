@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import asyncpg
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.script import ScriptDirectory
@@ -214,3 +215,19 @@ def test_downgrading_the_limits_revokes_the_limited_keys(postgres_url: str) -> N
         command.downgrade(alembic_config(url), "0012_bound_keys")
         live = query(url, "SELECT name FROM api_keys WHERE revoked_at IS NULL ORDER BY name")
         assert [row["name"] for row in live] == ["plain"]
+
+
+def test_downgrading_below_holds_refuses_while_a_hold_is_active(postgres_url: str) -> None:
+    """Below 0016 there is no held: an active hold's amount would become spendable unnoticed,
+    so the downgrade refuses (nothing changed) until the hold is released."""
+    with empty_database(postgres_url) as url:
+        upgrade_to_head(url)
+        made = query(
+            url, "SELECT hold_id FROM tandem_create_hold_v1(1, NULL, 5, 600, NULL, NULL, NULL)"
+        )
+        with pytest.raises(RuntimeError, match="1 holds are active"):
+            command.downgrade(alembic_config(url), "0015_app_role_contract")
+        assert query(url, "SELECT version_num FROM alembic_version")[0][0] == head_revision()
+        query(url, "SELECT * FROM tandem_release_hold_v1($1, NULL, NULL)", made[0]["hold_id"])
+        command.downgrade(alembic_config(url), "0015_app_role_contract")
+        assert query(url, "SELECT balance FROM users WHERE id = 1")[0][0] == 10_000

@@ -26,7 +26,7 @@ from tandem.models import metadata
 from tandem.scheduler import functions as scheduler_functions
 from tandem.scheduler.functions import HEARTBEAT_V1
 from tandem.wallet import functions as wallet_functions
-from tandem.wallet.functions import TRANSFER_V1
+from tandem.wallet.functions import APPLY_DELTA_V1, TRANSFER_V1
 from tandem.wallet.models import INT64_MAX
 from tests.support import empty_database, query
 
@@ -84,6 +84,10 @@ PREVIOUS_RELEASE = {
     "tandem_open_session": "p_instance text, p_lease interval",
     "tandem_heartbeat": HEARTBEAT_V1.arguments,
     "tandem_transfer": TRANSFER_V1.arguments,
+    # Replaced by versions that count holds (migration 0016); the previous release's
+    # withdrawals and transfers call these until it is gone.
+    "tandem_apply_delta_v1": APPLY_DELTA_V1.arguments,
+    "tandem_transfer_v2": TRANSFER_V1.arguments,
 }
 
 
@@ -157,19 +161,26 @@ def test_advisory_lock_ids_are_the_named_ones(database_url: str) -> None:
 
 
 def test_append_only_triggers_run_the_current_function(database_url: str) -> None:
-    """The journal's and the audit rows' triggers execute the current version of the
-    append-only function."""
+    """The journal's, the audit rows' and the holds' triggers execute the current version of
+    the append-only function (and a hold row's UPDATE, the transition's)."""
     rows = query(
         database_url,
         "SELECT tgrelid::regclass::text AS tab, tgfoid::regproc::text AS fn FROM pg_trigger "
-        "WHERE NOT tgisinternal ORDER BY 1",
+        "WHERE NOT tgisinternal",
     )
-    assert [(r["tab"], r["fn"]) for r in rows] == [
-        (table, wallet_functions.APPEND_ONLY_V1.name)
-        for table in sorted(
-            wallet_functions.APPEND_ONLY_TABLES + wallet_functions.APPEND_ONLY_AUDIT_TABLES
-        )
-    ]
+    append_only = wallet_functions.APPEND_ONLY_V1.name
+    assert sorted((r["tab"], r["fn"]) for r in rows) == sorted(
+        [
+            *(
+                (table, append_only)
+                for table in wallet_functions.APPEND_ONLY_TABLES
+                + wallet_functions.APPEND_ONLY_AUDIT_TABLES
+            ),
+            (wallet_functions.APPEND_ONLY_HOLD_EVENTS, append_only),
+            (wallet_functions.APPEND_ONLY_HOLDS, append_only),
+            (wallet_functions.APPEND_ONLY_HOLDS, wallet_functions.HOLD_TRANSITION_V1.name),
+        ]
+    )
 
 
 def _differences(url: str) -> list[object]:
@@ -243,8 +254,13 @@ def test_check_reports_an_unmapped_table_and_a_dropped_column(scratch_url: str) 
 def test_sql_spells_the_int64_limit_the_models_name() -> None:
     """The transfer function's balance limit is the models' INT64_MAX (SQL spells the number;
     Python names it once), and the payee's balance column is the BIGINT that limit is."""
-    limits = {int(n) for n in re.findall(r"> (\d{10,})", wallet_functions.TRANSFER_V1.body())}
-    assert limits == {INT64_MAX}
+    for function in (
+        wallet_functions.TRANSFER_V1,
+        wallet_functions.TRANSFER_V3,
+        wallet_functions.CAPTURE_HOLD_V1,
+    ):
+        limits = {int(n) for n in re.findall(r"> (\d{10,})", function.body())}
+        assert limits == {INT64_MAX}, function.name
     assert isinstance(metadata.tables["users"].c.balance.type, sa.BigInteger)
 
 
@@ -265,10 +281,18 @@ RELEASED_SQL = {
     "tandem/scheduler/sql/record_task_action_v1.sql": "f144f76aedd25ba4",
     "tandem/wallet/sql/append_only_v1.sql": "cc1aa47930c1fe31",
     "tandem/wallet/sql/apply_delta_v1.sql": "6918f5f5869ae30e",
+    "tandem/wallet/sql/apply_delta_v2.sql": "34734003ed1b399a",
+    "tandem/wallet/sql/capture_hold_v1.sql": "33eed303b90d5ca2",
+    "tandem/wallet/sql/create_hold_v1.sql": "c0ab627682a9ce65",
     "tandem/wallet/sql/create_user_v1.sql": "8ba2f6c9447264f9",
+    "tandem/wallet/sql/expire_holds_v1.sql": "aef40d9616e00b10",
+    "tandem/wallet/sql/hold_transition_v1.sql": "c13bd8dde3155642",
     "tandem/wallet/sql/mint_allowed_v1.sql": "01b4f83c39ea5234",
+    "tandem/wallet/sql/release_expired_v1.sql": "fe2e7014d25db051",
+    "tandem/wallet/sql/release_hold_v1.sql": "00c47a6aec2dad8a",
     "tandem/wallet/sql/transfer_v1.sql": "2193ea867a94b8fd",
     "tandem/wallet/sql/transfer_v2.sql": "69e33158c53d2384",
+    "tandem/wallet/sql/transfer_v3.sql": "3c677d44caa0e010",
 }
 
 

@@ -72,3 +72,7 @@ EQUAL_TASKS = [f"Equal{i:02d}" for i in range(1, 11)]
 equal = Registry()
 for _name in EQUAL_TASKS:
     equal.task(_name, timedelta(seconds=1))(_busy(0.3))
+
+# No task of its own: a server loading it with TANDEM_MAINTENANCE_ENABLED runs only the
+# housekeeping tasks (tandem/maintenance.py).
+housekeeping = Registry()

@@ -409,6 +409,7 @@ def worst_history_page_bytes() -> int:
         reference="\U0001d11e" * REFERENCE_MAX_LENGTH,
         created_at=datetime(2026, 12, 7, 4, 0, 0, 123456, tzinfo=UTC),
         api_key="k" * 64,
+        hold_id=INT64_MAX,
     )
     page = History(user_id=INT64_MAX, entries=[entry] * HISTORY_PAGE_MAX, next_before=INT64_MAX)
     return len(JSONResponse(jsonable_encoder(page)).body)

@@ -5,9 +5,18 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from tests.support import API_KEY, Server
+
+HOLD_OPERATIONS = (
+    "POST /holds",
+    "GET /holds/{holdId}",
+    "POST /holds/{holdId}/capture",
+    "POST /holds/{holdId}/release",
+    "GET /balance/{userId}/holds",
+)
 
 CHECKS = ",".join(
     [
@@ -39,6 +48,10 @@ def test_fuzzed_requests_find_no_5xx_and_no_schema_break(server: Server, tmp_pat
             "10",
             "--header",
             f"Authorization: Bearer {API_KEY}",
+            "--report",
+            "junit",
+            "--report-junit-path",
+            str(tmp_path / "junit.xml"),
             "--report-dir",
             str(tmp_path),
         ],
@@ -48,3 +61,8 @@ def test_fuzzed_requests_find_no_5xx_and_no_schema_break(server: Server, tmp_pat
         check=False,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    # Every operation was fuzzed, the holds' included (the report names each one tested).
+    report = ET.parse(tmp_path / "junit.xml")  # noqa: S314  (its own report, just written)
+    tested = {case.get("name") for case in report.iter("testcase")}
+    for operation in HOLD_OPERATIONS:
+        assert operation in tested, sorted(name for name in tested if name)
