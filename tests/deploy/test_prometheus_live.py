@@ -101,7 +101,9 @@ def observed(
     after the first scrapes at most."""
     binary = require_tool("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
-    servers = start_servers(database_url, log_dir, 2, extra_env=SCHEDULER_ENV)
+    # The housekeeping tasks too: the hold gauges are the expiry task's readings.
+    maintained = {**SCHEDULER_ENV, "TANDEM_MAINTENANCE_ENABLED": "true"}
+    servers = start_servers(database_url, log_dir, 2, extra_env=maintained)
     prometheus: Daemon | None = None
     try:
         for server in servers:
