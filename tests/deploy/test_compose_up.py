@@ -296,7 +296,10 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
         )
     )
     after = [updates(c) for c in replicas]
-    assert report.problems() == [], (report.outcomes, report.error_samples)
+    problems = report.problems()
+    # What nginx said meanwhile, for a failure's cause (a reset or a close is the edge's).
+    said = [] if not problems else _nginx_complaints(stack)
+    assert problems == [], (report.outcomes, report.error_samples, said)
     assert (report.ok, report.refused, report.other) == (requests // 2, requests // 2, 0)
     balance = http_get(f"{stack.url}/balance/{report.user_id}", timeout=10)
     assert balance.status_code == 200, balance.text
@@ -304,6 +307,13 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
     served = [b - a for a, b in zip(before, after, strict=True)]
     assert sum(served) == requests
     assert all(n > 0 for n in served), dict(zip(replicas, served, strict=True))
+
+
+def _nginx_complaints(stack: Stack) -> list[str]:
+    """The last warnings and errors of nginx's log (its error log goes to standard error)."""
+    log = stack.compose("logs", "--no-color", "--tail", "5000", "nginx", timeout=60)
+    levels = ("[warn]", "[error]", "[crit]", "[alert]", "[emerg]")
+    return [line for line in log.splitlines() if any(level in line for level in levels)][-20:]
 
 
 def _scraped(stack: Stack) -> dict[str, str]:
