@@ -131,9 +131,10 @@ class Stack:
         return address_on(self.network, container)
 
 
-def _override(path: Path, servers_conf: Path, plain_conf: Path) -> Path:
-    """servers.conf without ``resolve`` for nginx 1.22, plain.conf serving Tandem, and the
-    open-file limits within this machine's hard limit."""
+def _override(path: Path, servers_conf: Path, plain_conf: Path, nginx_conf: Path) -> Path:
+    """servers.conf without ``resolve`` for nginx 1.22, plain.conf serving Tandem, nginx.conf
+    with the burst's header deadline (``_burst_nginx_conf``), and the open-file limits within
+    this machine's hard limit."""
     nofile = min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     # podman adds a process limit of its own to explicit ulimits, which runc cannot set here:
     # the machine's, stated (no higher than its pid_max, which is all runc accepts here).
@@ -154,6 +155,7 @@ def _override(path: Path, servers_conf: Path, plain_conf: Path) -> Path:
                 "volumes": [
                     f"{servers_conf}:/etc/nginx/servers.conf:ro",
                     f"{plain_conf}:/etc/nginx/plain.conf:ro",
+                    f"{nginx_conf}:/etc/nginx/nginx.conf:ro",
                 ],
             },
         }
@@ -203,6 +205,25 @@ def _health_checks(project: str) -> Iterator[None]:
         thread.join(60)
 
 
+# What the deployed nginx.conf gives a client to send its request's headers, from the accept.
+HEADER_DEADLINE = "client_header_timeout 10s;"
+
+
+def _burst_nginx_conf(work: Path) -> Path:
+    """The deployed nginx.conf with a longer header deadline, everything else as deployed. The
+    10000-request burst comes from one client process on the same two cores as the whole
+    stack: the kernel completes all 10000 handshakes at once (nginx's deadline starts there),
+    while that client's one thread, starved, can take longer than 10 s to write some of its
+    requests; nginx then closes them unanswered (seen: up to 5792 of 10000 on a loaded CI
+    run), a failure of the test's client, not of the stack. Slow clients are what the
+    deployed deadline is for; deploy/nginx/nginx.conf keeps it."""
+    deployed = (REPO / "deploy" / "nginx" / "nginx.conf").read_text()
+    assert deployed.count(HEADER_DEADLINE) == 1, "the deployed header deadline moved"
+    path = work / "nginx.conf"
+    path.write_text(deployed.replace(HEADER_DEADLINE, "client_header_timeout 120s;"))
+    return path
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("compose")
@@ -211,7 +232,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     servers = work / "servers.conf"
     servers.write_text("server app:8000 max_fails=3 fail_timeout=10s;\n")
     (plain := work / "plain.conf").write_text("".join(SERVE_PLAIN.values()) + "\n")
-    override = _override(work / "override.yaml", servers, plain)
+    override = _override(work / "override.yaml", servers, plain, _burst_nginx_conf(work))
     project, socket = f"tandem{uuid.uuid4().hex[:6]}", work / "podman.sock"
     port, https, prometheus, alertmanager = free_port(), free_port(), free_port(), free_port()
     env = {
@@ -299,7 +320,8 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
     problems = report.problems()
     # What nginx said meanwhile, for a failure's cause (a reset or a close is the edge's).
     said = [] if not problems else _nginx_complaints(stack)
-    assert problems == [], (report.outcomes, report.error_samples, said)
+    # One string: pytest shortens a tuple's repr, and nginx's lines are the point.
+    assert problems == [], "\n".join([str(report.outcomes), *report.error_samples, *said])
     assert (report.ok, report.refused, report.other) == (requests // 2, requests // 2, 0)
     balance = http_get(f"{stack.url}/balance/{report.user_id}", timeout=10)
     assert balance.status_code == 200, balance.text
