@@ -29,6 +29,14 @@ TLS_SETUP = NGINX_DIR / "tls-setup.sh"
 # tandem.conf, limits included) instead of redirecting, so the client pays no handshakes.
 SERVE_PLAIN = {"include plain.conf;": "include tandem.conf;"}
 
+# For a burst of 10000 requests from one client process sharing the machine's two cores with
+# the stack: nginx's header deadline (10 s in deploy/nginx/nginx.conf) runs from the accept,
+# which the kernel completes for all 10000 connections at once, while the client's one
+# thread, starved, can take longer than that to write some of its requests; nginx closes
+# those unanswered (5792 of 10000 in one loaded CI run): a failure of the test's client, not
+# of what it tests. Slow clients are what the deployed deadline is for; it stays there.
+BURST_HEADER_DEADLINE = {"client_header_timeout 10s;": "client_header_timeout 120s;"}
+
 
 @dataclass(frozen=True)
 class Certificates:

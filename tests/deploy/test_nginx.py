@@ -32,6 +32,7 @@ from tandem.core.database import asyncpg_dsn
 from tandem.core.settings import Settings
 from tandem.loadtest import withdraw_burst
 from tests.deploy.edge import (
+    BURST_HEADER_DEADLINE,
     NGINX_DIR,
     SERVE_PLAIN,
     Nginx,
@@ -237,9 +238,10 @@ async def test_ten_thousand_withdrawals_through_nginx(
     5000 succeed and 5000 are refused, the balance ends at 0, and every instance took part:
     the per-address limits (reads, writes, connections) let a burst of 10000 from one address
     through. Over the plain listener serving Tandem's part of the config (SERVE_PLAIN): the
-    load client speaks no TLS, and 10000 handshakes would measure it, not the limits."""
+    load client speaks no TLS, and 10000 handshakes would measure it, not the limits; with
+    the burst's header deadline (BURST_HEADER_DEADLINE: the client is starved, not slow)."""
     raise_fd_limit()
-    proxy = nginx([address(s) for s in instances], swaps=SERVE_PLAIN)
+    proxy = nginx([address(s) for s in instances], swaps=SERVE_PLAIN | BURST_HEADER_DEADLINE)
 
     before = [balance_updates(s.url) for s in instances]
     report = await withdraw_burst(proxy.plain_url, requests=10_000, amount=2, api_key=API_KEY)
