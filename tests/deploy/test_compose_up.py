@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import resource
 import ssl
 import subprocess
@@ -314,7 +315,8 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
     # What nginx said meanwhile, for a failure's cause (a reset or a close is the edge's).
     said = [] if not problems else _nginx_complaints(stack)
     # One string: pytest shortens a tuple's repr, and nginx's lines are the point.
-    assert problems == [], "\n".join([str(report.outcomes), *report.error_samples, *said])
+    outcomes = f"{report.outcomes} in {report.wall_time:.1f} s"
+    assert problems == [], "\n".join([outcomes, *report.error_samples, *said])
     assert (report.ok, report.refused, report.other) == (requests // 2, requests // 2, 0)
     balance = http_get(f"{stack.url}/balance/{report.user_id}", timeout=10)
     assert balance.status_code == 200, balance.text
@@ -325,10 +327,18 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
 
 
 def _nginx_complaints(stack: Stack) -> list[str]:
-    """The last warnings and errors of nginx's log (its error log goes to standard error)."""
-    log = stack.compose("logs", "--no-color", "--tail", "5000", "nginx", timeout=60)
+    """nginx's warnings and errors (its error log goes to standard error), each kind once with
+    its count and first line: the whole log is read, since the burst's access lines (standard
+    output) would push the errors out of any tail."""
+    log = stack.compose("logs", "--no-color", "nginx", timeout=120)
     levels = ("[warn]", "[error]", "[crit]", "[alert]", "[emerg]")
-    return [line for line in log.splitlines() if any(level in line for level in levels)][-20:]
+    kinds: dict[str, list[str]] = {}
+    for line in log.splitlines():
+        if any(level in line for level in levels):
+            # "... [error] 7#7: *1234 upstream timed out (110: ...) while connecting, client: ..."
+            kind = re.sub(r"\*\d+ |\d+#\d+: |^.*?\] ", "", line.split(", client:")[0])
+            kinds.setdefault(kind, []).append(line)
+    return [f"{len(lines)} x {lines[0]}" for lines in kinds.values()]
 
 
 def _scraped(stack: Stack) -> dict[str, str]:
