@@ -1,7 +1,8 @@
 """How close does the HTTP service come to what PostgreSQL alone and HTTP alone can do?
 
     python bench/wallet.py [--runs 3] [--transfers 5000] [--holds 10000] [--hold-pairs 5000]
-                           [--history-entries 1000000] [--database-url URL]
+                           [--history-entries 1000000] [--lone-requests 2000]
+                           [--database-url URL]
 
 The work: 10000 withdrawals of 2 from one user holding 10000, so 5000 succeed and 5000 are
 refused, every one of them serialised on the same row lock, and journaled.
@@ -12,14 +13,24 @@ refused, every one of them serialised on the same row lock, and journaled.
   Its wall time is measured here around the pgbench process (so it includes pgbench's start
   and its connections, as the burst includes its TCP connections); pgbench's own tps is shown
   too.
+- (a') batched database floor: ``pgbench`` runs the group commit's statement
+  (``APPLY_DELTAS``) with batches of ``TANDEM_WALLET_BATCH_MAX`` withdrawals, as many batches
+  as make the same withdrawals, over the same connections: what the database can do on one
+  hot row when each commit carries a batch.
 - (b) HTTP floor: the same burst, from the same client, against ``bench/http_floor.py``: a
   server on Tandem's stack (uvicorn, uvloop, httptools) whose app only answers a constant.
 - (c) burst: ``tandem serve`` in a subprocess takes 10000 withdrawals sent at once, one
   connection each, from this process (``withdraw_burst``); wall time from the first connect
   to the last response, and the outcome must be exactly 5000/5000/0.
+- (c') the same burst against the same server with group commit off
+  (``TANDEM_WALLET_GROUP_COMMIT=false``: every change its own statement, as before it), and
+  the sizes of the batches the burst formed (the server's ``tandem_wallet_batch_size``).
 - ratio_floors = c / (a + b): what Tandem costs beyond the two floors it stands on; ratio =
-  c / a as before.
+  c / a as before; ratio_http = c / b, the burst against the HTTP floor alone;
+  group_commit = c' / c, what group commit gains on the burst.
 - reads: 20000 GET /balance/{id} over 200 keep-alive connections.
+- lone updates: ``--lone-requests`` withdrawals one after another on one keep-alive
+  connection, against both Tandem servers: a request's latency with nothing else in flight.
 - transfers: ``--transfers`` between random pairs of 1000 users, 200 in flight (both
   directions at once, so deadlocks would show): transfers/s and the outcomes.
 - holds: ``--holds`` holds of 2 on one user holding enough for all of them, sent at once,
@@ -91,7 +102,7 @@ from tandem.loadtest.client import (
     send_burst,
     send_keepalive,
 )
-from tandem.wallet.repository import APPLY_DELTA
+from tandem.wallet.repository import APPLY_DELTA, APPLY_DELTAS
 
 WARMUP_REQUESTS = 1000
 BENCH_DIR = Path(__file__).resolve().parent
@@ -125,8 +136,26 @@ def pgbench_script(path: Path) -> Path:
     return path
 
 
-def run_pgbench(url: str, script: Path, transactions: int, clients: int) -> PgbenchResult:
-    balance = transactions  # half the withdrawals succeed, as in the burst
+def batched_pgbench_script(path: Path, batch: int) -> Path:
+    """The group commit's statement with ``batch`` withdrawals of AMOUNT (no references, no
+    keys, no API key: as the burst's are sent)."""
+    arrays = [f"array_fill(-{AMOUNT}::bigint, ARRAY[{batch}])"] + [
+        f"array_fill(NULL::{kind}, ARRAY[{batch}])" for kind in ("text", "text", "bigint")
+    ]
+    statement = APPLY_DELTAS.replace("$1", ":uid")
+    for index, array in enumerate(arrays, start=2):
+        statement = statement.replace(f"${index}", array)
+    path.write_text(statement.strip() + ";\n")
+    return path
+
+
+def run_pgbench(
+    url: str, script: Path, transactions: int, clients: int, per_transaction: int = 1
+) -> PgbenchResult:
+    """``transactions`` runs of ``script`` over ``clients`` connections, each withdrawing
+    AMOUNT ``per_transaction`` times, on a new user holding as much as half of them take."""
+    changes = transactions * per_transaction
+    balance = changes  # half the withdrawals succeed, as in the burst
     user_id = create_user(url, balance)
     command = [
         str(pgbench_path()),
@@ -150,7 +179,7 @@ def run_pgbench(url: str, script: Path, transactions: int, clients: int) -> Pgbe
     if completed.returncode != 0:
         raise RuntimeError(f"pgbench failed: {completed.stderr or completed.stdout}")
     match = re.search(r"^tps = ([\d.]+)", completed.stdout, re.MULTILINE)
-    done = (transactions // clients) * clients
+    done = (transactions // clients) * clients * per_transaction
     expected = balance - min(done, balance // AMOUNT) * AMOUNT
     return PgbenchResult(
         wall_time=wall_time,
@@ -175,10 +204,23 @@ class ReadResult:
         return self.requests / self.wall_time
 
 
+def lone_updates(server: ServeProcess, user_id: int, total: int) -> ReadResult:
+    """``total`` withdrawals of 1, one after another on one keep-alive connection: a lone
+    request's latency (nothing else in flight for its user)."""
+    body = {"userId": user_id, "amount": -1}
+    host = f"127.0.0.1:{server.port}"
+    request = build_request("POST", "/balance/update", host, body, keep_alive=True, headers=AUTH)
+    return _keepalive(server, request, total, 1)
+
+
 def read_throughput(server: ServeProcess, user_id: int, total: int, connections: int) -> ReadResult:
     request = build_request(
         "GET", f"/balance/{user_id}", f"127.0.0.1:{server.port}", keep_alive=True, headers=AUTH
     )
+    return _keepalive(server, request, total, connections)
+
+
+def _keepalive(server: ServeProcess, request: bytes, total: int, connections: int) -> ReadResult:
     started = time.perf_counter()
     results: list[Result] = run(
         send_keepalive("127.0.0.1", server.port, request, total, connections)
@@ -201,6 +243,7 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     server_url, where = postgres_server(args.database_url, workdir)
     url = stack.enter_context(bench_database(server_url, "wallet"))
     pool_size = Settings().db_pool_size
+    batch_max = Settings().wallet_batch_max
     console.print(
         f"{postgres_description(url)} ({where}); {os.cpu_count()} CPUs; "
         f"service pool {pool_size} connections",
@@ -212,42 +255,55 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
             floor = [sys.executable, str(BENCH_DIR / "http_floor.py")]
             return ServeProcess(url, workdir, label="HTTP floor", command=floor)
         if index == 2:
-            # The baseline of the keys' cost: the same server with authentication disabled.
-            no_keys = {"TANDEM_AUTH_DISABLED": "true"}
-            return ServeProcess(url, workdir, label="Tandem, keys off", env=no_keys)
+            # The baseline of group commit: the same server, every change its own statement.
+            alone = {"TANDEM_WALLET_GROUP_COMMIT": "false"}
+            return ServeProcess(url, workdir, label="Tandem, group commit off", env=alone)
         return ServeProcess(url, workdir, label="Tandem")
 
-    fast, http_floor, keyless = start_servers(stack, 3, start, ready_path="/health/ready")
-    servers = [fast, keyless]
+    fast, http_floor, unbatched = start_servers(stack, 3, start, ready_path="/health/ready")
+    servers = [fast, unbatched]
     console.print(f"servers ready; warm-up: {WARMUP_REQUESTS} withdrawals each (not counted)")
-    for server in (fast, http_floor, keyless):
+    for server in (fast, http_floor, unbatched):
         burst(server.base_url, WARMUP_REQUESTS)
 
     script = pgbench_script(workdir / "apply_delta.sql")
+    batched_script = batched_pgbench_script(workdir / "apply_deltas.sql", batch_max)
+    batches = max(pool_size, args.requests // batch_max)
     floors: list[PgbenchResult] = []
+    batched_floors: list[PgbenchResult] = []
     http_floors: list[BurstReport] = []
     fast_bursts: list[BurstReport] = []
-    keyless_bursts: list[BurstReport] = []
+    unbatched_bursts: list[BurstReport] = []
+    batch_sizes: list[BatchSizes] = []
     failures: list[str] = []
     for index in range(args.runs):
         floors.append(run_pgbench(url, script, args.requests, pool_size))
         if not floors[-1].final_balance_ok:
             failures.append(f"run {index + 1}: pgbench left an unexpected balance")
         time.sleep(1)  # let the previous step's sockets and backends wind down
+        batched_floors.append(
+            run_pgbench(url, batched_script, batches, pool_size, per_transaction=batch_max)
+        )
+        if not batched_floors[-1].final_balance_ok:
+            failures.append(f"run {index + 1}: batched pgbench left an unexpected balance")
+        time.sleep(1)
         http_floors.append(burst(http_floor.base_url, args.requests))
         if http_floors[-1].outcomes != {"200": args.requests}:
             failures.append(f"run {index + 1}: the HTTP floor did not answer every request")
         time.sleep(1)
+        before = BatchSizes.read(fast)
         fast_bursts.append(burst(fast.base_url, args.requests))
+        batch_sizes.append(BatchSizes.read(fast) - before)
         check(fast_bursts[-1], f"run {index + 1} Tandem", failures)
         time.sleep(1)
-        keyless_bursts.append(burst(keyless.base_url, args.requests))
-        check(keyless_bursts[-1], f"run {index + 1} Tandem, keys off", failures)
+        unbatched_bursts.append(burst(unbatched.base_url, args.requests))
+        check(unbatched_bursts[-1], f"run {index + 1} Tandem, group commit off", failures)
         console.print(
             f"run {index + 1}/{args.runs}: pgbench {floors[-1].wall_time:.2f} s, "
+            f"batched {batched_floors[-1].wall_time:.2f} s, "
             f"HTTP floor {http_floors[-1].wall_time:.2f} s, "
             f"Tandem {fast_bursts[-1].wall_time:.2f} s, "
-            f"keys off {keyless_bursts[-1].wall_time:.2f} s"
+            f"group commit off {unbatched_bursts[-1].wall_time:.2f} s"
         )
         time.sleep(1)
 
@@ -256,11 +312,16 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         read_throughput(server, read_user, args.read_requests, args.read_connections)
         for server in servers
     ]
+    lone = [
+        lone_updates(server, create_user(url, args.lone_requests), args.lone_requests)
+        for server in servers
+    ]
 
     floor_times = [result.wall_time for result in floors]
     http_times = [report.wall_time for report in http_floors]
+    batched_times = [result.wall_time for result in batched_floors]
     fast_times = [report.wall_time for report in fast_bursts]
-    keyless_times = [report.wall_time for report in keyless_bursts]
+    unbatched_times = [report.wall_time for report in unbatched_bursts]
     median: Callable[[Sequence[float]], float] = statistics.median
 
     table = Table(title=f"Wallet: {args.requests} withdrawals of {AMOUNT} from {args.requests}")
@@ -276,17 +337,21 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     rows: list[tuple[str, list[float], Callable[[Sequence[float]], list[str]]]] = [
         (f"(a) database floor: pgbench (-c {pool_size}, prepared)", floor_times, seconds),
         ("    pgbench's own tps", [result.tps for result in floors], _tps),
+        (f"(a') batched database floor: {batch_max} per statement", batched_times, seconds),
         ("(b) HTTP floor: constant answers, same stack", http_times, seconds),
         ("(c) burst, Tandem", fast_times, seconds),
         ("(d) ratio_floors c/(a+b)", ratio_floors, ratios),
         ("    ratio c/a", ratio, ratios),
+        ("    ratio_http c/b", divide(fast_times, http_times), ratios),
         ("    burst p99 latency", _p99(fast_bursts), seconds),
-        ("(c') burst, Tandem with keys off", keyless_times, seconds),
-        ("    keys' cost c/c'", divide(fast_times, keyless_times), ratios),
+        ("(c') burst, Tandem with group commit off", unbatched_times, seconds),
+        ("    group commit's gain c'/c", divide(unbatched_times, fast_times), ratios),
     ]
     for label, values, render in rows:
         table.add_row(label, *render(values), *render([median(values)]))
     console.print(table)
+    for index, sizes in enumerate(batch_sizes):
+        console.print(f"run {index + 1}: {sizes.describe()}")
 
     reads_table = Table(
         title=f"(e) GET /balance/{{id}}: {args.read_requests} over "
@@ -303,6 +368,12 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
             str(result.errors),
         )
     console.print(reads_table)
+    for server, result in zip(servers, lone, strict=True):
+        console.print(
+            f"(f) {server.label}: {args.lone_requests} withdrawals one after another on one "
+            f"keep-alive connection: p50 {result.p50 * 1000:.2f} ms, "
+            f"p99 {result.p99 * 1000:.2f} ms, errors {result.errors}"
+        )
 
     if args.transfers:
         console.print(transfer_figures(fast, url, args.transfers))
@@ -318,7 +389,8 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     )
     console.print(f"ratio_floors: {median(ratio_floors):.2f}")
     console.print(f"ratio: {median(ratio):.2f}")
-    console.print(f"keys_cost: {median(divide(fast_times, keyless_times)):.2f}")
+    console.print(f"group_commit: {median(divide(unbatched_times, fast_times)):.2f}")
+    console.print(f"ratio_http: {median(divide(fast_times, http_times)):.2f}")
     console.print(f"reads: {reads[0].requests_per_second:,.0f} requests/s")
     for failure in failures:
         console.print(f"WRONG OUTCOME: {failure}", style="bold red")
@@ -473,6 +545,57 @@ def history_figures(server: ServeProcess, url: str, entries: int) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchSizes:
+    """A server's tandem_wallet_batch_size histogram (cumulative counts by upper bound) and
+    its balance updates: read before and after a burst, subtracted."""
+
+    buckets: dict[str, float]
+    batched: float  # changes sent in batches
+    updates: float
+
+    @classmethod
+    def read(cls, server: ServeProcess) -> BatchSizes:
+        text = server.get("/metrics").decode()
+        buckets = {
+            match.group(1): float(match.group(2))
+            for match in re.finditer(
+                r'^tandem_wallet_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
+            )
+        }
+        updates = sum(
+            float(match.group(1))
+            for match in re.finditer(
+                r"^tandem_wallet_balance_updates_total\{[^}]*\} (\S+)$", text, re.M
+            )
+        )
+        batched = re.search(r"^tandem_wallet_batch_size_sum (\S+)$", text, re.M)
+        return cls(buckets, float(batched.group(1)) if batched else 0.0, updates)
+
+    def __sub__(self, before: BatchSizes) -> BatchSizes:
+        return BatchSizes(
+            {le: n - before.buckets.get(le, 0.0) for le, n in self.buckets.items()},
+            self.batched - before.batched,
+            self.updates - before.updates,
+        )
+
+    def describe(self) -> str:
+        """The batches by size range, and the changes sent alone (nothing in flight)."""
+        counts, previous, low = [], 0.0, 1.0
+        for le, cumulative in self.buckets.items():
+            if cumulative > previous:
+                high = le if le == "+Inf" else str(int(float(le)))
+                span = high if str(int(low)) == high else f"{int(low)}-{high}"
+                counts.append(f"{span}: {cumulative - previous:.0f}")
+            previous = cumulative
+            low = float(le) + 1 if le != "+Inf" else low
+        total = self.buckets.get("+Inf", 0.0)
+        return (
+            f"batches by size {{{', '.join(counts)}}} ({total:.0f} batches, "
+            f"{self.batched:.0f} changes); {self.updates - self.batched:.0f} changes sent alone"
+        )
+
+
 def _tps(values: Sequence[float]) -> list[str]:
     return [f"{value:,.0f}" for value in values]
 
@@ -486,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_burst_arguments(parser, runs=1, runs_help="repeat floor and bursts N times")
     parser.add_argument("--read-requests", type=int, default=20_000)
     parser.add_argument("--read-connections", type=int, default=200)
+    parser.add_argument(
+        "--lone-requests", type=int, default=2000, help="sequential withdrawals, one connection"
+    )
     parser.add_argument("--transfers", type=int, default=5000, help="0: skip transfers")
     parser.add_argument(
         "--holds", type=int, default=10_000, help="holds on one user at once; 0: skip"

@@ -45,17 +45,20 @@ def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
         "--requests=200",
         "--read-requests=200",
         "--read-connections=10",
+        "--lone-requests=50",
         "--transfers=50",
         "--holds=200",
         "--hold-pairs=50",
         "--history-entries=1000",
     )
-    for figure in ("floors: database", "ratio_floors:", "ratio:", "keys_cost:", "reads:"):
+    figures = ("floors: database", "ratio_floors:", "ratio:", "group_commit:", "ratio_http:")
+    for figure in (*figures, "reads:", "batches by size"):
         assert figure in out, out[-4000:]
     assert "transfers: 50 over" in out
     assert "holds: 200 on one user" in out
     assert "hold → capture: 50 pairs" in out
     assert "middle page: p50" in out
+    assert "withdrawals one after another on one keep-alive connection: p50" in out
 
 
 def test_topology_bench_prints_every_topology(postgres_url: str) -> None:

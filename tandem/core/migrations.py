@@ -40,6 +40,11 @@ HOLDS_CONTRACT_REVISION = "0017_holds_contract"
 # Migrations that only wait for older releases to be gone: this code runs (and is ready) on a
 # database that has not applied them yet.
 CONTRACTS = frozenset({CONTRACT_REVISION, HOLDS_CONTRACT_REVISION})
+# Expands this code runs without, doing without what they make: group commit's batch function
+# (0018) comes after the holds' contract, which may wait; until it is applied every change
+# goes alone (tandem/wallet/batching.py notices the missing function).
+GROUP_COMMIT_REVISION = "0018_group_commit"
+OPTIONAL = frozenset({GROUP_COMMIT_REVISION})
 
 
 class ContractWaitsError(RuntimeError):
@@ -84,13 +89,13 @@ def revisions_since(revision: str) -> frozenset[str]:
 
 @functools.cache
 def ready_revisions() -> frozenset[str]:
-    """The revisions this code runs on: its head, and below it any contract not applied yet
-    (read once per process, like head_revision)."""
+    """The revisions this code runs on: its head, and below it any contract or optional
+    expand not applied yet (read once per process, like head_revision)."""
     revisions = {head_revision()}
     script = _scripts().get_revision(head_revision())
-    while script is not None and script.revision in CONTRACTS:
+    while script is not None and script.revision in CONTRACTS | OPTIONAL:
         below = script.down_revision
-        assert isinstance(below, str), "a contract has one parent"
+        assert isinstance(below, str), "a contract or an optional expand has one parent"
         revisions.add(below)
         script = _scripts().get_revision(below)
     return frozenset(revisions)

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     auth_lookups_per_second: float = Field(default=5.0, gt=0, le=1000.0)
     # New idempotency keys one API key may store per UTC day (429 past it).
     idempotency_keys_per_day: int = Field(default=1_000_000, ge=1)
+    # Group commit (tandem/wallet/batching.py): changes of one user arriving while a statement
+    # for it is in flight go together, up to wallet_batch_max per statement; one that waited
+    # wallet_batch_wait seconds unsent is answered 503 database_unavailable (as long as a
+    # request may wait for a pool connection, by default).
+    wallet_group_commit: bool = True
+    wallet_batch_max: int = Field(default=100, ge=1, le=10_000)
+    wallet_batch_wait: float = Field(default=60.0, gt=0)
 
     # --- cluster cron (all durations in seconds of real time) ---------------------------
     scheduler_enabled: bool = True

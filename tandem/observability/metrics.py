@@ -35,6 +35,13 @@ WALLET_BALANCE_UPDATES = Counter(
     "Balance update requests by outcome: ok, replayed, or the refusal's error code.",
     ["outcome"],
 )
+# Group commit (tandem/wallet/batching.py): how many changes of one user each batch statement
+# carried (a change sent alone, with nothing in flight for its user, is not a batch).
+WALLET_BATCH_SIZE = Histogram(
+    "tandem_wallet_batch_size",
+    "Balance changes of one user sent together as one statement (group commit).",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
 # Both kinds of 503 a database failure gives (tandem/core/failures.py): "not_applied"
 # (database_unavailable: nothing changed) and "outcome_unknown" (a write may have committed).
 # Counted by HttpMetricsMiddleware as they are answered: once per response, whatever was

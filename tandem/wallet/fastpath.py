@@ -28,6 +28,7 @@ from tandem.core.callers import caller_of
 from tandem.core.dependencies import Instance
 from tandem.core.errors import AppError, MethodNotAllowedError
 from tandem.observability.metrics import ROUTE_SCOPE_KEY
+from tandem.wallet.batching import GroupCommit
 from tandem.wallet.hotroutes import (
     READ_ROUTE,
     UPDATE_PATH,
@@ -56,6 +57,13 @@ class WalletFastPath:
         self.app = app
         self.instance = instance
         self.database = instance.database
+        settings = instance.settings
+        # The process's group commit (batching.py): the balance updates this handler serves.
+        self.batches = (
+            GroupCommit(self.database, settings.wallet_batch_max, settings.wallet_batch_wait)
+            if settings.wallet_group_commit
+            else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -95,7 +103,7 @@ class WalletFastPath:
             body = await read_body(body_chunks(receive))
             content_type = content_type_of(content_types)
             result = await serve_balance_update(
-                self.instance, caller_of(scope), body, content_type, keys
+                self.instance, caller_of(scope), body, content_type, keys, self.batches
             )
         except AppError as error:
             await respond_error(scope, send, error)

@@ -105,10 +105,22 @@ HOLD_FUNCTIONS = (
     HOLD_TRANSITION_V1,
 )
 
+# --- group commit (migration 0018) ----------------------------------------------------------
+
+# A batch of one user's balance changes, each decided on the balance the ones before it left
+# (wallet/batching.py sends it). Created alone: nothing of an older release calls it, and it
+# reads and writes only what APPLY_DELTA_V2 does.
+APPLY_DELTAS_V1 = ServerFunction.as_owner(
+    _SQL,
+    "tandem_apply_deltas_v1",
+    "p_user bigint, p_amounts bigint[], p_references text[], p_keys text[], p_api_keys bigint[]",
+)
+
 # The versions this code calls, in the order they must be created (a caller after its callee).
 CURRENT = (
     MINT_ALLOWED_V1,
     CREATE_USER_V1,
     APPEND_ONLY_V1,
     *HOLD_FUNCTIONS,
+    APPLY_DELTAS_V1,
 )

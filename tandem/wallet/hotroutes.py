@@ -28,6 +28,7 @@ from tandem.core.openapi import (
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
+from tandem.wallet.batching import GroupCommit
 from tandem.wallet.errors import DEBIT_LIMIT
 from tandem.wallet.schemas import (
     BODY_INVALID,
@@ -64,6 +65,7 @@ async def serve_balance_update(
     body: bytes,
     content_type: str | None,
     idempotency_keys: list[str],
+    batches: GroupCommit | None = None,
 ) -> BalanceResult:
     """Validate, apply, count. Raises AppError subclasses (4xx) for every refusal; a deposit
     needs the caller's wallet:mint besides the route's wallet:write."""
@@ -80,6 +82,7 @@ async def serve_balance_update(
             update.reference,
             caller,
             instance.settings.idempotency_keys_per_day,
+            batches,
         )
     except AppError as error:
         WALLET_BALANCE_UPDATES.labels(error.code).inc()

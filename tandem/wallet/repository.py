@@ -7,7 +7,7 @@ statement per connection, so the hot path pays parsing and planning once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -20,6 +20,7 @@ from tandem.core.locks import LEDGER_VERIFICATION
 from tandem.core.pool import ConnectionPool
 from tandem.wallet.functions import (
     APPLY_DELTA_V2,
+    APPLY_DELTAS_V1,
     CAPTURE_HOLD_V1,
     CREATE_HOLD_V1,
     CREATE_USER_V1,
@@ -40,6 +41,14 @@ Executor = ConnectionPool | Connection
 # amount or the 64-bit ceiling). $4 (the idempotency key) is unique in the journal per caller
 # ($5): a change applied with a key never applies again.
 APPLY_DELTA = f"SELECT * FROM {APPLY_DELTA_V2.name}($1, $2, $3, $4, $5)"
+
+# Group commit (batching.py): a batch of one user's changes in one statement and one commit,
+# in the order they arrived, by its owner function (wallet/sql/apply_deltas_v1.sql): the row
+# lock, taken first, holds every other change of the user off while each item is decided on
+# the balance the ones before it left (never below held, never past 2^63-1, under the mint
+# ceiling) and journaled with its own balance after it. One row per item, in order; no rows:
+# no such user. $4 (idempotency keys) must hold no (key, caller) twice.
+APPLY_DELTAS = f"SELECT * FROM {APPLY_DELTAS_V1.name}($1, $2, $3, $4, $5)"
 
 # A user and its opening entry in one statement, by its owner function
 # (wallet/sql/create_user_v1.sql): the application's role may not insert either itself.
@@ -301,6 +310,14 @@ WHERE window_start + make_interval(secs => seconds) < clock_timestamp() - interv
 """
 
 
+class Delta(NamedTuple):
+    """One change of a batch (APPLY_DELTAS): no idempotency key (batching.py says why)."""
+
+    amount: int
+    reference: str | None
+    api_key_id: int | None
+
+
 class DeltaResult(NamedTuple):
     balance: int
     applied: bool
@@ -371,6 +388,21 @@ async def apply_delta(
     """None when the user does not exist."""
     row = await db.fetchrow(APPLY_DELTA, user_id, amount, reference, idempotency_key, api_key_id)
     return None if row is None else DeltaResult(row[0], row[1], row[2], row[3])
+
+
+async def apply_deltas(
+    db: Executor, user_id: int, deltas: Sequence[Delta]
+) -> list[DeltaResult] | None:
+    """Each change's outcome, in order; None when the user does not exist."""
+    rows = await db.fetch(
+        APPLY_DELTAS,
+        user_id,
+        [delta.amount for delta in deltas],
+        [delta.reference for delta in deltas],
+        [None] * len(deltas),
+        [delta.api_key_id for delta in deltas],
+    )
+    return [DeltaResult(row[0], row[1], row[2], row[3]) for row in rows] if rows else None
 
 
 class UserBalance(NamedTuple):

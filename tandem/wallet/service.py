@@ -18,6 +18,7 @@ from tandem.core.ids import INT64_MAX
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import ACCESS_KEY_LIMITED
 from tandem.wallet import repository
+from tandem.wallet.batching import GroupCommit
 from tandem.wallet.errors import (
     AmountExceedsHoldError,
     BalanceLimitError,
@@ -107,9 +108,14 @@ async def update_balance(
     reference: str | None = None,
     caller: Caller = ANONYMOUS,
     keys_per_day: int = DEFAULT_KEYS_PER_DAY,
+    batches: GroupCommit | None = None,
 ) -> BalanceResult:
     """Add ``amount`` to the balance and journal it, in one atomic statement; the balance never
     goes below 0.
+
+    With ``batches``, a change without a key by a caller without debit limits joins its
+    user's group commit (batching.py): the same outcome, one statement for a user's
+    concurrent changes.
 
     With an idempotency key, the first outcome (success or refusal) is stored in the same
     transaction as the change and every retry gets it back without applying again; an applied
@@ -129,9 +135,13 @@ async def update_balance(
     if not caller.may_touch(user_id):
         raise UserNotFoundError(user_id)
     if idempotency_key is None and not (amount < 0 and caller.debit_limits):
-        result = await repository.apply_delta(
-            pool, user_id, amount, reference, None, caller.api_key_id
-        )
+        if batches is not None:
+            delta = repository.Delta(amount, reference, caller.api_key_id)
+            result = await batches.apply(user_id, delta)
+        else:
+            result = await repository.apply_delta(
+                pool, user_id, amount, reference, None, caller.api_key_id
+            )
         refusal = _refusal(user_id, amount, result)
         if refusal is not None:
             raise refusal

@@ -24,9 +24,12 @@ from tandem.cli.migrate import cmd_migrate
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import (
     CONTRACT_REVISION,
+    CONTRACTS,
     EXPAND_REVISION,
+    GROUP_COMMIT_REVISION,
     HOLDS_CONTRACT_REVISION,
     HOLDS_EXPAND_REVISION,
+    OPTIONAL,
     ContractWaitsError,
     alembic_config,
     head_revision,
@@ -44,8 +47,8 @@ from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, quer
 
 def test_the_expand_and_the_contract_are_named_right() -> None:
     """core.migrations names the revisions of each pair (renumbering them means renaming
-    these): each contract directly follows its expand, and only a contract may be left
-    pending."""
+    these): each contract directly follows its expand, and only a contract or an optional
+    expand may be left pending."""
     scripts = ScriptDirectory.from_config(alembic_config())
     pairs = {CONTRACT_REVISION: EXPAND_REVISION, HOLDS_CONTRACT_REVISION: HOLDS_EXPAND_REVISION}
     for contract_revision, expand_revision in pairs.items():
@@ -53,9 +56,18 @@ def test_the_expand_and_the_contract_are_named_right() -> None:
         assert contract is not None
         assert contract.down_revision == expand_revision
         assert scripts.get_revision(expand_revision) is not None
-    # Below a head that is a contract, its expand is ready too; a later head is alone.
-    below = {pairs[head_revision()]} if head_revision() in pairs else set()
-    assert ready_revisions() == {head_revision(), *below}
+    # Below the head, each contract or optional expand not applied yet is ready too, down to
+    # the first revision that is neither (today: 0018 optional, then the holds' contract, then
+    # its expand); nothing below that.
+    expected, script = {head_revision()}, scripts.get_revision(head_revision())
+    while script is not None and script.revision in CONTRACTS | OPTIONAL:
+        below = script.down_revision
+        assert isinstance(below, str)
+        expected.add(below)
+        script = scripts.get_revision(below)
+    assert GROUP_COMMIT_REVISION in OPTIONAL
+    assert {GROUP_COMMIT_REVISION, HOLDS_CONTRACT_REVISION, HOLDS_EXPAND_REVISION} <= expected
+    assert ready_revisions() == expected
 
 
 def _migrate(monkeypatch: pytest.MonkeyPatch, url: str, role: str, key: bool = True) -> None:

@@ -282,6 +282,7 @@ RELEASED_SQL = {
     "tandem/wallet/sql/append_only_v1.sql": "cc1aa47930c1fe31",
     "tandem/wallet/sql/apply_delta_v1.sql": "6918f5f5869ae30e",
     "tandem/wallet/sql/apply_delta_v2.sql": "34734003ed1b399a",
+    "tandem/wallet/sql/apply_deltas_v1.sql": "7e41394e8c3d7266",
     "tandem/wallet/sql/capture_hold_v1.sql": "33eed303b90d5ca2",
     "tandem/wallet/sql/create_hold_v1.sql": "c0ab627682a9ce65",
     "tandem/wallet/sql/create_user_v1.sql": "8ba2f6c9447264f9",

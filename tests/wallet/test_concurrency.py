@@ -18,7 +18,15 @@ from tandem.core.database import asyncpg_dsn
 from tandem.loadtest import withdraw_burst
 from tandem.loadtest.client import parse_base_url, send_burst
 from tests.faults.postgres import ThrowawayPostgres, throwaway_postgres
-from tests.support import API_KEY, Server, fresh_database, run_tandem, start_server
+from tests.support import (
+    API_KEY,
+    Server,
+    fresh_database,
+    http_get,
+    run_tandem,
+    sample_sum,
+    start_server,
+)
 
 
 async def balances(database_url: str, users: list[int]) -> dict[int, int]:
@@ -32,20 +40,31 @@ async def balances(database_url: str, users: list[int]) -> dict[int, int]:
 
 async def test_ten_thousand_concurrent_withdrawals(server: Server, database_url: str) -> None:
     """10000 withdrawals of 2 from 10000, all in flight at once: exactly 5000 succeed, 5000
-    are refused for insufficient funds, and the balance ends at 0."""
+    are refused for insufficient funds, and the balance ends at 0, with 5000 journal entries
+    each holding its own balance after it; most of them went in batches (group commit)."""
     raise_fd_limit()
+    batched_before = _batched(server)
     report = await withdraw_burst(server.url, requests=10_000, amount=2, api_key=API_KEY)
     assert report.problems() == []
     assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
     assert report.outcomes == {"200": 5000, "409": 5000}
     assert (await balances(database_url, [report.user_id]))[report.user_id] == 0
+    entries = [r for r in await journal(database_url, [report.user_id]) if r["kind"] != "opening"]
+    assert len(entries) == 5000
+    assert sorted(r["balance"] for r in entries) == list(range(0, 10_000, 2))
+    assert _batched(server) - batched_before > 5000  # changes sent in batches, of 10000
+
+
+def _batched(server: Server) -> float:
+    """Balance changes the server sent in group-commit batches so far."""
+    return sample_sum(http_get(f"{server.url}/metrics").text, "tandem_wallet_batch_size_sum")
 
 
 async def journal(database_url: str, users: list[int]) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         return await conn.fetch(
-            "SELECT id, user_id, amount, kind, transfer_id FROM ledger_entries "
+            "SELECT id, user_id, amount, balance, kind, transfer_id FROM ledger_entries "
             "WHERE user_id = ANY($1) ORDER BY id",
             users,
         )

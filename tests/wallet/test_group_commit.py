@@ -1,0 +1,332 @@
+"""Group commit in process (a real PostgreSQL): the batch statement decides each item on the
+balance the ones before it left, journals each applied one with its own balance after it,
+and respects held amounts, the 64-bit ceiling and the mint ceiling item by item; the
+per-user queue folds concurrent changes into batches and answers each request with its own
+item's outcome; a batch that rolls back is retried item by item; a change that waited too
+long unsent is refused with nothing sent; a batch whose connection is lost after sending
+answers outcome_unknown for each of its items."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import httpx
+import pytest
+
+from tandem.core.database import Database
+from tandem.core.errors import OutcomeUnknownError
+from tandem.core.ids import INT64_MAX
+from tandem.core.settings import Settings
+from tandem.wallet import repository
+from tandem.wallet.batching import GroupCommit, QueueWaitExpiredError
+from tandem.wallet.functions import APPLY_DELTAS_V1
+from tandem.wallet.repository import Delta, DeltaResult
+from tests.support import eventually, fetch, holding, new_user, sample_sum, until
+
+# Each applied change's journal entry, in journal order.
+ENTRIES = "SELECT id, amount, balance FROM ledger_entries WHERE user_id = $1 ORDER BY id"
+
+
+def withdrawal(amount: int) -> Delta:
+    return Delta(-amount, None, None)
+
+
+def deposit(amount: int) -> Delta:
+    return Delta(amount, None, None)
+
+
+async def entries(url: str, user: int, *, opening: bool = True) -> list[tuple[int, int]]:
+    """(amount, balance after) of the user's entries after its opening one (a user made by
+    the API has one; ``opening=False`` for one inserted by hand)."""
+    rows = await fetch(url, ENTRIES, user)
+    return [(r["amount"], r["balance"]) for r in rows[1 if opening else 0 :]]
+
+
+def outcome(result: DeltaResult | None) -> tuple[int, bool]:
+    """(balance, applied) of a change's result."""
+    assert result is not None, "no such user"
+    return result.balance, result.applied
+
+
+async def apply_batch(database: Database, user: int, *deltas: Delta) -> list[DeltaResult]:
+    found = await repository.apply_deltas(database.pool, user, deltas)
+    assert found is not None
+    return found
+
+
+# --- the batch statement ----------------------------------------------------------------------
+
+
+async def test_each_item_is_decided_on_the_balance_before_it(
+    client: httpx.AsyncClient, database: Database, database_url: str
+) -> None:
+    """[-100, +100] on a balance of 50: the first is refused (the CHECK sees only the end,
+    150, so the refusal is the function's own arithmetic), the second applied; then three
+    withdrawals of 10 on 25: applied, applied, refused; each applied item is an entry of its
+    own with its own balance after it, ids rising in the items' order."""
+    user = await new_user(client, 50)
+    first = await apply_batch(database, user, withdrawal(100), deposit(100))
+    assert [(r.balance, r.applied, r.refusal) for r in first] == [
+        (50, False, None),
+        (150, True, None),
+    ]
+    assert [r.entry_id is not None for r in first] == [False, True]
+    assert await entries(database_url, user) == [(100, 150)]
+
+    other = await new_user(client, 25)
+    second = await apply_batch(database, other, *[withdrawal(10)] * 3)
+    assert [(r.balance, r.applied) for r in second] == [(15, True), (5, True), (5, False)]
+    rows = (await fetch(database_url, ENTRIES, other))[1:]
+    assert [(r["amount"], r["balance"]) for r in rows] == [(-10, 15), (-10, 5)]
+    assert [r["id"] for r in rows] == [second[0].entry_id, second[1].entry_id]
+    assert rows[0]["id"] < rows[1]["id"]
+
+
+async def test_a_batch_never_passes_the_64_bit_ceiling(
+    client: httpx.AsyncClient, database: Database, database_url: str
+) -> None:
+    """Deposits up to exactly 2^63-1 apply; the one past it is refused, and the one after it
+    (a withdrawal) applies on the balance at the ceiling."""
+    user = await new_user(client, 0)
+    found = await apply_batch(
+        database, user, deposit(INT64_MAX - 1), deposit(2), deposit(1), withdrawal(1)
+    )
+    assert [(r.balance, r.applied) for r in found] == [
+        (INT64_MAX - 1, True),
+        (INT64_MAX - 1, False),
+        (INT64_MAX, True),
+        (INT64_MAX - 1, True),
+    ]
+    assert await entries(database_url, user) == [
+        (INT64_MAX - 1, INT64_MAX - 1),
+        (1, INT64_MAX),
+        (-1, INT64_MAX - 1),
+    ]
+
+
+async def test_a_batch_spends_only_the_available_amount(
+    client: httpx.AsyncClient, database: Database, database_url: str
+) -> None:
+    """With 60 of 100 held, withdrawals of 30 and 20 on the batch: the first applies (40
+    available), the second is refused (10 left); a hold past its expiry is released once, by
+    the batch, before its items are decided."""
+    user = await new_user(client, 100)
+    made = await client.post("/holds", json={"userId": user, "amount": 60, "expiresIn": 600})
+    assert made.status_code == 201, made.text
+    found = await apply_batch(database, user, withdrawal(30), withdrawal(20))
+    assert [(r.balance, r.applied) for r in found] == [(70, True), (70, False)]
+
+    other = await new_user(client, 100)
+    made = await client.post("/holds", json={"userId": other, "amount": 90, "expiresIn": 1})
+    assert made.status_code == 201, made.text
+
+    async def expired_by_the_clock() -> bool:
+        rows = await fetch(
+            database_url,
+            "SELECT expires_at <= clock_timestamp() FROM holds WHERE id = $1",
+            made.json()["holdId"],
+        )
+        return bool(rows[0][0])
+
+    await until(expired_by_the_clock, 10)
+    found = await apply_batch(database, other, withdrawal(50), withdrawal(50))
+    assert [(r.balance, r.applied) for r in found] == [(50, True), (0, True)]
+    rows = await fetch(
+        database_url,
+        "SELECT u.held, h.status FROM users u, holds h WHERE u.id = $1 AND h.id = $2",
+        other,
+        made.json()["holdId"],
+    )
+    assert (rows[0]["held"], rows[0]["status"]) == (0, "expired")
+
+
+async def test_deposits_of_a_batch_count_against_the_mint_ceiling_together(
+    own_database_url: str,
+) -> None:
+    """Under a daily mint ceiling of 100 (on a database of its own: nothing minted yet
+    today), deposits of 60, 60 and 40: the first and the third fit, the second is refused
+    'mint_ceiling' (60 + 60 > 100)."""
+    url = own_database_url
+    await fetch(url, "UPDATE wallet_settings SET daily_mint_ceiling = 100")
+    user = (await fetch(url, "INSERT INTO users (balance) VALUES (0) RETURNING id"))[0][0]
+    database = Database(Settings(database_url=url))
+    await database.open()
+    try:
+        found = await apply_batch(database, user, deposit(60), deposit(60), deposit(40))
+    finally:
+        await database.close()
+    assert [(r.balance, r.applied, r.refusal) for r in found] == [
+        (60, True, None),
+        (60, False, "mint_ceiling"),
+        (100, True, None),
+    ]
+    assert await entries(url, user, opening=False) == [(60, 60), (40, 100)]
+
+
+async def test_a_batch_for_no_user_changes_nothing(database: Database) -> None:
+    assert await repository.apply_deltas(database.pool, 987_654_321, [withdrawal(1)]) is None
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def batches(database: Database) -> GroupCommit:
+    return GroupCommit(database, batch_max=50, batch_wait=30.0)
+
+
+async def test_concurrent_changes_go_in_batches_each_answered_its_own_outcome(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """400 concurrent withdrawals of 2 from 400 through the API (the app's group commit):
+    exactly 200 succeed and 200 are refused, the balance ends at 0, and batches of more than
+    one change formed; each success answers its own balance after it (200 distinct
+    balances, 398 down to 0) and its own entry, which the journal holds with that balance."""
+    user = await new_user(client, 400)
+    before = sample_sum((await client.get("/metrics")).text, "tandem_wallet_batch_size_count")
+    answers = await asyncio.gather(
+        *(client.post("/balance/update", json={"userId": user, "amount": -2}) for _ in range(400))
+    )
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 200 + [409] * 200, statuses
+    bodies = [a.json() for a in answers if a.status_code == 200]
+    assert sorted(b["balance"] for b in bodies) == list(range(0, 400, 2))
+    journal = {r["id"]: r["balance"] for r in await fetch(database_url, ENTRIES, user)}
+    assert all(journal[b["entryId"]] == b["balance"] for b in bodies)
+    assert len(journal) == 201  # the opening entry and one per success
+    metrics = (await client.get("/metrics")).text
+    batched = sample_sum(metrics, "tandem_wallet_batch_size_count") - before
+    assert batched > 0, "no batch formed"
+    assert sample_sum(metrics, "tandem_wallet_batch_size_sum") > batched  # more than 1 each
+
+
+async def test_a_lone_change_goes_at_once_alone(
+    client: httpx.AsyncClient, batches: GroupCommit, database_url: str
+) -> None:
+    """With nothing in flight for its user, a change is sent at once on its own statement
+    (no batch), and the queue forgets the user after it."""
+    user = await new_user(client, 10)
+    assert outcome(await batches.apply(user, withdrawal(3))) == (7, True)
+    assert batches.users_in_flight == 0
+
+
+async def test_a_batch_that_rolls_back_is_retried_item_by_item(
+    client: httpx.AsyncClient, batches: GroupCommit, database_url: str
+) -> None:
+    """One item the journal refuses (a reference past its CHECK, which the API would have
+    refused first) rolls its batch back: the others are retried alone and applied, and only
+    that one fails."""
+    user = await new_user(client, 100)
+    async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+        first = asyncio.ensure_future(batches.apply(user, withdrawal(1)))
+        await _waiting_in(database_url, "tandem_apply_delta_v2")
+        queued = [
+            asyncio.ensure_future(batches.apply(user, Delta(-1, reference, None)))
+            for reference in ("a", "x" * 10_000, "b")
+        ]
+        await asyncio.sleep(0)
+    done = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert isinstance(done[2], asyncpg.CheckViolationError), done[2]
+    assert [(r.balance, r.applied) for r in (done[0], done[1], done[3])] == [  # type: ignore[union-attr]
+        (99, True),
+        (98, True),
+        (97, True),
+    ]
+    assert await entries(database_url, user) == [(-1, 99), (-1, 98), (-1, 97)]
+
+
+async def test_a_change_waiting_too_long_unsent_is_refused_and_changes_nothing(
+    client: httpx.AsyncClient, database: Database, database_url: str
+) -> None:
+    """While the user's statement in flight waits on a row lock, a change queued behind it
+    is refused after batch_wait (database_unavailable: nothing was sent); the one in flight
+    applies once the lock is gone, and the journal holds it alone."""
+    short = GroupCommit(database, batch_max=50, batch_wait=0.2)
+    user = await new_user(client, 100)
+    async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+        first = asyncio.ensure_future(short.apply(user, withdrawal(1)))
+        await _waiting_in(database_url, "tandem_apply_delta_v2")
+        with pytest.raises(QueueWaitExpiredError):
+            await short.apply(user, withdrawal(2))
+    assert outcome(await first) == (99, True)
+    await eventually(lambda: short.users_in_flight == 0, 5)
+    assert await entries(database_url, user) == [(-1, 99)]
+
+
+async def test_a_batch_cut_off_after_sending_answers_outcome_unknown_for_each(
+    client: httpx.AsyncClient, batches: GroupCommit, database_url: str
+) -> None:
+    """The batch's connection ended while its statement waits on the user's row lock: each
+    of its items answers outcome_unknown (sent, the outcome not known to the instance), and
+    (rolled back, in fact) nothing of it is in the journal."""
+    user = await new_user(client, 100)
+    async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+        first = asyncio.ensure_future(batches.apply(user, withdrawal(1)))
+        await _waiting_in(database_url, "tandem_apply_delta_v2")
+        queued = [asyncio.ensure_future(batches.apply(user, withdrawal(1))) for _ in range(3)]
+        await asyncio.sleep(0)
+        await _terminate_waiting(database_url, "tandem_apply_delta_v2")
+        assert isinstance(
+            (await asyncio.gather(first, return_exceptions=True))[0], OutcomeUnknownError
+        )
+        await _terminate_waiting(database_url, "tandem_apply_deltas_v1")
+        done = await asyncio.gather(*queued, return_exceptions=True)
+    assert all(isinstance(d, OutcomeUnknownError) for d in done), done
+    assert len({id(d) for d in done}) == 3  # an error of its own for each request
+    assert await entries(database_url, user) == []
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+# Backends of this database waiting on a lock, with their statement.
+LOCK_WAITERS = """
+SELECT pid, query FROM pg_stat_activity
+WHERE datname = current_database() AND wait_event_type = 'Lock'
+"""
+
+
+async def _waiting_in(url: str, function: str) -> int:
+    """The backend waiting on a lock in a statement calling ``function``, once there is one."""
+    found: list[int] = []
+
+    async def waiting() -> bool:
+        rows = await fetch(url, LOCK_WAITERS)
+        found[:] = [r["pid"] for r in rows if f"{function}(" in r["query"]]
+        return len(found) == 1
+
+    await until(waiting, 10)
+    return found[0]
+
+
+async def _terminate_waiting(url: str, function: str) -> None:
+    """Ends the backend waiting on a lock in ``function``."""
+    await fetch(url, "SELECT pg_terminate_backend($1)", await _waiting_in(url, function))
+
+
+async def test_without_the_batch_function_every_change_goes_alone(
+    own_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a database below migration 0018 (its function dropped here, as its downgrade does),
+    a batch finds no function: its changes are sent one by one and all apply, and the
+    instance says once that group commit waits for the migration."""
+    url = own_database_url
+    await fetch(url, APPLY_DELTAS_V1.drop_statement())
+    user = (await fetch(url, "INSERT INTO users (balance) VALUES (100) RETURNING id"))[0][0]
+    database = Database(Settings(database_url=url))
+    await database.open()
+    try:
+        batches = GroupCommit(database, batch_max=50, batch_wait=30.0)
+        async with holding(url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+            first = asyncio.ensure_future(batches.apply(user, withdrawal(1)))
+            await _waiting_in(url, "tandem_apply_delta_v2")
+            queued = [asyncio.ensure_future(batches.apply(user, withdrawal(1))) for _ in range(3)]
+            await asyncio.sleep(0)
+        done = await asyncio.gather(first, *queued)
+        later = await batches.apply(user, withdrawal(1))
+    finally:
+        await database.close()
+    assert [outcome(d) for d in done] == [(99, True), (98, True), (97, True), (96, True)]
+    assert outcome(later) == (95, True)
+    assert caplog.text.count("group commit waits for migration 0018") == 1
+    assert await entries(url, user, opening=False) == [(-1, b) for b in range(99, 94, -1)]
