@@ -32,7 +32,8 @@ refused, every one of them serialised on the same row lock, and journaled.
 - lone updates: ``--lone-requests`` withdrawals one after another on one keep-alive
   connection, against both Tandem servers: a request's latency with nothing else in flight.
 - transfers: ``--transfers`` between random pairs of 1000 users, 200 in flight (both
-  directions at once, so deadlocks would show): transfers/s and the outcomes.
+  directions at once, so deadlocks would show): transfers/s and the outcomes; then as many
+  from random ones of 1000 users into one payee (a fee account: one hot row).
 - holds: ``--holds`` holds of 2 on one user holding enough for all of them, sent at once,
   one connection each (every one serialised on that user's row lock, like the burst):
   holds created/s, and every one must be created.
@@ -377,6 +378,7 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
 
     if args.transfers:
         console.print(transfer_figures(fast, url, args.transfers))
+        console.print(transfer_figures(fast, url, args.transfers, hot_payee=True))
     if args.holds:
         console.print(hot_hold_figures(fast, url, args.holds, failures))
     if args.hold_pairs:
@@ -417,22 +419,27 @@ def create_users(url: str, count: int, balance: int) -> list[int]:
     return users
 
 
-def transfer_figures(server: ServeProcess, url: str, total: int) -> str:
-    """``total`` transfers of 1..50 between random pairs of 1000 users, 200 in flight."""
+def transfer_figures(server: ServeProcess, url: str, total: int, *, hot_payee: bool = False) -> str:
+    """``total`` transfers of 1..50 between random pairs of 1000 users, 200 in flight; with
+    ``hot_payee``, from random ones of 1000 payers into one payee (a platform's fee account:
+    every transfer serialised on its row)."""
     users = create_users(url, 1000, 10000)
+    (payee,) = create_users(url, 1, 0) if hot_payee else (None,)
     rng = random.Random(7)
     host = f"127.0.0.1:{server.port}"
     requests = []
     for _ in range(total):
         src, dst = rng.sample(users, 2)
+        dst = dst if payee is None else payee
         body = {"fromUserId": src, "toUserId": dst, "amount": rng.randrange(1, 51)}
         requests.append(build_request("POST", "/transfers", host, body, headers=AUTH))
     started = time.perf_counter()
     results = run(send_burst("127.0.0.1", server.port, requests, concurrency=200))
     elapsed = time.perf_counter() - started
     outcomes = Counter(str(result.status or result.error) for result in results)
+    shape = "from 1000 users into one" if hot_payee else "over 1000 users"
     return (
-        f"transfers: {total} over 1000 users, 200 in flight: {total / elapsed:,.0f}/s "
+        f"transfers: {total} {shape}, 200 in flight: {total / elapsed:,.0f}/s "
         f"({elapsed:.2f} s); outcomes {dict(outcomes)}"
     )
 

@@ -55,6 +55,7 @@ def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
     for figure in (*figures, "reads:", "batches by size"):
         assert figure in out, out[-4000:]
     assert "transfers: 50 over" in out
+    assert "transfers: 50 from 1000 users into one" in out
     assert "holds: 200 on one user" in out
     assert "hold → capture: 50 pairs" in out
     assert "middle page: p50" in out
