@@ -567,7 +567,7 @@ class BatchSizes:
         buckets = {
             match.group(1): float(match.group(2))
             for match in re.finditer(
-                r'^tandem_wallet_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
+                r'^tandem_wallet_batch_size_bucket\{kind="change",le="([^"]+)"\} (\S+)$', text, re.M
             )
         }
         updates = sum(
@@ -576,7 +576,7 @@ class BatchSizes:
                 r"^tandem_wallet_balance_updates_total\{[^}]*\} (\S+)$", text, re.M
             )
         )
-        batched = re.search(r"^tandem_wallet_batch_size_sum (\S+)$", text, re.M)
+        batched = re.search(r'^tandem_wallet_batch_size_sum\{kind="change"\} (\S+)$', text, re.M)
         return cls(buckets, float(batched.group(1)) if batched else 0.0, updates)
 
     def __sub__(self, before: BatchSizes) -> BatchSizes:

@@ -34,7 +34,9 @@ from tandem.scheduler.registry import Registry, load_registry
 from tandem.scheduler.runner import Runner
 from tandem.status.endpoints import router as status_router
 from tandem.wallet import hotroutes
+from tandem.wallet.batching import WalletBatches
 from tandem.wallet.endpoints import router as wallet_router
+from tandem.wallet.endpoints import wallet_batches_of
 from tandem.wallet.fastpath import WalletFastPath
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,9 @@ def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
     app = create_app(settings)
     instance = instance_of(app)
     sessions = Sessions(instance.database, lookups_per_second=settings.auth_lookups_per_second)
-    access = AccessControl(
-        WalletFastPath(app, instance), keys_of(app), sessions, disabled=settings.auth_disabled
-    )
+    batches = wallet_batches_of(app)
+    fast_path = WalletFastPath(app, instance, batches.changes if batches else None)
+    access = AccessControl(fast_path, keys_of(app), sessions, disabled=settings.auth_disabled)
     return HttpMetricsMiddleware(access, instance.instance_id)
 
 
@@ -121,6 +123,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     instance.attach(app)
     app.state.keys = keys
+    # Group commit's queues (tandem/wallet/batching.py), shared by the lean path's balance
+    # updates and the transfers route; None: off.
+    app.state.wallet_batches = (
+        WalletBatches.of(database, settings.wallet_batch_max, settings.wallet_batch_wait)
+        if settings.wallet_group_commit
+        else None
+    )
     # One series per process: an app created again in the same process (the in-process
     # tests) replaces the previous one's.
     INSTANCE_INFO.clear()

@@ -35,13 +35,17 @@ WALLET_BALANCE_UPDATES = Counter(
     "Balance update requests by outcome: ok, replayed, or the refusal's error code.",
     ["outcome"],
 )
-# Group commit (tandem/wallet/batching.py): how many changes of one user each batch statement
-# carried (a change sent alone, with nothing in flight for its user, is not a batch).
+# Group commit (tandem/wallet/batching.py): how many items each batch statement carried (one
+# sent alone, with nothing in flight for its row, is not a batch).
 WALLET_BATCH_SIZE = Histogram(
     "tandem_wallet_batch_size",
-    "Balance changes of one user sent together as one statement (group commit).",
+    "Items sent together as one statement (group commit), by kind: change (balance changes of "
+    "one user) or transfer (transfers into one payee).",
+    ["kind"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
+for _kind in ("change", "transfer"):  # exported at 0 from the start, as every series here
+    WALLET_BATCH_SIZE.labels(_kind)
 # Both kinds of 503 a database failure gives (tandem/core/failures.py): "not_applied"
 # (database_unavailable: nothing changed) and "outcome_unknown" (a write may have committed).
 # Counted by HttpMetricsMiddleware as they are answered: once per response, whatever was

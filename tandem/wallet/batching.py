@@ -26,10 +26,18 @@ instances, or a downgrade) has no batch function: the first batch that finds it 
 sent change by change, and every change goes alone, as with group commit off, for
 ``RETRY_BATCHES_AFTER`` seconds before a batch is tried again.
 
+Two kinds of queue, one mechanism (``RowQueues``): ``GroupCommit`` batches the balance
+changes of one user (``APPLY_DELTAS``); ``TransferBatches`` batches the transfers into one
+payee (``TRANSFER_BATCH``): the hot side of a platform is the account every sale credits, so
+a transfer queues on its payee's row (the rule), and the batch locks each row it touches
+once, payers and payee in id order, as every transfer does. A payer busy with outgoing
+transfers is not batched (its transfers go to different payees).
+
 Why our own and not a library's: the queue is per row and decided in the database's order
 of arrival; it needs nothing but the event loop (one process, one thread), and it must
-speak the pool's failure classes. Only changes without an idempotency key and by keys
-without debit limits are batched (the service decides: those need their own transaction).
+speak the pool's failure classes. Only changes and transfers without an idempotency key and
+by keys without debit limits are batched (the service decides: those need their own
+transaction).
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ import asyncio
 import copy
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import asyncpg
 
@@ -46,25 +56,28 @@ from tandem.core.database import Database
 from tandem.core.errors import AppError, DatabaseUnavailableError, OutcomeUnknownError
 from tandem.observability.metrics import WALLET_BATCH_SIZE
 from tandem.wallet import repository
-from tandem.wallet.repository import Delta, DeltaResult
+from tandem.wallet.repository import Delta, DeltaResult, Payment, TransferResult
 
 log = logging.getLogger(__name__)
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
 
 @dataclass(slots=True, eq=False)
-class _Waiting:
-    """One change in a user's queue, and the answer its request awaits."""
+class _Waiting(Generic[Item, Result]):
+    """One item in a row's queue, and the answer its request awaits."""
 
-    delta: Delta
-    answer: asyncio.Future[DeltaResult | None]
+    item: Item
+    answer: asyncio.Future[Result]
     expiry: asyncio.TimerHandle | None = None
 
 
 @dataclass(slots=True)
-class _Queue:
-    """A user with a statement in flight: the changes waiting for it to end."""
+class _Queue(Generic[Item, Result]):
+    """A row with a statement in flight: the items waiting for it to end."""
 
-    waiting: deque[_Waiting] = field(default_factory=deque)
+    waiting: deque[_Waiting[Item, Result]] = field(default_factory=deque)
     sender: asyncio.Task[None] | None = None
 
 
@@ -72,60 +85,68 @@ class QueueWaitExpiredError(DatabaseUnavailableError):
     pass
 
 
-# Seconds every change goes alone after a batch found no batch function (migration 0018 not
+# Seconds every item goes alone after a batch found no batch function (migration 0018 not
 # applied yet).
 RETRY_BATCHES_AFTER = 30.0
 
 
-class GroupCommit:
-    """The per-user queues of one process. ``apply`` is ``repository.apply_delta`` (no key)
-    with the user's concurrent changes folded into batches."""
+class RowQueues(Generic[Item, Result]):
+    """The per-row queues of one process for one kind of statement: ``_one`` sends an item
+    alone (today's statement), ``_batch`` several of one row together, in order."""
+
+    kind = "change"  # what the metric's label and the log call an item
 
     def __init__(self, database: Database, batch_max: int, batch_wait: float) -> None:
         self._database = database
         self._batch_max = batch_max
         self._batch_wait = batch_wait
-        self._queues: dict[int, _Queue] = {}
-        self._alone_until = 0.0  # loop time: no batch function found, every change alone
+        self._queues: dict[int, _Queue[Item, Result]] = {}
+        self._alone_until = 0.0  # loop time: no batch function found, every item alone
 
     @property
-    def users_in_flight(self) -> int:
-        """Users with a statement in flight (and a queue, maybe empty)."""
+    def rows_in_flight(self) -> int:
+        """Rows with a statement in flight (and a queue, maybe empty)."""
         return len(self._queues)
 
-    async def apply(self, user_id: int, delta: Delta) -> DeltaResult | None:
-        """The change applied or refused, as ``repository.apply_delta`` answers (None: no such
-        user). Raises what the pool raises (DatabaseUnavailableError, OutcomeUnknownError),
-        or QueueWaitExpiredError (a DatabaseUnavailableError) after ``batch_wait`` unsent."""
+    async def _one(self, row: int, item: Item) -> Result:
+        raise NotImplementedError
+
+    async def _batch(self, row: int, items: Sequence[Item]) -> list[Result]:
+        raise NotImplementedError
+
+    async def apply(self, row: int, item: Item) -> Result:
+        """The item's outcome, as ``_one`` answers it. Raises what the pool raises
+        (DatabaseUnavailableError, OutcomeUnknownError), or QueueWaitExpiredError (a
+        DatabaseUnavailableError) after ``batch_wait`` unsent."""
         loop = asyncio.get_running_loop()
         if loop.time() < self._alone_until:
-            return await self._one(user_id, delta)
-        queue = self._queues.get(user_id)
+            return await self._one(row, item)
+        queue = self._queues.get(row)
         if queue is None:
-            # Nothing in flight for this user: at once, alone.
-            self._queues[user_id] = _Queue()
+            # Nothing in flight for this row: at once, alone.
+            self._queues[row] = _Queue()
             try:
-                return await self._one(user_id, delta)
+                return await self._one(row, item)
             finally:
-                self._then(user_id)
-        waiting = _Waiting(delta, loop.create_future())
+                self._then(row)
+        waiting: _Waiting[Item, Result] = _Waiting(item, loop.create_future())
         waiting.expiry = loop.call_later(self._batch_wait, _expire, waiting)
         queue.waiting.append(waiting)
         return await waiting.answer
 
-    def _then(self, user_id: int) -> None:
-        """The statement in flight for ``user_id`` ended: send what waits, or forget the user."""
-        queue = self._queues[user_id]
-        if queue.sender is None and queue.waiting:
-            queue.sender = asyncio.get_running_loop().create_task(self._send(user_id, queue))
-        elif queue.sender is None:
-            del self._queues[user_id]
+    def _then(self, row: int) -> None:
+        """The statement in flight for ``row`` ended: send what waits, or forget the row."""
+        queue = self._queues[row]
+        if queue.waiting:
+            queue.sender = asyncio.get_running_loop().create_task(self._send(row, queue))
+        else:
+            del self._queues[row]
 
-    async def _send(self, user_id: int, queue: _Queue) -> None:
-        """Batches, one after another, until the user's queue is empty."""
+    async def _send(self, row: int, queue: _Queue[Item, Result]) -> None:
+        """Batches, one after another, until the row's queue is empty."""
         try:
             while True:
-                batch: list[_Waiting] = []
+                batch: list[_Waiting[Item, Result]] = []
                 while queue.waiting and len(batch) < self._batch_max:
                     waiting = queue.waiting.popleft()
                     if waiting.answer.done():
@@ -136,7 +157,7 @@ class GroupCommit:
                 if not batch:
                     return
                 try:
-                    await self._run(user_id, batch)
+                    await self._run(row, batch)
                 except BaseException:
                     # Cancelled with the statement maybe sent (the process is stopping), or a
                     # bug: no request of the batch is left waiting.
@@ -146,17 +167,15 @@ class GroupCommit:
                         )
                     raise
         finally:
-            del self._queues[user_id]
+            del self._queues[row]
             # Whatever is left (only if this task was cancelled: the process is stopping).
             for waiting in queue.waiting:
                 _answer_error(waiting, DatabaseUnavailableError("the instance is stopping"))
 
-    async def _run(self, user_id: int, batch: list[_Waiting]) -> None:
-        WALLET_BATCH_SIZE.observe(len(batch))
+    async def _run(self, row: int, batch: list[_Waiting[Item, Result]]) -> None:
+        WALLET_BATCH_SIZE.labels(self.kind).observe(len(batch))
         try:
-            results = await repository.apply_deltas(
-                self._database.pool, user_id, [waiting.delta for waiting in batch]
-            )
+            results = await self._batch(row, [waiting.item for waiting in batch])
         except AppError as error:
             # Classified by the pool: not applied, or outcome unknown; the same for each item.
             for waiting in batch:
@@ -165,62 +184,102 @@ class GroupCommit:
         except asyncpg.UndefinedFunctionError:
             if self._alone_until == 0.0:
                 log.warning(
-                    "group commit waits for migration 0018 (no batch function): every balance "
-                    "change goes alone until it is applied"
+                    "group commit waits for migration 0018 (no batch function): every %s "
+                    "goes alone until it is applied",
+                    self.kind,
                 )
             self._alone_until = asyncio.get_running_loop().time() + RETRY_BATCHES_AFTER
             for waiting in batch:
-                await self._alone(user_id, waiting)
+                await self._alone(row, waiting)
             return
         except asyncpg.PostgresError:
             # The statement ran and rolled back as a whole: each item alone, for its own
             # answer (a bug shows as the 500 of the item that causes it, and only that one).
             for waiting in batch:
-                await self._alone(user_id, waiting)
+                await self._alone(row, waiting)
             return
         except Exception as exc:  # a bug: every item answers 500, with the same cause
             for waiting in batch:
                 _answer_error(waiting, exc)
             return
-        if results is None:
-            for waiting in batch:
-                _answer(waiting, None)
-            return
         assert len(results) == len(batch), (len(results), len(batch))
         for waiting, result in zip(batch, results, strict=True):
-            _answer(waiting, result)
+            if not waiting.answer.done():
+                waiting.answer.set_result(result)
 
-    async def _one(self, user_id: int, delta: Delta) -> DeltaResult | None:
-        """One change alone: today's statement."""
-        return await repository.apply_delta(
-            self._database.pool, user_id, delta.amount, delta.reference, None, delta.api_key_id
-        )
-
-    async def _alone(self, user_id: int, waiting: _Waiting) -> None:
+    async def _alone(self, row: int, waiting: _Waiting[Item, Result]) -> None:
         try:
-            result = await self._one(user_id, waiting.delta)
+            result = await self._one(row, waiting.item)
         except Exception as exc:
             _answer_error(waiting, exc)
         else:
-            _answer(waiting, result)
+            if not waiting.answer.done():
+                waiting.answer.set_result(result)
 
 
-def _expire(waiting: _Waiting) -> None:
+class GroupCommit(RowQueues[Delta, "DeltaResult | None"]):
+    """One user's balance changes (no key): ``repository.apply_delta`` with the user's
+    concurrent changes folded into batches. None: no such user."""
+
+    kind = "change"
+
+    async def _one(self, row: int, item: Delta) -> DeltaResult | None:
+        return await repository.apply_delta(
+            self._database.pool, row, item.amount, item.reference, None, item.api_key_id
+        )
+
+    async def _batch(self, row: int, items: Sequence[Delta]) -> list[DeltaResult | None]:
+        found = await repository.apply_deltas(self._database.pool, row, items)
+        return [None] * len(items) if found is None else list(found)
+
+
+class TransferBatches(RowQueues[Payment, TransferResult]):
+    """Transfers into one payee (no key): ``repository.transfer`` with the payee's
+    concurrent incoming transfers folded into batches."""
+
+    kind = "transfer"
+
+    async def _one(self, row: int, item: Payment) -> TransferResult:
+        return await repository.transfer(
+            self._database.pool,
+            item.from_user_id,
+            row,
+            item.amount,
+            item.reference,
+            None,
+            item.api_key_id,
+        )
+
+    async def _batch(self, row: int, items: Sequence[Payment]) -> list[TransferResult]:
+        return await repository.transfer_batch(self._database.pool, row, items)
+
+
+@dataclass(frozen=True)
+class WalletBatches:
+    """The process's queues (None: group commit off)."""
+
+    changes: GroupCommit
+    transfers: TransferBatches
+
+    @classmethod
+    def of(cls, database: Database, batch_max: int, batch_wait: float) -> WalletBatches:
+        return cls(
+            GroupCommit(database, batch_max, batch_wait),
+            TransferBatches(database, batch_max, batch_wait),
+        )
+
+
+def _expire(waiting: _Waiting[Item, Result]) -> None:
     _answer_error(
         waiting,
         QueueWaitExpiredError(
-            "this user's earlier changes kept the database busy past the queue's wait; "
+            "earlier changes of this row kept the database busy past the queue's wait; "
             "nothing was sent"
         ),
     )
 
 
-def _answer(waiting: _Waiting, result: DeltaResult | None) -> None:
-    if not waiting.answer.done():
-        waiting.answer.set_result(result)
-
-
-def _answer_error(waiting: _Waiting, error: BaseException) -> None:
+def _answer_error(waiting: _Waiting[Item, Result], error: BaseException) -> None:
     if waiting.expiry is not None:
         waiting.expiry.cancel()
     if not waiting.answer.done():

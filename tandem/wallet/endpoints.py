@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, cast
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response, status
 
 from tandem.core.callers import WALLET_MINT
 from tandem.core.dependencies import CurrentCaller, CurrentInstance, Db
@@ -21,6 +21,7 @@ from tandem.core.openapi import (
     json_request_body,
 )
 from tandem.wallet import service
+from tandem.wallet.batching import WalletBatches
 from tandem.wallet.errors import DEBIT_LIMIT, HOLD_NOT_ACTIVE, HOLD_NOT_FOUND, HOLDS_UNAVAILABLE
 from tandem.wallet.models import DEFAULT_BALANCE
 from tandem.wallet.repository import Hold as HoldRow
@@ -62,6 +63,21 @@ HOLDS_PAGE_MAX = 200
 HOLDS_PAGE_DEFAULT = 50
 
 router = APIRouter(tags=["wallet"])
+
+
+def wallet_batches_of(app: FastAPI) -> WalletBatches | None:
+    """The process's group-commit queues (create_app attaches them; None: off)."""
+    batches = app.state.wallet_batches
+    assert batches is None or isinstance(batches, WalletBatches), "create_app() attaches them"
+    return batches
+
+
+# async: a plain def would run in FastAPI's thread pool, a thread hop per request.
+async def _get_batches(request: Request) -> WalletBatches | None:
+    return wallet_batches_of(request.app)
+
+
+CurrentBatches = Annotated[WalletBatches | None, Depends(_get_batches)]
 
 _USER_ID_PATH = Path(alias="userId", description=ID_DESCRIPTION, json_schema_extra=ID_JSON_SCHEMA)
 _KEY_HEADER = Header(alias=IDEMPOTENCY_KEY_HEADER, description=IDEMPOTENCY_KEY_DESCRIPTION)
@@ -129,6 +145,7 @@ async def create_transfer(
     request: Request,
     instance: CurrentInstance,
     caller: CurrentCaller,
+    batches: CurrentBatches,
     idempotency_key: Annotated[str | None, _KEY_HEADER] = None,
 ) -> Response:
     asked = parse_body(
@@ -147,6 +164,7 @@ async def create_transfer(
         asked.reference,
         caller,
         instance.settings.idempotency_keys_per_day,
+        batches.transfers if batches else None,
     )
     return _json(_transfer_body(result.transfer), 201, replayed=result.replayed)
 

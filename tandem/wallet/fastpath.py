@@ -53,17 +53,12 @@ class _GetOnly(MethodNotAllowedError):
 
 
 class WalletFastPath:
-    def __init__(self, app: ASGIApp, instance: Instance) -> None:
+    def __init__(self, app: ASGIApp, instance: Instance, batches: GroupCommit | None) -> None:
         self.app = app
         self.instance = instance
         self.database = instance.database
-        settings = instance.settings
-        # The process's group commit (batching.py): the balance updates this handler serves.
-        self.batches = (
-            GroupCommit(self.database, settings.wallet_batch_max, settings.wallet_batch_wait)
-            if settings.wallet_group_commit
-            else None
-        )
+        # The process's group commit of balance changes (batching.py; None: off).
+        self.batches = batches
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

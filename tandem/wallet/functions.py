@@ -116,11 +116,22 @@ APPLY_DELTAS_V1 = ServerFunction.as_owner(
     "p_user bigint, p_amounts bigint[], p_references text[], p_keys text[], p_api_keys bigint[]",
 )
 
+# A batch of transfers into one payee, each decided on the balances the ones before it left
+# (wallet/batching.py sends it). Created with APPLY_DELTAS_V1, for the same reasons.
+TRANSFER_BATCH_V1 = ServerFunction.as_owner(
+    _SQL,
+    "tandem_transfer_batch_v1",
+    "p_to bigint, p_froms bigint[], p_amounts bigint[], p_references text[], p_api_keys bigint[]",
+)
+
+# What migration 0018 creates.
+GROUP_COMMIT_FUNCTIONS = (APPLY_DELTAS_V1, TRANSFER_BATCH_V1)
+
 # The versions this code calls, in the order they must be created (a caller after its callee).
 CURRENT = (
     MINT_ALLOWED_V1,
     CREATE_USER_V1,
     APPEND_ONLY_V1,
     *HOLD_FUNCTIONS,
-    APPLY_DELTAS_V1,
+    *GROUP_COMMIT_FUNCTIONS,
 )

@@ -26,6 +26,7 @@ from tandem.wallet.functions import (
     CREATE_USER_V1,
     EXPIRE_HOLDS_V1,
     RELEASE_HOLD_V1,
+    TRANSFER_BATCH_V1,
     TRANSFER_V3,
 )
 
@@ -80,6 +81,13 @@ USER_EXISTS = "SELECT EXISTS (SELECT FROM users WHERE id = $1)"
 # in flight; the payer spends only its available amount (its expired holds released first
 # when they are in the way).
 TRANSFER = f"SELECT * FROM {TRANSFER_V3.name}($1, $2, $3, $4, $5, $6)"
+
+# Group commit (batching.py): transfers into one payee in one statement and one commit, in the
+# order they arrived, by its owner function (wallet/sql/transfer_batch_v1.sql): every row it
+# touches locked once, in id order, first (as TRANSFER's two), each transfer decided on the
+# balances the ones before it left and journaled with its two legs. One row per transfer, in
+# order, as TRANSFER's.
+TRANSFER_BATCH = f"SELECT * FROM {TRANSFER_BATCH_V1.name}($1, $2, $3, $4, $5)"
 
 GET_TRANSFER = """
 SELECT t.id, t.from_user_id, t.to_user_id, t.amount, t.reference, t.created_at,
@@ -318,6 +326,15 @@ class Delta(NamedTuple):
     api_key_id: int | None
 
 
+class Payment(NamedTuple):
+    """One transfer of a batch into one payee (TRANSFER_BATCH): no idempotency key."""
+
+    from_user_id: int
+    amount: int
+    reference: str | None
+    api_key_id: int | None
+
+
 class DeltaResult(NamedTuple):
     balance: int
     applied: bool
@@ -445,6 +462,21 @@ async def transfer(
     )
     assert row is not None
     return TransferResult(*row)
+
+
+async def transfer_batch(
+    db: Executor, to_user_id: int, payments: Sequence[Payment]
+) -> list[TransferResult]:
+    """Each transfer's outcome, in order (TransferResult as ``transfer`` gives it)."""
+    rows = await db.fetch(
+        TRANSFER_BATCH,
+        to_user_id,
+        [payment.from_user_id for payment in payments],
+        [payment.amount for payment in payments],
+        [payment.reference for payment in payments],
+        [payment.api_key_id for payment in payments],
+    )
+    return [TransferResult(*row) for row in rows]
 
 
 async def get_transfer(db: Executor, transfer_id: int) -> Transfer | None:

@@ -18,7 +18,7 @@ from tandem.core.ids import INT64_MAX
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import ACCESS_KEY_LIMITED
 from tandem.wallet import repository
-from tandem.wallet.batching import GroupCommit
+from tandem.wallet.batching import GroupCommit, TransferBatches
 from tandem.wallet.errors import (
     AmountExceedsHoldError,
     BalanceLimitError,
@@ -169,9 +169,12 @@ async def transfer(
     reference: str | None = None,
     caller: Caller = ANONYMOUS,
     keys_per_day: int = DEFAULT_KEYS_PER_DAY,
+    batches: TransferBatches | None = None,
 ) -> TransferResult:
     """Move ``amount`` (> 0) from one user to another, atomically and journaled (two entries
-    sharing the transfer id). Raises UserNotFoundError (saying which), InsufficientFundsError,
+    sharing the transfer id). With ``batches``, a transfer without a key by a caller without
+    debit limits joins its payee's group commit (batching.py): the same outcome. Raises
+    UserNotFoundError (saying which), InsufficientFundsError,
     BalanceLimitError, IdempotencyKeyReusedError, DebitLimitError (the caller's key past a
     debit limit: the amount is counted against it); a refusal changes nothing. A caller bound
     to users pays only from them (to anyone): another payer is UserNotFoundError, as for a
@@ -180,7 +183,7 @@ async def transfer(
     if not caller.may_touch(from_user_id):
         raise UserNotFoundError(from_user_id, field="fromUserId")
     request = repository.Request("transfer", from_user_id, to_user_id, amount, reference)
-    made = await _transfer(pool, request, idempotency_key, caller, keys_per_day)
+    made = await _transfer(pool, request, idempotency_key, caller, keys_per_day, batches)
     shown = seen_by(caller, made.transfer)
     assert shown is not None, "a caller pays only from a user it may touch"
     return TransferResult(shown, made.replayed)
@@ -192,19 +195,26 @@ async def _transfer(
     idempotency_key: str | None,
     caller: Caller,
     keys_per_day: int,
+    batches: TransferBatches | None = None,
 ) -> TransferResult:
     """The transfer as made or replayed, all of it (``transfer`` says what the caller sees)."""
     if idempotency_key is None and not caller.debit_limits:
         assert request.to_user_id is not None
-        result = await repository.transfer(
-            pool,
-            request.user_id,
-            request.to_user_id,
-            request.amount,
-            request.reference,
-            None,
-            caller.api_key_id,
-        )
+        if batches is not None:
+            payment = repository.Payment(
+                request.user_id, request.amount, request.reference, caller.api_key_id
+            )
+            result = await batches.apply(request.to_user_id, payment)
+        else:
+            result = await repository.transfer(
+                pool,
+                request.user_id,
+                request.to_user_id,
+                request.amount,
+                request.reference,
+                None,
+                caller.api_key_id,
+            )
         return TransferResult(_transferred(request, result))
     if idempotency_key is None:
         # By a key with debit limits: the paying side counted in the transfer's transaction.

@@ -291,6 +291,7 @@ RELEASED_SQL = {
     "tandem/wallet/sql/mint_allowed_v1.sql": "01b4f83c39ea5234",
     "tandem/wallet/sql/release_expired_v1.sql": "fe2e7014d25db051",
     "tandem/wallet/sql/release_hold_v1.sql": "00c47a6aec2dad8a",
+    "tandem/wallet/sql/transfer_batch_v1.sql": "d2627775867ff069",
     "tandem/wallet/sql/transfer_v1.sql": "2193ea867a94b8fd",
     "tandem/wallet/sql/transfer_v2.sql": "69e33158c53d2384",
     "tandem/wallet/sql/transfer_v3.sql": "3c677d44caa0e010",

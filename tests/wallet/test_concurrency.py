@@ -57,7 +57,9 @@ async def test_ten_thousand_concurrent_withdrawals(server: Server, database_url:
 
 def _batched(server: Server) -> float:
     """Balance changes the server sent in group-commit batches so far."""
-    return sample_sum(http_get(f"{server.url}/metrics").text, "tandem_wallet_batch_size_sum")
+    return sample_sum(
+        http_get(f"{server.url}/metrics").text, "tandem_wallet_batch_size_sum", kind="change"
+    )
 
 
 async def journal(database_url: str, users: list[int]) -> list[asyncpg.Record]:

@@ -14,14 +14,14 @@ import asyncpg
 import httpx
 import pytest
 
-from tandem.core.database import Database
+from tandem.core.database import Database, asyncpg_dsn
 from tandem.core.errors import OutcomeUnknownError
 from tandem.core.ids import INT64_MAX
 from tandem.core.settings import Settings
 from tandem.wallet import repository
 from tandem.wallet.batching import GroupCommit, QueueWaitExpiredError
 from tandem.wallet.functions import APPLY_DELTAS_V1
-from tandem.wallet.repository import Delta, DeltaResult
+from tandem.wallet.repository import Delta, DeltaResult, Payment
 from tests.support import eventually, fetch, holding, new_user, sample_sum, until
 
 # Each applied change's journal entry, in journal order.
@@ -168,6 +168,89 @@ async def test_a_batch_for_no_user_changes_nothing(database: Database) -> None:
     assert await repository.apply_deltas(database.pool, 987_654_321, [withdrawal(1)]) is None
 
 
+async def test_transfers_into_one_payee_are_decided_in_order(
+    client: httpx.AsyncClient, database: Database, database_url: str
+) -> None:
+    """A batch into one payee: each transfer decided on the balances the ones before it left
+    (a payer listed twice sees its first debit), refusals as tandem_transfer_v3 gives them,
+    and the payee's legs carrying its balance after each transfer."""
+    a, b, payee = await new_user(client, 100), await new_user(client, 40), await new_user(client, 5)
+    found = await repository.transfer_batch(
+        database.pool,
+        payee,
+        [
+            Payment(a, 30, "one", None),
+            Payment(b, 50, None, None),
+            Payment(a, 80, None, None),
+            Payment(987_654_321, 1, None, None),
+            Payment(a, 70, None, None),
+        ],
+    )
+    assert [(r.outcome, r.from_balance, r.to_balance) for r in found] == [
+        ("ok", 70, 35),
+        ("insufficient_funds", 40, 35),
+        ("insufficient_funds", 70, 35),
+        ("from_not_found", None, None),
+        ("ok", 0, 105),
+    ]
+    assert await entries(database_url, payee) == [(30, 35), (70, 105)]
+    assert await entries(database_url, a) == [(-30, 70), (-70, 0)]
+    assert [r.transfer_id is not None for r in found] == [True, False, False, False, True]
+    nobody = await repository.transfer_batch(
+        database.pool, 987_654_321, [Payment(a, 1, None, None), Payment(b, 1, None, None)]
+    )
+    assert [r.outcome for r in nobody] == ["to_not_found", "to_not_found"]
+
+
+async def test_a_transfer_batch_never_passes_the_payees_ceiling(
+    client: httpx.AsyncClient, database: Database, database_url: str
+) -> None:
+    a = await new_user(client, 100)
+    payee = await new_user(client, INT64_MAX - 10)
+    found = await repository.transfer_batch(
+        database.pool,
+        payee,
+        [Payment(a, 5, None, None), Payment(a, 10, None, None), Payment(a, 5, None, None)],
+    )
+    assert [(r.outcome, r.to_balance) for r in found] == [
+        ("ok", INT64_MAX - 5),
+        ("balance_limit_exceeded", INT64_MAX - 5),
+        ("ok", INT64_MAX),
+    ]
+
+
+async def test_concurrent_transfers_into_one_payee_go_in_batches(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """300 concurrent transfers of 10 from 100 payers holding 20 each into one payee through
+    the API: exactly 200 made (two per payer) and 100 refused, the payee holds 2000, batches
+    of transfers formed, and the ledger verifies (every leg's balance follows the one
+    before it)."""
+    payers = [await new_user(client, 20) for _ in range(100)]
+    payee = await new_user(client, 0)
+    before = sample_sum(
+        (await client.get("/metrics")).text, "tandem_wallet_batch_size_count", kind="transfer"
+    )
+    answers = await asyncio.gather(
+        *(
+            client.post("/transfers", json={"fromUserId": p, "toUserId": payee, "amount": 10})
+            for p in payers * 3
+        )
+    )
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [201] * 200 + [409] * 100, statuses
+    assert (await client.get(f"/balance/{payee}")).json()["balance"] == 2000
+    metrics = (await client.get("/metrics")).text
+    assert sample_sum(metrics, "tandem_wallet_batch_size_count", kind="transfer") > before
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        verified = await repository.verify_ledger(conn, 60.0)
+    finally:
+        await conn.close()
+    assert verified is not None
+    assert (verified.mismatches, verified.holds) == (0, [])
+
+
 # --- the queue ------------------------------------------------------------------------------
 
 
@@ -184,7 +267,9 @@ async def test_concurrent_changes_go_in_batches_each_answered_its_own_outcome(
     one change formed; each success answers its own balance after it (200 distinct
     balances, 398 down to 0) and its own entry, which the journal holds with that balance."""
     user = await new_user(client, 400)
-    before = sample_sum((await client.get("/metrics")).text, "tandem_wallet_batch_size_count")
+    before = sample_sum(
+        (await client.get("/metrics")).text, "tandem_wallet_batch_size_count", kind="change"
+    )
     answers = await asyncio.gather(
         *(client.post("/balance/update", json={"userId": user, "amount": -2}) for _ in range(400))
     )
@@ -196,9 +281,11 @@ async def test_concurrent_changes_go_in_batches_each_answered_its_own_outcome(
     assert all(journal[b["entryId"]] == b["balance"] for b in bodies)
     assert len(journal) == 201  # the opening entry and one per success
     metrics = (await client.get("/metrics")).text
-    batched = sample_sum(metrics, "tandem_wallet_batch_size_count") - before
+    batched = sample_sum(metrics, "tandem_wallet_batch_size_count", kind="change") - before
     assert batched > 0, "no batch formed"
-    assert sample_sum(metrics, "tandem_wallet_batch_size_sum") > batched  # more than 1 each
+    assert (
+        sample_sum(metrics, "tandem_wallet_batch_size_sum", kind="change") > batched
+    )  # more than 1 each
 
 
 async def test_a_lone_change_goes_at_once_alone(
@@ -208,7 +295,7 @@ async def test_a_lone_change_goes_at_once_alone(
     (no batch), and the queue forgets the user after it."""
     user = await new_user(client, 10)
     assert outcome(await batches.apply(user, withdrawal(3))) == (7, True)
-    assert batches.users_in_flight == 0
+    assert batches.rows_in_flight == 0
 
 
 async def test_a_batch_that_rolls_back_is_retried_item_by_item(
@@ -250,7 +337,7 @@ async def test_a_change_waiting_too_long_unsent_is_refused_and_changes_nothing(
         with pytest.raises(QueueWaitExpiredError):
             await short.apply(user, withdrawal(2))
     assert outcome(await first) == (99, True)
-    await eventually(lambda: short.users_in_flight == 0, 5)
+    await eventually(lambda: short.rows_in_flight == 0, 5)
     assert await entries(database_url, user) == [(-1, 99)]
 
 
