@@ -31,6 +31,8 @@ refused, every one of them serialised on the same row lock, and journaled.
 - reads: 20000 GET /balance/{id} over 200 keep-alive connections.
 - lone updates: ``--lone-requests`` withdrawals one after another on one keep-alive
   connection, against both Tandem servers: a request's latency with nothing else in flight.
+- keyed burst: ``--keyed`` withdrawals of 2 from one user holding as many, each with an
+  Idempotency-Key of its own, all at once (exactly half succeed).
 - transfers: ``--transfers`` between random pairs of 1000 users, 200 in flight (both
   directions at once, so deadlocks would show): transfers/s and the outcomes; then as many
   from random ones of 1000 users into one payee (a fee account: one hot row).
@@ -376,6 +378,8 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
             f"p99 {result.p99 * 1000:.2f} ms, errors {result.errors}"
         )
 
+    if args.keyed:
+        console.print(keyed_burst_figures(fast, url, args.keyed, failures))
     if args.transfers:
         console.print(transfer_figures(fast, url, args.transfers))
         console.print(transfer_figures(fast, url, args.transfers, hot_payee=True))
@@ -441,6 +445,38 @@ def transfer_figures(server: ServeProcess, url: str, total: int, *, hot_payee: b
     return (
         f"transfers: {total} {shape}, 200 in flight: {total / elapsed:,.0f}/s "
         f"({elapsed:.2f} s); outcomes {dict(outcomes)}"
+    )
+
+
+def keyed_burst_figures(server: ServeProcess, url: str, total: int, failures: list[str]) -> str:
+    """``total`` withdrawals of AMOUNT from one user holding ``total``, each with an
+    Idempotency-Key of its own, all sent at once: the burst as a client that retries safely
+    sends it (keyed changes are not batched: each claims its key in its own transaction)."""
+    (user,) = create_users(url, 1, total)
+    host = f"127.0.0.1:{server.port}"
+    body = {"userId": user, "amount": -AMOUNT}
+    run_id = random.randrange(1 << 30)
+    requests = [
+        build_request(
+            "POST",
+            "/balance/update",
+            host,
+            body,
+            headers={**AUTH, "Idempotency-Key": f"bench-{run_id}-{index}"},
+        )
+        for index in range(total)
+    ]
+    started = time.perf_counter()
+    results = run(send_burst("127.0.0.1", server.port, requests))
+    elapsed = time.perf_counter() - started
+    outcomes = Counter(result.describe() for result in results)
+    made = total // AMOUNT  # AMOUNT each from a balance of total
+    if outcomes != {"200": made, "409": total - made}:
+        failures.append(f"keyed burst: outcomes {dict(outcomes)}")
+    return (
+        f"keyed burst: {total} withdrawals of {AMOUNT} from {total}, each with its own "
+        f"Idempotency-Key, all at once: {elapsed:.2f} s ({total / elapsed:,.0f}/s); "
+        f"outcomes {dict(outcomes)}"
     )
 
 
@@ -618,6 +654,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--read-connections", type=int, default=200)
     parser.add_argument(
         "--lone-requests", type=int, default=2000, help="sequential withdrawals, one connection"
+    )
+    parser.add_argument(
+        "--keyed", type=int, default=10_000, help="the keyed burst's withdrawals; 0: skip"
     )
     parser.add_argument("--transfers", type=int, default=5000, help="0: skip transfers")
     parser.add_argument(

@@ -46,6 +46,7 @@ def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
         "--read-requests=200",
         "--read-connections=10",
         "--lone-requests=50",
+        "--keyed=100",
         "--transfers=50",
         "--holds=200",
         "--hold-pairs=50",
@@ -54,6 +55,7 @@ def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
     figures = ("floors: database", "ratio_floors:", "ratio:", "group_commit:", "ratio_http:")
     for figure in (*figures, "reads:", "batches by size"):
         assert figure in out, out[-4000:]
+    assert "keyed burst: 100 withdrawals" in out
     assert "transfers: 50 over" in out
     assert "transfers: 50 from 1000 users into one" in out
     assert "holds: 200 on one user" in out
