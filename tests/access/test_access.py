@@ -3,8 +3,7 @@ code, and that a refusal changed nothing. In process, against the real database.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,7 +12,6 @@ import pytest
 from tandem.access import policy
 from tandem.access.keys import new_token
 from tandem.core.callers import (
-    KEYS_WRITE,
     SCOPES,
     TASKS_READ,
     TASKS_WRITE,
@@ -25,74 +23,10 @@ from tandem.core.callers import (
 from tandem.core.settings import Settings
 from tandem.main import create_app
 from tests.access.keys import bearer, make_key
+from tests.access.routes import ROUTES, TASK, Route
 from tests.support import fetch
 
 BASE = "http://tandem.test"
-TASK = "access.probe"
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str  # formatted with the world's ids
-    requirement: str  # a scope, or policy.ANY_KEY
-    ok: int = 200  # the status with the right key
-    body: Callable[[dict[str, int]], Any] | None = None
-    page: bool = False
-
-
-ROUTES = [
-    Route(
-        "POST",
-        "/balance/update",
-        WALLET_WRITE,
-        body=lambda w: {"userId": w["user"], "amount": -1},
-    ),
-    Route("GET", "/balance/{user}", WALLET_READ),
-    Route("HEAD", "/balance/{user}", WALLET_READ),
-    Route("GET", "/balance/{user}/history", WALLET_READ),
-    Route(
-        "POST",
-        "/transfers",
-        WALLET_WRITE,
-        ok=201,
-        body=lambda w: {"fromUserId": w["user"], "toUserId": w["other"], "amount": 1},
-    ),
-    Route("GET", "/transfers/{transfer}", WALLET_READ),
-    Route(
-        "POST",
-        "/holds",
-        WALLET_WRITE,
-        ok=201,
-        body=lambda w: {"userId": w["user"], "amount": 1, "toUserId": w["other"]},
-    ),
-    Route("GET", "/holds/{hold}", WALLET_READ),
-    # Each hold changed once, by the key that may (the refusals before change nothing).
-    Route("POST", "/holds/{hold}/capture", WALLET_WRITE, body=lambda w: {"amount": 1}),
-    Route("POST", "/holds/{released}/release", WALLET_WRITE),
-    Route("GET", "/balance/{user}/holds", WALLET_READ),
-    Route("POST", "/users", USERS_WRITE, ok=201, body=lambda w: {"balance": 0}),
-    Route(
-        "POST",
-        "/keys",
-        KEYS_WRITE,
-        ok=201,
-        body=lambda w: {"name": "minted", "scopes": [WALLET_READ], "userIds": [w["user"]]},
-    ),
-    Route("GET", "/tasks", TASKS_READ),
-    Route("GET", f"/tasks/{TASK}/history", TASKS_READ),
-    Route("GET", "/instances", TASKS_READ),
-    Route("POST", f"/tasks/{TASK}/run", TASKS_WRITE),
-    Route("POST", f"/tasks/{TASK}/pause", TASKS_WRITE),
-    Route("POST", f"/tasks/{TASK}/resume", TASKS_WRITE),
-    Route("GET", "/", TASKS_READ, page=True),
-    Route("GET", "/status/fragment", TASKS_READ, page=True),
-    Route("GET", "/docs", policy.ANY_KEY, page=True),
-    Route("GET", "/redoc", policy.ANY_KEY, page=True),
-    Route("GET", "/openapi.json", policy.ANY_KEY),
-    Route("GET", "/no/such/route", policy.ANY_KEY, ok=404),
-]
-
 # Everything a request could change, read in one statement.
 STATE = """
 SELECT (SELECT count(*) FROM users), (SELECT sum(balance) FROM users),

@@ -40,7 +40,7 @@ from tandem.core.settings import Settings, get_settings
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.runner import task_row
 from tandem.wallet import repository as wallet_repository
-from tests.access.test_access import ROUTES, TASK
+from tests.access.routes import ROUTES, TASK
 from tests.scheduler.registries import definition
 from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, query, value
 

@@ -1,6 +1,6 @@
 """The package's layering, read from the source: core and observability import no domain,
-core does not import observability (observability builds on core, never the reverse), and
-the wallet's lean path does not import the FastAPI routes."""
+core does not import observability (observability builds on core, never the reverse), the
+wallet's lean path does not import the FastAPI routes, and no test module imports another."""
 
 from __future__ import annotations
 
@@ -58,3 +58,20 @@ def test_the_lean_path_does_not_import_the_fastapi_routes() -> None:
     names = imports_of(PACKAGE / "wallet" / "fastpath.py")
     assert not any(name.startswith("tandem.wallet.endpoints") for name in names)
     assert "tandem.wallet.hotroutes" in names
+
+
+def test_no_test_module_imports_another() -> None:
+    """Helpers shared by tests live in tests/support/ or a helper module beside them, never in
+    a test module (importing one runs its fixtures' module and hides where a helper lives);
+    bench/ imports no test module either."""
+    root = PACKAGE.parent
+    wrong = {
+        str(path.relative_to(root)): sorted(
+            name
+            for name in imports_of(path)
+            if name.startswith("tests.") and name.split(".")[-1].startswith("test_")
+        )
+        for folder in ("tests", "bench")
+        for path in sorted((root / folder).rglob("*.py"))
+    }
+    assert {module: names for module, names in wrong.items() if names} == {}

@@ -1,0 +1,84 @@
+"""Every served route, once, as the access tests send it: its method and path (formatted with
+a test world's ids), what it requires, the status it answers with the right key and its
+body. The route matrix (test_access.py) and the app role's tests (tests/core) walk it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.access import policy
+from tandem.core.callers import (
+    KEYS_WRITE,
+    TASKS_READ,
+    TASKS_WRITE,
+    USERS_WRITE,
+    WALLET_READ,
+    WALLET_WRITE,
+)
+
+TASK = "access.probe"
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # formatted with the world's ids
+    requirement: str  # a scope, or policy.ANY_KEY
+    ok: int = 200  # the status with the right key
+    body: Callable[[dict[str, int]], Any] | None = None
+    page: bool = False
+
+
+ROUTES = [
+    Route(
+        "POST",
+        "/balance/update",
+        WALLET_WRITE,
+        body=lambda w: {"userId": w["user"], "amount": -1},
+    ),
+    Route("GET", "/balance/{user}", WALLET_READ),
+    Route("HEAD", "/balance/{user}", WALLET_READ),
+    Route("GET", "/balance/{user}/history", WALLET_READ),
+    Route(
+        "POST",
+        "/transfers",
+        WALLET_WRITE,
+        ok=201,
+        body=lambda w: {"fromUserId": w["user"], "toUserId": w["other"], "amount": 1},
+    ),
+    Route("GET", "/transfers/{transfer}", WALLET_READ),
+    Route(
+        "POST",
+        "/holds",
+        WALLET_WRITE,
+        ok=201,
+        body=lambda w: {"userId": w["user"], "amount": 1, "toUserId": w["other"]},
+    ),
+    Route("GET", "/holds/{hold}", WALLET_READ),
+    # Each hold changed once, by the key that may (the refusals before change nothing).
+    Route("POST", "/holds/{hold}/capture", WALLET_WRITE, body=lambda w: {"amount": 1}),
+    Route("POST", "/holds/{released}/release", WALLET_WRITE),
+    Route("GET", "/balance/{user}/holds", WALLET_READ),
+    Route("POST", "/users", USERS_WRITE, ok=201, body=lambda w: {"balance": 0}),
+    Route(
+        "POST",
+        "/keys",
+        KEYS_WRITE,
+        ok=201,
+        body=lambda w: {"name": "minted", "scopes": [WALLET_READ], "userIds": [w["user"]]},
+    ),
+    Route("GET", "/tasks", TASKS_READ),
+    Route("GET", f"/tasks/{TASK}/history", TASKS_READ),
+    Route("GET", "/instances", TASKS_READ),
+    Route("POST", f"/tasks/{TASK}/run", TASKS_WRITE),
+    Route("POST", f"/tasks/{TASK}/pause", TASKS_WRITE),
+    Route("POST", f"/tasks/{TASK}/resume", TASKS_WRITE),
+    Route("GET", "/", TASKS_READ, page=True),
+    Route("GET", "/status/fragment", TASKS_READ, page=True),
+    Route("GET", "/docs", policy.ANY_KEY, page=True),
+    Route("GET", "/redoc", policy.ANY_KEY, page=True),
+    Route("GET", "/openapi.json", policy.ANY_KEY),
+    Route("GET", "/no/such/route", policy.ANY_KEY, ok=404),
+]
