@@ -132,7 +132,11 @@ class RowQueues(Generic[Item, Result]):
         waiting: _Waiting[Item, Result] = _Waiting(item, loop.create_future())
         waiting.expiry = loop.call_later(self._batch_wait, _expire, waiting)
         queue.waiting.append(waiting)
-        return await waiting.answer
+        try:
+            return await waiting.answer
+        except asyncio.CancelledError:
+            waiting.expiry.cancel()  # the request is gone: nothing holds its item any more
+            raise
 
     def _then(self, row: int) -> None:
         """The statement in flight for ``row`` ended: send what waits, or forget the row."""
@@ -156,6 +160,10 @@ class RowQueues(Generic[Item, Result]):
                     batch.append(waiting)
                 if not batch:
                     return
+                if asyncio.get_running_loop().time() < self._alone_until:
+                    for waiting in batch:  # no batch function yet: each alone, no batch tried
+                        await self._alone(row, waiting)
+                    continue
                 try:
                     await self._run(row, batch)
                 except BaseException:
@@ -192,9 +200,17 @@ class RowQueues(Generic[Item, Result]):
             for waiting in batch:
                 await self._alone(row, waiting)
             return
-        except asyncpg.PostgresError:
-            # The statement ran and rolled back as a whole: each item alone, for its own
-            # answer (a bug shows as the 500 of the item that causes it, and only that one).
+        except (asyncpg.PostgresError, asyncpg.DataError) as failure:
+            # The statement ran and rolled back as a whole (or one item could not be encoded,
+            # nothing sent): each item alone, for its own answer (a bug shows as the 500 of
+            # the item that causes it, and only that one).
+            log.warning(
+                "a %s batch of %d failed (%s: %s); its items are sent one by one",
+                self.kind,
+                len(batch),
+                getattr(failure, "sqlstate", None) or type(failure).__name__,
+                failure,
+            )
             for waiting in batch:
                 await self._alone(row, waiting)
             return

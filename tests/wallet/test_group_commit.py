@@ -197,9 +197,12 @@ async def test_transfers_into_one_payee_are_decided_in_order(
     assert await entries(database_url, a) == [(-30, 70), (-70, 0)]
     assert [r.transfer_id is not None for r in found] == [True, False, False, False, True]
     nobody = await repository.transfer_batch(
-        database.pool, 987_654_321, [Payment(a, 1, None, None), Payment(b, 1, None, None)]
+        database.pool,
+        987_654_321,
+        [Payment(a, 1, None, None), Payment(987_654_322, 1, None, None), Payment(b, 1, None, None)],
     )
-    assert [r.outcome for r in nobody] == ["to_not_found", "to_not_found"]
+    # As each alone: a missing payer is named before the missing payee.
+    assert [r.outcome for r in nobody] == ["to_not_found", "from_not_found", "to_not_found"]
 
 
 async def test_a_transfer_batch_never_passes_the_payees_ceiling(
@@ -228,9 +231,9 @@ async def test_concurrent_transfers_into_one_payee_go_in_batches(
     before it)."""
     payers = [await new_user(client, 20) for _ in range(100)]
     payee = await new_user(client, 0)
-    before = sample_sum(
-        (await client.get("/metrics")).text, "tandem_wallet_batch_size_count", kind="transfer"
-    )
+    metrics = (await client.get("/metrics")).text
+    before = sample_sum(metrics, "tandem_wallet_batch_size_count", kind="transfer")
+    summed = sample_sum(metrics, "tandem_wallet_batch_size_sum", kind="transfer")
     answers = await asyncio.gather(
         *(
             client.post("/transfers", json={"fromUserId": p, "toUserId": payee, "amount": 10})
@@ -241,7 +244,10 @@ async def test_concurrent_transfers_into_one_payee_go_in_batches(
     assert statuses == [201] * 200 + [409] * 100, statuses
     assert (await client.get(f"/balance/{payee}")).json()["balance"] == 2000
     metrics = (await client.get("/metrics")).text
-    assert sample_sum(metrics, "tandem_wallet_batch_size_count", kind="transfer") > before
+    batches = sample_sum(metrics, "tandem_wallet_batch_size_count", kind="transfer") - before
+    assert batches > 0, "no batch of transfers formed"
+    batched = sample_sum(metrics, "tandem_wallet_batch_size_sum", kind="transfer") - summed
+    assert batched > batches  # more than one transfer in a batch
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         verified = await repository.verify_ledger(conn, 60.0)
@@ -373,14 +379,14 @@ WHERE datname = current_database() AND wait_event_type = 'Lock'
 """
 
 
-async def _waiting_in(url: str, function: str) -> int:
-    """The backend waiting on a lock in a statement calling ``function``, once there is one."""
+async def _waiting_in(url: str, function: str, count: int = 1) -> int:
+    """A backend waiting on a lock in a statement calling ``function``, once ``count`` are."""
     found: list[int] = []
 
     async def waiting() -> bool:
         rows = await fetch(url, LOCK_WAITERS)
         found[:] = [r["pid"] for r in rows if f"{function}(" in r["query"]]
-        return len(found) == 1
+        return len(found) == count
 
     await until(waiting, 10)
     return found[0]
@@ -410,10 +416,14 @@ async def test_without_the_batch_function_every_change_goes_alone(
             queued = [asyncio.ensure_future(batches.apply(user, withdrawal(1))) for _ in range(3)]
             await asyncio.sleep(0)
         done = await asyncio.gather(first, *queued)
-        later = await batches.apply(user, withdrawal(1))
+        # Now every change goes alone at once, none queued behind another for a batch: three
+        # at once each wait on the row lock in a statement of their own.
+        async with holding(url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+            later = [asyncio.ensure_future(batches.apply(user, withdrawal(1))) for _ in range(3)]
+            await _waiting_in(url, "tandem_apply_delta_v2", count=3)
+        done += await asyncio.gather(*later)
     finally:
         await database.close()
-    assert [outcome(d) for d in done] == [(99, True), (98, True), (97, True), (96, True)]
-    assert outcome(later) == (95, True)
+    assert sorted(outcome(d) for d in done) == [(b, True) for b in range(93, 100)]
     assert caplog.text.count("group commit waits for migration 0018") == 1
-    assert await entries(url, user, opening=False) == [(-1, b) for b in range(99, 94, -1)]
+    assert await entries(url, user, opening=False) == [(-1, b) for b in range(99, 92, -1)]

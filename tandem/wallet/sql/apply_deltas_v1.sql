@@ -15,7 +15,10 @@
 -- commit. The CHECKs on users see only the final state, so the per-item arithmetic (never
 -- below held, never past 2^63-1) is this function's own, in numeric (no overflow midway).
 -- p_keys are unique in the journal per caller (p_api_keys[i]): the caller deduplicates a
--- batch before sending it, or the journal's unique index would refuse the whole batch.
+-- batch before sending it, or the journal's unique index would refuse the whole batch. The
+-- day's minted total is read once, under the lock, and the batch's deposits added to it: as
+-- with tandem_mint_allowed_v1, backends committing at once may pass the ceiling together by
+-- what each has in flight (here a batch's deposits, there one deposit).
 CREATE FUNCTION tandem_apply_deltas_v1(
     p_user bigint, p_amounts bigint[], p_references text[], p_keys text[], p_api_keys bigint[])
 RETURNS TABLE (balance bigint, applied boolean, entry_id bigint, refusal text)

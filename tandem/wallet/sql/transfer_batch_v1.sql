@@ -14,7 +14,9 @@
 -- their first common row instead of deadlocking. The payee's balance is carried from item to
 -- item and written once at the end (the CHECKs see only the final state; the arithmetic
 -- before it is this function's own, in numeric). A payer listed twice sees its first
--- transfer's debit (each statement of a volatile function reads the newest row).
+-- transfer's debit (each statement of a volatile function reads the newest row). A payer
+-- that is the payee is refused by the transfers row's CHECK (ck_transfers_two_users) before
+-- any balance moves, which rolls the batch back (its transfers are then sent alone).
 CREATE FUNCTION tandem_transfer_batch_v1(
     p_to bigint, p_froms bigint[], p_amounts bigint[], p_references text[],
     p_api_keys bigint[])
@@ -37,9 +39,13 @@ BEGIN
     ) rows;
     SELECT u.balance INTO to_now FROM users u WHERE u.id = p_to;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'to_not_found', NULL::bigint, NULL::bigint, NULL::bigint,
-                            NULL::timestamptz
-                     FROM generate_series(1, coalesce(cardinality(p_froms), 0));
+        -- As tandem_transfer_v3 answers each alone: a missing payer is named first.
+        RETURN QUERY
+            SELECT CASE WHEN EXISTS (SELECT FROM users u WHERE u.id = f.id)
+                        THEN 'to_not_found' ELSE 'from_not_found' END,
+                   NULL::bigint, NULL::bigint, NULL::bigint, NULL::timestamptz
+            FROM unnest(p_froms) WITH ORDINALITY AS f(id, ord)
+            ORDER BY f.ord;
         RETURN;
     END IF;
     to_start := to_now;
