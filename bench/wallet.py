@@ -90,6 +90,7 @@ from common import (  # bench/common.py: bench/ is first on sys.path when this r
     start_servers,
     value,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
 from tandem.cli import raise_fd_limit
@@ -106,6 +107,7 @@ from tandem.loadtest.client import (
     send_keepalive,
 )
 from tandem.wallet.repository import APPLY_DELTA, APPLY_DELTAS
+from tests.support.metrics import sample_sum
 
 WARMUP_REQUESTS = 1000
 BENCH_DIR = Path(__file__).resolve().parent
@@ -601,19 +603,17 @@ class BatchSizes:
     def read(cls, server: ServeProcess) -> BatchSizes:
         text = server.get("/metrics").decode()
         buckets = {
-            match.group(1): float(match.group(2))
-            for match in re.finditer(
-                r'^tandem_wallet_batch_size_bucket\{kind="change",le="([^"]+)"\} (\S+)$', text, re.M
-            )
+            sample.labels["le"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "tandem_wallet_batch_size_bucket"
+            and sample.labels.get("kind") == "change"
         }
-        updates = sum(
-            float(match.group(1))
-            for match in re.finditer(
-                r"^tandem_wallet_balance_updates_total\{[^}]*\} (\S+)$", text, re.M
-            )
+        return cls(
+            buckets,
+            sample_sum(text, "tandem_wallet_batch_size_sum", kind="change"),
+            sample_sum(text, "tandem_wallet_balance_updates_total"),
         )
-        batched = re.search(r'^tandem_wallet_batch_size_sum\{kind="change"\} (\S+)$', text, re.M)
-        return cls(buckets, float(batched.group(1)) if batched else 0.0, updates)
 
     def __sub__(self, before: BatchSizes) -> BatchSizes:
         return BatchSizes(

@@ -45,10 +45,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 import asyncpg
 
@@ -90,11 +91,11 @@ class QueueWaitExpiredError(DatabaseUnavailableError):
 RETRY_BATCHES_AFTER = 30.0
 
 
-class RowQueues(Generic[Item, Result]):
+class RowQueues(ABC, Generic[Item, Result]):
     """The per-row queues of one process for one kind of statement: ``_one`` sends an item
     alone (today's statement), ``_batch`` several of one row together, in order."""
 
-    kind = "change"  # what the metric's label and the log call an item
+    kind: ClassVar[str]  # what the metric's label and the log call an item
 
     def __init__(self, database: Database, batch_max: int, batch_wait: float) -> None:
         self._database = database
@@ -102,17 +103,18 @@ class RowQueues(Generic[Item, Result]):
         self._batch_wait = batch_wait
         self._queues: dict[int, _Queue[Item, Result]] = {}
         self._alone_until = 0.0  # loop time: no batch function found, every item alone
+        self._sizes = WALLET_BATCH_SIZE.labels(self.kind)  # the child, looked up once
 
     @property
     def rows_in_flight(self) -> int:
         """Rows with a statement in flight (and a queue, maybe empty)."""
         return len(self._queues)
 
-    async def _one(self, row: int, item: Item) -> Result:
-        raise NotImplementedError
+    @abstractmethod
+    async def _one(self, row: int, item: Item) -> Result: ...
 
-    async def _batch(self, row: int, items: Sequence[Item]) -> list[Result]:
-        raise NotImplementedError
+    @abstractmethod
+    async def _batch(self, row: int, items: Sequence[Item]) -> list[Result]: ...
 
     async def apply(self, row: int, item: Item) -> Result:
         """The item's outcome, as ``_one`` answers it. Raises what the pool raises
@@ -181,7 +183,7 @@ class RowQueues(Generic[Item, Result]):
                 _answer_error(waiting, DatabaseUnavailableError("the instance is stopping"))
 
     async def _run(self, row: int, batch: list[_Waiting[Item, Result]]) -> None:
-        WALLET_BATCH_SIZE.labels(self.kind).observe(len(batch))
+        self._sizes.observe(len(batch))
         try:
             results = await self._batch(row, [waiting.item for waiting in batch])
         except AppError as error:

@@ -9,10 +9,12 @@ answers outcome_unknown for each of its items."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from tandem.core.database import Database, asyncpg_dsn
 from tandem.core.errors import OutcomeUnknownError
@@ -41,6 +43,11 @@ async def entries(url: str, user: int, *, opening: bool = True) -> list[tuple[in
     the API has one; ``opening=False`` for one inserted by hand)."""
     rows = await fetch(url, ENTRIES, user)
     return [(r["amount"], r["balance"]) for r in rows[1 if opening else 0 :]]
+
+
+def batches_sent(kind: str = "change") -> float:
+    """Batch statements this process has sent of ``kind`` (its tandem_wallet_batch_size)."""
+    return sample_sum(generate_latest().decode(), "tandem_wallet_batch_size_count", kind=kind)
 
 
 def outcome(result: DeltaResult | None) -> tuple[int, bool]:
@@ -164,8 +171,12 @@ async def test_deposits_of_a_batch_count_against_the_mint_ceiling_together(
     assert await entries(url, user, opening=False) == [(60, 60), (40, 100)]
 
 
-async def test_a_batch_for_no_user_changes_nothing(database: Database) -> None:
-    assert await repository.apply_deltas(database.pool, 987_654_321, [withdrawal(1)]) is None
+async def test_a_batch_for_no_user_changes_nothing(database: Database, database_url: str) -> None:
+    """No such user: no rows at all (each change is told so), and nothing written."""
+    journal = "SELECT count(*) FROM ledger_entries"
+    before = (await fetch(database_url, journal))[0][0]
+    assert await repository.apply_deltas(database.pool, 987_654_321, [deposit(1)]) is None
+    assert (await fetch(database_url, journal))[0][0] == before
 
 
 async def test_transfers_into_one_payee_are_decided_in_order(
@@ -300,16 +311,23 @@ async def test_a_lone_change_goes_at_once_alone(
     """With nothing in flight for its user, a change is sent at once on its own statement
     (no batch), and the queue forgets the user after it."""
     user = await new_user(client, 10)
+    sent = batches_sent()
     assert outcome(await batches.apply(user, withdrawal(3))) == (7, True)
+    assert batches_sent() == sent  # no batch statement
     assert batches.rows_in_flight == 0
 
 
 async def test_a_batch_that_rolls_back_is_retried_item_by_item(
-    client: httpx.AsyncClient, batches: GroupCommit, database_url: str
+    client: httpx.AsyncClient,
+    batches: GroupCommit,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One item the journal refuses (a reference past its CHECK, which the API would have
-    refused first) rolls its batch back: the others are retried alone and applied, and only
-    that one fails."""
+    refused first) rolls its batch of three back (the batch was sent, and logged with its
+    SQLSTATE): the others are retried alone and applied, and only that one fails."""
+    caplog.set_level(logging.WARNING)
+    sent = batches_sent()
     user = await new_user(client, 100)
     async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
         first = asyncio.ensure_future(batches.apply(user, withdrawal(1)))
@@ -320,6 +338,8 @@ async def test_a_batch_that_rolls_back_is_retried_item_by_item(
         ]
         await asyncio.sleep(0)
     done = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert batches_sent() == sent + 1
+    assert "a change batch of 3 failed (23514" in caplog.text
     assert isinstance(done[2], asyncpg.CheckViolationError), done[2]
     assert [(r.balance, r.applied) for r in (done[0], done[1], done[3])] == [  # type: ignore[union-attr]
         (99, True),
