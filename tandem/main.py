@@ -34,10 +34,10 @@ from tandem.scheduler.registry import Registry, load_registry
 from tandem.scheduler.runner import Runner
 from tandem.status.endpoints import router as status_router
 from tandem.wallet import hotroutes
-from tandem.wallet.batching import WalletBatches
 from tandem.wallet.endpoints import router as wallet_router
 from tandem.wallet.endpoints import wallet_batches_of
 from tandem.wallet.fastpath import WalletFastPath
+from tandem.wallet.service import WalletBatches
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def create_asgi_app(settings: Settings | None = None) -> ASGIApp:
     instance = instance_of(app)
     sessions = Sessions(instance.database, lookups_per_second=settings.auth_lookups_per_second)
     batches = wallet_batches_of(app)
-    fast_path = WalletFastPath(app, instance, batches.changes if batches else None)
+    fast_path = WalletFastPath(app, instance, batches)
     access = AccessControl(fast_path, keys_of(app), sessions, disabled=settings.auth_disabled)
     return HttpMetricsMiddleware(access, instance.instance_id)
 

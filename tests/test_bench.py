@@ -55,7 +55,8 @@ def test_wallet_bench_prints_its_ratios(postgres_url: str) -> None:
     figures = ("floors: database", "ratio_floors:", "ratio:", "group_commit:", "ratio_http:")
     for figure in (*figures, "reads:", "batches by size"):
         assert figure in out, out[-4000:]
-    assert "keyed burst: 100 withdrawals" in out
+    assert "each with its own Idempotency-Key, all at once" in out
+    assert "keyed_group_commit:" in out
     assert "transfers: 50 over" in out
     assert "transfers: 50 from 1000 users into one" in out
     assert "holds: 200 on one user" in out

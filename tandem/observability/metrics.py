@@ -40,11 +40,16 @@ WALLET_BALANCE_UPDATES = Counter(
 WALLET_BATCH_SIZE = Histogram(
     "tandem_wallet_batch_size",
     "Items sent together as one statement (group commit), by kind: change (balance changes of "
-    "one user) or transfer (transfers into one payee).",
+    "one user), keyed_change (the same with idempotency keys, one transaction) or transfer "
+    "(transfers into one payee).",
     ["kind"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
-for _kind in ("change", "transfer"):  # exported at 0 from the start, as every series here
+for _kind in (
+    "change",
+    "keyed_change",
+    "transfer",
+):  # exported at 0 from the start, as every series here
     WALLET_BATCH_SIZE.labels(_kind)
 # Both kinds of 503 a database failure gives (tandem/core/failures.py): "not_applied"
 # (database_unavailable: nothing changed) and "outcome_unknown" (a write may have committed).

@@ -47,7 +47,7 @@ import copy
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, TypeVar
 
@@ -116,6 +116,12 @@ class RowQueues(ABC, Generic[Item, Result]):
     @abstractmethod
     async def _batch(self, row: int, items: Sequence[Item]) -> list[Result]: ...
 
+    def _identity(self, item: Item) -> Hashable | None:
+        """What no two items of one batch may share (None: anything goes): an item whose
+        identity is already in the batch being formed waits for the next one, so it is
+        decided after the first has committed (a keyed retry then replays it)."""
+        return None
+
     async def apply(self, row: int, item: Item) -> Result:
         """The item's outcome, as ``_one`` answers it. Raises what the pool raises
         (DatabaseUnavailableError, OutcomeUnknownError), or QueueWaitExpiredError (a
@@ -153,13 +159,22 @@ class RowQueues(ABC, Generic[Item, Result]):
         try:
             while True:
                 batch: list[_Waiting[Item, Result]] = []
+                seen: set[Hashable] = set()
+                later: list[_Waiting[Item, Result]] = []  # in order, for the next batch
                 while queue.waiting and len(batch) < self._batch_max:
                     waiting = queue.waiting.popleft()
                     if waiting.answer.done():
                         continue  # expired or cancelled before it was sent: nothing to send
+                    identity = self._identity(waiting.item)
+                    if identity is not None:
+                        if identity in seen:
+                            later.append(waiting)
+                            continue
+                        seen.add(identity)
                     if waiting.expiry is not None:
                         waiting.expiry.cancel()
                     batch.append(waiting)
+                queue.waiting.extendleft(reversed(later))
                 if not batch:
                     return
                 if asyncio.get_running_loop().time() < self._alone_until:
@@ -270,21 +285,6 @@ class TransferBatches(RowQueues[Payment, TransferResult]):
 
     async def _batch(self, row: int, items: Sequence[Payment]) -> list[TransferResult]:
         return await repository.transfer_batch(self._database.pool, row, items)
-
-
-@dataclass(frozen=True)
-class WalletBatches:
-    """The process's queues (None: group commit off)."""
-
-    changes: GroupCommit
-    transfers: TransferBatches
-
-    @classmethod
-    def of(cls, database: Database, batch_max: int, batch_wait: float) -> WalletBatches:
-        return cls(
-            GroupCommit(database, batch_max, batch_wait),
-            TransferBatches(database, batch_max, batch_wait),
-        )
 
 
 def _expire(waiting: _Waiting[Item, Result]) -> None:

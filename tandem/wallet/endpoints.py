@@ -21,7 +21,6 @@ from tandem.core.openapi import (
     json_request_body,
 )
 from tandem.wallet import service
-from tandem.wallet.batching import WalletBatches
 from tandem.wallet.errors import DEBIT_LIMIT, HOLD_NOT_ACTIVE, HOLD_NOT_FOUND, HOLDS_UNAVAILABLE
 from tandem.wallet.models import DEFAULT_BALANCE
 from tandem.wallet.repository import Hold as HoldRow
@@ -54,6 +53,7 @@ from tandem.wallet.schemas import (
     parse_user_id,
     read_body,
 )
+from tandem.wallet.service import WalletBatches
 
 # The largest history page (at most 264,475 bytes of JSON, docs/wallet.md): one request
 # cannot ask for megabytes.

@@ -28,7 +28,6 @@ from tandem.core.callers import caller_of
 from tandem.core.dependencies import Instance
 from tandem.core.errors import AppError, MethodNotAllowedError
 from tandem.observability.metrics import ROUTE_SCOPE_KEY
-from tandem.wallet.batching import GroupCommit
 from tandem.wallet.hotroutes import (
     READ_ROUTE,
     UPDATE_PATH,
@@ -37,6 +36,7 @@ from tandem.wallet.hotroutes import (
     serve_balance_update,
 )
 from tandem.wallet.schemas import content_type_of, read_body
+from tandem.wallet.service import WalletBatches
 
 READ_PREFIX = READ_ROUTE.removesuffix("{userId}")
 _READ_PREFIX_LEN = len(READ_PREFIX)
@@ -53,7 +53,7 @@ class _GetOnly(MethodNotAllowedError):
 
 
 class WalletFastPath:
-    def __init__(self, app: ASGIApp, instance: Instance, batches: GroupCommit | None) -> None:
+    def __init__(self, app: ASGIApp, instance: Instance, batches: WalletBatches | None) -> None:
         self.app = app
         self.instance = instance
         self.database = instance.database

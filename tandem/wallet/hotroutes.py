@@ -28,7 +28,6 @@ from tandem.core.openapi import (
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import WALLET_BALANCE_UPDATES
 from tandem.wallet import service
-from tandem.wallet.batching import GroupCommit
 from tandem.wallet.errors import DEBIT_LIMIT
 from tandem.wallet.schemas import (
     BODY_INVALID,
@@ -65,7 +64,7 @@ async def serve_balance_update(
     body: bytes,
     content_type: str | None,
     idempotency_keys: list[str],
-    batches: GroupCommit | None = None,
+    batches: service.WalletBatches | None = None,
 ) -> BalanceResult:
     """Validate, apply, count. Raises AppError subclasses (4xx) for every refusal; a deposit
     needs the caller's wallet:mint besides the route's wallet:write."""

@@ -98,21 +98,26 @@ JOIN ledger_entries d ON d.transfer_id = t.id AND d.user_id = t.to_user_id
 WHERE t.id = $1
 """
 
-# What a key applied, from the journal (it outlives the pruning of idempotency_keys): the
+# What each key applied, from the journal (it outlives the pruning of idempotency_keys): the
 # balance update that carries it, the transfer, the hold it made, or the hold whose capture
-# or release it made; one statement, since a request asks them all (a key of one kind must
-# not apply as another). Keys are the caller's ($2): an index probe by key each, then the
-# caller (IS NOT DISTINCT FROM: NULL is the anonymous caller).
-APPLIED_WITH_KEY = """
-SELECT e.id, e.user_id, e.amount, e.balance, e.reference,
+# or release it made; one statement for a batch of keys ($1, with their callers $2), since a
+# request asks them all (a key of one kind must not apply as another). A row per key, in the
+# keys' order. Keys are the caller's: an index probe by key each, then the caller (IS NOT
+# DISTINCT FROM: NULL is the anonymous caller); a transfer's key is on both of its legs, and
+# either answers (the service reads the legs from the transfer).
+APPLIED_WITH_KEYS = """
+SELECT DISTINCT ON (k.ord)
+       e.id, e.user_id, e.amount, e.balance, e.reference,
        (SELECT t.id FROM transfers t
-        WHERE t.idempotency_key = $1 AND t.api_key_id IS NOT DISTINCT FROM $2) AS transfer_id,
+        WHERE t.idempotency_key = k.key AND t.api_key_id IS NOT DISTINCT FROM k.owner),
        (SELECT h.id FROM holds h
-        WHERE h.idempotency_key = $1 AND h.api_key_id IS NOT DISTINCT FROM $2) AS hold_id,
-       v.hold_id AS changed_hold_id, v.kind AS change
-FROM (SELECT) one LEFT JOIN ledger_entries e
-    ON e.idempotency_key = $1 AND e.api_key_id IS NOT DISTINCT FROM $2
-LEFT JOIN hold_events v ON v.idempotency_key = $1 AND v.api_key_id IS NOT DISTINCT FROM $2
+        WHERE h.idempotency_key = k.key AND h.api_key_id IS NOT DISTINCT FROM k.owner),
+       v.hold_id, v.kind
+FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS k(key, owner, ord)
+LEFT JOIN ledger_entries e
+    ON e.idempotency_key = k.key AND e.api_key_id IS NOT DISTINCT FROM k.owner
+LEFT JOIN hold_events v ON v.idempotency_key = k.key AND v.api_key_id IS NOT DISTINCT FROM k.owner
+ORDER BY k.ord, e.id
 """
 
 # Claims the key before the change. A concurrent request with the same key blocks on the
@@ -129,25 +134,53 @@ ON CONFLICT (key, api_key_id) DO UPDATE SET key = EXCLUDED.key
 RETURNING xmax = 0
 """
 
+# CLAIM_IDEMPOTENCY_KEY for a batch of balance changes of one user ($1; keys $2 of callers
+# $3, amounts $4, references $5; no (key, caller) twice: the batch is deduplicated before,
+# since ON CONFLICT DO UPDATE cannot touch one row twice). The race it closes, besides the
+# single claim's: two batches claiming overlapping keys in different orders would each hold
+# one the other waits for; claimed in one order (caller, key), whoever waits holds nothing
+# the other needs. No row lock is held yet (the change comes after), so a claim never waits
+# while holding a balance. True per key (in the order given) when claimed anew.
+CLAIM_IDEMPOTENCY_KEYS = """
+WITH claimed AS (
+    INSERT INTO idempotency_keys
+        (key, api_key_id, kind, user_id, to_user_id, amount, reference, outcome)
+    SELECT c.key, c.owner, 'update', $1::bigint, NULL, c.amount, c.reference, 'pending'
+    FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[])
+         AS c(key, owner, amount, reference)
+    ORDER BY c.owner NULLS FIRST, c.key
+    ON CONFLICT (key, api_key_id) DO UPDATE SET key = EXCLUDED.key
+    RETURNING key, api_key_id, xmax = 0 AS fresh
+)
+SELECT c.fresh
+FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY AS k(key, owner, ord)
+JOIN claimed c ON c.key = k.key AND c.api_key_id IS NOT DISTINCT FROM k.owner
+ORDER BY k.ord
+"""
+
 GET_IDEMPOTENCY_OUTCOME = """
 SELECT kind, user_id, to_user_id, amount, reference, hold_id, expires_in, outcome, balance
 FROM idempotency_keys WHERE key = $1 AND api_key_id IS NOT DISTINCT FROM $2
 """
 
-RECORD_IDEMPOTENCY_OUTCOME = """
-UPDATE idempotency_keys SET outcome = $3 WHERE key = $1 AND api_key_id IS NOT DISTINCT FROM $2
+# The outcomes of claimed keys ($1, of callers $2): $3, each key's.
+RECORD_IDEMPOTENCY_OUTCOMES = """
+UPDATE idempotency_keys k SET outcome = r.outcome
+FROM unnest($1::text[], $2::bigint[], $3::text[]) AS r(key, owner, outcome)
+WHERE k.key = r.key AND k.api_key_id IS NOT DISTINCT FROM r.owner
 """
 
-# Counts a new key against its caller's day (UTC) and answers the day's total. One row per
-# caller, day and server backend: a backend runs one transaction at a time, so two requests
-# never wait on one counter row (a single row per caller would serialise all of its keyed
-# requests on their commits). The sum reads the other backends' committed rows.
+# Counts new keys ($2 of them) against their caller's day (UTC) and answers the day's
+# total. One row per caller, day and server backend: a backend runs one transaction at a
+# time, so two requests never wait on one counter row (a single row per caller would
+# serialise all of its keyed requests on their commits). The sum reads the other backends'
+# committed rows.
 COUNT_IDEMPOTENCY_KEY = """
 WITH bump AS (
     INSERT INTO idempotency_usage (api_key_id, day, backend, used)
-    VALUES ($1, (clock_timestamp() AT TIME ZONE 'UTC')::date, pg_backend_pid(), 1)
+    VALUES ($1, (clock_timestamp() AT TIME ZONE 'UTC')::date, pg_backend_pid(), $2)
     ON CONFLICT (day, api_key_id, backend)
-        DO UPDATE SET used = idempotency_usage.used + 1
+        DO UPDATE SET used = idempotency_usage.used + EXCLUDED.used
     RETURNING used
 )
 SELECT (SELECT used FROM bump) + coalesce((
@@ -319,11 +352,12 @@ WHERE window_start + make_interval(secs => seconds) < clock_timestamp() - interv
 
 
 class Delta(NamedTuple):
-    """One change of a batch (APPLY_DELTAS): no idempotency key (batching.py says why)."""
+    """One change of a batch (APPLY_DELTAS), by the caller ``api_key_id``."""
 
     amount: int
     reference: str | None
     api_key_id: int | None
+    key: str | None = None  # its idempotency key, claimed in the batch's transaction
 
 
 class Payment(NamedTuple):
@@ -416,7 +450,7 @@ async def apply_deltas(
         user_id,
         [delta.amount for delta in deltas],
         [delta.reference for delta in deltas],
-        [None] * len(deltas),
+        [delta.key for delta in deltas],
         [delta.api_key_id for delta in deltas],
     )
     return [DeltaResult(row[0], row[1], row[2], row[3]) for row in rows] if rows else None
@@ -508,10 +542,25 @@ class Applied(NamedTuple):
 
 
 async def applied_with_key(conn: Connection, key: str, api_key_id: int | None) -> Applied:
-    row = await conn.fetchrow(APPLIED_WITH_KEY, key, api_key_id)
-    assert row is not None  # one row, always
-    entry = None if row[0] is None else KeyedEntry(row[0], row[1], row[2], row[3], row[4])
-    return Applied(entry, row[5], row[6], row[7], row[8])
+    return (await applied_with_keys(conn, [key], [api_key_id]))[0]
+
+
+async def applied_with_keys(
+    conn: Connection, keys: Sequence[str], api_key_ids: Sequence[int | None]
+) -> list[Applied]:
+    """What each key (of its caller) applied, in the keys' order."""
+    rows = await conn.fetch(APPLIED_WITH_KEYS, keys, api_key_ids)
+    assert len(rows) == len(keys)  # one row per key, always
+    return [
+        Applied(
+            None if row[0] is None else KeyedEntry(row[0], row[1], row[2], row[3], row[4]),
+            row[5],
+            row[6],
+            row[7],
+            row[8],
+        )
+        for row in rows
+    ]
 
 
 class NewUser(NamedTuple):
@@ -537,10 +586,26 @@ async def claim_idempotency_key(
     return claimed
 
 
-async def count_idempotency_key(conn: Connection, api_key_id: int | None) -> int:
-    """Counts one new key for the caller today; returns today's total, this one included."""
-    total: int = await conn.fetchval(COUNT_IDEMPOTENCY_KEY, api_key_id)
+async def count_idempotency_key(conn: Connection, api_key_id: int | None, keys: int = 1) -> int:
+    """Counts ``keys`` new keys for the caller today; returns today's total, these included."""
+    total: int = await conn.fetchval(COUNT_IDEMPOTENCY_KEY, api_key_id, keys)
     return total
+
+
+async def claim_idempotency_keys(
+    conn: Connection, user_id: int, deltas: Sequence[Delta]
+) -> list[bool]:
+    """Claims each change's key (CLAIM_IDEMPOTENCY_KEYS), in order: True when claimed anew."""
+    claimed = await conn.fetch(
+        CLAIM_IDEMPOTENCY_KEYS,
+        user_id,
+        [delta.key for delta in deltas],
+        [delta.api_key_id for delta in deltas],
+        [delta.amount for delta in deltas],
+        [delta.reference for delta in deltas],
+    )
+    assert len(claimed) == len(deltas)
+    return [row[0] for row in claimed]
 
 
 class DebitTotal(NamedTuple):
@@ -576,7 +641,19 @@ async def get_idempotency_outcome(
 async def record_idempotency_outcome(
     conn: Connection, key: str, api_key_id: int | None, outcome: str
 ) -> None:
-    await conn.execute(RECORD_IDEMPOTENCY_OUTCOME, key, api_key_id, outcome)
+    await record_idempotency_outcomes(conn, [(key, api_key_id, outcome)])
+
+
+async def record_idempotency_outcomes(
+    conn: Connection, outcomes: Sequence[tuple[str, int | None, str]]
+) -> None:
+    """Each (key, caller, outcome)."""
+    await conn.execute(
+        RECORD_IDEMPOTENCY_OUTCOMES,
+        [key for key, _, _ in outcomes],
+        [owner for _, owner, _ in outcomes],
+        [outcome for _, _, outcome in outcomes],
+    )
 
 
 class Verification(NamedTuple):

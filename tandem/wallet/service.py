@@ -5,7 +5,7 @@ expired."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -13,12 +13,13 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.core.callers import ANONYMOUS, Caller, period_name
+from tandem.core.database import Database
 from tandem.core.errors import AppError
 from tandem.core.ids import INT64_MAX
 from tandem.core.pool import ConnectionPool
 from tandem.observability.metrics import ACCESS_KEY_LIMITED
 from tandem.wallet import repository
-from tandem.wallet.batching import GroupCommit, TransferBatches
+from tandem.wallet.batching import GroupCommit, RowQueues, TransferBatches
 from tandem.wallet.errors import (
     AmountExceedsHoldError,
     BalanceLimitError,
@@ -108,14 +109,14 @@ async def update_balance(
     reference: str | None = None,
     caller: Caller = ANONYMOUS,
     keys_per_day: int = DEFAULT_KEYS_PER_DAY,
-    batches: GroupCommit | None = None,
+    batches: WalletBatches | None = None,
 ) -> BalanceResult:
     """Add ``amount`` to the balance and journal it, in one atomic statement; the balance never
     goes below 0.
 
-    With ``batches``, a change without a key by a caller without debit limits joins its
-    user's group commit (batching.py): the same outcome, one statement for a user's
-    concurrent changes.
+    With ``batches``, a change by a caller without debit limits (on withdrawals) joins its
+    user's group commit (batching.py; with a key, KeyedChanges): the same outcome, one
+    statement (or one transaction) for a user's concurrent changes.
 
     With an idempotency key, the first outcome (success or refusal) is stored in the same
     transaction as the change and every retry gets it back without applying again; an applied
@@ -137,7 +138,7 @@ async def update_balance(
     if idempotency_key is None and not (amount < 0 and caller.debit_limits):
         if batches is not None:
             delta = repository.Delta(amount, reference, caller.api_key_id)
-            result = await batches.apply(user_id, delta)
+            result = await batches.changes.apply(user_id, delta)
         else:
             result = await repository.apply_delta(
                 pool, user_id, amount, reference, None, caller.api_key_id
@@ -157,6 +158,11 @@ async def update_balance(
             await count_debit(conn, caller, -amount)
         return applied
     keyed = _Keyed(idempotency_key, caller, keys_per_day)
+    if batches is not None and not (amount < 0 and caller.debit_limits):
+        answer = await batches.keyed.apply(user_id, KeyedDelta(amount, reference, keyed))
+        if isinstance(answer, AppError):
+            raise answer
+        return answer
     return await _once(pool, keyed, request, _apply_update, _replay_update)
 
 
@@ -309,14 +315,7 @@ async def _once(
     assert key is not None
     async with pool.transaction() as conn:
         if not await repository.claim_idempotency_key(conn, key, owner, request):
-            stored = await repository.get_idempotency_outcome(conn, key, owner)
-            if stored.request != request:
-                raise IdempotencyKeyReusedError()
-            if stored.outcome != "ok":
-                raise replay_refusal(stored.outcome, request)
-            replayed = await replay(conn, keyed, request, stored.legacy_balance)
-            assert replayed is not None, "an applied key is in the journal"
-            return replayed
+            return await _stored(conn, keyed, request, replay)
         # Claimed anew: the key's stored outcome may have been pruned after it applied.
         replayed = await replay(conn, keyed, request, None)
         if replayed is not None:
@@ -339,6 +338,28 @@ async def _once(
     return result
 
 
+async def _stored(
+    conn: Connection,
+    keyed: _Keyed,
+    request: repository.Request,
+    replay: Callable[
+        [Connection, _Keyed, repository.Request, int | None], Awaitable[Outcome | None]
+    ],
+) -> Outcome:
+    """The answer of a key claimed before (its row locked by the claim): the stored outcome
+    replayed. Raises IdempotencyKeyReusedError for another request with the key, or the
+    stored refusal."""
+    assert keyed.key is not None
+    stored = await repository.get_idempotency_outcome(conn, keyed.key, keyed.api_key_id)
+    if stored.request != request:
+        raise IdempotencyKeyReusedError()
+    if stored.outcome != "ok":
+        raise replay_refusal(stored.outcome, request)
+    replayed = await replay(conn, keyed, request, stored.legacy_balance)
+    assert replayed is not None, "an applied key is in the journal"
+    return replayed
+
+
 async def _apply_update(
     conn: Connection, keyed: _Keyed, request: repository.Request
 ) -> BalanceResult | AppError:
@@ -358,6 +379,14 @@ async def _replay_update(
 ) -> BalanceResult | None:
     assert keyed.key is not None
     applied = await repository.applied_with_key(conn, keyed.key, keyed.api_key_id)
+    return _replayed_update(applied, request, legacy_balance)
+
+
+def _replayed_update(
+    applied: repository.Applied, request: repository.Request, legacy_balance: int | None
+) -> BalanceResult | None:
+    """The replay of what a key applied (None: nothing); IdempotencyKeyReusedError when it
+    applied something else."""
     if applied.kind not in (None, "update"):
         raise IdempotencyKeyReusedError()  # another kind's key, its outcome pruned
     entry = applied.entry
@@ -373,6 +402,141 @@ async def _replay_update(
     ):
         raise IdempotencyKeyReusedError()
     return BalanceResult(request.user_id, entry.balance, entry.id, replayed=True)
+
+
+# --- group commit of keyed changes ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedDelta:
+    """A balance change with an idempotency key, waiting in its user's KeyedChanges queue."""
+
+    amount: int
+    reference: str | None
+    keyed: _Keyed
+
+    def delta(self) -> repository.Delta:
+        return repository.Delta(self.amount, self.reference, self.keyed.api_key_id, self.keyed.key)
+
+
+class KeyedChanges(RowQueues[KeyedDelta, "BalanceResult | AppError"]):
+    """One user's keyed changes: ``_once`` each, with the user's concurrent ones folded into
+    one transaction (``_updates_once``). An item's answer is its result or its refusal (an
+    AppError, raised to its request). Two items with one key (of one caller) never share a
+    batch: the second waits for the next, and replays the first's outcome or is told 422."""
+
+    kind = "keyed_change"
+
+    def _identity(self, item: KeyedDelta) -> Hashable:
+        return (item.keyed.api_key_id, item.keyed.key)
+
+    async def _one(self, row: int, item: KeyedDelta) -> BalanceResult | AppError:
+        request = repository.Request("update", row, None, item.amount, item.reference)
+        return await _once(self._database.pool, item.keyed, request, _apply_update, _replay_update)
+
+    async def _batch(self, row: int, items: Sequence[KeyedDelta]) -> list[BalanceResult | AppError]:
+        try:
+            return await _updates_once(self._database.pool, row, items)
+        except _OneByOne:
+            # Rolled back: nothing of the batch applied or claimed. Each alone, in order.
+            answers: list[BalanceResult | AppError] = []
+            for item in items:
+                try:
+                    answers.append(await self._one(row, item))
+                except AppError as error:
+                    answers.append(error)
+            return answers
+
+
+class _OneByOne(Exception):
+    """A keyed batch needs the single path's rollback for one of its items: the whole batch
+    rolls back and each item goes alone."""
+
+
+async def _updates_once(
+    pool: ConnectionPool, user_id: int, items: Sequence[KeyedDelta]
+) -> list[BalanceResult | AppError]:
+    """``_once`` for keyed changes of one user (no key twice), in one transaction: the keys
+    claimed (in one order: repository.CLAIM_IDEMPOTENCY_KEYS), the claimed-before replayed,
+    the new ones counted against their callers' days and applied together (APPLY_DELTAS:
+    each decided on the balance the ones before it left, each its own entry with its key),
+    their outcomes recorded; one commit. Raises _OneByOne (rolled back) when an item needs
+    the single path's rollback: a caller past its daily cap, or a pruned key that applied
+    something else (either is decided per item, in order, alone)."""
+    answers: list[BalanceResult | AppError | None] = [None] * len(items)
+    requests = [
+        repository.Request("update", user_id, None, item.amount, item.reference) for item in items
+    ]
+    deltas = [item.delta() for item in items]
+    async with pool.transaction() as conn:
+        fresh = await repository.claim_idempotency_keys(conn, user_id, deltas)
+        new: list[int] = []
+        for n, item in enumerate(items):
+            if fresh[n]:
+                new.append(n)
+                continue
+            try:
+                answers[n] = await _stored(conn, item.keyed, requests[n], _replay_update)
+            except AppError as stored_refusal:
+                answers[n] = stored_refusal
+        # Claimed anew: a key whose outcome was pruned after it applied replays the journal.
+        applied = await repository.applied_with_keys(
+            conn, [deltas[n].key or "" for n in new], [deltas[n].api_key_id for n in new]
+        )
+        outcomes: list[tuple[str, int | None, str]] = []
+        to_apply: list[int] = []
+        for n, found in zip(new, applied, strict=True):
+            try:
+                replayed = _replayed_update(found, requests[n], None)
+            except IdempotencyKeyReusedError:
+                raise _OneByOne() from None
+            if replayed is None:
+                to_apply.append(n)
+            else:
+                answers[n] = replayed
+                outcomes.append((items[n].keyed.key or "", deltas[n].api_key_id, "ok"))
+        # New keys counted against each caller's day; past the cap, each alone decides.
+        callers: dict[int | None, list[int]] = {}
+        for n in to_apply:
+            callers.setdefault(deltas[n].api_key_id, []).append(n)
+        for owner, ours in callers.items():
+            if await repository.count_idempotency_key(conn, owner, len(ours)) > min(
+                items[n].keyed.per_day for n in ours
+            ):
+                raise _OneByOne()
+        if to_apply:
+            results = await repository.apply_deltas(conn, user_id, [deltas[n] for n in to_apply])
+            for at, n in enumerate(to_apply):
+                result = None if results is None else results[at]
+                refusal = _refusal(user_id, items[n].amount, result)
+                if refusal is None:
+                    assert result is not None
+                    answers[n] = BalanceResult(user_id, result.balance, result.entry_id)
+                else:
+                    answers[n] = refusal
+                outcome = "ok" if refusal is None else refusal_outcome(refusal)
+                outcomes.append((items[n].keyed.key or "", deltas[n].api_key_id, outcome))
+        if outcomes:
+            await repository.record_idempotency_outcomes(conn, outcomes)
+    assert all(answer is not None for answer in answers)
+    return [answer for answer in answers if answer is not None]
+
+
+@dataclass(frozen=True)
+class WalletBatches:
+    """The process's group commit queues (batching.py)."""
+
+    changes: GroupCommit
+    keyed: KeyedChanges
+    transfers: TransferBatches
+
+    @classmethod
+    def of(cls, database: Database, batch_max: int, batch_wait: float) -> WalletBatches:
+        return cls(
+            GroupCommit(database, batch_max, batch_wait),
+            KeyedChanges(database, batch_max, batch_wait),
+            TransferBatches(database, batch_max, batch_wait),
+        )
 
 
 async def _apply_transfer(

@@ -4,27 +4,33 @@ and respects held amounts, the 64-bit ceiling and the mint ceiling item by item;
 per-user queue folds concurrent changes into batches and answers each request with its own
 item's outcome; a batch that rolls back is retried item by item; a change that waited too
 long unsent is refused with nothing sent; a batch whose connection is lost after sending
-answers outcome_unknown for each of its items."""
+answers outcome_unknown for each of its items. Keyed changes batch too, keeping the
+idempotency rules: one key twice never in one batch (the second replays the first, or is
+told 422), retries across batches replay each item's own outcome, a key pruned after it
+applied replays from the journal, and the daily cap is decided per item, in order."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import asyncpg
 import httpx
 import pytest
 from prometheus_client import generate_latest
 
+from tandem.core.callers import ANONYMOUS
 from tandem.core.database import Database, asyncpg_dsn
 from tandem.core.errors import OutcomeUnknownError
 from tandem.core.ids import INT64_MAX
 from tandem.core.settings import Settings
-from tandem.wallet import repository
+from tandem.wallet import repository, service
 from tandem.wallet.batching import GroupCommit, QueueWaitExpiredError
+from tandem.wallet.errors import IdempotencyKeyReusedError, TooManyIdempotencyKeysError
 from tandem.wallet.functions import APPLY_DELTAS_V1
 from tandem.wallet.repository import Delta, DeltaResult, Payment
-from tests.support import eventually, fetch, holding, new_user, sample_sum, until
+from tests.support import balance_of, eventually, fetch, holding, new_user, sample_sum, until
 
 # Each applied change's journal entry, in journal order.
 ENTRIES = "SELECT id, amount, balance FROM ledger_entries WHERE user_id = $1 ORDER BY id"
@@ -388,6 +394,166 @@ async def test_a_batch_cut_off_after_sending_answers_outcome_unknown_for_each(
     assert all(isinstance(d, OutcomeUnknownError) for d in done), done
     assert len({id(d) for d in done}) == 3  # an error of its own for each request
     assert await entries(database_url, user) == []
+
+
+# --- keyed changes --------------------------------------------------------------------------
+
+
+async def test_concurrent_keyed_changes_batch_and_their_retries_replay_their_own_outcomes(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """200 concurrent keyed withdrawals of 2 from 200 through the API: exactly 100 succeed,
+    in batches of more than one (kind keyed_change), each key once in the journal with the
+    balance its answer gave; all 200 sent again at once (retries, in batches again) answer
+    exactly what each answered first (its own entry and balance, or its 409) and change
+    nothing."""
+    user = await new_user(client, 200)
+
+    async def send(n: int) -> httpx.Response:
+        return await client.post(
+            "/balance/update",
+            json={"userId": user, "amount": -2},
+            headers={"Idempotency-Key": f"burst-{user}-{n}"},
+        )
+
+    first = await asyncio.gather(*(send(n) for n in range(200)))
+    sent = batches_sent("keyed_change")
+    again = await asyncio.gather(*(send(n) for n in range(200)))
+    assert sorted(a.status_code for a in first) == [200] * 100 + [409] * 100
+    bodies = [a.json() for a in first if a.status_code == 200]
+    assert sorted(b["balance"] for b in bodies) == list(range(0, 200, 2))
+    journal = await fetch(
+        database_url,
+        "SELECT id, balance, idempotency_key FROM ledger_entries WHERE user_id = $1 AND amount < 0",
+        user,
+    )
+    assert {(r["id"], r["balance"]) for r in journal} == {
+        (b["entryId"], b["balance"]) for b in bodies
+    }
+    assert len({r["idempotency_key"] for r in journal}) == 100
+    assert [(a.status_code, a.json()) for a in again] == [(a.status_code, a.json()) for a in first]
+    assert await balance_of(client, user) == 0
+    assert len(await fetch(database_url, ENTRIES, user)) == 101
+    assert batches_sent("keyed_change") > sent, "the retries formed no batch"
+    metrics = generate_latest().decode()
+    assert sample_sum(metrics, "tandem_wallet_batch_size_sum", kind="keyed_change") > sample_sum(
+        metrics, "tandem_wallet_batch_size_count", kind="keyed_change"
+    )  # more than one change in a batch
+
+
+@pytest.fixture
+def wallet_batches(database: Database) -> service.WalletBatches:
+    return service.WalletBatches.of(database, batch_max=50, batch_wait=30.0)
+
+
+def _keyed(
+    database: Database, batches: service.WalletBatches, user: int, per_day: int = 1_000_000
+) -> Callable[[int, str], asyncio.Future[service.BalanceResult]]:
+    """Sends a keyed change of ``user`` (anonymous) through ``batches``, in the background."""
+
+    def send(amount: int, key: str) -> asyncio.Future[service.BalanceResult]:
+        return asyncio.ensure_future(
+            service.update_balance(
+                database.pool, user, amount, key, None, ANONYMOUS, per_day, batches
+            )
+        )
+
+    return send
+
+
+async def test_one_key_twice_never_shares_a_batch(
+    client: httpx.AsyncClient,
+    database: Database,
+    database_url: str,
+    wallet_batches: service.WalletBatches,
+) -> None:
+    """Queued behind a keyed change in flight: a, b, a again, a with another amount. The
+    first a and b go together; the second a waits for the next batch and replays the first
+    a's outcome (its entry and balance), and the third is told 422 in a batch of its own:
+    three batches, two entries after the first."""
+    user = await new_user(client, 100)
+    send = _keyed(database, wallet_batches, user)
+    sent = batches_sent("keyed_change")
+    async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+        first = send(-1, f"first-{user}")
+        await _waiting_in(database_url, "tandem_apply_delta_v2")
+        queued = [send(-1, f"a-{user}"), send(-1, f"b-{user}"), send(-1, f"a-{user}")]
+        queued.append(send(-5, f"a-{user}"))
+        await asyncio.sleep(0)
+    done = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert batches_sent("keyed_change") == sent + 3
+    assert isinstance(done[4], IdempotencyKeyReusedError), done[4]
+    made = [d for d in done[:4] if isinstance(d, service.BalanceResult)]
+    assert [(d.balance, d.replayed) for d in made] == [
+        (99, False),
+        (98, False),
+        (97, False),
+        (98, True),
+    ]
+    assert made[3].entry_id == made[1].entry_id
+    assert await entries(database_url, user) == [(-1, 99), (-1, 98), (-1, 97)]
+
+
+async def test_a_key_pruned_after_it_applied_replays_in_a_batch(
+    client: httpx.AsyncClient,
+    database: Database,
+    database_url: str,
+    wallet_batches: service.WalletBatches,
+) -> None:
+    """A key applied, its stored outcome pruned (deleted here): sent again inside a batch, it
+    is claimed anew, found in the journal and replayed (its entry, its balance), while the new
+    key beside it applies; the pruned key's outcome is stored again."""
+    user = await new_user(client, 100)
+    send = _keyed(database, wallet_batches, user)
+    old = await send(-10, f"old-{user}")
+    await fetch(database_url, "DELETE FROM idempotency_keys WHERE key = $1", f"old-{user}")
+    async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+        first = send(-1, f"first-{user}")
+        await _waiting_in(database_url, "tandem_apply_delta_v2")
+        queued = [send(-10, f"old-{user}"), send(-2, f"new-{user}")]
+        await asyncio.sleep(0)
+    done = await asyncio.gather(first, *queued)
+    assert [(d.balance, d.entry_id, d.replayed) for d in done[1:]] == [
+        (90, old.entry_id, True),
+        (87, done[2].entry_id, False),
+    ]
+    assert await entries(database_url, user) == [(-10, 90), (-1, 89), (-2, 87)]
+    stored = await fetch(
+        database_url, "SELECT outcome FROM idempotency_keys WHERE key = $1", f"old-{user}"
+    )
+    assert [r["outcome"] for r in stored] == ["ok"]
+
+
+async def test_the_daily_cap_is_decided_per_item_in_a_batch(
+    client: httpx.AsyncClient,
+    database: Database,
+    database_url: str,
+    wallet_batches: service.WalletBatches,
+) -> None:
+    """A caller with room for 3 more new keys today sends 5 (one in flight, 4 queued): the
+    batch would pass the cap, so it rolls back (nothing counted, nothing claimed) and its items
+    go alone in order: the first 3 keys apply, the last 2 are refused 429 with nothing stored."""
+    used = await fetch(
+        database_url,
+        "SELECT coalesce(sum(used), 0) FROM idempotency_usage WHERE api_key_id IS NULL"
+        " AND day = (clock_timestamp() AT TIME ZONE 'UTC')::date",
+    )
+    user = await new_user(client, 100)
+    send = _keyed(database, wallet_batches, user, per_day=used[0][0] + 3)
+    keys = [f"cap-{user}-{n}" for n in range(5)]
+    async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+        first = send(-1, keys[0])
+        await _waiting_in(database_url, "tandem_apply_delta_v2")
+        queued = [send(-1, key) for key in keys[1:]]
+        await asyncio.sleep(0)
+    done = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert [d.balance for d in done[:3]] == [99, 98, 97]  # type: ignore[union-attr]
+    assert all(isinstance(d, TooManyIdempotencyKeysError) for d in done[3:]), done
+    assert await entries(database_url, user) == [(-1, 99), (-1, 98), (-1, 97)]
+    claimed = await fetch(
+        database_url, "SELECT key FROM idempotency_keys WHERE key = ANY($1) ORDER BY key", keys
+    )
+    assert [r["key"] for r in claimed] == keys[:3]
 
 
 # --- helpers ----------------------------------------------------------------------------------
