@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import re
 from collections.abc import Iterator
@@ -415,3 +417,35 @@ async def test_every_response_names_its_instance(client: httpx.AsyncClient) -> N
     ]
     assert len(info) == 1, info
     assert f'instance_id="{instance_id}"' in info[0], info
+
+
+async def test_a_refused_request_leaves_no_reference_cycle(client: httpx.AsyncClient) -> None:
+    """Refusals answered on both paths (the lean path's withdrawal, a FastAPI route's
+    transfer, each refused 409, alone and batched) leave no error in a reference cycle: an
+    error's traceback would hold the frames it passed, and with them the request's connection,
+    until the cyclic collector ran (under a burst, most of the server's collection work)."""
+    payer, payee = await new_user(client, 1), await new_user(client, 0)
+    gc.collect()
+    gc.disable()
+    try:
+        answers = await asyncio.gather(
+            *(
+                client.post("/balance/update", json={"userId": payer, "amount": -2})
+                for _ in range(20)
+            ),
+            *(
+                client.post(
+                    "/transfers", json={"fromUserId": payer, "toUserId": payee, "amount": 2}
+                )
+                for _ in range(20)
+            ),
+        )
+        assert [a.status_code for a in answers] == [409] * 40
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, BaseException)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == []
