@@ -4,6 +4,7 @@ check on every answer and on the cron's history."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from tandem.cli import raise_fd_limit
@@ -134,3 +135,22 @@ async def burst_across(
             results[position] = answer
     assert all(r is not None for r in results)
     return [r for r in results if r is not None]
+
+
+def settle_by_retry(
+    servers: list[Server], requests: list[tuple[int, bytes]], results: list[Result]
+) -> list[int]:
+    """Resend the requests answered 503 or not at all (their instance gone), with the same
+    keys, until none is; the final status of every request."""
+    statuses = [503 if r.error is not None else r.status for r in results]
+    for _ in range(30):
+        pending = [i for i, status in enumerate(statuses) if status == 503]
+        if not pending:
+            return statuses
+        retry = [requests[i] for i in pending]
+        answers = asyncio.run(burst_across(servers, retry))
+        assert_honest(answers)
+        for i, answer in zip(pending, answers, strict=True):
+            statuses[i] = answer.status
+        time.sleep(0.5)
+    raise AssertionError("503s still pending after 30 rounds of retries")

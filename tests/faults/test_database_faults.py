@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tandem.loadtest.client import Result
 from tests.faults.common import (
     ANSWER_BOUND,
     CRON_ENV,
@@ -25,6 +24,7 @@ from tests.faults.common import (
     burst_across,
     create_user,
     ran_since,
+    settle_by_retry,
     stale_running,
     withdrawal,
 )
@@ -33,6 +33,7 @@ from tests.faults.proxy import partition_proxy
 from tests.support import (
     LEASE,
     Server,
+    batched,
     fresh_database,
     http_get,
     http_post,
@@ -63,10 +64,11 @@ def start_instances(url: str, log_dir: Path, n: int, env: dict[str, str]) -> lis
 def test_fast_restart_under_burst_never_answers_500(
     pg: ThrowawayPostgres, pg_url: str, log_dir: Path
 ) -> None:
-    """PostgreSQL restarted (fast) a quarter into 10000 withdrawals on three instances: no 500,
-    every 503 says which kind it is, no acknowledged withdrawal is lost, and an 'unknown' is
-    the only way a withdrawal may have been applied without a 200. (The keyed test below
-    restarts in immediate mode, a crash, under the same burst.)"""
+    """PostgreSQL restarted (fast) a quarter into 10000 withdrawals on three instances (in
+    group-commit batches): no 500, every 503 says which kind it is, no acknowledged
+    withdrawal is lost, and an 'unknown' is the only way a withdrawal may have been applied
+    without a 200. (The keyed test below restarts in immediate mode, a crash, under the same
+    burst.)"""
     servers = start_instances(pg_url, log_dir, 3, FAULT_ENV)
     try:
         user = create_user(pg_url, 10_000)
@@ -83,6 +85,7 @@ def test_fast_restart_under_burst_never_answers_500(
         assert counts.get("database_unavailable", 0) + unknown > 0, "the restart hit nothing"
         for server in servers:
             assert http_get(f"{server.url}/balance/{user}", timeout=10).status_code == 200
+        assert sum(batched(server.url) for server in servers) > 0, "no batch formed"
     finally:
         for server in servers:
             server.stop()
@@ -104,9 +107,10 @@ SLOW_COMMIT = (
 def test_keyed_retries_settle_every_unknown_exactly_once(
     pg: ThrowawayPostgres, pg_url: str, log_dir: Path
 ) -> None:
-    """A keyed burst cut by an immediate restart while COMMITs are in flight: no 500, some
-    answers are outcome_unknown; retrying exactly the 503s with their keys settles every one,
-    and the balances are as if each withdrawal had been applied once."""
+    """A keyed burst (in group-commit batches) cut by an immediate restart while COMMITs are
+    in flight: no 500, some answers are outcome_unknown; retrying exactly the 503s with their
+    keys settles every one, and the balances are as if each withdrawal had been applied
+    once."""
     for statement in SLOW_COMMIT:
         query(pg_url, statement)
     servers = start_instances(pg_url, log_dir, 3, FAULT_ENV)
@@ -127,28 +131,10 @@ def test_keyed_retries_settle_every_unknown_exactly_once(
         assert final.count(200) == 5000, {s: final.count(s) for s in set(final)}
         assert final.count(409) == 5000
         assert [balance_of(pg_url, user) for user in users] == [0] * 10
+        assert sum(batched(s.url, "keyed_change") for s in servers) > 0, "no batch formed"
     finally:
         for server in servers:
             server.stop()
-
-
-def settle_by_retry(
-    servers: list[Server], requests: list[tuple[int, bytes]], results: list[Result]
-) -> list[int]:
-    """Resend the requests answered 503, with the same keys, until none is; the final status
-    of every request."""
-    statuses = [r.status for r in results]
-    for _ in range(30):
-        pending = [i for i, status in enumerate(statuses) if status == 503]
-        if not pending:
-            return statuses
-        retry = [requests[i] for i in pending]
-        answers = asyncio.run(burst_across(servers, retry))
-        assert_honest(answers)
-        for i, answer in zip(pending, answers, strict=True):
-            statuses[i] = answer.status
-        time.sleep(0.5)
-    raise AssertionError("503s still pending after 30 rounds of retries")
 
 
 def test_outage_of_ten_seconds_heals_by_itself(

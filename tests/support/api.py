@@ -15,6 +15,7 @@ from asgi_lifespan import LifespanManager
 from tandem.access.keys import new_token
 from tandem.core.settings import Settings
 from tandem.main import create_asgi_app
+from tests.support.metrics import sample_sum
 from tests.support.processes import free_port
 from tests.support.timings import wait_for
 
@@ -146,3 +147,11 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str)
     assert body["error"]["message"]
+
+
+def batched(server_url: str, kind: str = "change") -> float:
+    """The items a running server has sent in group-commit batches of ``kind`` so far (its
+    tandem_wallet_batch_size_sum)."""
+    return sample_sum(
+        http_get(f"{server_url}/metrics").text, "tandem_wallet_batch_size_sum", kind=kind
+    )

@@ -1,11 +1,14 @@
 """Concurrency through a real server process: the 10000-withdrawal burst, a randomised mix of
-deposits, withdrawals and transfers, and durability of every acknowledged write across a crash
-of the server and of PostgreSQL."""
+deposits, withdrawals and transfers, durability of every acknowledged write across a crash
+of the server and of PostgreSQL, and an instance killed in the middle of a keyed burst's
+batches."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +20,24 @@ from tandem.cli import raise_fd_limit
 from tandem.core.database import asyncpg_dsn
 from tandem.loadtest import withdraw_burst
 from tandem.loadtest.client import parse_base_url, send_burst
+from tests.faults.common import (
+    FAULT_ENV,
+    assert_honest,
+    burst_across,
+    create_user,
+    settle_by_retry,
+    withdrawal,
+)
 from tests.faults.postgres import ThrowawayPostgres, throwaway_postgres
 from tests.support import (
     API_KEY,
     Server,
+    batched,
     fresh_database,
-    http_get,
+    query,
     run_tandem,
-    sample_sum,
     start_server,
+    start_servers,
 )
 
 
@@ -43,7 +55,7 @@ async def test_ten_thousand_concurrent_withdrawals(server: Server, database_url:
     are refused for insufficient funds, and the balance ends at 0, with 5000 journal entries
     each holding its own balance after it; most of them went in batches (group commit)."""
     raise_fd_limit()
-    batched_before = _batched(server)
+    batched_before = batched(server.url)
     report = await withdraw_burst(server.url, requests=10_000, amount=2, api_key=API_KEY)
     assert report.problems() == []
     assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
@@ -52,14 +64,7 @@ async def test_ten_thousand_concurrent_withdrawals(server: Server, database_url:
     entries = [r for r in await journal(database_url, [report.user_id]) if r["kind"] != "opening"]
     assert len(entries) == 5000
     assert sorted(r["balance"] for r in entries) == list(range(0, 10_000, 2))
-    assert _batched(server) - batched_before > 5000  # changes sent in batches, of 10000
-
-
-def _batched(server: Server) -> float:
-    """Balance changes the server sent in group-commit batches so far."""
-    return sample_sum(
-        http_get(f"{server.url}/metrics").text, "tandem_wallet_batch_size_sum", kind="change"
-    )
+    assert batched(server.url) - batched_before > 5000  # changes sent in batches, of 10000
 
 
 async def journal(database_url: str, users: list[int]) -> list[asyncpg.Record]:
@@ -192,3 +197,51 @@ async def test_acknowledged_writes_survive_a_crash(
     verified = run_tandem("ledger", "verify", database_url=url)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "mismatches: 0" in verified.stdout
+
+
+def test_an_instance_killed_mid_batch_loses_no_acknowledged_change(
+    database_url: str, log_dir: Path
+) -> None:
+    """10000 keyed withdrawals of 2 from 10000 over two instances (group commit: each one's
+    queue for the user full, its batches in flight), the first SIGKILLed after 2500 answers.
+    Every 200 already answered is in the journal with its balance; every request left
+    without an answer (or a 503), sent again to the survivor with its key, settles once: 5000
+    succeed and 5000 are refused in all, the balance is 0, one entry per successful key."""
+    with fresh_database(database_url) as url:
+        servers = start_servers(url, log_dir, 2, extra_env=FAULT_ENV)
+        try:
+            user = create_user(url, 10_000)
+            keys = [f"kill-{uuid.uuid4().hex}" for _ in range(10_000)]
+            requests = [(i % 2, withdrawal(servers[i % 2], user, keys[i])) for i in range(10_000)]
+            kill = lambda: servers[0].stop(signal.SIGKILL)  # noqa: E731  (the fault, named)
+            results = asyncio.run(burst_across(servers, requests, kill, after_answers=2500))
+            assert any(r.error is not None for r in results), "the kill cut no request"
+            assert_honest([r for r in results if r.error is None])
+            acknowledged = {keys[i]: r.json() for i, r in enumerate(results) if r.status == 200}
+            entries = {
+                r["idempotency_key"]: (r["id"], r["balance"])
+                for r in query(
+                    url,
+                    "SELECT id, balance, idempotency_key FROM ledger_entries"
+                    " WHERE user_id = $1 AND kind = 'withdrawal'",
+                    user,
+                )
+            }
+            assert {key: (b["entryId"], b["balance"]) for key, b in acknowledged.items()} == {
+                key: entries.get(key) for key in acknowledged
+            }
+            survivor = [(1, withdrawal(servers[1], user, key)) for key in keys]
+            final = settle_by_retry(servers, survivor, results)
+            assert batched(servers[1].url, "keyed_change") > 0, "no keyed batch formed"
+        finally:
+            for server in servers:
+                server.stop()
+        assert (final.count(200), final.count(409)) == (5000, 5000)
+        assert query(url, "SELECT balance FROM users WHERE id = $1", user)[0]["balance"] == 0
+        keyed = query(
+            url,
+            "SELECT count(*), count(DISTINCT idempotency_key) FROM ledger_entries"
+            " WHERE user_id = $1 AND kind = 'withdrawal'",
+            user,
+        )[0]
+        assert tuple(keyed) == (5000, 5000)

@@ -26,7 +26,15 @@ from tandem.core.database import asyncpg_dsn
 from tandem.loadtest.client import Result, auth_headers, fetch, parse_base_url, send_burst
 from tests.access.keys import make_key
 from tests.faults.postgres import ThrowawayPostgres, throwaway_postgres
-from tests.support import API_KEY, Server, fresh_database, run_tandem, start_servers, until
+from tests.support import (
+    API_KEY,
+    Server,
+    batched,
+    fresh_database,
+    run_tandem,
+    start_servers,
+    until,
+)
 from tests.support.registries import scheduler_env
 
 INSTANCES = 3
@@ -67,6 +75,7 @@ class Call:
     path: str
     body: Any = None
     key: str = API_KEY
+    idempotency_key: str | None = None
 
 
 async def send_all(
@@ -83,7 +92,17 @@ async def send_all(
         endpoint = parse_base_url(servers[instance].url)
         requests = [
             endpoint.request(
-                calls[i].method, calls[i].path, calls[i].body, headers=auth_headers(calls[i].key)
+                calls[i].method,
+                calls[i].path,
+                calls[i].body,
+                headers={
+                    **auth_headers(calls[i].key),
+                    **(
+                        {"Idempotency-Key": calls[i].idempotency_key}
+                        if calls[i].idempotency_key
+                        else {}
+                    ),
+                },
             )
             for i in indexes
         ]
@@ -457,6 +476,25 @@ async def check(url: str, ledger: Ledger) -> None:
     }
 
 
+def twice_if_keyed(ops: list[Op]) -> list[Op]:
+    """Each op with an idempotency key sent a second time at once, to the next instance (a
+    client's retry racing its first try): both must answer one outcome, applied once."""
+    doubled = []
+    for op in ops:
+        doubled.append(op)
+        if op.call.idempotency_key is not None:
+            again = Call(
+                op.call.instance + 1,
+                op.call.method,
+                op.call.path,
+                op.call.body,
+                op.call.key,
+                op.call.idempotency_key,
+            )
+            doubled.append(Op(op.kind, op.user, again, op.to, op.amount))
+    return doubled
+
+
 def spending(rng: random.Random, users: list[int], keys: dict[int, str], instance: int) -> Op:
     """A random withdrawal, deposit, transfer, new hold or read, by the user's bound key now
     and then."""
@@ -474,10 +512,11 @@ def spending(rng: random.Random, users: list[int], keys: dict[int, str], instanc
     if roll < 0.55:
         amount = -rng.randrange(1, 60)
         body = {"userId": user, "amount": amount}
+        idempotency_key = f"mix-{user}-{instance}-{rng.random()}" if rng.random() < 0.4 else None
         return Op(
             "withdraw",
             user,
-            Call(instance, "POST", "/balance/update", body, key(user)),
+            Call(instance, "POST", "/balance/update", body, key(user), idempotency_key),
             None,
             amount,
         )
@@ -500,8 +539,10 @@ async def test_mix_over_instances_survives_a_crash(
     cluster: list[Server], crashable: tuple[ThrowawayPostgres, str]
 ) -> None:
     """A seeded random mix over three instances, keys bound to single users among the
-    callers: holds, withdrawals, deposits, transfers and reads, then captures (all or part),
-    releases and both at once of those holds among more of the same. No answer shows a
+    callers: holds, withdrawals (some with an idempotency key, sent twice at once to two
+    instances: one outcome, applied once), deposits, transfers and reads, then captures (all
+    or part), releases and both at once of those holds among more of the same, group commit
+    batching what meets on one row. No answer shows a
     negative balance or available amount; the database holds exactly what was acknowledged,
     and still does after an instance is SIGKILLed and PostgreSQL crashed (immediate stop, no
     checkpoint); `tandem ledger verify` finds nothing."""
@@ -517,11 +558,18 @@ async def test_mix_over_instances_survives_a_crash(
 
     async def run(ops: list[Op]) -> None:
         results = await send_all(cluster, [op.call for op in ops], concurrency=100)
+        first: dict[str, Result] = {}  # by idempotency key: what the key's first answer said
         for op, result in zip(ops, results, strict=True):
-            apply(ledger, op, result)
+            key = op.call.idempotency_key
+            if key is None or key not in first:
+                apply(ledger, op, result)
+                if key is not None:
+                    first[key] = result
+            else:  # the same keyed request, sent twice at once: one outcome, applied once
+                assert (result.status, result.json()) == (first[key].status, first[key].json())
 
-    await run([spending(rng, users, keys, i) for i in range(600)])
-    ops = [spending(rng, users, keys, i) for i in range(300)]
+    await run(twice_if_keyed([spending(rng, users, keys, i) for i in range(600)]))
+    ops = twice_if_keyed([spending(rng, users, keys, i) for i in range(300)])
     for n, (hold, (payer, _, amount)) in enumerate(sorted(ledger.holds.items())):
         key = keys[payer] if payer in keys and rng.random() < 0.7 else API_KEY
         part = rng.randrange(1, amount) if amount > 1 and rng.random() < 0.4 else 0
@@ -549,6 +597,7 @@ async def test_mix_over_instances_survives_a_crash(
     await run(ops)
     states = Counter(state for state, _ in ledger.state.values())
     assert min(states["active"], states["captured"], states["released"]) > 0, states
+    assert sum(batched(server.url) + batched(server.url, "keyed_change") for server in cluster) > 0
     await check(url, ledger)
 
     # An instance without a goodbye, then PostgreSQL without a checkpoint.
