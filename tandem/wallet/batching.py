@@ -35,9 +35,9 @@ transfers is not batched (its transfers go to different payees).
 
 Why our own and not a library's: the queue is per row and decided in the database's order
 of arrival; it needs nothing but the event loop (one process, one thread), and it must
-speak the pool's failure classes. Only changes and transfers without an idempotency key and
-by keys without debit limits are batched (the service decides: those need their own
-transaction).
+speak the pool's failure classes. The service decides what is batched (service.py:
+keyed changes have a queue of their own there, KeyedChanges, whose batch is one
+transaction; a change by a key with debit limits keeps its own transaction).
 """
 
 from __future__ import annotations
