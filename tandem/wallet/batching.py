@@ -169,6 +169,8 @@ class RowQueues(ABC, Generic[Item, Result]):
                     if identity is not None:
                         if identity in seen:
                             later.append(waiting)
+                            if len(later) >= self._batch_max:
+                                break  # a storm of one key: scan no further this time
                             continue
                         seen.add(identity)
                     if waiting.expiry is not None:

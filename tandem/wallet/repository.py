@@ -102,12 +102,11 @@ WHERE t.id = $1
 # balance update that carries it, the transfer, the hold it made, or the hold whose capture
 # or release it made; one statement for a batch of keys ($1, with their callers $2), since a
 # request asks them all (a key of one kind must not apply as another). A row per key, in the
-# keys' order. Keys are the caller's: an index probe by key each, then the caller (IS NOT
-# DISTINCT FROM: NULL is the anonymous caller); a transfer's key is on both of its legs, and
-# either answers (the service reads the legs from the transfer).
+# keys' order (a key is unique per caller in the journal and in hold_events, so each join
+# finds at most one row). Keys are the caller's: an index probe by key each, then the caller
+# (IS NOT DISTINCT FROM: NULL is the anonymous caller).
 APPLIED_WITH_KEYS = """
-SELECT DISTINCT ON (k.ord)
-       e.id, e.user_id, e.amount, e.balance, e.reference,
+SELECT e.id, e.user_id, e.amount, e.balance, e.reference,
        (SELECT t.id FROM transfers t
         WHERE t.idempotency_key = k.key AND t.api_key_id IS NOT DISTINCT FROM k.owner),
        (SELECT h.id FROM holds h
@@ -117,7 +116,7 @@ FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS k(key, owner, ord)
 LEFT JOIN ledger_entries e
     ON e.idempotency_key = k.key AND e.api_key_id IS NOT DISTINCT FROM k.owner
 LEFT JOIN hold_events v ON v.idempotency_key = k.key AND v.api_key_id IS NOT DISTINCT FROM k.owner
-ORDER BY k.ord, e.id
+ORDER BY k.ord
 """
 
 # Claims the key before the change. A concurrent request with the same key blocks on the

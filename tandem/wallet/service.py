@@ -160,7 +160,7 @@ async def update_balance(
     keyed = _Keyed(idempotency_key, caller, keys_per_day)
     if batches is not None and not (amount < 0 and caller.debit_limits):
         answer = await batches.keyed.apply(user_id, KeyedDelta(amount, reference, keyed))
-        if isinstance(answer, AppError):
+        if isinstance(answer, Exception):
             raise answer
         return answer
     return await _once(pool, keyed, request, _apply_update, _replay_update)
@@ -419,38 +419,44 @@ class KeyedDelta:
         return repository.Delta(self.amount, self.reference, self.keyed.api_key_id, self.keyed.key)
 
 
-class KeyedChanges(RowQueues[KeyedDelta, "BalanceResult | AppError"]):
+class KeyedChanges(RowQueues[KeyedDelta, "BalanceResult | Exception"]):
     """One user's keyed changes: ``_once`` each, with the user's concurrent ones folded into
-    one transaction (``_updates_once``). An item's answer is its result or its refusal (an
-    AppError, raised to its request). Two items with one key (of one caller) never share a
-    batch: the second waits for the next, and replays the first's outcome or is told 422."""
+    one transaction (``_updates_once``). An item's answer is its result or its error (a
+    refusal, or a failure of its own when the batch went item by item), raised to its
+    request. Two items with one key (of one caller) never share a batch: the second waits for
+    the next, and replays the first's outcome or is told 422."""
 
     kind = "keyed_change"
 
     def _identity(self, item: KeyedDelta) -> Hashable:
         return (item.keyed.api_key_id, item.keyed.key)
 
-    async def _one(self, row: int, item: KeyedDelta) -> BalanceResult | AppError:
+    async def _one(self, row: int, item: KeyedDelta) -> BalanceResult | Exception:
         request = repository.Request("update", row, None, item.amount, item.reference)
         return await _once(self._database.pool, item.keyed, request, _apply_update, _replay_update)
 
-    async def _batch(self, row: int, items: Sequence[KeyedDelta]) -> list[BalanceResult | AppError]:
+    async def _batch(
+        self, row: int, items: Sequence[KeyedDelta]
+    ) -> list[BalanceResult | Exception]:
         try:
-            return await _updates_once(self._database.pool, row, items)
+            return list(await _updates_once(self._database.pool, row, items))
         except _OneByOne:
-            # Rolled back: nothing of the batch applied or claimed. Each alone, in order.
-            answers: list[BalanceResult | AppError] = []
+            # Rolled back: nothing of the batch applied or claimed. Each alone, in order, each
+            # answered what it met (an item applied is never answered another's failure).
+            answers: list[BalanceResult | Exception] = []
             for item in items:
                 try:
                     answers.append(await self._one(row, item))
-                except AppError as error:
+                except Exception as error:
                     answers.append(error)
             return answers
 
 
-class _OneByOne(Exception):
+class _OneByOne(AppError):
     """A keyed batch needs the single path's rollback for one of its items: the whole batch
-    rolls back and each item goes alone."""
+    rolls back and each item goes alone. An AppError for the pool: a domain outcome, so the
+    transaction is rolled back and its connection kept (any other exception would cost the
+    connection). Never answered: KeyedChanges._batch catches it."""
 
 
 async def _updates_once(
@@ -489,7 +495,7 @@ async def _updates_once(
             try:
                 replayed = _replayed_update(found, requests[n], None)
             except IdempotencyKeyReusedError:
-                raise _OneByOne() from None
+                raise _OneByOne("a pruned key reused for another request") from None
             if replayed is None:
                 to_apply.append(n)
             else:
@@ -503,7 +509,7 @@ async def _updates_once(
             if await repository.count_idempotency_key(conn, owner, len(ours)) > min(
                 items[n].keyed.per_day for n in ours
             ):
-                raise _OneByOne()
+                raise _OneByOne("past a caller's daily cap of new keys")
         if to_apply:
             results = await repository.apply_deltas(conn, user_id, [deltas[n] for n in to_apply])
             for at, n in enumerate(to_apply):

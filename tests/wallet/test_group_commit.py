@@ -416,6 +416,9 @@ async def test_concurrent_keyed_changes_batch_and_their_retries_replay_their_own
             headers={"Idempotency-Key": f"burst-{user}-{n}"},
         )
 
+    metrics = generate_latest().decode()
+    items_before = sample_sum(metrics, "tandem_wallet_batch_size_sum", kind="keyed_change")
+    batches_before = sample_sum(metrics, "tandem_wallet_batch_size_count", kind="keyed_change")
     first = await asyncio.gather(*(send(n) for n in range(200)))
     sent = batches_sent("keyed_change")
     again = await asyncio.gather(*(send(n) for n in range(200)))
@@ -436,9 +439,9 @@ async def test_concurrent_keyed_changes_batch_and_their_retries_replay_their_own
     assert len(await fetch(database_url, ENTRIES, user)) == 101
     assert batches_sent("keyed_change") > sent, "the retries formed no batch"
     metrics = generate_latest().decode()
-    assert sample_sum(metrics, "tandem_wallet_batch_size_sum", kind="keyed_change") > sample_sum(
-        metrics, "tandem_wallet_batch_size_count", kind="keyed_change"
-    )  # more than one change in a batch
+    items = sample_sum(metrics, "tandem_wallet_batch_size_sum", kind="keyed_change") - items_before
+    batches = sample_sum(metrics, "tandem_wallet_batch_size_count", kind="keyed_change")
+    assert items > batches - batches_before  # more than one change in a batch
 
 
 @pytest.fixture
@@ -541,12 +544,14 @@ async def test_the_daily_cap_is_decided_per_item_in_a_batch(
     user = await new_user(client, 100)
     send = _keyed(database, wallet_batches, user, per_day=used[0][0] + 3)
     keys = [f"cap-{user}-{n}" for n in range(5)]
+    sent = batches_sent("keyed_change")
     async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
         first = send(-1, keys[0])
         await _waiting_in(database_url, "tandem_apply_delta_v2")
         queued = [send(-1, key) for key in keys[1:]]
         await asyncio.sleep(0)
     done = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert batches_sent("keyed_change") == sent + 1  # the batch was sent, then rolled back
     assert [d.balance for d in done[:3]] == [99, 98, 97]  # type: ignore[union-attr]
     assert all(isinstance(d, TooManyIdempotencyKeysError) for d in done[3:]), done
     assert await entries(database_url, user) == [(-1, 99), (-1, 98), (-1, 97)]
@@ -554,6 +559,39 @@ async def test_the_daily_cap_is_decided_per_item_in_a_batch(
         database_url, "SELECT key FROM idempotency_keys WHERE key = ANY($1) ORDER BY key", keys
     )
     assert [r["key"] for r in claimed] == keys[:3]
+    counted = await fetch(
+        database_url,
+        "SELECT coalesce(sum(used), 0) FROM idempotency_usage WHERE api_key_id IS NULL"
+        " AND day = (clock_timestamp() AT TIME ZONE 'UTC')::date",
+    )
+    assert counted[0][0] == used[0][0] + 3  # the rolled-back batch counted nothing
+
+
+async def test_a_pruned_key_reused_in_a_batch_is_told_422_and_the_rest_apply(
+    client: httpx.AsyncClient,
+    database: Database,
+    database_url: str,
+    wallet_batches: service.WalletBatches,
+) -> None:
+    """A key applied, its stored outcome pruned, then sent again inside a batch with another
+    amount: the journal shows it applied something else, so the batch rolls back and its
+    changes go one by one, in order: that one is told 422 and changes nothing, the others
+    apply as they would have."""
+    user = await new_user(client, 100)
+    send = _keyed(database, wallet_batches, user)
+    await send(-10, f"old-{user}")
+    await fetch(database_url, "DELETE FROM idempotency_keys WHERE key = $1", f"old-{user}")
+    sent = batches_sent("keyed_change")
+    async with holding(database_url, "SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user):
+        first = send(-1, f"first-{user}")
+        await _waiting_in(database_url, "tandem_apply_delta_v2")
+        queued = [send(-2, f"before-{user}"), send(-5, f"old-{user}"), send(-3, f"after-{user}")]
+        await asyncio.sleep(0)
+    done = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert batches_sent("keyed_change") == sent + 1
+    assert isinstance(done[2], IdempotencyKeyReusedError), done[2]
+    assert [d.balance for d in (done[0], done[1], done[3])] == [89, 87, 84]  # type: ignore[union-attr]
+    assert await entries(database_url, user) == [(-10, 90), (-1, 89), (-2, 87), (-3, 84)]
 
 
 # --- helpers ----------------------------------------------------------------------------------
