@@ -11,6 +11,7 @@ error, so a test the marking missed cannot slip into the fast tier.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,17 +32,38 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Ports for the servers the tests start are taken below the kernel's range of ephemeral ports,
+# the ones it gives outgoing connections: a port from that range, found free and then handed to
+# a server, could be taken in between by any connection the machine opens (the bursts open
+# 10000 at once), and the server's bind failed with "Address already in use" (`tandem cluster`
+# binding its fourth port while the other worker's burst ran). Below the range only a listener
+# can take it, and each pick is random, so two workers rarely try the same one.
+_PICK = random.SystemRandom()  # not the random module's state, which a test may have seeded
+_LOWEST_PORT = 20_000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = (int(n) for n in Path(EPHEMERAL_RANGE).read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, outside the ephemeral range (see above)."""
+    return free_port_block(1)
 
 
 def free_port_block(count: int) -> int:
-    """A port p such that p .. p + count - 1 are all free now (for `tandem cluster`, which
-    uses the entry port and the ones after it)."""
-    for _ in range(100):
-        first = free_port()
+    """A port p such that p .. p + count - 1 are all free now, outside the ephemeral range
+    (for `tandem cluster`, which uses the entry port and the ones after it)."""
+    low, _ = _ephemeral_ports()
+    for _ in range(200):
+        first = _PICK.randrange(_LOWEST_PORT, max(low - count, _LOWEST_PORT + 1))
         sockets = []
         try:
             for port in range(first, first + count):
