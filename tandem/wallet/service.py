@@ -415,8 +415,13 @@ class KeyedDelta:
     reference: str | None
     keyed: _Keyed
 
+    @property
+    def key(self) -> str:
+        assert self.keyed.key is not None, "a keyed change has its key"
+        return self.keyed.key
+
     def delta(self) -> repository.Delta:
-        return repository.Delta(self.amount, self.reference, self.keyed.api_key_id, self.keyed.key)
+        return repository.Delta(self.amount, self.reference, self.keyed.api_key_id, self.key)
 
 
 class KeyedChanges(RowQueues[KeyedDelta, "BalanceResult | Exception"]):
@@ -487,7 +492,7 @@ async def _updates_once(
                 answers[n] = stored_refusal
         # Claimed anew: a key whose outcome was pruned after it applied replays the journal.
         applied = await repository.applied_with_keys(
-            conn, [deltas[n].key or "" for n in new], [deltas[n].api_key_id for n in new]
+            conn, [items[n].key for n in new], [deltas[n].api_key_id for n in new]
         )
         outcomes: list[tuple[str, int | None, str]] = []
         to_apply: list[int] = []
@@ -500,7 +505,7 @@ async def _updates_once(
                 to_apply.append(n)
             else:
                 answers[n] = replayed
-                outcomes.append((items[n].keyed.key or "", deltas[n].api_key_id, "ok"))
+                outcomes.append((items[n].key, deltas[n].api_key_id, "ok"))
         # New keys counted against each caller's day; past the cap, each alone decides.
         callers: dict[int | None, list[int]] = {}
         for n in to_apply:
@@ -521,7 +526,7 @@ async def _updates_once(
                 else:
                     answers[n] = refusal
                 outcome = "ok" if refusal is None else refusal_outcome(refusal)
-                outcomes.append((items[n].keyed.key or "", deltas[n].api_key_id, outcome))
+                outcomes.append((items[n].key, deltas[n].api_key_id, outcome))
         if outcomes:
             await repository.record_idempotency_outcomes(conn, outcomes)
     assert all(answer is not None for answer in answers)
