@@ -89,6 +89,20 @@ def waiting_for_claim_lock(url: str) -> int:
     return int(rows[0]["n"])
 
 
+def spread(url: str, cut_id: str, others: list[str]) -> bool:
+    """Each of ``others`` is running a task, and ``cut_id`` at most two (its fair share of
+    five tasks over three instances)."""
+    running = {
+        row["instance_id"]: row["count"]
+        for row in query(
+            url,
+            "SELECT instance_id, count(*) FROM task_history WHERE status = 'running' "
+            "GROUP BY instance_id",
+        )
+    }
+    return all(running.get(other, 0) > 0 for other in others) and running.get(cut_id, 0) <= 2
+
+
 def test_a_cut_inside_a_claim_stalls_no_other_claim(
     cron_url: str, pg: ThrowawayPostgres, tmp_path: Path
 ) -> None:
@@ -103,6 +117,10 @@ def test_a_cut_inside_a_claim_stalls_no_other_claim(
         try:
             ids = instances_of(cron_url, [cut, *others], 1.0)
             cut_id = ids[0]
+            # The cut one started first and claimed every task while alone: until the others
+            # run their share, it may hold them all, and a cut then leaves the others nothing
+            # to claim until those runs' leases end (a gap of a lease, with no claim stalled).
+            wait_for(lambda: spread(cron_url, cut_id, ids[1:]), 15, "the tasks spread")
             with psycopg.connect(asyncpg_dsn(cron_url), autocommit=True) as holder:
                 holder.execute("SELECT pg_advisory_lock(%s)", (repository.CLAIM_LOCK_ID,))
                 wait_for(lambda: waiting_for_claim_lock(cron_url) == 3, 10, step=0.02)
