@@ -155,3 +155,11 @@ def batched(server_url: str, kind: str = "change") -> float:
     return sample_sum(
         http_get(f"{server_url}/metrics").text, "tandem_wallet_batch_size_sum", kind=kind
     )
+
+
+def batch_statements(server_url: str, kind: str = "change") -> float:
+    """The group-commit batch statements of ``kind`` a running server has sent so far (its
+    tandem_wallet_batch_size_count)."""
+    return sample_sum(
+        http_get(f"{server_url}/metrics").text, "tandem_wallet_batch_size_count", kind=kind
+    )

@@ -26,7 +26,7 @@ def with_database(url: str, name: str) -> str:
 
 def _admin(url: str, statement: str, *args: object) -> list[asyncpg.Record]:
     async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(asyncpg_dsn(with_database(url, "postgres")))
+        conn = await asyncpg.connect(asyncpg_dsn(with_database(url, "postgres")), timeout=10)
         try:
             return await conn.fetch(statement, *args)
         finally:
@@ -83,6 +83,9 @@ WHERE d.datname = $1 AND s.setrole = 0
 def _migrated_template(server_url: str) -> str:
     server = with_database(server_url, "postgres")
     name = _templates.get(server)
+    # A throwaway server's URL may come back with a later server on the same port.
+    if name is not None and not _admin(server, "SELECT FROM pg_database WHERE datname = $1", name):
+        name = None
     if name is None:
         name = f"tandem_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         _admin(server, f'CREATE DATABASE "{name}"')

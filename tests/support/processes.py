@@ -63,7 +63,9 @@ def free_port_block(count: int) -> int:
     (for `tandem cluster`, which uses the entry port and the ones after it)."""
     low, _ = _ephemeral_ports()
     for _ in range(200):
-        first = _PICK.randrange(_LOWEST_PORT, max(low - count, _LOWEST_PORT + 1))
+        # Below 20000 only when the ephemeral range leaves too little room above it.
+        bottom = _LOWEST_PORT if low - count > _LOWEST_PORT + 1000 else 1024
+        first = _PICK.randrange(bottom, max(low - count, bottom + 1))
         sockets = []
         try:
             for port in range(first, first + count):

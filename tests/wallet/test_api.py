@@ -421,7 +421,7 @@ async def test_every_response_names_its_instance(client: httpx.AsyncClient) -> N
 
 async def test_a_refused_request_leaves_no_reference_cycle(client: httpx.AsyncClient) -> None:
     """Refusals answered on both paths (the lean path's withdrawal, a FastAPI route's
-    transfer, each refused 409, alone and batched) leave no error in a reference cycle: an
+    transfer, each refused 409, 20 of each at once) leave no error in a reference cycle: an
     error's traceback would hold the frames it passed, and with them the request's connection,
     until the cyclic collector ran (under a burst, most of the server's collection work)."""
     payer, payee = await new_user(client, 1), await new_user(client, 0)

@@ -32,6 +32,7 @@ from tests.faults.postgres import ThrowawayPostgres, throwaway_postgres
 from tests.support import (
     API_KEY,
     Server,
+    batch_statements,
     batched,
     fresh_database,
     query,
@@ -55,7 +56,7 @@ async def test_ten_thousand_concurrent_withdrawals(server: Server, database_url:
     are refused for insufficient funds, and the balance ends at 0, with 5000 journal entries
     each holding its own balance after it; most of them went in batches (group commit)."""
     raise_fd_limit()
-    batched_before = batched(server.url)
+    batched_before, statements_before = batched(server.url), batch_statements(server.url)
     report = await withdraw_burst(server.url, requests=10_000, amount=2, api_key=API_KEY)
     assert report.problems() == []
     assert (report.ok, report.refused, report.other) == (5000, 5000, 0)
@@ -64,7 +65,10 @@ async def test_ten_thousand_concurrent_withdrawals(server: Server, database_url:
     entries = [r for r in await journal(database_url, [report.user_id]) if r["kind"] != "opening"]
     assert len(entries) == 5000
     assert sorted(r["balance"] for r in entries) == list(range(0, 10_000, 2))
-    assert batched(server.url) - batched_before > 5000  # changes sent in batches, of 10000
+    items = batched(server.url) - batched_before
+    statements = batch_statements(server.url) - statements_before
+    assert items > 5000  # changes sent in batch statements, of 10000
+    assert items > 2 * statements  # more than two changes per statement on average
 
 
 async def journal(database_url: str, users: list[int]) -> list[asyncpg.Record]:
