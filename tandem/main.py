@@ -26,6 +26,8 @@ from tandem.core.handlers import install_error_handlers
 from tandem.core.openapi import install_openapi
 from tandem.core.runtime import tune_gc
 from tandem.core.settings import Settings, get_settings
+from tandem.events.endpoints import router as events_router
+from tandem.events.service import StreamWatch
 from tandem.maintenance import maintenance_registry
 from tandem.observability.endpoints import router as observability_router
 from tandem.observability.metrics import INSTANCE_INFO, HttpMetricsMiddleware
@@ -73,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keys = KeyCache(
         database, settings.auth_cache_ttl, lookups_per_second=settings.auth_lookups_per_second
     )
+    # Where the change stream ends, for the requests waiting on GET /events?wait=.
+    watch = StreamWatch(lambda: database.pool)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if runner is not None:
                 await runner.stop()
             registering.cancel()
+            await watch.close()
             await keys.stop()
             await database.close()
 
@@ -123,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     instance.attach(app)
     app.state.keys = keys
+    app.state.events_watch = watch
     # Group commit's queues (tandem/wallet/batching.py), shared by the lean path's balance
     # updates and the transfers route; None: off.
     app.state.wallet_batches = (
@@ -142,4 +148,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(observability_router)
     app.include_router(status_router)
     app.include_router(keys_router)
+    app.include_router(events_router)
     return app

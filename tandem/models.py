@@ -5,10 +5,16 @@ Import this module, not a domain's models, wherever the whole schema is meant.""
 from __future__ import annotations
 
 import tandem.access.models
+import tandem.events.models
 import tandem.scheduler.models
 import tandem.wallet.models
 from tandem.core.models import Base
 
 metadata = Base.metadata
 
-DOMAINS = (tandem.access.models, tandem.scheduler.models, tandem.wallet.models)
+DOMAINS = (
+    tandem.access.models,
+    tandem.events.models,
+    tandem.scheduler.models,
+    tandem.wallet.models,
+)

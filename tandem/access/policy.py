@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from tandem.core.callers import (
+    EVENTS_READ,
     KEYS_WRITE,
     TASKS_READ,
     TASKS_WRITE,
@@ -115,6 +116,10 @@ RULES = (
     Rule("POST", "/tasks/{name}/run", TASKS_WRITE, Binding.UNBOUND_ONLY),
     Rule("POST", "/tasks/{name}/pause", TASKS_WRITE, Binding.UNBOUND_ONLY),
     Rule("POST", "/tasks/{name}/resume", TASKS_WRITE, Binding.UNBOUND_ONLY),
+    # The change stream: a bound key reads its users' events only, and of a transfer its own
+    # leg (the service filters). Webhook endpoints receive every user's events: unbound
+    # keys only.
+    Rule("GET", "/events", EVENTS_READ, Binding.RESOURCE_USER),
 )
 # Anything else: a live key, then the app's 404 or 405 (no route serves it: nothing to bind).
 UNLISTED = Rule("GET", "unmatched", ANY_KEY, Binding.NOT_USER_DATA)

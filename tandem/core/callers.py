@@ -23,6 +23,10 @@ TASKS_READ = "tasks:read"
 TASKS_WRITE = "tasks:write"
 # Making keys bound to users through the API (POST /keys); an unbound key's right only.
 KEYS_WRITE = "keys:write"
+# Reading the change stream (GET /events: a bound key, its users' events only), and managing
+# webhook endpoints (unbound keys only: an endpoint receives every user's events).
+EVENTS_READ = "events:read"
+WEBHOOKS_WRITE = "webhooks:write"
 ALL = "all"
 SCOPES = (
     WALLET_READ,
@@ -32,6 +36,8 @@ SCOPES = (
     TASKS_READ,
     TASKS_WRITE,
     KEYS_WRITE,
+    EVENTS_READ,
+    WEBHOOKS_WRITE,
     ALL,
 )
 

@@ -44,7 +44,10 @@ CONTRACTS = frozenset({CONTRACT_REVISION, HOLDS_CONTRACT_REVISION})
 # (0018) comes after the holds' contract, which may wait; until it is applied every change
 # goes alone (tandem/wallet/batching.py notices the missing function).
 GROUP_COMMIT_REVISION = "0018_group_commit"
-OPTIONAL = frozenset({GROUP_COMMIT_REVISION})
+# The change stream (0019) likewise: until it is applied the events API answers 503 and the
+# delivery worker waits.
+CHANGE_STREAM_REVISION = "0019_change_stream"
+OPTIONAL = frozenset({GROUP_COMMIT_REVISION, CHANGE_STREAM_REVISION})
 
 
 class ContractWaitsError(RuntimeError):
@@ -135,6 +138,9 @@ OWNER_ONLY = ("wallet_settings", "mint_usage")
 # their events are written by the owner functions alone. Not in APP_READ_ONLY, which the
 # released contract 0015 reads at a revision where these tables do not exist yet.
 APP_READ_ONLY_HOLDS = ("holds", "hold_events")
+# The same for the change stream (0019): events are written by the owner's triggers and
+# functions alone.
+APP_READ_ONLY_EVENTS = ("events", "event_stream")
 
 
 def app_table_statements(role: str, contracted: bool) -> list[str]:
@@ -213,7 +219,7 @@ def grant_app_role(database_url: str, role: str, functions: Iterable[ServerFunct
                 for table in OWNER_ONLY:
                     if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                         await conn.execute(f"REVOKE ALL ON {table} FROM {role}")
-                for table in APP_READ_ONLY_HOLDS:
+                for table in APP_READ_ONLY_HOLDS + APP_READ_ONLY_EVENTS:
                     if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                         await conn.execute(
                             f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {table} FROM {role}"

@@ -140,6 +140,32 @@ class Settings(BaseSettings):
     # ledger verify`): a full scan of the journal, so far above the requests' 10 s, yet bounded.
     ledger_verify_timeout: float = Field(default=600.0, gt=0)
 
+    # --- the change stream: events and webhooks (tandem/events/) ----------------------------
+    # The delivery worker stamps new events this often when it found none last time (seconds):
+    # the floor of the stream's lag, and the idle cost (one short transaction per poll).
+    events_poll_interval: float = Field(default=0.1, gt=0, le=10.0)
+    # Events are deleted this long after they were made (seconds); unset: the webhooks' retry
+    # window plus 7 days. Never shorter than the retry window (checked at start): an event is
+    # kept while a delivery of it may still be retried.
+    events_retention: float | None = Field(default=None, gt=0)
+    # A failed delivery is retried after this (seconds), doubled per attempt with equal
+    # jitter (the cron's retry arithmetic), for up to the retry window; past it the endpoint
+    # is marked failing and disabled.
+    webhooks_retry_base: float = Field(default=5.0, gt=0)
+    webhooks_retry_window: float = Field(default=259_200.0, gt=0)
+    # An attempt is abandoned after this, connecting and answering together (seconds).
+    webhooks_timeout: float = Field(default=10.0, gt=0, le=300.0)
+    # Deliveries to loopback, link-local and private addresses (internal deployments, tests).
+    webhooks_allow_private: bool = False
+
+    @property
+    def events_keep(self) -> float:
+        """How long events are kept (seconds): TANDEM_EVENTS_RETENTION, or the retry window
+        plus 7 days."""
+        if self.events_retention is not None:
+            return self.events_retention
+        return self.webhooks_retry_window + 7 * 86400.0
+
     @property
     def scheduler_live_window(self) -> float:
         """How recent a heartbeat keeps an instance live, in seconds, for fair share, the live
@@ -170,6 +196,17 @@ class Settings(BaseSettings):
                 f"2 x scheduler_heartbeat_interval + scheduler_renewal_validity ({2 * h + v} s) "
                 f"must not exceed scheduler_self_fence_after ({f} s): a run would self-fence "
                 "after a single late heartbeat"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def check_events_retention(self) -> Settings:
+        """An event is kept at least as long as a delivery of it may be retried."""
+        if self.events_keep < self.webhooks_retry_window:
+            raise ValueError(
+                f"events_retention ({self.events_keep} s) must not be shorter than "
+                f"webhooks_retry_window ({self.webhooks_retry_window} s): an event being "
+                "retried would be deleted"
             )
         return self
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from tandem.access import policy
 from tandem.core.callers import (
+    EVENTS_READ,
     KEYS_WRITE,
     TASKS_READ,
     TASKS_WRITE,
@@ -75,6 +76,7 @@ ROUTES = [
     Route("POST", f"/tasks/{TASK}/run", TASKS_WRITE),
     Route("POST", f"/tasks/{TASK}/pause", TASKS_WRITE),
     Route("POST", f"/tasks/{TASK}/resume", TASKS_WRITE),
+    Route("GET", "/events", EVENTS_READ),
     Route("GET", "/", TASKS_READ, page=True),
     Route("GET", "/status/fragment", TASKS_READ, page=True),
     Route("GET", "/docs", policy.ANY_KEY, page=True),

@@ -19,7 +19,14 @@ from tandem.access.cache import KeyCache
 from tandem.access.errors import REFUSALS
 from tandem.access.keys import digest, new_token
 from tandem.access.schemas import BOUND_KEY_MAX_USERS
-from tandem.core.callers import ALL, KEYS_WRITE, WALLET_MINT, WALLET_READ, WALLET_WRITE
+from tandem.core.callers import (
+    ALL,
+    EVENTS_READ,
+    KEYS_WRITE,
+    WALLET_MINT,
+    WALLET_READ,
+    WALLET_WRITE,
+)
 from tandem.core.database import Database
 from tests.access.keys import bearer, make_key, revoke_key
 from tests.support import fetch, until
@@ -95,6 +102,7 @@ MATRIX = [
     Route("POST", lambda w, u: f"/holds/{w['holds']['capture'].get(u, NOBODY)}/capture"),
     Route("POST", lambda w, u: f"/holds/{w['holds']['release'].get(u, NOBODY)}/release"),
     Route("GET", lambda w, u: f"/balance/{u}/holds"),
+    Route("GET", lambda w, u: f"/events?userId={u}"),
 ]
 HOLD_USES = ("read", "capture", "release")
 
@@ -141,7 +149,7 @@ async def world(database_url: str, app: httpx.AsyncClient) -> dict[str, Any]:
         "c": c,
         "transfer_from": transfer_from,
         "holds": holds,
-        "bound": await key("bound-a", WALLET_READ, WALLET_WRITE, users=[a]),
+        "bound": await key("bound-a", WALLET_READ, WALLET_WRITE, EVENTS_READ, users=[a]),
         "bound_all": await key("bound-a-all", ALL, users=[a]),
         "bound_c": await key("bound-c", WALLET_READ, users=[c]),
         "unbound": await key("unbound", ALL),

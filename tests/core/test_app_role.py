@@ -23,6 +23,7 @@ from tandem.access import service as access_service
 from tandem.cli.migrate import cmd_migrate
 from tandem.core.database import asyncpg_dsn
 from tandem.core.migrations import (
+    CHANGE_STREAM_REVISION,
     CONTRACT_REVISION,
     CONTRACTS,
     EXPAND_REVISION,
@@ -57,15 +58,15 @@ def test_the_expand_and_the_contract_are_named_right() -> None:
         assert contract.down_revision == expand_revision
         assert scripts.get_revision(expand_revision) is not None
     # Below the head, each contract or optional expand not applied yet is ready too, down to
-    # the first revision that is neither (today: 0018 optional, then the holds' contract, then
-    # its expand); nothing below that.
+    # the first revision that is neither (today: 0019 and 0018 optional, then the holds'
+    # contract, then its expand); nothing below that.
     expected, script = {head_revision()}, scripts.get_revision(head_revision())
     while script is not None and script.revision in CONTRACTS | OPTIONAL:
         below = script.down_revision
         assert isinstance(below, str)
         expected.add(below)
         script = scripts.get_revision(below)
-    assert GROUP_COMMIT_REVISION in OPTIONAL
+    assert {GROUP_COMMIT_REVISION, CHANGE_STREAM_REVISION} <= OPTIONAL
     assert {GROUP_COMMIT_REVISION, HOLDS_CONTRACT_REVISION, HOLDS_EXPAND_REVISION} <= expected
     assert ready_revisions() == expected
 
@@ -246,6 +247,15 @@ FORGERIES = {
     "a hold event forged": "INSERT INTO hold_events (hold_id, kind, amount) "
     "SELECT min(id), 'released', 1 FROM holds",
     "the hold events deleted": "DELETE FROM hold_events",
+    # The change stream: written only with the change it reports, stamped and pruned only by
+    # the owner's functions.
+    "an event forged": "INSERT INTO events (type, user_id, data) "
+    "VALUES ('balance.updated', 1, '{}')",
+    "an event rewritten": "UPDATE events SET data = '{}'",
+    "an event stamped by hand": "UPDATE events SET position = 1",
+    "the events deleted": "DELETE FROM events",
+    "the stream's end moved": "UPDATE event_stream SET last_position = 0",
+    "a trigger function called": "SELECT tandem_events_from_entries_v1()",
     "the previous release's transfer": "SELECT * FROM tandem_transfer_v1(1, 2, 1, '', '', 1)",
     # A browser session for the `all` key with a token hash the app chose: its cookie would
     # act as that key. Sessions start only from the key's own token (tandem_start_session_v1).

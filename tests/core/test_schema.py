@@ -21,6 +21,7 @@ from tandem.access import functions as access_functions
 from tandem.core import locks
 from tandem.core.functions import ServerFunction
 from tandem.core.migrations import MIGRATIONS_DIR, upgrade_to_head
+from tandem.events import functions as events_functions
 from tandem.functions import DECLARED
 from tandem.models import metadata
 from tandem.scheduler import functions as scheduler_functions
@@ -31,7 +32,10 @@ from tandem.wallet.models import INT64_MAX
 from tests.support import empty_database, query
 
 CURRENT: tuple[ServerFunction, ...] = (
-    scheduler_functions.CURRENT + wallet_functions.CURRENT + access_functions.CURRENT
+    scheduler_functions.CURRENT
+    + wallet_functions.CURRENT
+    + access_functions.CURRENT
+    + events_functions.CURRENT
 )
 ROOT = MIGRATIONS_DIR.parent.parent
 
@@ -135,7 +139,11 @@ def test_functions_that_run_as_their_owner_are_callable_by_name_only(database_ur
         """,
     )
     app_role = {f.name for f in DECLARED if f.app_role}
-    assert {r["proname"] for r in rows} == app_role
+    # ...or a trigger function writing what the role that fires it may not (events): called
+    # by its trigger alone, EXECUTE for no one.
+    triggers = {f.name for f in DECLARED if f.security_definer and not f.app_role}
+    assert triggers == {f.name for f in events_functions.CURRENT if not f.app_role}
+    assert {r["proname"] for r in rows} == app_role | triggers
     assert app_role >= {"tandem_apply_delta_v1", "tandem_create_user_v1", "tandem_transfer_v2"}
     for row in rows:
         assert not row["public"], row["signature"]
@@ -143,6 +151,7 @@ def test_functions_that_run_as_their_owner_are_callable_by_name_only(database_ur
         assert paths, row["signature"]
         assert paths[0].endswith(", pg_temp"), row["signature"]
     assert all(f.security_definer and f.execute == () for f in DECLARED if f.app_role)
+    assert all(f.execute == () for f in DECLARED if f.name in triggers)
 
 
 def test_advisory_lock_ids_are_the_named_ones(database_url: str) -> None:
@@ -179,6 +188,19 @@ def test_append_only_triggers_run_the_current_function(database_url: str) -> Non
             (wallet_functions.APPEND_ONLY_HOLD_EVENTS, append_only),
             (wallet_functions.APPEND_ONLY_HOLDS, append_only),
             (wallet_functions.APPEND_ONLY_HOLDS, wallet_functions.HOLD_TRANSITION_V1.name),
+            # The change stream's: events written by the statement that makes the change.
+            *(
+                (table, function.name)
+                for (_, table, _definition), function in zip(
+                    events_functions.TRIGGERS,
+                    (
+                        events_functions.EVENTS_FROM_ENTRIES_V1,
+                        events_functions.EVENTS_FROM_HOLDS_V1,
+                        events_functions.EVENTS_FROM_RUNS_V1,
+                    ),
+                    strict=True,
+                )
+            ),
         ]
     )
 
@@ -272,6 +294,11 @@ RELEASED_SQL = {
     "tandem/access/sql/create_bound_key_v1.sql": "890f9e89585eb948",
     "tandem/access/sql/end_session_v1.sql": "9e1aa54426f06a37",
     "tandem/access/sql/start_session_v1.sql": "ddf9a218a2334c1b",
+    "tandem/events/sql/events_from_entries_v1.sql": "4586ce471dfed628",
+    "tandem/events/sql/events_from_holds_v1.sql": "51d3d067c84b6e00",
+    "tandem/events/sql/events_from_runs_v1.sql": "015c14aa7bc45871",
+    "tandem/events/sql/prune_events_v1.sql": "c63dc3c98e3c10c1",
+    "tandem/events/sql/stamp_events_v1.sql": "0b8b0f0f4862b646",
     "tandem/migrations/sql/0007_claim_task.sql": "63ec16d8724037e4",
     "tandem/migrations/sql/0008_transfer.sql": "b5220ad13e2131f4",
     "tandem/scheduler/sql/claim_row_v1.sql": "2e1a88979f302718",
