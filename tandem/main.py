@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.scheduler_enabled:
             registry = load_registry(settings.scheduler_tasks)
             if settings.maintenance_enabled:
-                registry = Registry.combine(registry, maintenance_registry(database))
+                registry = Registry.combine(registry, maintenance_registry(database, watch))
             runner = Runner(settings, registry, database, instance.instance_id)
             await runner.start()
         tune_gc()

@@ -9,6 +9,10 @@
   ``tandem_ledger_mismatches`` (alert TandemLedgerMismatch); skipped, with a warning, while
   another verification runs (one at a time in the database), each statement within
   TANDEM_LEDGER_VERIFY_TIMEOUT.
+- ``tandem.events.relay``: the change stream's delivery worker (tandem/events/relay.py), a
+  run that never ends: one instance at a time stamps the events and delivers the webhooks.
+- ``tandem.prune_events``: deletes events older than their retention (TANDEM_EVENTS_RETENTION,
+  by default the webhooks' retry window plus 7 days) and delivery records as old.
 - ``tandem.expire_holds``: every 5 s, releases the holds past their expiry, in batches of
   users (``SKIP LOCKED``: a user busy spending is left to its own spending, which releases its
   overdue holds first, or to the next run), and exports the hold gauges
@@ -32,6 +36,9 @@ import asyncpg
 
 from tandem.access import repository as access_repository
 from tandem.core.database import Database
+from tandem.events import repository as events_repository
+from tandem.events.relay import RELAY_TASK, Relay
+from tandem.events.service import StreamWatch
 from tandem.observability.metrics import (
     HOLD_STATES,
     LEDGER_MISMATCHES,
@@ -43,12 +50,17 @@ from tandem.observability.metrics import (
 )
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.registry import Registry, TaskContext
+from tandem.scheduler.schedules import retry_delay
 from tandem.wallet import repository as wallet_repository
 
 PRUNE_HISTORY_TASK = "tandem.prune_task_history"
 PRUNE_KEYS_TASK = "tandem.prune_idempotency_keys"
 VERIFY_LEDGER_TASK = "tandem.verify_ledger"
 EXPIRE_HOLDS_TASK = "tandem.expire_holds"
+PRUNE_EVENTS_TASK = "tandem.prune_events"
+# The delivery worker is due every second: a run lost with its instance is claimed again
+# within a poll, and while one runs (it never ends) the next slots are skipped.
+RELAY_EVERY = 1.0
 
 # Holds are released at most about this long after their expiry while the cron keeps up
 # (seconds, times TANDEM_SCHEDULER_TIME_SCALE): the task's interval.
@@ -115,9 +127,10 @@ def export_hold_stats(stats: wallet_repository.HoldStats) -> None:
     WALLET_HOLDS_OBSERVED.set_to_current_time()
 
 
-def maintenance_registry(database: Database) -> Registry:
+def maintenance_registry(database: Database, watch: StreamWatch | None = None) -> Registry:
     """The housekeeping tasks, due every TANDEM_MAINTENANCE_INTERVAL, bound to the app's
-    database and its settings (not whatever the environment says)."""
+    database and its settings (not whatever the environment says), and the change stream's
+    delivery worker (``watch``: this process's waiting readers, woken by its stamping)."""
     settings = database.settings
 
     async def prune_task_history(ctx: TaskContext) -> None:
@@ -172,7 +185,17 @@ def maintenance_registry(database: Database) -> Registry:
         if released:
             ctx.log.info("released %d expired holds", released)
 
+    async def relay(ctx: TaskContext) -> None:
+        await Relay(database, watch, ctx.fence, ctx.check, retry_delay).run()
+
+    async def prune_events(ctx: TaskContext) -> None:
+        keep = settings.events_keep
+        await _prune(ctx, database, events_repository.prune_events, keep, "events")
+        deliveries = events_repository.prune_deliveries
+        await _prune(ctx, database, deliveries, keep, "webhook delivery records")
+
     registry = Registry()
+    registry.task(RELAY_TASK, timedelta(seconds=RELAY_EVERY), watched=True)(relay)
     every = timedelta(seconds=settings.maintenance_interval)
     registry.task(EXPIRE_HOLDS_TASK, timedelta(seconds=EXPIRE_HOLDS_EVERY), watched=True)(
         expire_holds
@@ -180,4 +203,5 @@ def maintenance_registry(database: Database) -> Registry:
     registry.task(VERIFY_LEDGER_TASK, every, watched=True)(verify_ledger)
     registry.task(PRUNE_HISTORY_TASK, every, watched=True)(prune_task_history)
     registry.task(PRUNE_KEYS_TASK, every, watched=True)(prune_idempotency_keys)
+    registry.task(PRUNE_EVENTS_TASK, every, watched=True)(prune_events)
     return registry

@@ -27,6 +27,7 @@ from tandem.core.callers import (
     USERS_WRITE,
     WALLET_READ,
     WALLET_WRITE,
+    WEBHOOKS_WRITE,
 )
 
 PUBLIC = "public"
@@ -120,6 +121,19 @@ RULES = (
     # leg (the service filters). Webhook endpoints receive every user's events: unbound
     # keys only.
     Rule("GET", "/events", EVENTS_READ, Binding.RESOURCE_USER),
+    Rule("POST", "/webhook-endpoints", WEBHOOKS_WRITE, Binding.UNBOUND_ONLY),
+    Rule("GET", "/webhook-endpoints", EVENTS_READ, Binding.UNBOUND_ONLY),
+    Rule("GET", "/webhook-endpoints/{endpointId}", EVENTS_READ, Binding.UNBOUND_ONLY),
+    Rule("PATCH", "/webhook-endpoints/{endpointId}", WEBHOOKS_WRITE, Binding.UNBOUND_ONLY),
+    Rule("DELETE", "/webhook-endpoints/{endpointId}", WEBHOOKS_WRITE, Binding.UNBOUND_ONLY),
+    Rule(
+        "POST",
+        "/webhook-endpoints/{endpointId}/rotate-secret",
+        WEBHOOKS_WRITE,
+        Binding.UNBOUND_ONLY,
+    ),
+    Rule("POST", "/webhook-endpoints/{endpointId}/replay", WEBHOOKS_WRITE, Binding.UNBOUND_ONLY),
+    Rule("GET", "/webhook-endpoints/{endpointId}/deliveries", EVENTS_READ, Binding.UNBOUND_ONLY),
 )
 # Anything else: a live key, then the app's 404 or 405 (no route serves it: nothing to bind).
 UNLISTED = Rule("GET", "unmatched", ANY_KEY, Binding.NOT_USER_DATA)

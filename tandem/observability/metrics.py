@@ -268,3 +268,29 @@ WALLET_HOLDS_EXPIRED = Counter(
     "Holds released at their expiry by this instance's runs of tandem.expire_holds (a "
     "user's own spending releases its overdue holds too: those are not counted here).",
 )
+
+# --- the change stream (tandem/events/relay.py: the instance running the delivery worker) ------
+EVENTS_STAMPED = Counter(
+    "tandem_events_stamped_total",
+    "Events given their place in the stream by this instance's delivery worker.",
+)
+EVENTS_LAG = Gauge(
+    "tandem_events_lag_seconds",
+    "Per webhook endpoint, the age of the oldest event it has not acknowledged yet (0 when "
+    "it is up to date); exported by the instance running the delivery worker (alert "
+    "TandemEventsLagging).",
+    ["endpoint"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "tandem_webhook_deliveries_total",
+    "Attempts to deliver an event to a webhook endpoint, by outcome (delivered: a 2xx; failed: "
+    "anything else, retried with backoff).",
+    ["outcome"],
+)
+WEBHOOK_ENDPOINTS = Gauge(
+    "tandem_webhook_endpoints",
+    "Webhook endpoints by state: active, disabled (by the API) and failing (past the retry "
+    "window: disabled, alert TandemWebhookEndpointFailing); exported by the instance running "
+    "the delivery worker.",
+    ["state"],
+)

@@ -17,9 +17,12 @@ from tandem.core.callers import (
     USERS_WRITE,
     WALLET_READ,
     WALLET_WRITE,
+    WEBHOOKS_WRITE,
 )
 
 TASK = "access.probe"
+# A public address written as one (no name to resolve): a webhook endpoint any app accepts.
+PUBLIC_HOOK = "http://93.184.216.34/hooks/tandem"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,20 @@ ROUTES = [
     Route("POST", f"/tasks/{TASK}/pause", TASKS_WRITE),
     Route("POST", f"/tasks/{TASK}/resume", TASKS_WRITE),
     Route("GET", "/events", EVENTS_READ),
+    Route(
+        "POST", "/webhook-endpoints", WEBHOOKS_WRITE, ok=201, body=lambda w: {"url": PUBLIC_HOOK}
+    ),
+    Route("GET", "/webhook-endpoints", EVENTS_READ),
+    Route("GET", "/webhook-endpoints/{endpoint}", EVENTS_READ),
+    Route(
+        "PATCH", "/webhook-endpoints/{endpoint}", WEBHOOKS_WRITE, body=lambda w: {"enabled": False}
+    ),
+    Route("POST", "/webhook-endpoints/{endpoint}/rotate-secret", WEBHOOKS_WRITE, body=lambda w: {}),
+    Route(
+        "POST", "/webhook-endpoints/{endpoint}/replay", WEBHOOKS_WRITE, body=lambda w: {"from": "0"}
+    ),
+    Route("GET", "/webhook-endpoints/{endpoint}/deliveries", EVENTS_READ),
+    Route("DELETE", "/webhook-endpoints/{doomed}", WEBHOOKS_WRITE, ok=204),
     Route("GET", "/", TASKS_READ, page=True),
     Route("GET", "/status/fragment", TASKS_READ, page=True),
     Route("GET", "/docs", policy.ANY_KEY, page=True),

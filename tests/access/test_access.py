@@ -23,7 +23,7 @@ from tandem.core.callers import (
 from tandem.core.settings import Settings
 from tandem.main import create_app
 from tests.access.keys import bearer, make_key
-from tests.access.routes import ROUTES, TASK, Route
+from tests.access.routes import PUBLIC_HOOK, ROUTES, TASK, Route
 from tests.support import fetch
 
 BASE = "http://tandem.test"
@@ -70,6 +70,13 @@ async def world(database_url: str, anonymous: httpx.AsyncClient) -> dict[str, An
         )[0]["hold_id"]
         for _ in range(2)
     ]
+    # Two webhook endpoints: one read and changed, one deleted.
+    hooks = await fetch(
+        database_url,
+        "INSERT INTO webhook_endpoints (url, secret, position) "
+        "VALUES ($1, 'whsec_AA==', 0), ($1, 'whsec_AA==', 0) RETURNING id",
+        PUBLIC_HOOK,
+    )
     keys = {
         scope: await make_key(
             database_url, f"without-{scope.replace(':', '-')}", *others, known_to=anonymous
@@ -85,6 +92,8 @@ async def world(database_url: str, anonymous: httpx.AsyncClient) -> dict[str, An
             "transfer": transfer,
             "hold": holds[0],
             "released": holds[1],
+            "endpoint": hooks[0]["id"],
+            "doomed": hooks[1]["id"],
         },
         "without": keys,
         "revoked": await make_key(database_url, "revoked", "all", revoked=True),
@@ -173,7 +182,10 @@ def test_every_route_is_in_the_table() -> None:
         (rule.method, rule.template)
         for r in ROUTES
         for rule in [
-            policy.rule_for(r.method, r.path.format(user=1, transfer=1, hold=1, released=1))
+            policy.rule_for(
+                r.method,
+                r.path.format(user=1, transfer=1, hold=1, released=1, endpoint=1, doomed=1),
+            )
         ]
     }
     needing = {(r.method, r.template) for r in policy.RULES if r.requirement != policy.PUBLIC}

@@ -41,7 +41,7 @@ from tandem.core.settings import Settings, get_settings
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.runner import task_row
 from tandem.wallet import repository as wallet_repository
-from tests.access.routes import ROUTES, TASK
+from tests.access.routes import PUBLIC_HOOK, ROUTES, TASK
 from tests.scheduler.registries import definition
 from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, query, value
 
@@ -145,6 +145,10 @@ async def test_every_route_works_on_the_app_role(migrated: tuple[str, str]) -> N
             )
             assert held.status_code == 201, held.text
             ids[name] = held.json()["holdId"]
+        for name in ("endpoint", "doomed"):
+            hook = await client.post("/webhook-endpoints", json={"url": PUBLIC_HOOK})
+            assert hook.status_code == 201, hook.text
+            ids[name] = hook.json()["id"]
         keyed = {"Idempotency-Key": "on-the-app-role"}
         deposit = {"userId": user, "amount": 7}
         for _ in range(2):  # the retry is a replay
