@@ -79,7 +79,9 @@ class Relay:
                 group.create_task(self._stamp())
                 group.create_task(self._endpoints(group))
         finally:
+            # Another instance's worker exports them from now on.
             EVENTS_LAG.clear()
+            WEBHOOK_ENDPOINTS.clear()
 
     async def _stamp(self) -> None:
         """The sequencer's rounds, on a connection of its own; a database failure is waited

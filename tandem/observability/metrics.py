@@ -287,6 +287,8 @@ WEBHOOK_DELIVERIES = Counter(
     "anything else, retried with backoff).",
     ["outcome"],
 )
+for _outcome in ("delivered", "failed"):
+    WEBHOOK_DELIVERIES.labels(_outcome)
 WEBHOOK_ENDPOINTS = Gauge(
     "tandem_webhook_endpoints",
     "Webhook endpoints by state: active, disabled (by the API) and failing (past the retry "

@@ -25,7 +25,15 @@ from tests.deploy.observability import (
     read_names,
     scrape,
 )
-from tests.support import Server, http_get, http_post, sample_sum, start_servers, wait_for
+from tests.support import (
+    Server,
+    free_port,
+    http_get,
+    http_post,
+    sample_sum,
+    start_servers,
+    wait_for,
+)
 
 TANDEM_NAME = re.compile(r"\btandem_[a-z0-9_]+")
 
@@ -44,10 +52,26 @@ def _owner_of(task: str, servers: list[Server]) -> Server | None:
 @pytest.fixture(scope="module")
 def exposition(database_url: str, log_dir: Path) -> Iterator[list[str]]:
     """The /metrics pages of two instances after traffic, finished runs and a failover."""
-    servers = start_servers(database_url, log_dir, 2, extra_env=SCHEDULER_ENV)
+    # Housekeeping on: the change stream's delivery worker runs, and an endpoint that refuses
+    # every connection gives it a lag and failed deliveries to export.
+    env = {**SCHEDULER_ENV, "TANDEM_MAINTENANCE_ENABLED": "true"}
+    servers = start_servers(
+        database_url, log_dir, 2, extra_env={**env, "TANDEM_WEBHOOKS_ALLOW_PRIVATE": "true"}
+    )
     try:
+        hook = {"url": f"http://127.0.0.1:{free_port()}/closed"}
+        assert http_post(f"{servers[0].url}/webhook-endpoints", json=hook).status_code == 201
         for server in servers:
             make_wallet_traffic(server)
+        wait_for(
+            lambda: any(
+                sample_sum(scrape(s), "tandem_events_lag_seconds")
+                and sample_sum(scrape(s), "tandem_webhook_deliveries_total", outcome="failed")
+                for s in servers
+            ),
+            30,
+            "the delivery worker exported the endpoint's lag",
+        )
         wait_for(
             lambda: any(
                 sample_sum(scrape(s), "tandem_scheduler_runs_total", status="succeeded")

@@ -19,40 +19,7 @@ from tandem.core.database import asyncpg_dsn
 from tandem.events import repository
 from tests.access.keys import make_key
 from tests.support import assert_error, fetch, new_user
-
-
-async def stamp(url: str) -> int | None:
-    """One round of the sequencer (what the delivery worker runs); the stream's last position."""
-    conn = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        return (await repository.stamp_events(conn, 10_000))[1]
-    finally:
-        await conn.close()
-
-
-async def follow(
-    client: httpx.AsyncClient, after: str | None = None, **params: Any
-) -> tuple[list[dict[str, Any]], str]:
-    """Every event after ``after``, page by page (small pages: the paging is tested too), and
-    the cursor after the last."""
-    events: list[dict[str, Any]] = []
-    cursor = after
-    while True:
-        query = {"limit": 7, **params, **({} if cursor is None else {"after": cursor})}
-        response = await client.get("/events", params=query)
-        assert response.status_code == 200, response.text
-        page = response.json()
-        events += page["events"]
-        if page["next"] == cursor or not page["events"]:
-            return events, page["next"]
-        cursor = page["next"]
-
-
-async def cursor_now(client: httpx.AsyncClient, url: str) -> str:
-    """The stream's end: a cursor after everything committed so far."""
-    await stamp(url)
-    _, cursor = await follow(client)
-    return cursor
+from tests.support.events import cursor_now, follow, stamp
 
 
 def rebuild(events: list[dict[str, Any]]) -> dict[int, int]:

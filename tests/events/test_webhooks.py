@@ -23,7 +23,6 @@ from tandem.events.delivery import sign
 from tandem.events.relay import RELAY_TASK, Relay
 from tandem.scheduler.schedules import retry_delay
 from tests.access.keys import make_key
-from tests.events.test_stream import cursor_now, follow, stamp
 from tests.support import (
     app_settings,
     assert_error,
@@ -33,6 +32,7 @@ from tests.support import (
     new_user,
     until,
 )
+from tests.support.events import cursor_now, follow, stamp
 from tests.support.webhooks import Receiver, verified
 
 # Compressed for the tests: a retry after 50 ms (doubling), an attempt given up after 1 s.
