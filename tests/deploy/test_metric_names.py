@@ -26,27 +26,15 @@ from tests.deploy.observability import (
     scrape,
 )
 from tests.support import (
-    Server,
     free_port,
-    http_get,
     http_post,
     sample_sum,
     start_servers,
+    task_owner,
     wait_for,
 )
 
 TANDEM_NAME = re.compile(r"\btandem_[a-z0-9_]+")
-
-
-def _owner_of(task: str, servers: list[Server]) -> Server | None:
-    """The server whose scheduler runs ``task`` now, if any."""
-    tasks = http_get(f"{servers[0].url}/tasks", timeout=10).json()["tasks"]
-    running = {t["name"]: t["running_instance"] for t in tasks if t["is_running"]}
-    if task not in running:
-        return None
-    instances = http_get(f"{servers[0].url}/instances", timeout=10).json()["instances"]
-    pid = next((i["pid"] for i in instances if i["id"] == running[task]), None)
-    return next((s for s in servers if s.process.pid == pid), None)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +68,8 @@ def exposition(database_url: str, log_dir: Path) -> Iterator[list[str]]:
             15,
             "a run succeeded",
         )
-        wait_for(lambda: _owner_of("Long", servers), 15, "Long runs")
-        owner = _owner_of("Long", servers)
+        wait_for(lambda: task_owner(servers, "Long"), 15, "Long runs")
+        owner = task_owner(servers, "Long")
         assert owner is not None
         (other,) = (s for s in servers if s is not owner)
         owner.process.send_signal(signal.SIGSTOP)

@@ -30,6 +30,7 @@ from tests.support.api import (
     in_process_client,
     new_user,
     signed_in,
+    task_owner,
 )
 from tests.support.database import (
     empty_database,
@@ -116,6 +117,7 @@ __all__ = [
     "signed_in",
     "start_server",
     "start_servers",
+    "task_owner",
     "until",
     "value",
     "wait_for",

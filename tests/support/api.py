@@ -16,7 +16,7 @@ from tandem.access.keys import new_token
 from tandem.core.settings import Settings
 from tandem.main import create_asgi_app
 from tests.support.metrics import sample_sum
-from tests.support.processes import free_port
+from tests.support.processes import Server, free_port
 from tests.support.timings import wait_for
 
 # The suite's API key (scope all). conftest.py puts it in the environment, so every server
@@ -163,3 +163,19 @@ def batch_statements(server_url: str, kind: str = "change") -> float:
     return sample_sum(
         http_get(f"{server_url}/metrics").text, "tandem_wallet_batch_size_count", kind=kind
     )
+
+
+def task_owner(servers: list[Server], task: str) -> Server | None:
+    """The server whose scheduler runs ``task`` now, if any (by /tasks and /instances)."""
+    for asked in servers:
+        if asked.process.poll() is None:
+            break
+    else:
+        return None
+    tasks = http_get(f"{asked.url}/tasks", timeout=10).json()["tasks"]
+    running = {t["name"]: t["running_instance"] for t in tasks if t["is_running"]}
+    if task not in running:
+        return None
+    instances = http_get(f"{asked.url}/instances", timeout=10).json()["instances"]
+    pid = next((i["pid"] for i in instances if i["id"] == running[task]), None)
+    return next((s for s in servers if s.process.pid == pid), None)
