@@ -208,6 +208,7 @@ def test_every_committed_event_reaches_the_receiver_through_crashes(
         assert _rebuilt(live[0], users) == {
             u: http_get(f"{live[0].url}/balance/{u}").json()["balance"] for u in users
         }
+
         # The endpoint answering 500 throughout: failing past the window, and exported.
         def failed() -> bool:
             shown = http_get(f"{live[0].url}/webhook-endpoints/{failing['id']}").json()
