@@ -104,3 +104,21 @@ def test_scheduler_bench_prints_every_phase(postgres_url: str) -> None:
         "--fault-timings=compressed",
     )
     assert "FAILED" not in out, out[-4000:]
+
+
+def test_events_bench_prints_its_lags_and_the_bursts_ratio(postgres_url: str) -> None:
+    """bench/events.py prints the steady lags, the fan-out's, the worker's throughput and
+    the burst with events on against none."""
+    out = run_bench(
+        "events",
+        postgres_url,
+        "--runs=1",
+        "--requests=200",
+        "--rate=100",
+        "--seconds=1",
+        "--fan-out=2",
+        "--fan-rate=50",
+        "--relay-events=100",
+    )
+    for figure in ("(a) 100/s", "(b) 50/s, 3 endpoints", "(c) delivery worker", "events_cost"):
+        assert figure in out, out[-4000:]

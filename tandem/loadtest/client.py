@@ -316,30 +316,39 @@ async def send_burst(
 async def send_keepalive(
     host: str,
     port: int,
-    request: bytes,
+    request: bytes | Sequence[bytes],
     total: int,
     connections: int,
     request_timeout: float = DEFAULT_TIMEOUT,
     on_done: OnDone | None = None,
+    rate: float | None = None,
 ) -> list[Result]:
-    """Send ``request`` ``total`` times over ``connections`` persistent connections.
+    """Send ``request`` ``total`` times over ``connections`` persistent connections (or,
+    given a sequence, request ``i`` of it as the ``i``-th), as fast as they go or, with
+    ``rate``, request ``i`` no earlier than ``i / rate`` seconds after the start (a steady
+    load, as long as the connections keep up).
 
-    ``request`` must be built with ``keep_alive=True``. A connection that fails or that the
+    Each request must be built with ``keep_alive=True``. A connection that fails or that the
     server closes is replaced for the next request; the failed request is recorded, not retried.
     """
     results: list[Result | None] = [None] * total
     pending = iter(range(total))
+    start = time.perf_counter()
 
     async def worker() -> None:
         connection: _Connection | None = None
         try:
             for index in pending:
+                if rate is not None:
+                    await asyncio.sleep(start + index / rate - time.perf_counter())
                 started = time.perf_counter()
                 try:
                     async with asyncio.timeout(request_timeout):
                         if connection is None or connection.closed:
                             connection = await _connect((host, port))
-                        status, body = await connection.exchange(request)
+                        status, body = await connection.exchange(
+                            request if isinstance(request, bytes) else request[index]
+                        )
                     result = Result(status, body, time.perf_counter() - started)
                 except _FAILURES as error:
                     result = Result(0, b"", time.perf_counter() - started, error)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,9 @@ Answer = Callable[[dict[str, Any]], int | None]
 class Delivery:
     headers: dict[str, str]
     body: bytes
-    # What the receiver answered.
+    # What the receiver answered, and when the delivery had arrived (Unix time).
     status: int = 204
+    at: float = field(default_factory=time.time)
 
     @property
     def event(self) -> dict[str, Any]:

@@ -1,0 +1,304 @@
+"""The change stream's cost and lag: how late do webhooks arrive, how fast does the delivery
+worker send, and what do events cost the wallet's burst?
+
+    python bench/events.py [--runs 3] [--requests 10000] [--rate 1000] [--seconds 10]
+                           [--fan-out 10] [--fan-rate 100] [--relay-events 5000]
+                           [--database-url URL]
+
+One ``tandem serve`` with its housekeeping on (the delivery worker, ``tandem.events.relay``,
+runs in it), and receivers in this process (tests/support/webhooks.py: real HTTP servers on
+this machine, answering 204 at once), each an endpoint subscribed to ``balance.updated``:
+
+- (a) steady: ``--rate`` deposits/s for ``--seconds`` seconds over keep-alive connections,
+  spread over 1000 users, to one endpoint: each event's delivery lag (its arrival at the
+  receiver minus its ``createdAt``, the commit's instant by the database's clock on this same
+  machine), p50 / p99 / max.
+- (b) fan-out: ``--fan-out`` endpoints at ``--fan-rate`` changes/s, then at ``--rate``: the lag
+  over every delivery.
+- (c) throughput: ``--relay-events`` events already committed, replayed to one endpoint from
+  before them: events/s from the replay to the last arrival (one delivery after another, in
+  order, each its own signed POST).
+- (d) burst: 10000 withdrawals of 2 from one user holding 10000, all at once, against this
+  server with one endpoint subscribed (events written, stamped and delivered during the
+  burst) and against the release before the change stream as far as the database is
+  concerned: a second server on a second database whose event triggers are disabled and
+  whose housekeeping (the delivery worker) is off. ratio = on / off (target: within 10 %).
+  How far the relay lags during the burst: from the burst's last answer to the last event's
+  arrival, and the largest lag of any of its events.
+
+Everything shares one machine; with ``--runs N`` the bursts run N times each, interleaved,
+and the table shows each run and the median. Exits 1 only when something failed to run or an
+event was not delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+
+from common import (  # bench/common.py: bench/ is first on sys.path when this runs as a script
+    AUTH,
+    ServeProcess,
+    bench_database,
+    burst,
+    check,
+    console,
+    positive_int,
+    postgres_description,
+    postgres_server,
+    quantile,
+    query,
+    ratios,
+    run_main,
+    seconds,
+    start_servers,
+)
+from rich.table import Table
+
+from tandem.loadtest.client import build_request, run, send_keepalive
+from tests.support.database import fetch
+from tests.support.webhooks import Receiver
+
+USERS = 1000
+CONNECTIONS = 32
+SERVER_ENV = {
+    "TANDEM_SCHEDULER_ENABLED": "true",
+    "TANDEM_MAINTENANCE_ENABLED": "true",
+    "TANDEM_SCHEDULER_TASKS": "tests.support.registries:housekeeping",
+    "TANDEM_WEBHOOKS_ALLOW_PRIVATE": "true",
+}
+BASELINE_ENV = {**SERVER_ENV, "TANDEM_MAINTENANCE_ENABLED": "false"}
+# The release before the change stream, as far as the database goes: no event is written.
+NO_EVENTS = [
+    "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_events",
+    "ALTER TABLE hold_events DISABLE TRIGGER hold_events_events",
+    "ALTER TABLE task_history DISABLE TRIGGER task_history_events",
+]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=positive_int, default=3, help="bursts of each kind")
+    parser.add_argument("--requests", type=positive_int, default=10_000, help="burst size")
+    parser.add_argument("--rate", type=positive_int, default=1000, help="changes/s, steady")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of a steady run")
+    parser.add_argument("--fan-out", type=positive_int, default=10, help="endpoints")
+    parser.add_argument("--fan-rate", type=positive_int, default=100, help="changes/s")
+    parser.add_argument("--relay-events", type=positive_int, default=5000)
+    parser.add_argument("--database-url", default=None)
+    return parser.parse_args(argv)
+
+
+def created(event: dict[str, object]) -> float:
+    return datetime.fromisoformat(str(event["createdAt"]).replace("Z", "+00:00")).timestamp()
+
+
+async def post(server: ServeProcess, path: str, body: dict[str, object]) -> dict[str, object]:
+    request = build_request(
+        "POST", path, f"127.0.0.1:{server.port}", body, keep_alive=True, headers=AUTH
+    )
+    (result,) = await send_keepalive("127.0.0.1", server.port, request, 1, 1)
+    if result.status not in (200, 201):
+        raise RuntimeError(f"POST {path}: {result.describe()} {result.body[:300]!r}")
+    answer: dict[str, object] = result.json()
+    return answer
+
+
+def make_users(server: ServeProcess, count: int) -> list[int]:
+    request = build_request(
+        "POST",
+        "/users",
+        f"127.0.0.1:{server.port}",
+        {"balance": 0},
+        keep_alive=True,
+        headers=AUTH,
+    )
+    results = run(send_keepalive("127.0.0.1", server.port, request, count, 16))
+    if any(r.status != 201 for r in results):
+        raise RuntimeError("could not make the users")
+    return [int(r.json()["userId"]) for r in results]
+
+
+def deposits(server: ServeProcess, users: list[int], count: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    host = f"127.0.0.1:{server.port}"
+    return [
+        build_request(
+            "POST",
+            "/balance/update",
+            host,
+            {"userId": rng.choice(users), "amount": 1},
+            keep_alive=True,
+            headers=AUTH,
+        )
+        for _ in range(count)
+    ]
+
+
+async def steady(
+    server: ServeProcess, receivers: list[Receiver], requests: list[bytes], rate: float
+) -> list[float]:
+    """Sends ``requests`` at ``rate``; the lag of every delivery of their events."""
+    before = [len(r.deliveries) for r in receivers]
+    results = await send_keepalive(
+        "127.0.0.1", server.port, requests, len(requests), CONNECTIONS, rate=rate
+    )
+    applied = sum(1 for r in results if r.status == 200)
+    if applied != len(requests):
+        raise RuntimeError(f"{len(requests) - applied} changes failed")
+    if not await delivered(receivers, before, applied, 60):
+        raise RuntimeError("events not delivered within 60 s of the last change")
+    return [
+        d.at - created(d.event)
+        for r, b in zip(receivers, before, strict=True)
+        for d in r.deliveries[b:]
+    ]
+
+
+async def delivered(
+    receivers: list[Receiver], before: list[int], count: int, within: float
+) -> bool:
+    """Whether each receiver got ``count`` deliveries more than ``before`` within ``within``
+    seconds."""
+    deadline = time.monotonic() + within
+    while any(len(r.deliveries) - b < count for r, b in zip(receivers, before, strict=True)):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def lag_row(label: str, lags: list[float]) -> tuple[str, str]:
+    return label, (
+        f"p50 {quantile(lags, 0.5) * 1000:.0f} ms, p99 {quantile(lags, 0.99) * 1000:.0f} ms, "
+        f"max {max(lags) * 1000:.0f} ms over {len(lags)} deliveries"
+    )
+
+
+def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
+    server_url, origin = postgres_server(args.database_url, workdir)
+    on_url = stack.enter_context(bench_database(server_url, "events_on"))
+    off_url = stack.enter_context(bench_database(server_url, "events_off"))
+    for statement in NO_EVENTS:
+        query(off_url, statement)
+    console.print(f"{postgres_description(on_url)} ({origin})")
+
+    def start(index: int) -> ServeProcess:
+        if index == 0:
+            return ServeProcess(on_url, workdir, label="Tandem, events on", env=SERVER_ENV)
+        return ServeProcess(off_url, workdir, label="Tandem, no events", env=BASELINE_ENV)
+
+    on, off = start_servers(stack, 2, start, ready_path="/health/ready")
+    rows: list[tuple[str, str]] = []
+
+    async def receivers(count: int) -> list[Receiver]:
+        """New endpoints, each with a receiver, once the delivery worker sends to them (it
+        looks for new endpoints every second): a warm-up change, delivered, not counted."""
+        made = [await Receiver().start() for _ in range(count)]
+        for receiver in made:
+            await post(
+                on, "/webhook-endpoints", {"url": receiver.url, "types": ["balance.updated"]}
+            )
+        await steady(on, made, deposits(on, users, 1, 0), 1)
+        return made
+
+    users = make_users(on, min(USERS, max(10, args.rate)))
+
+    async def measure_streams() -> None:
+        one = await receivers(1)
+        count = int(args.rate * args.seconds)
+        lags = await steady(on, one, deposits(on, users, count, 1), args.rate)
+        rows.append(lag_row(f"(a) {args.rate}/s for {args.seconds:g} s, 1 endpoint", lags))
+        fan = await receivers(args.fan_out)
+        every = [*one, *fan]
+        count = int(args.fan_rate * args.seconds)
+        lags = await steady(on, every, deposits(on, users, count, 2), args.fan_rate)
+        rows.append(lag_row(f"(b) {args.fan_rate}/s, {len(every)} endpoints", lags))
+        count = int(args.rate * args.seconds)
+        lags = await steady(on, every, deposits(on, users, count, 3), args.rate)
+        rows.append(lag_row(f"(b) {args.rate}/s, {len(every)} endpoints (no target)", lags))
+        for receiver in fan:
+            await receiver.stop()  # refused from now on: retried with backoff, off the path
+        # (c) the worker's throughput to one fast endpoint: a replay of committed events.
+        replay_from = int((await fetch(on_url, "SELECT last_position FROM event_stream"))[0][0])
+        await steady(on, one, deposits(on, users, args.relay_events, 4), args.rate * 4)
+        endpoint = (await fetch(on_url, "SELECT min(id) FROM webhook_endpoints"))[0][0]
+        arrived = len(one[0].deliveries)
+        began = time.time()
+        await post(on, f"/webhook-endpoints/{endpoint}/replay", {"from": str(replay_from)})
+        if not await delivered(one, [arrived], args.relay_events, 120):
+            raise RuntimeError("the replay was not delivered within 120 s")
+        replayed = one[0].deliveries[arrived:]
+        took = replayed[-1].at - replayed[0].at
+        rows.append(
+            (
+                "(c) delivery worker, 1 fast endpoint",
+                f"{(len(replayed) - 1) / took:.0f} events/s ({len(replayed)} in {took:.2f} s, "
+                f"the first {replayed[0].at - began:.2f} s after the replay was asked for)",
+            )
+        )
+        # (d) needs the stream quiet: the other receivers' retries are few and backed off.
+        burst_lags.extend(await bursts(one[0]))
+
+    burst_lags: list[float] = []
+    on_times: list[float] = []
+    off_times: list[float] = []
+    failures: list[str] = []
+    tail: list[float] = []
+
+    async def bursts(receiver: Receiver) -> list[float]:
+        lags: list[float] = []
+        for run_index in range(args.runs):
+            for server, times in ((off, off_times), (on, on_times)):
+                arrived = len(receiver.deliveries)
+                report = await asyncio.to_thread(burst, server.base_url, args.requests)
+                check(report, server.label, failures)
+                times.append(report.wall_time)
+                if server is on:
+                    ended = time.time()
+                    applied = args.requests // 2
+                    if not await delivered([receiver], [arrived], applied, 120):
+                        failures.append("a burst's events were not delivered within 120 s")
+                    mine = receiver.deliveries[arrived:]
+                    if mine:
+                        tail.append(mine[-1].at - ended)
+                        lags.extend(d.at - created(d.event) for d in mine)
+            console.print(f"burst run {run_index + 1}/{args.runs} done")
+        return lags
+
+    run(measure_streams())
+    table = Table(title="the change stream", show_header=False)
+    table.add_column("figure")
+    table.add_column("value")
+    for label, text in rows:
+        table.add_row(label, text)
+    table.add_row("(d) burst, no events (s)", " ".join(seconds(off_times)))
+    table.add_row("(d) burst, events on (s)", " ".join(seconds(on_times)))
+    ratio = statistics.median(on_times) / statistics.median(off_times)
+    table.add_row("(d) events_cost: on / off (median)", f"{ratio:.2f}x")
+    table.add_row(
+        "(d) per run", " ".join(ratios([a / b for a, b in zip(on_times, off_times, strict=True)]))
+    )
+    if burst_lags:
+        table.add_row(*lag_row("(d) burst events' lag", burst_lags))
+        table.add_row("(d) last event after the burst's last answer", " ".join(seconds(tail)))
+    console.print(table)
+    for failure in failures:
+        console.print(f"FAILED: {failure}", style="bold red")
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_main("tandem-bench-events-", lambda workdir, stack: run_bench(args, workdir, stack))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
