@@ -151,7 +151,11 @@ class _Reading:
 
     def __init__(self) -> None:
         self.body = bytearray()
+        self.begun = False
         self.complete = False
+
+    def on_message_begin(self) -> None:
+        self.begun = True
 
     def on_body(self, body: bytes) -> None:
         room = ANSWER_CAP - len(self.body)
@@ -165,50 +169,91 @@ class _Reading:
 _CONTEXT = ssl.create_default_context()
 
 
-async def post(
-    target: Target, address: str, headers: dict[str, str], body: bytes, deadline: float
-) -> Answer:
-    """One POST of ``body`` to ``address`` (checked by the caller) for ``target``, within
-    ``deadline`` seconds for connecting and answering together; never raises for a failed
-    attempt (its ``error`` says why). The connection is closed after it."""
-    started = time.perf_counter()
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(deadline):
+class _StaleConnectionError(ConnectionError):
+    """A kept connection the receiver had closed before this request reached it."""
+
+
+class Sender:
+    """One endpoint's deliveries, one at a time, over a connection kept open between them
+    while the receiver keeps it (HTTP/1.1 keep-alive; a new connection per delivery halved
+    what one endpoint could take). A new connection resolves the URL's host anew, checks the
+    address (unless ``allow_private``) and connects to that address."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self._allow_private = allow_private
+        self._target: Target | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._target = self._reader = self._writer = None
+
+    async def post(
+        self, target: Target, headers: dict[str, str], body: bytes, deadline: float
+    ) -> Answer:
+        """One POST of ``body`` for ``target``, within ``deadline`` seconds for connecting
+        and answering together; never raises for a failed attempt (its ``error`` says why)."""
+        started = time.perf_counter()
+        lines = [f"POST {target.path} HTTP/1.1", f"Host: {target.host_header}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        lines.append(f"Content-Length: {len(body)}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        try:
+            async with asyncio.timeout(deadline):
+                try:
+                    status, reading = await self._exchange(target, request)
+                except _StaleConnectionError:
+                    self.close()
+                    status, reading = await self._exchange(target, request)
+        except TimeoutError:
+            self.close()
+            return Answer(0, _since(started), f"no answer within {deadline:g} s")
+        except (TargetRefusedError, OSError, ssl.SSLError, httptools.HttpParserError) as error:
+            self.close()
+            return Answer(0, _since(started), _describe(error))
+        if not 200 <= status < 300:
+            text = bytes(reading.body).decode("utf-8", "replace")
+            return Answer(status, _since(started), f"answered {status}: {text}"[:ERROR_CAP])
+        return Answer(status, _since(started))
+
+    async def _exchange(self, target: Target, request: bytes) -> tuple[int, _Reading]:
+        kept = self._target == target and self._writer is not None
+        if not kept or self._writer is None or self._writer.is_closing():
+            self.close()
+            address = await resolve(target, self._allow_private)
             tls = _CONTEXT if target.scheme == "https" else None
-            reader, writer = await asyncio.open_connection(
+            self._reader, self._writer = await asyncio.open_connection(
                 address, target.port, ssl=tls, server_hostname=target.host if tls else None
             )
-            lines = [f"POST {target.path} HTTP/1.1", f"Host: {target.host_header}"]
-            lines += [f"{name}: {value}" for name, value in headers.items()]
-            lines += [f"Content-Length: {len(body)}", "Connection: close"]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-            reading = _Reading()
-            parser = httptools.HttpResponseParser(reading)
-            # Read until the answer is complete, or its body passed the cap (the rest is not
-            # wanted), or the peer closed.
-            while not reading.complete and len(reading.body) < ANSWER_CAP:
-                chunk = await reader.read(65536)
-                try:
-                    parser.feed_data(chunk)
-                except httptools.HttpParserError:
-                    # Bytes past a complete answer (a body after a 204, say) change nothing.
-                    if not reading.complete:
-                        raise
-                if not chunk:
-                    break
-            status = parser.get_status_code()
-    except TimeoutError:
-        return Answer(0, _since(started), f"no answer within {deadline:g} s")
-    except (OSError, ssl.SSLError, httptools.HttpParserError) as error:
-        return Answer(0, _since(started), _describe(error))
-    finally:
-        if writer is not None:
-            writer.close()
-    if not 200 <= status < 300:
-        text = bytes(reading.body).decode("utf-8", "replace")
-        return Answer(status, _since(started), f"answered {status}: {text}"[:ERROR_CAP])
-    return Answer(status, _since(started))
+            self._target = target
+            kept = False
+        assert self._reader is not None
+        assert self._writer is not None
+        self._writer.write(request)
+        reading = _Reading()
+        parser = httptools.HttpResponseParser(reading)
+        # Read until the answer is complete, or its body passed the cap (the rest is not
+        # wanted: the connection is not kept), or the peer closed.
+        trailing = False
+        while not reading.complete and len(reading.body) < ANSWER_CAP:
+            chunk = await self._reader.read(65536)
+            if not chunk and not reading.begun and kept:
+                raise _StaleConnectionError("the receiver closed the kept connection")
+            try:
+                parser.feed_data(chunk)
+            except httptools.HttpParserError:
+                # Bytes past a complete answer (a body after a 204, say): the answer stands,
+                # the connection is not kept.
+                if not reading.complete:
+                    raise
+                trailing = True
+            if not chunk:
+                break
+        if trailing or not (reading.complete and parser.should_keep_alive()):
+            self.close()
+        return parser.get_status_code(), reading
 
 
 def _since(started: float) -> int:

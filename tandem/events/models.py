@@ -19,7 +19,6 @@ from sqlalchemy import (
     Index,
     Integer,
     Text,
-    UniqueConstraint,
     func,
     text,
 )
@@ -63,16 +62,29 @@ class Event(Base):
     __tablename__ = "events"
     __table_args__ = (
         CheckConstraint(_one_of("type", EVENT_TYPES), name="type"),
-        UniqueConstraint("position", name="uq_events_position"),
+        # Every index but the key and the sequencer's own is partial on a position: writing
+        # an event (in the change's transaction) touches two indexes; the stamp, off the
+        # change's path, adds the readers' entries.
+        Index(
+            "uq_events_position",
+            "position",
+            unique=True,
+            postgresql_where=text("position IS NOT NULL"),
+        ),
         # What the sequencer stamps next: the committed events without a position, by id.
         Index("ix_events_unstamped", "id", postgresql_where=text("position IS NULL")),
         # A user's events in stream order: GET /events?userId= and keys bound to users.
-        Index("ix_events_user_id", "user_id", "position"),
+        Index(
+            "ix_events_user_id",
+            "user_id",
+            "position",
+            postgresql_where=text("position IS NOT NULL"),
+        ),
         Index(
             "ix_events_other_user_id",
             "other_user_id",
             "position",
-            postgresql_where=text("other_user_id IS NOT NULL"),
+            postgresql_where=text("other_user_id IS NOT NULL AND position IS NOT NULL"),
         ),
     )
 

@@ -70,7 +70,8 @@ class Relay:
         self._check = check
         self._retry_delay = retry_delay
         self._last_position = 0
-        self._moved = asyncio.Event()
+        # The endpoints' coroutines wait here for the stream to pass what they have read.
+        self._stream = StreamWatch(lambda: database.pool, poll=False)
         self._workers: dict[int, tuple[Endpoint, asyncio.Task[None]]] = {}
 
     async def run(self) -> None:
@@ -119,7 +120,7 @@ class Relay:
             EVENTS_STAMPED.inc(stamped)
         if last is not None and last > self._last_position:
             self._last_position = last
-            self._moved.set()
+            self._stream.moved(last)
             if self._watch is not None:
                 self._watch.moved(last)
 
@@ -166,20 +167,24 @@ class Relay:
 
     async def _deliver(self, endpoint: Endpoint) -> None:
         """One endpoint's deliveries, in cursor order, until cancelled or refused."""
+        sender = delivery.Sender(self._settings.webhooks_allow_private)
         try:
-            await self._deliver_until_refused(endpoint)
+            await self._deliver_until_refused(endpoint, sender)
         except asyncio.CancelledError:
             raise
         except Exception:
             # The endpoints' loop starts it again (a database failure, say).
             log.exception("webhook endpoint %d: delivery stopped", endpoint.id)
             await asyncio.sleep(1.0)
+        finally:
+            sender.close()
 
-    async def _deliver_until_refused(self, endpoint: Endpoint) -> None:
+    async def _deliver_until_refused(self, endpoint: Endpoint, sender: delivery.Sender) -> None:
         settings = self._settings
         pool = self._database.pool
         position = endpoint.position
         attempts = endpoint.attempts
+        seen = max(position, self._stream.last_position)
         if endpoint.next_attempt_at is not None:
             await _sleep_until(endpoint.next_attempt_at.timestamp())
         while True:
@@ -188,10 +193,12 @@ class Relay:
             )
             if not pending:
                 EVENTS_LAG.labels(str(endpoint.id)).set(0)
-                self._moved.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._moved.wait(), settings.events_poll_interval * 5)
+                # Until the sequencer stamps past what this read saw (or a while, in case
+                # an event of another type moved the stream without anything for this one).
+                await self._stream.wait_past(seen, settings.events_poll_interval * 10)
+                seen = max(seen, self._stream.last_position)
                 continue
+            seen = max(seen, pending[-1].position)
             EVENTS_LAG.labels(str(endpoint.id)).set(
                 max(0.0, time.time() - pending[0].created_at.timestamp())
             )
@@ -202,7 +209,7 @@ class Relay:
             failed: tuple[Attempt, delivery.Answer] | None = None
             for event in pending:
                 self._check()
-                answer = await self._send(endpoint, secrets, event)
+                answer = await self._send(sender, endpoint, secrets, event)
                 attempt = Attempt(
                     event.event_id,
                     event.position,
@@ -259,10 +266,13 @@ class Relay:
                 await asyncio.sleep(delay)
 
     async def _send(
-        self, endpoint: Endpoint, secrets: repository.Secrets, event: repository.Pending
+        self,
+        sender: delivery.Sender,
+        endpoint: Endpoint,
+        secrets: repository.Secrets,
+        event: repository.Pending,
     ) -> delivery.Answer:
         settings = self._settings
-        started = time.perf_counter()
         body = event.body.encode()
         message_id = f"evt_{event.event_id}"
         timestamp = int(time.time())
@@ -276,13 +286,9 @@ class Relay:
         }
         try:
             target = delivery.parse_url(endpoint.url)
-            async with asyncio.timeout(settings.webhooks_timeout):
-                address = await delivery.resolve(target, settings.webhooks_allow_private)
-        except (delivery.TargetRefusedError, OSError, TimeoutError) as error:
-            ms = round((time.perf_counter() - started) * 1000)
-            return delivery.Answer(0, ms, f"{type(error).__name__}: {error}"[: delivery.ERROR_CAP])
-        left = settings.webhooks_timeout - (time.perf_counter() - started)
-        return await delivery.post(target, address, headers, body, max(left, 0.001))
+        except delivery.TargetRefusedError as error:
+            return delivery.Answer(0, 0, str(error)[: delivery.ERROR_CAP])
+        return await sender.post(target, headers, body, settings.webhooks_timeout)
 
 
 async def _sleep_until(moment: float) -> None:

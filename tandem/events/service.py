@@ -169,10 +169,12 @@ class StreamWatch:
     condition, woken by ``moved`` (the delivery worker's own stamping, or a notification)
     or by one poll loop that runs only while someone waits."""
 
-    def __init__(self, pool_of: Any, interval: float = WATCH_INTERVAL) -> None:
-        # pool_of: a callable returning the process's request pool (opened at start).
+    def __init__(self, pool_of: Any, interval: float = WATCH_INTERVAL, poll: bool = True) -> None:
+        # pool_of: a callable returning the process's request pool (opened at start); poll:
+        # False when ``moved`` is always called (the delivery worker's own stamping).
         self._pool_of = pool_of
         self._interval = interval
+        self._poll_enabled = poll
         self._last = 0
         self._waiters = 0
         self._moved = asyncio.Condition()
@@ -197,7 +199,7 @@ class StreamWatch:
         if self._last > position:
             return True
         self._waiters += 1
-        if self._poller is None or self._poller.done():
+        if self._poll_enabled and (self._poller is None or self._poller.done()):
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         try:
             async with self._moved:

@@ -294,7 +294,7 @@ RELEASED_SQL = {
     "tandem/access/sql/create_bound_key_v1.sql": "890f9e89585eb948",
     "tandem/access/sql/end_session_v1.sql": "9e1aa54426f06a37",
     "tandem/access/sql/start_session_v1.sql": "ddf9a218a2334c1b",
-    "tandem/events/sql/events_from_entries_v1.sql": "4586ce471dfed628",
+    "tandem/events/sql/events_from_entries_v1.sql": "630ef7f8bad43981",
     "tandem/events/sql/events_from_holds_v1.sql": "51d3d067c84b6e00",
     "tandem/events/sql/events_from_runs_v1.sql": "015c14aa7bc45871",
     "tandem/events/sql/prune_events_v1.sql": "c63dc3c98e3c10c1",

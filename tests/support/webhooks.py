@@ -84,27 +84,31 @@ class Receiver:
         return [d.event for d in self.deliveries if 200 <= d.status < 300]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests one after another on the connection (kept open, as HTTP/1.1's default)."""
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {
-                name.strip().lower(): value.strip()
-                for name, _, value in (line.partition(":") for line in lines[1:] if line)
-            }
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            status = self.answer(json.loads(body))
-            if status is None:
-                await asyncio.sleep(3600)
-                return
-            delivery = Delivery(headers, body, status)
-            self.deliveries.append(delivery)
-            if self.record is not None:
-                line = {"headers": headers, "body": body.decode(), "status": status}
-                with self.record.open("a") as out:
-                    out.write(json.dumps(line) + "\n")
-            self.arrived.set()
-            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nno".encode())
-            await writer.drain()
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {
+                    name.strip().lower(): value.strip()
+                    for name, _, value in (line.partition(":") for line in lines[1:] if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                status = self.answer(json.loads(body))
+                if status is None:
+                    await asyncio.sleep(3600)
+                    return
+                delivery = Delivery(headers, body, status)
+                self.deliveries.append(delivery)
+                if self.record is not None:
+                    line = {"headers": headers, "body": body.decode(), "status": status}
+                    with self.record.open("a") as out:
+                        out.write(json.dumps(line) + "\n")
+                self.arrived.set()
+                text = b"" if status == 204 else b"ok" if status < 300 else b"no"
+                length = "" if status == 204 else f"Content-Length: {len(text)}\r\n"
+                writer.write(f"HTTP/1.1 {status} X\r\n{length}\r\n".encode() + text)
+                await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -23,6 +23,20 @@
 CREATE FUNCTION tandem_events_from_entries_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- The common statement (a deposit or a withdrawal, alone or a batch of them) takes the
+    -- short way: one insert, none of the transfers' and captures' grouping.
+    IF NOT EXISTS (SELECT FROM new_entries n WHERE n.transfer_id IS NOT NULL
+                   OR n.hold_id IS NOT NULL OR n.kind = 'opening') THEN
+        INSERT INTO events (type, user_id, data, created_at)
+        SELECT 'balance.updated', e.user_id,
+               jsonb_build_object('userId', e.user_id, 'entryId', e.id, 'amount', e.amount,
+                                  'balance', e.balance, 'kind', e.kind,
+                                  'reference', e.reference),
+               e.created_at
+        FROM new_entries e
+        ORDER BY e.id;
+        RETURN NULL;
+    END IF;
     INSERT INTO events (type, user_id, other_user_id, data, created_at)
     SELECT x.type, x.user_id, x.other_user_id, x.data, x.created_at
     FROM (

@@ -42,15 +42,15 @@ CREATE TABLE events (
     created_at timestamptz DEFAULT clock_timestamp() NOT NULL,
     position bigint,
     CONSTRAINT pk_events PRIMARY KEY (id),
-    CONSTRAINT uq_events_position UNIQUE (position),
     CONSTRAINT ck_events_type CHECK (type IN ('user.created', 'balance.updated',
         'transfer.created', 'hold.created', 'hold.captured', 'hold.released', 'hold.expired',
         'task.run.failed', 'task.run.lost', 'task.run.timed_out', 'task.run.exhausted'))
 );
+CREATE UNIQUE INDEX uq_events_position ON events (position) WHERE position IS NOT NULL;
 CREATE INDEX ix_events_unstamped ON events (id) WHERE position IS NULL;
-CREATE INDEX ix_events_user_id ON events (user_id, position);
+CREATE INDEX ix_events_user_id ON events (user_id, position) WHERE position IS NOT NULL;
 CREATE INDEX ix_events_other_user_id ON events (other_user_id, position)
-    WHERE other_user_id IS NOT NULL;
+    WHERE other_user_id IS NOT NULL AND position IS NOT NULL;
 CREATE TABLE event_stream (
     id boolean DEFAULT true NOT NULL,
     last_position bigint DEFAULT 0 NOT NULL,
