@@ -10,9 +10,9 @@ runs in it), and receivers in this process (tests/support/webhooks.py: real HTTP
 this machine, answering 204 at once), each an endpoint subscribed to ``balance.updated``:
 
 - (a) steady: half of ``--rate`` deposits/s, then ``--rate``, each for ``--seconds`` seconds
-  over keep-alive connections, spread over 1000 users, to one endpoint: each event's delivery lag (its arrival at the
-  receiver minus its ``createdAt``, the commit's instant by the database's clock on this same
-  machine), p50 / p99 / max.
+  over keep-alive connections, spread over 1000 users, to one endpoint: each event's
+  delivery lag (its arrival at the receiver minus its ``createdAt``, the commit's instant by
+  the database's clock on this same machine), p50 / p99 / max.
 - (b) fan-out: ``--fan-out`` endpoints at ``--fan-rate`` changes/s, then at ``--rate``: the lag
   over every delivery.
 - (c) throughput: ``--relay-events`` events already committed, replayed to one endpoint from
