@@ -100,15 +100,15 @@ def created(event: dict[str, object]) -> float:
     return datetime.fromisoformat(str(event["createdAt"]).replace("Z", "+00:00")).timestamp()
 
 
-async def post(server: ServeProcess, path: str, body: dict[str, object]) -> dict[str, object]:
-    request = build_request(
-        "POST", path, f"127.0.0.1:{server.port}", body, keep_alive=True, headers=AUTH
+async def request(
+    server: ServeProcess, method: str, path: str, body: dict[str, object] | None = None
+) -> None:
+    built = build_request(
+        method, path, f"127.0.0.1:{server.port}", body, keep_alive=True, headers=AUTH
     )
-    (result,) = await send_keepalive("127.0.0.1", server.port, request, 1, 1)
-    if result.status not in (200, 201):
-        raise RuntimeError(f"POST {path}: {result.describe()} {result.body[:300]!r}")
-    answer: dict[str, object] = result.json()
-    return answer
+    (result,) = await send_keepalive("127.0.0.1", server.port, built, 1, 1)
+    if result.status not in (200, 201, 204):
+        raise RuntimeError(f"{method} {path}: {result.describe()} {result.body[:300]!r}")
 
 
 def make_users(server: ServeProcess, count: int) -> list[int]:
@@ -203,8 +203,11 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         looks for new endpoints every second): a warm-up change, delivered, not counted."""
         made = [await Receiver().start() for _ in range(count)]
         for receiver in made:
-            await post(
-                on, "/webhook-endpoints", {"url": receiver.url, "types": ["balance.updated"]}
+            await request(
+                on,
+                "POST",
+                "/webhook-endpoints",
+                {"url": receiver.url, "types": ["balance.updated"]},
             )
         await steady(on, made, deposits(on, users, 1, 0), 1)
         return made
@@ -227,15 +230,20 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         count = int(args.rate * args.seconds)
         lags = await steady(on, every, deposits(on, users, count, 3), args.rate)
         rows.append(lag_row(f"(b) {args.rate}/s, {len(every)} endpoints (no target)", lags))
+        # The fan-out's endpoints deleted: (c) and (d) send to one.
+        for endpoint_id in (await fetch(on_url, "SELECT id FROM webhook_endpoints"))[1:]:
+            await request(on, "DELETE", f"/webhook-endpoints/{endpoint_id[0]}")
         for receiver in fan:
-            await receiver.stop()  # refused from now on: retried with backoff, off the path
+            await receiver.stop()
         # (c) the worker's throughput to one fast endpoint: a replay of committed events.
         replay_from = int((await fetch(on_url, "SELECT last_position FROM event_stream"))[0][0])
         await steady(on, one, deposits(on, users, args.relay_events, 4), args.rate * 4)
         endpoint = (await fetch(on_url, "SELECT min(id) FROM webhook_endpoints"))[0][0]
         arrived = len(one[0].deliveries)
         began = time.time()
-        await post(on, f"/webhook-endpoints/{endpoint}/replay", {"from": str(replay_from)})
+        await request(
+            on, "POST", f"/webhook-endpoints/{endpoint}/replay", {"from": str(replay_from)}
+        )
         if not await delivered(one, [arrived], args.relay_events, 120):
             raise RuntimeError("the replay was not delivered within 120 s")
         replayed = one[0].deliveries[arrived:]
