@@ -231,8 +231,9 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         lags = await steady(on, every, deposits(on, users, count, 3), args.rate)
         rows.append(lag_row(f"(b) {args.rate}/s, {len(every)} endpoints (no target)", lags))
         # The fan-out's endpoints deleted: (c) and (d) send to one.
-        for endpoint_id in (await fetch(on_url, "SELECT id FROM webhook_endpoints"))[1:]:
-            await request(on, "DELETE", f"/webhook-endpoints/{endpoint_id[0]}")
+        endpoints = await fetch(on_url, "SELECT id FROM webhook_endpoints ORDER BY id")
+        for row in endpoints[1:]:
+            await request(on, "DELETE", f"/webhook-endpoints/{row['id']}")
         for receiver in fan:
             await receiver.stop()
         # (c) the worker's throughput to one fast endpoint: a replay of committed events.
