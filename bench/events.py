@@ -9,12 +9,15 @@ One ``tandem serve`` with its housekeeping on (the delivery worker, ``tandem.eve
 runs in it), and receivers in this process (tests/support/webhooks.py: real HTTP servers on
 this machine, answering 204 at once), each an endpoint subscribed to ``balance.updated``:
 
-- (a) steady: half of ``--rate`` deposits/s, then ``--rate``, each for ``--seconds`` seconds
-  over keep-alive connections, spread over 1000 users, to one endpoint: each event's
-  delivery lag (its arrival at the receiver minus its ``createdAt``, the commit's instant by
-  the database's clock on this same machine), p50 / p99 / max.
-- (b) fan-out: ``--fan-out`` endpoints at ``--fan-rate`` changes/s, then at ``--rate``: the lag
-  over every delivery.
+- (a) steady: ``--rate`` deposits/s for ``--seconds`` seconds over keep-alive connections,
+  spread over 1000 users, to one endpoint, the changes sent to an instance without the
+  delivery worker (as in a cluster, where the worker runs on one instance of several), then
+  to the worker's own instance (one process both serving the changes and delivering them),
+  at the rate and at half of it: each event's delivery lag (its arrival at the receiver
+  minus its ``createdAt``, the commit's instant by the database's clock on this same
+  machine), p50 / p99 / max.
+- (b) fan-out: ``--fan-out`` endpoints at ``--fan-rate`` changes/s, then at ``--rate`` (sent
+  to the instance without the worker): the lag over every delivery.
 - (c) throughput: ``--relay-events`` events already committed, replayed to one endpoint from
   before them: events/s from the replay to the last arrival (one delivery after another, in
   order, each its own signed POST).
@@ -225,19 +228,23 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
 
     async def measure_streams() -> None:
         one = await receivers(1)
-        # Half the rate first: where the machine has room to spare (at the full rate the
-        # changes alone keep a 2-core box busy).
-        for rate in (max(1, args.rate // 2), args.rate):
+        # The changes sent to an instance without the worker (a cluster's shape: the worker
+        # runs on one instance of several), then to the worker's own instance, at the rate
+        # and at half of it (one process then both serves the changes and delivers them).
+        half = max(1, args.rate // 2)
+        shapes = ((elsewhere, args.rate, "another instance"), (on, args.rate, "the worker's"))
+        for server, rate, where in (*shapes, (on, half, "the worker's")):
             count = int(rate * args.seconds)
-            lags = await steady(on, one, deposits(on, users, count, rate), rate)
-            rows.append(lag_row(f"(a) {rate}/s for {args.seconds:g} s, 1 endpoint", lags))
+            lags = await steady(server, one, deposits(server, users, count, rate), rate)
+            label = f"(a) {rate}/s for {args.seconds:g} s to {where} instance, 1 endpoint"
+            rows.append(lag_row(label, lags))
         fan = await receivers(args.fan_out)
         every = [*one, *fan]
         count = int(args.fan_rate * args.seconds)
-        lags = await steady(on, every, deposits(on, users, count, 2), args.fan_rate)
+        lags = await steady(elsewhere, every, deposits(elsewhere, users, count, 2), args.fan_rate)
         rows.append(lag_row(f"(b) {args.fan_rate}/s, {len(every)} endpoints", lags))
         count = int(args.rate * args.seconds)
-        lags = await steady(on, every, deposits(on, users, count, 3), args.rate)
+        lags = await steady(elsewhere, every, deposits(elsewhere, users, count, 3), args.rate)
         rows.append(lag_row(f"(b) {args.rate}/s, {len(every)} endpoints (no target)", lags))
         # The fan-out's endpoints deleted: (c) and (d) send to one.
         endpoints = await fetch(on_url, "SELECT id FROM webhook_endpoints ORDER BY id")
