@@ -232,7 +232,7 @@ def run_bench(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
         # runs on one instance of several), then to the worker's own instance, at the rate
         # and at half of it (one process then both serves the changes and delivers them).
         half = max(1, args.rate // 2)
-        shapes = ((elsewhere, args.rate, "another instance"), (on, args.rate, "the worker's"))
+        shapes = ((elsewhere, args.rate, "another"), (on, args.rate, "the worker's"))
         for server, rate, where in (*shapes, (on, half, "the worker's")):
             count = int(rate * args.seconds)
             lags = await steady(server, one, deposits(server, users, count, rate), rate)
