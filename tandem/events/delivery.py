@@ -93,6 +93,8 @@ def parse_url(url: str) -> Target:
         raise TargetRefusedError("the URL may not carry credentials (user:password@)")
     if parts.fragment:
         raise TargetRefusedError("the URL may not have a fragment (#...)")
+    if port == 0:
+        raise TargetRefusedError("the URL's port may not be 0")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     default = 443 if parts.scheme == "https" else 80
     return Target(parts.scheme, parts.hostname, port or default, path)
@@ -210,12 +212,19 @@ class Sender:
         except TimeoutError:
             self.close()
             return Answer(0, _since(started), f"no answer within {deadline:g} s")
-        except (TargetRefusedError, OSError, ssl.SSLError, httptools.HttpParserError) as error:
+        except (
+            TargetRefusedError,
+            OSError,
+            ValueError,  # a host name IDNA refuses (an empty or over-long label)
+            ssl.SSLError,
+            httptools.HttpParserError,
+            httptools.HttpParserUpgrade,  # an answer switching protocols: no acknowledgement
+        ) as error:
             self.close()
             return Answer(0, _since(started), _describe(error))
         if not 200 <= status < 300:
             text = bytes(reading.body).decode("utf-8", "replace")
-            return Answer(status, _since(started), f"answered {status}: {text}"[:ERROR_CAP])
+            return Answer(status, _since(started), _printable(f"answered {status}: {text}"))
         return Answer(status, _since(started))
 
     async def _exchange(self, target: Target, request: bytes) -> tuple[int, _Reading]:
@@ -238,7 +247,12 @@ class Sender:
         # wanted: the connection is not kept), or the peer closed.
         trailing = False
         while not reading.complete and len(reading.body) < ANSWER_CAP:
-            chunk = await self._reader.read(65536)
+            try:
+                chunk = await self._reader.read(65536)
+            except (ConnectionError, ssl.SSLError) as error:
+                if kept and not reading.begun:
+                    raise _StaleConnectionError("the receiver reset the kept connection") from error
+                raise
             if not chunk and not reading.begun and kept:
                 raise _StaleConnectionError("the receiver closed the kept connection")
             try:
@@ -261,4 +275,10 @@ def _since(started: float) -> int:
 
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:ERROR_CAP]
+    return _printable(f"{type(error).__name__}: {error}")
+
+
+def _printable(text: str) -> str:
+    """What a delivery's record keeps of a receiver's words: capped, without the NUL bytes a
+    text column refuses (and the other control characters that would garble a listing)."""
+    return "".join(c if c.isprintable() or c in " \t" else "?" for c in text[:ERROR_CAP])

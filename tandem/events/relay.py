@@ -48,6 +48,9 @@ RELAY_TASK = "tandem.events.relay"
 STAMP_BATCH = 5000
 # Events an endpoint's worker reads at a time; acknowledged ones are recorded together.
 DELIVERY_BATCH = 100
+# The longest wait between two attempts at one event (seconds): a receiver back after a day
+# down waits at most this long, not days.
+RETRY_CAP = 3600.0
 # How often the worker looks for endpoints made, changed or deleted (seconds).
 ENDPOINTS_REFRESH = 1.0
 
@@ -184,21 +187,32 @@ class Relay:
         pool = self._database.pool
         position = endpoint.position
         attempts = endpoint.attempts
-        seen = max(position, self._stream.last_position)
+        # Scanned through here: events of no type this endpoint takes are not read twice.
+        scanned = position
         if endpoint.next_attempt_at is not None:
             await _sleep_until(endpoint.next_attempt_at.timestamp())
         while True:
-            pending = await repository.pending_events(
-                pool, position, endpoint.types, DELIVERY_BATCH
+            # Committed (the stamper's own last round said so): a bound that skips nothing.
+            through = self._stream.last_position
+            pending, pruned = await repository.pending_events(
+                pool, max(position, scanned), endpoint.types, DELIVERY_BATCH, through
             )
+            if position < pruned:
+                await repository.expire_endpoint(pool, endpoint, self._fence)
+                log.error(
+                    "webhook endpoint %d: the events after its cursor %d were deleted past "
+                    "the retention (through %d) before it received them; marked failing "
+                    "(replay it from a kept cursor)",
+                    endpoint.id,
+                    position,
+                    pruned,
+                )
+                return
             if not pending:
+                scanned = max(scanned, through)
                 EVENTS_LAG.labels(str(endpoint.id)).set(0)
-                # Until the sequencer stamps past what this read saw (or a while, in case
-                # an event of another type moved the stream without anything for this one).
-                await self._stream.wait_past(seen, settings.events_poll_interval * 10)
-                seen = max(seen, self._stream.last_position)
+                await self._stream.wait_past(through, settings.events_poll_interval * 10)
                 continue
-            seen = max(seen, pending[-1].position)
             EVENTS_LAG.labels(str(endpoint.id)).set(
                 max(0.0, time.time() - pending[0].created_at.timestamp())
             )
@@ -225,6 +239,9 @@ class Relay:
                     break
                 acknowledged.append(attempt)
                 attempts = 0
+            if failed is None and len(pending) < DELIVERY_BATCH:
+                # Every event of its types through ``through`` was just delivered.
+                scanned = max(scanned, through)
             if acknowledged:
                 position = acknowledged[-1].position
                 recorded = await repository.record_deliveries(
@@ -238,7 +255,7 @@ class Relay:
                 delay = self._retry_delay(
                     attempts,
                     timedelta(seconds=settings.webhooks_retry_base),
-                    timedelta(seconds=settings.webhooks_retry_window),
+                    timedelta(seconds=min(settings.webhooks_retry_window, RETRY_CAP)),
                 ).total_seconds()
                 recorded = await repository.record_deliveries(
                     pool,

@@ -209,12 +209,34 @@ ORDER BY d.id DESC LIMIT $3
 """
 
 # The events an endpoint receives next: after its cursor, of its types, in stream order.
+# The events an endpoint receives next: after $1, through $4 (a position the worker knows is
+# committed: what it scanned it need not scan again), of its types, in stream order; with the
+# stream's last pruned position, from the same snapshot (events after a cursor below it were
+# deleted unsent).
 PENDING_EVENTS = f"""
-SELECT e.position, e.id, e.created_at, {EVENT_JSON} AS body
-FROM events e
-WHERE e.position > $1 AND ($2::text[] IS NULL OR e.type = ANY ($2::text[]))
-ORDER BY e.position
-LIMIT $3
+WITH s AS (SELECT pruned_through FROM event_stream)
+SELECT s.pruned_through, p.position, p.id, p.created_at, p.body
+FROM s
+LEFT JOIN LATERAL (
+    SELECT e.position, e.id, e.created_at, {EVENT_JSON} AS body
+    FROM events e
+    WHERE e.position > $1 AND e.position <= $4
+      AND ($2::text[] IS NULL OR e.type = ANY ($2::text[]))
+    ORDER BY e.position
+    LIMIT $3
+) p ON true
+ORDER BY p.position
+"""
+
+# An endpoint whose cursor fell below the retention (it was behind, or disabled, for longer
+# than events are kept): marked failing and disabled, never silently moved past the gap; a
+# replay from a kept cursor starts it again. Fenced as RECORD_DELIVERIES is.
+EXPIRE_ENDPOINT = """
+UPDATE webhook_endpoints AS w
+SET state = 'failing', enabled = false, updated_at = clock_timestamp()
+WHERE w.id = $1 AND w.generation = $4
+  AND EXISTS (SELECT FROM tasks t WHERE t.name = $2 AND t.fence = $3 AND t.is_running)
+RETURNING w.id
 """
 
 # The delivery worker's record of attempts, and the endpoint's cursor moved past what was
@@ -354,9 +376,16 @@ async def list_deliveries(
 
 
 async def pending_events(
-    db: Executor, after: int, types: list[str] | None, limit: int
-) -> list[Pending]:
-    return [Pending(*row) for row in await db.fetch(PENDING_EVENTS, after, types, limit)]
+    db: Executor, after: int, types: list[str] | None, limit: int, through: int
+) -> tuple[list[Pending], int]:
+    """The next events, and the stream's last pruned position."""
+    rows = await db.fetch(PENDING_EVENTS, after, types, limit, through)
+    pending = [Pending(*row[1:]) for row in rows if row["position"] is not None]
+    return pending, rows[0]["pruned_through"]
+
+
+async def expire_endpoint(db: Executor, endpoint: Endpoint, fence: tuple[str, int]) -> None:
+    await db.fetchval(EXPIRE_ENDPOINT, endpoint.id, fence[0], fence[1], endpoint.generation)
 
 
 async def record_deliveries(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
@@ -46,6 +48,24 @@ SCAN_WINDOW = 10_000
 # (seconds): one short read for all its waiters together, on a pool connection held only
 # for that read.
 WATCH_INTERVAL = 0.1
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def needs_stream(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """``function``, answering 503 events_unavailable while the database is below migration
+    0019 (its tables and functions missing, during a rolling deploy) instead of failing."""
+
+    @functools.wraps(function)
+    async def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await function(*args, **kwargs)
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as error:
+            raise EventsUnavailableError() from error
+
+    return checked
 
 
 def parse_cursor(raw: str) -> int:
@@ -107,6 +127,7 @@ def _as_seen_by(caller: Caller, body: str) -> str:
     return json.dumps(event, separators=(",", ":"))
 
 
+@needs_stream
 async def read_events(
     pool: ConnectionPool,
     caller: Caller,
@@ -117,10 +138,7 @@ async def read_events(
 ) -> EventPage:
     """Up to ``limit`` events after the cursor ``after`` (None: from the oldest kept)."""
     users = _users_for(caller, user_id)
-    try:
-        page = await repository.read_events(pool, after or 0, limit, types, users, SCAN_WINDOW)
-    except asyncpg.UndefinedTableError as error:
-        raise EventsUnavailableError() from error
+    page = await repository.read_events(pool, after or 0, limit, types, users, SCAN_WINDOW)
     if after is not None and after < page.pruned_through:
         raise CursorExpiredError(after, page.pruned_through)
     if page.start > page.last_position:

@@ -3,8 +3,6 @@ rotation's overlap, a replay's cursor). The sending is delivery.py's, the worker
 
 from __future__ import annotations
 
-import asyncpg
-
 from tandem.core.callers import Caller
 from tandem.core.errors import ForbiddenError, ValidationError
 from tandem.core.ids import INT64_MAX
@@ -14,11 +12,10 @@ from tandem.events import delivery, repository
 from tandem.events.errors import (
     CursorExpiredError,
     EndpointNotFoundError,
-    EventsUnavailableError,
     InvalidCursorError,
 )
 from tandem.events.repository import Endpoint
-from tandem.events.service import parse_cursor, parse_types
+from tandem.events.service import needs_stream, parse_cursor, parse_types
 
 # Rounds of stamping a new endpoint makes before it takes the stream's end as its start.
 _STAMP_ROUNDS = 50
@@ -44,7 +41,8 @@ async def check_url(url: str, settings: Settings) -> str:
         await delivery.resolve(target, settings.webhooks_allow_private)
     except delivery.TargetRefusedError as error:
         raise _refused(str(error)) from None
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        # ValueError: a host name IDNA refuses (an empty or over-long label).
         raise _refused(f"the URL's host does not resolve: {error}") from None
     return url
 
@@ -74,6 +72,7 @@ async def _stream_end(pool: ConnectionPool) -> int:
     return last
 
 
+@needs_stream
 async def create_endpoint(
     pool: ConnectionPool, settings: Settings, caller: Caller, url: str, types: list[str] | None
 ) -> tuple[Endpoint, str]:
@@ -82,14 +81,12 @@ async def create_endpoint(
     wanted = _types(types)
     checked = await check_url(url, settings)
     secret = delivery.new_secret()
-    try:
-        start = await _stream_end(pool)
-    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as error:
-        raise EventsUnavailableError() from error
+    start = await _stream_end(pool)
     made = await repository.create_endpoint(pool, checked, wanted, secret, start, caller.api_key_id)
     return made, secret
 
 
+@needs_stream
 async def get_endpoint(pool: ConnectionPool, caller: Caller, endpoint_id: int) -> Endpoint:
     _unbound(caller)
     found = await repository.get_endpoint(pool, endpoint_id)
@@ -98,14 +95,13 @@ async def get_endpoint(pool: ConnectionPool, caller: Caller, endpoint_id: int) -
     return found
 
 
+@needs_stream
 async def list_endpoints(pool: ConnectionPool, caller: Caller) -> list[Endpoint]:
     _unbound(caller)
-    try:
-        return await repository.list_endpoints(pool)
-    except asyncpg.UndefinedTableError as error:
-        raise EventsUnavailableError() from error
+    return await repository.list_endpoints(pool)
 
 
+@needs_stream
 async def update_endpoint(
     pool: ConnectionPool,
     settings: Settings,
@@ -119,6 +115,15 @@ async def update_endpoint(
     _unbound(caller)
     wanted = _types(types) if types_given else None
     checked = None if url is None else await check_url(url, settings)
+    if enabled:
+        # Enabled again with a cursor the retention has passed: the events after it are gone,
+        # and the endpoint would never know; a replay from a kept cursor says so.
+        found = await repository.get_endpoint(pool, endpoint_id)
+        if found is None:
+            raise EndpointNotFoundError(endpoint_id)
+        _last, pruned = await repository.stream_bounds(pool)
+        if found.position < pruned:
+            raise CursorExpiredError(found.position, pruned)
     found = await repository.update_endpoint(
         pool, endpoint_id, checked, types_given, wanted, enabled
     )
@@ -127,12 +132,14 @@ async def update_endpoint(
     return found
 
 
+@needs_stream
 async def delete_endpoint(pool: ConnectionPool, caller: Caller, endpoint_id: int) -> None:
     _unbound(caller)
     if not await repository.delete_endpoint(pool, endpoint_id):
         raise EndpointNotFoundError(endpoint_id)
 
 
+@needs_stream
 async def rotate_secret(
     pool: ConnectionPool, caller: Caller, endpoint_id: int, overlap: int
 ) -> tuple[Endpoint, str]:
@@ -144,6 +151,7 @@ async def rotate_secret(
     return found, secret
 
 
+@needs_stream
 async def replay(pool: ConnectionPool, caller: Caller, endpoint_id: int, cursor: str) -> Endpoint:
     """Sends the endpoint's events again from after ``cursor`` (a cursor of GET /events)."""
     _unbound(caller)
@@ -159,6 +167,7 @@ async def replay(pool: ConnectionPool, caller: Caller, endpoint_id: int, cursor:
     return found
 
 
+@needs_stream
 async def list_deliveries(
     pool: ConnectionPool, caller: Caller, endpoint_id: int, before: int | None, limit: int
 ) -> tuple[list[repository.Delivery], int | None]:

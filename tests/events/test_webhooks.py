@@ -19,7 +19,7 @@ import pytest
 
 from tandem.core.database import Database
 from tandem.core.settings import Settings
-from tandem.events.delivery import sign
+from tandem.events.delivery import Sender, parse_url, sign
 from tandem.events.relay import RELAY_TASK, Relay
 from tandem.scheduler.schedules import retry_delay
 from tests.access.keys import make_key
@@ -291,6 +291,10 @@ async def _differs(value: Awaitable[str], other: str) -> bool:
         ({"url": "https://user:pw@example.com/x"}, 422, "webhook_url_refused"),
         ({"url": "https:///nohost"}, 422, "webhook_url_refused"),
         ({"url": "https://example.com/a b"}, 422, "webhook_url_refused"),
+        ({"url": "http://example.com:0/x"}, 422, "webhook_url_refused"),
+        ({"url": "http://a..b/x"}, 422, "webhook_url_refused"),
+        ({"url": "http://" + "a" * 64 + ".com/x"}, 422, "webhook_url_refused"),
+        ({"url": "http://exa\u0000mple.com/x"}, 422, "webhook_url_refused"),
         ({"url": "https://example.com/" + "x" * 2100}, 422, "validation_error"),
         (
             {"url": "http://example.com", "types": ["balance.updated", "nope"]},
@@ -368,3 +372,57 @@ async def test_a_new_endpoint_starts_at_the_stream_end(
     assert endpoint["cursor"] == await cursor_now(api, database_url)
     rows = await fetch(database_url, "SELECT max(position) FROM events WHERE user_id = $1", user)
     assert rows[0][0] <= int(endpoint["cursor"])
+
+
+async def test_an_endpoint_enabled_past_the_retention_is_told_to_replay(
+    api: httpx.AsyncClient, database_url: str
+) -> None:
+    """Disabled while its events were pruned: enabling it answers 410 (the events after its
+    cursor are gone), a replay from a kept cursor starts it again."""
+    async with receiving() as receiver:
+        endpoint = await subscribe(api, receiver.url)
+    path = f"/webhook-endpoints/{endpoint['id']}"
+    assert (await api.patch(path, json={"enabled": False})).status_code == 200
+    user = await new_user(api)
+    await changes(api, user, [1])
+    end = await cursor_now(api, database_url)
+    await fetch(database_url, "SELECT tandem_prune_events_v1(interval '0', 100000)")
+    assert_error(await api.patch(path, json={"enabled": True}), 410, "cursor_expired")
+    replayed = await api.post(f"{path}/replay", json={"from": end})
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["enabled"] is True
+
+
+async def _raw_answer(answer: bytes) -> tuple[asyncio.Server, str]:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 500 X\r\nContent-Length: 5\r\n\r\na\x00b\x01c",
+        b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        b"garbage\r\n\r\n",
+    ],
+    ids=["nul-in-the-body", "upgrade", "not-http"],
+)
+async def test_any_answer_is_a_recordable_outcome(answer: bytes) -> None:
+    """Whatever a receiver answers, the attempt ends as an outcome the worker can record: no
+    exception, and no byte a text column refuses."""
+    server, url = await _raw_answer(answer)
+    sender = Sender(allow_private=True)
+    try:
+        got = await sender.post(parse_url(url), {}, b"{}", 5.0)
+    finally:
+        sender.close()
+        server.close()
+    assert not got.delivered
+    assert got.error is not None
+    assert "\x00" not in got.error
