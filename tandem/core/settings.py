@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     # The delivery worker stamps new events this often when it found none last time (seconds):
     # the floor of the stream's lag, and the idle cost (one short transaction per poll).
     events_poll_interval: float = Field(default=0.1, gt=0, le=10.0)
+    # The longest a GET /events waits for an event (seconds): its `wait`, up to 30, is cut to
+    # this (a proxy in front with a shorter read timeout, say).
+    events_wait_max: float = Field(default=30.0, ge=0, le=30.0)
     # Events are deleted this long after they were made (seconds); unset: the webhooks' retry
     # window plus 7 days. Never shorter than the retry window (checked at start): an event is
     # kept while a delivery of it may still be retried.

@@ -44,6 +44,9 @@ from tandem.wallet.schemas import (
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# The largest body of a webhook route: a URL of the longest (2048 characters, each up to six
+# bytes as a JSON escape) and the longest list of types fit; anything larger is 413.
+WEBHOOK_BODY_MAX = 16 * 1024
 # The largest page of delivery records.
 DELIVERIES_PAGE_MAX = 200
 
@@ -66,8 +69,9 @@ def stream_watch_of(app: FastAPI) -> StreamWatch:
         "every reader (each user's events in that user's order), never skipping one. Pass "
         "`next` as `after` for what follows; without `after` the oldest kept event comes "
         "first. `types` (comma-separated) and `userId` filter. With `wait` (seconds, up to "
-        "30) the answer waits until an event arrives. A key bound to users reads only their "
-        f"events, and of a transfer only its own leg. Types: {', '.join(EVENT_TYPES)}."
+        "30, or TANDEM_EVENTS_WAIT_MAX) the answer waits until an event arrives. A key bound "
+        "to users reads only their events, and of a transfer only its own leg. Types: "
+        f"{', '.join(EVENT_TYPES)}."
     ),
     responses=error_responses(
         (400, "invalid_cursor", "a cursor this stream did not give"),
@@ -81,7 +85,7 @@ def stream_watch_of(app: FastAPI) -> StreamWatch:
 )
 async def read_events(
     request: Request,
-    db: Db,
+    instance: CurrentInstance,
     caller: CurrentCaller,
     after: Annotated[str | None, Query(description="A cursor: the `next` of a page.")] = None,
     types: Annotated[str | None, Query(description="Event types, comma-separated.")] = None,
@@ -99,13 +103,16 @@ async def read_events(
                 "userId must be a positive 64-bit integer",
                 details=[{"field": "userId", "type": "int_type", "message": "invalid userId"}],
             )
+    wait = min(wait, instance.settings.events_wait_max)
     if wait > 0:
         watch = stream_watch_of(request.app)
         page = await service.wait_for_events(
-            db.pool, watch, caller, cursor, wanted, user, limit, wait
+            instance.database.pool, watch, caller, cursor, wanted, user, limit, wait
         )
     else:
-        page = await service.read_events(db.pool, caller, cursor, wanted, user, limit)
+        page = await service.read_events(
+            instance.database.pool, caller, cursor, wanted, user, limit
+        )
     return Response(page.to_json_bytes(), media_type="application/json")
 
 
@@ -130,9 +137,10 @@ def _endpoint_id(raw: str) -> int:
 async def _body(request: Request, model: type[ModelT], what: str) -> ModelT:
     return parse_body(
         model,
-        await read_body(request.stream()),
+        await read_body(request.stream(), WEBHOOK_BODY_MAX),
         content_type_of(request.headers.getlist("content-type")),
         what,
+        WEBHOOK_BODY_MAX,
     )
 
 

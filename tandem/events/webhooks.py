@@ -3,6 +3,8 @@ rotation's overlap, a replay's cursor). The sending is delivery.py's, the worker
 
 from __future__ import annotations
 
+import asyncio
+
 from tandem.core.callers import Caller
 from tandem.core.errors import ForbiddenError, ValidationError
 from tandem.core.ids import INT64_MAX
@@ -38,9 +40,12 @@ async def check_url(url: str, settings: Settings) -> str:
     every delivery (a DNS answer may change)."""
     try:
         target = delivery.parse_url(url)
-        await delivery.resolve(target, settings.webhooks_allow_private)
+        async with asyncio.timeout(settings.webhooks_timeout):
+            await delivery.resolve(target, settings.webhooks_allow_private)
     except delivery.TargetRefusedError as error:
         raise _refused(str(error)) from None
+    except TimeoutError:
+        raise _refused("the URL's host did not resolve in time") from None
     except (OSError, ValueError) as error:
         # ValueError: a host name IDNA refuses (an empty or over-long label).
         raise _refused(f"the URL's host does not resolve: {error}") from None

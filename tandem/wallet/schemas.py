@@ -347,14 +347,14 @@ BODY_NOT_JSON: ErrorCode = (
 BODY_TOO_LARGE: ErrorCode = (413, "payload_too_large", "the body is larger than 4 KiB")
 
 
-async def read_body(chunks: AsyncIterable[bytes]) -> bytes:
-    """A request body, refused (413) as soon as it passes MAX_BODY_BYTES: the rest is never
+async def read_body(chunks: AsyncIterable[bytes], max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """A request body, refused (413) as soon as it passes ``max_bytes``: the rest is never
     read into memory (a client may declare any length, or none)."""
     body = bytearray()
     async for chunk in chunks:
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
+        if len(body) > max_bytes:
+            raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
     return bytes(body)
 
 
@@ -371,7 +371,13 @@ def content_type_of(values: Sequence[str]) -> str | None:
     return values[0] if values else None
 
 
-def parse_body(model: type[Model], body: bytes, content_type: str | None, what: str) -> Model:
+def parse_body(
+    model: type[Model],
+    body: bytes,
+    content_type: str | None,
+    what: str,
+    max_bytes: int = MAX_BODY_BYTES,
+) -> Model:
     """Parse and validate a raw JSON request body, strictly: 415 unless it is declared
     ``application/json`` (which also keeps a cross-site form from posting it), 413 when too
     large, 422 for anything the model refuses and for a key given twice (which most parsers
@@ -381,8 +387,8 @@ def parse_body(model: type[Model], body: bytes, content_type: str | None, what: 
         raise UnsupportedMediaTypeError(
             f"the request body must be application/json, not {media_type or 'undeclared'}"
         )
-    if len(body) > MAX_BODY_BYTES:
-        raise PayloadTooLargeError(f"request body larger than {MAX_BODY_BYTES} bytes")
+    if len(body) > max_bytes:
+        raise PayloadTooLargeError(f"request body larger than {max_bytes} bytes")
     try:
         parsed = model.model_validate_json(body)
     except pydantic.ValidationError as error:

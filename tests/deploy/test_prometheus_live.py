@@ -30,7 +30,15 @@ from tests.deploy.observability import (
     make_wallet_traffic,
     start_prometheus,
 )
-from tests.support import Server, http_get, http_post, require_tool, start_servers, wait_for
+from tests.support import (
+    Server,
+    free_port,
+    http_get,
+    http_post,
+    require_tool,
+    start_servers,
+    wait_for,
+)
 
 # Series that only exist after an incident (a failover, a fenced run, a server error): a
 # query reading them may be empty here, unless it falls back to `or vector(0)`.
@@ -102,10 +110,18 @@ def observed(
     binary = require_tool("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     # The housekeeping tasks too: the hold gauges are the expiry task's readings.
-    maintained = {**SCHEDULER_ENV, "TANDEM_MAINTENANCE_ENABLED": "true"}
+    maintained = {
+        **SCHEDULER_ENV,
+        "TANDEM_MAINTENANCE_ENABLED": "true",
+        "TANDEM_WEBHOOKS_ALLOW_PRIVATE": "true",
+    }
     servers = start_servers(database_url, log_dir, 2, extra_env=maintained)
     prometheus: Daemon | None = None
     try:
+        # A webhook endpoint that refuses every connection: the change stream's lag and its
+        # failed deliveries have series.
+        hook = {"url": f"http://127.0.0.1:{free_port()}/closed"}
+        assert http_post(f"{servers[0].url}/webhook-endpoints", json=hook).status_code == 201
         for server in servers:
             make_wallet_traffic(server)
         # A paused housekeeping task: the dashboard's panel of them has a row.

@@ -18,7 +18,7 @@ import pytest
 from tandem.core.database import asyncpg_dsn
 from tandem.events import repository
 from tests.access.keys import make_key
-from tests.support import assert_error, fetch, new_user
+from tests.support import app_settings, assert_error, fetch, in_process_client, new_user
 from tests.support.events import cursor_now, follow, stamp
 
 
@@ -287,3 +287,14 @@ async def test_a_waiting_read_answers_when_an_event_arrives(
     response = await waiting
     assert response.status_code == 200
     assert [e["data"]["amount"] for e in response.json()["events"]] == [4]
+
+
+async def test_a_wait_is_cut_to_the_servers_longest(database_url: str) -> None:
+    """TANDEM_EVENTS_WAIT_MAX=0: a read that finds nothing answers at once, whatever `wait`."""
+    async with in_process_client(app_settings(database_url, events_wait_max=0)) as client:
+        end = await cursor_now(client, database_url)
+        response = await asyncio.wait_for(
+            client.get("/events", params={"after": end, "wait": "30"}), 10
+        )
+    assert response.status_code == 200
+    assert response.json() == {"events": [], "next": end}

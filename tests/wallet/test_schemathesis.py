@@ -6,9 +6,17 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support import API_KEY, Server
+import pytest
+
+from tests.support import API_KEY, Server, start_server
+
+# The fuzzer's server: a GET /events that finds nothing answers at once (the fuzzer picks any
+# `wait` up to 30 s), and a webhook URL's host that does not resolve is refused within 1 s
+# (the fuzzer makes up host names).
+FUZZ_ENV = {"TANDEM_EVENTS_WAIT_MAX": "0", "TANDEM_WEBHOOKS_TIMEOUT": "1"}
 
 HOLD_OPERATIONS = (
     "POST /holds",
@@ -27,6 +35,13 @@ CHECKS = ",".join(
         "negative_data_rejection",  # input that breaks the schema is refused with a 4xx
     ]
 )
+
+
+@pytest.fixture(scope="module")
+def server(database_url: str, log_dir: Path) -> Iterator[Server]:
+    srv = start_server(database_url, log_dir, extra_env=FUZZ_ENV)
+    yield srv
+    srv.stop()
 
 
 def test_fuzzed_requests_find_no_5xx_and_no_schema_break(server: Server, tmp_path: Path) -> None:
