@@ -44,9 +44,10 @@ from tandem.wallet.schemas import (
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-# The largest body of a webhook route: a URL of the longest (2048 characters, each up to six
-# bytes as a JSON escape) and the longest list of types fit; anything larger is 413.
-WEBHOOK_BODY_MAX = 16 * 1024
+# The largest body of a webhook route: a URL of the longest (2048 characters, each up to
+# twelve bytes as JSON escapes: a surrogate pair) and the longest list of types fit; anything
+# larger is 413.
+WEBHOOK_BODY_MAX = 32 * 1024
 # The largest page of delivery records.
 DELIVERIES_PAGE_MAX = 200
 
