@@ -40,7 +40,7 @@ import httpx
 import pytest
 import yaml
 
-from tandem.loadtest import withdraw_burst
+from tandem.loadtest import LoadtestError, withdraw_burst
 from tandem.scheduler.demo_tasks import SCHEDULE
 from tests.deploy.containers import (
     CONTAINERS_CONF,
@@ -305,11 +305,27 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
         return balance_updates(f"http://{stack.address(container)}:8000")
 
     before = [updates(c) for c in replicas]
-    report = asyncio.run(
-        withdraw_burst(
-            stack.url, requests=requests, amount=2, initial_balance=requests, api_key=API_KEY
+    try:
+        report = asyncio.run(
+            withdraw_burst(
+                stack.url, requests=requests, amount=2, initial_balance=requests, api_key=API_KEY
+            )
         )
-    )
+    except LoadtestError as error:
+        # The burst's own reads failed (nginx found no replica to answer): say why, from
+        # nginx's log and the replicas' states and last lines.
+        states = podman(
+            "ps",
+            "-a",
+            "--filter",
+            f"label=com.docker.compose.project={stack.project}",
+            "--format",
+            "{{.Names}} {{.Status}}",
+        )
+        tails = [stack.compose("logs", "--no-color", "--tail", "15", "app", timeout=120)]
+        raise AssertionError(
+            "\n".join([str(error), states, *_nginx_complaints(stack), *tails])
+        ) from None
     after = [updates(c) for c in replicas]
     problems = report.problems()
     # What nginx said meanwhile, for a failure's cause (a reset or a close is the edge's).
