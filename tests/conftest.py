@@ -16,8 +16,6 @@ reading can follow.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import tempfile
@@ -44,6 +42,7 @@ from tests.support import (
     install_process_guard,
     start_server,
 )
+from tests.support.processes import machine_lock
 from tests.support.tiers import Reader, tier_markers
 
 # Inherited by every process the suite starts: each registers the suite's key at start.
@@ -100,15 +99,6 @@ if os.environ.get(NO_PROCESSES_ENV) == "1":
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _machine_lock(name: str) -> Iterator[None]:
-    """An exclusive lock held by one process of this machine at a time (flock on a file in the
-    temporary folder; released when the holder exits, however it exits)."""
-    with (Path(tempfile.gettempdir()) / f"{name}.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 @pytest.fixture(scope="session")
 def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
     """The embedded throwaway server, unless TANDEM_TEST_DATABASE_URL names one (then None).
@@ -119,7 +109,7 @@ def embedded_postgres() -> Iterator[EmbeddedPostgres | None]:
     folder = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
     # Started one at a time across the xdist workers of a machine: as root, pgserver creates
     # its system user when it is missing, and two workers doing that at once fail (useradd).
-    with _machine_lock("tandem-embedded-start"), allow_processes():
+    with machine_lock("tandem-embedded-start"), allow_processes():
         server = EmbeddedPostgres(folder, cleanup=None)
     try:
         yield server

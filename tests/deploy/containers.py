@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import REPO, cannot_run, require_tool, wait_live
+from tests.support.processes import machine_lock
 
 BASE_IMAGE = "localhost/tandem-base:bookworm-1"
 APP_IMAGE = "localhost/tandem:test"
@@ -147,10 +148,23 @@ def _debootstrap(root: Path) -> None:
 IMAGES = Path(__file__).with_name("images")
 
 
+# Held by an image build and by a test whose figure needs the machine's CPU (the compose
+# burst: 10000 connections that five replicas must accept within nginx's 5 s connect
+# deadline): on two shared cores a build beside the burst starves the replicas' accept loops,
+# and nginx benches every one of them ("no live upstreams"); alone, the burst passes.
+HEAVY = "tandem-podman-heavy"
+
+
 def debian_image(service: str) -> str:
     """tests/deploy/images/<service>: a stand-in for a public image compose pins, built from
     Debian's packages on the base (``localhost/tandem-<service>:debian``)."""
     tag = f"localhost/tandem-{service}:debian"
+    with machine_lock(HEAVY):
+        _build(service, tag)
+    return tag
+
+
+def _build(service: str, tag: str) -> None:
     podman(
         "build",
         "--network",
@@ -162,13 +176,20 @@ def debian_image(service: str) -> str:
         str(IMAGES / service),
         timeout=900,
     )
-    return tag
 
 
 def app_image() -> str:
     """The shipped Dockerfile built on the base (podman's layer cache keeps rebuilds short);
     the image it replaces is removed, so rebuilds do not fill the disk."""
     previous = image_id(APP_IMAGE)
+    with machine_lock(HEAVY):
+        _build_app()
+    if previous is not None and previous != image_id(APP_IMAGE):
+        podman("rmi", previous, check=False)
+    return APP_IMAGE
+
+
+def _build_app() -> None:
     podman(
         "build",
         "--format",
@@ -184,9 +205,6 @@ def app_image() -> str:
         str(REPO),
         timeout=900,
     )
-    if previous is not None and previous != image_id(APP_IMAGE):
-        podman("rmi", previous, check=False)
-    return APP_IMAGE
 
 
 @contextlib.contextmanager

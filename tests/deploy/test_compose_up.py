@@ -44,6 +44,7 @@ from tandem.loadtest import LoadtestError, withdraw_burst
 from tandem.scheduler.demo_tasks import SCHEDULE
 from tests.deploy.containers import (
     CONTAINERS_CONF,
+    HEAVY,
     address_on,
     app_image,
     debian_image,
@@ -62,6 +63,7 @@ from tests.support import (
     wait_for,
     wait_live,
 )
+from tests.support.processes import machine_lock
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -306,11 +308,16 @@ def _burst_served_by_every_replica(stack: Stack, replicas: list[str], requests: 
 
     before = [updates(c) for c in replicas]
     try:
-        report = asyncio.run(
-            withdraw_burst(
-                stack.url, requests=requests, amount=2, initial_balance=requests, api_key=API_KEY
+        with machine_lock(HEAVY):
+            report = asyncio.run(
+                withdraw_burst(
+                    stack.url,
+                    requests=requests,
+                    amount=2,
+                    initial_balance=requests,
+                    api_key=API_KEY,
+                )
             )
-        )
     except LoadtestError as error:
         # The burst's own reads failed (nginx found no replica to answer): say why, from
         # nginx's log and the replicas' states and last lines.

@@ -10,6 +10,7 @@ error, so a test the marking missed cannot slip into the fast tier.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
@@ -51,6 +52,15 @@ def _ephemeral_ports() -> tuple[int, int]:
 
 
 EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+@contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """An exclusive lock held by one process of this machine at a time (flock on a file in the
+    temporary folder; released when the holder exits, however it exits)."""
+    with (Path(tempfile.gettempdir()) / f"{name}.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def free_port() -> int:
