@@ -15,22 +15,19 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tandem.events.relay import RELAY_TASK
 from tests.faults.common import FAULT_ENV
-from tests.faults.postgres import ThrowawayPostgres, throwaway_postgres
+from tests.faults.postgres import ThrowawayPostgres
 from tests.support import (
     AUTH,
     CRON_TIMINGS,
     Server,
     free_port,
-    fresh_database,
     http_get,
     http_post,
     sample_sum,
@@ -54,18 +51,6 @@ ENV = {
     "TANDEM_EVENTS_POLL_INTERVAL": "0.05",
 }
 USERS = 12
-
-
-@pytest.fixture
-def pg() -> Iterator[ThrowawayPostgres]:
-    with throwaway_postgres() as server:
-        yield server
-
-
-@pytest.fixture
-def pg_url(pg: ThrowawayPostgres) -> Iterator[str]:
-    with fresh_database(pg.url) as url:
-        yield url
 
 
 class ReceiverProcess:
