@@ -34,6 +34,7 @@ from tandem.observability.metrics import INSTANCE_INFO, HttpMetricsMiddleware
 from tandem.scheduler.endpoints import router as scheduler_router
 from tandem.scheduler.registry import Registry, load_registry
 from tandem.scheduler.runner import Runner
+from tandem.scheduler.schedule_endpoints import router as schedules_router
 from tandem.status.endpoints import router as status_router
 from tandem.wallet import hotroutes
 from tandem.wallet.endpoints import router as wallet_router
@@ -78,6 +79,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Where the change stream ends, for the requests waiting on GET /events?wait=.
     watch = StreamWatch(lambda: database.pool)
 
+    # The tasks this instance has code for: what its scheduler runs, and what /schedules
+    # checks a schedule's task and params against.
+    registry = load_registry(settings.scheduler_tasks)
+    if settings.maintenance_enabled:
+        registry = Registry.combine(registry, maintenance_registry(database, watch))
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await database.open()
@@ -93,9 +100,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await keys.start()
         runner: Runner | None = None
         if settings.scheduler_enabled:
-            registry = load_registry(settings.scheduler_tasks)
-            if settings.maintenance_enabled:
-                registry = Registry.combine(registry, maintenance_registry(database, watch))
             runner = Runner(settings, registry, database, instance.instance_id)
             await runner.start()
         tune_gc()
@@ -129,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instance.attach(app)
     app.state.keys = keys
     app.state.events_watch = watch
+    app.state.task_registry = registry
     # Group commit's queues (tandem/wallet/batching.py), shared by the lean path's balance
     # updates and the transfers route; None: off.
     app.state.wallet_batches = (
@@ -149,4 +154,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(status_router)
     app.include_router(keys_router)
     app.include_router(events_router)
+    app.include_router(schedules_router)
     return app

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from tandem.core.callers import (
     EVENTS_READ,
     KEYS_WRITE,
+    SCHEDULES_READ,
+    SCHEDULES_WRITE,
     TASKS_READ,
     TASKS_WRITE,
     USERS_WRITE,
@@ -134,6 +136,15 @@ RULES = (
     ),
     Rule("POST", "/webhook-endpoints/{endpointId}/replay", WEBHOOKS_WRITE, Binding.UNBOUND_ONLY),
     Rule("GET", "/webhook-endpoints/{endpointId}/deliveries", EVENTS_READ, Binding.UNBOUND_ONLY),
+    Rule("POST", "/schedules", SCHEDULES_WRITE, Binding.UNBOUND_ONLY),
+    Rule("GET", "/schedules", SCHEDULES_READ, Binding.UNBOUND_ONLY),
+    Rule("GET", "/schedules/{name}", SCHEDULES_READ, Binding.UNBOUND_ONLY),
+    Rule("PATCH", "/schedules/{name}", SCHEDULES_WRITE, Binding.UNBOUND_ONLY),
+    Rule("DELETE", "/schedules/{name}", SCHEDULES_WRITE, Binding.UNBOUND_ONLY),
+    Rule("GET", "/schedules/{name}/history", SCHEDULES_READ, Binding.UNBOUND_ONLY),
+    Rule("POST", "/schedules/{name}/pause", SCHEDULES_WRITE, Binding.UNBOUND_ONLY),
+    Rule("POST", "/schedules/{name}/resume", SCHEDULES_WRITE, Binding.UNBOUND_ONLY),
+    Rule("POST", "/schedules/{name}/run", SCHEDULES_WRITE, Binding.UNBOUND_ONLY),
 )
 # Anything else: a live key, then the app's 404 or 405 (no route serves it: nothing to bind).
 UNLISTED = Rule("GET", "unmatched", ANY_KEY, Binding.NOT_USER_DATA)

@@ -27,6 +27,9 @@ KEYS_WRITE = "keys:write"
 # webhook endpoints (unbound keys only: an endpoint receives every user's events).
 EVENTS_READ = "events:read"
 WEBHOOKS_WRITE = "webhooks:write"
+# Schedules as data (/schedules): unbound keys only.
+SCHEDULES_READ = "schedules:read"
+SCHEDULES_WRITE = "schedules:write"
 ALL = "all"
 SCOPES = (
     WALLET_READ,
@@ -38,6 +41,8 @@ SCOPES = (
     KEYS_WRITE,
     EVENTS_READ,
     WEBHOOKS_WRITE,
+    SCHEDULES_READ,
+    SCHEDULES_WRITE,
     ALL,
 )
 

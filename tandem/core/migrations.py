@@ -47,7 +47,10 @@ GROUP_COMMIT_REVISION = "0018_group_commit"
 # The change stream (0019) likewise: until it is applied the events API answers 503 and the
 # delivery worker waits.
 CHANGE_STREAM_REVISION = "0019_change_stream"
-OPTIONAL = frozenset({GROUP_COMMIT_REVISION, CHANGE_STREAM_REVISION})
+# Schedules as data (0020) likewise: until it is applied this release's scheduler does not
+# join (the previous release's instances run the cron meanwhile) and /schedules answers 503.
+SCHEDULES_REVISION = "0020_schedules_as_data"
+OPTIONAL = frozenset({GROUP_COMMIT_REVISION, CHANGE_STREAM_REVISION, SCHEDULES_REVISION})
 
 
 class ContractWaitsError(RuntimeError):

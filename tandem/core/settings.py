@@ -117,9 +117,11 @@ class Settings(BaseSettings):
     # A due task its fair claimer left unclaimed this long goes to the least-served instance
     # whose heartbeat is fresh (the fair one is stopped, starved or cut off).
     scheduler_steal_after: float = Field(default=2.0, ge=0)
-    # Runs one poll may claim. 1 lets instances that started together
-    # share the tasks due at start instead of the first poller taking them all.
-    scheduler_claims_per_poll: int = Field(default=1, ge=1, le=1000)
+    # Runs one poll may claim, up to scheduler_claim_batch per statement. Fair share is
+    # computed for each batch (the due runs' share per live instance), so instances that
+    # started together share what is due at start instead of the first poller taking it all.
+    scheduler_claims_per_poll: int = Field(default=1000, ge=1, le=100_000)
+    scheduler_claim_batch: int = Field(default=50, ge=1, le=1000)
     scheduler_drain_timeout: float = Field(default=5.0, ge=0)
     scheduler_pool_size: int = Field(default=2, ge=1, le=20)
     # Name of a demo task that fails on purpose (to show failures in history), or "".

@@ -1,6 +1,10 @@
-"""Claiming: each poll sweeps the runs whose owner is gone, then claims due tasks while fair
-share allows, plans each claimed slot (schedules.plan, from the claim's database time) and
-hands the run to LocalRuns.
+"""Claiming: each poll sweeps the runs whose owner is gone, then claims due runs in batches
+while fair share allows, plans each claimed slot (schedules.plan, from the claim's database
+time) and hands the run to LocalRuns.
+
+A run goes by the spec, params and policies read from the row its claim locked
+(``effective_definition``), never by a copy this instance kept: a change through the API, or a
+deploy, is live at the next claim on every instance. Only the task's code comes from here.
 
 The claim of a regular slot leaves the next slot to the claimer (a cron expression is
 evaluated here, not in SQL): it plans it with the task's missed-slot policy and writes it,
@@ -14,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import replace
+from datetime import timedelta
 
 from tandem.core.pool import ConnectionPool
 from tandem.core.settings import Settings
@@ -24,17 +31,53 @@ from tandem.observability.metrics import SCHEDULER_LOST_LEASES, SCHEDULER_RUNS
 from tandem.scheduler import repository
 from tandem.scheduler.registry import TaskDefinition
 from tandem.scheduler.runs import DB_ERRORS, LocalRuns
-from tandem.scheduler.schedules import Plan, plan
+from tandem.scheduler.schedules import MissedSlots, Plan, Schedule, default_grace, plan, schedule_of
 from tandem.scheduler.session import HeartbeatSession, Session
 
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=4096)
+def _schedule(interval: timedelta, expression: str | None, timezone: str | None) -> Schedule:
+    # A cron expression is parsed and checked once per process, not per claim.
+    return schedule_of(interval, expression, timezone)
+
+
+def effective_definition(
+    claim: repository.ClaimedRun, code: TaskDefinition | None
+) -> TaskDefinition | None:
+    """The task's code with the spec and policies of the claimed row; None without code."""
+    if code is None:
+        return None
+    schedule = _schedule(claim.interval, claim.schedule, claim.timezone)
+    return replace(
+        code,
+        name=claim.name,
+        schedule=schedule,
+        missed=MissedSlots(claim.missed),
+        grace=default_grace(schedule) if claim.grace is None else claim.grace,
+        catch_up_limit=claim.catch_up_limit or 10,
+        timeout=claim.timeout,
+        max_attempts=claim.max_attempts,
+        retry_backoff=claim.retry_backoff or timedelta(seconds=10),
+        retry_backoff_max=claim.retry_backoff_max or timedelta(hours=1),
+        overlap=claim.overlap,
+    )
+
+
 def plan_claim(claim: repository.ClaimedRun, definition: TaskDefinition | None) -> Plan | None:
     """The next slot (and, for a regular slot, the one this run stands for) when the
     claim left it to this instance; None when the task's row has it already."""
-    if not claim.plan_next or definition is None:
+    if not claim.plan_next or definition is None or definition.schedule is None:
         return None
+    if claim.overlapped and definition.overlap == "skip" and claim.attempt == 1:
+        # The slot came due while the previous run was going: skipped, and the next one is
+        # the first after now (buffer_one runs it now; cancel_other stopped that run).
+        return Plan(
+            None,
+            definition.schedule.first_after(claim.started_at, claim.scheduled_for),
+            "skipped: the previous run was still going at this slot (overlap skip)",
+        )
     decided = plan(
         definition.schedule,
         definition.missed,
@@ -55,6 +98,16 @@ def plan_claim(claim: repository.ClaimedRun, definition: TaskDefinition | None) 
     return decided
 
 
+async def _first(*events: asyncio.Event) -> None:
+    """Until one of ``events`` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class Claimer:
     """The claim loop of one instance."""
 
@@ -72,8 +125,8 @@ class Claimer:
         self._pool = pool
         self.instance_id = instance_id
         self._definitions = definitions
-        # An instance claims only tasks it has code for, so during a rolling deploy an old
-        # instance never claims a task only new code knows.
+        # An instance claims only schedules whose task it has code for, so during a rolling
+        # deploy an old instance never claims one only new code knows.
         self._known = list(definitions)
         self._session = session
         self._runs = runs
@@ -93,26 +146,39 @@ class Claimer:
             pause = self.settings.scheduler_poll_interval * random.uniform(0.8, 1.2)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
-                    await self._stopping.wait()
+                    await _first(self._stopping, self._runs.wake)
 
     async def poll_once(self) -> None:
-        """One poll: sweep expired leases, then claim due tasks while the fair share allows."""
+        """One poll: sweep expired leases, stop the runs a due one replaces (overlap
+        cancel_other), then claim due runs while the fair share allows."""
         settings = self.settings
+        # Cleared first: a wake-up arriving during this poll makes the next one at once.
+        self._runs.wake.clear()
         async with self._pool.acquire() as db:
             lost = await repository.sweep_expired(db)
+            replaceable = self._runs.replaceable()
+            if replaceable:
+                # Only on an instance running such a run: an idle one pays nothing.
+                self._runs.replace(
+                    await repository.replaced_runs(db, self.instance_id, replaceable)
+                )
         if lost:
             SCHEDULER_LOST_LEASES.inc(lost)
             log.warning("recorded %d lost run(s) whose lease expired", lost)
-        for _ in range(settings.scheduler_claims_per_poll):
+        claimed = 0
+        while claimed < settings.scheduler_claims_per_poll:
             session = self._session.current
             if self._stopping.is_set() or session is None:
                 # Without a session the database would not count this instance as live.
                 break
-            # One statement: if the connection breaks before the answer, the claim may stand
-            # without this instance knowing; its lease expires and a sweep records it lost.
+            batch = min(
+                settings.scheduler_claim_batch, settings.scheduler_claims_per_poll - claimed
+            )
+            # One statement: if the connection breaks before the answer, the claims may stand
+            # without this instance knowing; their leases expire and a sweep records them lost.
             sent = asyncio.get_running_loop().time()
             async with self._pool.acquire() as db:
-                claim = await repository.claim_due_task(
+                claims = await repository.claim_due_runs(
                     db,
                     repository.ClaimParams(
                         self.instance_id,
@@ -125,15 +191,18 @@ class Claimer:
                         lock_timeout=settings.scheduler_claim_lock_timeout,
                         known=self._known,
                     ),
+                    batch,
                 )
-            if claim is None:
+            for claim in claims:
+                await self._take(claim, sent, session)
+            claimed += len(claims)
+            if len(claims) < batch:
                 break
-            await self._take(claim, sent, session)
 
     async def _take(self, claim: repository.ClaimedRun, sent: float, session: Session) -> None:
         """Plan the claimed slot, then start the run, or release it when the drain began
         while the claim was on its way back."""
-        definition = self._definitions.get(claim.name)
+        definition = effective_definition(claim, self._definitions.get(claim.task))
         planned = plan_claim(claim, definition)
         if planned is not None and planned.run_slot is None:
             await self._skip(claim, planned)
@@ -157,7 +226,7 @@ class Claimer:
 
     async def _skip(self, claim: repository.ClaimedRun, planned: Plan) -> None:
         """Policy skip, every due slot missed: the claim is recorded as one skipped run."""
-        SCHEDULER_RUNS.labels(claim.name, "skipped").inc()
+        SCHEDULER_RUNS.labels(claim.task, "skipped").inc()
         with contextlib.suppress(*DB_ERRORS):
             # Lost, the lease expires and the sweep retries the slot: one late run.
             async with self._pool.acquire() as db:

@@ -1,9 +1,12 @@
-"""The ten demo tasks `make run` registers. Each runs at least 2 minutes (times the time
-scale) and logs its start, progress and end with its name, instance and run id."""
+"""The ten demo tasks `make run` registers (each runs at least 2 minutes, times the time scale,
+and logs its start, progress and end with its name, instance and run id), and ``demo.echo``,
+a task with params and no code schedule, for /schedules."""
 
 from __future__ import annotations
 
 from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.core.settings import get_settings
 from tandem.scheduler.registry import Registry, TaskContext
@@ -46,3 +49,21 @@ async def demo_task(ctx: TaskContext) -> None:
 
 for _name, _interval in SCHEDULE:
     registry.task(_name, _interval)(demo_task)
+
+
+class EchoParams(BaseModel):
+    """The params of ``demo.echo``: what it logs, and how long it then sleeps."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    message: str = Field(max_length=1000)
+    seconds: float = Field(default=0.0, ge=0, le=3600, allow_inf_nan=False)
+
+
+@registry.task("demo.echo", params=EchoParams)
+async def echo(ctx: TaskContext) -> None:
+    """A task with params and no code schedule, for trying /schedules on a fresh `make run`:
+    logs the message, then sleeps that long (task time)."""
+    params: EchoParams = ctx.params
+    ctx.log.info("echo: %s", params.message)
+    await ctx.sleep(params.seconds)

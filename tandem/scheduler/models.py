@@ -27,7 +27,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ExcludeConstraint
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, ExcludeConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 # Task actions are signed by API keys: their foreign key names api_keys, which the mapper
@@ -37,8 +37,11 @@ from tandem.core.models import Base
 
 INSTANCE_STATUSES = ("active", "draining", "stopped")
 MISSED_POLICIES = ("coalesce", "skip", "catch_up")
+OVERLAP_POLICIES = ("skip", "buffer_one", "cancel_other")
+SOURCES = ("code", "api")
 RUN_STATUSES = ("running", "succeeded", "failed", "lost", "cancelled", "timed_out", "skipped")
-TASK_ACTIONS = ("run", "pause", "resume")
+TRIGGERS = ("schedule", "manual", "retry")
+TASK_ACTIONS = ("run", "pause", "resume", "create", "change", "delete")
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
@@ -70,11 +73,17 @@ class Instance(Base):
     # The schema revision its code was released with (core.migrations.head_revision; NULL:
     # a release before 0014): a contract migration waits until no live instance is older.
     revision: Mapped[str | None] = mapped_column(Text)
+    # The task names its code has (NULL: a release before 0020): a schedule whose task no
+    # live instance has is orphaned.
+    tasks: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
 
 
 class Task(Base):
-    """A definition (written from code at every start) and its runtime state (never reset by
-    a deploy): the run in progress, the next slot, the pending retry, the fence."""
+    """A schedule: a task (code) run on a spec (an interval, or a cron expression in a zone)
+    with params and policies, from code (written at every start) or from the API, and its
+    runtime state (never reset by a deploy): the run in progress, the next slot, the pending
+    retry and manual run, the fence. The table keeps its name from before schedules were
+    data: a rename would break the previous release's instances during a rolling deploy."""
 
     __tablename__ = "tasks"
     __table_args__ = (
@@ -96,12 +105,27 @@ class Task(Base):
             name="retry_whole",
         ),
         CheckConstraint("retry_attempt >= 2", name="retry_attempt"),
-        # What the claim scans: the due ones, by when they are due (a retry or the next slot).
+        CheckConstraint(_one_of("source", SOURCES), name="source"),
+        CheckConstraint(_one_of("overlap", OVERLAP_POLICIES), name="overlap"),
+        CheckConstraint("version >= 1", name="version"),
+        CheckConstraint("jsonb_typeof(params) = 'object'", name="params_object"),
+        # A deleted schedule is never claimed again.
+        CheckConstraint("deleted_at IS NULL OR NOT enabled", name="deleted_disabled"),
+        # What the previous release's claim scans (tandem_claim_row_v1).
         Index(
             "ix_tasks_due",
             func.least(text("retry_at"), text("next_run_at")),
             postgresql_where=text("enabled AND NOT is_running"),
         ),
+        # What the claim scans: the due ones, by when they are due (a retry, a run asked for,
+        # the next slot).
+        Index(
+            "ix_tasks_due_v2",
+            func.least(text("retry_at"), text("next_run_at"), text("manual_at")),
+            postgresql_where=text("enabled AND NOT is_running"),
+        ),
+        # The running ones: the sweep, the heartbeat, an instance's running count.
+        Index("ix_tasks_running", "running_instance", postgresql_where=text("is_running")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -134,6 +158,37 @@ class Task(Base):
     retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retry_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retry_attempt: Mapped[int | None] = mapped_column(Integer)
+    # The task (code) it runs; NULL on a row an earlier release wrote: its name.
+    task: Mapped[str | None] = mapped_column(Text)
+    # Validated against the task's params model; at most 16 KiB (the API's rule).
+    params: Mapped[dict[str, object]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'")
+    )
+    source: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'code'"))
+    # +1 per change of spec, params or policies; 1 at creation.
+    version: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    updated_by: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
+    )
+    # Soft delete: disabled and renamed "<name>/<id>" (no live name holds a "/"), its history
+    # kept.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What a slot or a manual run does while a run is still going (OVERLAP_POLICIES).
+    overlap: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'skip'"))
+    # The policies the code held alone before 0020 (NULL: the defaults of registry.task).
+    grace: Mapped[timedelta | None] = mapped_column(Interval)
+    catch_up_limit: Mapped[int | None] = mapped_column(Integer)
+    retry_backoff: Mapped[timedelta | None] = mapped_column(Interval)
+    retry_backoff_max: Mapped[timedelta | None] = mapped_column(Interval)
+    # A run asked for through the API: due at manual_at, with these params (NULL: the
+    # schedule's).
+    manual_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    manual_params: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    # The params of the pending retry (NULL: the schedule's): a manual run's retry keeps its own.
+    retry_params: Mapped[dict[str, object] | None] = mapped_column(JSONB)
 
 
 class TaskHistory(Base):
@@ -146,6 +201,7 @@ class TaskHistory(Base):
             "task_id", "scheduled_for", "attempt", name="uq_task_history_task_slot_attempt"
         ),
         CheckConstraint(_one_of("status", RUN_STATUSES), name="status"),
+        CheckConstraint(_one_of("trigger", TRIGGERS), name="trigger"),
         CheckConstraint("(status = 'running') = (finished_at IS NULL)", name="finished"),
         CheckConstraint("finished_at IS NULL OR finished_at >= started_at", name="order"),
         CheckConstraint("attempt >= 1", name="attempt"),
@@ -178,10 +234,16 @@ class TaskHistory(Base):
     status: Mapped[str] = mapped_column(Text, nullable=False)
     error: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
+    # What ran (NULL on an earlier release's rows): the schedule's version, the params, and
+    # why (TRIGGERS).
+    schedule_version: Mapped[int | None] = mapped_column(Integer)
+    params: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    trigger: Mapped[str | None] = mapped_column(Text)
 
 
 class TaskAction(Base):
-    """Who ran, paused or resumed a task through the API."""
+    """Who created, changed, deleted, ran, paused or resumed a schedule through the API, with
+    a note (a pause's reason; what a change dropped)."""
 
     __tablename__ = "task_actions"
     __table_args__ = (
@@ -198,3 +260,4 @@ class TaskAction(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
     )
+    note: Mapped[str | None] = mapped_column(Text)

@@ -1,8 +1,11 @@
-"""Tasks are Python coroutines registered by name with their schedule (an interval, or a cron
-expression in a time zone) and their policies (missed slots, timeout, retries).
+"""Tasks are Python coroutines registered by name, with the model of their params (a pydantic
+model: defaults and validation) and, for a *code schedule*, a schedule (an interval, or a
+cron expression in a time zone) and its policies (missed slots, overlap, timeout, retries).
 
-On start every instance upserts the definitions (name, schedule, policies, function name)
-without touching runtime state, so ``tasks.function_name`` always names code that exists.
+A schedule is a row of the ``tasks`` table: a code schedule is upserted from its definition
+by every instance on start (same name as its task, ``source`` code), without touching runtime
+state; an API schedule (``/schedules``) names a task and gives its own spec and params. The
+claim reads spec, params and policies from the row it locks (claims.effective_definition).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from tandem.scheduler.schedules import (
     Cron,
@@ -43,6 +49,7 @@ class TaskContext:
     system that accepts a fencing token should carry ``fence``.
     """
 
+    # The schedule's name (a code schedule's is its task's).
     name: str
     instance_id: str
     fence: int
@@ -55,6 +62,13 @@ class TaskContext:
     # The event loop's time (loop.time()) at which this run gives itself up unless a lease
     # renewal moves it on; set by the runner.
     held_until: float = float("-inf")
+    # The run's params: an instance of the task's params model (the raw JSON object for a
+    # task without one).
+    params: Any = None
+    # The task (code) it runs.
+    task: str = ""
+    # Why it runs: "schedule", "manual" (asked for through the API) or "retry".
+    trigger: str = "schedule"
 
     @property
     def run_id(self) -> str:
@@ -82,10 +96,26 @@ async def _no_body(ctx: TaskContext) -> None:
     raise LookupError(f"task {ctx.name!r} has no function")
 
 
+class ParamsError(ValueError):
+    """Params that the task's model refuses: ``errors`` as pydantic gives them (each with its
+    field path, ``loc``)."""
+
+    def __init__(self, task: str, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors and errors[0]["loc"] else ""
+        first = errors[0]["msg"] if errors else "invalid"
+        super().__init__(f"params of task {task!r}: {where + ': ' if where else ''}{first}")
+
+
+class NoParams(BaseModel, extra="forbid"):
+    """The params of a task that takes none: the empty object only."""
+
+
 @dataclass(frozen=True)
 class TaskDefinition:
     name: str
-    schedule: Schedule
+    # None: a task without a code schedule (it runs on API schedules only).
+    schedule: Schedule | None
     function: TaskFunction
     # Watched tasks (housekeeping) keep their health gauges while paused, and export since
     # when they are paused: pausing one cannot silence its alerts.
@@ -102,10 +132,28 @@ class TaskDefinition:
     max_attempts: int = 1
     retry_backoff: timedelta = timedelta(seconds=10)
     retry_backoff_max: timedelta = timedelta(hours=1)
+    # The model of its params (NoParams: it takes none).
+    params: type[BaseModel] = NoParams
+    # What a slot or a manual run does while a run is still going (models.OVERLAP_POLICIES).
+    overlap: str = "skip"
 
     @property
     def function_name(self) -> str:
         return f"{self.function.__module__}.{self.function.__qualname__}"
+
+    def parse_params(self, raw: object) -> BaseModel:
+        """``raw`` (JSON data) as the task's params model; ParamsError with field paths when
+        the model refuses it. Data only: a model's fields are values, never code to import."""
+        try:
+            return self.params.model_validate(raw)
+        except ValidationError as error:
+            raise ParamsError(
+                self.name, [dict(e) for e in error.errors(include_url=False, include_input=False)]
+            ) from None
+
+    def stored_params(self, raw: object) -> dict[str, Any]:
+        """``raw`` validated and as stored: the model's JSON, defaults filled in."""
+        return self.parse_params(raw).model_dump(mode="json")
 
     def scaled(self, factor: float) -> TaskDefinition:
         """The definition with its durations times ``factor`` (the compressed time of tests
@@ -114,7 +162,7 @@ class TaskDefinition:
             return self
         return replace(
             self,
-            schedule=self.schedule.scaled(factor),
+            schedule=None if self.schedule is None else self.schedule.scaled(factor),
             grace=self.grace * factor,
             timeout=None if self.timeout is None else self.timeout * factor,
             retry_backoff=self.retry_backoff * factor,
@@ -141,18 +189,30 @@ class Registry:
         max_attempts: int = 1,
         retry_backoff: timedelta = timedelta(seconds=10),
         retry_backoff_max: timedelta = timedelta(hours=1),
+        params: type[BaseModel] = NoParams,
+        overlap: str = "skip",
     ) -> Callable[[TaskFunction], TaskFunction]:
-        """Decorator: register ``function`` as task ``name``, due ``every`` interval or at
-        the times of the ``cron`` expression in time zone ``tz`` (an IANA name). A bad
-        expression, zone or option raises ValueError here, so a server with one does not
-        start."""
+        """Decorator: register ``function`` as task ``name`` taking ``params`` (a pydantic
+        model), with a code schedule of the same name due ``every`` interval or at the times
+        of the ``cron`` expression in time zone ``tz`` (an IANA name); with neither, the task
+        runs on API schedules only. A bad expression, zone or option raises ValueError here,
+        so a server with one does not start."""
         problem = f"task {name!r}"
-        if (every is None) == (cron is None):
-            raise ValueError(f"{problem} needs exactly one of every= and cron=")
+        if every is not None and cron is not None:
+            raise ValueError(f"{problem} takes one of every= and cron=, not both")
         try:
-            schedule: Schedule = Every(every) if every is not None else Cron(cron or "", tz)
+            schedule: Schedule | None = (
+                Every(every) if every is not None else Cron(cron, tz) if cron is not None else None
+            )
         except ScheduleError as error:
             raise ValueError(f"{problem}: {error}") from None
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise ValueError(f"{problem}: params must be a pydantic model class")
+        if overlap not in ("skip", "buffer_one", "cancel_other"):
+            raise ValueError(
+                f"{problem}: overlap={overlap!r} is not one of skip, buffer_one, cancel_other"
+            )
+
         try:
             policy = MissedSlots(missed)
         except ValueError:
@@ -171,12 +231,20 @@ class Registry:
             function=_no_body,  # the decorated function, below
             watched=watched,
             missed=policy,
-            grace=default_grace(schedule) if grace is None else grace,
+            grace=(
+                timedelta(seconds=60)
+                if schedule is None
+                else default_grace(schedule)
+                if grace is None
+                else grace
+            ),
             catch_up_limit=catch_up_limit,
             timeout=timeout,
             max_attempts=max_attempts,
             retry_backoff=retry_backoff,
             retry_backoff_max=max(retry_backoff_max, retry_backoff),
+            params=params,
+            overlap=overlap,
         )
 
         def register(function: TaskFunction) -> TaskFunction:
@@ -190,7 +258,8 @@ class Registry:
         if name in self._tasks:
             raise ValueError(f"task {name!r} is registered twice")
         if not name or "/" in name:
-            # The name is a path segment of /tasks/{name}/...
+            # The name is a path segment of /tasks/{name}/..., and a deleted schedule's row
+            # is renamed "<name>/<id>".
             raise ValueError(f"task name {name!r} must be non-empty and contain no '/'")
         self._tasks[name] = definition
 
@@ -208,6 +277,10 @@ class Registry:
 
     def all(self) -> list[TaskDefinition]:
         return list(self._tasks.values())
+
+    def scheduled(self) -> list[TaskDefinition]:
+        """The tasks with a code schedule."""
+        return [d for d in self._tasks.values() if d.schedule is not None]
 
 
 def load_registry(path: str) -> Registry:

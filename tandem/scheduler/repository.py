@@ -6,8 +6,9 @@ Each statement is named, with the race it closes.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -15,10 +16,10 @@ from tandem.core import locks
 from tandem.core.database import rows_affected
 from tandem.core.migrations import head_revision
 from tandem.scheduler.functions import (
-    CLAIM_RUN_V1,
+    CLAIM_RUNS_V1,
     HEARTBEAT_V1,
     OPEN_SESSION_V1,
-    RECORD_TASK_ACTION_V1,
+    RECORD_TASK_ACTION_V2,
 )
 
 Db = asyncpg.Connection
@@ -30,48 +31,94 @@ FAIR_SLACK = 1
 # A newcomer starts level with the least-served live instance (not at 0), so fairness does
 # not hand it every due task until it has caught up with instances running for days. Its
 # code's schema revision ($4) tells a contract migration whether an older release is live.
+# Its task names ($5) say which schedules some live instance can run (the others are
+# orphaned).
 REGISTER_INSTANCE = """
-INSERT INTO instances (id, hostname, pid, claims, revision)
+INSERT INTO instances (id, hostname, pid, claims, revision, tasks)
 VALUES ($1, $2, $3, coalesce((
     SELECT min(claims) FROM instances
-    WHERE status = 'active' AND heartbeat_at > clock_timestamp() - interval '1 minute'), 0), $4)
+    WHERE status = 'active' AND heartbeat_at > clock_timestamp() - interval '1 minute'), 0), $4,
+    $5)
 ON CONFLICT (id) DO UPDATE
-    SET heartbeat_at = clock_timestamp(), status = 'active', revision = EXCLUDED.revision
+    SET heartbeat_at = clock_timestamp(), status = 'active', revision = EXCLUDED.revision,
+        tasks = EXCLUDED.tasks
 """
 
-# Definitions come from code; runtime state (running, next run, fence, history) is never
-# reset by a deploy. A new interval task is due at once, a new cron task at its first slot
-# ($9, computed by the caller from the database clock). A changed cron expression or zone, or
-# a change between interval and cron, starts from the new schedule's first slot; a changed
-# interval carries its grid on. A task left with no next slot and nothing that will plan one
-# (no run, no retry: only a bug or a hand edit does that) gets one.
-UPSERT_TASK = """
-INSERT INTO tasks (name, "interval", function_name, schedule, timezone, missed, timeout,
-                   max_attempts, next_run_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, coalesce($9, clock_timestamp()))
+# A code schedule, from its definition at every start; runtime state (running, next run,
+# fence, history) is never reset by a deploy. A new interval schedule is due at once, a new
+# cron one at its first slot ($16, computed by the caller from the database clock). A change
+# of its spec or policies is a new version; a change of its spec replans the next slot from
+# the new spec: a new cron expression or zone, or a change between interval and cron, at its
+# first slot after now; a new interval one interval after the last start (now if that is
+# past: a deploy that shortens an hour to a minute runs within the minute, not up to an hour
+# later); and drops a pending retry of the old version. A schedule left with no next slot and
+# nothing that will plan one (no run, no retry: only a bug or a hand edit does that) gets
+# one. An API schedule of the same name is left alone (no row returned: the caller says so).
+SPEC_COLUMNS = (
+    '"interval"',
+    "schedule",
+    "timezone",
+    "missed",
+    "timeout",
+    "max_attempts",
+    "grace",
+    "catch_up_limit",
+    "retry_backoff",
+    "retry_backoff_max",
+    "overlap",
+    "task",
+)
+_OLD_SPEC = ", ".join(f"t.{c}" for c in SPEC_COLUMNS)
+_NEW_SPEC = ", ".join(f"EXCLUDED.{c}" for c in SPEC_COLUMNS)
+_CHANGED = f"({_OLD_SPEC}) IS DISTINCT FROM ({_NEW_SPEC})"
+_REPLANNED = (
+    '(t.schedule, t.timezone, t."interval") IS DISTINCT FROM '
+    '(EXCLUDED.schedule, EXCLUDED.timezone, EXCLUDED."interval")'
+)
+UPSERT_TASK = f"""
+WITH old AS (SELECT version, retry_at FROM tasks WHERE name = $1)
+INSERT INTO tasks AS t (name, task, source, "interval", function_name, schedule, timezone,
+                        missed, timeout, max_attempts, grace, catch_up_limit, retry_backoff,
+                        retry_backoff_max, overlap, next_run_at)
+VALUES ($1, $1, 'code', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+        coalesce($14, clock_timestamp()))
 ON CONFLICT (name) DO UPDATE
 SET "interval" = EXCLUDED."interval", function_name = EXCLUDED.function_name,
     schedule = EXCLUDED.schedule, timezone = EXCLUDED.timezone, missed = EXCLUDED.missed,
-    timeout = EXCLUDED.timeout, max_attempts = EXCLUDED.max_attempts,
+    timeout = EXCLUDED.timeout, max_attempts = EXCLUDED.max_attempts, grace = EXCLUDED.grace,
+    catch_up_limit = EXCLUDED.catch_up_limit, retry_backoff = EXCLUDED.retry_backoff,
+    retry_backoff_max = EXCLUDED.retry_backoff_max, overlap = EXCLUDED.overlap,
+    task = EXCLUDED.task,
+    version = t.version + CASE WHEN {_CHANGED} THEN 1 ELSE 0 END,
+    updated_at = CASE WHEN {_CHANGED} THEN clock_timestamp() ELSE t.updated_at END,
     next_run_at = CASE
-        WHEN (tasks.schedule, tasks.timezone)
-             IS DISTINCT FROM (EXCLUDED.schedule, EXCLUDED.timezone)
-             AND tasks.next_run_at IS NOT NULL
+        WHEN {_REPLANNED} AND t.next_run_at IS NOT NULL
+        THEN CASE WHEN EXCLUDED.schedule IS NULL
+             THEN greatest(clock_timestamp(),
+                           coalesce(t.started_at, clock_timestamp()) + EXCLUDED."interval")
+             ELSE EXCLUDED.next_run_at END
+        WHEN t.next_run_at IS NULL AND NOT t.is_running AND t.retry_at IS NULL
         THEN EXCLUDED.next_run_at
-        WHEN tasks.next_run_at IS NULL AND NOT tasks.is_running AND tasks.retry_at IS NULL
-        THEN EXCLUDED.next_run_at
-        ELSE tasks.next_run_at END
+        ELSE t.next_run_at END,
+    retry_at = CASE WHEN {_REPLANNED} THEN NULL ELSE t.retry_at END,
+    retry_slot = CASE WHEN {_REPLANNED} THEN NULL ELSE t.retry_slot END,
+    retry_attempt = CASE WHEN {_REPLANNED} THEN NULL ELSE t.retry_attempt END,
+    retry_params = CASE WHEN {_REPLANNED} THEN NULL ELSE t.retry_params END
+WHERE t.source = 'code'
+RETURNING t.version, (SELECT version FROM old) AS old_version,
+          (SELECT retry_at FROM old) IS NOT NULL AND t.retry_at IS NULL AS dropped_retry
 """
 
-# The claim of the earliest due run this instance may take (fair share, steals, retries
-# first): one call of a server-side function (scheduler/sql/claim_run_v1.sql says the races
-# it closes), so the cluster-wide claim lock is held by no session that waits on its client.
-# Named arguments: the call reads as ClaimParams does. Why fair share counts claims (the
-# alternatives measured): docs/decisions.md.
-CLAIM_DUE_TASK = f"""
-SELECT * FROM {CLAIM_RUN_V1.name}(
+# The claim of up to $10 due runs this instance may take (fair share for the batch, steals,
+# retries and manual runs first): one call of a server-side function
+# (scheduler/sql/claim_runs_v1.sql says the races it closes), so the cluster-wide claim lock
+# is held by no session that waits on its client. Named arguments: the call reads as
+# ClaimParams does. Why fair share counts claims (the alternatives measured):
+# docs/decisions.md.
+CLAIM_DUE_RUNS = f"""
+SELECT * FROM {CLAIM_RUNS_V1.name}(
     p_instance => $1, p_key => $2, p_lease => $3, p_live_window => $4, p_steal_after => $5,
-    p_fresh_window => $6, p_slack => $7, p_known => $8, p_lock_timeout => $9)
+    p_fresh_window => $6, p_slack => $7, p_known => $8, p_lock_timeout => $9, p_limit => $10)
 """
 
 # The claimer's plan of the slot it claimed: the next slot (a run-now that came in between
@@ -104,8 +151,8 @@ HEARTBEAT = f"SELECT * FROM {HEARTBEAT_V1.name}($1, $2, $3, $4, $5, $6, $7, $8)"
 # this instance was fenced out (its run was declared lost and maybe re-run): change nothing.
 # $5: the next slot, if the claimer's plan never landed. $6 (an interval, NULL: none): the
 # slot ($7) is retried as attempt $8 + 1 that long after now, by the database clock (0: a run
-# released at shutdown or self-fenced, retried at once). A pending retry of an older slot
-# gives way to it.
+# released at shutdown or self-fenced, retried at once), with the params the attempt ran with
+# ($9). A pending retry of an older slot gives way to it.
 COMPLETE_RUN = """
 WITH task AS (
     UPDATE tasks SET is_running = false, running_instance = NULL, lease_until = NULL,
@@ -116,7 +163,8 @@ WITH task AS (
         retry_at = CASE WHEN $6::interval IS NULL THEN retry_at
             ELSE clock_timestamp() + $6::interval END,
         retry_slot = CASE WHEN $6::interval IS NULL THEN retry_slot ELSE $7 END,
-        retry_attempt = CASE WHEN $6::interval IS NULL THEN retry_attempt ELSE $8 + 1 END
+        retry_attempt = CASE WHEN $6::interval IS NULL THEN retry_attempt ELSE $8 + 1 END,
+        retry_params = CASE WHEN $6::interval IS NULL THEN retry_params ELSE $9::jsonb END
     WHERE id = $1 AND fence = $2 AND is_running
     RETURNING id, last_finished_at
 )
@@ -150,7 +198,7 @@ WITH expired AS (
     UPDATE tasks t SET is_running = false, running_instance = NULL, lease_until = NULL,
         last_status = 'lost', last_finished_at = e.lost_at,
         retry_at = clock_timestamp(), retry_slot = coalesce(h.scheduled_for, t.started_at),
-        retry_attempt = coalesce(h.attempt, 1) + 1
+        retry_attempt = coalesce(h.attempt, 1) + 1, retry_params = h.params
     FROM expired e
     LEFT JOIN task_history h ON h.task_id = e.id AND h.fence = e.fence AND h.status = 'running'
     WHERE t.id = e.id
@@ -165,6 +213,17 @@ FROM released r WHERE h.task_id = r.id AND h.fence = r.fence AND h.status = 'run
 RETURNING h.task_id
 """
 
+# The runs of this instance ($1) whose schedule has a new run due (a slot, or one asked for)
+# and whose overlap policy is cancel_other: their owner stops them, and the claim takes the new
+# run once their fenced completion has landed (never two at once). Only pairs still held.
+REPLACED_RUNS = """
+SELECT t.id FROM tasks t
+JOIN unnest($2::bigint[], $3::bigint[]) AS held(id, fence) ON t.id = held.id
+WHERE t.fence = held.fence AND t.is_running AND t.running_instance = $1
+  AND t.overlap = 'cancel_other' AND t.enabled
+  AND least(t.next_run_at, t.manual_at) <= clock_timestamp()
+"""
+
 # Instances silent for a long time are forgotten (their runs were swept long before).
 FORGET_INSTANCES = """
 DELETE FROM instances WHERE heartbeat_at < clock_timestamp() - $1::interval
@@ -176,30 +235,55 @@ UPDATE instances SET status = 'stopped', heartbeat_at = clock_timestamp() WHERE 
 
 
 class ClaimedRun(NamedTuple):
+    """A claimed run, with the spec, params and policies read from the row the claim locked."""
+
     task_id: int
+    # The schedule's name, and the task (code) it runs.
     name: str
-    function_name: str
+    task: str
     fence: int
     scheduled_for: datetime
     started_at: datetime
-    # The task's previous run was lost: this run is a failover.
+    # The schedule's previous run was lost: this run is a failover.
     recovers: bool
     # 1 for a slot's first run, then its retries (after a failure, a timeout, or a loss).
     attempt: int
-    # The claim cleared the task's next slot: the claimer plans it (PLAN_RUN).
+    # The claim cleared the schedule's next slot: the claimer plans it (PLAN_RUN).
     plan_next: bool
+    # "schedule", "manual" or "retry".
+    trigger: str = "schedule"
+    version: int = 1
+    params: dict[str, Any] | None = None
+    # A regular slot that came due while the previous run was still going.
+    overlapped: bool = False
+    # The spec: the interval (nominal, for a cron schedule), the cron expression and zone.
+    interval: timedelta = timedelta(seconds=60)
+    schedule: str | None = None
+    timezone: str | None = None
+    missed: str = "coalesce"
+    timeout: timedelta | None = None
+    max_attempts: int = 1
+    # NULL in the row: the defaults of registry.task.
+    grace: timedelta | None = None
+    catch_up_limit: int | None = None
+    retry_backoff: timedelta | None = None
+    retry_backoff_max: timedelta | None = None
+    # What a slot or a manual run does while a run is still going (models.OVERLAP_POLICIES).
+    overlap: str = "skip"
 
 
 def seconds(value: float) -> timedelta:
     return timedelta(seconds=value)
 
 
-async def register_instance(db: Db, instance_id: str, hostname: str, pid: int) -> None:
-    await db.execute(REGISTER_INSTANCE, instance_id, hostname, pid, head_revision())
+async def register_instance(
+    db: Db, instance_id: str, hostname: str, pid: int, tasks: list[str] | None = None
+) -> None:
+    await db.execute(REGISTER_INSTANCE, instance_id, hostname, pid, head_revision(), tasks)
 
 
 class TaskRow(NamedTuple):
-    """A definition as the tasks table stores it."""
+    """A code schedule as the tasks table stores it."""
 
     name: str
     interval: timedelta
@@ -209,12 +293,26 @@ class TaskRow(NamedTuple):
     missed: str
     timeout: timedelta | None
     max_attempts: int
-    # A new or rescheduled cron task's first slot (None: an interval task, due at once).
+    grace: timedelta
+    catch_up_limit: int
+    retry_backoff: timedelta
+    retry_backoff_max: timedelta
+    overlap: str
+    # A new or rescheduled cron schedule's first slot (None: an interval one, due at once).
     first_run: datetime | None
 
 
-async def upsert_task(db: Db, task: TaskRow) -> None:
-    await db.execute(UPSERT_TASK, *task)
+class Upserted(NamedTuple):
+    version: int
+    # None: the row is new.
+    old_version: int | None
+    dropped_retry: bool
+
+
+async def upsert_task(db: Db, task: TaskRow) -> Upserted | None:
+    """None: an API schedule holds the name (the code schedule is not written)."""
+    row = await db.fetchrow(UPSERT_TASK, *task)
+    return None if row is None else Upserted(*row)
 
 
 async def database_now(db: Db) -> datetime:
@@ -248,13 +346,13 @@ class ClaimParams(NamedTuple):
     known: list[str] | None = None
 
 
-async def claim_due_task(db: Db, params: ClaimParams) -> ClaimedRun | None:
-    """Claim the earliest due task this instance may take (fair share), or None. Only while
-    ``params.session_key`` is the instance's live session. One statement, outside any
-    transaction of the caller's."""
+async def claim_due_runs(db: Db, params: ClaimParams, limit: int) -> list[ClaimedRun]:
+    """Claim up to ``limit`` due runs this instance may take (fair share for the batch).
+    Only while ``params.session_key`` is the instance's live session. One statement, outside
+    any transaction of the caller's."""
     assert not db.is_in_transaction(), "the claim is one statement of its own"
-    row = await db.fetchrow(
-        CLAIM_DUE_TASK,
+    rows = await db.fetch(
+        CLAIM_DUE_RUNS,
         params.instance_id,
         params.session_key,
         seconds(params.lease),
@@ -264,8 +362,15 @@ async def claim_due_task(db: Db, params: ClaimParams) -> ClaimedRun | None:
         FAIR_SLACK,
         params.known,
         f"{max(int(params.lock_timeout * 1000), 1)}ms",
+        limit,
     )
-    return None if row is None else ClaimedRun(*row)
+    return [ClaimedRun(*row)._replace(params=json.loads(row["params"])) for row in rows]
+
+
+async def claim_due_task(db: Db, params: ClaimParams) -> ClaimedRun | None:
+    """One claim of one run (claim_due_runs with a batch of one), or None."""
+    claimed = await claim_due_runs(db, params, 1)
+    return claimed[0] if claimed else None
 
 
 class Session(NamedTuple):
@@ -330,11 +435,13 @@ async def heartbeat(
 
 
 class Retry(NamedTuple):
-    """The next attempt at a slot, ``delay`` after the completion (database clock)."""
+    """The next attempt at a slot, ``delay`` after the completion (database clock), with the
+    params the attempt that ended ran with (None: the schedule's)."""
 
     delay: timedelta
     slot: datetime
     attempt: int  # the attempt that ended
+    params: dict[str, Any] | None = None
 
 
 async def complete_run(
@@ -348,9 +455,18 @@ async def complete_run(
     retry: Retry | None = None,
 ) -> bool:
     """False when this instance no longer holds the run (fenced out): nothing changed."""
-    delay, slot, attempt = retry if retry is not None else (None, None, None)
+    delay, slot, attempt, params = retry if retry is not None else (None, None, None, None)
     row = await db.fetchval(
-        COMPLETE_RUN, task_id, fence, status, error, next_slot, delay, slot, attempt
+        COMPLETE_RUN,
+        task_id,
+        fence,
+        status,
+        error,
+        next_slot,
+        delay,
+        slot,
+        attempt,
+        None if params is None else json.dumps(params),
     )
     return row is not None
 
@@ -367,6 +483,11 @@ async def task_health(db: Db, known: list[str], watched: list[str]) -> list[asyn
 
 async def sweep_expired(db: Db) -> int:
     return len(await db.fetch(SWEEP_EXPIRED))
+
+
+async def replaced_runs(db: Db, instance_id: str, held: dict[int, int]) -> list[int]:
+    rows = await db.fetch(REPLACED_RUNS, instance_id, list(held), list(held.values()))
+    return [int(r["id"]) for r in rows]
 
 
 async def forget_instances(db: Db, after: float) -> None:
@@ -389,7 +510,7 @@ SELECT name, extract(epoch FROM "interval") AS interval_seconds, schedule, timez
        least(retry_at, next_run_at) AS due_at,
        extract(epoch FROM least(retry_at, next_run_at) - clock_timestamp()) AS due_in_seconds,
        last_status, last_finished_at
-FROM tasks ORDER BY id
+FROM tasks WHERE source = 'code' ORDER BY id
 """
 
 TASK_HISTORY = """
@@ -414,7 +535,7 @@ LIMIT :limit
 
 # Appended as the owner (scheduler/sql/record_task_action_v1.sql): the application's role
 # may not write task_actions.
-RECORD_ACTION = f"SELECT {RECORD_TASK_ACTION_V1.name}(:task_id, :action, :api_key_id)"
+RECORD_ACTION = f"SELECT {RECORD_TASK_ACTION_V2.name}(:task_id, :action, :api_key_id, :note)"
 
 COMMAND_RESULT = "SELECT name, enabled, next_run_at FROM tasks WHERE id = :task_id"
 

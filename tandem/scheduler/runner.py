@@ -121,10 +121,14 @@ class Runner:
             )
         pool = self._pool
         async with pool.acquire() as db:
-            await repository.register_instance(db, self.instance_id, self.hostname, os.getpid())
+            await repository.register_instance(
+                db, self.instance_id, self.hostname, os.getpid(), list(self._definitions)
+            )
             now = await repository.database_now(db)
             for definition in self._definitions.values():
-                await repository.upsert_task(db, task_row(definition, now))
+                if definition.schedule is not None:
+                    upserted = await repository.upsert_task(db, task_row(definition, now))
+                    _say_upserted(definition.name, upserted)
         if self._runs is None:
             self._runs = LocalRuns(self.settings, self.instance_id, pool)
             self._session = HeartbeatSession(
@@ -139,7 +143,7 @@ class Runner:
                 self._runs,
                 self._stopping,
             )
-            known = list(self._definitions)
+            known = [d.name for d in self._definitions.values() if d.schedule is not None]
             watched = [d.name for d in self._definitions.values() if d.watched]
             self._housekeeping = Housekeeping(self.settings, pool, known, watched)
         assert self._session is not None
@@ -202,10 +206,27 @@ def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.0)
 
 
+def _say_upserted(name: str, upserted: repository.Upserted | None) -> None:
+    if upserted is None:
+        log.warning(
+            "code schedule %s is not written: a schedule made through the API has its name "
+            "(delete or rename that one to schedule it from code)",
+            name,
+        )
+    elif upserted.old_version is not None and upserted.version != upserted.old_version:
+        log.info(
+            "code schedule %s changed: version %d%s",
+            name,
+            upserted.version,
+            ", its pending retry dropped" if upserted.dropped_retry else "",
+        )
+
+
 def task_row(definition: TaskDefinition, now: datetime) -> repository.TaskRow:
-    """The row a definition is stored as; ``now``: the database clock, for a cron task's
-    first slot."""
+    """The row a code schedule is stored as; ``now``: the database clock, for a cron
+    schedule's first slot."""
     schedule = definition.schedule
+    assert schedule is not None, "a task without a code schedule has no row"
     cron = schedule if isinstance(schedule, Cron) else None
     return repository.TaskRow(
         name=definition.name,
@@ -216,5 +237,10 @@ def task_row(definition: TaskDefinition, now: datetime) -> repository.TaskRow:
         missed=definition.missed.value,
         timeout=definition.timeout,
         max_attempts=definition.max_attempts,
+        grace=definition.grace,
+        catch_up_limit=definition.catch_up_limit,
+        retry_backoff=definition.retry_backoff,
+        retry_backoff_max=definition.retry_backoff_max,
+        overlap=definition.overlap,
         first_run=cron.first_after(now) if cron else None,
     )

@@ -55,6 +55,8 @@ DB_ERRORS = (
 
 # The error recorded for a claim that came back after the drain began: its body never ran.
 RELEASED_UNSTARTED = "cancelled: drained before its start"
+# Why a run stopped for the next of its schedule (overlap cancel_other): not retried.
+REPLACED = "replaced by a new run (overlap cancel_other)"
 
 
 @dataclass
@@ -88,6 +90,10 @@ class LocalRuns:
         self._pool = pool
         self._runs: dict[int, Run] = {}
         self._draining = False
+        # Set to make the claim loop poll now instead of at its next tick: by a wake-up from
+        # the database (NOTIFY tandem_schedules, session.py), and by the end of a run whose
+        # schedule may have one waiting (overlap buffer_one or cancel_other).
+        self.wake = asyncio.Event()
 
     @property
     def running(self) -> dict[int, str]:
@@ -124,6 +130,8 @@ class LocalRuns:
             time_scale=self.settings.scheduler_time_scale,
             log=logger,
             attempt=claim.attempt,
+            task=claim.task,
+            trigger=claim.trigger,
         )
         run = Run(claim, ctx, definition, slot, next_slot)
         self._runs[claim.task_id] = run
@@ -135,18 +143,18 @@ class LocalRuns:
                 sent + definition.timeout.total_seconds(), self._time_out, run
             )
         SCHEDULER_RUNNING.set(len(self._runs))
-        SCHEDULER_CLAIMS.labels(claim.name).inc()
+        SCHEDULER_CLAIMS.labels(claim.task).inc()
         if claim.recovers:
-            SCHEDULER_RECOVERIES.labels(claim.name).inc()
+            SCHEDULER_RECOVERIES.labels(claim.task).inc()
         if claim.attempt == 1:  # a retry's lag is its backoff
             lag = (claim.started_at - slot).total_seconds()
-            SCHEDULER_START_LAG.labels(claim.name).observe(max(lag, 0.0))
+            SCHEDULER_START_LAG.labels(claim.task).observe(max(lag, 0.0))
         run.task = asyncio.create_task(self._execute(run), name=ctx.run_id)
         return run
 
     def _task_log(self, claim: repository.ClaimedRun) -> TaskLog:
         return TaskLog(
-            logging.getLogger(f"tandem.task.{claim.name}"),
+            logging.getLogger(f"tandem.task.{claim.task}"),
             {"instance": self.instance_id, "run": f"{claim.name}#{claim.fence}"},
         )
 
@@ -163,11 +171,13 @@ class LocalRuns:
         """Hand back a claim that came back after the drain began, never started: recorded
         cancelled with its fence, and its slot retried at once as the next attempt, as a
         drained run's is."""
-        SCHEDULER_CLAIMS.labels(claim.name).inc()
-        SCHEDULER_RUNS.labels(claim.name, "cancelled").inc()
+        SCHEDULER_CLAIMS.labels(claim.task).inc()
+        SCHEDULER_RUNS.labels(claim.task, "cancelled").inc()
         logger = self._task_log(claim)
         logger.info("claimed as the drain began: released unstarted")
         retry = next_attempt(None, "cancelled", "drained", claim.attempt, slot, logger)
+        if retry is not None:
+            retry = retry._replace(params=claim.params)
         await self._complete(claim, logger, "cancelled", RELEASED_UNSTARTED, next_slot, retry)
 
     # --- stopping a run ------------------------------------------------------------------
@@ -187,6 +197,24 @@ class LocalRuns:
                 run.ctx.log.warning("stopping: %s", why)
                 self.stop(run, reason)
         return self.tasks()
+
+    def replaceable(self) -> dict[int, int]:
+        """Task id -> fence of the runs here whose schedule's overlap is cancel_other: a due
+        slot or a run asked for replaces them (claims.Claimer asks the database which)."""
+        return {
+            task_id: run.claim.fence
+            for task_id, run in self._runs.items()
+            if run.claim.overlap == "cancel_other" and run.stopped_because is None
+        }
+
+    def replace(self, task_ids: list[int]) -> None:
+        """Stop these runs: a new run of their schedule is due (overlap cancel_other). Each
+        completes as cancelled, not retried, and the new one is claimed once it has."""
+        for task_id in task_ids:
+            run = self._runs.get(task_id)
+            if run is not None and run.stopped_because is None:
+                run.ctx.log.info("a new run is due: cancelling this one (overlap cancel_other)")
+                self.stop(run, REPLACED)
 
     def _time_out(self, run: Run) -> None:
         if run.stopped_because is None:
@@ -248,7 +276,9 @@ class LocalRuns:
                 # and released like any run given up.
                 raise asyncio.CancelledError
             if definition is None:
-                raise LookupError(f"no code registered for task {run.claim.name!r}")
+                raise LookupError(f"no code registered for task {run.claim.task!r}")
+            # Validated again here: the params were valid for the code that stored them.
+            run.ctx.params = definition.parse_params(run.claim.params or {})
             await definition.function(run.ctx)
         except (TaskCancelledError, asyncio.CancelledError):
             if run.stopped_because == "timed_out" and definition and definition.timeout:
@@ -266,15 +296,20 @@ class LocalRuns:
             if self._runs.get(run.claim.task_id) is run:
                 del self._runs[run.claim.task_id]
             SCHEDULER_RUNNING.set(len(self._runs))
-        SCHEDULER_RUNS.labels(run.claim.name, status).inc()
-        SCHEDULER_RUN_DURATION.labels(run.claim.name).observe(time.monotonic() - started)
+        SCHEDULER_RUNS.labels(run.claim.task, status).inc()
+        SCHEDULER_RUN_DURATION.labels(run.claim.task).observe(time.monotonic() - started)
         if run.stopped_because == "fenced":
             # Another instance holds the task: our write would be refused by the fence.
             return
         retry = next_attempt(
             run.definition, status, run.stopped_because, run.claim.attempt, run.slot, run.ctx.log
         )
+        if retry is not None:
+            retry = retry._replace(params=run.claim.params)
         await self._complete(run.claim, run.ctx.log, status, error, run.next_slot, retry)
+        if run.claim.overlap != "skip":
+            # A run asked for while this one went (or the slot that replaced it) is due now.
+            self.wake.set()
 
     async def _complete(
         self,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from tandem.core.text import FREE_TEXT
 
 
 class TaskState(BaseModel):
@@ -137,3 +140,148 @@ class TaskCommandResult(BaseModel):
     name: str
     enabled: bool
     next_run_at: datetime | None
+
+
+# --- schedules as data (/schedules) ------------------------------------------------------
+
+_STRICT = ConfigDict(strict=True, extra="forbid")
+# A schedule's name: a path segment, never holding the "/" of a deleted one's row.
+SCHEDULE_NAME = r"^[A-Za-z0-9._-]{1,100}$"
+MissedPolicy = Literal["coalesce", "skip", "catch_up"]
+OverlapPolicy = Literal["skip", "buffer_one", "cancel_other"]
+Note = Annotated[str, Field(max_length=500, description="Free text for people."), FREE_TEXT]
+# Seconds: finite, at least 1 for an interval (a shorter one is a loop, not a schedule), at
+# most a year.
+_YEAR = 366 * 86_400
+
+
+class _ScheduleFields(BaseModel):
+    model_config = _STRICT
+
+    params: dict[str, Any] | None = Field(
+        default=None, description="Validated against the task's params model (at most 16 KiB)."
+    )
+    every: float | None = Field(
+        default=None, ge=1, le=_YEAR, allow_inf_nan=False, description="Seconds between slots."
+    )
+    cron: str | None = Field(
+        default=None, min_length=1, max_length=200, description="A cron expression (5 or 6 fields)."
+    )
+    tz: str | None = Field(
+        default=None, min_length=1, max_length=64, description="The cron expression's zone."
+    )
+    missed: MissedPolicy | None = Field(default=None, description="Missed slots (coalesce).")
+    overlap: OverlapPolicy | None = Field(
+        default=None, description="A slot or a manual run while a run is going (skip)."
+    )
+    timeout: float | None = Field(default=None, gt=0, le=_YEAR, allow_inf_nan=False)
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    retry_backoff: float | None = Field(default=None, gt=0, le=_YEAR, allow_inf_nan=False)
+    retry_backoff_max: float | None = Field(default=None, gt=0, le=_YEAR, allow_inf_nan=False)
+    note: Note | None = None
+
+
+class ScheduleCreate(_ScheduleFields):
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "echo-every-minute",
+                    "task": "demo.echo",
+                    "params": {"message": "hello", "seconds": 1},
+                    "every": 60,
+                }
+            ]
+        },
+    )
+
+    name: str = Field(pattern=SCHEDULE_NAME)
+    task: str = Field(min_length=1, max_length=200)
+    enabled: bool = True
+
+
+class SchedulePatch(_ScheduleFields):
+    """Only the fields given change; `every` and `cron` replace each other."""
+
+    task: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class ScheduleRun(BaseModel):
+    model_config = _STRICT
+
+    params: dict[str, Any] | None = Field(
+        default=None, description="This run's params (null: the schedule's)."
+    )
+
+
+class SchedulePause(BaseModel):
+    model_config = _STRICT
+
+    note: str | None = Field(
+        default=None, max_length=500, description="Why (the history shows it)."
+    )
+
+
+class Schedule(BaseModel):
+    name: str
+    task: str
+    params: dict[str, Any]
+    every: float | None = Field(description="Seconds between slots (null: cron).")
+    cron: str | None
+    tz: str | None
+    missed: str
+    overlap: str
+    timeout: float | None
+    max_attempts: int
+    retry_backoff: float | None
+    retry_backoff_max: float | None
+    enabled: bool
+    state: str = Field(description="active, paused, or orphaned (no live instance has its task).")
+    note: str | None
+    pause_note: str | None = Field(description="The last pause's note.")
+    source: str = Field(description="code (registry.task) or api.")
+    version: int = Field(description="1 at creation, +1 per change: PATCH's If-Match.")
+    is_running: bool
+    running_instance: str | None
+    next_run_at: datetime | None
+    retry_at: datetime | None
+    manual_at: datetime | None = Field(description="A run asked for, not started yet.")
+    last_status: str | None
+    last_finished_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    created_by: str | None = Field(description="The API key's name (null: code).")
+    updated_by: str | None
+
+
+class ScheduleList(BaseModel):
+    schedules: list[Schedule]
+    next: str | None = Field(description="Pass as `after` for the next page (null: the last).")
+
+
+class ScheduleRunRecord(BaseModel):
+    id: int
+    instance_id: str
+    started_at: datetime
+    finished_at: datetime | None
+    status: str
+    attempt: int
+    scheduled_for: datetime
+    schedule_version: int | None
+    params: dict[str, Any] | None
+    trigger: str | None = Field(description="schedule, manual or retry.")
+    error: str | None
+
+
+class ScheduleAction(BaseModel):
+    action: str
+    api_key: str | None
+    at: datetime
+    note: str | None
+
+
+class ScheduleHistory(BaseModel):
+    name: str
+    runs: list[ScheduleRunRecord]
+    actions: list[ScheduleAction]

@@ -99,7 +99,7 @@ async def _command(
     task_id = found[0]
     await session.execute(
         text(repository.RECORD_ACTION),
-        {"task_id": task_id, "action": action, "api_key_id": caller.api_key_id},
+        {"task_id": task_id, "action": action, "api_key_id": caller.api_key_id, "note": None},
     )
     row = (await session.execute(text(repository.COMMAND_RESULT), {"task_id": task_id})).one()
     return TaskCommandResult(name=row.name, enabled=row.enabled, next_run_at=row.next_run_at)

@@ -29,6 +29,7 @@ from tandem.core.database import Database
 from tandem.core.settings import Settings
 from tandem.observability.metrics import SCHEDULER_LIVE_INSTANCES
 from tandem.scheduler import repository
+from tandem.scheduler.catalog_repository import WAKE_CHANNEL
 from tandem.scheduler.runs import DB_ERRORS, LocalRuns
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,14 @@ class HeartbeatSession:
             raise
         self.current = Session(conn, session.key, session.db_now, self._now())
         conn.add_termination_listener(self._on_closed)
+        # Wake-ups on the direct connection this instance holds anyway (a LISTEN cannot go
+        # through a transaction pooler): a schedule made, resumed or run now starts within
+        # milliseconds, not at the next poll. Lost with the connection (a new session listens
+        # again); the poll stays the fallback.
+        await conn.add_listener(WAKE_CHANNEL, self._woken)
+
+    def _woken(self, *_: object) -> None:
+        self._runs.wake.set()
 
     def _on_closed(self, conn: object) -> None:
         if self.current is not None and self.current.conn is conn:

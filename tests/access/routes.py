@@ -12,6 +12,8 @@ from tandem.access import policy
 from tandem.core.callers import (
     EVENTS_READ,
     KEYS_WRITE,
+    SCHEDULES_READ,
+    SCHEDULES_WRITE,
     TASKS_READ,
     TASKS_WRITE,
     USERS_WRITE,
@@ -21,6 +23,11 @@ from tandem.core.callers import (
 )
 
 TASK = "access.probe"
+# The API schedules the routes act on (made by each test's world: one read, changed, paused,
+# resumed and run, one deleted), and the one POST /schedules makes; their task is the demo
+# registry's, which every test app has.
+SCHEDULE, GONE, MADE = "access.schedule", "access.gone", "access.made"
+SCHEDULE_BODY = {"task": "demo.echo", "params": {"message": "probe"}, "every": 3600}
 # A public address written as one (no name to resolve): a webhook endpoint any app accepts.
 PUBLIC_HOOK = "http://93.184.216.34/hooks/tandem"
 
@@ -33,6 +40,7 @@ class Route:
     ok: int = 200  # the status with the right key
     body: Callable[[dict[str, int]], Any] | None = None
     page: bool = False
+    headers: dict[str, str] | None = None
 
 
 ROUTES = [
@@ -94,6 +102,27 @@ ROUTES = [
     ),
     Route("GET", "/webhook-endpoints/{endpoint}/deliveries", EVENTS_READ),
     Route("DELETE", "/webhook-endpoints/{doomed}", WEBHOOKS_WRITE, ok=204),
+    Route(
+        "POST",
+        "/schedules",
+        SCHEDULES_WRITE,
+        ok=201,
+        body=lambda w: {"name": MADE, **SCHEDULE_BODY},
+    ),
+    Route("GET", "/schedules", SCHEDULES_READ),
+    Route("GET", f"/schedules/{SCHEDULE}", SCHEDULES_READ),
+    Route(
+        "PATCH",
+        f"/schedules/{SCHEDULE}",
+        SCHEDULES_WRITE,
+        body=lambda w: {"note": "changed"},
+        headers={"If-Match": "1"},
+    ),
+    Route("POST", f"/schedules/{SCHEDULE}/pause", SCHEDULES_WRITE, body=lambda w: {"note": "n"}),
+    Route("POST", f"/schedules/{SCHEDULE}/resume", SCHEDULES_WRITE),
+    Route("POST", f"/schedules/{SCHEDULE}/run", SCHEDULES_WRITE),
+    Route("GET", f"/schedules/{SCHEDULE}/history", SCHEDULES_READ),
+    Route("DELETE", f"/schedules/{GONE}", SCHEDULES_WRITE, ok=204),
     Route("GET", "/", TASKS_READ, page=True),
     Route("GET", "/status/fragment", TASKS_READ, page=True),
     Route("GET", "/docs", policy.ANY_KEY, page=True),

@@ -23,7 +23,7 @@ from tandem.core.callers import (
 from tandem.core.settings import Settings
 from tandem.main import create_app
 from tests.access.keys import bearer, make_key
-from tests.access.routes import PUBLIC_HOOK, ROUTES, TASK, Route
+from tests.access.routes import GONE, PUBLIC_HOOK, ROUTES, SCHEDULE, TASK, Route
 from tests.support import fetch
 
 BASE = "http://tandem.test"
@@ -47,6 +47,13 @@ async def world(database_url: str, anonymous: httpx.AsyncClient) -> dict[str, An
         "INSERT INTO tasks (name, \"interval\", function_name) VALUES ($1, '1 hour', 'x')",
         TASK,
     )
+    for name in (SCHEDULE, GONE):
+        await fetch(
+            database_url,
+            'INSERT INTO tasks (name, task, source, params, "interval", function_name) '
+            "VALUES ($1, 'demo.echo', 'api', '{\"message\": \"probe\"}', '1 hour', 'x')",
+            name,
+        )
     users = await fetch(
         database_url,
         "INSERT INTO users (balance) VALUES (1000), (1000) RETURNING id",
@@ -112,7 +119,12 @@ async def _send(
 ) -> httpx.Response:
     ids = world["ids"]
     body = route.body(ids) if route.body else None
-    return await client.request(route.method, route.path.format(**ids), json=body, headers=headers)
+    return await client.request(
+        route.method,
+        route.path.format(**ids),
+        json=body,
+        headers={**(route.headers or {}), **headers},
+    )
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method} {r.path}")

@@ -41,7 +41,7 @@ from tandem.core.settings import Settings, get_settings
 from tandem.scheduler import repository as scheduler_repository
 from tandem.scheduler.runner import task_row
 from tandem.wallet import repository as wallet_repository
-from tests.access.routes import PUBLIC_HOOK, ROUTES, TASK
+from tests.access.routes import GONE, PUBLIC_HOOK, ROUTES, SCHEDULE, SCHEDULE_BODY, TASK
 from tests.scheduler.registries import definition
 from tests.support import API_KEY, AUTH, empty_database, fetch, in_process, query, value
 
@@ -149,6 +149,9 @@ async def test_every_route_works_on_the_app_role(migrated: tuple[str, str]) -> N
             hook = await client.post("/webhook-endpoints", json={"url": PUBLIC_HOOK})
             assert hook.status_code == 201, hook.text
             ids[name] = hook.json()["id"]
+        for name in (SCHEDULE, GONE):
+            scheduled = await client.post("/schedules", json={"name": name, **SCHEDULE_BODY})
+            assert scheduled.status_code == 201, scheduled.text
         keyed = {"Idempotency-Key": "on-the-app-role"}
         deposit = {"userId": user, "amount": 7}
         for _ in range(2):  # the retry is a replay
@@ -156,7 +159,9 @@ async def test_every_route_works_on_the_app_role(migrated: tuple[str, str]) -> N
             assert answer.status_code == 200, answer.text
         for route in ROUTES:
             body = route.body(ids) if route.body else None
-            answer = await client.request(route.method, route.path.format(**ids), json=body)
+            answer = await client.request(
+                route.method, route.path.format(**ids), json=body, headers=route.headers
+            )
             assert answer.status_code == route.ok, (route, answer.text[:300])
         assert (await client.get("/health/ready")).status_code == 200
     conn = await asyncpg.connect(asyncpg_dsn(owner_url))

@@ -161,7 +161,7 @@ def test_advisory_lock_ids_are_the_named_ones(database_url: str) -> None:
         function.name: {int(n) for n in re.findall(r"pg_advisory_\w*lock\((\d+)", function.body())}
         for function in CURRENT
     }
-    assert taken["tandem_claim_run_v1"] == {locks.CLAIM}
+    assert taken["tandem_claim_runs_v1"] == {locks.CLAIM}
     assert taken["tandem_open_session_v1"] == {locks.SESSIONS}
     assert set().union(*taken.values()) <= set(locks.ALL.values())
     view = query(database_url, "SELECT pg_get_viewdef('instance_sessions'::regclass)")[0][0]
@@ -303,9 +303,12 @@ RELEASED_SQL = {
     "tandem/migrations/sql/0008_transfer.sql": "b5220ad13e2131f4",
     "tandem/scheduler/sql/claim_row_v1.sql": "2e1a88979f302718",
     "tandem/scheduler/sql/claim_run_v1.sql": "738e33a8e5846b67",
+    "tandem/scheduler/sql/claim_rows_v1.sql": "99e70e7128f55054",
+    "tandem/scheduler/sql/claim_runs_v1.sql": "73fda7b3f7d5eb62",
     "tandem/scheduler/sql/heartbeat_v1.sql": "acd4248cf30c979f",
     "tandem/scheduler/sql/open_session_v1.sql": "bb929d4b84fa75ea",
     "tandem/scheduler/sql/record_task_action_v1.sql": "f144f76aedd25ba4",
+    "tandem/scheduler/sql/record_task_action_v2.sql": "d10d9bb002c4b8b0",
     "tandem/wallet/sql/append_only_v1.sql": "cc1aa47930c1fe31",
     "tandem/wallet/sql/apply_delta_v1.sql": "6918f5f5869ae30e",
     "tandem/wallet/sql/apply_delta_v2.sql": "34734003ed1b399a",

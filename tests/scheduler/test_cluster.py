@@ -164,7 +164,7 @@ def test_demo_tasks_have_their_intervals() -> None:
     from tandem.scheduler.registry import TaskContext
     from tandem.scheduler.schedules import Every
 
-    intervals = {d.name: d.schedule for d in demo_tasks.registry.all()}
+    intervals = {d.name: d.schedule for d in demo_tasks.registry.scheduled()}
     assert intervals == {
         name: Every(every)
         for name, every in {

@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from tandem.scheduler.registry import Registry, TaskContext, TaskFunction
 from tests.support.timings import CRON_TIMINGS, cron_settings
 
@@ -76,3 +78,28 @@ for _name in EQUAL_TASKS:
 # No task of its own: a server loading it with TANDEM_MAINTENANCE_ENABLED runs only the
 # housekeeping tasks (tandem/maintenance.py).
 housekeeping = Registry()
+
+
+class LabelParams(BaseModel):
+    """The params of ``probe.label``: a label each run records (its history's params) and
+    how long it runs."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    label: str = Field(min_length=1, max_length=100)
+    seconds: float = Field(default=0.0, ge=0, le=600)
+
+
+async def _labelled(ctx: TaskContext) -> None:
+    await ctx.sleep(ctx.params.seconds)
+
+
+# Schedules as data: a task with params and no code schedule (schedules made through the API
+# run it), and one code schedule beside it.
+catalog = Registry()
+catalog.task("probe.label", params=LabelParams)(_labelled)
+catalog.task("probe.coded", timedelta(hours=1))(_busy(0.0))
+
+# The release before probe.label (a rolling deploy): its instances never claim its schedules.
+catalog_before = Registry()
+catalog_before.task("probe.coded", timedelta(hours=1))(_busy(0.0))

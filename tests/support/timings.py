@@ -51,8 +51,6 @@ CRON_TIMINGS = {
     "TANDEM_SCHEDULER_LEASE": str(LEASE),
     "TANDEM_SCHEDULER_SELF_FENCE_AFTER": "2.0",
     "TANDEM_SCHEDULER_STEAL_AFTER": "1.0",
-    # Forty tasks due every two seconds need more than one claim per poll.
-    "TANDEM_SCHEDULER_CLAIMS_PER_POLL": "50",
     "TANDEM_LOG_LEVEL": "warning",
 }
 
