@@ -5,12 +5,15 @@ TANDEM_SCHEDULER_TASKS (the bench puts this folder on their PYTHONPATH).
   busy EQUAL_BUSY_SECONDS. The body only sleeps (through ``ctx.sleep``, so a fenced or drained
   run stops at once): what is measured is the scheduler, not the work.
 - ``idle``: one task due once a day, so an instance has nothing to do after its first poll.
+- ``catalog`` (bench/schedules.py): ``bench.noop``, a task with params and no code schedule.
 """
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict
 
 from tandem.scheduler.registry import Registry, TaskContext
 
@@ -34,3 +37,20 @@ for number in range(1, int(os.environ.get(TASKS_ENV, "100")) + 1):
 
 idle = Registry()
 idle.task("Daily", timedelta(days=1))(nothing)
+
+
+class Label(BaseModel):
+    """The params of ``bench.noop``: a label, validated as any task's params are."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    label: str
+
+
+async def noop(ctx: TaskContext) -> None:
+    """Return at once: what bench/schedules.py measures is the claiming."""
+
+
+# bench/schedules.py: one task with params; its schedules are rows the bench writes.
+catalog = Registry()
+catalog.task("bench.noop", params=Label)(noop)

@@ -106,6 +106,23 @@ def test_scheduler_bench_prints_every_phase(postgres_url: str) -> None:
     assert "FAILED" not in out, out[-4000:]
 
 
+def test_schedules_bench_prints_before_and_after(postgres_url: str) -> None:
+    """bench/schedules.py runs its burst, steady and idle phases with both claims and prints
+    every figure with its ratio."""
+    out = run_bench(
+        "schedules",
+        postgres_url,
+        "--instances=2",
+        "--schedules=40",
+        "--period=3",
+        "--burst-window=3",
+        "--idle=1",
+    )
+    for figure in ("burst runs/s", "lag p99 s", "steady spread", "idle xact/s per instance"):
+        assert figure in out, out[-4000:]
+    assert "FAILED" not in out, out[-4000:]
+
+
 def test_events_bench_prints_its_lags_and_the_bursts_ratio(postgres_url: str) -> None:
     """bench/events.py prints the steady lags, the fan-out's, the worker's throughput and
     the burst with events on against none."""

@@ -79,6 +79,15 @@ def use_local_dev_key(settings: Settings) -> DevKey | None:
     return DevKey(token, path, created)
 
 
+def client_key(given: str | None, settings: Settings) -> str | None:
+    """The key a command that calls a running server sends: ``--key``, else TANDEM_API_KEY,
+    else the local development key (``make run``'s), if there is one."""
+    key = given or settings.configured_api_key()
+    if key is None and dev_key_path(settings).exists():
+        key = dev_key_path(settings).read_text().strip()
+    return key
+
+
 def key_lines(key: DevKey, base: str) -> list[str]:
     """How to use the development key. The token itself only when it was just made: a log
     kept (or shared) afterwards does not hold it at every start; then the file it is in."""

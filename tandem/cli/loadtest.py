@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from tandem.cli.common import Subcommands, dev_key_path, raise_fd_limit
+from tandem.cli.common import Subcommands, client_key, raise_fd_limit
 from tandem.core.settings import get_settings
 
 
@@ -33,9 +33,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     raise_fd_limit()
     settings = get_settings()
-    key = args.key or settings.configured_api_key()
-    if key is None and dev_key_path(settings).exists():
-        key = dev_key_path(settings).read_text().strip()
+    key = client_key(args.key, settings)
     return run_loadtest(
         LoadtestOptions(
             api_key=key,

@@ -560,6 +560,18 @@ ORDER BY h.started_at DESC, h.id DESC
 LIMIT :limit
 """
 
+# The status page's schedules: the first :limit by source (code first) and name, with how
+# many there are in all.
+SCHEDULES_SUMMARY = """
+SELECT t.name, coalesce(t.task, t.name) AS task, t.source, t.version, t.enabled, t.note,
+       (SELECT a.note FROM task_actions a WHERE a.task_id = t.id AND a.action = 'pause'
+        ORDER BY a.id DESC LIMIT 1) AS pause_note,
+       count(*) OVER () AS total
+FROM tasks t WHERE t.deleted_at IS NULL
+ORDER BY t.source DESC, t.name
+LIMIT :limit
+"""
+
 DATABASE_NOW = "SELECT clock_timestamp()"
 
 # Finished runs past their retention, a batch at a time (a running row is never touched: it

@@ -285,3 +285,20 @@ class ScheduleHistory(BaseModel):
     name: str
     runs: list[ScheduleRunRecord]
     actions: list[ScheduleAction]
+
+
+class ScheduleSummary(BaseModel):
+    """A schedule as the status page lists it."""
+
+    name: str
+    task: str
+    source: str
+    version: int
+    enabled: bool
+    note: str | None
+    pause_note: str | None
+
+
+class SchedulesSummary(BaseModel):
+    schedules: list[ScheduleSummary]
+    total: int = Field(description="Every live schedule; `schedules` holds the first ones.")

@@ -18,6 +18,8 @@ from tandem.scheduler.schemas import (
     PendingTask,
     RecentRuns,
     Run,
+    SchedulesSummary,
+    ScheduleSummary,
     TaskAction,
     TaskCommandResult,
     TaskHistory,
@@ -77,6 +79,16 @@ async def recent_runs(session: AsyncSession, limit: int) -> RecentRuns:
     as_of = (await session.execute(text(repository.DATABASE_NOW))).scalar_one()
     rows = await session.execute(text(repository.RECENT_RUNS), {"limit": limit})
     return RecentRuns(as_of=as_of, runs=[TaskRun.model_validate(dict(r)) for r in rows.mappings()])
+
+
+async def schedules_summary(session: AsyncSession, limit: int) -> SchedulesSummary:
+    """The first ``limit`` schedules (code first, then by name) and how many there are."""
+    rows = (await session.execute(text(repository.SCHEDULES_SUMMARY), {"limit": limit})).mappings()
+    found = [dict(r) for r in rows]
+    total = int(found[0]["total"]) if found else 0
+    return SchedulesSummary(
+        schedules=[ScheduleSummary.model_validate(r) for r in found], total=total
+    )
 
 
 async def live_instances(session: AsyncSession, window: timedelta) -> Instances:

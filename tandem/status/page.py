@@ -158,6 +158,8 @@ def _context(
         "paused": [t for t in tasks if not t.enabled],
         "instances": snapshot.instances.instances,
         "runs": snapshot.recent.runs,
+        "schedules": snapshot.schedules.schedules,
+        "schedules_total": snapshot.schedules.total,
         "served_by": served_by,
         "late_after": late_after,
     }

@@ -8,7 +8,10 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tandem.scheduler import service as scheduler
-from tandem.scheduler.schemas import Instances, RecentRuns, TasksOverview
+from tandem.scheduler.schemas import Instances, RecentRuns, SchedulesSummary, TasksOverview
+
+# The schedules the page lists (there may be thousands: /schedules pages through them all).
+SCHEDULES_SHOWN = 50
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,7 @@ class Snapshot:
     tasks: TasksOverview
     instances: Instances
     recent: RecentRuns
+    schedules: SchedulesSummary
 
 
 async def read_snapshot(
@@ -33,4 +37,5 @@ async def read_snapshot(
     recent = await scheduler.recent_runs(session, history_limit)
     tasks = await scheduler.overview(session)
     instances = await scheduler.live_instances(session, live_window)
-    return Snapshot(tasks=tasks, instances=instances, recent=recent)
+    schedules = await scheduler.schedules_summary(session, SCHEDULES_SHOWN)
+    return Snapshot(tasks=tasks, instances=instances, recent=recent, schedules=schedules)

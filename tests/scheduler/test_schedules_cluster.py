@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from tests.scheduler.cluster import instances_of, stop_all
-from tests.support import Server, http_get, http_post, http_request, query, start_servers, wait_for
+from tests.support import (
+    API_KEY,
+    Server,
+    http_get,
+    http_post,
+    http_request,
+    query,
+    run_tandem,
+    start_servers,
+    wait_for,
+)
 from tests.support.registries import scheduler_env
 
 LABEL = "probe.label"
@@ -128,11 +138,11 @@ def test_schedules_live_across_instances(cron_db: str, tmp_path: Path) -> None:
 def test_claimers_are_woken_and_still_claim_without_their_listener(
     cron_db: str, tmp_path: Path
 ) -> None:
-    """At a poll of 20 s, a schedule made on one instance starts within half a poll on
+    """At a poll of 8 s, a schedule made on one instance starts within half a poll on
     either (the claimers are woken by NOTIFY); with every listening connection terminated
     (pg_terminate_backend), a schedule made then still starts (a new session listens again,
     and the poll stays the fallback)."""
-    poll = 20.0
+    poll = 8.0
     env = scheduler_env("catalog", TANDEM_SCHEDULER_POLL_INTERVAL=str(poll))
     servers = start_servers(cron_db, tmp_path, 2, extra_env=env)
     try:
@@ -159,5 +169,33 @@ def test_claimers_are_woken_and_still_claim_without_their_listener(
             runs(cron_db, "after-cut")[0]["started_at"] - created_at(cron_db, "after-cut")
         ).total_seconds()
         print(f"made to started, listeners terminated: {lag * 1000:.0f} ms")
+        _the_cli_manages_schedules(cron_db, servers[0])
     finally:
         stop_all(servers)
+
+
+def _the_cli_manages_schedules(url: str, server: Server) -> None:
+    """`tandem schedule create | list | pause | resume | run | delete` against a running
+    server, with the suite's key: each does what its route does, and a refusal is the
+    server's message on stderr with exit code 1."""
+
+    def cli(*args: str) -> str:
+        done = run_tandem("schedule", *args, "--url", server.url, TANDEM_API_KEY=API_KEY)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    made = cli(
+        "create", "from-cli", "--task", LABEL, "--every", "3600", "--params", '{"label": "c"}'
+    )
+    assert "version=1" in made
+    assert "from-cli" in cli("list", "--source", "api")
+    assert "state=paused" in cli("pause", "from-cli", "--note", "by hand")
+    assert "state=active" in cli("resume", "from-cli")
+    cli("run", "from-cli", "--params", '{"label": "now"}')
+    wait_for(lambda: any('"now"' in r["params"] for r in runs(url, "from-cli")), 20)
+    assert "deleted" in cli("delete", "from-cli")
+    refused = run_tandem(
+        "schedule", "delete", "from-cli", "--url", server.url, TANDEM_API_KEY=API_KEY
+    )
+    assert refused.returncode == 1
+    assert "404 schedule_not_found" in refused.stderr

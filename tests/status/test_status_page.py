@@ -299,12 +299,43 @@ async def test_page_escapes_task_names_and_errors(own_database_url: str) -> None
         assert history.json()["name"] == HOSTILE_NAME
 
 
+async def test_page_lists_schedules_with_source_version_and_note(own_database_url: str) -> None:
+    """The schedules section: code and API schedules with their task, source, version and
+    state, and the note (a paused one's: its pause note), markup shown as text."""
+    settings = app_settings(own_database_url, **scheduler_settings("catalog"))
+    async with in_process_client(settings) as client:
+        made = await client.post(
+            "/schedules",
+            json={
+                "name": "nightly-7",
+                "task": "probe.label",
+                "params": {"label": "x"},
+                "every": 3600,
+                "note": "<b>the</b> report",
+            },
+        )
+        assert made.status_code == 201, made.text
+        changed = await client.patch(
+            "/schedules/nightly-7", json={"params": {"label": "y"}}, headers={"If-Match": "1"}
+        )
+        assert changed.status_code == 200, changed.text
+        paused = await client.post("/schedules/probe.coded/pause", json={"note": "on hold"})
+        assert paused.status_code == 200, paused.text
+        response, page = read_page(await client.get("/"))
+    rows = {row.cells[0]: row.cells[1:] for row in page.sections["schedules"]}
+    assert rows["nightly-7"] == ["probe.label", "api", "2", "active", "<b>the</b> report"]
+    assert rows["probe.coded"] == ["probe.coded", "code", "1", "paused", "on hold"]
+    assert "<b>the</b>" not in response.text
+
+
 async def test_page_on_an_instance_without_scheduler(own_database_url: str) -> None:
     """An instance with the scheduler off, on a database no scheduler ever used, still serves
     the page: every section, each saying it is empty."""
     async with in_process_client(app_settings(own_database_url)) as client:
         response, page = read_page(await client.get("/"))
-    assert all(page.sections[s] == [] for s in ("running", "pending", "instances", "history"))
+    assert all(
+        page.sections[s] == [] for s in ("running", "pending", "instances", "history", "schedules")
+    )
     assert "No task is running." in response.text
     assert response.headers["x-instance-id"] in response.text  # "served by"
 
