@@ -117,6 +117,7 @@ def test_schedules_bench_prints_before_and_after(postgres_url: str) -> None:
         "--period=3",
         "--burst-window=3",
         "--idle=1",
+        "--idle-settle=1",
     )
     for figure in ("burst runs/s", "lag p99 s", "steady spread", "idle xact/s per instance"):
         assert figure in out, out[-4000:]

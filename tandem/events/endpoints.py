@@ -35,13 +35,7 @@ from tandem.events.schemas import (
 from tandem.events.service import StreamWatch
 
 # The wallet's strict JSON body parser (415, 413, 422 as for every body the API takes).
-from tandem.wallet.schemas import (
-    BODY_NOT_JSON,
-    BODY_TOO_LARGE,
-    content_type_of,
-    parse_body,
-    read_body,
-)
+from tandem.wallet.schemas import BODY_NOT_JSON, BODY_TOO_LARGE, parse_request_body
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 # The largest body of a webhook route: a URL of the longest (2048 characters, each up to
@@ -136,12 +130,8 @@ def _endpoint_id(raw: str) -> int:
 
 
 async def _body(request: Request, model: type[ModelT], what: str) -> ModelT:
-    return parse_body(
-        model,
-        await read_body(request.stream(), WEBHOOK_BODY_MAX),
-        content_type_of(request.headers.getlist("content-type")),
-        what,
-        WEBHOOK_BODY_MAX,
+    return await parse_request_body(
+        request.stream(), request.headers.getlist("content-type"), model, what, WEBHOOK_BODY_MAX
     )
 
 

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
+import sqlalchemy.exc
 
 from tandem.core.callers import Caller
 from tandem.core.errors import AppError, ConflictError, NotFoundError, ServiceUnavailableError
@@ -133,6 +134,11 @@ class SchedulesUnavailableError(ServiceUnavailableError):
         )
 
 
+# What a statement of this release gets on a database below 0020: a column or a function
+# missing (asyncpg's errors, or SQLAlchemy's carrying the SQLSTATE).
+_BELOW_0020 = frozenset({"42703", "42883"})
+
+
 def needs_schedules(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """``function``, answering 503 schedules_unavailable while the database is below
     migration 0020 (during a rolling deploy) instead of failing."""
@@ -142,6 +148,10 @@ def needs_schedules(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitabl
             return await function(*args, **kwargs)
         except (asyncpg.UndefinedColumnError, asyncpg.UndefinedFunctionError) as error:
             raise SchedulesUnavailableError() from error
+        except sqlalchemy.exc.DBAPIError as error:
+            if getattr(error.orig, "sqlstate", None) in _BELOW_0020:
+                raise SchedulesUnavailableError() from error
+            raise
 
     checked.__doc__, checked.__name__ = function.__doc__, function.__name__
     return checked

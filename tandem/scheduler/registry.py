@@ -208,6 +208,15 @@ class Registry:
             raise ValueError(f"{problem}: {error}") from None
         if not (isinstance(params, type) and issubclass(params, BaseModel)):
             raise ValueError(f"{problem}: params must be a pydantic model class")
+        if schedule is not None:
+            try:
+                params.model_validate({})
+            except ValidationError:
+                raise ValueError(
+                    f"{problem}: a code schedule runs with its params model's defaults, and "
+                    f"{params.__name__} has a field without one (drop every=/cron= and make "
+                    "schedules of it through the API)"
+                ) from None
         if overlap not in ("skip", "buffer_one", "cancel_other"):
             raise ValueError(
                 f"{problem}: overlap={overlap!r} is not one of skip, buffer_one, cancel_other"

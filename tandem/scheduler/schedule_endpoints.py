@@ -28,13 +28,7 @@ from tandem.scheduler.schemas import (
     ScheduleRun,
     ScheduleRunRecord,
 )
-from tandem.wallet.schemas import (
-    BODY_NOT_JSON,
-    BODY_TOO_LARGE,
-    content_type_of,
-    parse_body,
-    read_body,
-)
+from tandem.wallet.schemas import BODY_NOT_JSON, BODY_TOO_LARGE, parse_request_body
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 # The largest body of a schedule route: 16 KiB of params and the rest of a schedule.
@@ -68,15 +62,13 @@ def _window(instance: CurrentInstance) -> timedelta:
 async def _body(
     request: Request, model: type[ModelT], what: str, *, optional: bool = False
 ) -> ModelT:
-    body = await read_body(request.stream(), SCHEDULE_BODY_MAX)
-    if optional and not body:
-        return model()
-    return parse_body(
+    return await parse_request_body(
+        request.stream(),
+        request.headers.getlist("content-type"),
         model,
-        body,
-        content_type_of(request.headers.getlist("content-type")),
         what,
         SCHEDULE_BODY_MAX,
+        optional=optional,
     )
 
 

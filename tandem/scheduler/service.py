@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tandem.core.callers import Caller
 from tandem.core.errors import ConflictError, NotFoundError
 from tandem.scheduler import repository
+from tandem.scheduler.catalog import needs_schedules
 from tandem.scheduler.schedules import schedule_of
 from tandem.scheduler.schemas import (
     Instance,
@@ -43,6 +44,7 @@ class TaskRunningError(ConflictError):
         super().__init__(f"task {name!r} is running: ask again once its run has ended")
 
 
+@needs_schedules
 async def overview(session: AsyncSession) -> TasksOverview:
     rows = (await session.execute(text(repository.LIST_TASKS))).mappings().all()
     tasks = [TaskState.model_validate(dict(row)) for row in rows]
@@ -81,6 +83,7 @@ async def recent_runs(session: AsyncSession, limit: int) -> RecentRuns:
     return RecentRuns(as_of=as_of, runs=[TaskRun.model_validate(dict(r)) for r in rows.mappings()])
 
 
+@needs_schedules
 async def schedules_summary(session: AsyncSession, limit: int) -> SchedulesSummary:
     """The first ``limit`` schedules (code first, then by name) and how many there are."""
     rows = (await session.execute(text(repository.SCHEDULES_SUMMARY), {"limit": limit})).mappings()

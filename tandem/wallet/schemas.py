@@ -398,6 +398,24 @@ def parse_body(
     return parsed
 
 
+async def parse_request_body(
+    chunks: AsyncIterable[bytes],
+    content_types: Sequence[str],
+    model: type[Model],
+    what: str,
+    max_bytes: int,
+    *,
+    optional: bool = False,
+) -> Model:
+    """A route's whole JSON body (``chunks``: its stream; ``content_types``: every
+    Content-Type header), read up to ``max_bytes`` and parsed by ``parse_body``; with
+    ``optional``, an empty body is the model's defaults."""
+    body = await read_body(chunks, max_bytes)
+    if optional and not body:
+        return model()
+    return parse_body(model, body, content_type_of(content_types), what, max_bytes)
+
+
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = [key for key, _ in pairs]
     if len(set(keys)) != len(keys):

@@ -304,7 +304,7 @@ RELEASED_SQL = {
     "tandem/scheduler/sql/claim_row_v1.sql": "2e1a88979f302718",
     "tandem/scheduler/sql/claim_run_v1.sql": "738e33a8e5846b67",
     "tandem/scheduler/sql/claim_rows_v1.sql": "99e70e7128f55054",
-    "tandem/scheduler/sql/claim_runs_v1.sql": "73fda7b3f7d5eb62",
+    "tandem/scheduler/sql/claim_runs_v1.sql": "cd9ef55335e019b0",
     "tandem/scheduler/sql/heartbeat_v1.sql": "acd4248cf30c979f",
     "tandem/scheduler/sql/open_session_v1.sql": "bb929d4b84fa75ea",
     "tandem/scheduler/sql/record_task_action_v1.sql": "f144f76aedd25ba4",

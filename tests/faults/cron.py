@@ -13,7 +13,13 @@ from pathlib import Path
 
 from tests.faults.common import FAULT_ENV
 from tests.faults.proxy import partition_proxy
-from tests.scheduler.cluster import database_now, instances_of, live, stop_all
+from tests.scheduler.cluster import (
+    add_api_schedules,
+    database_now,
+    instances_of,
+    live,
+    stop_all,
+)
 from tests.support import CRON_TIMINGS, LEASE, query, start_server, start_servers, wait_for
 
 # The settings' own defaults (lease 10 s, self-fence 7 s, heartbeat 2 s, poll 1 s): what a
@@ -95,11 +101,14 @@ def measure(folder: Path, fence: int, cut_at: float) -> Cut:
     )
 
 
-def partition_trials(url: str, pg_port: int, log_dir: Path, timing: Timing) -> list[Cut]:
+def partition_trials(
+    url: str, pg_port: int, log_dir: Path, timing: Timing, mix: int = 0
+) -> list[Cut]:
     """Two instances, each behind a proxy of its own, run a never-ending task that makes an
     outside effect every 0.2 s; its owner is cut off (nothing forwarded, nothing closed) until
     the other runs the task, then healed; ``timing.trials`` times, the owners taking turns
-    (the healed instance must have rejoined: it owns the task in the next trial)."""
+    (the healed instance must have rejoined: it owns the task in the next trial). ``mix``: that
+    many API schedules beside it (cluster.add_api_schedules)."""
     folder = log_dir / f"effects-{time.monotonic_ns()}"
     folder.mkdir()
     env = {
@@ -113,6 +122,8 @@ def partition_trials(url: str, pg_port: int, log_dir: Path, timing: Timing) -> l
         servers = [start_server(p.url_for(url), log_dir, extra_env=env) for p in (pa, pb)]
         try:
             proxies = dict(zip(instances_of(url, servers, fresh), (pa, pb), strict=True))
+            if mix:
+                add_api_schedules(url, mix)
             for _ in range(timing.trials):
                 wait_for(lambda: owner_of(url, "Effect") is not None, 3 * timing.lease + 10)
                 owner, fence = owner_of(url, "Effect") or ("", 0)
@@ -154,12 +165,15 @@ class Kill:
 
 
 def kill_trials(
-    url: str, log_dir: Path, env: dict[str, str], lease: float, kills: int
+    url: str, log_dir: Path, env: dict[str, str], lease: float, kills: int, mix: int = 0
 ) -> list[Kill]:
     """Three instances run a long task (tests.scheduler.registries:long, its probe table in
-    the database); SIGKILL its owner ``kills`` times, starting a replacement each time."""
+    the database); SIGKILL its owner ``kills`` times, starting a replacement each time.
+    ``mix``: that many API schedules beside it (cluster.add_api_schedules)."""
     env = {**env, "TANDEM_SCHEDULER_TASKS": "tests.scheduler.registries:long"}
     servers = start_servers(url, log_dir, 3, extra_env=env)
+    if mix:
+        add_api_schedules(url, mix)
     found: list[Kill] = []
     try:
         for _ in range(kills):
@@ -173,8 +187,9 @@ def kill_trials(
             wait_for(functools.partial(claimed_again, url, "Long", fence), 2 * lease + 10)
             lost, successor = query(
                 url,
-                "SELECT instance_id, status, error, started_at, finished_at FROM task_history "
-                "WHERE fence IN ($1::bigint, $1::bigint + 1) ORDER BY fence",
+                "SELECT h.instance_id, h.status, h.error, h.started_at, h.finished_at "
+                "FROM task_history h JOIN tasks t ON t.id = h.task_id AND t.name = 'Long' "
+                "WHERE h.fence IN ($1::bigint, $1::bigint + 1) ORDER BY h.fence",
                 fence,
             )
             assert (lost["instance_id"], lost["status"]) == (owner, "lost")

@@ -60,15 +60,18 @@ def cron_url(pg: ThrowawayPostgres) -> Iterator[str]:
         yield url
 
 
-@pytest.mark.parametrize("timing", ["compressed", "default"])
+@pytest.mark.parametrize(
+    ("timing", "mix"), [("compressed", 0), ("default", 0), ("compressed", 1000)]
+)
 def test_a_cut_off_owner_stops_before_its_successor_starts(
-    cron_url: str, pg: ThrowawayPostgres, tmp_path: Path, timing: str
+    cron_url: str, pg: ThrowawayPostgres, tmp_path: Path, timing: str, mix: int
 ) -> None:
     """The owner of a never-ending task that makes an outside effect every 0.2 s is cut off by
-    a silent partition, many times over, the two instances taking turns (cron.partition_trials):
-    not one effect of the cut-off run comes at or after the first effect of its successor;
-    after each heal the cut-off instance rejoins, and the history holds no run twice."""
-    cuts = partition_trials(cron_url, pg.port, tmp_path, TIMINGS[timing])
+    a silent partition, many times over, the two instances taking turns (cron.partition_trials;
+    once more with a thousand API schedules beside it): not one effect of the cut-off run
+    comes at or after the first effect of its successor; after each heal the cut-off instance
+    rejoins, and the history holds no run twice."""
+    cuts = partition_trials(cron_url, pg.port, tmp_path, TIMINGS[timing], mix)
     print(describe_cuts(timing, cuts))
     assert [c.overlap for c in cuts] == [0] * TIMINGS[timing].trials
     assert all(c.quiet > 0 for c in cuts)
@@ -167,19 +170,22 @@ def test_a_cut_inside_a_claim_stalls_no_other_claim(
 # --- a killed owner -------------------------------------------------------------------------
 
 
-def test_a_killed_owner_is_replaced_within_a_poll(cron_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kills", "mix"), [(3, 0), (1, 1000)])
+def test_a_killed_owner_is_replaced_within_a_poll(
+    cron_url: str, tmp_path: Path, kills: int, mix: int
+) -> None:
     """At the default settings (lease 10 s), three instances: SIGKILL the owner of a long run,
-    three times over. Each time the database notices the killed process's session end: the
-    run is recorded lost as such, and the task runs on another instance before the lease
-    could have expired."""
-    kills = kill_trials(cron_url, tmp_path, DEFAULT_ENV, TIMINGS["default"].lease, 3)
+    three times over (once more, with a thousand API schedules beside it). Each time the
+    database notices the killed process's session end: the run is recorded lost as such, and
+    the task runs on another instance before the lease could have expired."""
+    kills_done = kill_trials(cron_url, tmp_path, DEFAULT_ENV, TIMINGS["default"].lease, kills, mix)
     print(
         "SIGKILL of the owner at the default settings: recorded lost after "
-        f"{[round(k.swept, 2) for k in kills]} s, running elsewhere after "
-        f"{[round(k.recovered, 2) for k in kills]} s"
+        f"{[round(k.swept, 2) for k in kills_done]} s, running elsewhere after "
+        f"{[round(k.recovered, 2) for k in kills_done]} s"
     )
-    assert all(k.error.startswith("session ended") for k in kills), kills
-    assert all(k.within_lease for k in kills), kills
+    assert all(k.error.startswith("session ended") for k in kills_done), kills_done
+    assert all(k.within_lease for k in kills_done), kills_done
     assert_history_consistent(cron_url)
 
 

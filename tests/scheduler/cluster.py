@@ -8,8 +8,10 @@ import signal
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from tandem.scheduler.runs import RELEASED_UNSTARTED
+from tests.scheduler.registries import MIX_TASK
 from tests.support import CRON_TIMINGS, Server, http_get, query, start_servers, wait_for
 
 # How a drained instance's last run ends: stopped by the drain, or (a claim that was in
@@ -60,6 +62,33 @@ def as_if_down_for(url: str, interval: str) -> None:
         f"started_at = started_at - {shift}, finished_at = finished_at - {shift}",
     )
     query(url, f"UPDATE probe SET started = started - {shift}, finished = finished - {shift}")
+
+
+def add_api_schedules(url: str, count: int = 1000, every: float = 20.0) -> None:
+    """``count`` API schedules of the mix's task (registries.MIX_TASK) every ``every``
+    seconds, their first slots spread over one period from now: what POST /schedules writes."""
+    query(
+        url,
+        'INSERT INTO tasks (name, task, source, params, "interval", function_name, next_run_at) '
+        "SELECT 'mix-' || g, $3, 'api', jsonb_build_object('n', g), make_interval(secs => $2), "
+        "'mixed', clock_timestamp() + make_interval(secs => $2 * (g - 1) / $1::float8) "
+        "FROM generate_series(1, $1) g",
+        count,
+        every,
+        MIX_TASK,
+    )
+
+
+def mix_runs(url: str) -> int:
+    """Runs of the mix's schedules that ended well."""
+    return int(
+        query(
+            url,
+            "SELECT count(*) AS n FROM task_history h JOIN tasks t ON t.id = h.task_id "
+            "WHERE t.task = $1 AND h.status = 'succeeded'",
+            MIX_TASK,
+        )[0]["n"]
+    )
 
 
 def start_cluster(url: str, log_dir: Path, registry: str, n: int, **overrides: str) -> list[Server]:
@@ -148,13 +177,16 @@ def assert_history_consistent(url: str) -> None:
     """One row per claim (fences 1..n without gaps), legal statuses, at most one running,
     and tasks agreeing with their history."""
     tasks = query(url, "SELECT id, fence, is_running, running_instance FROM tasks")
+    history: dict[int, list[Any]] = {task["id"]: [] for task in tasks}
+    # One read (a thousand schedules in the mix would be a thousand connections).
+    for row in query(
+        url,
+        "SELECT task_id, fence, status, instance_id, started_at, finished_at FROM task_history "
+        "ORDER BY task_id, fence",
+    ):
+        history[row["task_id"]].append(row)
     for task in tasks:
-        rows = query(
-            url,
-            "SELECT fence, status, instance_id, started_at, finished_at FROM task_history "
-            "WHERE task_id = $1 ORDER BY fence",
-            task["id"],
-        )
+        rows = history[task["id"]]
         assert [r["fence"] for r in rows] == list(range(1, task["fence"] + 1))
         assert {r["status"] for r in rows} <= {
             "running",

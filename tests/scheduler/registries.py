@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from pydantic import BaseModel, ConfigDict
 
 from tandem.core.database import asyncpg_dsn
 from tandem.scheduler.registry import Registry, TaskContext, TaskDefinition, TaskFunction
+
+MIX_TASK = "mix.noop"
 
 PROBE_TABLE = """
 CREATE TABLE IF NOT EXISTS probe (
@@ -135,6 +138,22 @@ async def _effect(ctx: TaskContext) -> None:
             ctx.check()  # as a careful author does right before each outside effect
             out.write(f"{time.time():.6f} {ctx.instance_id} {ctx.fence}\n")
             await asyncio.sleep(0.2)
+
+
+class MixParams(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    n: int
+
+
+async def _mixed(ctx: TaskContext) -> None:
+    await ctx.sleep(0.05)
+
+
+# The task of the thousand API schedules some fault tests add to the mix
+# (cluster.add_api_schedules): a short body, params, no code schedule.
+for _registry in (long, overrun, effects):
+    _registry.task(MIX_TASK, params=MixParams)(_mixed)
 
 
 # One task per missed-slot policy, each due every second, and a cron task in a zone that does

@@ -20,9 +20,11 @@ from sqlalchemy.engine import make_url
 
 from tests.scheduler.cluster import (
     DRAINED,
+    add_api_schedules,
     assert_history_consistent,
     database_now,
     instance_of,
+    mix_runs,
     owner_and_other,
     probe_overlaps,
     start_cluster,
@@ -83,10 +85,15 @@ def test_runs_spread_evenly_without_overlap(cron_db: str, tmp_path: Path) -> Non
     assert_history_consistent(cron_db)
 
 
-def test_runs_longer_than_interval_never_overlap(cron_db: str, tmp_path: Path) -> None:
-    """Three instances, tasks whose runs last three intervals: the probe rows the task bodies
-    write never overlap for one task, and every task ran several times."""
+@pytest.mark.parametrize("mix", [0, 1000], ids=["alone", "with-1000-api-schedules"])
+def test_runs_longer_than_interval_never_overlap(cron_db: str, tmp_path: Path, mix: int) -> None:
+    """Three instances, tasks whose runs last three intervals (and, the second time, a
+    thousand API schedules every 20 s beside them): the probe rows the task bodies write
+    never overlap for one task, every task ran several times, and the history of every
+    schedule is consistent."""
     servers = start_cluster(cron_db, tmp_path, "overrun", 3)
+    if mix:
+        add_api_schedules(cron_db, mix)
 
     def ran_thrice() -> bool:
         per_task = query(cron_db, "SELECT task, count(*) AS n FROM probe GROUP BY task")
@@ -96,6 +103,8 @@ def test_runs_longer_than_interval_never_overlap(cron_db: str, tmp_path: Path) -
         # However slow the machine: every task runs three times (the overlaps are counted
         # over all of them, after the stop).
         wait_for(ran_thrice, 60)
+        if mix:
+            wait_for(lambda: mix_runs(cron_db) >= mix // 2, 60)
     finally:
         stop_all(servers)
     assert probe_overlaps(cron_db) == 0

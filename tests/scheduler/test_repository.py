@@ -15,7 +15,7 @@ from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
 from tandem.scheduler.functions import CLAIM_ROW_V1
 from tandem.scheduler.runner import task_row
-from tests.support.claims import DEFINITIONS, Sessions, claim, new_task
+from tests.support.claims import DEFINITIONS, Sessions, claim, claim_batch, new_task
 
 
 async def test_claim_race_has_one_winner(db: asyncpg.Connection, sessions: Sessions) -> None:
@@ -179,8 +179,8 @@ async def test_missed_slots_coalesce_into_one_run(
 
 
 async def test_fair_share_keeps_claims_close(db: asyncpg.Connection, sessions: Sessions) -> None:
-    """Two live instances taking turns at twelve due tasks: neither gets more than the slack
-    (+1) claims ahead of the other, and all twelve are claimed."""
+    """Two live instances taking turns at twelve due tasks, one claim at a time: all twelve
+    are claimed, and neither ends more than the slack (+1) ahead of the other."""
     # Only this test's instances are live and nothing else runs.
     await db.execute("UPDATE instances SET status = 'stopped'")
     ids = [(await new_task(db))[0] for _ in range(12)]
@@ -191,8 +191,30 @@ async def test_fair_share_keeps_claims_close(db: asyncpg.Connection, sessions: S
         for instance in (a, b):
             while await claim(db, instance, steal_after=60):
                 held[instance] += 1
-                assert abs(held[a] - held[b]) <= repository.FAIR_SLACK + 1
     assert held[a] + held[b] == 12
+    assert abs(held[a] - held[b]) <= repository.FAIR_SLACK + 1
+
+
+async def test_a_batch_takes_its_share_of_what_is_due(
+    db: asyncpg.Connection, sessions: Sessions
+) -> None:
+    """Three live instances, thirty due tasks, batches of up to fifty: the first call takes
+    the due runs' share per instance (ten) plus the slack, not all thirty; the others take
+    theirs; every task is claimed once, and the counts end within the slack (+1)."""
+    await db.execute("UPDATE instances SET status = 'stopped'")
+    ids = [(await new_task(db))[0] for _ in range(30)]
+    await db.execute("UPDATE tasks SET enabled = (id = ANY($1))", ids)
+    instances = [await sessions.new_instance(db) for _ in range(3)]
+    first = await claim_batch(db, instances[0], 50, steal_after=60)
+    assert len(first) == 10 + repository.FAIR_SLACK
+    held = {instances[0]: len(first), instances[1]: 0, instances[2]: 0}
+    for _ in range(5):
+        for instance in instances:
+            held[instance] += len(await claim_batch(db, instance, 50, steal_after=60))
+    assert sum(held.values()) == 30
+    assert max(held.values()) - min(held.values()) <= repository.FAIR_SLACK + 1
+    fences = await db.fetch("SELECT fence FROM tasks WHERE id = ANY($1)", ids)
+    assert {f["fence"] for f in fences} == {1}
 
 
 async def test_instance_claims_only_tasks_it_has_code_for(

@@ -13,6 +13,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from pydantic import BaseModel
 
 from tandem.cli import main
 from tandem.scheduler.claims import plan_claim
@@ -33,6 +34,12 @@ from tests.support import free_port
 BERLIN = ZoneInfo("Europe/Berlin")
 NIGHTLY = Cron("30 2 * * *", "Europe/Berlin")
 S = timedelta(seconds=1)
+
+
+class Required(BaseModel):
+    """Params with a field that has no default: a code schedule could not run them."""
+
+    customer: int
 
 
 def at(text: str) -> datetime:
@@ -219,6 +226,7 @@ def test_retry_backoff_doubles_with_equal_jitter_and_a_cap() -> None:
         ({"every": S, "cron": "* * * * *"}, "takes one of every= and cron=, not both"),
         ({"every": S, "params": dict}, "params must be a pydantic model class"),
         ({"every": S, "overlap": "queue"}, "overlap='queue' is not one of skip"),
+        ({"every": S, "params": Required}, "a code schedule runs with its params model's"),
         ({"every": -S}, "an interval must be positive"),
         ({"every": S, "missed": "later"}, "missed='later' is not one of coalesce, skip"),
         ({"every": S, "max_attempts": 0}, "max_attempts must be at least 1"),

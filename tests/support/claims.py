@@ -64,10 +64,35 @@ async def claim(
     known: list[str] | None = None,
     lock_timeout: float = 1.0,
 ) -> repository.ClaimedRun | None:
-    """One claim, as the runner makes it (a live window of 30 s), under the instance's
-    current session, with its slot planned (PLAN_RUN) as the runner plans it."""
+    """One claim of one run, as the runner makes it (a live window of 30 s), under the
+    instance's current session, with its slot planned (PLAN_RUN) as the runner plans it."""
+    claimed = await claim_batch(
+        db,
+        instance,
+        1,
+        lease=lease,
+        steal_after=steal_after,
+        fresh_window=fresh_window,
+        known=known,
+        lock_timeout=lock_timeout,
+    )
+    return claimed[0] if claimed else None
+
+
+async def claim_batch(
+    db: asyncpg.Connection,
+    instance: str,
+    limit: int,
+    *,
+    lease: float = 30,
+    steal_after: float = 0,
+    fresh_window: float = 30,
+    known: list[str] | None = None,
+    lock_timeout: float = 1.0,
+) -> list[repository.ClaimedRun]:
+    """One claim call of up to ``limit`` runs (claim's, for a batch), each slot planned."""
     key = await db.fetchval("SELECT session_key FROM instances WHERE id = $1", instance)
-    claimed = await repository.claim_due_task(
+    claimed = await repository.claim_due_runs(
         db,
         repository.ClaimParams(
             instance,
@@ -79,11 +104,13 @@ async def claim(
             lock_timeout=lock_timeout,
             known=known,
         ),
+        limit,
     )
-    planned = None if claimed is None else plan_claim(claimed, DEFINITIONS.get(claimed.name))
-    if claimed is not None and planned is not None:
-        assert planned.run_slot is not None
-        await repository.plan_run(
-            db, claimed.task_id, claimed.fence, planned.next_slot, planned.run_slot
-        )
+    for run in claimed:
+        planned = plan_claim(run, DEFINITIONS.get(run.name))
+        if planned is not None:
+            assert planned.run_slot is not None
+            await repository.plan_run(
+                db, run.task_id, run.fence, planned.next_slot, planned.run_slot
+            )
     return claimed

@@ -9,17 +9,19 @@
 -- because its reads must see the claims committed before the lock was granted (each statement
 -- of a volatile function takes a new snapshot).
 --
--- Fair share, by claims, for the batch: an instance may take the due schedules' share per
--- live instance (ceil(due / live), due counted up to p_limit per live instance) beyond the
--- least-served live instance's count plus p_slack; with one due schedule that is
--- tandem_claim_run_v1's rule (at most p_slack ahead, then one). An instance past its share
--- takes only schedules overdue past p_steal_after, if it is within its share of the fresh
--- instances' (heartbeat within p_fresh_window), else past twice that (the least-served one
--- does not take them: its claims fail, or it has no code for the task): anyone. "Live" means
--- a database session that holds its lock (instance_sessions) and a heartbeat within
--- p_live_window; a claimer without its live session claims nothing (its runs would be swept as
--- lost at once). The lock makes the counts exact; safety never depends on it
--- (tandem_claim_rows_v1's row guards and the constraints).
+-- Fair share, by claims, for the batch: an instance may claim the due runs' share per live
+-- instance (ceil(due / live), due counted up to 4 * p_limit per live instance) beyond the
+-- least-served live instance's count plus p_slack; with one due run that is
+-- tandem_claim_run_v1's rule (at most p_slack ahead, then one). Past its share, it takes runs
+-- overdue past p_steal_after within its share beyond the least-served *fresh* instance
+-- (heartbeat within p_fresh_window: the least-served live one is stopped, starved or cut
+-- off), and past twice that one at a time, whoever it is (the least-served fresh one does not
+-- take them either: its claims fail, or it has no code for the task). One at a time, so a
+-- backlog overdue as a whole (10,000 due at once) still goes by the shares, not to the fastest
+-- poller. "Live" means a database session that holds its lock (instance_sessions) and a
+-- heartbeat within p_live_window; a claimer without its live session claims nothing (its runs
+-- would be swept as lost at once). The lock makes the counts exact; safety never depends on
+-- it (tandem_claim_rows_v1's row guards and the constraints).
 CREATE FUNCTION tandem_claim_runs_v1(
     p_instance text, p_key integer, p_lease interval, p_live_window interval,
     p_steal_after interval, p_fresh_window interval, p_slack integer,
@@ -39,6 +41,7 @@ DECLARE
     floor_fresh bigint;
     live integer;
     due integer;
+    share bigint;
     allowed bigint;
 BEGIN
     PERFORM set_config('lock_timeout', p_lock_timeout, true);
@@ -60,20 +63,23 @@ BEGIN
         WHERE t.enabled AND NOT t.is_running
           AND least(t.retry_at, t.next_run_at, t.manual_at) <= clock_timestamp()
           AND (p_known IS NULL OR coalesce(t.task, t.name) = ANY(p_known))
-        LIMIT p_limit * greatest(live, 1)) d;
+        LIMIT 4 * p_limit * greatest(live, 1)) d;
     IF due = 0 THEN
         RETURN;
     END IF;
-    allowed := coalesce(floor_live, mine) + p_slack
-               + greatest(1, ceil(due::numeric / greatest(live, 1)))::bigint - mine;
+    share := greatest(1, ceil(due::numeric / greatest(live, 1)))::bigint;
+    allowed := coalesce(floor_live, mine) + p_slack + share - mine;
     IF allowed > 0 THEN
         RETURN QUERY SELECT * FROM tandem_claim_rows_v1(
             p_instance, p_lease, least(allowed, p_limit)::integer, interval '0', p_known);
-    ELSIF mine <= coalesce(floor_fresh, mine) + p_slack THEN
+        RETURN;
+    END IF;
+    allowed := coalesce(floor_fresh, mine) + p_slack + share - mine;
+    IF allowed > 0 THEN
         RETURN QUERY SELECT * FROM tandem_claim_rows_v1(
-            p_instance, p_lease, p_limit, p_steal_after, p_known);
+            p_instance, p_lease, least(allowed, p_limit)::integer, p_steal_after, p_known);
     ELSE
         RETURN QUERY SELECT * FROM tandem_claim_rows_v1(
-            p_instance, p_lease, p_limit, 2 * p_steal_after, p_known);
+            p_instance, p_lease, 1, 2 * p_steal_after, p_known);
     END IF;
 END $$;
