@@ -114,8 +114,8 @@ def test_schedules_bench_prints_before_and_after(postgres_url: str) -> None:
         postgres_url,
         "--instances=2",
         "--schedules=40",
-        "--period=3",
-        "--burst-window=3",
+        "--period=2",
+        "--burst-window=2",
         "--idle=1",
         "--idle-settle=1",
     )

@@ -269,7 +269,10 @@ async def create(
     caller: Caller,
     asked: ScheduleCreate,
     live_window: timedelta,
+    create_key: str | None = None,
 ) -> dict[str, Any]:
+    """The schedule made; with ``create_key`` (Idempotency-Key), a retry of the create that
+    made it answers it again (as it is now) instead of 409."""
     definition = _task(registry, asked.task)
     params = _params(definition, asked.params)
     schedule = _schedule(asked.every, asked.cron, asked.tz)
@@ -277,9 +280,19 @@ async def create(
     async with pool.transaction() as db:
         now = await repository.database_now(db)
         made = await repository.create_schedule(
-            db, asked.name, spec, _first_run(schedule, now), asked.enabled, caller.api_key_id
+            db,
+            asked.name,
+            spec,
+            _first_run(schedule, now),
+            asked.enabled,
+            caller.api_key_id,
+            create_key,
         )
         if made is None:
+            if create_key is not None and await repository.made_with_key(
+                db, asked.name, caller.api_key_id, create_key
+            ):
+                return await _shown(db, asked.name, live_window)
             raise ScheduleExistsError(asked.name)
         await repository.record_action(db, made, "create", caller.api_key_id, asked.note)
         await repository.wake(db)

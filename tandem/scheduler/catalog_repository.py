@@ -78,11 +78,18 @@ FOR UPDATE
 CREATE_SCHEDULE = """
 INSERT INTO tasks AS t (name, task, source, params, "interval", function_name, schedule,
                         timezone, missed, overlap, timeout, max_attempts, grace, retry_backoff,
-                        retry_backoff_max, enabled, note, created_by, updated_by, next_run_at)
+                        retry_backoff_max, enabled, note, created_by, updated_by, next_run_at,
+                        create_key)
 VALUES ($1, $2, 'api', $3::jsonb, $4, $5, $6, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-        $18, $18, coalesce($7, clock_timestamp()))
+        $18, $18, coalesce($7, clock_timestamp()), $19)
 ON CONFLICT (name) DO NOTHING
 RETURNING id
+"""
+
+# The live schedule a retried create made: same name, same API key, same Idempotency-Key.
+MADE_WITH_KEY = """
+SELECT id FROM tasks
+WHERE name = $1 AND created_by IS NOT DISTINCT FROM $2 AND create_key = $3
 """
 
 # A change of an API schedule: a new version. $14: the spec changed (replan the next slot: a
@@ -235,7 +242,13 @@ async def database_now(db: Db) -> datetime:
 
 
 async def create_schedule(
-    db: Db, name: str, spec: Spec, first_run: datetime | None, enabled: bool, api_key: int | None
+    db: Db,
+    name: str,
+    spec: Spec,
+    first_run: datetime | None,
+    enabled: bool,
+    api_key: int | None,
+    create_key: str | None,
 ) -> int | None:
     """The new schedule's id; None: the name is taken."""
     found = await db.fetchval(
@@ -258,8 +271,13 @@ async def create_schedule(
         enabled,
         spec.note,
         api_key,
+        create_key,
     )
     return None if found is None else int(found)
+
+
+async def made_with_key(db: Db, name: str, api_key: int | None, create_key: str) -> bool:
+    return await db.fetchval(MADE_WITH_KEY, name, api_key, create_key) is not None
 
 
 async def change_schedule(

@@ -170,6 +170,8 @@ class Task(Base):
     note: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
     updated_by: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    # The Idempotency-Key of the POST /schedules that made it: its retry answers it again.
+    create_key: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
     )

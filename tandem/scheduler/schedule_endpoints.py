@@ -28,7 +28,13 @@ from tandem.scheduler.schemas import (
     ScheduleRun,
     ScheduleRunRecord,
 )
-from tandem.wallet.schemas import BODY_NOT_JSON, BODY_TOO_LARGE, parse_request_body
+from tandem.wallet.schemas import (
+    BODY_NOT_JSON,
+    BODY_TOO_LARGE,
+    IDEMPOTENCY_KEY_HEADER,
+    parse_idempotency_key,
+    parse_request_body,
+)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 # The largest body of a schedule route: 16 KiB of params and the rest of a schedule.
@@ -84,7 +90,9 @@ def _shown(found: dict[str, Any]) -> Schedule:
     description=(
         "Runs `task` with `params` (validated by the task's model) every `every` seconds, or "
         "at the times of `cron` in `tz`. Due at once (every) or at its first slot (cron); "
-        "every instance's claimer is woken. Names: `[A-Za-z0-9._-]{1,100}`."
+        "every instance's claimer is woken. Names: `[A-Za-z0-9._-]{1,100}`. With an "
+        "`Idempotency-Key`, a retry of the create that made the schedule answers 201 with it "
+        "again (as it is now)."
     ),
     responses=error_responses(
         (409, "schedule_exists", "a schedule of this name exists (code or API)"),
@@ -100,9 +108,10 @@ def _shown(found: dict[str, Any]) -> Schedule:
 async def create_schedule(
     request: Request, instance: CurrentInstance, caller: CurrentCaller
 ) -> Schedule:
+    key = parse_idempotency_key(request.headers.getlist(IDEMPOTENCY_KEY_HEADER))
     asked = await _body(request, ScheduleCreate, "schedule")
     made = await catalog.create(
-        instance.database.pool, registry_of(request.app), caller, asked, _window(instance)
+        instance.database.pool, registry_of(request.app), caller, asked, _window(instance), key
     )
     return _shown(made)
 

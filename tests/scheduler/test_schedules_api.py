@@ -136,6 +136,22 @@ async def test_a_duplicate_name_is_refused(app: httpx.AsyncClient) -> None:
     assert (await app.get("/schedules/twice")).json()["params"]["label"] == "twice"
 
 
+async def test_a_create_retried_with_its_idempotency_key_answers_it_again(
+    app: httpx.AsyncClient,
+) -> None:
+    """The same create with the same Idempotency-Key: 201 with the schedule made the first
+    time (one schedule, one create action); another key: 409 schedule_exists."""
+    body = {"name": "keyed", "task": LABEL, "params": {"label": "k"}, "every": 3600}
+    first = await app.post("/schedules", json=body, headers={"Idempotency-Key": "make-keyed"})
+    again = await app.post("/schedules", json=body, headers={"Idempotency-Key": "make-keyed"})
+    assert (first.status_code, again.status_code) == (201, 201), again.text
+    assert again.json()["version"] == first.json()["version"] == 1
+    other = await app.post("/schedules", json=body, headers={"Idempotency-Key": "another"})
+    assert (other.status_code, other.json()["error"]["code"]) == (409, "schedule_exists")
+    actions = (await app.get("/schedules/keyed/history")).json()["actions"]
+    assert [a["action"] for a in actions] == ["create"]
+
+
 async def test_a_change_needs_the_version_and_one_of_twenty_wins(app: httpx.AsyncClient) -> None:
     """PATCH without If-Match: 428; twenty at once with version 1: exactly one 200 (version
     2), nineteen 412; a quoted version is read as the number."""

@@ -111,6 +111,8 @@ def test_schedules_live_across_instances(cron_db: str, tmp_path: Path) -> None:
         assert shown["state"] == "orphaned"
         assert http_get(f"{a.url}/schedules/spread-0").json()["state"] == "active"
 
+        _run_now_on_the_other_instance_follows_the_overlap_policy(cron_db, current, ids[:2])
+
         create(a, "long", params={"label": "long", "seconds": 60})
         wait_for(lambda: any(r["status"] == "running" for r in runs(cron_db, "long")), 20)
         owner_id = next(r["instance_id"] for r in runs(cron_db, "long"))
@@ -133,6 +135,32 @@ def test_schedules_live_across_instances(cron_db: str, tmp_path: Path) -> None:
         )
     finally:
         stop_all([*current, *before])
+
+
+def _run_now_on_the_other_instance_follows_the_overlap_policy(
+    url: str, servers: list[Server], ids: list[str]
+) -> None:
+    """A run-now with params sent to the instance that does not run the schedule's run:
+    skip refuses it; buffer_one runs it after the run going; cancel_other has the owner stop
+    its run (woken by NOTIFY) and runs the new one. Never two at once."""
+    for overlap in ("skip", "buffer_one", "cancel_other"):
+        name = f"ov-{overlap}"
+        seconds = 2 if overlap == "buffer_one" else 60
+        create(servers[0], name, params={"label": "long", "seconds": seconds}, overlap=overlap)
+        wait_for(lambda n=name: any(r["status"] == "running" for r in runs(url, n)), 20)
+        owner = runs(url, name)[0]["instance_id"]
+        other = servers[1 - ids.index(owner)]
+        asked = http_post(f"{other.url}/schedules/{name}/run", json={"params": {"label": "now"}})
+        if overlap == "skip":
+            assert (asked.status_code, asked.json()["error"]["code"]) == (409, "already_running")
+            continue
+        assert asked.status_code == 200, asked.text
+        wait_for(lambda n=name: len([r for r in runs(url, n) if r["finished_at"]]) >= 2, 30)
+        first, then = runs(url, name)[:2]
+        expected = "succeeded" if overlap == "buffer_one" else "cancelled"
+        assert (first["status"], then["trigger"]) == (expected, "manual")
+        assert '"now"' in then["params"]
+        assert then["started_at"] >= first["finished_at"]
 
 
 def test_claimers_are_woken_and_still_claim_without_their_listener(

@@ -169,7 +169,7 @@ def test_page_shows_running_task_on_its_instance(cluster: list[Server]) -> None:
     server = cluster[0]
     instance = running_task(server, ALWAYS_RUNNING)
     response, page = get_page(server)
-    assert set(page.sections) == {"running", "pending", "instances", "history"}
+    assert set(page.sections) == {"running", "pending", "instances", "schedules", "history"}
     assert '<noscript><meta http-equiv="refresh"' in response.text
     rows = {row.cells[0]: row for row in page.sections["running"]}
     assert rows[ALWAYS_RUNNING].cells[1] == instance
@@ -192,7 +192,7 @@ def test_fragment_is_the_live_part(cluster: list[Server]) -> None:
     response, page = get_page(server, "/status/fragment")
     assert "<html" not in response.text
     assert page.scripts == 0
-    assert set(page.sections) == {"running", "pending", "instances", "history"}
+    assert set(page.sections) == {"running", "pending", "instances", "schedules", "history"}
     rows = {row.cells[0]: row.cells[1] for row in page.sections["running"]}
     assert rows[ALWAYS_RUNNING] == instance
 

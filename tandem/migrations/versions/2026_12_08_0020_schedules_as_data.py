@@ -5,7 +5,8 @@ which params, on which trigger.
 
 - ``tasks``: ``task`` (the code it runs; NULL on a row an earlier release wrote: its name),
   ``params``, ``source`` (``code``/``api``), ``version`` (+1 per change of spec or params),
-  ``note``, ``created_by``/``updated_by`` (API keys), ``updated_at``, ``deleted_at`` (a soft
+  ``note``, ``created_by``/``updated_by`` (API keys), ``create_key`` (the create's
+  Idempotency-Key), ``updated_at``, ``deleted_at`` (a soft
   delete disables the row and renames it ``<name>/<id>``: ``/`` is outside every name's
   charset, so the name is free again while uq_tasks_name, which the previous release's upsert
   names, stays), the per-schedule policies the code held until now (``grace``,
@@ -59,6 +60,7 @@ ALTER TABLE tasks
     ADD COLUMN manual_at timestamptz,
     ADD COLUMN manual_params jsonb,
     ADD COLUMN retry_params jsonb,
+    ADD COLUMN create_key text,
     ADD CONSTRAINT fk_tasks_created_by_api_keys FOREIGN KEY (created_by) REFERENCES api_keys (id),
     ADD CONSTRAINT fk_tasks_updated_by_api_keys FOREIGN KEY (updated_by) REFERENCES api_keys (id),
     ADD CONSTRAINT ck_tasks_source CHECK (source IN ('code', 'api')),
@@ -97,7 +99,7 @@ ALTER TABLE tasks DROP COLUMN task, DROP COLUMN params, DROP COLUMN source,
     DROP COLUMN updated_at, DROP COLUMN deleted_at, DROP COLUMN overlap,
     DROP COLUMN grace, DROP COLUMN catch_up_limit, DROP COLUMN retry_backoff,
     DROP COLUMN retry_backoff_max, DROP COLUMN manual_at, DROP COLUMN manual_params,
-    DROP COLUMN retry_params
+    DROP COLUMN retry_params, DROP COLUMN create_key
 """
 
 
