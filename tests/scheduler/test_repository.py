@@ -15,6 +15,7 @@ from tandem.core.database import asyncpg_dsn
 from tandem.scheduler import repository
 from tandem.scheduler.functions import CLAIM_ROW_V1
 from tandem.scheduler.runner import task_row
+from tests.scheduler.registries import definition
 from tests.support.claims import DEFINITIONS, Sessions, claim, claim_batch, new_task
 
 
@@ -440,3 +441,42 @@ async def test_a_task_without_a_next_slot_gets_one(
     now = await repository.database_now(db)
     await repository.upsert_task(db, task_row(DEFINITIONS[name], now))
     assert await db.fetchval(due, task_id) <= timedelta(0)  # an interval task: due at once
+
+
+async def test_a_deploy_that_changes_a_code_schedule_replans_it(db: asyncpg.Connection) -> None:
+    """A code schedule's interval shortened from an hour to a minute by a deploy: a new
+    version, its next slot within the minute (not up to an hour later), and a pending retry
+    of the old version dropped; the same definition again changes nothing."""
+    task_id, name = await new_task(db, interval=3600)
+    await db.execute(
+        "UPDATE tasks SET next_run_at = clock_timestamp() + interval '1 hour', "
+        "started_at = clock_timestamp(), retry_at = clock_timestamp() + interval '1 hour', "
+        "retry_slot = clock_timestamp(), retry_attempt = 2 WHERE id = $1",
+        task_id,
+    )
+    now = await repository.database_now(db)
+    shorter = definition(name, timedelta(minutes=1))
+    upserted = await repository.upsert_task(db, task_row(shorter, now))
+    assert upserted == repository.Upserted(version=2, old_version=1, dropped_retry=True)
+    row = await db.fetchrow(
+        "SELECT next_run_at - clock_timestamp() AS due_in, retry_at FROM tasks WHERE id = $1",
+        task_id,
+    )
+    assert row["due_in"] <= timedelta(minutes=1)
+    assert row["retry_at"] is None
+    again = await repository.upsert_task(db, task_row(shorter, now))
+    assert again == repository.Upserted(version=2, old_version=2, dropped_retry=False)
+
+
+async def test_an_api_schedule_keeps_its_name_from_a_code_schedule(db: asyncpg.Connection) -> None:
+    """A code schedule whose name an API schedule holds is not written over it: the upsert
+    changes nothing and says so (None)."""
+    name = "api-held"
+    await db.execute(
+        'INSERT INTO tasks (name, task, source, "interval", function_name) '
+        "VALUES ($1, 'other', 'api', '1 hour', 'x')",
+        name,
+    )
+    now = await repository.database_now(db)
+    assert await repository.upsert_task(db, task_row(definition(name, timedelta(1)), now)) is None
+    assert await db.fetchval("SELECT source FROM tasks WHERE name = $1", name) == "api"
