@@ -132,7 +132,12 @@ class Runner:
         if self._runs is None:
             self._runs = LocalRuns(self.settings, self.instance_id, pool)
             self._session = HeartbeatSession(
-                self.settings, self._database, self.instance_id, self.hostname, self._runs
+                self.settings,
+                self._database,
+                self.instance_id,
+                self.hostname,
+                self._runs,
+                list(self._definitions),
             )
             self._claimer = Claimer(
                 self.settings,

@@ -63,8 +63,11 @@ class HeartbeatSession:
         instance_id: str,
         hostname: str,
         runs: LocalRuns,
+        tasks: list[str] | None = None,
     ) -> None:
         self.settings = settings
+        # The task names this instance's code has (said again if it must join again).
+        self._tasks = tasks
         self._database = database
         self.instance_id = instance_id
         self.hostname = hostname
@@ -84,7 +87,7 @@ class HeartbeatSession:
             )
             if session is None:  # forgotten after a long silence: join again
                 await repository.register_instance(
-                    conn, self.instance_id, self.hostname, os.getpid()
+                    conn, self.instance_id, self.hostname, os.getpid(), self._tasks
                 )
                 session = await repository.open_session(
                     conn, self.instance_id, self.settings.scheduler_lease
@@ -94,16 +97,16 @@ class HeartbeatSession:
                 raise RuntimeError(
                     f"the scheduler's session connection does not hold its lock: {_POOLER_HINT}"
                 )
+            # Wake-ups on the direct connection this instance holds anyway (a LISTEN cannot
+            # go through a transaction pooler): a schedule made, resumed or run now starts
+            # within milliseconds, not at the next poll. Lost with the connection (a new
+            # session listens again); the poll stays the fallback.
+            await conn.add_listener(WAKE_CHANNEL, self._woken)
         except BaseException:
             conn.terminate()
             raise
         self.current = Session(conn, session.key, session.db_now, self._now())
         conn.add_termination_listener(self._on_closed)
-        # Wake-ups on the direct connection this instance holds anyway (a LISTEN cannot go
-        # through a transaction pooler): a schedule made, resumed or run now starts within
-        # milliseconds, not at the next poll. Lost with the connection (a new session listens
-        # again); the poll stays the fallback.
-        await conn.add_listener(WAKE_CHANNEL, self._woken)
 
     def _woken(self, *_: object) -> None:
         self._runs.wake.set()
