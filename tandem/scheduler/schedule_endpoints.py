@@ -203,6 +203,7 @@ async def change_schedule(
         _NOT_FOUND,
         (409, "managed_by_code", "a code schedule: remove it from the code"),
         (412, "version_mismatch", "If-Match given, and another change came first"),
+        (428, "version_required", "If-Match given, but not a version"),
         _UNBOUND,
         _UNAVAILABLE,
         DATABASE_UNAVAILABLE,

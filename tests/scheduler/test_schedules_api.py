@@ -229,6 +229,8 @@ async def test_deleted_then_made_again_runs_the_new_definition(app: httpx.AsyncC
     fresh = await ended(app, "again", 1)
     assert [r["params"]["label"] for r in fresh] == ["new"]
     assert (await app.delete("/schedules/never-was")).status_code == 404
+    malformed = await app.delete("/schedules/again", headers={"If-Match": "null"})
+    assert (malformed.status_code, malformed.json()["error"]["code"]) == (428, "version_required")
     assert (await app.get("/schedules/never-was/history")).status_code == 404
 
 
