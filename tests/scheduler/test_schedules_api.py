@@ -27,9 +27,11 @@ async def app(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with in_process_client(settings) as client:
 
         async def joined() -> bool:
-            return bool((await client.get("/instances")).json()["instances"])
+            shown = (await client.get("/schedules/probe.coded")).json()
+            return bool(shown.get("state") == "active")
 
-        # Until its scheduler has joined, no live instance has the task: orphaned.
+        # Until its scheduler holds its session (after it is listed in /instances), no live
+        # instance has the task: every schedule shows orphaned.
         await until(joined, 20)
         yield client
 
